@@ -1,0 +1,187 @@
+//! Types shared by flowtrace's kernel programs and its user-space agent.
+//!
+//! Every type that crosses the kernel/user boundary is `#[repr(C)]`, `Copy`, has explicit
+//! padding, and carries a compile-time size assertion, so the two sides can never disagree
+//! silently about a layout.
+#![no_std]
+
+pub mod parse;
+
+/// Hook direction: TC ingress of the device (packets the device received; on a pod's
+/// host-side veth these are the packets the pod sent).
+pub const DIR_INGRESS: u8 = 0;
+/// Hook direction: TC egress of the device (packets the device transmits; on a pod's
+/// host-side veth these are the packets delivered to the pod).
+pub const DIR_EGRESS: u8 = 1;
+
+/// Number of flow-map buffers. The kernel writes into the active one while user space
+/// drains the other, so a drain never races a writer (see `CONTROL_ACTIVE_BUFFER`).
+pub const FLOW_BUFFERS: u32 = 2;
+
+/// Index in the `CONTROL` array map of the buffer the kernel currently writes to (0 or 1).
+pub const CONTROL_ACTIVE_BUFFER: u32 = 0;
+/// Number of `u32` slots in the `CONTROL` array map.
+pub const CONTROL_SLOTS: u32 = 4;
+
+/// Default capacity of each flow buffer (entries). User space may override it at load time.
+pub const DEFAULT_FLOW_ENTRIES: u32 = 16_384;
+
+/// One flow as seen at one hook: the 5-tuple plus the hop (interface and direction).
+///
+/// Addresses are in network byte order; an IPv4 address occupies the first 4 bytes and
+/// the remaining 12 are zero. Ports are in host byte order. For ICMP and ICMPv6,
+/// `src_port` is the echo identifier (echo request/reply only, else 0) and `dst_port` is
+/// `type << 8 | code`, so that requests and replies of one ping form two flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+    /// Interface index of the hook, in the network namespace the agent runs in.
+    pub ifindex: u32,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub direction: u8,
+    /// 4 or 6.
+    pub ip_version: u8,
+    /// IANA protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, 132 SCTP, ...).
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Counters for one flow at one hook, per CPU.
+///
+/// `packets` counts packets as they are on the wire: a GSO/GRO aggregate counts as
+/// the number of segments it stands for. `bytes` counts layer-3 bytes (IP header and
+/// everything after it, no Ethernet header, no VLAN tag) per wire packet, so the same
+/// packet has the same size at a veth and at the overlay device, whose frames carry a
+/// different outer encapsulation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first packet, nanoseconds.
+    pub first_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, nanoseconds.
+    pub last_seen_ns: u64,
+    /// Union of the TCP flags byte (FIN 0x01 .. CWR 0x80) of every packet; 0 for non-TCP.
+    pub tcp_flags: u8,
+    pub _pad: [u8; 7],
+}
+
+impl FlowStats {
+    /// Folds another CPU's (or another drain's) counters into this one.
+    pub fn merge(&mut self, other: &FlowStats) {
+        if other.packets == 0 {
+            return;
+        }
+        if self.packets == 0 || other.first_seen_ns < self.first_seen_ns {
+            self.first_seen_ns = other.first_seen_ns;
+        }
+        if other.last_seen_ns > self.last_seen_ns {
+            self.last_seen_ns = other.last_seen_ns;
+        }
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.tcp_flags |= other.tcp_flags;
+    }
+}
+
+/// Per-CPU counters of everything the kernel programs saw but could not turn into a
+/// flow update. Each way data can be lost has its own slot, so loss is always visible.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every packet that entered a flowtrace hook.
+    PacketsSeen = 0,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): not a loss, just not a flow.
+    NonIp = 1,
+    /// Frame shorter than its Ethernet header (or VLAN tags).
+    TruncatedEthernet = 2,
+    /// Frame shorter than its IPv4/IPv6 header.
+    TruncatedIp = 3,
+    /// IPv4 header with IHL < 5, a version that does not match the EtherType, or a
+    /// total length shorter than the header / longer than the frame.
+    BadIpHeader = 4,
+    /// IPv4 or IPv6 fragment: ports are not in every fragment, so it is not a flow.
+    Fragment = 5,
+    /// IPv6 extension-header chain longer than flowtrace walks, or truncated inside it.
+    Ipv6ExtensionChain = 6,
+    /// Frame shorter than the TCP/UDP/ICMP/SCTP header its IP header announces.
+    TruncatedL4 = 7,
+    /// A new flow could not be inserted because the flow map was full.
+    FlowMapFull = 8,
+    /// The control map could not be read (should never happen; counted to be sure).
+    ControlMissing = 9,
+    /// VLAN stack deeper than flowtrace skips.
+    TooManyVlanTags = 10,
+}
+
+/// Number of `Counter` slots.
+pub const COUNTER_SLOTS: u32 = 11;
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; COUNTER_SLOTS as usize] = [
+        Counter::PacketsSeen,
+        Counter::NonIp,
+        Counter::TruncatedEthernet,
+        Counter::TruncatedIp,
+        Counter::BadIpHeader,
+        Counter::Fragment,
+        Counter::Ipv6ExtensionChain,
+        Counter::TruncatedL4,
+        Counter::FlowMapFull,
+        Counter::ControlMissing,
+        Counter::TooManyVlanTags,
+    ];
+
+    /// Stable snake_case name used in the API and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::PacketsSeen => "packets_seen",
+            Counter::NonIp => "non_ip",
+            Counter::TruncatedEthernet => "truncated_ethernet",
+            Counter::TruncatedIp => "truncated_ip",
+            Counter::BadIpHeader => "bad_ip_header",
+            Counter::Fragment => "fragment",
+            Counter::Ipv6ExtensionChain => "ipv6_extension_chain",
+            Counter::TruncatedL4 => "truncated_l4",
+            Counter::FlowMapFull => "flow_map_full",
+            Counter::ControlMissing => "control_missing",
+            Counter::TooManyVlanTags => "too_many_vlan_tags",
+        }
+    }
+
+    /// Whether packets counted here are "unparsed" (malformed or not flow-shaped), as
+    /// opposed to lost updates (`FlowMapFull`) or plain information (`PacketsSeen`, `NonIp`).
+    pub const fn is_unparsed(self) -> bool {
+        matches!(
+            self,
+            Counter::TruncatedEthernet
+                | Counter::TruncatedIp
+                | Counter::BadIpHeader
+                | Counter::Fragment
+                | Counter::Ipv6ExtensionChain
+                | Counter::TruncatedL4
+                | Counter::TooManyVlanTags
+        )
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
+const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
+const _: () = assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both types are repr(C), Copy, contain only integers and byte arrays, and have
+    // explicit padding fields, so every bit pattern is valid and there are no holes.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+}

@@ -1,0 +1,62 @@
+//! Reference programs for the benchmark only (`cargo xtask bench`); the agent never loads them.
+//!
+//! `bench_noop` measures the floor of a TC program run as bpf_stats sees it.
+//! `bench_counter` is a minimal IPv4 5-tuple counter written the plain way (per-field
+//! `bpf_skb_load_bytes`, lookup then update), the yardstick flowtrace's cost is held to.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    macros::{classifier, map},
+    maps::PerCpuHashMap,
+    programs::TcContext,
+};
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BaselineKey {
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    _pad: [u8; 3],
+}
+
+#[map]
+static BASELINE_FLOWS: PerCpuHashMap<BaselineKey, u64> = PerCpuHashMap::with_max_entries(16_384, 0);
+
+#[classifier]
+pub fn bench_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn bench_counter(ctx: TcContext) -> i32 {
+    let _ = try_count(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn try_count(ctx: &TcContext) -> Result<(), i64> {
+    let ethertype: u16 = ctx.load::<u16>(12)?;
+    if u16::from_be(ethertype) != 0x0800 {
+        return Ok(());
+    }
+    let vihl: u8 = ctx.load(14)?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let proto: u8 = ctx.load(14 + 9)?;
+    let src: u32 = ctx.load(14 + 12)?;
+    let dst: u32 = ctx.load(14 + 16)?;
+    let l4 = 14 + (ihl & 0x3c);
+    let sport: u16 = ctx.load(l4)?;
+    let dport: u16 = ctx.load(l4 + 2)?;
+    let key = BaselineKey { src, dst, sport, dport, proto, _pad: [0; 3] };
+    match BASELINE_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, only this CPU writes it while this program runs.
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = BASELINE_FLOWS.insert(&key, &1, BPF_NOEXIST as u64);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! flowtrace's kernel programs: TC classifiers that count packets and bytes per 5-tuple
+//! per hop (interface + direction).
+//!
+//! They only observe. Every path returns `TC_ACT_UNSPEC` (`TCX_NEXT` under TCX), which lets
+//! the next program on the hook run and never drops, delays or rewrites a packet.
+#![no_std]
+#![no_main]
+
+mod baseline;
+mod packet;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{Array, PerCpuArray, PerCpuHashMap},
+    programs::TcContext,
+};
+use flowtrace_common::{
+    parse::{parse_frame, PacketInfo},
+    Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, CONTROL_SLOTS, COUNTER_SLOTS,
+    DEFAULT_FLOW_ENTRIES, DIR_EGRESS, DIR_INGRESS,
+};
+
+use crate::packet::{skb_meta, DirectPacket};
+
+/// Flow buffer 0. The kernel writes to the buffer named by `CONTROL[CONTROL_ACTIVE_BUFFER]`;
+/// user space flips it and drains the other one, which then has no writer.
+#[map]
+static FLOWS_0: PerCpuHashMap<FlowKey, FlowStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Flow buffer 1 (see `FLOWS_0`).
+#[map]
+static FLOWS_1: PerCpuHashMap<FlowKey, FlowStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Small control block written by user space (`CONTROL_ACTIVE_BUFFER`, ...).
+#[map]
+static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_SLOTS, 0);
+
+/// Per-CPU counters indexed by `Counter`: packets seen and every way an update was lost.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[classifier]
+pub fn flowtrace_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, DIR_INGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn flowtrace_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, DIR_EGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, direction: u8) {
+    count(Counter::PacketsSeen);
+    let meta = skb_meta(ctx);
+    let pkt = DirectPacket::new(ctx);
+    match parse_frame(&pkt, meta) {
+        Ok(info) => record(ctx, &info, meta, direction),
+        Err(e) => count(e.counter()),
+    }
+}
+
+#[inline(always)]
+fn record(
+    ctx: &TcContext,
+    info: &PacketInfo,
+    meta: flowtrace_common::parse::SkbMeta,
+    direction: u8,
+) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let key = FlowKey {
+        src_addr: info.src_addr,
+        dst_addr: info.dst_addr,
+        src_port: info.src_port,
+        dst_port: info.dst_port,
+        ifindex,
+        direction,
+        ip_version: info.ip_version,
+        protocol: info.protocol,
+        _pad: 0,
+    };
+    let (packets, bytes) = info.wire_counts(meta);
+    let active = match CONTROL.get(CONTROL_ACTIVE_BUFFER) {
+        Some(v) => *v,
+        None => {
+            count(Counter::ControlMissing);
+            0
+        }
+    };
+    let flows = if active == 0 { &FLOWS_0 } else { &FLOWS_1 };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(stats) = flows.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, only this CPU writes it while this program runs.
+        unsafe {
+            (*stats).packets += packets;
+            (*stats).bytes += bytes;
+            (*stats).last_seen_ns = now;
+            (*stats).tcp_flags |= info.tcp_flags;
+        }
+        return;
+    }
+    let fresh = FlowStats {
+        packets,
+        bytes,
+        first_seen_ns: now,
+        last_seen_ns: now,
+        tcp_flags: info.tcp_flags,
+        _pad: [0; 7],
+    };
+    if flows.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // Either another CPU created the entry between our lookup and insert (its per-CPU
+    // slot for this CPU is zeroed, so add into it) or the map is full.
+    match flows.get_ptr_mut(&key) {
+        Some(stats) => unsafe {
+            // SAFETY: as above.
+            if (*stats).packets == 0 {
+                (*stats).first_seen_ns = now;
+            }
+            (*stats).packets += packets;
+            (*stats).bytes += bytes;
+            (*stats).last_seen_ns = now;
+            (*stats).tcp_flags |= info.tcp_flags;
+        },
+        None => count(Counter::FlowMapFull),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

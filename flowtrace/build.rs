@@ -1,0 +1,21 @@
+//! Builds the kernel programs (flowtrace-ebpf) with the nightly toolchain for
+//! bpfel-unknown-none and leaves the object in OUT_DIR, where `src/ebpf.rs` embeds it.
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let ebpf_dir = manifest_dir
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("flowtrace crate has no parent directory"))?
+        .join("flowtrace-ebpf");
+    let root_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "flowtrace-ebpf",
+            root_dir,
+            no_default_features: false,
+            features: &[],
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

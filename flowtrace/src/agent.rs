@@ -1,0 +1,221 @@
+//! `flowtrace agent`: loads the programs, follows interfaces, drains, serves the API.
+//!
+//! One task per source, joined by shared state: the link watcher (attach/forget), the
+//! periodic drain, and the HTTP server. SIGINT/SIGTERM detaches everything before exit;
+//! with TCX the kernel also detaches by itself if the process is killed.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    attach::{self, AttachMode, Attacher},
+    drain::Drainer,
+    error::{Error, Result},
+    flows::FlowTable,
+    links::{self, Link, LinkEvent, Selector},
+};
+
+/// Agent settings (flags and `FLOWTRACE_*` environment variables fill it).
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub drain_interval: Duration,
+    pub flow_entries: u32,
+    pub max_flows: usize,
+    pub flow_idle_timeout: Duration,
+    pub attach_mode: AttachMode,
+    pub selector: Selector,
+}
+
+/// State shared by the agent's tasks and the API.
+pub struct Shared {
+    drainer: tokio::sync::Mutex<Drainer>,
+    pub table: Mutex<FlowTable>,
+    /// Every link seen in this namespace, by ifindex (kept after removal so drained
+    /// counters of a vanished interface still carry its name).
+    pub links: Mutex<HashMap<u32, Link>>,
+    /// Interfaces flowtrace is attached to: ifindex -> name.
+    pub attached: Mutex<Vec<(u32, String)>>,
+    pub attach_mode: AttachMode,
+    pub links_synced: AtomicBool,
+    pub attach_failures: AtomicU64,
+    pub drains: AtomicU64,
+    pub drain_errors: AtomicU64,
+    pub node: String,
+}
+
+/// Locks a std mutex, recovering from poisoning (a panicked holder leaves data that is
+/// still consistent for our counters and maps).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Drains the kernel buffers into the flow table now.
+    pub async fn drain_now(&self) -> Result<()> {
+        let drained = {
+            let mut d = self.drainer.lock().await;
+            d.drain().await
+        };
+        let drained = match drained {
+            Ok(d) => d,
+            Err(e) => {
+                self.drain_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let links = lock(&self.links).clone();
+        let mut table = lock(&self.table);
+        table.merge(&drained, &|i| links.get(&i).map(|l| l.name.clone()));
+        table.expire(monotonic_ns());
+        self.drains.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub async fn kernel_counters(&self) -> Result<[u64; flowtrace_common::COUNTER_SLOTS as usize]> {
+        self.drainer.lock().await.counters()
+    }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock `bpf_ktime_get_ns` reads).
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Offset to add to a CLOCK_MONOTONIC timestamp to get Unix time, in nanoseconds.
+pub fn mono_to_unix_offset_ns() -> i128 {
+    clock_ns(libc::CLOCK_REALTIME) as i128 - monotonic_ns() as i128
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let mut ebpf = attach::load(cfg.flow_entries)?;
+    let drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
+    let attacher = Arc::new(tokio::sync::Mutex::new(Attacher::new(ebpf, cfg.attach_mode)));
+    let mode = attacher.lock().await.mode();
+    info!(?mode, listen = %cfg.listen, "flowtrace agent starting");
+
+    let shared = Arc::new(Shared {
+        drainer: tokio::sync::Mutex::new(drainer),
+        table: Mutex::new(FlowTable::new(cfg.max_flows, cfg.flow_idle_timeout.as_nanos() as u64)),
+        links: Mutex::new(HashMap::new()),
+        attached: Mutex::new(Vec::new()),
+        attach_mode: mode,
+        links_synced: AtomicBool::new(false),
+        attach_failures: AtomicU64::new(0),
+        drains: AtomicU64::new(0),
+        drain_errors: AtomicU64::new(0),
+        node: hostname(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| Error::Listen { addr: cfg.listen.to_string(), source })?;
+
+    let (tx, rx) = mpsc::channel(1024);
+    let watcher = tokio::spawn(async move {
+        if let Err(e) = links::watch(tx).await {
+            error!(error = %e, "link watcher failed");
+        }
+    });
+    let link_task = tokio::spawn(follow_links(rx, attacher.clone(), shared.clone(), cfg.selector.clone()));
+    let drain_task = tokio::spawn(periodic_drain(shared.clone(), cfg.drain_interval));
+    let api_task = tokio::spawn(crate::api::serve(listener, shared.clone()));
+
+    wait_for_signal().await;
+    info!("shutting down");
+    watcher.abort();
+    link_task.abort();
+    drain_task.abort();
+    api_task.abort();
+    let clsact_to_remove = attacher.lock().await.detach_all();
+    for ifindex in clsact_to_remove {
+        if let Err(e) = links::delete_clsact(ifindex).await {
+            warn!(ifindex, error = %e, "removing the clsact qdisc flowtrace added");
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {},
+                _ = term.recv() => {},
+            }
+        }
+        _ => {
+            warn!("cannot install signal handlers; waiting for Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn follow_links(
+    mut rx: mpsc::Receiver<LinkEvent>,
+    attacher: Arc<tokio::sync::Mutex<Attacher>>,
+    shared: Arc<Shared>,
+    selector: Selector,
+) {
+    while let Some(event) = rx.recv().await {
+        match event {
+            LinkEvent::Present(link) => {
+                lock(&shared.links).insert(link.ifindex, link.clone());
+                if !selector.selects(&link) {
+                    continue;
+                }
+                let mut a = attacher.lock().await;
+                if a.is_attached(link.ifindex) {
+                    continue;
+                }
+                if let Err(e) = a.attach(link.ifindex, &link.name) {
+                    shared.attach_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(interface = %link.name, error = %e, "not traced");
+                }
+                *lock(&shared.attached) = a.interfaces();
+            }
+            LinkEvent::Removed { ifindex } => {
+                let mut a = attacher.lock().await;
+                a.forget(ifindex);
+                *lock(&shared.attached) = a.interfaces();
+            }
+            LinkEvent::Synced => {
+                shared.links_synced.store(true, Ordering::Relaxed);
+                info!(interfaces = lock(&shared.attached).len(), "initial interfaces attached");
+            }
+        }
+    }
+}
+
+async fn periodic_drain(shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = shared.drain_now().await {
+            warn!(error = %e, "drain failed");
+        }
+    }
+}

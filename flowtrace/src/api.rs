@@ -1,0 +1,168 @@
+//! The agent's HTTP API (JSON). Documented in docs/api.md.
+//!
+//! - `GET /v1/flows[?ip=&port=&proto=&iface=]`: the flow table, drained fresh for the request.
+//! - `GET /v1/interfaces`: what flowtrace is attached to.
+//! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
+//! - `GET /healthz`: liveness. `GET /readyz`: 200 once the interfaces present at start are attached.
+
+use std::sync::{atomic::Ordering, Arc};
+
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use flowtrace_common::Counter;
+use serde::{Deserialize, Serialize};
+use tracing::error;
+
+use crate::{
+    agent::{lock, mono_to_unix_offset_ns, Shared},
+    filter::{parse_iface, parse_port, FlowFilter},
+    flows::FlowRecord,
+};
+
+/// Body of `GET /v1/flows`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlowsResponse {
+    pub node: String,
+    pub flows: Vec<FlowRecord>,
+}
+
+/// One entry of `GET /v1/interfaces`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InterfaceRecord {
+    pub ifindex: u32,
+    pub name: String,
+    pub kind: Option<String>,
+}
+
+/// Body of `GET /v1/interfaces`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InterfacesResponse {
+    pub attach_mode: crate::attach::AttachMode,
+    pub synced: bool,
+    pub interfaces: Vec<InterfaceRecord>,
+}
+
+/// Body of `GET /v1/stats`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsResponse {
+    /// Kernel counters by name (see `flowtrace_common::Counter`), summed over CPUs.
+    pub kernel: std::collections::BTreeMap<String, u64>,
+    /// Sum of the counters of packets that were malformed or not flow-shaped.
+    pub unparsed_packets: u64,
+    pub flows: usize,
+    pub flows_evicted: u64,
+    pub flows_expired: u64,
+    pub drains: u64,
+    pub drain_errors: u64,
+    pub attach_failures: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ApiError {
+    error: String,
+}
+
+fn error_response(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: msg.into() })).into_response()
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/flows", get(flows))
+        .route("/v1/interfaces", get(interfaces))
+        .route("/v1/stats", get(stats))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(shared)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    if let Err(e) = axum::serve(listener, router(shared)).await {
+        error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// Query parameters of `/v1/flows`; each may be repeated or comma-separated.
+#[derive(Debug, Default, Deserialize)]
+struct FlowQuery {
+    ip: Option<String>,
+    port: Option<String>,
+    proto: Option<String>,
+    iface: Option<String>,
+}
+
+fn split(v: &Option<String>) -> impl Iterator<Item = &str> {
+    v.as_deref().into_iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty())
+}
+
+fn parse_query(q: &FlowQuery) -> crate::error::Result<FlowFilter> {
+    Ok(FlowFilter {
+        ips: split(&q.ip).map(str::parse).collect::<Result<_, _>>()?,
+        ports: split(&q.port).map(parse_port).collect::<Result<_, _>>()?,
+        protos: split(&q.proto).map(str::parse).collect::<Result<_, _>>()?,
+        ifaces: split(&q.iface).map(parse_iface).collect::<Result<_, _>>()?,
+    })
+}
+
+async fn flows(State(shared): State<Arc<Shared>>, Query(q): Query<FlowQuery>) -> Response {
+    let filter = match parse_query(&q) {
+        Ok(f) => f,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Err(e) = shared.drain_now().await {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let flows = lock(&shared.table)
+        .snapshot(mono_to_unix_offset_ns())
+        .into_iter()
+        .filter(|f| filter.matches(f))
+        .collect();
+    Json(FlowsResponse { node: shared.node.clone(), flows }).into_response()
+}
+
+async fn interfaces(State(shared): State<Arc<Shared>>) -> Json<InterfacesResponse> {
+    let links = lock(&shared.links).clone();
+    let interfaces = lock(&shared.attached)
+        .iter()
+        .map(|(i, n)| InterfaceRecord { ifindex: *i, name: n.clone(), kind: links.get(i).and_then(|l| l.kind.clone()) })
+        .collect();
+    Json(InterfacesResponse {
+        attach_mode: shared.attach_mode,
+        synced: shared.links_synced.load(Ordering::Relaxed),
+        interfaces,
+    })
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    let counters = match shared.kernel_counters().await {
+        Ok(c) => c,
+        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let kernel = Counter::ALL.iter().map(|c| (c.name().to_string(), counters[*c as usize])).collect();
+    let unparsed_packets = Counter::ALL.iter().filter(|c| c.is_unparsed()).map(|c| counters[*c as usize]).sum();
+    let table = lock(&shared.table);
+    Json(StatsResponse {
+        kernel,
+        unparsed_packets,
+        flows: table.len(),
+        flows_evicted: table.evicted(),
+        flows_expired: table.expired(),
+        drains: shared.drains.load(Ordering::Relaxed),
+        drain_errors: shared.drain_errors.load(Ordering::Relaxed),
+        attach_failures: shared.attach_failures.load(Ordering::Relaxed),
+    })
+    .into_response()
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.links_synced.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        error_response(StatusCode::SERVICE_UNAVAILABLE, "interfaces present at start are not attached yet")
+    }
+}

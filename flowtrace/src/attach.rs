@@ -1,0 +1,250 @@
+//! Loading flowtrace's kernel programs and attaching them to interfaces.
+//!
+//! TCX (kernel >= 6.6) is preferred: the attachment is a bpf_link owned by a file
+//! descriptor, so the kernel detaches it by itself when the agent exits, even on SIGKILL.
+//! On older kernels the classic clsact qdisc + cls_bpf filter is used; those outlive the
+//! process, so the agent removes its own filters (found by program name) at start-up and
+//! exit, and removes a clsact qdisc only where it created it.
+
+use std::collections::HashMap;
+
+use aya::{
+    programs::{
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+/// The object built from `flowtrace-ebpf` by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace"));
+
+pub const PROG_INGRESS: &str = "flowtrace_ingress";
+pub const PROG_EGRESS: &str = "flowtrace_egress";
+
+/// How programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// TCX where the kernel has it (>= 6.6), clsact otherwise.
+    Auto,
+    /// bpf_link based TCX attachment; detached by the kernel when the agent dies.
+    Tcx,
+    /// Classic clsact qdisc + direct-action cls_bpf filter.
+    Clsact,
+}
+
+impl AttachMode {
+    /// Resolves `Auto` against the running kernel.
+    pub fn resolve(self) -> AttachMode {
+        match self {
+            AttachMode::Auto => {
+                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+                    AttachMode::Tcx
+                } else {
+                    AttachMode::Clsact
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Loads the embedded object with the given flow-buffer capacity.
+pub fn load(flow_entries: u32) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries("FLOWS_0", flow_entries);
+    loader.map_max_entries("FLOWS_1", flow_entries);
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load { source })?;
+    for name in [PROG_INGRESS, PROG_EGRESS] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Program { program: name_static(name), detail: "not in object".into() })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| Error::Program {
+                program: name_static(name),
+                detail: e.to_string(),
+            })?;
+        prog.load().map_err(|e| Error::Program {
+            program: name_static(name),
+            detail: format!("{e} (verifier log: {e:?})"),
+        })?;
+    }
+    Ok(ebpf)
+}
+
+fn name_static(name: &str) -> &'static str {
+    if name == PROG_INGRESS {
+        PROG_INGRESS
+    } else {
+        PROG_EGRESS
+    }
+}
+
+/// One interface flowtrace is attached to.
+#[derive(Debug)]
+struct Attached {
+    name: String,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+    /// clsact mode only: the qdisc did not exist before us, so we remove it again.
+    created_qdisc: bool,
+}
+
+/// Owns the loaded programs and their attachments.
+pub struct Attacher {
+    ebpf: Ebpf,
+    mode: AttachMode,
+    attached: HashMap<u32, Attached>,
+}
+
+impl Attacher {
+    pub fn new(ebpf: Ebpf, mode: AttachMode) -> Self {
+        Self { ebpf, mode: mode.resolve(), attached: HashMap::new() }
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.attached.contains_key(&ifindex)
+    }
+
+    /// Attaches both hooks to `name` (`ifindex`). Idempotent per ifindex.
+    pub fn attach(&mut self, ifindex: u32, name: &str) -> Result<()> {
+        if self.attached.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let mut created_qdisc = false;
+        if self.mode == AttachMode::Clsact {
+            remove_stale_filters(name);
+            match tc::qdisc_add_clsact(name) {
+                Ok(()) => created_qdisc = true,
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    // EEXIST arrives as a netlink error on some versions; anything else is real.
+                    if !e.to_string().contains("exists") {
+                        return Err(Error::Attach {
+                            program: PROG_INGRESS,
+                            interface: name.to_string(),
+                            direction: "ingress",
+                            detail: format!("adding clsact qdisc: {e}"),
+                        });
+                    }
+                }
+            }
+        }
+        let ingress = self.attach_one(PROG_INGRESS, name, TcAttachType::Ingress)?;
+        let egress = match self.attach_one(PROG_EGRESS, name, TcAttachType::Egress) {
+            Ok(link) => link,
+            Err(e) => {
+                let _ = self.detach_one(PROG_INGRESS, ingress);
+                return Err(e);
+            }
+        };
+        info!(interface = name, ifindex, mode = ?self.mode, "attached");
+        self.attached.insert(ifindex, Attached { name: name.to_string(), ingress, egress, created_qdisc });
+        Ok(())
+    }
+
+    fn program(&mut self, program: &'static str) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(program)
+            .ok_or(Error::Program { program, detail: "not in object".into() })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| Error::Program { program, detail: e.to_string() })
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        name: &str,
+        attach_type: TcAttachType,
+    ) -> Result<SchedClassifierLinkId> {
+        let mode = self.mode;
+        let prog = self.program(program)?;
+        let options = match mode {
+            // Appended after existing programs: whatever ran before us still runs first,
+            // and our TCX_NEXT return lets anything attached later run too.
+            AttachMode::Tcx | AttachMode::Auto => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
+        };
+        prog.attach_with_options(name, attach_type, options).map_err(|e| Error::Attach {
+            program,
+            interface: name.to_string(),
+            direction: if attach_type == TcAttachType::Ingress { "ingress" } else { "egress" },
+            detail: e.to_string(),
+        })
+    }
+
+    fn detach_one(&mut self, program: &'static str, link: SchedClassifierLinkId) -> Result<()> {
+        let prog = self.program(program)?;
+        prog.detach(link).map_err(|e| Error::Attach {
+            program,
+            interface: String::new(),
+            direction: "detach",
+            detail: e.to_string(),
+        })
+    }
+
+    /// Forgets an interface; the kernel has usually detached already because it is gone.
+    pub fn forget(&mut self, ifindex: u32) {
+        if let Some(a) = self.attached.remove(&ifindex) {
+            // Detaching a link whose device vanished fails harmlessly; the fd is closed either way.
+            let _ = self.detach_one(PROG_INGRESS, a.ingress);
+            let _ = self.detach_one(PROG_EGRESS, a.egress);
+            debug!(interface = %a.name, ifindex, "forgotten");
+        }
+    }
+
+    /// The interfaces currently attached, as (ifindex, name).
+    pub fn interfaces(&self) -> Vec<(u32, String)> {
+        let mut v: Vec<_> = self.attached.iter().map(|(i, a)| (*i, a.name.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// Detaches everything. Called on SIGINT/SIGTERM; TCX links would also go with the fd.
+    /// Returns the interfaces whose clsact qdisc flowtrace added and should now remove.
+    pub fn detach_all(&mut self) -> Vec<u32> {
+        let mut qdiscs = Vec::new();
+        let ifindexes: Vec<u32> = self.attached.keys().copied().collect();
+        for ifindex in ifindexes {
+            if let Some(a) = self.attached.remove(&ifindex) {
+                if let Err(e) = self.detach_one(PROG_INGRESS, a.ingress) {
+                    warn!(interface = %a.name, error = %e, "detaching ingress");
+                }
+                if let Err(e) = self.detach_one(PROG_EGRESS, a.egress) {
+                    warn!(interface = %a.name, error = %e, "detaching egress");
+                }
+                if self.mode == AttachMode::Clsact {
+                    remove_stale_filters(&a.name);
+                    if a.created_qdisc {
+                        qdiscs.push(ifindex);
+                    }
+                }
+            }
+        }
+        info!("detached from every interface");
+        qdiscs
+    }
+}
+
+/// Removes cls_bpf filters left by an earlier flowtrace that was killed (clsact mode only).
+fn remove_stale_filters(name: &str) {
+    for (program, attach_type) in [(PROG_INGRESS, TcAttachType::Ingress), (PROG_EGRESS, TcAttachType::Egress)] {
+        match tc::qdisc_detach_program(name, attach_type, program) {
+            Ok(()) => info!(interface = name, program, "removed a filter left by an earlier run"),
+            Err(e) => debug!(interface = name, program, error = %e, "no stale filter"),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `flowtrace flows`: reads the local agent's API and prints flows.
+
+use std::fmt::Write as _;
+
+use crate::{
+    api::FlowsResponse,
+    error::{Error, Result},
+    filter::FlowFilter,
+    flows::{Direction, FlowRecord},
+};
+
+/// Fetches `/v1/flows` from the agent at `base` (e.g. `http://127.0.0.1:9650`).
+pub fn fetch_flows(base: &str) -> Result<FlowsResponse> {
+    let url = format!("{}/v1/flows", base.trim_end_matches('/'));
+    let resp = ureq::get(&url).timeout(std::time::Duration::from_secs(10)).call();
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => {
+            let body = r.into_string().unwrap_or_default();
+            return Err(Error::AgentResponse { url, detail: format!("HTTP {code}: {body}") });
+        }
+        Err(e) => return Err(Error::AgentUnreachable { url, detail: e.to_string() }),
+    };
+    resp.into_json::<FlowsResponse>().map_err(|e| Error::AgentResponse { url, detail: e.to_string() })
+}
+
+fn endpoint(addr: &std::net::IpAddr, port: u16, protocol: u8) -> String {
+    let host = match addr {
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+        std::net::IpAddr::V4(a) => a.to_string(),
+    };
+    if protocol == 1 || protocol == 58 {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn hops_column(f: &FlowRecord) -> String {
+    f.hops
+        .iter()
+        .map(|h| {
+            let dir = if h.direction == Direction::Ingress { "in" } else { "out" };
+            format!("{}/{}", h.interface, dir)
+        })
+        .collect::<Vec<_>>()
+        .join(" > ")
+}
+
+/// Renders flows as a human-readable table.
+pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
+    let rows: Vec<[String; 6]> = flows
+        .iter()
+        .map(|f| {
+            let proto = if f.protocol_number == 1 || f.protocol_number == 58 {
+                format!("{} {}/{}", f.protocol, f.dst_port >> 8, f.dst_port & 0xff)
+            } else {
+                f.protocol.clone()
+            };
+            [
+                proto,
+                endpoint(&f.src, f.src_port, f.protocol_number),
+                endpoint(&f.dst, f.dst_port, f.protocol_number),
+                f.packets.to_string(),
+                f.bytes.to_string(),
+                hops_column(f),
+            ]
+        })
+        .collect();
+    let headers = ["PROTO", "SOURCE", "DESTINATION", "PACKETS", "BYTES", "HOPS (first seen first)"];
+    let mut widths = headers.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "node {node}: {} flow(s)", flows.len());
+    let line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        l
+    };
+    let _ = writeln!(out, "{}", line(&headers));
+    for r in &rows {
+        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        let _ = writeln!(out, "{}", line(&cells));
+    }
+    out
+}
+
+/// Runs `flowtrace flows`.
+pub fn flows(agent: &str, filter: &FlowFilter, json: bool) -> Result<String> {
+    let mut resp = fetch_flows(agent)?;
+    resp.flows.retain(|f| filter.matches(f));
+    if json {
+        serde_json::to_string_pretty(&resp)
+            .map(|s| s + "\n")
+            .map_err(|e| Error::AgentResponse { url: agent.into(), detail: e.to_string() })
+    } else {
+        Ok(render_table(&resp.node, &resp.flows))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::HopRecord;
+
+    #[test]
+    fn table_has_one_row_per_flow_with_hops_in_order() {
+        let hop = |iface: &str, d| HopRecord {
+            interface: iface.into(),
+            ifindex: 1,
+            direction: d,
+            packets: 3,
+            bytes: 300,
+            first_seen_unix_ns: 0,
+            last_seen_unix_ns: 0,
+            tcp_flags: String::new(),
+        };
+        let f = FlowRecord {
+            protocol: "udp".into(),
+            protocol_number: 17,
+            ip_version: 6,
+            src: "fd00::1".parse().unwrap(),
+            dst: "fd00::2".parse().unwrap(),
+            src_port: 1000,
+            dst_port: 53,
+            packets: 3,
+            bytes: 300,
+            hops: vec![hop("veth1", Direction::Ingress), hop("flannel.1", Direction::Egress)],
+        };
+        let t = render_table("node1", &[f]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[2].contains("[fd00::1]:1000"));
+        assert!(lines[2].ends_with("veth1/in > flannel.1/out"), "{}", lines[2]);
+    }
+}

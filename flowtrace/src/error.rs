@@ -1,0 +1,50 @@
+//! The library's error type. Each variant names what failed and where, and its message
+//! says what the operator can do about it.
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading flowtrace's eBPF object failed: {source}. Is this Linux >= 5.15 with BTF, and are we root or holding CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON?")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("eBPF program `{program}` is missing from the object or failed to load: {detail}")]
+    Program { program: &'static str, detail: String },
+    #[error("eBPF map `{map}` is missing from the object or has the wrong type: {detail}")]
+    Map { map: &'static str, detail: String },
+    #[error("attaching `{program}` to {interface} ({direction}) failed: {detail}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        direction: &'static str,
+        detail: String,
+    },
+    #[error("reading eBPF map `{map}` failed: {detail}")]
+    MapIo { map: &'static str, detail: String },
+    #[error("netlink {what} failed: {source}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}. Pick another address with --listen")]
+    Listen {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot reach the flowtrace agent at {url}: {detail}. Is `flowtrace agent` running on this node (and in this network namespace)? Use --agent to point elsewhere")]
+    AgentUnreachable { url: String, detail: String },
+    #[error("the agent at {url} answered with something that is not flowtrace's API: {detail}")]
+    AgentResponse { url: String, detail: String },
+    #[error("invalid filter {flag} `{value}`: {reason}")]
+    Filter {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,317 @@
+//! The agent's flow table: one entry per 5-tuple, each with the hops it was seen on.
+//!
+//! The kernel reports (5-tuple, hop) counters; this module folds drains into flows and
+//! renders them for the API. Times are kept as CLOCK_MONOTONIC nanoseconds (what the kernel
+//! records) and converted to Unix time only for output.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use flowtrace_common::{FlowKey, FlowStats, DIR_INGRESS};
+use serde::{Deserialize, Serialize};
+
+use crate::drain::DrainedFlow;
+
+/// The 5-tuple of a flow, independent of where it was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowTuple {
+    pub protocol: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl FlowTuple {
+    pub fn from_key(key: &FlowKey) -> Self {
+        Self {
+            protocol: key.protocol,
+            src: addr(key.ip_version, &key.src_addr),
+            dst: addr(key.ip_version, &key.dst_addr),
+            src_port: key.src_port,
+            dst_port: key.dst_port,
+        }
+    }
+}
+
+fn addr(version: u8, bytes: &[u8; 16]) -> IpAddr {
+    if version == 4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    }
+}
+
+/// Direction of a TC hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// A hook: interface and direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Default)]
+struct HopCounters {
+    interface: String,
+    stats: FlowStats,
+}
+
+#[derive(Clone, Debug, Default)]
+struct FlowEntry {
+    hops: BTreeMap<Hop, HopCounters>,
+    last_seen_ns: u64,
+}
+
+/// Flows of one agent, bounded in size and age.
+#[derive(Debug)]
+pub struct FlowTable {
+    flows: HashMap<FlowTuple, FlowEntry>,
+    max_flows: usize,
+    idle_timeout_ns: u64,
+    evicted: u64,
+    expired: u64,
+}
+
+impl FlowTable {
+    pub fn new(max_flows: usize, idle_timeout_ns: u64) -> Self {
+        Self { flows: HashMap::new(), max_flows, idle_timeout_ns, evicted: 0, expired: 0 }
+    }
+
+    /// Folds one drain in. `names` resolves an ifindex to its interface name at drain time,
+    /// so a hop keeps its name after the interface is gone.
+    pub fn merge(&mut self, drained: &[DrainedFlow], names: &dyn Fn(u32) -> Option<String>) {
+        for d in drained {
+            let tuple = FlowTuple::from_key(&d.key);
+            let hop = Hop {
+                ifindex: d.key.ifindex,
+                direction: if d.key.direction == DIR_INGRESS { Direction::Ingress } else { Direction::Egress },
+            };
+            let entry = self.flows.entry(tuple).or_default();
+            let counters = entry.hops.entry(hop).or_insert_with(|| HopCounters {
+                interface: names(hop.ifindex).unwrap_or_else(|| format!("if{}", hop.ifindex)),
+                stats: FlowStats::default(),
+            });
+            counters.stats.merge(&d.stats);
+            entry.last_seen_ns = entry.last_seen_ns.max(d.stats.last_seen_ns);
+        }
+    }
+
+    /// Drops flows idle for longer than the timeout, then the oldest beyond the size cap.
+    pub fn expire(&mut self, now_mono_ns: u64) {
+        let timeout = self.idle_timeout_ns;
+        let before = self.flows.len();
+        self.flows.retain(|_, f| now_mono_ns.saturating_sub(f.last_seen_ns) <= timeout);
+        self.expired += (before - self.flows.len()) as u64;
+        if self.flows.len() > self.max_flows {
+            let mut ages: Vec<(u64, FlowTuple)> = self.flows.iter().map(|(t, f)| (f.last_seen_ns, *t)).collect();
+            ages.sort_unstable();
+            let excess = self.flows.len() - self.max_flows;
+            for (_, t) in ages.into_iter().take(excess) {
+                self.flows.remove(&t);
+            }
+            self.evicted += excess as u64;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Flows removed because the table was full (oldest first).
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Flows removed because they were idle.
+    pub fn expired(&self) -> u64 {
+        self.expired
+    }
+
+    /// Renders every flow for the API. `mono_to_unix_ns` is added to kernel timestamps.
+    pub fn snapshot(&self, mono_to_unix_ns: i128) -> Vec<FlowRecord> {
+        let unix = |mono: u64| (mono as i128 + mono_to_unix_ns).max(0) as u64;
+        let mut out: Vec<FlowRecord> = self
+            .flows
+            .iter()
+            .map(|(t, f)| {
+                let mut hops: Vec<HopRecord> = f
+                    .hops
+                    .iter()
+                    .map(|(hop, c)| HopRecord {
+                        interface: c.interface.clone(),
+                        ifindex: hop.ifindex,
+                        direction: hop.direction,
+                        packets: c.stats.packets,
+                        bytes: c.stats.bytes,
+                        first_seen_unix_ns: unix(c.stats.first_seen_ns),
+                        last_seen_unix_ns: unix(c.stats.last_seen_ns),
+                        tcp_flags: tcp_flags_string(c.stats.tcp_flags),
+                    })
+                    .collect();
+                // Order of first sighting is the order the packets met the hops.
+                hops.sort_by_key(|h| (h.first_seen_unix_ns, h.ifindex, h.direction));
+                FlowRecord {
+                    protocol: protocol_name(t.protocol),
+                    protocol_number: t.protocol,
+                    ip_version: if t.src.is_ipv4() { 4 } else { 6 },
+                    src: t.src,
+                    dst: t.dst,
+                    src_port: t.src_port,
+                    dst_port: t.dst_port,
+                    packets: hops.iter().map(|h| h.packets).max().unwrap_or(0),
+                    bytes: hops.iter().map(|h| h.bytes).max().unwrap_or(0),
+                    hops,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.src, a.dst, a.protocol_number, a.src_port, a.dst_port).cmp(&(b.src, b.dst, b.protocol_number, b.src_port, b.dst_port)));
+        out
+    }
+}
+
+/// A flow as the API serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// "tcp", "udp", "icmp", "icmpv6", "sctp" or the protocol number.
+    pub protocol: String,
+    pub protocol_number: u8,
+    pub ip_version: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// For ICMP: the echo identifier (0 for other types).
+    pub src_port: u16,
+    /// For ICMP: `type << 8 | code`.
+    pub dst_port: u16,
+    /// Largest packet count over the hops (the flow's packets, if every hop saw them).
+    pub packets: u64,
+    /// Largest layer-3 byte count over the hops.
+    pub bytes: u64,
+    /// Hops in the order they first saw the flow.
+    pub hops: Vec<HopRecord>,
+}
+
+/// One hop of a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopRecord {
+    pub interface: String,
+    pub ifindex: u32,
+    pub direction: Direction,
+    /// Wire packets (a GSO/GRO aggregate counts as its segments).
+    pub packets: u64,
+    /// Layer-3 bytes (IP header onwards) of those packets.
+    pub bytes: u64,
+    pub first_seen_unix_ns: u64,
+    pub last_seen_unix_ns: u64,
+    /// Union of TCP flags seen, e.g. "SA.F" style letters: F S R P A U E C.
+    pub tcp_flags: String,
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        other => other.to_string(),
+    }
+}
+
+fn tcp_flags_string(flags: u8) -> String {
+    const LETTERS: [(u8, char); 8] =
+        [(0x01, 'F'), (0x02, 'S'), (0x04, 'R'), (0x08, 'P'), (0x10, 'A'), (0x20, 'U'), (0x40, 'E'), (0x80, 'C')];
+    LETTERS.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, c)| *c).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(src: [u8; 4], sport: u16, ifindex: u32, dir: u8) -> FlowKey {
+        let mut k = FlowKey { src_port: sport, dst_port: 53, ifindex, direction: dir, ip_version: 4, protocol: 17, ..FlowKey::default() };
+        k.src_addr[..4].copy_from_slice(&src);
+        k.dst_addr[..4].copy_from_slice(&[10, 244, 2, 11]);
+        k
+    }
+
+    fn stats(packets: u64, bytes: u64, first: u64, last: u64) -> FlowStats {
+        FlowStats { packets, bytes, first_seen_ns: first, last_seen_ns: last, ..FlowStats::default() }
+    }
+
+    fn names(i: u32) -> Option<String> {
+        Some(format!("dev{i}"))
+    }
+
+    #[test]
+    fn hops_of_one_tuple_form_one_flow_in_first_seen_order() {
+        let mut t = FlowTable::new(100, u64::MAX);
+        t.merge(
+            &[
+                DrainedFlow { key: key([10, 244, 1, 10], 4000, 7, 1), stats: stats(3, 300, 20, 30) },
+                DrainedFlow { key: key([10, 244, 1, 10], 4000, 5, 0), stats: stats(3, 300, 10, 29) },
+            ],
+            &names,
+        );
+        // A second drain adds to the same hop.
+        t.merge(&[DrainedFlow { key: key([10, 244, 1, 10], 4000, 5, 0), stats: stats(2, 200, 40, 50) }], &names);
+        let snap = t.snapshot(1_000);
+        assert_eq!(snap.len(), 1);
+        let f = &snap[0];
+        assert_eq!(f.src, "10.244.1.10".parse::<IpAddr>().unwrap());
+        assert_eq!(f.protocol, "udp");
+        assert_eq!(f.hops.len(), 2);
+        assert_eq!((f.hops[0].interface.as_str(), f.hops[0].direction, f.hops[0].packets, f.hops[0].bytes), ("dev5", Direction::Ingress, 5, 500));
+        assert_eq!(f.hops[0].first_seen_unix_ns, 1_010);
+        assert_eq!(f.hops[0].last_seen_unix_ns, 1_050);
+        assert_eq!((f.hops[1].ifindex, f.hops[1].direction), (7, Direction::Egress));
+        assert_eq!((f.packets, f.bytes), (5, 500));
+    }
+
+    #[test]
+    fn idle_flows_expire_and_the_cap_evicts_the_oldest() {
+        let mut t = FlowTable::new(2, 100);
+        let drained: Vec<DrainedFlow> = (0..4u16)
+            .map(|i| DrainedFlow { key: key([10, 0, 0, i as u8], i, 1, 0), stats: stats(1, 10, 1000 + i as u64, 1000 + i as u64) })
+            .collect();
+        t.merge(&drained, &names);
+        t.expire(1050);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.evicted(), 2);
+        let ports: Vec<u16> = t.snapshot(0).iter().map(|f| f.src_port).collect();
+        assert_eq!(ports, vec![2, 3]);
+        t.expire(1102);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.expired(), 1);
+    }
+
+    #[test]
+    fn ipv6_and_flags_render() {
+        let mut k = key([0; 4], 1, 1, 0);
+        k.ip_version = 6;
+        k.protocol = 6;
+        k.src_addr = "fd00:10:244:1::a".parse::<Ipv6Addr>().unwrap().octets();
+        k.dst_addr = "fd00:10:244:2::b".parse::<Ipv6Addr>().unwrap().octets();
+        let mut t = FlowTable::new(10, u64::MAX);
+        let mut s = stats(1, 60, 1, 1);
+        s.tcp_flags = 0x12;
+        t.merge(&[DrainedFlow { key: k, stats: s }], &|_| None);
+        let f = &t.snapshot(0)[0];
+        assert_eq!(f.ip_version, 6);
+        assert_eq!(f.dst.to_string(), "fd00:10:244:2::b");
+        assert_eq!(f.hops[0].tcp_flags, "SA");
+        assert_eq!(f.hops[0].interface, "if1");
+    }
+}

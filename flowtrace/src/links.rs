@@ -1,0 +1,209 @@
+//! Which interfaces to trace, and following them as they come and go (rtnetlink).
+//!
+//! Traced by default: every veth whose peer lives in another network namespace (the
+//! host side of a pod's interface, whatever the CNI names it) and every VXLAN or Geneve
+//! device (flannel.1, vxlan.calico, cilium_vxlan, genev_sys_6081, ...). `--include-iface`
+//! adds interfaces by name (e.g. the node's uplink, to see the encapsulated packets) and
+//! `--exclude-iface` removes them.
+
+use futures::StreamExt;
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::{
+    link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
+    tc::TcHandle,
+    RouteNetlinkMessage,
+};
+use netlink_sys::{AsyncSocket, SocketAddr};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::error::{Error, Result};
+
+/// What the agent needs to know about a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    /// rtnetlink `IFLA_INFO_KIND` ("veth", "vxlan", "geneve", ...), if any.
+    pub kind: Option<String>,
+    /// The link's peer is in another network namespace (`IFLA_LINK_NETNSID` present).
+    pub peer_in_other_netns: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link exists (from the initial dump or a RTM_NEWLINK, which also fires on changes).
+    Present(Link),
+    /// A link was deleted (RTM_DELLINK).
+    Removed { ifindex: u32 },
+    /// The initial dump is complete: every link that existed at start has been reported.
+    Synced,
+}
+
+/// The tracing policy: defaults plus name globs (`*` matches any run of characters).
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl Selector {
+    pub fn selects(&self, link: &Link) -> bool {
+        if self.exclude.iter().any(|p| glob_match(p, &link.name)) {
+            return false;
+        }
+        if self.include.iter().any(|p| glob_match(p, &link.name)) {
+            return true;
+        }
+        match link.kind.as_deref() {
+            Some("vxlan") | Some("geneve") => true,
+            Some("veth") | Some("netkit") => link.peer_in_other_netns,
+            _ => false,
+        }
+    }
+}
+
+/// Shell-style match supporting `*` only.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, rest)) => {
+            let Some(tail) = name.strip_prefix(prefix) else { return false };
+            if rest.is_empty() {
+                return true;
+            }
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+fn kind_name(kind: &InfoKind) -> String {
+    match kind {
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Vxlan => "vxlan".into(),
+        InfoKind::Geneve => "geneve".into(),
+        InfoKind::Bridge => "bridge".into(),
+        InfoKind::Other(s) => s.clone(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Extracts the fields we need from an rtnetlink link message.
+pub fn link_from_message(msg: &LinkMessage) -> Option<Link> {
+    let mut name = None;
+    let mut kind = None;
+    let mut peer_in_other_netns = false;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkNetNsId(_) => peer_in_other_netns = true,
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let NlLinkInfo::Kind(k) = i {
+                        kind = Some(kind_name(k));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(Link { ifindex: msg.header.index, name: name?, kind, peer_in_other_netns })
+}
+
+/// Streams the current links, then every change, into `tx` until the receiver is gone.
+pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().map_err(|source| Error::Netlink { what: "opening a route socket", source })?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
+        .map_err(|source| Error::Netlink { what: "subscribing to link events", source })?;
+    tokio::spawn(conn);
+
+    // Subscribe first, dump second: a link created in between shows up twice, never zero times.
+    let mut dump = handle.link().get().execute();
+    while let Some(item) = dump.next().await {
+        match item {
+            Ok(msg) => {
+                if let Some(link) = link_from_message(&msg) {
+                    if tx.send(LinkEvent::Present(link)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(Error::Netlink { what: "dumping links", source: std::io::Error::other(e.to_string()) })
+            }
+        }
+    }
+    if tx.send(LinkEvent::Synced).await.is_err() {
+        return Ok(());
+    }
+    while let Some((msg, _)) = messages.next().await {
+        let event = match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => link_from_message(&m).map(LinkEvent::Present),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => Some(LinkEvent::Removed { ifindex: m.header.index }),
+            _ => None,
+        };
+        if let Some(event) = event {
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    warn!("the link event stream ended; new interfaces will no longer be traced");
+    Ok(())
+}
+
+/// Removes the clsact qdisc of `ifindex` (clsact mode, only where flowtrace added it).
+pub async fn delete_clsact(ifindex: u32) -> Result<()> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|source| Error::Netlink { what: "opening a route socket", source })?;
+    tokio::spawn(conn);
+    let mut req = handle.qdisc().del(ifindex as i32);
+    req.message_mut().header.parent = TcHandle { major: 0xffff, minor: 0xfff1 };
+    req.message_mut().header.handle = TcHandle { major: 0xffff, minor: 0 };
+    req.execute()
+        .await
+        .map_err(|e| Error::Netlink { what: "deleting the clsact qdisc", source: std::io::Error::other(e.to_string()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(name: &str, kind: &str, other_ns: bool) -> Link {
+        Link { ifindex: 1, name: name.into(), kind: Some(kind.into()), peer_in_other_netns: other_ns }
+    }
+
+    #[test]
+    fn default_policy_traces_pod_veths_and_overlays_only() {
+        let s = Selector::default();
+        assert!(s.selects(&link("veth1a2b3c4d", "veth", true)));
+        assert!(s.selects(&link("cali12345", "veth", true)));
+        assert!(!s.selects(&link("vethlocal", "veth", false)), "both ends here: not a pod veth");
+        assert!(s.selects(&link("flannel.1", "vxlan", false)));
+        assert!(s.selects(&link("genev_sys_6081", "geneve", false)));
+        assert!(!s.selects(&link("cni0", "bridge", false)));
+        assert!(!s.selects(&Link { ifindex: 2, name: "eth0".into(), kind: None, peer_in_other_netns: false }));
+    }
+
+    #[test]
+    fn include_and_exclude_globs() {
+        let s = Selector { include: vec!["eth*".into()], exclude: vec!["veth9*".into(), "flannel.1".into()] };
+        assert!(s.selects(&Link { ifindex: 2, name: "eth0".into(), kind: None, peer_in_other_netns: false }));
+        assert!(!s.selects(&link("veth9abc", "veth", true)));
+        assert!(s.selects(&link("veth1abc", "veth", true)));
+        assert!(!s.selects(&link("flannel.1", "vxlan", false)));
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*c", "abbbc"));
+        assert!(glob_match("*.1", "flannel.1"));
+        assert!(!glob_match("a*c", "abd"));
+        assert!(glob_match("x", "x"));
+        assert!(!glob_match("x", "xy"));
+    }
+}

@@ -1,0 +1,111 @@
+//! The `flowtrace` binary: `flowtrace agent` (the daemon) and `flowtrace flows` (the CLI).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use flowtrace::{
+    agent::{self, AgentConfig},
+    attach::AttachMode,
+    filter::{self, FlowFilter, IpFilter, ProtoFilter},
+    links::Selector,
+};
+
+/// eBPF flow tracer for Kubernetes: packets and bytes per flow per hop, in the kernel.
+#[derive(Parser)]
+#[command(name = "flowtrace", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: attach to pod veths and overlay devices, serve the flow table over HTTP.
+    Agent(AgentArgs),
+    /// Print the flows the local agent has seen.
+    Flows(FlowsArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Address of the HTTP API (JSON). Loopback by default: expose it deliberately.
+    #[arg(long, env = "FLOWTRACE_LISTEN", default_value = "127.0.0.1:9650")]
+    listen: SocketAddr,
+    /// How often to drain the kernel maps, in milliseconds (API reads also drain).
+    #[arg(long, env = "FLOWTRACE_DRAIN_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    drain_interval_ms: u64,
+    /// Capacity of each of the two kernel flow buffers, in (5-tuple, hop) entries.
+    #[arg(long, env = "FLOWTRACE_FLOW_ENTRIES", default_value_t = flowtrace_common::DEFAULT_FLOW_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
+    flow_entries: u32,
+    /// Most flows kept in the agent's table; the least recently seen are evicted beyond it.
+    #[arg(long, env = "FLOWTRACE_MAX_FLOWS", default_value_t = 100_000)]
+    max_flows: usize,
+    /// Forget a flow after this many seconds without packets.
+    #[arg(long, env = "FLOWTRACE_FLOW_IDLE_TIMEOUT_S", default_value_t = 300)]
+    flow_idle_timeout_s: u64,
+    /// How to attach: tcx (kernel >= 6.6), clsact (older kernels), or auto.
+    #[arg(long, env = "FLOWTRACE_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
+    attach_mode: AttachMode,
+    /// Also trace interfaces matching this name or `*` glob (e.g. eth0 for the encapsulated packets).
+    #[arg(long = "include-iface", env = "FLOWTRACE_INCLUDE_IFACE", value_delimiter = ',')]
+    include: Vec<String>,
+    /// Never trace interfaces matching this name or `*` glob.
+    #[arg(long = "exclude-iface", env = "FLOWTRACE_EXCLUDE_IFACE", value_delimiter = ',')]
+    exclude: Vec<String>,
+}
+
+#[derive(Args)]
+struct FlowsArgs {
+    /// Base URL of the agent's API.
+    #[arg(long, env = "FLOWTRACE_AGENT", default_value = "http://127.0.0.1:9650")]
+    agent: String,
+    /// Print JSON (the API's `/v1/flows` body) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only flows from or to this address or CIDR (repeatable).
+    #[arg(long, value_parser = |s: &str| s.parse::<IpFilter>().map_err(|e| e.to_string()))]
+    ip: Vec<IpFilter>,
+    /// Only flows from or to this port (repeatable; ICMP flows have no ports).
+    #[arg(long, value_parser = |s: &str| filter::parse_port(s).map_err(|e| e.to_string()))]
+    port: Vec<u16>,
+    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp or a number (repeatable).
+    #[arg(long, value_parser = |s: &str| s.parse::<ProtoFilter>().map_err(|e| e.to_string()))]
+    proto: Vec<ProtoFilter>,
+    /// Only flows seen on this interface (name or `*` glob, repeatable).
+    #[arg(long, value_parser = |s: &str| filter::parse_iface(s).map_err(|e| e.to_string()))]
+    iface: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(a) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("FLOWTRACE_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let cfg = AgentConfig {
+                listen: a.listen,
+                drain_interval: Duration::from_millis(a.drain_interval_ms),
+                flow_entries: a.flow_entries,
+                max_flows: a.max_flows,
+                flow_idle_timeout: Duration::from_secs(a.flow_idle_timeout_s),
+                attach_mode: a.attach_mode,
+                selector: Selector { include: a.include, exclude: a.exclude },
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(agent::run(cfg))?;
+        }
+        Command::Flows(f) => {
+            let filter = FlowFilter { ips: f.ip, ports: f.port, protos: f.proto, ifaces: f.iface };
+            print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);
+        }
+    }
+    Ok(())
+}
