@@ -292,7 +292,7 @@ mod tests {
         assert_eq!(t.evicted(), 2);
         let ports: Vec<u16> = t.snapshot(0).iter().map(|f| f.src_port).collect();
         assert_eq!(ports, vec![2, 3]);
-        t.expire(1102);
+        t.expire(1103);
         assert_eq!(t.len(), 1);
         assert_eq!(t.expired(), 1);
     }
