@@ -6,7 +6,6 @@
 #![no_std]
 #![no_main]
 
-mod baseline;
 mod packet;
 
 use aya_ebpf::{

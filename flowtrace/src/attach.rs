@@ -248,3 +248,7 @@ fn remove_stale_filters(name: &str) {
         }
     }
 }
+
+/// Reference programs (`bench_noop`, `bench_counter`) used only by `cargo xtask bench`.
+pub static BASELINES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace-baselines"));

@@ -1,8 +1,10 @@
-//! Reference programs for the benchmark only (`cargo xtask bench`); the agent never loads them.
+//! Reference programs for `cargo xtask bench` only; never loaded by the agent.
+#![no_std]
+#![no_main]
 //!
 //! `bench_noop` measures the floor of a TC program run as bpf_stats sees it.
 //! `bench_counter` is a minimal IPv4 5-tuple counter written the plain way (per-field
-//! `bpf_skb_load_bytes`, lookup then update), the yardstick flowtrace's cost is held to.
+//! `bpf_skb_load_bytes`, lookup then update): the yardstick flowtrace's cost is held to.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
@@ -60,3 +62,13 @@ fn try_count(ctx: &TcContext) -> Result<(), i64> {
     }
     Ok(())
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

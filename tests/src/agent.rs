@@ -1,0 +1,207 @@
+//! Running flowtrace agents inside emulated nodes, as a hostNetwork DaemonSet pod would, and
+//! talking to their HTTP API from the test process.
+//!
+//! Each node namespace has its own loopback, so every agent listens on 127.0.0.1:9650 of its
+//! node. The test reaches it from a short-lived thread that enters the node's network namespace
+//! (`setns` changes only the calling thread's namespace) and speaks plain HTTP there.
+
+use std::{
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use flowtrace::{
+    api::{FlowsResponse, InterfacesResponse, StatsResponse},
+    flows::FlowRecord,
+};
+use serde::de::DeserializeOwned;
+
+use crate::{netns::ChildGuard, Error, Result};
+
+/// The agent's API port inside each node namespace.
+pub const API_PORT: u16 = 9650;
+
+/// Path of the `flowtrace` binary built beside the running test or tool
+/// (`target/<profile>/flowtrace`).
+pub fn flowtrace_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FLOWTRACE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("current_exe: {e}")))?;
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    // Test binaries live in target/<profile>/deps, tools in target/<profile>.
+    for _ in 0..2 {
+        let candidate = dir.join("flowtrace");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    Err(Error::Invalid(format!(
+        "no flowtrace binary next to {}; build it first with `cargo build --release -p flowtrace` \
+         (or set FLOWTRACE_BIN)",
+        exe.display()
+    )))
+}
+
+/// Runs `f` on a thread that has entered network namespace `netns`.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{netns}");
+    let file = std::fs::File::open(&path).map_err(|e| Error::Invalid(format!("opening {path}: {e}")))?;
+    let handle = std::thread::spawn(move || {
+        // SAFETY: a valid namespace fd; setns affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(f())
+    });
+    handle
+        .join()
+        .map_err(|_| Error::Invalid(format!("thread inside {netns} panicked")))?
+        .map_err(|e| Error::Invalid(format!("setns into {netns}: {e}")))
+}
+
+/// `GET http://127.0.0.1:9650{path}` inside `netns`: (status, body).
+pub fn http_get(netns: &str, path: &str) -> Result<(u16, String)> {
+    let url = format!("http://127.0.0.1:{API_PORT}{path}");
+    let u = url.clone();
+    let res = in_netns(netns, move || {
+        match ureq::get(&u).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => Ok((r.status(), r.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+            Err(e) => Err(e.to_string()),
+        }
+    })?;
+    res.map_err(|e| Error::Invalid(format!("GET {url} in {netns}: {e}")))
+}
+
+/// A flowtrace agent running in a node namespace. Killed on drop if still running.
+pub struct Agent {
+    guard: Option<ChildGuard>,
+    pub netns: String,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `flowtrace agent` in `netns` with `extra` flags and waits until it is ready
+    /// (every interface present at start attached).
+    pub fn start(netns: &str, extra: &[&str]) -> Result<Agent> {
+        let bin = flowtrace_bin()?;
+        let log = std::env::temp_dir().join(format!("flowtrace-agent-{netns}.log"));
+        let logfile = std::fs::File::create(&log).map_err(|e| Error::Invalid(format!("creating {}: {e}", log.display())))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(&bin)
+            .args(["agent", "--listen", &format!("127.0.0.1:{API_PORT}"), "--drain-interval-ms", "500"])
+            .args(extra)
+            .env("FLOWTRACE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile);
+        let child = cmd.spawn().map_err(|e| Error::Invalid(format!("starting {}: {e}", bin.display())))?;
+        let mut agent = Agent { guard: Some(ChildGuard::new(child, format!("flowtrace agent in {netns}"))), netns: netns.to_string(), log };
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(g) = self.guard.as_mut() {
+                if g.has_exited() {
+                    return Err(Error::Invalid(format!("flowtrace agent in {} exited during start-up:\n{}", self.netns, self.log_text())));
+                }
+            }
+            if let Ok((200, _)) = http_get(&self.netns, "/readyz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Invalid(format!("flowtrace agent in {} not ready after {timeout:?}:\n{}", self.netns, self.log_text())));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.as_ref().and_then(ChildGuard::id)
+    }
+
+    /// GETs `path` and decodes the JSON body; non-200 is an error carrying the body.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (status, body) = http_get(&self.netns, path)?;
+        if status != 200 {
+            return Err(Error::Invalid(format!("GET {path} in {}: HTTP {status}: {body}", self.netns)));
+        }
+        serde_json::from_str(&body).map_err(|e| Error::Invalid(format!("GET {path} in {}: bad JSON ({e}): {body}", self.netns)))
+    }
+
+    pub fn flows(&self) -> Result<Vec<FlowRecord>> {
+        Ok(self.get::<FlowsResponse>("/v1/flows")?.flows)
+    }
+
+    pub fn stats(&self) -> Result<StatsResponse> {
+        self.get("/v1/stats")
+    }
+
+    pub fn interfaces(&self) -> Result<InterfacesResponse> {
+        self.get("/v1/interfaces")
+    }
+
+    fn signal(&self, sig: libc::c_int) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| Error::Invalid("agent already reaped".into()))?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+            return Err(Error::Invalid(format!("kill({pid}, {sig}): {}", std::io::Error::last_os_error())));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the log.
+    pub fn stop(mut self) -> Result<String> {
+        self.signal(libc::SIGTERM)?;
+        let guard = self.guard.take().ok_or_else(|| Error::Invalid("agent already reaped".into()))?;
+        let out = guard.wait_output(Duration::from_secs(15));
+        let log = self.log_text();
+        out.map_err(|e| Error::Invalid(format!("agent did not exit cleanly on SIGTERM: {e}\n{log}")))?;
+        Ok(log)
+    }
+
+    /// SIGKILL and reap: the agent gets no chance to clean up.
+    pub fn kill(mut self) -> Result<()> {
+        self.signal(libc::SIGKILL)?;
+        if let Some(guard) = self.guard.take() {
+            // A killed child "fails"; we only need it reaped.
+            let _ = guard.wait_output(Duration::from_secs(10));
+        }
+        Ok(())
+    }
+}
+
+/// Names of loaded kernel programs that belong to flowtrace (kernel names are cut at 15 chars).
+pub fn loaded_flowtrace_programs() -> Result<Vec<String>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .map_err(|e| Error::Invalid(format!("running bpftool (install it with scripts/setup.sh): {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Invalid(format!("bpftool -j prog show: bad JSON: {e}")))?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.get("name").and_then(|n| n.as_str()))
+                .filter(|n| n.starts_with("flowtrace_"))
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default())
+}

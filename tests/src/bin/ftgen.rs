@@ -1,0 +1,727 @@
+//! `ftgen`: traffic generator and sink for flowtrace's integration tests.
+//!
+//! Run inside a pod with `ip netns exec <pod-ns> ftgen <command> ...`. Every command prints exactly
+//! one JSON object on stdout when it is done, so tests assert on structured results rather than
+//! scraping text. Sinks accept `--ready-file PATH`: the file is created once the socket is bound,
+//! so a test can wait for it before sending instead of sleeping.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ftgen",
+    about = "Traffic generator/sink for flowtrace tests; prints one JSON object"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Receive UDP datagrams until --count arrived or --timeout-ms passed.
+    /// Prints {"received","bytes","echoed","peers"}.
+    UdpSink {
+        /// Address to bind, e.g. `0.0.0.0:8080` or `[::]:8080`.
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Send every datagram back to its sender.
+        #[arg(long)]
+        echo: bool,
+        /// Created once the socket is bound.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Send --count datagrams of --size payload bytes. Prints {"sent","bytes","local","echoed"}.
+    UdpSend {
+        /// Destination, e.g. `10.244.2.10:8080` or `[fd00:10:244:2::10]:8080`.
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Pause between datagrams.
+        #[arg(long, default_value_t = 0)]
+        interval_us: u64,
+        /// Local address (IP, or IP:port) to send from.
+        #[arg(long, value_parser = parse_bind)]
+        bind: Option<SocketAddr>,
+        /// After each datagram wait up to --echo-timeout-ms for a reply (sink run with --echo).
+        #[arg(long)]
+        expect_echo: bool,
+        #[arg(long, default_value_t = 1000)]
+        echo_timeout_ms: u64,
+    },
+    /// Accept --connections TCP connections, read each to EOF, optionally answer.
+    /// Prints {"received_bytes","connections","peers","errors"}.
+    TcpSink {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        connections: u64,
+        /// Overall deadline; the sink reports what it got when it passes.
+        #[arg(long, default_value_t = 10000)]
+        timeout_ms: u64,
+        /// After at least one connection, stop when no new one arrives for this long (useful when
+        /// several sinks share an unknown split of the connections, as Service backends do).
+        #[arg(long)]
+        idle_timeout_ms: Option<u64>,
+        /// Bytes written back on each connection after the peer's EOF, before closing.
+        #[arg(long, default_value_t = 0)]
+        echo_bytes: usize,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Open --connections sequential TCP connections, each sending --bytes then shutdown(Write)
+    /// and reading to EOF. Prints {"sent_bytes","received_bytes","connections","local_ports"}.
+    TcpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        connections: u64,
+        /// Connect and per-read timeout.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Send a raw Ethernet frame (hex, separators ignored) on --iface. Prints {"sent"}.
+    RawSend {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        hex: String,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
+    /// Capture incoming frames (not our own outgoing ones) on --iface. Prints {"frames":[hex...]}.
+    RawCapture {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Only frames with this EtherType (e.g. 0x0800), read from the frame bytes.
+        #[arg(long, value_parser = parse_ethertype)]
+        ethertype: Option<u16>,
+        /// Only frames from this source MAC (aa:bb:cc:dd:ee:ff). Filters out the bridge's own
+        /// chatter (IGMP/MLD reports, router solicitations) that otherwise races a test's frame.
+        #[arg(long, value_parser = parse_mac)]
+        src_mac: Option<[u8; 6]>,
+        /// Created once the capture socket is bound.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Print the MAC of --iface: {"mac":"aa:bb:..."}.
+    Mac {
+        #[arg(long)]
+        iface: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let result = match Cli::parse().cmd {
+        Cmd::UdpSink {
+            bind,
+            count,
+            timeout_ms,
+            echo,
+            ready_file,
+        } => udp_sink(bind, count, ms(timeout_ms), echo, ready_file.as_deref())?,
+        Cmd::UdpSend {
+            to,
+            count,
+            size,
+            interval_us,
+            bind,
+            expect_echo,
+            echo_timeout_ms,
+        } => udp_send(
+            to,
+            count,
+            size,
+            Duration::from_micros(interval_us),
+            bind,
+            expect_echo.then(|| ms(echo_timeout_ms)),
+        )?,
+        Cmd::TcpSink {
+            bind,
+            connections,
+            timeout_ms,
+            idle_timeout_ms,
+            echo_bytes,
+            ready_file,
+        } => tcp_sink(
+            bind,
+            connections,
+            ms(timeout_ms),
+            idle_timeout_ms.map(ms),
+            echo_bytes,
+            ready_file.as_deref(),
+        )?,
+        Cmd::TcpSend {
+            to,
+            bytes,
+            connections,
+            timeout_ms,
+        } => tcp_send(to, bytes, connections, ms(timeout_ms))?,
+        Cmd::RawSend { iface, hex, count } => raw::send(&iface, &parse_hex(&hex)?, count)?,
+        Cmd::RawCapture {
+            iface,
+            count,
+            timeout_ms,
+            ethertype,
+            src_mac,
+            ready_file,
+        } => {
+            let filter = raw::Filter { ethertype, src_mac };
+            raw::capture(&iface, count, ms(timeout_ms), filter, ready_file.as_deref())?
+        }
+        Cmd::Mac { iface } => json!({ "mac": raw::mac(&iface)? }),
+    };
+    println!("{result}");
+    Ok(())
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// Accepts `IP` (port 0) or `IP:port` / `[IPv6]:port`.
+fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 0))
+        .map_err(|_| format!("{s:?} is neither IP nor IP:port (IPv6 with port: [addr]:port)"))
+}
+
+fn parse_ethertype(s: &str) -> Result<u16, String> {
+    let digits = s.trim_start_matches("0x").trim_start_matches("0X");
+    u16::from_str_radix(digits, 16)
+        .map_err(|e| format!("ethertype {s:?} is not hex like 0x0800: {e}"))
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bytes = parse_hex(s).map_err(|e| format!("MAC {s:?}: {e:#}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("MAC {s:?} must have 6 bytes, like 0a:58:0a:f4:01:0a"))
+}
+
+/// Hex string to bytes; spaces, colons, dashes and newlines are ignored so frames can be written
+/// grouped by header field.
+fn parse_hex(s: &str) -> Result<Vec<u8>> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b" \t\n\r:-_".contains(b)).collect();
+    if digits.len() % 2 != 0 {
+        bail!(
+            "--hex has an odd number of hex digits ({}); give whole bytes",
+            digits.len()
+        );
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let txt = std::str::from_utf8(pair).unwrap_or("??");
+            u8::from_str_radix(txt, 16).with_context(|| format!("--hex: {txt:?} is not a hex byte"))
+        })
+        .collect()
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn touch(path: Option<&Path>) -> Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, b"").with_context(|| format!("creating ready file {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Time left until `deadline`, or `None` if it has passed.
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Recognisable payload (byte i = i mod 256), so captures can be matched by eye.
+fn payload(size: usize) -> Vec<u8> {
+    (0..size).map(|i| i as u8).collect()
+}
+
+fn udp_sink(
+    bind: SocketAddr,
+    count: u64,
+    timeout: Duration,
+    echo: bool,
+    ready: Option<&Path>,
+) -> Result<serde_json::Value> {
+    let sock = UdpSocket::bind(bind).with_context(|| format!("binding UDP {bind}"))?;
+    touch(ready)?;
+    let deadline = Instant::now() + timeout;
+    let (mut received, mut bytes, mut echoed) = (0u64, 0u64, 0u64);
+    let mut peers = BTreeSet::new();
+    let mut buf = vec![0u8; 65536];
+    while received < count {
+        let Some(left) = remaining(deadline) else {
+            break;
+        };
+        sock.set_read_timeout(Some(left))
+            .context("setting UDP read timeout")?;
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                received += 1;
+                bytes += n as u64;
+                peers.insert(from.to_string());
+                if echo {
+                    sock.send_to(&buf[..n], from)
+                        .with_context(|| format!("echoing to {from}"))?;
+                    echoed += 1;
+                }
+            }
+            Err(e) if is_timeout(&e) => break,
+            Err(e) => return Err(e).context("receiving UDP"),
+        }
+    }
+    Ok(json!({ "received": received, "bytes": bytes, "echoed": echoed, "peers": peers }))
+}
+
+fn udp_send(
+    to: SocketAddr,
+    count: u64,
+    size: usize,
+    interval: Duration,
+    bind: Option<SocketAddr>,
+    echo_timeout: Option<Duration>,
+) -> Result<serde_json::Value> {
+    let local = bind.unwrap_or_else(|| unspecified_like(to));
+    let sock = UdpSocket::bind(local).with_context(|| format!("binding UDP {local}"))?;
+    let data = payload(size);
+    let mut buf = vec![0u8; 65536];
+    let (mut sent, mut echoed) = (0u64, 0u64);
+    for k in 0..count {
+        if k > 0 && !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+        sock.send_to(&data, to)
+            .with_context(|| format!("sending datagram {k} to {to}"))?;
+        sent += 1;
+        if let Some(t) = echo_timeout {
+            sock.set_read_timeout(Some(t))
+                .context("setting UDP read timeout")?;
+            match sock.recv_from(&mut buf) {
+                Ok(_) => echoed += 1,
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("waiting for echo of datagram {k}"))
+                }
+            }
+        }
+    }
+    let local = sock.local_addr().context("reading local UDP address")?;
+    Ok(json!({
+        "sent": sent,
+        "bytes": sent * size as u64,
+        "local": local.to_string(),
+        "echoed": echoed,
+    }))
+}
+
+fn unspecified_like(to: SocketAddr) -> SocketAddr {
+    match to {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    }
+}
+
+fn tcp_sink(
+    bind: SocketAddr,
+    connections: u64,
+    timeout: Duration,
+    idle: Option<Duration>,
+    echo_bytes: usize,
+    ready: Option<&Path>,
+) -> Result<serde_json::Value> {
+    let listener = TcpListener::bind(bind).with_context(|| format!("binding TCP {bind}"))?;
+    // Non-blocking accept lets us honour the deadlines without a second thread.
+    listener
+        .set_nonblocking(true)
+        .context("making the listener non-blocking")?;
+    touch(ready)?;
+    let deadline = Instant::now() + timeout;
+    let (mut accepted, mut received, mut errors) = (0u64, 0u64, 0u64);
+    let mut peers = BTreeSet::new();
+    let mut last_activity = Instant::now();
+    let reply = payload(echo_bytes);
+    while accepted < connections {
+        if remaining(deadline).is_none() {
+            break;
+        }
+        if let Some(idle) = idle {
+            if accepted > 0 && last_activity.elapsed() >= idle {
+                break;
+            }
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                accepted += 1;
+                peers.insert(peer.to_string());
+                match serve_tcp(stream, deadline, &reply) {
+                    Ok(n) => received += n,
+                    Err(e) => {
+                        eprintln!("ftgen tcp-sink: connection from {peer}: {e:#}");
+                        errors += 1;
+                    }
+                }
+                last_activity = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ms(2)),
+            Err(e) => return Err(e).context("accepting TCP connection"),
+        }
+    }
+    Ok(json!({
+        "received_bytes": received,
+        "connections": accepted,
+        "peers": peers,
+        "errors": errors,
+    }))
+}
+
+/// Reads one connection to EOF, writes `reply`, closes. Returns the bytes read.
+fn serve_tcp(mut stream: TcpStream, deadline: Instant, reply: &[u8]) -> Result<u64> {
+    stream
+        .set_nonblocking(false)
+        .context("making the connection blocking")?;
+    let left = remaining(deadline).unwrap_or(ms(1));
+    stream
+        .set_read_timeout(Some(left))
+        .context("setting read timeout")?;
+    stream
+        .set_write_timeout(Some(left))
+        .context("setting write timeout")?;
+    let mut sink = Vec::new();
+    let n = stream.read_to_end(&mut sink).context("reading to EOF")?;
+    stream.write_all(reply).context("writing reply")?;
+    stream.shutdown(Shutdown::Both).ok();
+    Ok(n as u64)
+}
+
+fn tcp_send(
+    to: SocketAddr,
+    bytes: usize,
+    connections: u64,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let data = payload(bytes);
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut ports = Vec::new();
+    for k in 0..connections {
+        let what = || format!("connection {} of {connections} to {to}", k + 1);
+        let mut s = TcpStream::connect_timeout(&to, timeout)
+            .with_context(|| format!("{}: connect", what()))?;
+        ports.push(
+            s.local_addr()
+                .with_context(|| format!("{}: local address", what()))?
+                .port(),
+        );
+        s.set_read_timeout(Some(timeout))
+            .context("setting read timeout")?;
+        s.set_write_timeout(Some(timeout))
+            .context("setting write timeout")?;
+        s.write_all(&data)
+            .with_context(|| format!("{}: write", what()))?;
+        sent += bytes as u64;
+        s.shutdown(Shutdown::Write)
+            .with_context(|| format!("{}: shutdown(Write)", what()))?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)
+            .with_context(|| format!("{}: reading reply to EOF", what()))?;
+        received += back.len() as u64;
+    }
+    Ok(json!({
+        "sent_bytes": sent,
+        "received_bytes": received,
+        "connections": connections,
+        "local_ports": ports,
+    }))
+}
+
+/// AF_PACKET helpers (raw frames in and out, MAC lookup) on top of libc.
+mod raw {
+    use super::*;
+
+    /// `sll_pkttype` of frames the host itself sent (linux/if_packet.h); captures skip them.
+    const PACKET_OUTGOING: u8 = 4;
+
+    fn ifindex(iface: &str) -> Result<i32> {
+        let name = std::ffi::CString::new(iface).context("interface name contains NUL")?;
+        // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+        let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if idx == 0 {
+            bail!(
+                "no interface {iface:?} in this network namespace (run ftgen via `ip netns exec`)"
+            );
+        }
+        i32::try_from(idx).context("ifindex out of range")
+    }
+
+    fn packet_socket(protocol: u16) -> Result<OwnedFd> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol.to_be())) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("creating AF_PACKET socket (needs CAP_NET_RAW)");
+        }
+        // SAFETY: `fd` is a freshly created descriptor owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn sockaddr_ll(ifindex: i32, protocol_be: u16) -> libc::sockaddr_ll {
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = protocol_be;
+        sll.sll_ifindex = ifindex;
+        sll
+    }
+
+    pub fn send(iface: &str, frame: &[u8], count: u64) -> Result<serde_json::Value> {
+        if frame.len() < 14 {
+            bail!(
+                "frame is {} bytes; an Ethernet frame needs at least the 14-byte header",
+                frame.len()
+            );
+        }
+        let idx = ifindex(iface)?;
+        // Protocol 0: this socket only sends, it must not queue received frames.
+        let sock = packet_socket(0)?;
+        // EtherType straight from the frame (already big-endian), so skb->protocol matches what a
+        // NIC would have produced for this frame.
+        let mut sll = sockaddr_ll(idx, u16::from_ne_bytes([frame[12], frame[13]]));
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        for k in 0..count {
+            // SAFETY: buffer and address pointers/lengths describe valid memory for the call.
+            let n = unsafe {
+                libc::sendto(
+                    sock.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    std::ptr::addr_of!(sll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("sending frame {k} on {iface}"));
+            }
+        }
+        Ok(json!({ "sent": count }))
+    }
+
+    /// Which captured frames to keep (all conditions must hold).
+    pub struct Filter {
+        pub ethertype: Option<u16>,
+        pub src_mac: Option<[u8; 6]>,
+    }
+
+    impl Filter {
+        pub fn matches(&self, frame: &[u8]) -> bool {
+            if frame.len() < 14 {
+                return self.ethertype.is_none() && self.src_mac.is_none();
+            }
+            let et_ok = self
+                .ethertype
+                .is_none_or(|et| u16::from_be_bytes([frame[12], frame[13]]) == et);
+            let mac_ok = self.src_mac.is_none_or(|m| frame[6..12] == m);
+            et_ok && mac_ok
+        }
+    }
+
+    pub fn capture(
+        iface: &str,
+        count: usize,
+        timeout: Duration,
+        filter: Filter,
+        ready: Option<&Path>,
+    ) -> Result<serde_json::Value> {
+        let idx = ifindex(iface)?;
+        let sock = packet_socket(libc::ETH_P_ALL as u16)?;
+        let sll = sockaddr_ll(idx, (libc::ETH_P_ALL as u16).to_be());
+        // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                std::ptr::addr_of!(sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("binding capture to {iface}"));
+        }
+        touch(ready)?;
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while frames.len() < count {
+            let Some(left) = remaining(deadline) else {
+                break;
+            };
+            let mut pfd = libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let wait = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd.
+            let ready_n = unsafe { libc::poll(&mut pfd, 1, wait) };
+            if ready_n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("poll on capture socket");
+            }
+            if ready_n == 0 {
+                continue;
+            }
+            // SAFETY: zeroed sockaddr_ll is valid; recvfrom fills at most `len` bytes of it.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `buf` and `from` are valid for the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    std::ptr::addr_of_mut!(from).cast(),
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error()).context("receiving on capture socket");
+            }
+            let frame = &buf[..n as usize];
+            // Frames queued between socket() and bind() may come from other interfaces.
+            if from.sll_ifindex != idx || from.sll_pkttype == PACKET_OUTGOING {
+                continue;
+            }
+            if !filter.matches(frame) {
+                continue;
+            }
+            frames.push(to_hex(frame));
+        }
+        Ok(json!({ "frames": frames }))
+    }
+
+    pub fn mac(iface: &str) -> Result<String> {
+        if iface.len() >= libc::IFNAMSIZ {
+            bail!(
+                "interface name {iface:?} is longer than {} bytes",
+                libc::IFNAMSIZ - 1
+            );
+        }
+        // SAFETY: plain socket(2); result checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("creating socket for SIOCGIFHWADDR");
+        }
+        // SAFETY: freshly created descriptor, owned here.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ifreq is plain old data; all-zero is valid.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(iface.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        // SAFETY: `ifr` is a valid ifreq with a NUL-terminated name (zeroed tail).
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!("SIOCGIFHWADDR on {iface:?} (does it exist in this namespace?)")
+            });
+        }
+        // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+        let data = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+        Ok(data[..6]
+            .iter()
+            .map(|&b| format!("{:02x}", b as u8))
+            .collect::<Vec<_>>()
+            .join(":"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // the workspace lint targets production code
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_ignores_separators() {
+        let b = parse_hex("0a:58 0A-f4\n01").unwrap();
+        assert_eq!(b, vec![0x0a, 0x58, 0x0a, 0xf4, 0x01]);
+        assert_eq!(to_hex(&b), "0a580af401");
+        assert!(parse_hex("abc").is_err());
+        assert!(parse_hex("zz").is_err());
+    }
+
+    #[test]
+    fn bind_accepts_ip_or_socket_addr() {
+        assert_eq!(
+            parse_bind("10.0.0.1").unwrap(),
+            "10.0.0.1:0".parse().unwrap()
+        );
+        assert_eq!(parse_bind("[::1]:5").unwrap(), "[::1]:5".parse().unwrap());
+        assert!(parse_bind("nope").is_err());
+        assert_eq!(parse_ethertype("0x86dd").unwrap(), 0x86dd);
+        assert_eq!(
+            parse_mac("0a:58:0a:f4:01:0a").unwrap(),
+            [0x0a, 0x58, 0x0a, 0xf4, 1, 0x0a]
+        );
+        assert!(parse_mac("0a:58").is_err());
+    }
+
+    #[test]
+    fn capture_filter_checks_ethertype_and_source() {
+        let mut frame = vec![0u8; 14];
+        frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        let f = |ethertype, src_mac| raw::Filter { ethertype, src_mac };
+        assert!(f(None, None).matches(&frame));
+        assert!(f(Some(0x0800), Some([2, 0, 0, 0, 0, 1])).matches(&frame));
+        assert!(!f(Some(0x86dd), None).matches(&frame));
+        assert!(!f(None, Some([2, 0, 0, 0, 0, 2])).matches(&frame));
+        assert!(!f(Some(0x0800), None).matches(&frame[..10]));
+    }
+}

@@ -1,0 +1,88 @@
+//! Test bed for flowtrace's integration tests: an emulated Kubernetes cluster built from network
+//! namespaces on one machine, plus the `ftgen` traffic helper binary.
+//!
+//! The topology mirrors what flowtrace meets in production (see `docs/k8s-dataplane.md` in the shared
+//! docs): every node is a network namespace with an underlay `eth0`, a `cni0` bridge holding the pod
+//! gateway, a flannel-style VXLAN device `flannel.1`, and kube-proxy's iptables-mode `nat` chains for
+//! one Service. Every pod is its own namespace with `eth0` as one end of a veth pair whose other end is
+//! enslaved to the node's `cni0`.
+//!
+//! Nothing is created in the root namespace, and every namespace name carries a per-run prefix
+//! (`ft<pid>x<counter>`), so parallel runs cannot collide and leftovers of a killed run can be
+//! recognised and swept ([`sweep_stale`]).
+//!
+//! ```no_run
+//! use flowtrace_tests::{Cluster, ClusterOptions};
+//! # fn main() -> flowtrace_tests::Result<()> {
+//! let cluster = Cluster::up(&ClusterOptions::default())?;
+//! let a = cluster.pod(1, "pod-a")?;
+//! let b = cluster.pod(2, "pod-a")?;
+//! a.exec(&["ping", "-c1", "-W2", &b.ipv4.to_string()])?;
+//! cluster.down()?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod agent;
+pub mod cluster;
+pub mod kubeproxy;
+pub mod netns;
+
+pub use agent::{flowtrace_bin, http_get, loaded_flowtrace_programs, Agent};
+pub use cluster::{Cluster, ClusterOptions, Node, Pod};
+pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
+pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard};
+
+/// Everything the test bed can fail with. Each variant's message names what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command ran but exited unsuccessfully.
+    #[error(
+        "command `{cmd}` failed ({status}): {stderr}\n\
+         hint: the test bed needs root, iproute2, iptables and sysctl; run the tests as root and \
+         check the command's message above"
+    )]
+    Command {
+        /// The full command line, shell-quoted for copy/paste.
+        cmd: String,
+        /// Exit status as printed by std.
+        status: String,
+        /// Trimmed standard error of the command.
+        stderr: String,
+    },
+    /// A command could not even be started (missing binary, no permission).
+    #[error("could not start `{cmd}`: {source}; is the program installed and on PATH?")]
+    Spawn {
+        /// The full command line.
+        cmd: String,
+        /// Underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Output of a tool (e.g. `ip -j`) did not have the expected shape.
+    #[error("could not understand the output of `{cmd}`: {detail}")]
+    Parse {
+        /// The command whose output was parsed.
+        cmd: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// The caller asked for something the cluster cannot do or does not have.
+    #[error("{0}")]
+    Invalid(String),
+    /// Some other I/O failure (waiting on a child, reading its pipes).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Several failures during teardown; each was attempted regardless of the others.
+    #[error("teardown left problems behind (remove them with `ip netns del NAME`):\n{}", .0.join("\n"))]
+    Teardown(Vec<String>),
+}
+
+/// Result type of the test bed.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
