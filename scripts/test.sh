@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 # Integration tests share kernel state (bpf_stats, loaded programs): run them one at a time.
+# The integration tests run the flowtrace and ftgen binaries: build them first.
+cargo build --release
 cargo test --release -- --test-threads=1

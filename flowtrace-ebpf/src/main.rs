@@ -107,6 +107,10 @@ fn record(
     if let Some(stats) = flows.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, only this CPU writes it while this program runs.
         unsafe {
+            // Another CPU may have created the entry: this CPU's slot then starts zeroed.
+            if (*stats).packets == 0 {
+                (*stats).first_seen_ns = now;
+            }
             (*stats).packets += packets;
             (*stats).bytes += bytes;
             (*stats).last_seen_ns = now;

@@ -27,10 +27,12 @@ pub mod agent;
 pub mod cluster;
 pub mod kubeproxy;
 pub mod netns;
+pub mod traffic;
 
 pub use agent::{flowtrace_bin, http_get, loaded_flowtrace_programs, Agent};
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
+pub use traffic::{finish, ftgen, ftgen_bg, ftgen_bin};
 pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard};
 
 /// Everything the test bed can fail with. Each variant's message names what failed and what to do.

@@ -1,0 +1,152 @@
+//! Per-hop counters on the emulated cluster, checked against what the senders sent.
+//!
+//! Ground truth: ftgen's own count of datagrams/bytes sent and received, ping's count of
+//! replies, and the topology the test bed built (which interfaces a packet must cross).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{net::IpAddr, time::Duration};
+
+use common::{find, hop_names, hops, Bed};
+use flowtrace::flows::Direction::{Egress, Ingress};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, Pod};
+
+const N: u64 = 200;
+const PAYLOAD: u64 = 300;
+
+/// Sends N UDP datagrams from `src` to `dst` on `port` and checks the receiver got them all.
+fn send_udp(src: &Pod, dst: &Pod, v6: bool, port: u16) -> (IpAddr, IpAddr) {
+    let (s, d, bind, to): (IpAddr, IpAddr, String, String) = if v6 {
+        (src.ipv6.into(), dst.ipv6.into(), format!("[::]:{port}"), format!("[{}]:{port}", dst.ipv6))
+    } else {
+        (src.ipv4.into(), dst.ipv4.into(), format!("0.0.0.0:{port}"), format!("{}:{port}", dst.ipv4))
+    };
+    let sink = ftgen_bg(dst, &["udp-sink", "--bind", &bind, "--count", &N.to_string(), "--timeout-ms", "20000"]).unwrap();
+    let sent = ftgen(src, &["udp-send", "--to", &to, "--count", &N.to_string(), "--size", &PAYLOAD.to_string(), "--interval-us", "200", "--bind", &s.to_string()]).unwrap();
+    let got = finish(sink).unwrap();
+    assert_eq!(sent["sent"], N, "sender: {sent}");
+    assert_eq!(got["received"], N, "receiver got {got}, sender {sent}: the emulated network lost datagrams");
+    (s, d)
+}
+
+fn check_udp(same_node: bool, v6: bool, port: u16) {
+    let bed = Bed::up();
+    let c = &bed.cluster;
+    let src = c.pod(1, "pod-a").unwrap();
+    let dst = if same_node { c.pod(1, "pod-c").unwrap() } else { c.pod(2, "pod-c").unwrap() };
+    let (s, d) = send_udp(src, dst, v6, port);
+    let l3_header = if v6 { 40 } else { 20 };
+    let bytes = N * (l3_header + 8 + PAYLOAD);
+
+    let f1 = find(&bed.agent(1).flows().unwrap(), 17, s, d, None, port).expect("node1 agent has the flow");
+    let f2 = find(&bed.agent(2).flows().unwrap(), 17, s, d, None, port);
+    if same_node {
+        assert_eq!(hop_names(&f1), hops(&[(&src.host_veth, Ingress), (&dst.host_veth, Egress)]), "{f1:#?}");
+        assert!(f2.is_none(), "node2 must not see a same-node flow: {f2:#?}");
+    } else {
+        assert_eq!(hop_names(&f1), hops(&[(&src.host_veth, Ingress), ("flannel.1", Egress)]), "{f1:#?}");
+        let f2 = f2.expect("node2 agent has the flow");
+        assert_eq!(hop_names(&f2), hops(&[("flannel.1", Ingress), (&dst.host_veth, Egress)]), "{f2:#?}");
+        for h in &f2.hops {
+            assert_eq!((h.packets, h.bytes), (N, bytes), "node2 hop {h:?}");
+        }
+    }
+    for h in &f1.hops {
+        assert_eq!((h.packets, h.bytes), (N, bytes), "node1 hop {h:?}");
+        assert!(h.first_seen_unix_ns <= h.last_seen_unix_ns);
+    }
+    // Hops are listed in the order the packets met them.
+    assert!(f1.hops[0].first_seen_unix_ns <= f1.hops[1].first_seen_unix_ns);
+}
+
+#[test]
+fn udp_same_node_ipv4() {
+    check_udp(true, false, 21001);
+}
+
+#[test]
+fn udp_same_node_ipv6() {
+    check_udp(true, true, 21002);
+}
+
+#[test]
+fn udp_across_nodes_ipv4() {
+    check_udp(false, false, 21003);
+}
+
+#[test]
+fn udp_across_nodes_ipv6() {
+    check_udp(false, true, 21004);
+}
+
+/// A bulk TCP transfer (GSO/GRO aggregates in play): the layer-3 bytes at every hop, less
+/// the headers of the packets counted, equal the payload the client sent.
+#[test]
+fn tcp_transfer_bytes_match_what_the_client_sent() {
+    let bed = Bed::up();
+    let c = &bed.cluster;
+    let (src, dst) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-b").unwrap());
+    const BYTES: u64 = 8 * 1024 * 1024;
+    let port = 22001;
+    let sink = ftgen_bg(dst, &["tcp-sink", "--bind", &format!("0.0.0.0:{port}"), "--timeout-ms", "30000"]).unwrap();
+    let sent = ftgen(src, &["tcp-send", "--to", &format!("{}:{port}", dst.ipv4), "--bytes", &BYTES.to_string()]).unwrap();
+    let got = finish(sink).unwrap();
+    assert_eq!(sent["sent_bytes"], BYTES);
+    assert_eq!(got["received_bytes"], BYTES);
+    let sport = sent["local_ports"][0].as_u64().unwrap() as u16;
+
+    let f1 = find(&bed.agent(1).flows().unwrap(), 6, src.ipv4.into(), dst.ipv4.into(), Some(sport), port).expect("node1 flow");
+    let f2 = find(&bed.agent(2).flows().unwrap(), 6, src.ipv4.into(), dst.ipv4.into(), Some(sport), port).expect("node2 flow");
+    assert_eq!(hop_names(&f1), hops(&[(&src.host_veth, Ingress), ("flannel.1", Egress)]), "{f1:#?}");
+    assert_eq!(hop_names(&f2), hops(&[("flannel.1", Ingress), (&dst.host_veth, Egress)]), "{f2:#?}");
+    for h in f1.hops.iter().chain(f2.hops.iter()) {
+        // Linux uses TCP timestamps: 20 (IPv4) + 32 (TCP with the timestamp option) bytes
+        // of headers per segment; the SYN carries 8 more option bytes.
+        let payload = h.bytes as i64 - h.packets as i64 * 52;
+        let extra = payload - BYTES as i64;
+        assert!(
+            (0..=8 + (BYTES as i64) / 100).contains(&extra),
+            "hop {} {:?}: {} packets, {} bytes => {payload} payload bytes, client sent {BYTES}",
+            h.interface, h.direction, h.packets, h.bytes
+        );
+        assert!(h.tcp_flags.contains('S') && h.tcp_flags.contains('F'), "flags {}", h.tcp_flags);
+        assert!(h.packets >= BYTES / 1448, "{} wire packets cannot carry {BYTES} bytes at MSS 1398", h.packets);
+    }
+    // The reverse direction (ACKs) is its own flow, met at the mirror hops.
+    let r2 = find(&bed.agent(2).flows().unwrap(), 6, dst.ipv4.into(), src.ipv4.into(), Some(port), sport).expect("reply flow on node2");
+    assert_eq!(hop_names(&r2), hops(&[(&dst.host_veth, Ingress), ("flannel.1", Egress)]));
+}
+
+/// Ping across nodes, IPv4 and IPv6: requests and replies counted on their own hops.
+#[test]
+fn icmp_echo_requests_and_replies() {
+    let bed = Bed::up();
+    let c = &bed.cluster;
+    let (src, dst) = (c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-a").unwrap());
+    const COUNT: u64 = 5;
+    for v6 in [false, true] {
+        let (s, d): (IpAddr, IpAddr) = if v6 { (src.ipv6.into(), dst.ipv6.into()) } else { (src.ipv4.into(), dst.ipv4.into()) };
+        let out = src.exec(&["ping", "-c", &COUNT.to_string(), "-i", "0.2", "-W", "2", "-s", "100", &d.to_string()]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.contains(&format!("{COUNT} packets transmitted, {COUNT} received")), "{text}");
+        let (req, rep, proto, l3) = if v6 { (128u16 << 8, 129u16 << 8, 58u8, 40) } else { (8u16 << 8, 0, 1u8, 20) };
+        let bytes = COUNT * (l3 + 8 + 100);
+        std::thread::sleep(Duration::from_millis(100));
+        let (n1, n2) = (bed.agent(1).flows().unwrap(), bed.agent(2).flows().unwrap());
+        let q1 = find(&n1, proto, s, d, None, req).expect("request on node1");
+        let q2 = find(&n2, proto, s, d, None, req).expect("request on node2");
+        let r2 = find(&n2, proto, d, s, None, rep).expect("reply on node2");
+        let r1 = find(&n1, proto, d, s, None, rep).expect("reply on node1");
+        assert_eq!(hop_names(&q1), hops(&[(&src.host_veth, Ingress), ("flannel.1", Egress)]));
+        assert_eq!(hop_names(&q2), hops(&[("flannel.1", Ingress), (&dst.host_veth, Egress)]));
+        assert_eq!(hop_names(&r2), hops(&[(&dst.host_veth, Ingress), ("flannel.1", Egress)]));
+        assert_eq!(hop_names(&r1), hops(&[("flannel.1", Ingress), (&src.host_veth, Egress)]));
+        for f in [&q1, &q2, &r1, &r2] {
+            assert_eq!(f.src_port, q1.src_port, "echo identifier is shared by request and reply");
+            for h in &f.hops {
+                assert_eq!((h.packets, h.bytes), (COUNT, bytes), "{:?} {} {:?}", f.dst_port, h.interface, h.direction);
+            }
+        }
+    }
+}
