@@ -47,6 +47,8 @@ pub struct Shared {
     /// Interfaces flowtrace is attached to: ifindex -> name.
     pub attached: Mutex<Vec<(u32, String)>>,
     pub attach_mode: AttachMode,
+    /// (program name, kernel program id) of the loaded programs.
+    pub program_ids: Vec<(String, u32)>,
     pub links_synced: AtomicBool,
     pub attach_failures: AtomicU64,
     pub drains: AtomicU64,
@@ -112,7 +114,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut ebpf = attach::load(cfg.flow_entries)?;
     let drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
     let attacher = Arc::new(tokio::sync::Mutex::new(Attacher::new(ebpf, cfg.attach_mode)));
-    let mode = attacher.lock().await.mode();
+    let (mode, program_ids) = {
+        let mut a = attacher.lock().await;
+        (a.mode(), a.program_ids())
+    };
     info!(?mode, listen = %cfg.listen, "flowtrace agent starting");
 
     let shared = Arc::new(Shared {
@@ -121,6 +126,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         links: Mutex::new(HashMap::new()),
         attached: Mutex::new(Vec::new()),
         attach_mode: mode,
+        program_ids,
         links_synced: AtomicBool::new(false),
         attach_failures: AtomicU64::new(0),
         drains: AtomicU64::new(0),

@@ -39,10 +39,19 @@ pub struct InterfaceRecord {
     pub kind: Option<String>,
 }
 
+/// A loaded kernel program.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProgramRecord {
+    pub name: String,
+    pub id: u32,
+}
+
 /// Body of `GET /v1/interfaces`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct InterfacesResponse {
     pub attach_mode: crate::attach::AttachMode,
+    /// Kernel IDs of flowtrace's programs (see `bpftool prog show id N`).
+    pub programs: Vec<ProgramRecord>,
     pub synced: bool,
     pub interfaces: Vec<InterfaceRecord>,
 }
@@ -133,6 +142,7 @@ async fn interfaces(State(shared): State<Arc<Shared>>) -> Json<InterfacesRespons
         .collect();
     Json(InterfacesResponse {
         attach_mode: shared.attach_mode,
+        programs: shared.program_ids.iter().map(|(name, id)| ProgramRecord { name: name.clone(), id: *id }).collect(),
         synced: shared.links_synced.load(Ordering::Relaxed),
         interfaces,
     })

@@ -125,25 +125,24 @@ impl Attacher {
             return Ok(());
         }
         let mut created_qdisc = false;
+        let mut qdisc_error = None;
         if self.mode == AttachMode::Clsact {
             remove_stale_filters(name);
+            // Fails when a clsact qdisc is already there (the kernel words that differently
+            // across versions); attaching below tells whether it was a real problem.
             match tc::qdisc_add_clsact(name) {
                 Ok(()) => created_qdisc = true,
-                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    // EEXIST arrives as a netlink error on some versions; anything else is real.
-                    if !e.to_string().contains("exists") {
-                        return Err(Error::Attach {
-                            program: PROG_INGRESS,
-                            interface: name.to_string(),
-                            direction: "ingress",
-                            detail: format!("adding clsact qdisc: {e}"),
-                        });
-                    }
-                }
+                Err(e) => qdisc_error = Some(e.to_string()),
             }
         }
-        let ingress = self.attach_one(PROG_INGRESS, name, TcAttachType::Ingress)?;
+        let ingress = match self.attach_one(PROG_INGRESS, name, TcAttachType::Ingress) {
+            Ok(link) => link,
+            Err(Error::Attach { program, interface, direction, detail }) if qdisc_error.is_some() => {
+                let q = qdisc_error.unwrap_or_default();
+                return Err(Error::Attach { program, interface, direction, detail: format!("{detail} (adding the clsact qdisc failed too: {q})") });
+            }
+            Err(e) => return Err(e),
+        };
         let egress = match self.attach_one(PROG_EGRESS, name, TcAttachType::Egress) {
             Ok(link) => link,
             Err(e) => {
@@ -204,6 +203,19 @@ impl Attacher {
             let _ = self.detach_one(PROG_EGRESS, a.egress);
             debug!(interface = %a.name, ifindex, "forgotten");
         }
+    }
+
+    /// Kernel IDs of the loaded programs, as (program name, id), for `bpftool prog show id N`.
+    pub fn program_ids(&mut self) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            if let Ok(prog) = self.program(name) {
+                if let Ok(info) = prog.info() {
+                    out.push((name.to_string(), info.id()));
+                }
+            }
+        }
+        out
     }
 
     /// The interfaces currently attached, as (ifindex, name).

@@ -29,7 +29,7 @@ pub mod kubeproxy;
 pub mod netns;
 pub mod traffic;
 
-pub use agent::{flowtrace_bin, http_get, loaded_flowtrace_programs, Agent};
+pub use agent::{flowtrace_bin, flowtrace_program_ids, http_get, in_netns, loaded_flowtrace_programs, Agent};
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
 pub use traffic::{finish, ftgen, ftgen_bg, ftgen_bin};
