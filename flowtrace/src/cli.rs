@@ -1,6 +1,6 @@
 //! `flowtrace flows`: reads the local agent's API and prints flows.
 
-use std::fmt::Write as _;
+use std::{error::Error as _, fmt::Write as _};
 
 use crate::{
     api::FlowsResponse,
@@ -19,7 +19,13 @@ pub fn fetch_flows(base: &str) -> Result<FlowsResponse> {
             let body = r.into_string().unwrap_or_default();
             return Err(Error::AgentResponse { url, detail: format!("HTTP {code}: {body}") });
         }
-        Err(e) => return Err(Error::AgentUnreachable { url, detail: e.to_string() }),
+        Err(ureq::Error::Transport(t)) => {
+            let mut detail = t.message().map(str::to_string).unwrap_or_else(|| t.kind().to_string());
+            if let Some(src) = t.source() {
+                detail = format!("{detail}: {src}");
+            }
+            return Err(Error::AgentUnreachable { url, detail });
+        }
     };
     resp.into_json::<FlowsResponse>().map_err(|e| Error::AgentResponse { url, detail: e.to_string() })
 }
