@@ -1,1 +1,47 @@
-fn main() {}
+//! Developer commands for flowtrace, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+//!
+//! - `demo`: brings up the emulated two-node cluster, runs one agent per node, sends pod-to-pod,
+//!   cross-node and Service traffic, and prints what `flowtrace flows` shows on each node.
+//! - `bench`: throughput with and without flowtrace, and per-packet program cost from the
+//!   kernel's own BPF run-time statistics, compared against reference programs.
+//!
+//! Both need root (network namespaces, eBPF) and the tools `scripts/setup.sh` installs.
+
+mod baselines;
+mod bench;
+mod build;
+mod demo;
+mod proc;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "flowtrace developer commands (run as root)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Emulated cluster + agents + traffic; prints each node's `flowtrace flows` table.
+    Demo,
+    /// Throughput with/without flowtrace and per-packet program cost (bpf_stats).
+    Bench(bench::BenchArgs),
+    /// (internal) Attach the reference programs with TCX to the given interfaces of the
+    /// current network namespace and hold them until stdin closes or SIGTERM.
+    #[command(hide = true)]
+    HoldBaselines {
+        /// Interfaces to attach to (comma separated), on both ingress and egress.
+        #[arg(long, value_delimiter = ',', required = true)]
+        iface: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Demo => demo::run(),
+        Command::Bench(args) => bench::run(&args),
+        Command::HoldBaselines { iface } => baselines::hold(&iface),
+    }
+}

@@ -1,0 +1,558 @@
+//! `cargo xtask bench`: what flowtrace costs, measured on the emulated cluster.
+//!
+//! a) Throughput: one iperf3 TCP stream from node1/pod-a to node2/pod-a (across the flannel
+//!    VXLAN overlay), alternating rounds without and with flowtrace agents on both nodes.
+//! b) Per-packet cost from the kernel's own statistics (kernel.bpf_stats_enabled): flowtrace's
+//!    programs and two reference programs run on the same hooks for the same packets; the
+//!    no-op program's time is the floor every program pays (including the statistics
+//!    themselves) and is subtracted to get each program's net cost.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flowtrace_tests::{Agent, ChildGuard, Cluster, ClusterOptions, Pod};
+use serde_json::json;
+
+use crate::baselines::Holder;
+use crate::proc::{self, median};
+
+/// Arguments of `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Length of every iperf3 run, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=600))]
+    seconds: u32,
+    /// Rounds of each measurement (throughput: this many without and this many with flowtrace).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    rounds: u32,
+    /// Print the results as JSON on stdout (the human report then goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+const IPERF_PORT: u16 = 5201;
+/// Goals the figures are judged against.
+const GOAL_THROUGHPUT_RATIO: f64 = 0.98;
+const GOAL_COST_RATIO: f64 = 1.0;
+
+/// Run time and run count of one kind of program, summed over its instances.
+#[derive(Clone, Copy, Debug, Default)]
+struct Runs {
+    time_ns: u64,
+    count: u64,
+}
+
+impl Runs {
+    fn add(&mut self, time_ns: u64, count: u64) {
+        self.time_ns += time_ns;
+        self.count += count;
+    }
+
+    fn ns_per_run(self) -> f64 {
+        if self.count == 0 {
+            f64::NAN
+        } else {
+            self.time_ns as f64 / self.count as f64
+        }
+    }
+
+    fn plus(self, other: Runs) -> Runs {
+        Runs {
+            time_ns: self.time_ns + other.time_ns,
+            count: self.count + other.count,
+        }
+    }
+}
+
+/// One round of the per-packet cost measurement.
+#[derive(Clone, Debug, Default)]
+struct CostRound {
+    noop: Runs,
+    counter: Runs,
+    ingress: Runs,
+    egress: Runs,
+    gbps: f64,
+}
+
+impl CostRound {
+    fn noop_ns(&self) -> f64 {
+        self.noop.ns_per_run()
+    }
+    fn counter_net(&self) -> f64 {
+        self.counter.ns_per_run() - self.noop_ns()
+    }
+    fn ingress_net(&self) -> f64 {
+        self.ingress.ns_per_run() - self.noop_ns()
+    }
+    fn egress_net(&self) -> f64 {
+        self.egress.ns_per_run() - self.noop_ns()
+    }
+    /// Ingress and egress together, weighted by how often each ran.
+    fn flowtrace_net(&self) -> f64 {
+        self.ingress.plus(self.egress).ns_per_run() - self.noop_ns()
+    }
+    fn ratio(&self) -> f64 {
+        self.flowtrace_net() / self.counter_net()
+    }
+}
+
+/// Result of one iperf3 client run.
+struct Iperf {
+    gbps: f64,
+    retransmits: u64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    proc::require_root()?;
+    proc::install_interrupt_handler();
+    for tool in ["iperf3", "bpftool", "ss", "ip"] {
+        proc::require_tool(tool)?;
+    }
+    let command = format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let (ncpu, cpu_model) = proc::cpus();
+    let kernel = proc::kernel_release();
+    let mut report = String::new();
+    let _ = writeln!(report, "flowtrace bench");
+    let _ = writeln!(report, "  kernel   Linux {kernel}");
+    let _ = writeln!(report, "  cpus     {ncpu} x {cpu_model}");
+    let _ = writeln!(report, "  command  {command}");
+    let _ = writeln!(
+        report,
+        "  traffic  one iperf3 TCP stream node1/pod-a -> node2/pod-a over flannel VXLAN, {} s per run",
+        args.seconds
+    );
+    eprint!("{report}");
+
+    crate::build::release_binaries()?;
+    eprintln!("xtask: bringing the emulated cluster up");
+    let cluster = Cluster::up(&ClusterOptions::default()).context(
+        "bringing the emulated cluster up (needs root, iproute2, iptables; see scripts/setup.sh)",
+    )?;
+    let client = cluster.pod(1, "pod-a")?;
+    let server_pod = cluster.pod(2, "pod-a")?;
+    let server_ip = IpAddr::V4(server_pod.ipv4);
+    let mut server = start_iperf_server(server_pod)?;
+    proc::wait_listening(server_pod, IPERF_PORT, &mut server, Duration::from_secs(10))?;
+
+    // Warm-up (not counted): first-run effects such as neighbour resolution and page faults.
+    eprintln!("xtask: warm-up run (1 s, not counted)");
+    iperf(client, server_ip, 1)?;
+
+    // a) Throughput, alternating absent / attached.
+    let _ = writeln!(
+        report,
+        "\na) throughput (iperf3 -t {}; end.sum_received)",
+        args.seconds
+    );
+    let (mut absent, mut attached) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let r = iperf(client, server_ip, args.seconds)?;
+        let line = format!(
+            "  round {round}  absent    {:7.2} Gbit/s  ({} retransmits)",
+            r.gbps, r.retransmits
+        );
+        eprintln!("{line}");
+        let _ = writeln!(report, "{line}");
+        absent.push(r.gbps);
+
+        let agents = start_agents(&cluster)?;
+        let r = iperf(client, server_ip, args.seconds)?;
+        stop_agents(agents)?;
+        let line = format!(
+            "  round {round}  attached  {:7.2} Gbit/s  ({} retransmits)",
+            r.gbps, r.retransmits
+        );
+        eprintln!("{line}");
+        let _ = writeln!(report, "{line}");
+        attached.push(r.gbps);
+    }
+    let med_absent = median(&absent).unwrap_or(f64::NAN);
+    let med_attached = median(&attached).unwrap_or(f64::NAN);
+    let tp_ratio = med_attached / med_absent;
+    let _ = writeln!(
+        report,
+        "  median   absent {med_absent:.2} Gbit/s, attached {med_attached:.2} Gbit/s, ratio attached/absent {tp_ratio:.3} (goal >= {GOAL_THROUGHPUT_RATIO})"
+    );
+
+    // b) Per-packet cost from bpf_stats.
+    let stats = proc::SysctlGuard::set("kernel.bpf_stats_enabled", "1")?;
+    let _ = writeln!(
+        report,
+        "\nb) per-packet cost (kernel.bpf_stats_enabled=1, was {}; run_time_ns / run_cnt per program,\n   \
+         flowtrace + bench_noop + bench_counter on the same TCX hooks of both nodes; net = program - bench_noop)",
+        stats.old()
+    );
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        let c = cost_round(&cluster, client, server_ip, args.seconds)
+            .with_context(|| format!("per-packet cost round {round}"))?;
+        let line = format!(
+            "  round {round}  noop {:6.1} ns  counter {:6.1} (net {:6.1})  flowtrace in {:6.1} (net {:6.1})  out {:6.1} (net {:6.1})  both net {:6.1}  ratio {:.2}  [runs: noop {} counter {} in {} out {}; {:.2} Gbit/s]",
+            c.noop_ns(),
+            c.counter.ns_per_run(),
+            c.counter_net(),
+            c.ingress.ns_per_run(),
+            c.ingress_net(),
+            c.egress.ns_per_run(),
+            c.egress_net(),
+            c.flowtrace_net(),
+            c.ratio(),
+            c.noop.count,
+            c.counter.count,
+            c.ingress.count,
+            c.egress.count,
+            c.gbps,
+        );
+        eprintln!("{line}");
+        let _ = writeln!(report, "{line}");
+        rounds.push(c);
+    }
+    drop(stats);
+    drop(server);
+
+    let m = |f: &dyn Fn(&CostRound) -> f64| {
+        median(&rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let mc = |f: &dyn Fn(&CostRound) -> u64| {
+        median(&rounds.iter().map(|r| f(r) as f64).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let noop = m(&|r| r.noop_ns());
+    let counter = m(&|r| r.counter.ns_per_run());
+    let counter_net = m(&|r| r.counter_net());
+    let ing = m(&|r| r.ingress.ns_per_run());
+    let ing_net = m(&|r| r.ingress_net());
+    let eg = m(&|r| r.egress.ns_per_run());
+    let eg_net = m(&|r| r.egress_net());
+    let ft_net = m(&|r| r.flowtrace_net());
+    let cost_ratio = m(&|r| r.ratio());
+    let runs_noop = mc(&|r| r.noop.count);
+    let runs_counter = mc(&|r| r.counter.count);
+    let runs_in = mc(&|r| r.ingress.count);
+    let runs_out = mc(&|r| r.egress.count);
+    let _ = writeln!(report, "  median over {} round(s):", rounds.len());
+    let _ = writeln!(
+        report,
+        "    {:<20} {:>9} {:>9} {:>14}",
+        "program", "ns/run", "net ns", "run_cnt"
+    );
+    let _ = writeln!(
+        report,
+        "    {:<20} {:>9.1} {:>9} {:>14.0}",
+        "bench_noop", noop, "-", runs_noop
+    );
+    let _ = writeln!(
+        report,
+        "    {:<20} {:>9.1} {:>9.1} {:>14.0}",
+        "bench_counter", counter, counter_net, runs_counter
+    );
+    let _ = writeln!(
+        report,
+        "    {:<20} {:>9.1} {:>9.1} {:>14.0}",
+        "flowtrace_ingress", ing, ing_net, runs_in
+    );
+    let _ = writeln!(
+        report,
+        "    {:<20} {:>9.1} {:>9.1} {:>14.0}",
+        "flowtrace_egress", eg, eg_net, runs_out
+    );
+    let _ = writeln!(
+        report,
+        "    {:<20} {:>9} {:>9.1} {:>14.0}",
+        "flowtrace (both)",
+        "",
+        ft_net,
+        runs_in + runs_out
+    );
+    let _ = writeln!(
+        report,
+        "    flowtrace net / bench_counter net = {cost_ratio:.2} (goal <= {GOAL_COST_RATIO})"
+    );
+
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let _ = writeln!(report, "\n--- summary (paste into docs/benchmarks.md) ---");
+    let _ = writeln!(report, "Linux {kernel}, {ncpu} x {cpu_model}; `{command}`");
+    let _ = writeln!(report, "Emulated 2-node cluster (netns, flannel VXLAN), one iperf3 TCP stream pod -> pod across nodes.\n");
+    let _ = writeln!(report, "| figure | value | goal |");
+    let _ = writeln!(report, "|---|---|---|");
+    let _ = writeln!(
+        report,
+        "| throughput without flowtrace (median of {}) | {med_absent:.2} Gbit/s | |",
+        absent.len()
+    );
+    let _ = writeln!(
+        report,
+        "| throughput with flowtrace (median of {}) | {med_attached:.2} Gbit/s | |",
+        attached.len()
+    );
+    let _ = writeln!(
+        report,
+        "| throughput ratio with/without | {tp_ratio:.3} | >= {GOAL_THROUGHPUT_RATIO} ({}) |",
+        verdict(tp_ratio >= GOAL_THROUGHPUT_RATIO)
+    );
+    let _ = writeln!(
+        report,
+        "| bench_noop (floor incl. bpf_stats) | {noop:.1} ns/run | |"
+    );
+    let _ = writeln!(report, "| bench_counter net | {counter_net:.1} ns/run | |");
+    let _ = writeln!(report, "| flowtrace_ingress net | {ing_net:.1} ns/run | |");
+    let _ = writeln!(report, "| flowtrace_egress net | {eg_net:.1} ns/run | |");
+    let _ = writeln!(
+        report,
+        "| flowtrace net (both, weighted by run_cnt) | {ft_net:.1} ns/run | |"
+    );
+    let _ = writeln!(
+        report,
+        "| flowtrace net / bench_counter net | {cost_ratio:.2} | <= {GOAL_COST_RATIO} ({}) |",
+        verdict(cost_ratio <= GOAL_COST_RATIO)
+    );
+    let _ = writeln!(
+        report,
+        "| runs per round (median): noop / counter / flowtrace in / out | {runs_noop:.0} / {runs_counter:.0} / {runs_in:.0} / {runs_out:.0} | |"
+    );
+    let _ = writeln!(report, "--- end summary ---");
+
+    if args.json {
+        eprint!("{report}");
+        let rounds_json: Vec<_> = rounds
+            .iter()
+            .map(|r| {
+                json!({
+                    "gbps": r.gbps,
+                    "bench_noop": {"run_time_ns": r.noop.time_ns, "run_cnt": r.noop.count, "ns_per_run": r.noop_ns()},
+                    "bench_counter": {"run_time_ns": r.counter.time_ns, "run_cnt": r.counter.count, "ns_per_run": r.counter.ns_per_run(), "net_ns": r.counter_net()},
+                    "flowtrace_ingress": {"run_time_ns": r.ingress.time_ns, "run_cnt": r.ingress.count, "ns_per_run": r.ingress.ns_per_run(), "net_ns": r.ingress_net()},
+                    "flowtrace_egress": {"run_time_ns": r.egress.time_ns, "run_cnt": r.egress.count, "ns_per_run": r.egress.ns_per_run(), "net_ns": r.egress_net()},
+                    "flowtrace_net_ns": r.flowtrace_net(),
+                    "ratio_flowtrace_to_counter": r.ratio(),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "kernel": kernel,
+            "cpus": ncpu,
+            "cpu_model": cpu_model,
+            "command": command,
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "throughput": {
+                "absent_gbps": absent,
+                "attached_gbps": attached,
+                "median_absent_gbps": med_absent,
+                "median_attached_gbps": med_attached,
+                "ratio": tp_ratio,
+                "goal_min_ratio": GOAL_THROUGHPUT_RATIO,
+            },
+            "cost": {
+                "rounds": rounds_json,
+                "median": {
+                    "bench_noop_ns": noop,
+                    "bench_counter_ns": counter,
+                    "bench_counter_net_ns": counter_net,
+                    "flowtrace_ingress_ns": ing,
+                    "flowtrace_ingress_net_ns": ing_net,
+                    "flowtrace_egress_ns": eg,
+                    "flowtrace_egress_net_ns": eg_net,
+                    "flowtrace_net_ns": ft_net,
+                    "ratio_flowtrace_to_counter": cost_ratio,
+                },
+                "goal_max_ratio": GOAL_COST_RATIO,
+            },
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).context("rendering the JSON report")?
+        );
+    } else {
+        print!("{report}");
+    }
+    cluster
+        .down()
+        .context("tearing the emulated cluster down")?;
+    Ok(())
+}
+
+/// `iperf3 -s` in `pod`, output discarded (a never-read pipe would eventually block it).
+fn start_iperf_server(pod: &Pod) -> Result<ChildGuard> {
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns,
+            "iperf3",
+            "-s",
+            "-p",
+            &IPERF_PORT.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting iperf3 -s in {}", pod.netns))?;
+    Ok(ChildGuard::new(
+        child,
+        format!("iperf3 -s (in {})", pod.netns),
+    ))
+}
+
+/// One `iperf3 -c` run from `client`; retries when the server is still busy with the last one.
+fn iperf(client: &Pod, server: IpAddr, seconds: u32) -> Result<Iperf> {
+    let server_s = server.to_string();
+    let secs = seconds.to_string();
+    let port = IPERF_PORT.to_string();
+    let argv = [
+        "iperf3",
+        "-c",
+        server_s.as_str(),
+        "-p",
+        port.as_str(),
+        "-t",
+        secs.as_str(),
+        "-J",
+    ];
+    let shown = format!("ip netns exec {} {}", client.netns, argv.join(" "));
+    let mut last_err = String::new();
+    for attempt in 1..=3 {
+        proc::check_interrupted()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &client.netns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running `{shown}`"))?;
+        let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+            Ok(v) => v,
+            Err(_) => {
+                last_err = format!(
+                    "no JSON (exit {}): {} {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Some(e) = v.get("error").and_then(serde_json::Value::as_str) {
+            last_err = e.to_string();
+            if attempt < 3 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            continue;
+        }
+        let bps = v
+            .pointer("/end/sum_received/bits_per_second")
+            .and_then(serde_json::Value::as_f64)
+            .with_context(|| {
+                format!("`{shown}`: no end.sum_received.bits_per_second in its JSON")
+            })?;
+        let retransmits = v
+            .pointer("/end/sum_sent/retransmits")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        return Ok(Iperf {
+            gbps: bps / 1e9,
+            retransmits,
+        });
+    }
+    bail!("`{shown}` failed 3 times; last error: {last_err}")
+}
+
+fn start_agents(cluster: &Cluster) -> Result<Vec<Agent>> {
+    proc::check_interrupted()?;
+    let mut agents = Vec::new();
+    for node in &cluster.nodes {
+        // On error the agents started so far are killed by their Drop.
+        let agent = Agent::start(&node.netns, &[])
+            .with_context(|| format!("starting the flowtrace agent in {}", node.name))?;
+        agents.push(agent);
+    }
+    Ok(agents)
+}
+
+fn stop_agents(agents: Vec<Agent>) -> Result<()> {
+    for a in agents {
+        let ns = a.netns.clone();
+        a.stop()
+            .with_context(|| format!("stopping the flowtrace agent in {ns}"))?;
+    }
+    Ok(())
+}
+
+/// Agents + reference programs on the same hooks, one iperf3 run, then the kernel's counters
+/// of exactly the programs this round loaded.
+fn cost_round(cluster: &Cluster, client: &Pod, server: IpAddr, seconds: u32) -> Result<CostRound> {
+    let before: BTreeSet<u32> = proc::bpftool_progs()?.iter().map(|p| p.id).collect();
+    let agents = start_agents(cluster)?;
+    let mut holders = Vec::new();
+    for (node, agent) in cluster.nodes.iter().zip(&agents) {
+        let ifaces: Vec<String> = agent
+            .interfaces()
+            .with_context(|| {
+                format!(
+                    "asking the agent in {} which interfaces it traces",
+                    node.name
+                )
+            })?
+            .interfaces
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        holders.push(Holder::start(&node.netns, &ifaces)?);
+    }
+    let r = iperf(client, server, seconds)?;
+
+    // Programs this round's processes hold, loaded after the round began.
+    let mut ours = BTreeSet::new();
+    for a in &agents {
+        let pid = a
+            .pid()
+            .context("the flowtrace agent has already been reaped")?;
+        ours.extend(proc::prog_ids_held_by(pid)?);
+    }
+    for h in &holders {
+        ours.extend(proc::prog_ids_held_by(h.pid())?);
+    }
+    let progs = proc::bpftool_progs()?;
+    let mut c = CostRound {
+        gbps: r.gbps,
+        ..CostRound::default()
+    };
+    for p in progs
+        .iter()
+        .filter(|p| ours.contains(&p.id) && !before.contains(&p.id))
+    {
+        let slot = match p.name.as_str() {
+            "bench_noop" => &mut c.noop,
+            "bench_counter" => &mut c.counter,
+            n if n.starts_with("flowtrace_ingre") => &mut c.ingress,
+            n if n.starts_with("flowtrace_egres") => &mut c.egress,
+            _ => continue,
+        };
+        slot.add(p.run_time_ns, p.run_cnt);
+    }
+    for h in holders {
+        h.stop()?;
+    }
+    stop_agents(agents)?;
+    for (what, runs) in [
+        ("bench_noop", c.noop),
+        ("bench_counter", c.counter),
+        ("flowtrace_ingress", c.ingress),
+        ("flowtrace_egress", c.egress),
+    ] {
+        if runs.count == 0 {
+            bail!(
+                "{what} has run_cnt 0 after the traffic: either it was not attached to the traced \
+                 interfaces or kernel.bpf_stats_enabled did not take effect (check `bpftool prog show`)"
+            );
+        }
+    }
+    Ok(c)
+}

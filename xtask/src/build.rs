@@ -1,0 +1,73 @@
+//! Building the release binaries the demo and the benchmark run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Paths of the freshly built release binaries.
+pub struct Binaries {
+    pub flowtrace: PathBuf,
+    pub ftgen: PathBuf,
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent; run it from the flowtrace workspace")
+}
+
+/// `cargo build --release -p flowtrace -p flowtrace-tests --bins`, then points the agent harness
+/// at the release `flowtrace` (FLOWTRACE_BIN), so it does not pick a stale debug build.
+pub fn release_binaries() -> Result<Binaries> {
+    let root = workspace_root()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("xtask: cargo build --release -p flowtrace -p flowtrace-tests --bins");
+    let status = Command::new(&cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "flowtrace",
+            "-p",
+            "flowtrace-tests",
+            "--bins",
+        ])
+        .status()
+        .with_context(|| format!("starting {cargo:?} build (is cargo on PATH?)"))?;
+    if !status.success() {
+        bail!(
+            "building the release binaries failed ({status}); see cargo's messages above \
+             (missing eBPF toolchain? run `bash scripts/setup.sh`)"
+        );
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root.join(d) })
+        .unwrap_or_else(|| root.join("target"));
+    let bins = Binaries {
+        flowtrace: target.join("release").join("flowtrace"),
+        ftgen: target.join("release").join("ftgen"),
+    };
+    for p in [&bins.flowtrace, &bins.ftgen] {
+        if !p.is_file() {
+            bail!("cargo reported success but {} does not exist; is CARGO_TARGET_DIR set differently?", p.display());
+        }
+    }
+    // Single-threaded at this point; the agent harness reads it when starting agents.
+    std::env::set_var("FLOWTRACE_BIN", &bins.flowtrace);
+    Ok(bins)
+}
+
+/// A path as a `&str` for command lines.
+pub fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().with_context(|| {
+        format!(
+            "path {} is not UTF-8; move the workspace to a UTF-8 path",
+            p.display()
+        )
+    })
+}

@@ -1,0 +1,606 @@
+//! `cargo xtask demo`: the emulated cluster, one agent per node, a little traffic of every kind,
+//! and what `flowtrace flows` shows on each node afterwards.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use flowtrace::flows::{Direction, FlowRecord};
+use flowtrace_tests::{Agent, ChildGuard, Cluster, ClusterOptions, Pod};
+
+use crate::build::{path_str, Binaries};
+use crate::proc::{self, ftgen_json, ReadyFile};
+
+const SAME_NODE_UDP_PORT: u16 = 7001;
+const CROSS_TCP_PORT: u16 = 7002;
+const CROSS_UDP4_PORT: u16 = 7003;
+const CROSS_UDP6_PORT: u16 = 7004;
+const SERVICE_IP: &str = "10.96.0.10";
+const SERVICE_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+const UDP_COUNT: u64 = 100;
+const UDP_SIZE: u64 = 200;
+const CROSS_UDP_COUNT: u64 = 50;
+const TCP_BYTES: u64 = 1 << 20;
+const SERVICE_CONNECTIONS: u64 = 20;
+const PINGS: u64 = 3;
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    proc::require_root()?;
+    proc::install_interrupt_handler();
+    for tool in ["ip", "iptables", "ping", "ethtool"] {
+        proc::require_tool(tool)?;
+    }
+    let bins = crate::build::release_binaries()?;
+    eprintln!("xtask: bringing the emulated cluster up");
+    // Declared before the agents, so on an early return the agents are killed first and the
+    // cluster's namespaces are deleted after (Drop runs in reverse declaration order).
+    let cluster = Cluster::up(&ClusterOptions::default()).context(
+        "bringing the emulated cluster up (needs root, iproute2, iptables; see scripts/setup.sh)",
+    )?;
+    let mut agents = Vec::new();
+    for node in &cluster.nodes {
+        eprintln!("xtask: starting the flowtrace agent in {}", node.name);
+        agents.push(
+            Agent::start(&node.netns, &[])
+                .with_context(|| format!("starting the agent in {}", node.name))?,
+        );
+    }
+
+    let traffic = Traffic {
+        cluster: &cluster,
+        ftgen: &bins,
+    };
+    let results = traffic.drive()?;
+
+    print_header(&cluster, &results);
+    for (node, agent) in cluster.nodes.iter().zip(&agents) {
+        println!(
+            "\n=== {} ===\n$ ip netns exec {} {} flows",
+            node.name,
+            node.netns,
+            bins.flowtrace.display()
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.netns])
+            .arg(&bins.flowtrace)
+            .arg("flows")
+            .output()
+            .with_context(|| format!("running `flowtrace flows` in {}", node.netns))?;
+        if !out.status.success() {
+            bail!(
+                "`flowtrace flows` in {} failed ({}): {}\nagent log:\n{}",
+                node.netns,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                agent.log_text()
+            );
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    let mut per_node = Vec::new();
+    for (node, agent) in cluster.nodes.iter().zip(&agents) {
+        per_node.push((
+            node.name.clone(),
+            agent
+                .flows()
+                .with_context(|| format!("reading flows from the agent in {}", node.name))?,
+        ));
+    }
+    println!("\nSummary (what each node's agent saw, per traffic kind):");
+    print!("{}", summarize(&cluster, &results, &per_node)?);
+
+    for agent in agents {
+        let ns = agent.netns.clone();
+        agent
+            .stop()
+            .with_context(|| format!("stopping the agent in {ns} with SIGTERM"))?;
+    }
+    cluster
+        .down()
+        .context("tearing the emulated cluster down")?;
+    eprintln!(
+        "xtask: demo done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What the traffic step reports back (from the sinks' own JSON).
+struct Results {
+    udp_received: u64,
+    ping_ok: bool,
+    tcp_received: u64,
+    udp4_received: u64,
+    udp6_received: u64,
+    /// (backend pod's IPv4, connections it accepted)
+    service_backends: Vec<(IpAddr, u64)>,
+    service_sent: u64,
+}
+
+struct Traffic<'a> {
+    cluster: &'a Cluster,
+    ftgen: &'a Binaries,
+}
+
+impl Traffic<'_> {
+    fn ftgen(&self) -> Result<&str> {
+        path_str(&self.ftgen.ftgen)
+    }
+
+    /// Starts an ftgen sink in `pod` and waits until it is bound.
+    fn sink(&self, pod: &Pod, tag: &str, args: &[&str]) -> Result<(ChildGuard, ReadyFile)> {
+        let ready = ReadyFile::new(tag);
+        let mut argv = vec![self.ftgen()?];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--ready-file", ready.arg()?]);
+        let mut guard = pod.spawn_guarded(&argv)?;
+        ready.wait(
+            &mut guard,
+            &format!(
+                "ftgen {} in {}",
+                args.first().copied().unwrap_or(""),
+                pod.netns
+            ),
+            Duration::from_secs(10),
+        )?;
+        Ok((guard, ready))
+    }
+
+    fn send(&self, pod: &Pod, args: &[&str]) -> Result<serde_json::Value> {
+        proc::check_interrupted()?;
+        let mut argv = vec![self.ftgen()?];
+        argv.extend_from_slice(args);
+        let out = pod.exec(&argv)?;
+        ftgen_json(
+            &out.stdout,
+            &format!("ftgen {} in {}", args.join(" "), pod.netns),
+        )
+    }
+
+    fn drive(&self) -> Result<Results> {
+        let c = self.cluster;
+        let (a1, b1, a2) = (c.pod(1, "pod-a")?, c.pod(1, "pod-b")?, c.pod(2, "pod-a")?);
+        let b2 = c.pod(2, "pod-b")?;
+        let n = |v: u64| v.to_string();
+
+        // (a) Same node: UDP and ping, node1/pod-a -> node1/pod-b.
+        eprintln!("xtask: (a) same node: {UDP_COUNT} UDP datagrams of {UDP_SIZE} B and {PINGS} pings, node1/pod-a -> node1/pod-b");
+        let (sink, _r) = self.sink(
+            b1,
+            "udp-same",
+            &[
+                "udp-sink",
+                "--bind",
+                &format!("0.0.0.0:{SAME_NODE_UDP_PORT}"),
+                "--count",
+                &n(UDP_COUNT),
+                "--timeout-ms",
+                "10000",
+            ],
+        )?;
+        self.send(
+            a1,
+            &[
+                "udp-send",
+                "--to",
+                &format!("{}:{SAME_NODE_UDP_PORT}", b1.ipv4),
+                "--count",
+                &n(UDP_COUNT),
+                "--size",
+                &n(UDP_SIZE),
+                "--interval-us",
+                "200",
+            ],
+        )?;
+        let out = sink.wait_output(Duration::from_secs(15))?;
+        let udp_received = u64_field(
+            &ftgen_json(&out.stdout, "udp-sink on node1/pod-b")?,
+            "received",
+        );
+        let ping_ok = a1
+            .exec(&[
+                "ping",
+                "-c",
+                &n(PINGS),
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                &b1.ipv4.to_string(),
+            ])
+            .is_ok();
+
+        // (b) Across nodes: TCP 1 MiB, UDP over IPv4 and IPv6, node1/pod-a -> node2/pod-a.
+        eprintln!("xtask: (b) across nodes: TCP {TCP_BYTES} B, UDP IPv4 and IPv6 ({CROSS_UDP_COUNT} x {UDP_SIZE} B each), node1/pod-a -> node2/pod-a");
+        let (sink, _r) = self.sink(
+            a2,
+            "tcp-cross",
+            &[
+                "tcp-sink",
+                "--bind",
+                &format!("0.0.0.0:{CROSS_TCP_PORT}"),
+                "--timeout-ms",
+                "20000",
+            ],
+        )?;
+        self.send(
+            a1,
+            &[
+                "tcp-send",
+                "--to",
+                &format!("{}:{CROSS_TCP_PORT}", a2.ipv4),
+                "--bytes",
+                &n(TCP_BYTES),
+            ],
+        )?;
+        let out = sink.wait_output(Duration::from_secs(25))?;
+        let tcp_received = u64_field(
+            &ftgen_json(&out.stdout, "tcp-sink on node2/pod-a")?,
+            "received_bytes",
+        );
+
+        let mut udp_cross = Vec::new();
+        for (tag, bind, to) in [
+            (
+                "udp4-cross",
+                format!("0.0.0.0:{CROSS_UDP4_PORT}"),
+                format!("{}:{CROSS_UDP4_PORT}", a2.ipv4),
+            ),
+            (
+                "udp6-cross",
+                format!("[::]:{CROSS_UDP6_PORT}"),
+                format!("[{}]:{CROSS_UDP6_PORT}", a2.ipv6),
+            ),
+        ] {
+            let (sink, _r) = self.sink(
+                a2,
+                tag,
+                &[
+                    "udp-sink",
+                    "--bind",
+                    &bind,
+                    "--count",
+                    &n(CROSS_UDP_COUNT),
+                    "--timeout-ms",
+                    "10000",
+                ],
+            )?;
+            self.send(
+                a1,
+                &[
+                    "udp-send",
+                    "--to",
+                    &to,
+                    "--count",
+                    &n(CROSS_UDP_COUNT),
+                    "--size",
+                    &n(UDP_SIZE),
+                    "--interval-us",
+                    "200",
+                ],
+            )?;
+            let out = sink.wait_output(Duration::from_secs(15))?;
+            udp_cross.push(u64_field(
+                &ftgen_json(&out.stdout, &format!("udp-sink ({tag}) on node2/pod-a"))?,
+                "received",
+            ));
+        }
+
+        // (c) The Service: 20 connections from node1/pod-a to 10.96.0.10:80; kube-proxy spreads
+        // them over pod-b on both nodes, port 8080.
+        eprintln!("xtask: (c) Service: {SERVICE_CONNECTIONS} TCP connections node1/pod-a -> {SERVICE_IP}:{SERVICE_PORT} (backends: pod-b on both nodes, :{BACKEND_PORT})");
+        let mut sinks = Vec::new();
+        for (tag, pod) in [("svc-b1", b1), ("svc-b2", b2)] {
+            let (g, r) = self.sink(
+                pod,
+                tag,
+                &[
+                    "tcp-sink",
+                    "--bind",
+                    &format!("0.0.0.0:{BACKEND_PORT}"),
+                    "--connections",
+                    &n(SERVICE_CONNECTIONS),
+                    "--idle-timeout-ms",
+                    "1500",
+                    "--timeout-ms",
+                    "20000",
+                    "--echo-bytes",
+                    "64",
+                ],
+            )?;
+            sinks.push((pod, g, r));
+        }
+        let sent = self.send(
+            a1,
+            &[
+                "tcp-send",
+                "--to",
+                &format!("{SERVICE_IP}:{SERVICE_PORT}"),
+                "--bytes",
+                "100",
+                "--connections",
+                &n(SERVICE_CONNECTIONS),
+            ],
+        )?;
+        let service_sent = u64_field(&sent, "connections");
+        let mut service_backends = Vec::new();
+        for (pod, g, _r) in sinks {
+            // A backend that got no connection at all only stops at its overall timeout; it is
+            // given a few seconds after the other one finished and then killed.
+            let accepted = match g.wait_output(Duration::from_secs(6)) {
+                Ok(out) => u64_field(
+                    &ftgen_json(
+                        &out.stdout,
+                        &format!("tcp-sink on {}/{}", pod.node, pod.name),
+                    )?,
+                    "connections",
+                ),
+                Err(_) => 0,
+            };
+            service_backends.push((IpAddr::V4(pod.ipv4), accepted));
+        }
+        Ok(Results {
+            udp_received,
+            ping_ok,
+            tcp_received,
+            udp4_received: udp_cross.first().copied().unwrap_or(0),
+            udp6_received: udp_cross.get(1).copied().unwrap_or(0),
+            service_backends,
+            service_sent,
+        })
+    }
+}
+
+fn u64_field(v: &serde_json::Value, key: &str) -> u64 {
+    v.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0)
+}
+
+fn print_header(cluster: &Cluster, r: &Results) {
+    println!("\nflowtrace demo: emulated 2-node cluster (network namespaces, cni0 bridge, flannel.1 VXLAN over eth0, kube-proxy iptables)");
+    println!("\nPods (HOST VETH is the pod's interface in the node namespace, where flowtrace attaches):");
+    println!(
+        "  {:<6} {:<6} {:<13} {:<20} HOST VETH",
+        "NODE", "POD", "IPv4", "IPv6"
+    );
+    for p in cluster.pods() {
+        println!(
+            "  {:<6} {:<6} {:<13} {:<20} {}",
+            p.node,
+            p.name,
+            p.ipv4.to_string(),
+            p.ipv6.to_string(),
+            p.host_veth
+        );
+    }
+    for n in &cluster.nodes {
+        println!(
+            "  {:<6} underlay eth0 {}, flannel.1 {} (VXLAN UDP 8472)",
+            n.name,
+            n.underlay_ip,
+            n.vtep_v4()
+        );
+    }
+    println!("  Service {SERVICE_IP}:{SERVICE_PORT}/TCP -> pod-b:{BACKEND_PORT} on both nodes (kube-proxy DNAT)");
+    let ok = |b: bool| if b { "ok" } else { "FAILED" };
+    println!("\nTraffic sent (all from node1/pod-a):");
+    println!("  (a) same node   -> node1/pod-b: {UDP_COUNT} UDP datagrams x {UDP_SIZE} B to :{SAME_NODE_UDP_PORT} (sink received {}), {PINGS} pings ({})", r.udp_received, ok(r.ping_ok));
+    println!("  (b) cross node  -> node2/pod-a: TCP {TCP_BYTES} B to :{CROSS_TCP_PORT} (sink received {}), UDP IPv4 {CROSS_UDP_COUNT} x {UDP_SIZE} B to :{CROSS_UDP4_PORT} (received {}), UDP IPv6 {CROSS_UDP_COUNT} x {UDP_SIZE} B to :{CROSS_UDP6_PORT} (received {})", r.tcp_received, r.udp4_received, r.udp6_received);
+    let split: Vec<String> = r
+        .service_backends
+        .iter()
+        .map(|(ip, k)| {
+            format!(
+                "{} got {k}",
+                cluster
+                    .pod_by_ip(*ip)
+                    .map(|p| format!("{}/{}", p.node, p.name))
+                    .unwrap_or_else(|| ip.to_string())
+            )
+        })
+        .collect();
+    println!("  (c) Service     -> {SERVICE_IP}:{SERVICE_PORT}: {} TCP connections of 100 B each, 64 B answers ({})", r.service_sent, split.join(", "));
+}
+
+/// One line per traffic kind: how many matching flows each node saw and their hops.
+fn summarize(
+    cluster: &Cluster,
+    r: &Results,
+    per_node: &[(String, Vec<FlowRecord>)],
+) -> Result<String> {
+    let a1 = cluster.pod(1, "pod-a")?;
+    let b1 = cluster.pod(1, "pod-b")?;
+    let a2 = cluster.pod(2, "pod-a")?;
+    let names: HashMap<String, String> = cluster
+        .pods()
+        .map(|p| (p.host_veth.clone(), format!("{}({})", p.host_veth, p.name)))
+        .collect();
+    let svc: IpAddr = SERVICE_IP.parse().context("parsing the Service IP")?;
+    let v4 = |p: &Pod| IpAddr::V4(p.ipv4);
+    let v6 = |p: &Pod| IpAddr::V6(p.ipv6);
+    let wire_udp = UDP_SIZE + 8 + 20;
+
+    struct Kind<'k> {
+        label: String,
+        pred: Box<dyn Fn(&FlowRecord) -> bool + 'k>,
+        /// Packets every hop should show (summed over the kind's flows), if known.
+        expect: Option<u64>,
+    }
+    let kinds = vec![
+        Kind {
+            label: format!("(a) UDP same node, {UDP_COUNT} x {wire_udp} B on the wire"),
+            pred: Box::new(|f| {
+                f.protocol_number == 17
+                    && f.src == v4(a1)
+                    && f.dst == v4(b1)
+                    && f.dst_port == SAME_NODE_UDP_PORT
+            }),
+            expect: Some(UDP_COUNT),
+        },
+        Kind {
+            label: format!("(a) ping same node, {PINGS} echo requests"),
+            pred: Box::new(|f| f.protocol_number == 1 && f.src == v4(a1) && f.dst == v4(b1)),
+            expect: Some(PINGS),
+        },
+        Kind {
+            label: format!("(b) TCP cross node, {TCP_BYTES} B payload (data direction)"),
+            pred: Box::new(|f| {
+                f.protocol_number == 6
+                    && f.src == v4(a1)
+                    && f.dst == v4(a2)
+                    && f.dst_port == CROSS_TCP_PORT
+            }),
+            expect: None,
+        },
+        Kind {
+            label: format!("(b) UDP IPv4 cross node, {CROSS_UDP_COUNT} x {wire_udp} B"),
+            pred: Box::new(|f| {
+                f.protocol_number == 17
+                    && f.src == v4(a1)
+                    && f.dst == v4(a2)
+                    && f.dst_port == CROSS_UDP4_PORT
+            }),
+            expect: Some(CROSS_UDP_COUNT),
+        },
+        Kind {
+            label: format!(
+                "(b) UDP IPv6 cross node, {CROSS_UDP_COUNT} x {} B",
+                UDP_SIZE + 8 + 40
+            ),
+            pred: Box::new(|f| {
+                f.protocol_number == 17
+                    && f.src == v6(a1)
+                    && f.dst == v6(a2)
+                    && f.dst_port == CROSS_UDP6_PORT
+            }),
+            expect: Some(CROSS_UDP_COUNT),
+        },
+        Kind {
+            label: format!("(c) Service, before DNAT: -> {SERVICE_IP}:{SERVICE_PORT}"),
+            pred: Box::new(move |f| {
+                f.protocol_number == 6
+                    && f.src == v4(a1)
+                    && f.dst == svc
+                    && f.dst_port == SERVICE_PORT
+            }),
+            expect: None,
+        },
+    ];
+    let mut kinds = kinds;
+    for (ip, accepted) in &r.service_backends {
+        let ip = *ip;
+        let who = cluster
+            .pod_by_ip(ip)
+            .map(|p| format!("{}/{}", p.node, p.name))
+            .unwrap_or_else(|| ip.to_string());
+        kinds.push(Kind {
+            label: format!("(c) Service, after DNAT: -> {who} {ip}:{BACKEND_PORT} ({accepted} connections accepted)"),
+            pred: Box::new(move |f| f.protocol_number == 6 && f.src == v4(a1) && f.dst == ip && f.dst_port == BACKEND_PORT),
+            expect: None,
+        });
+    }
+    for (from, to) in [(1usize, 2usize), (2, 1)] {
+        let (src, dst) = (
+            IpAddr::V4(cluster.node(from)?.underlay_ip),
+            IpAddr::V4(cluster.node(to)?.underlay_ip),
+        );
+        kinds.push(Kind {
+            label: format!("VXLAN underlay node{from} -> node{to} (outer UDP {src} -> {dst}:{}, all inner flows)", flowtrace_tests::cluster::VXLAN_PORT),
+            pred: Box::new(move |f| {
+                f.protocol_number == 17 && f.src == src && f.dst == dst && f.dst_port == flowtrace_tests::cluster::VXLAN_PORT
+            }),
+            expect: None,
+        });
+    }
+
+    let mut out = String::new();
+    for k in &kinds {
+        let _ = writeln!(out, "  {}", k.label);
+        // (packets, bytes) of every hop on every node, to spot hops that disagree.
+        let mut all_hops: Vec<(String, u64, u64)> = Vec::new();
+        for (node, flows) in per_node {
+            let matching: Vec<&FlowRecord> = flows.iter().filter(|f| (k.pred)(f)).collect();
+            if matching.is_empty() {
+                let _ = writeln!(out, "      {node}: no flow");
+                continue;
+            }
+            let (hops, total_bytes) = merge_hops(&matching, &names);
+            let mismatch = k
+                .expect
+                .is_some_and(|e| hops.iter().any(|(_, p, _)| *p != e));
+            let hop_txt: Vec<String> = hops
+                .iter()
+                .map(|(h, p, b)| format!("{h} {p}p/{b}B"))
+                .collect();
+            all_hops.extend(hops.iter().map(|(h, p, b)| (format!("{node} {h}"), *p, *b)));
+            let _ = writeln!(
+                out,
+                "      {node}: {} flow(s), max {} B per hop; {}{}",
+                matching.len(),
+                total_bytes,
+                hop_txt.join(" > "),
+                match k.expect {
+                    Some(e) if mismatch => format!("  << expected {e} packets on every hop"),
+                    Some(_) => "  (counts match)".to_string(),
+                    None => String::new(),
+                }
+            );
+        }
+        let same_packets = all_hops.windows(2).all(|w| w[0].1 == w[1].1);
+        let same_bytes = all_hops.windows(2).all(|w| w[0].2 == w[1].2);
+        if all_hops.len() > 1 && same_packets && !same_bytes {
+            let list: Vec<String> = all_hops
+                .iter()
+                .map(|(h, _, b)| format!("{h} {b}B"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "      << every hop saw {} packets but the bytes differ: {}",
+                all_hops[0].1,
+                list.join(", ")
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Sums the hops of several flows (e.g. the 20 Service connections) by interface and direction,
+/// in the order they first appear. Returns (hop label, packets, bytes) and the largest byte sum.
+fn merge_hops(
+    flows: &[&FlowRecord],
+    names: &HashMap<String, String>,
+) -> (Vec<(String, u64, u64)>, u64) {
+    let mut order: Vec<(String, Direction)> = Vec::new();
+    let mut sums: HashMap<(String, Direction), (u64, u64)> = HashMap::new();
+    for f in flows {
+        for h in &f.hops {
+            let key = (h.interface.clone(), h.direction);
+            let e = sums.entry(key.clone()).or_insert_with(|| {
+                order.push(key.clone());
+                (0, 0)
+            });
+            e.0 += h.packets;
+            e.1 += h.bytes;
+        }
+    }
+    let hops: Vec<(String, u64, u64)> = order
+        .iter()
+        .map(|k| {
+            let (p, b) = sums.get(k).copied().unwrap_or_default();
+            let name = names.get(&k.0).cloned().unwrap_or_else(|| k.0.clone());
+            let dir = if k.1 == Direction::Ingress {
+                "in"
+            } else {
+                "out"
+            };
+            (format!("{name}/{dir}"), p, b)
+        })
+        .collect();
+    let max_bytes = hops.iter().map(|(_, _, b)| *b).max().unwrap_or(0);
+    (hops, max_bytes)
+}
