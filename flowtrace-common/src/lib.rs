@@ -18,6 +18,9 @@ pub const DIR_EGRESS: u8 = 1;
 /// drains the other, so a drain never races a writer (see `CONTROL_ACTIVE_BUFFER`).
 pub const FLOW_BUFFERS: u32 = 2;
 
+/// Slots of the per-CPU flow cache per buffer (a power of two). See `CacheSlot`.
+pub const CACHE_SLOTS: u32 = 256;
+
 /// Index in the `CONTROL` array map of the buffer the kernel currently writes to (0 or 1).
 pub const CONTROL_ACTIVE_BUFFER: u32 = 0;
 /// Number of `u32` slots in the `CONTROL` array map.
@@ -26,17 +29,43 @@ pub const CONTROL_SLOTS: u32 = 4;
 /// Default capacity of each flow buffer (entries). User space may override it at load time.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 16_384;
 
+/// An IP address as the kernel side keeps it: the 16 address bytes in network order, held
+/// as four native-endian words so that copying and comparing keys is word-sized work. An
+/// IPv4 address is word 0; words 1-3 are zero.
+pub type Addr = [u32; 4];
+
+/// The 16 network-order bytes of an `Addr`.
+pub fn addr_bytes(a: &Addr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// The `Addr` of 16 network-order bytes (an IPv4 address in the first 4, the rest zero).
+pub fn addr_from_bytes(b: &[u8; 16]) -> Addr {
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
 /// One flow as seen at one hook: the 5-tuple plus the hop (interface and direction).
 ///
-/// Addresses are in network byte order; an IPv4 address occupies the first 4 bytes and
-/// the remaining 12 are zero. Ports are in host byte order. For ICMP and ICMPv6,
+/// Addresses are `Addr`s (network-order bytes; IPv4 in the first word, the rest zero).
+/// Ports are in host byte order. For ICMP and ICMPv6,
 /// `src_port` is the echo identifier (echo request/reply only, else 0) and `dst_port` is
 /// `type << 8 | code`, so that requests and replies of one ping form two flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
     /// Host byte order.
     pub src_port: u16,
     /// Host byte order.
@@ -88,6 +117,43 @@ impl FlowStats {
         self.packets += other.packets;
         self.bytes += other.bytes;
         self.tcp_flags |= other.tcp_flags;
+    }
+}
+
+/// One entry of the per-CPU, direct-mapped flow cache that sits in front of the flow hash.
+///
+/// A packet whose flow (key, including the hop) occupies its slot on this CPU is counted in
+/// the slot: no hash-map operation at all, which is what bulk transfers hit. A different
+/// flow evicts the slot's counters into the hash map and takes the slot. The cache is split
+/// in two halves like the flow buffers: user space drains the half that is not active.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CacheSlot {
+    pub key: FlowKey,
+    /// Non-zero when the slot holds counters.
+    pub valid: u32,
+    pub stats: FlowStats,
+}
+
+impl CacheSlot {
+    /// Index of `key`'s slot within one half of the cache.
+    #[inline(always)]
+    pub fn index(key: &FlowKey) -> u32 {
+        // XOR-fold the words, then one multiplicative hash: cheap on the per-packet path and
+        // good enough to spread flows over a direct-mapped cache.
+        let w = key.words();
+        let folded = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7] ^ w[8] ^ w[9] ^ w[10];
+        let mixed = (folded ^ (folded >> 16)).wrapping_mul(0x9E37_79B1);
+        mixed >> (32 - CACHE_SLOTS.trailing_zeros())
+    }
+}
+
+impl FlowKey {
+    /// The key as 11 native-endian words, for cheap hashing and comparison.
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 11] {
+        // SAFETY: FlowKey is repr(C), 44 bytes, 4-aligned, no padding holes (explicit _pad).
+        unsafe { core::mem::transmute::<FlowKey, [u32; 11]>(*self) }
     }
 }
 
@@ -177,6 +243,8 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
 const _: () = assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
+const _: () = assert!(core::mem::size_of::<CacheSlot>() == 88);
+const _: () = assert!(CACHE_SLOTS.is_power_of_two());
 
 #[cfg(feature = "user")]
 mod user {
@@ -184,4 +252,5 @@ mod user {
     // explicit padding fields, so every bit pattern is valid and there are no holes.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::CacheSlot {}
 }

@@ -30,19 +30,32 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
 
 /// A bounds-checked view of a frame starting at its Ethernet header.
+///
+/// Reads are typed and small on purpose: in the kernel each one is a single load after a
+/// bounds check, where copying whole headers would cost a load and a store per byte.
 pub trait Packet {
-    /// The `N` bytes at `offset`, or `None` when they are not all inside the frame.
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+    /// The byte at `offset`.
+    fn u8_at(&self, offset: usize) -> Option<u8>;
+    /// The big-endian `u16` at `offset`, in host order.
+    fn be16_at(&self, offset: usize) -> Option<u16>;
+    /// The 4 bytes at `offset` as a native-endian word (network byte order kept in memory).
+    fn word_at(&self, offset: usize) -> Option<u32>;
 }
 
 impl Packet for [u8] {
     #[inline(always)]
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let end = offset.checked_add(N)?;
-        let bytes = self.get(offset..end)?;
-        let mut out = [0u8; N];
-        out.copy_from_slice(bytes);
-        Some(out)
+    fn u8_at(&self, offset: usize) -> Option<u8> {
+        self.get(offset).copied()
+    }
+    #[inline(always)]
+    fn be16_at(&self, offset: usize) -> Option<u16> {
+        let b = self.get(offset..offset.checked_add(2)?)?;
+        Some(u16::from_be_bytes([b[0], b[1]]))
+    }
+    #[inline(always)]
+    fn word_at(&self, offset: usize) -> Option<u32> {
+        let b = self.get(offset..offset.checked_add(4)?)?;
+        Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
     }
 }
 
@@ -88,10 +101,10 @@ impl ParseError {
 pub struct PacketInfo {
     pub ip_version: u8,
     pub protocol: u8,
-    /// Network byte order; IPv4 in the first 4 bytes.
-    pub src_addr: [u8; 16],
-    /// Network byte order; IPv4 in the first 4 bytes.
-    pub dst_addr: [u8; 16],
+    /// See `crate::Addr`.
+    pub src_addr: crate::Addr,
+    /// See `crate::Addr`.
+    pub dst_addr: crate::Addr,
     /// Host byte order (see `FlowKey` for ICMP).
     pub src_port: u16,
     /// Host byte order (see `FlowKey` for ICMP).
@@ -127,16 +140,10 @@ impl PacketInfo {
     }
 }
 
-#[inline(always)]
-fn be16(b: [u8; 2]) -> u16 {
-    u16::from_be_bytes(b)
-}
-
 /// Parses a frame that starts with an Ethernet header.
 #[inline(always)]
 pub fn parse_frame<P: Packet + ?Sized>(pkt: &P, meta: SkbMeta) -> Result<PacketInfo, ParseError> {
-    let eth: [u8; ETH_HLEN] = pkt.read(0).ok_or(ParseError::TruncatedEthernet)?;
-    let mut ethertype = be16([eth[12], eth[13]]);
+    let mut ethertype = pkt.be16_at(12).ok_or(ParseError::TruncatedEthernet)?;
     let mut off = ETH_HLEN;
     let mut tags = 0;
     while ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -144,8 +151,7 @@ pub fn parse_frame<P: Packet + ?Sized>(pkt: &P, meta: SkbMeta) -> Result<PacketI
             return Err(ParseError::TooManyVlanTags);
         }
         // A tag is TCI (2 bytes) then the next EtherType (2 bytes).
-        let tag: [u8; 4] = pkt.read(off).ok_or(ParseError::TruncatedEthernet)?;
-        ethertype = be16([tag[2], tag[3]]);
+        ethertype = pkt.be16_at(off + 2).ok_or(ParseError::TruncatedEthernet)?;
         off += 4;
         tags += 1;
     }
@@ -162,18 +168,19 @@ fn parse_ipv4<P: Packet + ?Sized>(
     l3: usize,
     meta: SkbMeta,
 ) -> Result<PacketInfo, ParseError> {
-    let h: [u8; 20] = pkt.read(l3).ok_or(ParseError::TruncatedIp)?;
-    if h[0] >> 4 != 4 {
+    // The last word of the fixed header first: one check proves all 20 bytes are there.
+    let dst = pkt.word_at(l3 + 16).ok_or(ParseError::TruncatedIp)?;
+    let vihl = pkt.u8_at(l3).ok_or(ParseError::TruncatedIp)?;
+    if vihl >> 4 != 4 {
         return Err(ParseError::BadIpHeader);
     }
-    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return Err(ParseError::BadIpHeader);
     }
-    let total_len = be16([h[2], h[3]]) as u32;
-    let gso = meta.gso_segs > 1;
+    let total_len = pkt.be16_at(l3 + 2).ok_or(ParseError::TruncatedIp)? as u32;
     // GSO aggregates may carry 0 or a stale total length (BIG TCP); only check plain packets.
-    if !gso {
+    if meta.gso_segs <= 1 {
         if (total_len as usize) < ihl {
             return Err(ParseError::BadIpHeader);
         }
@@ -182,22 +189,22 @@ fn parse_ipv4<P: Packet + ?Sized>(
         }
     }
     // The options must be inside the frame: read the last header byte.
-    let _: [u8; 1] = pkt.read(l3 + ihl - 1).ok_or(ParseError::TruncatedIp)?;
-    let frag = be16([h[6], h[7]]);
+    pkt.u8_at(l3 + ihl - 1).ok_or(ParseError::TruncatedIp)?;
+    let frag = pkt.be16_at(l3 + 6).ok_or(ParseError::TruncatedIp)?;
     // More-fragments flag or a non-zero offset: a fragment (the DF bit 0x4000 is fine).
     if frag & 0x3fff != 0 {
         return Err(ParseError::Fragment);
     }
     let mut info = PacketInfo {
         ip_version: 4,
-        protocol: h[9],
+        protocol: pkt.u8_at(l3 + 9).ok_or(ParseError::TruncatedIp)?,
+        src_addr: [pkt.word_at(l3 + 12).ok_or(ParseError::TruncatedIp)?, 0, 0, 0],
+        dst_addr: [dst, 0, 0, 0],
         l3_offset: l3 as u32,
         l3_header_len: ihl as u32,
         l3_len: total_len,
         ..PacketInfo::default()
     };
-    info.src_addr[..4].copy_from_slice(&h[12..16]);
-    info.dst_addr[..4].copy_from_slice(&h[16..20]);
     parse_l4(pkt, l3 + ihl, &mut info)?;
     Ok(info)
 }
@@ -208,15 +215,15 @@ fn parse_ipv6<P: Packet + ?Sized>(
     l3: usize,
     meta: SkbMeta,
 ) -> Result<PacketInfo, ParseError> {
-    let h: [u8; 40] = pkt.read(l3).ok_or(ParseError::TruncatedIp)?;
-    if h[0] >> 4 != 6 {
+    let last = pkt.word_at(l3 + 36).ok_or(ParseError::TruncatedIp)?;
+    if pkt.u8_at(l3).ok_or(ParseError::TruncatedIp)? >> 4 != 6 {
         return Err(ParseError::BadIpHeader);
     }
-    let payload_len = be16([h[4], h[5]]) as u32;
+    let payload_len = pkt.be16_at(l3 + 4).ok_or(ParseError::TruncatedIp)? as u32;
     if meta.gso_segs <= 1 && payload_len + 40 > meta.len.saturating_sub(l3 as u32) {
         return Err(ParseError::TruncatedIp);
     }
-    let mut next = h[6];
+    let mut next = pkt.u8_at(l3 + 6).ok_or(ParseError::TruncatedIp)?;
     let mut off = l3 + 40;
     let mut walked = 0;
     loop {
@@ -224,25 +231,26 @@ fn parse_ipv6<P: Packet + ?Sized>(
             // Hop-by-hop, routing, destination options, mobility, HIP, shim6, experimental:
             // all share the (next header, length in 8-byte units - 1) layout.
             0 | 43 | 60 | 135 | 139 | 140 | 253 | 254 => {
-                let e: [u8; 2] = pkt.read(off).ok_or(ParseError::Ipv6ExtensionChain)?;
-                next = e[0];
-                (e[1] as usize + 1) * 8
+                let len = pkt.u8_at(off + 1).ok_or(ParseError::Ipv6ExtensionChain)?;
+                next = pkt.u8_at(off).ok_or(ParseError::Ipv6ExtensionChain)?;
+                (len as usize + 1) * 8
             }
             // Authentication header: length in 4-byte units - 2.
             51 => {
-                let e: [u8; 2] = pkt.read(off).ok_or(ParseError::Ipv6ExtensionChain)?;
-                next = e[0];
-                (e[1] as usize + 2) * 4
+                let len = pkt.u8_at(off + 1).ok_or(ParseError::Ipv6ExtensionChain)?;
+                next = pkt.u8_at(off).ok_or(ParseError::Ipv6ExtensionChain)?;
+                (len as usize + 2) * 4
             }
             44 => {
-                let e: [u8; 8] = pkt.read(off).ok_or(ParseError::Ipv6ExtensionChain)?;
-                let frag = be16([e[2], e[3]]);
+                // The whole 8-byte header must be there.
+                pkt.u8_at(off + 7).ok_or(ParseError::Ipv6ExtensionChain)?;
+                let frag = pkt.be16_at(off + 2).ok_or(ParseError::Ipv6ExtensionChain)?;
                 // Offset (upper 13 bits) or the M flag (bit 0): a real fragment. An atomic
                 // fragment (both zero) carries the whole packet and is parsed through.
                 if frag & 0xfff9 != 0 {
                     return Err(ParseError::Fragment);
                 }
-                next = e[0];
+                next = pkt.u8_at(off).ok_or(ParseError::Ipv6ExtensionChain)?;
                 8
             }
             _ => break,
@@ -257,16 +265,17 @@ fn parse_ipv6<P: Packet + ?Sized>(
             break;
         }
     }
+    let w = |at: usize| pkt.word_at(l3 + at).ok_or(ParseError::TruncatedIp);
     let mut info = PacketInfo {
         ip_version: 6,
         protocol: next,
+        src_addr: [w(8)?, w(12)?, w(16)?, w(20)?],
+        dst_addr: [w(24)?, w(28)?, w(32)?, last],
         l3_offset: l3 as u32,
         l3_header_len: (off - l3) as u32,
         l3_len: payload_len + 40,
         ..PacketInfo::default()
     };
-    info.src_addr.copy_from_slice(&h[8..24]);
-    info.dst_addr.copy_from_slice(&h[24..40]);
     parse_l4(pkt, off, &mut info)?;
     Ok(info)
 }
@@ -287,32 +296,34 @@ fn parse_l4<P: Packet + ?Sized>(
     }
     match info.protocol {
         IPPROTO_TCP => {
-            let t: [u8; 20] = pkt.read(l4).ok_or(ParseError::TruncatedL4)?;
-            let data_offset = ((t[12] >> 4) as u32) * 4;
+            // Bytes 12 (data offset) and 13 (flags) end the part we need; 19 ends the header.
+            pkt.u8_at(l4 + 19).ok_or(ParseError::TruncatedL4)?;
+            let data_offset = ((pkt.u8_at(l4 + 12).ok_or(ParseError::TruncatedL4)? >> 4) as u32) * 4;
             if data_offset < 20 {
                 return Err(ParseError::TruncatedL4);
             }
-            info.src_port = be16([t[0], t[1]]);
-            info.dst_port = be16([t[2], t[3]]);
-            info.tcp_flags = t[13];
+            info.src_port = pkt.be16_at(l4).ok_or(ParseError::TruncatedL4)?;
+            info.dst_port = pkt.be16_at(l4 + 2).ok_or(ParseError::TruncatedL4)?;
+            info.tcp_flags = pkt.u8_at(l4 + 13).ok_or(ParseError::TruncatedL4)?;
             info.l4_header_len = data_offset;
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            let u: [u8; 8] = pkt.read(l4).ok_or(ParseError::TruncatedL4)?;
-            info.src_port = be16([u[0], u[1]]);
-            info.dst_port = be16([u[2], u[3]]);
+            pkt.u8_at(l4 + 7).ok_or(ParseError::TruncatedL4)?;
+            info.src_port = pkt.be16_at(l4).ok_or(ParseError::TruncatedL4)?;
+            info.dst_port = pkt.be16_at(l4 + 2).ok_or(ParseError::TruncatedL4)?;
             info.l4_header_len = if info.protocol == IPPROTO_UDP { 8 } else { 12 };
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let c: [u8; 8] = pkt.read(l4).ok_or(ParseError::TruncatedL4)?;
-            let (ty, code) = (c[0], c[1]);
+            pkt.u8_at(l4 + 7).ok_or(ParseError::TruncatedL4)?;
+            let type_code = pkt.be16_at(l4).ok_or(ParseError::TruncatedL4)?;
+            let ty = (type_code >> 8) as u8;
             let echo = if info.protocol == IPPROTO_ICMP {
                 ty == 0 || ty == 8
             } else {
                 ty == 128 || ty == 129
             };
-            info.src_port = if echo { be16([c[4], c[5]]) } else { 0 };
-            info.dst_port = ((ty as u16) << 8) | code as u16;
+            info.src_port = if echo { pkt.be16_at(l4 + 4).ok_or(ParseError::TruncatedL4)? } else { 0 };
+            info.dst_port = type_code;
             info.l4_header_len = 8;
         }
         // Other protocols (GRE, ESP, OSPF, ...) are flows without ports.

@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use flowtrace_common::{
     parse::{parse_frame, PacketInfo},
-    Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, CONTROL_SLOTS, COUNTER_SLOTS,
-    DEFAULT_FLOW_ENTRIES, DIR_EGRESS, DIR_INGRESS,
+    CacheSlot, Counter, FlowKey, FlowStats, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER, CONTROL_SLOTS,
+    COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES, DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS,
 };
 
 use crate::packet::{skb_meta, DirectPacket};
@@ -37,6 +37,11 @@ static FLOWS_1: PerCpuHashMap<FlowKey, FlowStats> =
 /// Small control block written by user space (`CONTROL_ACTIVE_BUFFER`, ...).
 #[map]
 static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_SLOTS, 0);
+
+/// Per-CPU direct-mapped flow cache in front of the flow buffers: two halves of
+/// `CACHE_SLOTS`, the active one chosen like the flow buffer (see `CacheSlot`).
+#[map]
+static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(FLOW_BUFFERS * CACHE_SLOTS, 0);
 
 /// Per-CPU counters indexed by `Counter`: packets seen and every way an update was lost.
 #[map]
@@ -95,7 +100,7 @@ fn record(
     };
     let (packets, bytes) = info.wire_counts(meta);
     let active = match CONTROL.get(CONTROL_ACTIVE_BUFFER) {
-        Some(v) => *v,
+        Some(v) => *v & 1,
         None => {
             count(Counter::ControlMissing);
             0
@@ -104,21 +109,7 @@ fn record(
     let flows = if active == 0 { &FLOWS_0 } else { &FLOWS_1 };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(stats) = flows.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value, only this CPU writes it while this program runs.
-        unsafe {
-            // Another CPU may have created the entry: this CPU's slot then starts zeroed.
-            if (*stats).packets == 0 {
-                (*stats).first_seen_ns = now;
-            }
-            (*stats).packets += packets;
-            (*stats).bytes += bytes;
-            (*stats).last_seen_ns = now;
-            (*stats).tcp_flags |= info.tcp_flags;
-        }
-        return;
-    }
-    let fresh = FlowStats {
+    let packet = FlowStats {
         packets,
         bytes,
         first_seen_ns: now,
@@ -126,23 +117,61 @@ fn record(
         tcp_flags: info.tcp_flags,
         _pad: [0; 7],
     };
-    if flows.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
+    let Some(slot) = CACHE.get_ptr_mut(active * CACHE_SLOTS + CacheSlot::index(&key)) else {
+        add_to_map(flows, &key, &packet);
+        return;
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while this program runs (user space
+    // reads a half only after it stopped being active).
+    unsafe {
+        if (*slot).valid != 0 {
+            if (*slot).key.words() == key.words() {
+                let st = &mut (*slot).stats;
+                st.packets += packets;
+                st.bytes += bytes;
+                st.last_seen_ns = now;
+                st.tcp_flags |= info.tcp_flags;
+                return;
+            }
+            // Another flow owns the slot: move its counters to the map, then take the slot.
+            add_to_map(flows, &(*slot).key, &(*slot).stats);
+        }
+        (*slot).key = key;
+        (*slot).stats = packet;
+        (*slot).valid = 1;
+    }
+}
+
+/// Adds `add` into `key`'s per-CPU entry of `flows`, creating it if needed.
+#[inline(always)]
+fn add_to_map(flows: &PerCpuHashMap<FlowKey, FlowStats>, key: &FlowKey, add: &FlowStats) {
+    if let Some(stats) = flows.get_ptr_mut(key) {
+        merge_into(stats, add);
         return;
     }
-    // Either another CPU created the entry between our lookup and insert (its per-CPU
-    // slot for this CPU is zeroed, so add into it) or the map is full.
-    match flows.get_ptr_mut(&key) {
-        Some(stats) => unsafe {
-            // SAFETY: as above.
-            if (*stats).packets == 0 {
-                (*stats).first_seen_ns = now;
-            }
-            (*stats).packets += packets;
-            (*stats).bytes += bytes;
-            (*stats).last_seen_ns = now;
-            (*stats).tcp_flags |= info.tcp_flags;
-        },
+    if flows.insert(key, add, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // Either another CPU created the entry between our lookup and insert (this CPU's slot of
+    // it is then zeroed, so add into it) or the map is full.
+    match flows.get_ptr_mut(key) {
+        Some(stats) => merge_into(stats, add),
         None => count(Counter::FlowMapFull),
+    }
+}
+
+#[inline(always)]
+fn merge_into(stats: *mut FlowStats, add: &FlowStats) {
+    // SAFETY: a per-CPU map value; only this CPU writes it while this program runs.
+    unsafe {
+        // An entry created by another CPU starts zeroed in this CPU's slot.
+        if (*stats).packets == 0 {
+            (*stats).first_seen_ns = add.first_seen_ns;
+        }
+        (*stats).packets += add.packets;
+        (*stats).bytes += add.bytes;
+        (*stats).last_seen_ns = add.last_seen_ns;
+        (*stats).tcp_flags |= add.tcp_flags;
     }
 }
 

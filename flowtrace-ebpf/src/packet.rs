@@ -19,25 +19,58 @@ impl<'a> DirectPacket<'a> {
     }
 }
 
-impl Packet for DirectPacket<'_> {
+impl DirectPacket<'_> {
+    /// A pointer to `N` readable bytes at `offset`, or the bytes copied out with
+    /// `bpf_skb_load_bytes` when they lie beyond the linear part.
+    ///
+    /// The fast path checks `WINDOW >= N` bytes: LLVM rewrites a 1-byte check `start + 1 <=
+    /// end` into `start < end`, from which the verifier derives no readable range, so single
+    /// bytes are checked as 2-byte windows. A byte that ends the packet then takes the slow path.
     #[inline(always)]
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+    fn at<T: Copy, const N: usize, const WINDOW: usize>(
+        &self,
+        offset: usize,
+        from_bytes: fn([u8; N]) -> T,
+    ) -> Option<T> {
         // Bounding the offset lets the verifier prove `data + offset` stays in range.
         if offset > MAX_HEADER_OFFSET {
             return None;
         }
         let start = self.data + offset;
-        if start + N > self.data_end {
-            let mut buf = [0u8; N];
-            // Fails (and the read is "truncated") only when the bytes are not in the packet.
-            // SAFETY: `buf` is N writable bytes on our stack; the helper bounds-checks the skb.
-            let rc = unsafe {
-                bpf_skb_load_bytes(self.ctx.skb.skb as *const _, offset as u32, buf.as_mut_ptr() as *mut _, N as u32)
-            };
-            return if rc == 0 { Some(buf) } else { None };
+        if start + WINDOW <= self.data_end {
+            // SAFETY: [start, start + N) was just checked to be inside the packet. Packet data
+            // has no alignment guarantee; the BPF JITs (x86-64, arm64) and the verifier accept
+            // unaligned packet loads, which is what lets this be a single load instruction.
+            return Some(unsafe { core::ptr::read(start as *const T) });
         }
-        // SAFETY: [start, start + N) was just checked to be inside the packet.
-        Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+        let mut buf = [0u8; N];
+        // Fails (and the read is "truncated") only when the bytes are not in the packet.
+        // SAFETY: `buf` is N writable bytes on our stack; the helper bounds-checks the skb.
+        let rc = unsafe {
+            bpf_skb_load_bytes(self.ctx.skb.skb as *const _, offset as u32, buf.as_mut_ptr() as *mut _, N as u32)
+        };
+        if rc == 0 {
+            Some(from_bytes(buf))
+        } else {
+            None
+        }
+    }
+}
+
+impl Packet for DirectPacket<'_> {
+    #[inline(always)]
+    fn u8_at(&self, offset: usize) -> Option<u8> {
+        self.at::<u8, 1, 2>(offset, |b| b[0])
+    }
+
+    #[inline(always)]
+    fn be16_at(&self, offset: usize) -> Option<u16> {
+        self.at::<u16, 2, 2>(offset, u16::from_ne_bytes).map(u16::from_be)
+    }
+
+    #[inline(always)]
+    fn word_at(&self, offset: usize) -> Option<u32> {
+        self.at::<u32, 4, 4>(offset, u32::from_ne_bytes)
     }
 }
 

@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub flow_idle_timeout: Duration,
     pub attach_mode: AttachMode,
     pub selector: Selector,
+    /// Node name reported by the API; the hostname when `None`.
+    pub node_name: Option<String>,
 }
 
 /// State shared by the agent's tasks and the API.
@@ -131,7 +133,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         attach_failures: AtomicU64::new(0),
         drains: AtomicU64::new(0),
         drain_errors: AtomicU64::new(0),
-        node: hostname(),
+        node: cfg.node_name.clone().unwrap_or_else(hostname),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)

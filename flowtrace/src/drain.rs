@@ -1,6 +1,7 @@
 //! Draining the kernel's flow buffers without losing updates.
 //!
-//! The kernel writes every update into the buffer named by `CONTROL[active]`. A drain
+//! The kernel writes every update into the buffer (and the half of the per-CPU flow cache)
+//! named by `CONTROL[active]`. A drain
 //! flips `active`, waits for programs that already read the old value to finish (TC
 //! programs run with bottom halves disabled and take microseconds; the grace period is
 //! milliseconds), then reads and deletes every entry of the buffer that now has no
@@ -12,8 +13,12 @@
 
 use std::time::Duration;
 
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
-use flowtrace_common::{Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, COUNTER_SLOTS};
+use std::collections::HashMap;
+
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use flowtrace_common::{
+    CacheSlot, Counter, FlowKey, FlowStats, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER, COUNTER_SLOTS,
+};
 
 use crate::error::{Error, Result};
 
@@ -30,6 +35,7 @@ pub struct DrainedFlow {
 /// The maps the agent reads, taken out of the loaded object.
 pub struct Drainer {
     buffers: [PerCpuHashMap<MapData, FlowKey, FlowStats>; 2],
+    cache: PerCpuArray<MapData, CacheSlot>,
     control: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     grace: Duration,
@@ -49,6 +55,7 @@ impl Drainer {
     pub fn new(ebpf: &mut aya::Ebpf, grace: Duration) -> Result<Self> {
         Ok(Self {
             buffers: [take(ebpf, "FLOWS_0")?, take(ebpf, "FLOWS_1")?],
+            cache: take(ebpf, "CACHE")?,
             control: take(ebpf, "CONTROL")?,
             counters: take(ebpf, "COUNTERS")?,
             grace,
@@ -68,13 +75,14 @@ impl Drainer {
             .set(CONTROL_ACTIVE_BUFFER, 1 - old, 0)
             .map_err(|e| Error::MapIo { map: "CONTROL", detail: e.to_string() })?;
         tokio::time::sleep(self.grace).await;
+        let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();
+        self.drain_cache(old, &mut merged)?;
         let map = &mut self.buffers[old as usize];
         let name = if old == 0 { "FLOWS_0" } else { "FLOWS_1" };
         let keys: Vec<FlowKey> = map
             .keys()
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| Error::MapIo { map: name, detail: e.to_string() })?;
-        let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             let per_cpu = match map.get(&key, 0) {
                 Ok(v) => v,
@@ -83,15 +91,43 @@ impl Drainer {
                 Err(e) => return Err(Error::MapIo { map: name, detail: e.to_string() }),
             };
             map.remove(&key).map_err(|e| Error::MapIo { map: name, detail: e.to_string() })?;
-            let mut stats = FlowStats::default();
+            let stats = merged.entry(key).or_default();
             for cpu in per_cpu.iter() {
                 stats.merge(cpu);
             }
-            if stats.packets > 0 {
-                out.push(DrainedFlow { key, stats });
+        }
+        Ok(merged
+            .into_iter()
+            .filter(|(_, stats)| stats.packets > 0)
+            .map(|(key, stats)| DrainedFlow { key, stats })
+            .collect())
+    }
+
+    /// Collects and clears the idle half (`half`) of the per-CPU flow cache.
+    fn drain_cache(&mut self, half: u32, into: &mut HashMap<FlowKey, FlowStats>) -> Result<()> {
+        let io = |e: aya::maps::MapError| Error::MapIo { map: "CACHE", detail: e.to_string() };
+        let mut empty: Option<PerCpuValues<CacheSlot>> = None;
+        for index in half * CACHE_SLOTS..(half + 1) * CACHE_SLOTS {
+            let per_cpu = self.cache.get(&index, 0).map_err(io)?;
+            let mut any = false;
+            for slot in per_cpu.iter().filter(|s| s.valid != 0) {
+                into.entry(slot.key).or_default().merge(&slot.stats);
+                any = true;
+            }
+            if any {
+                let zeros = match empty.take() {
+                    Some(z) => z,
+                    None => PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()]).map_err(|e| Error::MapIo {
+                        map: "CACHE",
+                        detail: e.to_string(),
+                    })?,
+                };
+                self.cache.set(index, zeros, 0).map_err(io)?;
+                // PerCpuValues is not Clone; rebuild it for the next slot that needs clearing.
+                empty = PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()]).ok();
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Kernel-side counters (packets seen and every loss), summed over CPUs.

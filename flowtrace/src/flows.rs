@@ -36,11 +36,12 @@ impl FlowTuple {
     }
 }
 
-fn addr(version: u8, bytes: &[u8; 16]) -> IpAddr {
+fn addr(version: u8, words: &flowtrace_common::Addr) -> IpAddr {
+    let bytes = flowtrace_common::addr_bytes(words);
     if version == 4 {
         IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
     } else {
-        IpAddr::V6(Ipv6Addr::from(*bytes))
+        IpAddr::V6(Ipv6Addr::from(bytes))
     }
 }
 
@@ -177,7 +178,7 @@ impl FlowTable {
                 }
             })
             .collect();
-        out.sort_by(|a, b| (a.src, a.dst, a.protocol_number, a.src_port, a.dst_port).cmp(&(b.src, b.dst, b.protocol_number, b.src_port, b.dst_port)));
+        out.sort_by_key(|f| (f.src, f.dst, f.protocol_number, f.src_port, f.dst_port));
         out
     }
 }
@@ -242,8 +243,8 @@ mod tests {
 
     fn key(src: [u8; 4], sport: u16, ifindex: u32, dir: u8) -> FlowKey {
         let mut k = FlowKey { src_port: sport, dst_port: 53, ifindex, direction: dir, ip_version: 4, protocol: 17, ..FlowKey::default() };
-        k.src_addr[..4].copy_from_slice(&src);
-        k.dst_addr[..4].copy_from_slice(&[10, 244, 2, 11]);
+        k.src_addr = flowtrace_common::addr_from_bytes(&[src[0], src[1], src[2], src[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        k.dst_addr = flowtrace_common::addr_from_bytes(&[10, 244, 2, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         k
     }
 
@@ -302,8 +303,8 @@ mod tests {
         let mut k = key([0; 4], 1, 1, 0);
         k.ip_version = 6;
         k.protocol = 6;
-        k.src_addr = "fd00:10:244:1::a".parse::<Ipv6Addr>().unwrap().octets();
-        k.dst_addr = "fd00:10:244:2::b".parse::<Ipv6Addr>().unwrap().octets();
+        k.src_addr = flowtrace_common::addr_from_bytes(&"fd00:10:244:1::a".parse::<Ipv6Addr>().unwrap().octets());
+        k.dst_addr = flowtrace_common::addr_from_bytes(&"fd00:10:244:2::b".parse::<Ipv6Addr>().unwrap().octets());
         let mut t = FlowTable::new(10, u64::MAX);
         let mut s = stats(1, 60, 1, 1);
         s.tcp_flags = 0x12;

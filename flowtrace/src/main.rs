@@ -46,6 +46,10 @@ struct AgentArgs {
     /// How to attach: tcx (kernel >= 6.6), clsact (older kernels), or auto.
     #[arg(long, env = "FLOWTRACE_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
     attach_mode: AttachMode,
+    /// Name of this node in the API (in a DaemonSet: `spec.nodeName` via the downward API).
+    /// Defaults to the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Also trace interfaces matching this name or `*` glob (e.g. eth0 for the encapsulated packets).
     #[arg(long = "include-iface", env = "FLOWTRACE_INCLUDE_IFACE", value_delimiter = ',')]
     include: Vec<String>,
@@ -106,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 flow_idle_timeout: Duration::from_secs(a.flow_idle_timeout_s),
                 attach_mode: a.attach_mode,
                 selector: Selector { include: a.include, exclude: a.exclude },
+                node_name: a.node_name,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

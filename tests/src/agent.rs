@@ -98,6 +98,10 @@ impl Agent {
         cmd.args(["netns", "exec", netns])
             .arg(&bin)
             .args(["agent", "--listen", &format!("127.0.0.1:{API_PORT}"), "--drain-interval-ms", "500"])
+            // The emulated node's `eth0` stands for its physical NIC, which flowtrace does not
+            // trace by default; it is a veth here only because the nodes are namespaces.
+            .args(["--exclude-iface", "eth0"])
+            .args(["--node-name", netns.rsplit('-').next().unwrap_or(netns)])
             .args(extra)
             .env("FLOWTRACE_LOG", "info")
             .stdin(Stdio::null())

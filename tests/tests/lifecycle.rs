@@ -20,7 +20,6 @@ use flowtrace_tests::{finish, flowtrace_program_ids, ftgen, ftgen_bg, in_netns, 
 fn traced_devices(node: &Node) -> Vec<String> {
     let mut v: Vec<String> = node.pods.iter().map(|p| p.host_veth.clone()).collect();
     v.push("flannel.1".into());
-    v.push("eth0".into());
     v
 }
 

@@ -11,6 +11,7 @@ mod baselines;
 mod bench;
 mod build;
 mod demo;
+mod microbench;
 mod proc;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,15 @@ enum Command {
     Demo,
     /// Throughput with/without flowtrace and per-packet program cost (bpf_stats).
     Bench(bench::BenchArgs),
+    /// CPU cost per run of each TC program on fixed packets (BPF_PROG_TEST_RUN), no network.
+    Microbench {
+        /// Runs per figure.
+        #[arg(long, default_value_t = 2_000_000)]
+        repeat: u32,
+        /// Rounds; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// (internal) Attach the reference programs with TCX to the given interfaces of the
     /// current network namespace and hold them until stdin closes or SIGTERM.
     #[command(hide = true)]
@@ -42,6 +52,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
         Command::HoldBaselines { iface } => baselines::hold(&iface),
     }
 }

@@ -17,7 +17,7 @@ fn eth(ethertype: u16, vlans: &[u16]) -> Vec<u8> {
 }
 
 fn ipv4(proto: u8, options: &[u8], payload: &[u8], frag: u16) -> Vec<u8> {
-    assert!(options.len() % 4 == 0);
+    assert!(options.len().is_multiple_of(4));
     let ihl = 5 + options.len() / 4;
     let total = (ihl * 4 + payload.len()) as u16;
     let mut h = std::vec![0x40 | ihl as u8, 0];
@@ -91,9 +91,10 @@ fn ipv4_udp() {
     let i = parse(&f).unwrap();
     assert_eq!(i.ip_version, 4);
     assert_eq!(i.protocol, IPPROTO_UDP);
-    assert_eq!(&i.src_addr[..4], &[10, 244, 1, 10]);
-    assert_eq!(&i.src_addr[4..], &[0u8; 12]);
-    assert_eq!(&i.dst_addr[..4], &[10, 244, 2, 11]);
+    let src = crate::addr_bytes(&i.src_addr);
+    assert_eq!(&src[..4], &[10, 244, 1, 10]);
+    assert_eq!(&src[4..], &[0u8; 12]);
+    assert_eq!(&crate::addr_bytes(&i.dst_addr)[..4], &[10, 244, 2, 11]);
     assert_eq!((i.src_port, i.dst_port), (40000, 53));
     assert_eq!(i.wire_counts(meta(&f)), (1, 20 + 8 + 100));
 }
@@ -190,7 +191,9 @@ fn ipv6_tcp_and_extension_headers() {
     let plain = frame(eth(ETH_P_IPV6, &[]), ipv6(IPPROTO_TCP, &[], &t));
     let i = parse(&plain).unwrap();
     assert_eq!((i.ip_version, i.protocol, i.src_port, i.dst_port), (6, 6, 443, 50000));
-    assert_eq!(i.src_addr[15], 10);
+    assert_eq!(crate::addr_bytes(&i.src_addr)[15], 10);
+    assert_eq!(crate::addr_bytes(&i.dst_addr)[7], 2);
+    assert_eq!(crate::addr_from_bytes(&crate::addr_bytes(&i.src_addr)), i.src_addr);
     assert_eq!(i.wire_counts(meta(&plain)), (1, 60));
 
     // Hop-by-hop (8 bytes) -> destination options (16 bytes) -> routing (8) -> TCP.
@@ -277,4 +280,19 @@ fn stats_merge() {
     assert_eq!(empty.first_seen_ns, 40);
     empty.merge(&crate::FlowStats::default());
     assert_eq!(empty.packets, 2);
+}
+
+#[test]
+fn cache_index_spreads_and_stays_in_range() {
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 0..2000u16 {
+        let k = crate::FlowKey { src_port: port, dst_port: 80, ifindex: 5, ip_version: 4, protocol: 6, ..Default::default() };
+        let i = crate::CacheSlot::index(&k);
+        assert!(i < crate::CACHE_SLOTS);
+        seen.insert(i);
+    }
+    assert!(seen.len() > 200, "2000 flows should use most of the 256 slots, used {}", seen.len());
+    let a = crate::FlowKey { ifindex: 1, ..Default::default() };
+    let b = crate::FlowKey { ifindex: 1, direction: 1, ..Default::default() };
+    assert_ne!(a.words(), b.words());
 }
