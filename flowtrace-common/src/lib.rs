@@ -179,7 +179,8 @@ pub enum Counter {
     Ipv6ExtensionChain = 6,
     /// Frame shorter than the TCP/UDP/ICMP/SCTP header its IP header announces.
     TruncatedL4 = 7,
-    /// A new flow could not be inserted because the flow map was full.
+    /// Packets whose counts were lost because a new flow could not be inserted into the
+    /// full flow map (raise `--flow-entries` or drain more often).
     FlowMapFull = 8,
     /// The control map could not be read (should never happen; counted to be sure).
     ControlMissing = 9,

@@ -61,9 +61,14 @@ pub fn flowtrace_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn count(counter: Counter) {
+    count_n(counter, 1);
+}
+
+#[inline(always)]
+fn count_n(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 
@@ -156,7 +161,7 @@ fn add_to_map(flows: &PerCpuHashMap<FlowKey, FlowStats>, key: &FlowKey, add: &Fl
     // it is then zeroed, so add into it) or the map is full.
     match flows.get_ptr_mut(key) {
         Some(stats) => merge_into(stats, add),
-        None => count(Counter::FlowMapFull),
+        None => count_n(Counter::FlowMapFull, add.packets),
     }
 }
 

@@ -97,7 +97,8 @@ impl Agent {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns])
             .arg(&bin)
-            .args(["agent", "--listen", &format!("127.0.0.1:{API_PORT}"), "--drain-interval-ms", "500"])
+            .args(["agent", "--listen", &format!("127.0.0.1:{API_PORT}")])
+            .args(if extra.contains(&"--drain-interval-ms") { &[][..] } else { &["--drain-interval-ms", "500"][..] })
             // The emulated node's `eth0` stands for its physical NIC, which flowtrace does not
             // trace by default; it is a veth here only because the nodes are namespaces.
             .args(["--exclude-iface", "eth0"])

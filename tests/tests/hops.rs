@@ -150,3 +150,75 @@ fn icmp_echo_requests_and_replies() {
         }
     }
 }
+
+/// Many interleaved flows through one hook: more flows than the per-CPU cache has slots, so
+/// counters move between cache and hash map and across drains; every flow must still be exact.
+#[test]
+fn many_interleaved_flows_are_each_counted_exactly() {
+    let bed = Bed::up();
+    let c = &bed.cluster;
+    let (src, dst) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-b").unwrap());
+    const FLOWS: u64 = 600;
+    const ROUNDS: u64 = 5;
+    let sink = ftgen_bg(dst, &["udp-sink", "--bind", "0.0.0.0:25001", "--count", &(FLOWS * ROUNDS).to_string(), "--timeout-ms", "30000"]).unwrap();
+    let sent = ftgen(src, &[
+        "udp-send", "--to", &format!("{}:25001", dst.ipv4), "--count", &(FLOWS * ROUNDS).to_string(),
+        "--size", "20", "--sockets", &FLOWS.to_string(), "--interval-us", "100", "--bind", &src.ipv4.to_string(),
+    ])
+    .unwrap();
+    assert_eq!(finish(sink).unwrap()["received"], FLOWS * ROUNDS);
+    let ports: Vec<u16> = sent["local_ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
+    assert_eq!(ports.len() as u64, FLOWS);
+    let (n1, n2) = (bed.agent(1).flows().unwrap(), bed.agent(2).flows().unwrap());
+    for port in ports {
+        for (flows, node) in [(&n1, 1), (&n2, 2)] {
+            let f = find(flows, 17, src.ipv4.into(), dst.ipv4.into(), Some(port), 25001).unwrap_or_else(|| panic!("node{node} lacks flow from port {port}"));
+            assert_eq!(f.hops.len(), 2, "{f:#?}");
+            for h in &f.hops {
+                assert_eq!((h.packets, h.bytes), (ROUNDS, ROUNDS * (20 + 8 + 20)), "node{node} port {port} {h:?}");
+            }
+        }
+    }
+}
+
+/// A flow map too small for the traffic: what does not fit is counted as lost, packet for
+/// packet. Every packet that entered a hook is accounted for exactly once: counted in a flow,
+/// lost to the full map, unparsed, or not IP.
+#[test]
+fn a_full_flow_map_counts_every_lost_packet() {
+    common::assert_root();
+    let cluster = flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions::default()).unwrap();
+    let agent = flowtrace_tests::Agent::start(&cluster.node(1).unwrap().netns, &["--flow-entries", "64", "--drain-interval-ms", "600000"]).unwrap();
+    let (src, dst) = (cluster.pod(1, "pod-a").unwrap(), cluster.pod(1, "pod-c").unwrap());
+    const FLOWS: u64 = 400;
+    const ROUNDS: u64 = 3;
+    let all_packets = |flows: &[flowtrace::flows::FlowRecord]| -> u64 { flows.iter().flat_map(|f| f.hops.iter().map(|h| h.packets)).sum() };
+    let counted_before = all_packets(&agent.flows().unwrap());
+    let before = agent.stats().unwrap();
+    let sink = ftgen_bg(dst, &["udp-sink", "--bind", "0.0.0.0:25002", "--count", &(FLOWS * ROUNDS).to_string(), "--timeout-ms", "30000"]).unwrap();
+    let sent = ftgen(src, &[
+        "udp-send", "--to", &format!("{}:25002", dst.ipv4), "--count", &(FLOWS * ROUNDS).to_string(),
+        "--size", "20", "--sockets", &FLOWS.to_string(), "--interval-us", "100", "--bind", &src.ipv4.to_string(),
+    ])
+    .unwrap();
+    assert_eq!(finish(sink).unwrap()["received"], FLOWS * ROUNDS);
+    let ports: Vec<u64> = sent["local_ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+    let flows = agent.flows().unwrap();
+    let counted: u64 = flows
+        .iter()
+        .filter(|f| f.dst_port == 25002 && ports.contains(&(f.src_port as u64)))
+        .flat_map(|f| f.hops.iter().map(|h| h.packets))
+        .sum();
+    let after = agent.stats().unwrap();
+    let delta = |k: &str| after.kernel[k] - before.kernel[k];
+    let lost = delta("flow_map_full");
+    assert!(lost > 0, "64 entries cannot hold {FLOWS} flows x 2 hops");
+    // Ours: 2 hooks per datagram; each is either counted in our flows or lost.
+    assert!(counted <= FLOWS * ROUNDS * 2 && counted + lost >= FLOWS * ROUNDS * 2, "counted {counted}, lost {lost}");
+    // Everything (ours and the namespace's background chatter) balances exactly.
+    let counted_all = all_packets(&flows) - counted_before;
+    let unparsed = after.unparsed_packets - before.unparsed_packets;
+    assert_eq!(counted_all + lost + unparsed + delta("non_ip"), delta("packets_seen"), "counted {counted_all} lost {lost} unparsed {unparsed}");
+    drop(agent);
+    cluster.down().unwrap();
+}

@@ -67,6 +67,10 @@ enum Cmd {
         expect_echo: bool,
         #[arg(long, default_value_t = 1000)]
         echo_timeout_ms: u64,
+        /// Spread the datagrams round-robin over this many sockets (distinct source ports,
+        /// hence distinct flows), e.g. to exercise many interleaved flows.
+        #[arg(long, default_value_t = 1)]
+        sockets: usize,
     },
     /// Accept --connections TCP connections, read each to EOF, optionally answer.
     /// Prints {"received_bytes","connections","peers","errors"}.
@@ -153,6 +157,7 @@ fn main() -> Result<()> {
             bind,
             expect_echo,
             echo_timeout_ms,
+            sockets,
         } => udp_send(
             to,
             count,
@@ -160,6 +165,7 @@ fn main() -> Result<()> {
             Duration::from_micros(interval_us),
             bind,
             expect_echo.then(|| ms(echo_timeout_ms)),
+            sockets,
         )?,
         Cmd::TcpSink {
             bind,
@@ -320,9 +326,15 @@ fn udp_send(
     interval: Duration,
     bind: Option<SocketAddr>,
     echo_timeout: Option<Duration>,
+    sockets: usize,
 ) -> Result<serde_json::Value> {
     let local = bind.unwrap_or_else(|| unspecified_like(to));
-    let sock = UdpSocket::bind(local).with_context(|| format!("binding UDP {local}"))?;
+    if sockets == 0 || (sockets > 1 && local.port() != 0) {
+        anyhow::bail!("--sockets must be at least 1, and several sockets need an ephemeral port (bind an IP only)");
+    }
+    let socks = (0..sockets)
+        .map(|_| UdpSocket::bind(local).with_context(|| format!("binding UDP {local}")))
+        .collect::<Result<Vec<_>>>()?;
     let data = payload(size);
     let mut buf = vec![0u8; 65536];
     let (mut sent, mut echoed) = (0u64, 0u64);
@@ -330,6 +342,7 @@ fn udp_send(
         if k > 0 && !interval.is_zero() {
             std::thread::sleep(interval);
         }
+        let sock = &socks[(k % sockets as u64) as usize];
         sock.send_to(&data, to)
             .with_context(|| format!("sending datagram {k} to {to}"))?;
         sent += 1;
@@ -345,11 +358,15 @@ fn udp_send(
             }
         }
     }
-    let local = sock.local_addr().context("reading local UDP address")?;
+    let locals = socks
+        .iter()
+        .map(|s| s.local_addr().context("reading local UDP address"))
+        .collect::<Result<Vec<_>>>()?;
     Ok(json!({
         "sent": sent,
         "bytes": sent * size as u64,
-        "local": local.to_string(),
+        "local": locals[0].to_string(),
+        "local_ports": locals.iter().map(|l| l.port()).collect::<Vec<_>>(),
         "echoed": echoed,
     }))
 }
