@@ -6,6 +6,13 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow::anyhow!("flowtrace crate has no parent directory"))?
         .join("flowtrace-ebpf");
+    // aya-build watches the kernel crate; the shared crate it compiles in (the parser, the
+    // map types) must trigger a rebuild of the kernel object too.
+    let common_dir = manifest_dir
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("flowtrace crate has no parent directory"))?
+        .join("flowtrace-common");
+    println!("cargo:rerun-if-changed={}", common_dir.display());
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;

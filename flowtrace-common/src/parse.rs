@@ -205,7 +205,7 @@ fn parse_ipv4<P: Packet + ?Sized>(
         l3_len: total_len,
         ..PacketInfo::default()
     };
-    parse_l4(pkt, l3 + ihl, &mut info)?;
+    parse_l4(pkt, l3 + ihl, &mut info, meta.gso_segs > 1)?;
     Ok(info)
 }
 
@@ -276,7 +276,7 @@ fn parse_ipv6<P: Packet + ?Sized>(
         l3_len: payload_len + 40,
         ..PacketInfo::default()
     };
-    parse_l4(pkt, off, &mut info)?;
+    parse_l4(pkt, off, &mut info, meta.gso_segs > 1)?;
     Ok(info)
 }
 
@@ -290,6 +290,7 @@ fn parse_l4<P: Packet + ?Sized>(
     pkt: &P,
     l4: usize,
     info: &mut PacketInfo,
+    gso: bool,
 ) -> Result<(), ParseError> {
     if l4 > MAX_HEADER_OFFSET {
         return Err(ParseError::TruncatedL4);
@@ -312,6 +313,11 @@ fn parse_l4<P: Packet + ?Sized>(
             info.src_port = pkt.be16_at(l4).ok_or(ParseError::TruncatedL4)?;
             info.dst_port = pkt.be16_at(l4 + 2).ok_or(ParseError::TruncatedL4)?;
             info.l4_header_len = if info.protocol == IPPROTO_UDP { 8 } else { 12 };
+            // A UDP-tunnel GSO aggregate (VXLAN/Geneve on the node's uplink) repeats the tunnel
+            // header and the inner headers in every segment, not just the outer UDP header.
+            if gso && info.protocol == IPPROTO_UDP {
+                info.l4_header_len += tunnel_headers_len(pkt, l4 + 8, info.dst_port).unwrap_or(0);
+            }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             pkt.u8_at(l4 + 7).ok_or(ParseError::TruncatedL4)?;
@@ -330,6 +336,41 @@ fn parse_l4<P: Packet + ?Sized>(
         _ => {}
     }
     Ok(())
+}
+
+/// UDP ports of the tunnels whose GSO aggregates flowtrace sizes exactly.
+pub const VXLAN_PORTS: [u16; 2] = [4789, 8472];
+pub const GENEVE_PORT: u16 = 6081;
+
+/// Bytes from the end of the outer UDP header to the inner payload (tunnel header, inner
+/// Ethernet, inner IP, inner TCP/UDP), for a VXLAN or Geneve packet; `None` otherwise.
+#[inline(always)]
+fn tunnel_headers_len<P: Packet + ?Sized>(pkt: &P, tun: usize, dst_port: u16) -> Option<u32> {
+    let tunnel = if dst_port == VXLAN_PORTS[0] || dst_port == VXLAN_PORTS[1] {
+        8
+    } else if dst_port == GENEVE_PORT {
+        // Geneve: 8 fixed bytes plus options, their length in 4-byte words in byte 0.
+        8 + ((pkt.u8_at(tun)? & 0x3f) as usize) * 4
+    } else {
+        return None;
+    };
+    let inner_eth = tun + tunnel;
+    let inner_l3 = inner_eth + ETH_HLEN;
+    if inner_l3 > MAX_HEADER_OFFSET {
+        return None;
+    }
+    let (l3_len, proto) = match pkt.be16_at(inner_eth + 12)? {
+        ETH_P_IP => (((pkt.u8_at(inner_l3)? & 0x0f) as usize) * 4, pkt.u8_at(inner_l3 + 9)?),
+        ETH_P_IPV6 => (40, pkt.u8_at(inner_l3 + 6)?),
+        _ => return None,
+    };
+    let inner_l4 = inner_l3 + l3_len;
+    let l4_len = match proto {
+        IPPROTO_TCP => ((pkt.u8_at(inner_l4 + 12)? >> 4) as usize) * 4,
+        IPPROTO_UDP => 8,
+        _ => 0,
+    };
+    Some((tunnel + ETH_HLEN + l3_len + l4_len) as u32)
 }
 
 #[cfg(test)]

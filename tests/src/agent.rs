@@ -101,7 +101,7 @@ impl Agent {
             .args(if extra.contains(&"--drain-interval-ms") { &[][..] } else { &["--drain-interval-ms", "500"][..] })
             // The emulated node's `eth0` stands for its physical NIC, which flowtrace does not
             // trace by default; it is a veth here only because the nodes are namespaces.
-            .args(["--exclude-iface", "eth0"])
+            .args(if extra.contains(&"--include-iface") { &[][..] } else { &["--exclude-iface", "eth0"][..] })
             .args(["--node-name", netns.rsplit('-').next().unwrap_or(netns)])
             .args(extra)
             .env("FLOWTRACE_LOG", "info")

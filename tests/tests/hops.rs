@@ -193,8 +193,14 @@ fn a_full_flow_map_counts_every_lost_packet() {
     const FLOWS: u64 = 400;
     const ROUNDS: u64 = 3;
     let all_packets = |flows: &[flowtrace::flows::FlowRecord]| -> u64 { flows.iter().flat_map(|f| f.hops.iter().map(|h| h.packets)).sum() };
-    let counted_before = all_packets(&agent.flows().unwrap());
-    let before = agent.stats().unwrap();
+    let (counted_before, before) = (0..20)
+        .find_map(|_| {
+            let s1 = agent.stats().unwrap();
+            let counted = all_packets(&agent.flows().unwrap());
+            let s2 = agent.stats().unwrap();
+            (s1.kernel["packets_seen"] == s2.kernel["packets_seen"]).then_some((counted, s2))
+        })
+        .expect("the hooks never went quiet");
     let sink = ftgen_bg(dst, &["udp-sink", "--bind", "0.0.0.0:25002", "--count", &(FLOWS * ROUNDS).to_string(), "--timeout-ms", "30000"]).unwrap();
     let sent = ftgen(src, &[
         "udp-send", "--to", &format!("{}:25002", dst.ipv4), "--count", &(FLOWS * ROUNDS).to_string(),
@@ -203,13 +209,21 @@ fn a_full_flow_map_counts_every_lost_packet() {
     .unwrap();
     assert_eq!(finish(sink).unwrap()["received"], FLOWS * ROUNDS);
     let ports: Vec<u64> = sent["local_ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
-    let flows = agent.flows().unwrap();
+    // Background chatter (IPv6 neighbour discovery, MLD) may cross a hook at any moment: take
+    // the flow table between two identical counter readings so both describe the same packets.
+    let (flows, after) = (0..20)
+        .find_map(|_| {
+            let s1 = agent.stats().unwrap();
+            let flows = agent.flows().unwrap();
+            let s2 = agent.stats().unwrap();
+            (s1.kernel["packets_seen"] == s2.kernel["packets_seen"]).then_some((flows, s2))
+        })
+        .expect("the hooks never went quiet");
     let counted: u64 = flows
         .iter()
         .filter(|f| f.dst_port == 25002 && ports.contains(&(f.src_port as u64)))
         .flat_map(|f| f.hops.iter().map(|h| h.packets))
         .sum();
-    let after = agent.stats().unwrap();
     let delta = |k: &str| after.kernel[k] - before.kernel[k];
     let lost = delta("flow_map_full");
     assert!(lost > 0, "64 entries cannot hold {FLOWS} flows x 2 hops");
@@ -221,4 +235,34 @@ fn a_full_flow_map_counts_every_lost_packet() {
     assert_eq!(counted_all + lost + unparsed + delta("non_ip"), delta("packets_seen"), "counted {counted_all} lost {lost} unparsed {unparsed}");
     drop(agent);
     cluster.down().unwrap();
+}
+
+/// With the uplink traced (`--include-iface eth0`), the encapsulated packets are their own
+/// flow (node to node, UDP 8472). Each carries exactly one inner packet plus the outer IPv4,
+/// UDP, VXLAN and inner Ethernet headers (50 bytes), GSO/GRO aggregates included, and both
+/// ends of the underlay count the same.
+#[test]
+fn vxlan_outer_flow_on_the_uplink_matches_the_inner_flow() {
+    common::assert_root();
+    let cluster = flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions::default()).unwrap();
+    let a1 = flowtrace_tests::Agent::start(&cluster.node(1).unwrap().netns, &["--include-iface", "eth0"]).unwrap();
+    let a2 = flowtrace_tests::Agent::start(&cluster.node(2).unwrap().netns, &["--include-iface", "eth0"]).unwrap();
+    let (src, dst) = (cluster.pod(1, "pod-a").unwrap(), cluster.pod(2, "pod-b").unwrap());
+    let sink = ftgen_bg(dst, &["tcp-sink", "--bind", "0.0.0.0:26001", "--timeout-ms", "30000"]).unwrap();
+    let sent = ftgen(src, &["tcp-send", "--to", &format!("{}:26001", dst.ipv4), "--bytes", "4000000"]).unwrap();
+    assert_eq!(finish(sink).unwrap()["received_bytes"], 4_000_000);
+    let sport = sent["local_ports"][0].as_u64().unwrap() as u16;
+    let (n1, n2) = (a1.flows().unwrap(), a2.flows().unwrap());
+    let inner = find(&n1, 6, src.ipv4.into(), dst.ipv4.into(), Some(sport), 26001).unwrap();
+    let inner_out = inner.hops.iter().find(|h| h.interface == "flannel.1").unwrap();
+    let (u1, u2): (IpAddr, IpAddr) = (cluster.node(1).unwrap().underlay_ip.into(), cluster.node(2).unwrap().underlay_ip.into());
+    let outer = n1
+        .iter()
+        .find(|f| f.protocol_number == 17 && f.src == u1 && f.dst == u2 && f.dst_port == 8472 && f.packets == inner_out.packets)
+        .unwrap_or_else(|| panic!("no outer flow with {} packets: {:#?}", inner_out.packets, n1.iter().filter(|f| f.dst_port == 8472).collect::<Vec<_>>()));
+    assert_eq!(hop_names(outer), hops(&[("eth0", Egress)]));
+    assert_eq!(outer.bytes, inner_out.bytes + 50 * inner_out.packets, "outer {outer:#?} inner {inner_out:?}");
+    let far = find(&n2, 17, u1, u2, Some(outer.src_port), 8472).unwrap();
+    assert_eq!(hop_names(&far), hops(&[("eth0", Ingress)]));
+    assert_eq!((far.packets, far.bytes), (outer.packets, outer.bytes), "both ends of the underlay");
 }

@@ -296,3 +296,23 @@ fn cache_index_spreads_and_stays_in_range() {
     let b = crate::FlowKey { ifindex: 1, direction: 1, ..Default::default() };
     assert_ne!(a.words(), b.words());
 }
+
+#[test]
+fn vxlan_gso_aggregate_counts_inner_headers_per_segment() {
+    // Outer IPv4/UDP to 8472, VXLAN, inner Ethernet + IPv4 + TCP (32) + 3 x 1398 bytes.
+    let mut inner = eth(ETH_P_IP, &[]);
+    inner.extend(ipv4(IPPROTO_TCP, &[], &tcp(40000, 80, 0x10, 3, 3 * 1398), 0));
+    let mut vx = std::vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    vx.extend(inner);
+    let outer = udp(51000, 8472, vx.len());
+    let mut outer_udp = outer[..8].to_vec();
+    outer_udp.extend(vx);
+    let f = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_UDP, &[], &outer_udp, 0));
+    let m = SkbMeta { len: f.len() as u32, gso_segs: 3 };
+    let i = parse_frame(&f[..], m).unwrap();
+    assert_eq!(i.l4_header_len, 8 + 8 + 14 + 20 + 32);
+    assert_eq!(i.wire_counts(m), (3, 3 * (20 + 8 + 8 + 14 + 20 + 32 + 1398)));
+    // Not an aggregate: the plain IP total length, as always.
+    let plain = SkbMeta { len: f.len() as u32, gso_segs: 1 };
+    assert_eq!(parse_frame(&f[..], plain).unwrap().wire_counts(plain).1, (f.len() - 14) as u64);
+}
