@@ -186,10 +186,13 @@ pub enum Counter {
     ControlMissing = 9,
     /// VLAN stack deeper than flowtrace skips.
     TooManyVlanTags = 10,
+    /// Not a loss: header reads that fell outside the skb's linear part and needed a helper
+    /// call (paged skbs, e.g. some GRO aggregates). Shows where the slow path is taken.
+    SlowHeaderReads = 11,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 11;
+pub const COUNTER_SLOTS: u32 = 12;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -205,6 +208,7 @@ impl Counter {
         Counter::FlowMapFull,
         Counter::ControlMissing,
         Counter::TooManyVlanTags,
+        Counter::SlowHeaderReads,
     ];
 
     /// Stable snake_case name used in the API and metrics.
@@ -221,6 +225,7 @@ impl Counter {
             Counter::FlowMapFull => "flow_map_full",
             Counter::ControlMissing => "control_missing",
             Counter::TooManyVlanTags => "too_many_vlan_tags",
+            Counter::SlowHeaderReads => "slow_header_reads",
         }
     }
 

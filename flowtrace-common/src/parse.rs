@@ -344,7 +344,9 @@ pub const GENEVE_PORT: u16 = 6081;
 
 /// Bytes from the end of the outer UDP header to the inner payload (tunnel header, inner
 /// Ethernet, inner IP, inner TCP/UDP), for a VXLAN or Geneve packet; `None` otherwise.
-#[inline(always)]
+/// Out of line (its own BPF function in the kernel): only GSO tunnel aggregates need it, and
+/// keeping it out of the common path keeps that path's code small.
+#[inline(never)]
 fn tunnel_headers_len<P: Packet + ?Sized>(pkt: &P, tun: usize, dst_port: u16) -> Option<u32> {
     let tunnel = if dst_port == VXLAN_PORTS[0] || dst_port == VXLAN_PORTS[1] {
         8

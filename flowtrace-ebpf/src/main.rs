@@ -60,7 +60,7 @@ pub fn flowtrace_egress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn count(counter: Counter) {
+pub(crate) fn count(counter: Counter) {
     count_n(counter, 1);
 }
 

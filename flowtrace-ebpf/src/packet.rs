@@ -27,11 +27,7 @@ impl DirectPacket<'_> {
     /// end` into `start < end`, from which the verifier derives no readable range, so single
     /// bytes are checked as 2-byte windows. A byte that ends the packet then takes the slow path.
     #[inline(always)]
-    fn at<T: Copy, const N: usize, const WINDOW: usize>(
-        &self,
-        offset: usize,
-        from_bytes: fn([u8; N]) -> T,
-    ) -> Option<T> {
+    fn at<T: Copy, const N: usize, const WINDOW: usize>(&self, offset: usize, from_word: fn(u32) -> T) -> Option<T> {
         // Bounding the offset lets the verifier prove `data + offset` stays in range.
         if offset > MAX_HEADER_OFFSET {
             return None;
@@ -43,34 +39,43 @@ impl DirectPacket<'_> {
             // unaligned packet loads, which is what lets this be a single load instruction.
             return Some(unsafe { core::ptr::read(start as *const T) });
         }
-        let mut buf = [0u8; N];
-        // Fails (and the read is "truncated") only when the bytes are not in the packet.
-        // SAFETY: `buf` is N writable bytes on our stack; the helper bounds-checks the skb.
-        let rc = unsafe {
-            bpf_skb_load_bytes(self.ctx.skb.skb as *const _, offset as u32, buf.as_mut_ptr() as *mut _, N as u32)
-        };
-        if rc == 0 {
-            Some(from_bytes(buf))
-        } else {
-            None
-        }
+        // `N` bytes at the start of a little-endian word: the low bytes (x86-64, arm64 BPF).
+        slow_read(self.ctx.skb.skb as usize, offset as u32, N as u32).map(from_word)
+    }
+}
+
+/// The slow path of a header read: up to 4 bytes at `offset` copied out with
+/// `bpf_skb_load_bytes` (paged skbs). A separate BPF function, not inlined at every read
+/// site, so the fast path stays small: the program's instruction-cache footprint is a large
+/// part of its cost under real traffic.
+#[inline(never)]
+fn slow_read(skb: usize, offset: u32, len: u32) -> Option<u32> {
+    crate::count(flowtrace_common::Counter::SlowHeaderReads);
+    let mut buf = [0u8; 4];
+    let len = if len >= 4 { 4 } else if len >= 2 { 2 } else { 1 };
+    // SAFETY: `buf` has 4 writable bytes and len <= 4; the helper bounds-checks the skb.
+    let rc = unsafe { bpf_skb_load_bytes(skb as *const _, offset, buf.as_mut_ptr() as *mut _, len) };
+    if rc == 0 {
+        Some(u32::from_ne_bytes(buf))
+    } else {
+        None
     }
 }
 
 impl Packet for DirectPacket<'_> {
     #[inline(always)]
     fn u8_at(&self, offset: usize) -> Option<u8> {
-        self.at::<u8, 1, 2>(offset, |b| b[0])
+        self.at::<u8, 1, 2>(offset, |w| w as u8)
     }
 
     #[inline(always)]
     fn be16_at(&self, offset: usize) -> Option<u16> {
-        self.at::<u16, 2, 2>(offset, u16::from_ne_bytes).map(u16::from_be)
+        self.at::<u16, 2, 2>(offset, |w| w as u16).map(u16::from_be)
     }
 
     #[inline(always)]
     fn word_at(&self, offset: usize) -> Option<u32> {
-        self.at::<u32, 4, 4>(offset, u32::from_ne_bytes)
+        self.at::<u32, 4, 4>(offset, |w| w)
     }
 }
 
