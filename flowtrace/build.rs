@@ -13,6 +13,8 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("flowtrace crate has no parent directory"))?
         .join("flowtrace-common");
     println!("cargo:rerun-if-changed={}", common_dir.display());
+    // Profiles for the kernel crate live in the workspace manifest.
+    println!("cargo:rerun-if-changed={}", common_dir.with_file_name("Cargo.toml").display());
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;

@@ -316,7 +316,7 @@ fn parse_l4<P: Packet + ?Sized>(
             // A UDP-tunnel GSO aggregate (VXLAN/Geneve on the node's uplink) repeats the tunnel
             // header and the inner headers in every segment, not just the outer UDP header.
             if gso && info.protocol == IPPROTO_UDP {
-                info.l4_header_len += tunnel_headers_len(pkt, l4 + 8, info.dst_port).unwrap_or(0);
+                info.l4_header_len += tunnel_headers_len(pkt, l4 + 8, info.dst_port);
             }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
@@ -343,11 +343,17 @@ pub const VXLAN_PORTS: [u16; 2] = [4789, 8472];
 pub const GENEVE_PORT: u16 = 6081;
 
 /// Bytes from the end of the outer UDP header to the inner payload (tunnel header, inner
-/// Ethernet, inner IP, inner TCP/UDP), for a VXLAN or Geneve packet; `None` otherwise.
+/// Ethernet, inner IP, inner TCP/UDP), for a VXLAN or Geneve packet; 0 otherwise. (A plain
+/// integer, not an `Option`: in the kernel this is a BPF function, which returns a scalar.)
 /// Out of line (its own BPF function in the kernel): only GSO tunnel aggregates need it, and
 /// keeping it out of the common path keeps that path's code small.
 #[inline(never)]
-fn tunnel_headers_len<P: Packet + ?Sized>(pkt: &P, tun: usize, dst_port: u16) -> Option<u32> {
+fn tunnel_headers_len<P: Packet + ?Sized>(pkt: &P, tun: usize, dst_port: u16) -> u32 {
+    tunnel_headers(pkt, tun, dst_port).unwrap_or(0)
+}
+
+#[inline(always)]
+fn tunnel_headers<P: Packet + ?Sized>(pkt: &P, tun: usize, dst_port: u16) -> Option<u32> {
     let tunnel = if dst_port == VXLAN_PORTS[0] || dst_port == VXLAN_PORTS[1] {
         8
     } else if dst_port == GENEVE_PORT {

@@ -40,7 +40,12 @@ impl DirectPacket<'_> {
             return Some(unsafe { core::ptr::read(start as *const T) });
         }
         // `N` bytes at the start of a little-endian word: the low bytes (x86-64, arm64 BPF).
-        slow_read(self.ctx.skb.skb as usize, offset as u32, N as u32).map(from_word)
+        let r = slow_read(self.ctx.skb.skb as usize, offset as u32, N as u32);
+        if r >> 32 != 0 {
+            Some(from_word(r as u32))
+        } else {
+            None
+        }
     }
 }
 
@@ -48,17 +53,20 @@ impl DirectPacket<'_> {
 /// `bpf_skb_load_bytes` (paged skbs). A separate BPF function, not inlined at every read
 /// site, so the fast path stays small: the program's instruction-cache footprint is a large
 /// part of its cost under real traffic.
+///
+/// Returns the word with bit 32 set on success, 0 on failure: a BPF function can only return
+/// a scalar in r0, so no `Option` crosses the call.
 #[inline(never)]
-fn slow_read(skb: usize, offset: u32, len: u32) -> Option<u32> {
+fn slow_read(skb: usize, offset: u32, len: u32) -> u64 {
     crate::count(flowtrace_common::Counter::SlowHeaderReads);
     let mut buf = [0u8; 4];
     let len = if len >= 4 { 4 } else if len >= 2 { 2 } else { 1 };
     // SAFETY: `buf` has 4 writable bytes and len <= 4; the helper bounds-checks the skb.
     let rc = unsafe { bpf_skb_load_bytes(skb as *const _, offset, buf.as_mut_ptr() as *mut _, len) };
     if rc == 0 {
-        Some(u32::from_ne_bytes(buf))
+        (1u64 << 32) | u64::from(u32::from_ne_bytes(buf))
     } else {
-        None
+        0
     }
 }
 
