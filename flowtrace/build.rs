@@ -14,7 +14,10 @@ fn main() -> anyhow::Result<()> {
         .join("flowtrace-common");
     println!("cargo:rerun-if-changed={}", common_dir.display());
     // Profiles for the kernel crate live in the workspace manifest.
-    println!("cargo:rerun-if-changed={}", common_dir.with_file_name("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        common_dir.with_file_name("Cargo.toml").display()
+    );
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;

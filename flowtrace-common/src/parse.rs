@@ -198,7 +198,12 @@ fn parse_ipv4<P: Packet + ?Sized>(
     let mut info = PacketInfo {
         ip_version: 4,
         protocol: pkt.u8_at(l3 + 9).ok_or(ParseError::TruncatedIp)?,
-        src_addr: [pkt.word_at(l3 + 12).ok_or(ParseError::TruncatedIp)?, 0, 0, 0],
+        src_addr: [
+            pkt.word_at(l3 + 12).ok_or(ParseError::TruncatedIp)?,
+            0,
+            0,
+            0,
+        ],
         dst_addr: [dst, 0, 0, 0],
         l3_offset: l3 as u32,
         l3_header_len: ihl as u32,
@@ -299,7 +304,8 @@ fn parse_l4<P: Packet + ?Sized>(
         IPPROTO_TCP => {
             // Bytes 12 (data offset) and 13 (flags) end the part we need; 19 ends the header.
             pkt.u8_at(l4 + 19).ok_or(ParseError::TruncatedL4)?;
-            let data_offset = ((pkt.u8_at(l4 + 12).ok_or(ParseError::TruncatedL4)? >> 4) as u32) * 4;
+            let data_offset =
+                ((pkt.u8_at(l4 + 12).ok_or(ParseError::TruncatedL4)? >> 4) as u32) * 4;
             if data_offset < 20 {
                 return Err(ParseError::TruncatedL4);
             }
@@ -328,7 +334,11 @@ fn parse_l4<P: Packet + ?Sized>(
             } else {
                 ty == 128 || ty == 129
             };
-            info.src_port = if echo { pkt.be16_at(l4 + 4).ok_or(ParseError::TruncatedL4)? } else { 0 };
+            info.src_port = if echo {
+                pkt.be16_at(l4 + 4).ok_or(ParseError::TruncatedL4)?
+            } else {
+                0
+            };
             info.dst_port = type_code;
             info.l4_header_len = 8;
         }
@@ -368,7 +378,10 @@ fn tunnel_headers<P: Packet + ?Sized>(pkt: &P, tun: usize, dst_port: u16) -> Opt
         return None;
     }
     let (l3_len, proto) = match pkt.be16_at(inner_eth + 12)? {
-        ETH_P_IP => (((pkt.u8_at(inner_l3)? & 0x0f) as usize) * 4, pkt.u8_at(inner_l3 + 9)?),
+        ETH_P_IP => (
+            ((pkt.u8_at(inner_l3)? & 0x0f) as usize) * 4,
+            pkt.u8_at(inner_l3 + 9)?,
+        ),
         ETH_P_IPV6 => (40, pkt.u8_at(inner_l3 + 6)?),
         _ => return None,
     };

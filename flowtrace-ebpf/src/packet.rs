@@ -15,7 +15,11 @@ pub struct DirectPacket<'a> {
 impl<'a> DirectPacket<'a> {
     #[inline(always)]
     pub fn new(ctx: &'a TcContext) -> Self {
-        Self { ctx, data: ctx.data(), data_end: ctx.data_end() }
+        Self {
+            ctx,
+            data: ctx.data(),
+            data_end: ctx.data_end(),
+        }
     }
 }
 
@@ -27,7 +31,11 @@ impl DirectPacket<'_> {
     /// end` into `start < end`, from which the verifier derives no readable range, so single
     /// bytes are checked as 2-byte windows. A byte that ends the packet then takes the slow path.
     #[inline(always)]
-    fn at<T: Copy, const N: usize, const WINDOW: usize>(&self, offset: usize, from_word: fn(u32) -> T) -> Option<T> {
+    fn at<T: Copy, const N: usize, const WINDOW: usize>(
+        &self,
+        offset: usize,
+        from_word: fn(u32) -> T,
+    ) -> Option<T> {
         // Bounding the offset lets the verifier prove `data + offset` stays in range.
         if offset > MAX_HEADER_OFFSET {
             return None;
@@ -60,9 +68,16 @@ impl DirectPacket<'_> {
 fn slow_read(skb: usize, offset: u32, len: u32) -> u64 {
     crate::count(flowtrace_common::Counter::SlowHeaderReads);
     let mut buf = [0u8; 4];
-    let len = if len >= 4 { 4 } else if len >= 2 { 2 } else { 1 };
+    let len = if len >= 4 {
+        4
+    } else if len >= 2 {
+        2
+    } else {
+        1
+    };
     // SAFETY: `buf` has 4 writable bytes and len <= 4; the helper bounds-checks the skb.
-    let rc = unsafe { bpf_skb_load_bytes(skb as *const _, offset, buf.as_mut_ptr() as *mut _, len) };
+    let rc =
+        unsafe { bpf_skb_load_bytes(skb as *const _, offset, buf.as_mut_ptr() as *mut _, len) };
     if rc == 0 {
         (1u64 << 32) | u64::from(u32::from_ne_bytes(buf))
     } else {
@@ -93,6 +108,9 @@ pub fn skb_meta(ctx: &TcContext) -> SkbMeta {
     // SAFETY: the context pointer is valid for the whole program run.
     unsafe {
         let skb = ctx.skb.skb;
-        SkbMeta { len: (*skb).len, gso_segs: (*skb).gso_segs }
+        SkbMeta {
+            len: (*skb).len,
+            gso_segs: (*skb).gso_segs,
+        }
     }
 }

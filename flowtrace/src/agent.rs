@@ -97,7 +97,10 @@ pub fn monotonic_ns() -> u64 {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid clock id and a valid out pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -109,13 +112,18 @@ pub fn mono_to_unix_offset_ns() -> i128 {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut ebpf = attach::load(cfg.flow_entries)?;
     let drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
-    let attacher = Arc::new(tokio::sync::Mutex::new(Attacher::new(ebpf, cfg.attach_mode)));
+    let attacher = Arc::new(tokio::sync::Mutex::new(Attacher::new(
+        ebpf,
+        cfg.attach_mode,
+    )));
     let (mode, program_ids) = {
         let mut a = attacher.lock().await;
         (a.mode(), a.program_ids())
@@ -124,7 +132,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let shared = Arc::new(Shared {
         drainer: tokio::sync::Mutex::new(drainer),
-        table: Mutex::new(FlowTable::new(cfg.max_flows, cfg.flow_idle_timeout.as_nanos() as u64)),
+        table: Mutex::new(FlowTable::new(
+            cfg.max_flows,
+            cfg.flow_idle_timeout.as_nanos() as u64,
+        )),
         links: Mutex::new(HashMap::new()),
         attached: Mutex::new(Vec::new()),
         attach_mode: mode,
@@ -138,7 +149,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| Error::Listen { addr: cfg.listen.to_string(), source })?;
+        .map_err(|source| Error::Listen {
+            addr: cfg.listen.to_string(),
+            source,
+        })?;
 
     let (tx, rx) = mpsc::channel(1024);
     let watcher = tokio::spawn(async move {
@@ -146,7 +160,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             error!(error = %e, "link watcher failed");
         }
     });
-    let link_task = tokio::spawn(follow_links(rx, attacher.clone(), shared.clone(), cfg.selector.clone()));
+    let link_task = tokio::spawn(follow_links(
+        rx,
+        attacher.clone(),
+        shared.clone(),
+        cfg.selector.clone(),
+    ));
     let drain_task = tokio::spawn(periodic_drain(shared.clone(), cfg.drain_interval));
     let api_task = tokio::spawn(crate::api::serve(listener, shared.clone()));
 
@@ -167,7 +186,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {},
@@ -211,7 +233,10 @@ async fn follow_links(
             }
             LinkEvent::Synced => {
                 shared.links_synced.store(true, Ordering::Relaxed);
-                info!(interfaces = lock(&shared.attached).len(), "initial interfaces attached");
+                info!(
+                    interfaces = lock(&shared.attached).len(),
+                    "initial interfaces attached"
+                );
             }
         }
     }

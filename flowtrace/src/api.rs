@@ -106,7 +106,10 @@ struct FlowQuery {
 }
 
 fn split(v: &Option<String>) -> impl Iterator<Item = &str> {
-    v.as_deref().into_iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty())
+    v.as_deref()
+        .into_iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
 }
 
 fn parse_query(q: &FlowQuery) -> crate::error::Result<FlowFilter> {
@@ -131,18 +134,33 @@ async fn flows(State(shared): State<Arc<Shared>>, Query(q): Query<FlowQuery>) ->
         .into_iter()
         .filter(|f| filter.matches(f))
         .collect();
-    Json(FlowsResponse { node: shared.node.clone(), flows }).into_response()
+    Json(FlowsResponse {
+        node: shared.node.clone(),
+        flows,
+    })
+    .into_response()
 }
 
 async fn interfaces(State(shared): State<Arc<Shared>>) -> Json<InterfacesResponse> {
     let links = lock(&shared.links).clone();
     let interfaces = lock(&shared.attached)
         .iter()
-        .map(|(i, n)| InterfaceRecord { ifindex: *i, name: n.clone(), kind: links.get(i).and_then(|l| l.kind.clone()) })
+        .map(|(i, n)| InterfaceRecord {
+            ifindex: *i,
+            name: n.clone(),
+            kind: links.get(i).and_then(|l| l.kind.clone()),
+        })
         .collect();
     Json(InterfacesResponse {
         attach_mode: shared.attach_mode,
-        programs: shared.program_ids.iter().map(|(name, id)| ProgramRecord { name: name.clone(), id: *id }).collect(),
+        programs: shared
+            .program_ids
+            .iter()
+            .map(|(name, id)| ProgramRecord {
+                name: name.clone(),
+                id: *id,
+            })
+            .collect(),
         synced: shared.links_synced.load(Ordering::Relaxed),
         interfaces,
     })
@@ -153,8 +171,15 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         Ok(c) => c,
         Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let kernel = Counter::ALL.iter().map(|c| (c.name().to_string(), counters[*c as usize])).collect();
-    let unparsed_packets = Counter::ALL.iter().filter(|c| c.is_unparsed()).map(|c| counters[*c as usize]).sum();
+    let kernel = Counter::ALL
+        .iter()
+        .map(|c| (c.name().to_string(), counters[*c as usize]))
+        .collect();
+    let unparsed_packets = Counter::ALL
+        .iter()
+        .filter(|c| c.is_unparsed())
+        .map(|c| counters[*c as usize])
+        .sum();
     let table = lock(&shared.table);
     Json(StatsResponse {
         kernel,
@@ -173,6 +198,9 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     if shared.links_synced.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        error_response(StatusCode::SERVICE_UNAVAILABLE, "interfaces present at start are not attached yet")
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "interfaces present at start are not attached yet",
+        )
     }
 }

@@ -27,7 +27,9 @@ pub const PROG_INGRESS: &str = "flowtrace_ingress";
 pub const PROG_EGRESS: &str = "flowtrace_egress";
 
 /// How programs are attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// TCX where the kernel has it (>= 6.6), clsact otherwise.
@@ -59,11 +61,16 @@ pub fn load(flow_entries: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("FLOWS_0", flow_entries);
     loader.map_max_entries("FLOWS_1", flow_entries);
-    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load { source })?;
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|source| Error::Load { source })?;
     for name in [PROG_INGRESS, PROG_EGRESS] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or_else(|| Error::Program { program: name_static(name), detail: "not in object".into() })?
+            .ok_or_else(|| Error::Program {
+                program: name_static(name),
+                detail: "not in object".into(),
+            })?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| Error::Program {
                 program: name_static(name),
@@ -104,7 +111,11 @@ pub struct Attacher {
 
 impl Attacher {
     pub fn new(ebpf: Ebpf, mode: AttachMode) -> Self {
-        Self { ebpf, mode: mode.resolve(), attached: HashMap::new() }
+        Self {
+            ebpf,
+            mode: mode.resolve(),
+            attached: HashMap::new(),
+        }
     }
 
     pub fn mode(&self) -> AttachMode {
@@ -137,9 +148,19 @@ impl Attacher {
         }
         let ingress = match self.attach_one(PROG_INGRESS, name, TcAttachType::Ingress) {
             Ok(link) => link,
-            Err(Error::Attach { program, interface, direction, detail }) if qdisc_error.is_some() => {
+            Err(Error::Attach {
+                program,
+                interface,
+                direction,
+                detail,
+            }) if qdisc_error.is_some() => {
                 let q = qdisc_error.unwrap_or_default();
-                return Err(Error::Attach { program, interface, direction, detail: format!("{detail} (adding the clsact qdisc failed too: {q})") });
+                return Err(Error::Attach {
+                    program,
+                    interface,
+                    direction,
+                    detail: format!("{detail} (adding the clsact qdisc failed too: {q})"),
+                });
             }
             Err(e) => return Err(e),
         };
@@ -151,16 +172,30 @@ impl Attacher {
             }
         };
         info!(interface = name, ifindex, mode = ?self.mode, "attached");
-        self.attached.insert(ifindex, Attached { name: name.to_string(), ingress, egress, created_qdisc });
+        self.attached.insert(
+            ifindex,
+            Attached {
+                name: name.to_string(),
+                ingress,
+                egress,
+                created_qdisc,
+            },
+        );
         Ok(())
     }
 
     fn program(&mut self, program: &'static str) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(program)
-            .ok_or(Error::Program { program, detail: "not in object".into() })?
+            .ok_or(Error::Program {
+                program,
+                detail: "not in object".into(),
+            })?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| Error::Program { program, detail: e.to_string() })
+            .map_err(|e: aya::programs::ProgramError| Error::Program {
+                program,
+                detail: e.to_string(),
+            })
     }
 
     fn attach_one(
@@ -177,12 +212,17 @@ impl Attacher {
             AttachMode::Tcx | AttachMode::Auto => TcAttachOptions::TcxOrder(LinkOrder::default()),
             AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
         };
-        prog.attach_with_options(name, attach_type, options).map_err(|e| Error::Attach {
-            program,
-            interface: name.to_string(),
-            direction: if attach_type == TcAttachType::Ingress { "ingress" } else { "egress" },
-            detail: e.to_string(),
-        })
+        prog.attach_with_options(name, attach_type, options)
+            .map_err(|e| Error::Attach {
+                program,
+                interface: name.to_string(),
+                direction: if attach_type == TcAttachType::Ingress {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                detail: e.to_string(),
+            })
     }
 
     fn detach_one(&mut self, program: &'static str, link: SchedClassifierLinkId) -> Result<()> {
@@ -220,7 +260,11 @@ impl Attacher {
 
     /// The interfaces currently attached, as (ifindex, name).
     pub fn interfaces(&self) -> Vec<(u32, String)> {
-        let mut v: Vec<_> = self.attached.iter().map(|(i, a)| (*i, a.name.clone())).collect();
+        let mut v: Vec<_> = self
+            .attached
+            .iter()
+            .map(|(i, a)| (*i, a.name.clone()))
+            .collect();
         v.sort();
         v
     }
@@ -253,9 +297,15 @@ impl Attacher {
 
 /// Removes cls_bpf filters left by an earlier flowtrace that was killed (clsact mode only).
 fn remove_stale_filters(name: &str) {
-    for (program, attach_type) in [(PROG_INGRESS, TcAttachType::Ingress), (PROG_EGRESS, TcAttachType::Egress)] {
+    for (program, attach_type) in [
+        (PROG_INGRESS, TcAttachType::Ingress),
+        (PROG_EGRESS, TcAttachType::Egress),
+    ] {
         match tc::qdisc_detach_program(name, attach_type, program) {
-            Ok(()) => info!(interface = name, program, "removed a filter left by an earlier run"),
+            Ok(()) => info!(
+                interface = name,
+                program, "removed a filter left by an earlier run"
+            ),
             Err(e) => debug!(interface = name, program, error = %e, "no stale filter"),
         }
     }

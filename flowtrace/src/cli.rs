@@ -12,22 +12,34 @@ use crate::{
 /// Fetches `/v1/flows` from the agent at `base` (e.g. `http://127.0.0.1:9650`).
 pub fn fetch_flows(base: &str) -> Result<FlowsResponse> {
     let url = format!("{}/v1/flows", base.trim_end_matches('/'));
-    let resp = ureq::get(&url).timeout(std::time::Duration::from_secs(10)).call();
+    let resp = ureq::get(&url)
+        .timeout(std::time::Duration::from_secs(10))
+        .call();
     let resp = match resp {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
             let body = r.into_string().unwrap_or_default();
-            return Err(Error::AgentResponse { url, detail: format!("HTTP {code}: {body}") });
+            return Err(Error::AgentResponse {
+                url,
+                detail: format!("HTTP {code}: {body}"),
+            });
         }
         Err(ureq::Error::Transport(t)) => {
-            let mut detail = t.message().map(str::to_string).unwrap_or_else(|| t.kind().to_string());
+            let mut detail = t
+                .message()
+                .map(str::to_string)
+                .unwrap_or_else(|| t.kind().to_string());
             if let Some(src) = t.source() {
                 detail = format!("{detail}: {src}");
             }
             return Err(Error::AgentUnreachable { url, detail });
         }
     };
-    resp.into_json::<FlowsResponse>().map_err(|e| Error::AgentResponse { url, detail: e.to_string() })
+    resp.into_json::<FlowsResponse>()
+        .map_err(|e| Error::AgentResponse {
+            url,
+            detail: e.to_string(),
+        })
 }
 
 fn endpoint(addr: &std::net::IpAddr, port: u16, protocol: u8) -> String {
@@ -46,7 +58,11 @@ fn hops_column(f: &FlowRecord) -> String {
     f.hops
         .iter()
         .map(|h| {
-            let dir = if h.direction == Direction::Ingress { "in" } else { "out" };
+            let dir = if h.direction == Direction::Ingress {
+                "in"
+            } else {
+                "out"
+            };
             format!("{}/{}", h.interface, dir)
         })
         .collect::<Vec<_>>()
@@ -73,7 +89,14 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
             ]
         })
         .collect();
-    let headers = ["PROTO", "SOURCE", "DESTINATION", "PACKETS", "BYTES", "HOPS (first seen first)"];
+    let headers = [
+        "PROTO",
+        "SOURCE",
+        "DESTINATION",
+        "PACKETS",
+        "BYTES",
+        "HOPS (first seen first)",
+    ];
     let mut widths = headers.map(str::len);
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
@@ -108,7 +131,10 @@ pub fn flows(agent: &str, filter: &FlowFilter, json: bool) -> Result<String> {
     if json {
         serde_json::to_string_pretty(&resp)
             .map(|s| s + "\n")
-            .map_err(|e| Error::AgentResponse { url: agent.into(), detail: e.to_string() })
+            .map_err(|e| Error::AgentResponse {
+                url: agent.into(),
+                detail: e.to_string(),
+            })
     } else {
         Ok(render_table(&resp.node, &resp.flows))
     }
@@ -141,12 +167,19 @@ mod tests {
             dst_port: 53,
             packets: 3,
             bytes: 300,
-            hops: vec![hop("veth1", Direction::Ingress), hop("flannel.1", Direction::Egress)],
+            hops: vec![
+                hop("veth1", Direction::Ingress),
+                hop("flannel.1", Direction::Egress),
+            ],
         };
         let t = render_table("node1", &[f]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[2].contains("[fd00::1]:1000"));
-        assert!(lines[2].ends_with("veth1/in > flannel.1/out"), "{}", lines[2]);
+        assert!(
+            lines[2].ends_with("veth1/in > flannel.1/out"),
+            "{}",
+            lines[2]
+        );
     }
 }

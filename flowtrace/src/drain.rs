@@ -45,10 +45,14 @@ fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(Error::Map { map: name, detail: "not in object".into() })?;
-    T::try_from(map).map_err(|e| Error::Map { map: name, detail: e.to_string() })
+    let map = ebpf.take_map(name).ok_or(Error::Map {
+        map: name,
+        detail: "not in object".into(),
+    })?;
+    T::try_from(map).map_err(|e| Error::Map {
+        map: name,
+        detail: e.to_string(),
+    })
 }
 
 impl Drainer {
@@ -65,7 +69,10 @@ impl Drainer {
     fn active(&self) -> Result<u32> {
         self.control
             .get(&CONTROL_ACTIVE_BUFFER, 0)
-            .map_err(|e| Error::MapIo { map: "CONTROL", detail: e.to_string() })
+            .map_err(|e| Error::MapIo {
+                map: "CONTROL",
+                detail: e.to_string(),
+            })
     }
 
     /// Flips the buffers and returns every flow of the one that was active.
@@ -73,24 +80,38 @@ impl Drainer {
         let old = self.active()? & 1;
         self.control
             .set(CONTROL_ACTIVE_BUFFER, 1 - old, 0)
-            .map_err(|e| Error::MapIo { map: "CONTROL", detail: e.to_string() })?;
+            .map_err(|e| Error::MapIo {
+                map: "CONTROL",
+                detail: e.to_string(),
+            })?;
         tokio::time::sleep(self.grace).await;
         let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();
         self.drain_cache(old, &mut merged)?;
         let map = &mut self.buffers[old as usize];
         let name = if old == 0 { "FLOWS_0" } else { "FLOWS_1" };
-        let keys: Vec<FlowKey> = map
-            .keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::MapIo { map: name, detail: e.to_string() })?;
+        let keys: Vec<FlowKey> =
+            map.keys()
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| Error::MapIo {
+                    map: name,
+                    detail: e.to_string(),
+                })?;
         for key in keys {
             let per_cpu = match map.get(&key, 0) {
                 Ok(v) => v,
                 // Deleted under us cannot happen (we are the only deleter); skip defensively.
                 Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(Error::MapIo { map: name, detail: e.to_string() }),
+                Err(e) => {
+                    return Err(Error::MapIo {
+                        map: name,
+                        detail: e.to_string(),
+                    })
+                }
             };
-            map.remove(&key).map_err(|e| Error::MapIo { map: name, detail: e.to_string() })?;
+            map.remove(&key).map_err(|e| Error::MapIo {
+                map: name,
+                detail: e.to_string(),
+            })?;
             let stats = merged.entry(key).or_default();
             for cpu in per_cpu.iter() {
                 stats.merge(cpu);
@@ -105,7 +126,10 @@ impl Drainer {
 
     /// Collects and clears the idle half (`half`) of the per-CPU flow cache.
     fn drain_cache(&mut self, half: u32, into: &mut HashMap<FlowKey, FlowStats>) -> Result<()> {
-        let io = |e: aya::maps::MapError| Error::MapIo { map: "CACHE", detail: e.to_string() };
+        let io = |e: aya::maps::MapError| Error::MapIo {
+            map: "CACHE",
+            detail: e.to_string(),
+        };
         let mut empty: Option<PerCpuValues<CacheSlot>> = None;
         for index in half * CACHE_SLOTS..(half + 1) * CACHE_SLOTS {
             let per_cpu = self.cache.get(&index, 0).map_err(io)?;
@@ -117,10 +141,11 @@ impl Drainer {
             if any {
                 let zeros = match empty.take() {
                     Some(z) => z,
-                    None => PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()]).map_err(|e| Error::MapIo {
-                        map: "CACHE",
-                        detail: e.to_string(),
-                    })?,
+                    None => PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()])
+                        .map_err(|e| Error::MapIo {
+                            map: "CACHE",
+                            detail: e.to_string(),
+                        })?,
                 };
                 self.cache.set(index, zeros, 0).map_err(io)?;
                 // PerCpuValues is not Clone; rebuild it for the next slot that needs clearing.
@@ -137,7 +162,10 @@ impl Drainer {
             let per_cpu = self
                 .counters
                 .get(&(c as u32), 0)
-                .map_err(|e| Error::MapIo { map: "COUNTERS", detail: e.to_string() })?;
+                .map_err(|e| Error::MapIo {
+                    map: "COUNTERS",
+                    detail: e.to_string(),
+                })?;
             out[c as usize] = per_cpu.iter().sum();
         }
         Ok(out)

@@ -11,7 +11,10 @@ pub enum Error {
         source: aya::EbpfError,
     },
     #[error("eBPF program `{program}` is missing from the object or failed to load: {detail}")]
-    Program { program: &'static str, detail: String },
+    Program {
+        program: &'static str,
+        detail: String,
+    },
     #[error("eBPF map `{map}` is missing from the object or has the wrong type: {detail}")]
     Map { map: &'static str, detail: String },
     #[error("attaching `{program}` to {interface} ({direction}) failed: {detail}")]

@@ -41,20 +41,28 @@ impl IpFilter {
 impl FromStr for IpFilter {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let err = |reason: &str| Error::Filter { flag: "--ip", value: s.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| Error::Filter {
+            flag: "--ip",
+            value: s.to_string(),
+            reason: reason.to_string(),
+        };
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| err("expected an IPv4/IPv6 address or CIDR such as 10.244.1.7 or 10.244.0.0/16"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            err("expected an IPv4/IPv6 address or CIDR such as 10.244.1.7 or 10.244.0.0/16")
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix_len = match len {
             None => max,
             Some(l) => match l.parse::<u8>() {
                 Ok(n) if n <= max => n,
-                _ => return Err(err(&format!("prefix length must be a number from 0 to {max}"))),
+                _ => {
+                    return Err(err(&format!(
+                        "prefix length must be a number from 0 to {max}"
+                    )))
+                }
             },
         };
         Ok(Self { addr, prefix_len })
@@ -88,15 +96,25 @@ impl FromStr for ProtoFilter {
 pub fn parse_port(s: &str) -> Result<u16> {
     match s.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(Error::Filter { flag: "--port", value: s.into(), reason: "expected a port number from 1 to 65535".into() }),
+        _ => Err(Error::Filter {
+            flag: "--port",
+            value: s.into(),
+            reason: "expected a port number from 1 to 65535".into(),
+        }),
     }
 }
 
 /// Checks an interface name or glob for `--iface`.
 pub fn parse_iface(s: &str) -> Result<String> {
-    let err = |reason: &str| Error::Filter { flag: "--iface", value: s.into(), reason: reason.into() };
+    let err = |reason: &str| Error::Filter {
+        flag: "--iface",
+        value: s.into(),
+        reason: reason.into(),
+    };
     if s.is_empty() || s.len() > 15 {
-        return Err(err("interface names are 1 to 15 characters (a `*` glob is allowed)"));
+        return Err(err(
+            "interface names are 1 to 15 characters (a `*` glob is allowed)",
+        ));
     }
     if s.chars().any(|c| c == '/' || c.is_whitespace() || c == ':') {
         return Err(err("interface names cannot contain '/', ':' or whitespace"));
@@ -118,11 +136,22 @@ pub struct FlowFilter {
 
 impl FlowFilter {
     pub fn matches(&self, f: &FlowRecord) -> bool {
-        (self.ips.is_empty() || self.ips.iter().any(|i| i.matches(&f.src) || i.matches(&f.dst)))
+        (self.ips.is_empty()
+            || self
+                .ips
+                .iter()
+                .any(|i| i.matches(&f.src) || i.matches(&f.dst)))
             && (self.ports.is_empty()
-                || (!is_icmp(f.protocol_number) && self.ports.iter().any(|p| *p == f.src_port || *p == f.dst_port)))
+                || (!is_icmp(f.protocol_number)
+                    && self
+                        .ports
+                        .iter()
+                        .any(|p| *p == f.src_port || *p == f.dst_port)))
             && (self.protos.is_empty() || self.protos.iter().any(|p| p.0 == f.protocol_number))
-            && (self.ifaces.is_empty() || f.hops.iter().any(|h| self.ifaces.iter().any(|i| glob_match(i, &h.interface))))
+            && (self.ifaces.is_empty()
+                || f.hops
+                    .iter()
+                    .any(|h| self.ifaces.iter().any(|i| glob_match(i, &h.interface))))
     }
 }
 
@@ -164,13 +193,27 @@ mod tests {
         assert_eq!("10.244.1.7".parse::<IpFilter>().unwrap().prefix_len, 32);
         assert_eq!("fd00::/8".parse::<IpFilter>().unwrap().prefix_len, 8);
         let e = "10.244.1.300".parse::<IpFilter>().unwrap_err().to_string();
-        assert!(e.contains("--ip `10.244.1.300`") && e.contains("CIDR"), "{e}");
-        assert!("10.0.0.0/33".parse::<IpFilter>().unwrap_err().to_string().contains("0 to 32"));
+        assert!(
+            e.contains("--ip `10.244.1.300`") && e.contains("CIDR"),
+            "{e}"
+        );
+        assert!("10.0.0.0/33"
+            .parse::<IpFilter>()
+            .unwrap_err()
+            .to_string()
+            .contains("0 to 32"));
         assert!("tcp".parse::<ProtoFilter>().is_ok());
         assert_eq!("47".parse::<ProtoFilter>().unwrap().0, 47);
-        assert!("tpc".parse::<ProtoFilter>().unwrap_err().to_string().contains("expected tcp, udp"));
+        assert!("tpc"
+            .parse::<ProtoFilter>()
+            .unwrap_err()
+            .to_string()
+            .contains("expected tcp, udp"));
         assert!(parse_port("0").is_err());
-        assert!(parse_port("65536").unwrap_err().to_string().contains("1 to 65535"));
+        assert!(parse_port("65536")
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 65535"));
         assert!(parse_iface("a/b").is_err());
         assert!(parse_iface("averyveryverylongname").is_err());
     }
@@ -178,7 +221,10 @@ mod tests {
     #[test]
     fn matching() {
         let f = flow("10.244.1.10", "10.244.2.11", 17, 40000, 53, "veth1234");
-        let mut flt = FlowFilter { ips: vec!["10.244.2.0/24".parse().unwrap()], ..Default::default() };
+        let mut flt = FlowFilter {
+            ips: vec!["10.244.2.0/24".parse().unwrap()],
+            ..Default::default()
+        };
         assert!(flt.matches(&f));
         flt.ports = vec![53];
         assert!(flt.matches(&f));
@@ -190,9 +236,16 @@ mod tests {
         assert!(!flt.matches(&f));
         flt.ifaces = vec!["veth*".into()];
         assert!(flt.matches(&f));
-        let v6 = FlowFilter { ips: vec!["fd00::/8".parse().unwrap()], ..Default::default() };
+        let v6 = FlowFilter {
+            ips: vec!["fd00::/8".parse().unwrap()],
+            ..Default::default()
+        };
         assert!(!v6.matches(&f));
         let icmp = flow("10.0.0.1", "10.0.0.2", 1, 7, 0x0800, "x");
-        assert!(!FlowFilter { ports: vec![7], ..Default::default() }.matches(&icmp));
+        assert!(!FlowFilter {
+            ports: vec![7],
+            ..Default::default()
+        }
+        .matches(&icmp));
     }
 }

@@ -84,7 +84,13 @@ pub struct FlowTable {
 
 impl FlowTable {
     pub fn new(max_flows: usize, idle_timeout_ns: u64) -> Self {
-        Self { flows: HashMap::new(), max_flows, idle_timeout_ns, evicted: 0, expired: 0 }
+        Self {
+            flows: HashMap::new(),
+            max_flows,
+            idle_timeout_ns,
+            evicted: 0,
+            expired: 0,
+        }
     }
 
     /// Folds one drain in. `names` resolves an ifindex to its interface name at drain time,
@@ -94,7 +100,11 @@ impl FlowTable {
             let tuple = FlowTuple::from_key(&d.key);
             let hop = Hop {
                 ifindex: d.key.ifindex,
-                direction: if d.key.direction == DIR_INGRESS { Direction::Ingress } else { Direction::Egress },
+                direction: if d.key.direction == DIR_INGRESS {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                },
             };
             let entry = self.flows.entry(tuple).or_default();
             let counters = entry.hops.entry(hop).or_insert_with(|| HopCounters {
@@ -110,10 +120,15 @@ impl FlowTable {
     pub fn expire(&mut self, now_mono_ns: u64) {
         let timeout = self.idle_timeout_ns;
         let before = self.flows.len();
-        self.flows.retain(|_, f| now_mono_ns.saturating_sub(f.last_seen_ns) <= timeout);
+        self.flows
+            .retain(|_, f| now_mono_ns.saturating_sub(f.last_seen_ns) <= timeout);
         self.expired += (before - self.flows.len()) as u64;
         if self.flows.len() > self.max_flows {
-            let mut ages: Vec<(u64, FlowTuple)> = self.flows.iter().map(|(t, f)| (f.last_seen_ns, *t)).collect();
+            let mut ages: Vec<(u64, FlowTuple)> = self
+                .flows
+                .iter()
+                .map(|(t, f)| (f.last_seen_ns, *t))
+                .collect();
             ages.sort_unstable();
             let excess = self.flows.len() - self.max_flows;
             for (_, t) in ages.into_iter().take(excess) {
@@ -232,9 +247,21 @@ pub fn protocol_name(p: u8) -> String {
 }
 
 fn tcp_flags_string(flags: u8) -> String {
-    const LETTERS: [(u8, char); 8] =
-        [(0x01, 'F'), (0x02, 'S'), (0x04, 'R'), (0x08, 'P'), (0x10, 'A'), (0x20, 'U'), (0x40, 'E'), (0x80, 'C')];
-    LETTERS.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, c)| *c).collect()
+    const LETTERS: [(u8, char); 8] = [
+        (0x01, 'F'),
+        (0x02, 'S'),
+        (0x04, 'R'),
+        (0x08, 'P'),
+        (0x10, 'A'),
+        (0x20, 'U'),
+        (0x40, 'E'),
+        (0x80, 'C'),
+    ];
+    LETTERS
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, c)| *c)
+        .collect()
 }
 
 #[cfg(test)]
@@ -242,14 +269,32 @@ mod tests {
     use super::*;
 
     fn key(src: [u8; 4], sport: u16, ifindex: u32, dir: u8) -> FlowKey {
-        let mut k = FlowKey { src_port: sport, dst_port: 53, ifindex, direction: dir, ip_version: 4, protocol: 17, ..FlowKey::default() };
-        k.src_addr = flowtrace_common::addr_from_bytes(&[src[0], src[1], src[2], src[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        k.dst_addr = flowtrace_common::addr_from_bytes(&[10, 244, 2, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let mut k = FlowKey {
+            src_port: sport,
+            dst_port: 53,
+            ifindex,
+            direction: dir,
+            ip_version: 4,
+            protocol: 17,
+            ..FlowKey::default()
+        };
+        k.src_addr = flowtrace_common::addr_from_bytes(&[
+            src[0], src[1], src[2], src[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        k.dst_addr = flowtrace_common::addr_from_bytes(&[
+            10, 244, 2, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
         k
     }
 
     fn stats(packets: u64, bytes: u64, first: u64, last: u64) -> FlowStats {
-        FlowStats { packets, bytes, first_seen_ns: first, last_seen_ns: last, ..FlowStats::default() }
+        FlowStats {
+            packets,
+            bytes,
+            first_seen_ns: first,
+            last_seen_ns: last,
+            ..FlowStats::default()
+        }
     }
 
     fn names(i: u32) -> Option<String> {
@@ -261,23 +306,46 @@ mod tests {
         let mut t = FlowTable::new(100, u64::MAX);
         t.merge(
             &[
-                DrainedFlow { key: key([10, 244, 1, 10], 4000, 7, 1), stats: stats(3, 300, 20, 30) },
-                DrainedFlow { key: key([10, 244, 1, 10], 4000, 5, 0), stats: stats(3, 300, 10, 29) },
+                DrainedFlow {
+                    key: key([10, 244, 1, 10], 4000, 7, 1),
+                    stats: stats(3, 300, 20, 30),
+                },
+                DrainedFlow {
+                    key: key([10, 244, 1, 10], 4000, 5, 0),
+                    stats: stats(3, 300, 10, 29),
+                },
             ],
             &names,
         );
         // A second drain adds to the same hop.
-        t.merge(&[DrainedFlow { key: key([10, 244, 1, 10], 4000, 5, 0), stats: stats(2, 200, 40, 50) }], &names);
+        t.merge(
+            &[DrainedFlow {
+                key: key([10, 244, 1, 10], 4000, 5, 0),
+                stats: stats(2, 200, 40, 50),
+            }],
+            &names,
+        );
         let snap = t.snapshot(1_000);
         assert_eq!(snap.len(), 1);
         let f = &snap[0];
         assert_eq!(f.src, "10.244.1.10".parse::<IpAddr>().unwrap());
         assert_eq!(f.protocol, "udp");
         assert_eq!(f.hops.len(), 2);
-        assert_eq!((f.hops[0].interface.as_str(), f.hops[0].direction, f.hops[0].packets, f.hops[0].bytes), ("dev5", Direction::Ingress, 5, 500));
+        assert_eq!(
+            (
+                f.hops[0].interface.as_str(),
+                f.hops[0].direction,
+                f.hops[0].packets,
+                f.hops[0].bytes
+            ),
+            ("dev5", Direction::Ingress, 5, 500)
+        );
         assert_eq!(f.hops[0].first_seen_unix_ns, 1_010);
         assert_eq!(f.hops[0].last_seen_unix_ns, 1_050);
-        assert_eq!((f.hops[1].ifindex, f.hops[1].direction), (7, Direction::Egress));
+        assert_eq!(
+            (f.hops[1].ifindex, f.hops[1].direction),
+            (7, Direction::Egress)
+        );
         assert_eq!((f.packets, f.bytes), (5, 500));
     }
 
@@ -285,7 +353,10 @@ mod tests {
     fn idle_flows_expire_and_the_cap_evicts_the_oldest() {
         let mut t = FlowTable::new(2, 100);
         let drained: Vec<DrainedFlow> = (0..4u16)
-            .map(|i| DrainedFlow { key: key([10, 0, 0, i as u8], i, 1, 0), stats: stats(1, 10, 1000 + i as u64, 1000 + i as u64) })
+            .map(|i| DrainedFlow {
+                key: key([10, 0, 0, i as u8], i, 1, 0),
+                stats: stats(1, 10, 1000 + i as u64, 1000 + i as u64),
+            })
             .collect();
         t.merge(&drained, &names);
         t.expire(1050);
@@ -303,8 +374,12 @@ mod tests {
         let mut k = key([0; 4], 1, 1, 0);
         k.ip_version = 6;
         k.protocol = 6;
-        k.src_addr = flowtrace_common::addr_from_bytes(&"fd00:10:244:1::a".parse::<Ipv6Addr>().unwrap().octets());
-        k.dst_addr = flowtrace_common::addr_from_bytes(&"fd00:10:244:2::b".parse::<Ipv6Addr>().unwrap().octets());
+        k.src_addr = flowtrace_common::addr_from_bytes(
+            &"fd00:10:244:1::a".parse::<Ipv6Addr>().unwrap().octets(),
+        );
+        k.dst_addr = flowtrace_common::addr_from_bytes(
+            &"fd00:10:244:2::b".parse::<Ipv6Addr>().unwrap().octets(),
+        );
         let mut t = FlowTable::new(10, u64::MAX);
         let mut s = stats(1, 60, 1, 1);
         s.tcp_flags = 0x12;

@@ -68,7 +68,9 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
         Some((prefix, rest)) => {
-            let Some(tail) = name.strip_prefix(prefix) else { return false };
+            let Some(tail) = name.strip_prefix(prefix) else {
+                return false;
+            };
             if rest.is_empty() {
                 return true;
             }
@@ -107,17 +109,28 @@ pub fn link_from_message(msg: &LinkMessage) -> Option<Link> {
             _ => {}
         }
     }
-    Some(Link { ifindex: msg.header.index, name: name?, kind, peer_in_other_netns })
+    Some(Link {
+        ifindex: msg.header.index,
+        name: name?,
+        kind,
+        peer_in_other_netns,
+    })
 }
 
 /// Streams the current links, then every change, into `tx` until the receiver is gone.
 pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     let (mut conn, handle, mut messages) =
-        rtnetlink::new_connection().map_err(|source| Error::Netlink { what: "opening a route socket", source })?;
+        rtnetlink::new_connection().map_err(|source| Error::Netlink {
+            what: "opening a route socket",
+            source,
+        })?;
     conn.socket_mut()
         .socket_mut()
         .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
-        .map_err(|source| Error::Netlink { what: "subscribing to link events", source })?;
+        .map_err(|source| Error::Netlink {
+            what: "subscribing to link events",
+            source,
+        })?;
     tokio::spawn(conn);
 
     // Subscribe first, dump second: a link created in between shows up twice, never zero times.
@@ -132,7 +145,10 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
                 }
             }
             Err(e) => {
-                return Err(Error::Netlink { what: "dumping links", source: std::io::Error::other(e.to_string()) })
+                return Err(Error::Netlink {
+                    what: "dumping links",
+                    source: std::io::Error::other(e.to_string()),
+                })
             }
         }
     }
@@ -141,8 +157,14 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     }
     while let Some((msg, _)) = messages.next().await {
         let event = match msg.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => link_from_message(&m).map(LinkEvent::Present),
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => Some(LinkEvent::Removed { ifindex: m.header.index }),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                link_from_message(&m).map(LinkEvent::Present)
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                Some(LinkEvent::Removed {
+                    ifindex: m.header.index,
+                })
+            }
             _ => None,
         };
         if let Some(event) = event {
@@ -157,15 +179,24 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
 
 /// Removes the clsact qdisc of `ifindex` (clsact mode, only where flowtrace added it).
 pub async fn delete_clsact(ifindex: u32) -> Result<()> {
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|source| Error::Netlink { what: "opening a route socket", source })?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Netlink {
+        what: "opening a route socket",
+        source,
+    })?;
     tokio::spawn(conn);
     let mut req = handle.qdisc().del(ifindex as i32);
-    req.message_mut().header.parent = TcHandle { major: 0xffff, minor: 0xfff1 };
-    req.message_mut().header.handle = TcHandle { major: 0xffff, minor: 0 };
-    req.execute()
-        .await
-        .map_err(|e| Error::Netlink { what: "deleting the clsact qdisc", source: std::io::Error::other(e.to_string()) })
+    req.message_mut().header.parent = TcHandle {
+        major: 0xffff,
+        minor: 0xfff1,
+    };
+    req.message_mut().header.handle = TcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    req.execute().await.map_err(|e| Error::Netlink {
+        what: "deleting the clsact qdisc",
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 #[cfg(test)]
@@ -173,7 +204,12 @@ mod tests {
     use super::*;
 
     fn link(name: &str, kind: &str, other_ns: bool) -> Link {
-        Link { ifindex: 1, name: name.into(), kind: Some(kind.into()), peer_in_other_netns: other_ns }
+        Link {
+            ifindex: 1,
+            name: name.into(),
+            kind: Some(kind.into()),
+            peer_in_other_netns: other_ns,
+        }
     }
 
     #[test]
@@ -181,17 +217,33 @@ mod tests {
         let s = Selector::default();
         assert!(s.selects(&link("veth1a2b3c4d", "veth", true)));
         assert!(s.selects(&link("cali12345", "veth", true)));
-        assert!(!s.selects(&link("vethlocal", "veth", false)), "both ends here: not a pod veth");
+        assert!(
+            !s.selects(&link("vethlocal", "veth", false)),
+            "both ends here: not a pod veth"
+        );
         assert!(s.selects(&link("flannel.1", "vxlan", false)));
         assert!(s.selects(&link("genev_sys_6081", "geneve", false)));
         assert!(!s.selects(&link("cni0", "bridge", false)));
-        assert!(!s.selects(&Link { ifindex: 2, name: "eth0".into(), kind: None, peer_in_other_netns: false }));
+        assert!(!s.selects(&Link {
+            ifindex: 2,
+            name: "eth0".into(),
+            kind: None,
+            peer_in_other_netns: false
+        }));
     }
 
     #[test]
     fn include_and_exclude_globs() {
-        let s = Selector { include: vec!["eth*".into()], exclude: vec!["veth9*".into(), "flannel.1".into()] };
-        assert!(s.selects(&Link { ifindex: 2, name: "eth0".into(), kind: None, peer_in_other_netns: false }));
+        let s = Selector {
+            include: vec!["eth*".into()],
+            exclude: vec!["veth9*".into(), "flannel.1".into()],
+        };
+        assert!(s.selects(&Link {
+            ifindex: 2,
+            name: "eth0".into(),
+            kind: None,
+            peer_in_other_netns: false
+        }));
         assert!(!s.selects(&link("veth9abc", "veth", true)));
         assert!(s.selects(&link("veth1abc", "veth", true)));
         assert!(!s.selects(&link("flannel.1", "vxlan", false)));

@@ -51,10 +51,18 @@ struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Also trace interfaces matching this name or `*` glob (e.g. eth0 for the encapsulated packets).
-    #[arg(long = "include-iface", env = "FLOWTRACE_INCLUDE_IFACE", value_delimiter = ',')]
+    #[arg(
+        long = "include-iface",
+        env = "FLOWTRACE_INCLUDE_IFACE",
+        value_delimiter = ','
+    )]
     include: Vec<String>,
     /// Never trace interfaces matching this name or `*` glob.
-    #[arg(long = "exclude-iface", env = "FLOWTRACE_EXCLUDE_IFACE", value_delimiter = ',')]
+    #[arg(
+        long = "exclude-iface",
+        env = "FLOWTRACE_EXCLUDE_IFACE",
+        value_delimiter = ','
+    )]
     exclude: Vec<String>,
 }
 
@@ -109,7 +117,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_flows: a.max_flows,
                 flow_idle_timeout: Duration::from_secs(a.flow_idle_timeout_s),
                 attach_mode: a.attach_mode,
-                selector: Selector { include: a.include, exclude: a.exclude },
+                selector: Selector {
+                    include: a.include,
+                    exclude: a.exclude,
+                },
                 node_name: a.node_name,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -119,7 +130,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(agent::run(cfg))?;
         }
         Command::Flows(f) => {
-            let filter = FlowFilter { ips: f.ip, ports: f.port, protos: f.proto, ifaces: f.iface };
+            let filter = FlowFilter {
+                ips: f.ip,
+                ports: f.port,
+                protos: f.proto,
+                ifaces: f.iface,
+            };
             print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);
         }
     }

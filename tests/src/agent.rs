@@ -24,16 +24,21 @@ use crate::{netns::ChildGuard, Error, Result};
 pub const API_PORT: u16 = 9650;
 
 /// Path of the `flowtrace` binary built beside the running test or tool
-/// (`target/<profile>/flowtrace`).
+/// (`target/<profile>/flowtrace`), or `$FLOWTRACE_BIN`.
 pub fn flowtrace_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FLOWTRACE_BIN") {
+    sibling_binary("flowtrace", "FLOWTRACE_BIN", "flowtrace")
+}
+
+/// Finds binary `name` next to the running executable (tools live in `target/<profile>`, test
+/// binaries in `target/<profile>/deps`), unless `env` names it.
+pub(crate) fn sibling_binary(name: &str, env: &str, package: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("current_exe: {e}")))?;
     let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    // Test binaries live in target/<profile>/deps, tools in target/<profile>.
     for _ in 0..2 {
-        let candidate = dir.join("flowtrace");
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
@@ -42,16 +47,19 @@ pub fn flowtrace_bin() -> Result<PathBuf> {
         }
     }
     Err(Error::Invalid(format!(
-        "no flowtrace binary next to {}; build it first with `cargo build --release -p flowtrace` \
-         (or set FLOWTRACE_BIN)",
+        "no {name} binary next to {}; build it first with `cargo build --release -p {package}` (or set {env})",
         exe.display()
     )))
 }
 
 /// Runs `f` on a thread that has entered network namespace `netns`.
-pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     let path = format!("/run/netns/{netns}");
-    let file = std::fs::File::open(&path).map_err(|e| Error::Invalid(format!("opening {path}: {e}")))?;
+    let file =
+        std::fs::File::open(&path).map_err(|e| Error::Invalid(format!("opening {path}: {e}")))?;
     let handle = std::thread::spawn(move || {
         // SAFETY: a valid namespace fd; setns affects only this thread.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -93,23 +101,41 @@ impl Agent {
     pub fn start(netns: &str, extra: &[&str]) -> Result<Agent> {
         let bin = flowtrace_bin()?;
         let log = std::env::temp_dir().join(format!("flowtrace-agent-{netns}.log"));
-        let logfile = std::fs::File::create(&log).map_err(|e| Error::Invalid(format!("creating {}: {e}", log.display())))?;
+        let logfile = std::fs::File::create(&log)
+            .map_err(|e| Error::Invalid(format!("creating {}: {e}", log.display())))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns])
             .arg(&bin)
             .args(["agent", "--listen", &format!("127.0.0.1:{API_PORT}")])
-            .args(if extra.contains(&"--drain-interval-ms") { &[][..] } else { &["--drain-interval-ms", "500"][..] })
+            .args(if extra.contains(&"--drain-interval-ms") {
+                &[][..]
+            } else {
+                &["--drain-interval-ms", "500"][..]
+            })
             // The emulated node's `eth0` stands for its physical NIC, which flowtrace does not
             // trace by default; it is a veth here only because the nodes are namespaces.
-            .args(if extra.contains(&"--include-iface") { &[][..] } else { &["--exclude-iface", "eth0"][..] })
+            .args(if extra.contains(&"--include-iface") {
+                &[][..]
+            } else {
+                &["--exclude-iface", "eth0"][..]
+            })
             .args(["--node-name", netns.rsplit('-').next().unwrap_or(netns)])
             .args(extra)
             .env("FLOWTRACE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logfile);
-        let child = cmd.spawn().map_err(|e| Error::Invalid(format!("starting {}: {e}", bin.display())))?;
-        let mut agent = Agent { guard: Some(ChildGuard::new(child, format!("flowtrace agent in {netns}"))), netns: netns.to_string(), log };
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Invalid(format!("starting {}: {e}", bin.display())))?;
+        let mut agent = Agent {
+            guard: Some(ChildGuard::new(
+                child,
+                format!("flowtrace agent in {netns}"),
+            )),
+            netns: netns.to_string(),
+            log,
+        };
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -119,14 +145,22 @@ impl Agent {
         loop {
             if let Some(g) = self.guard.as_mut() {
                 if g.has_exited() {
-                    return Err(Error::Invalid(format!("flowtrace agent in {} exited during start-up:\n{}", self.netns, self.log_text())));
+                    return Err(Error::Invalid(format!(
+                        "flowtrace agent in {} exited during start-up:\n{}",
+                        self.netns,
+                        self.log_text()
+                    )));
                 }
             }
             if let Ok((200, _)) = http_get(&self.netns, "/readyz") {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(Error::Invalid(format!("flowtrace agent in {} not ready after {timeout:?}:\n{}", self.netns, self.log_text())));
+                return Err(Error::Invalid(format!(
+                    "flowtrace agent in {} not ready after {timeout:?}:\n{}",
+                    self.netns,
+                    self.log_text()
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -145,9 +179,17 @@ impl Agent {
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let (status, body) = http_get(&self.netns, path)?;
         if status != 200 {
-            return Err(Error::Invalid(format!("GET {path} in {}: HTTP {status}: {body}", self.netns)));
+            return Err(Error::Invalid(format!(
+                "GET {path} in {}: HTTP {status}: {body}",
+                self.netns
+            )));
         }
-        serde_json::from_str(&body).map_err(|e| Error::Invalid(format!("GET {path} in {}: bad JSON ({e}): {body}", self.netns)))
+        serde_json::from_str(&body).map_err(|e| {
+            Error::Invalid(format!(
+                "GET {path} in {}: bad JSON ({e}): {body}",
+                self.netns
+            ))
+        })
     }
 
     pub fn flows(&self) -> Result<Vec<FlowRecord>> {
@@ -163,10 +205,15 @@ impl Agent {
     }
 
     fn signal(&self, sig: libc::c_int) -> Result<()> {
-        let pid = self.pid().ok_or_else(|| Error::Invalid("agent already reaped".into()))?;
+        let pid = self
+            .pid()
+            .ok_or_else(|| Error::Invalid("agent already reaped".into()))?;
         // SAFETY: plain kill(2) on our own child's pid.
         if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-            return Err(Error::Invalid(format!("kill({pid}, {sig}): {}", std::io::Error::last_os_error())));
+            return Err(Error::Invalid(format!(
+                "kill({pid}, {sig}): {}",
+                std::io::Error::last_os_error()
+            )));
         }
         Ok(())
     }
@@ -174,10 +221,15 @@ impl Agent {
     /// SIGTERM, then waits for a clean exit; returns the log.
     pub fn stop(mut self) -> Result<String> {
         self.signal(libc::SIGTERM)?;
-        let guard = self.guard.take().ok_or_else(|| Error::Invalid("agent already reaped".into()))?;
+        let guard = self
+            .guard
+            .take()
+            .ok_or_else(|| Error::Invalid("agent already reaped".into()))?;
         let out = guard.wait_output(Duration::from_secs(15));
         let log = self.log_text();
-        out.map_err(|e| Error::Invalid(format!("agent did not exit cleanly on SIGTERM: {e}\n{log}")))?;
+        out.map_err(|e| {
+            Error::Invalid(format!("agent did not exit cleanly on SIGTERM: {e}\n{log}"))
+        })?;
         Ok(log)
     }
 
@@ -192,25 +244,6 @@ impl Agent {
     }
 }
 
-/// Names of loaded kernel programs that belong to flowtrace (kernel names are cut at 15 chars).
-pub fn loaded_flowtrace_programs() -> Result<Vec<String>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .map_err(|e| Error::Invalid(format!("running bpftool (install it with scripts/setup.sh): {e}")))?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| Error::Invalid(format!("bpftool -j prog show: bad JSON: {e}")))?;
-    Ok(v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.get("name").and_then(|n| n.as_str()))
-                .filter(|n| n.starts_with("flowtrace_"))
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
 /// IDs of loaded kernel programs that belong to flowtrace. Program IDs are not reused soon,
 /// so comparing sets taken before and after an agent's run isolates that agent's programs
 /// even when another flowtrace runs elsewhere on the machine.
@@ -218,13 +251,21 @@ pub fn flowtrace_program_ids() -> Result<Vec<u64>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
-        .map_err(|e| Error::Invalid(format!("running bpftool (install it with scripts/setup.sh): {e}")))?;
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "running bpftool (install it with scripts/setup.sh): {e}"
+            ))
+        })?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| Error::Invalid(format!("bpftool -j prog show: bad JSON: {e}")))?;
     Ok(v.as_array()
         .map(|a| {
             a.iter()
-                .filter(|p| p.get("name").and_then(|n| n.as_str()).is_some_and(|n| n.starts_with("flowtrace_")))
+                .filter(|p| {
+                    p.get("name")
+                        .and_then(|n| n.as_str())
+                        .is_some_and(|n| n.starts_with("flowtrace_"))
+                })
                 .filter_map(|p| p.get("id").and_then(|i| i.as_u64()))
                 .collect()
         })

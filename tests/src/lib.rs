@@ -29,11 +29,11 @@ pub mod kubeproxy;
 pub mod netns;
 pub mod traffic;
 
-pub use agent::{flowtrace_bin, flowtrace_program_ids, http_get, in_netns, loaded_flowtrace_programs, Agent};
+pub use agent::{flowtrace_bin, flowtrace_program_ids, http_get, in_netns, Agent};
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
-pub use traffic::{finish, ftgen, ftgen_bg, ftgen_bin};
 pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard};
+pub use traffic::{finish, ftgen, ftgen_bg, ftgen_bin};
 
 /// Everything the test bed can fail with. Each variant's message names what failed and what to do.
 #[derive(Debug, thiserror::Error)]

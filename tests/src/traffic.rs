@@ -11,29 +11,16 @@ use crate::{netns::ChildGuard, Error, Pod, Result};
 
 /// Path of the `ftgen` binary built beside the running test or tool, or `$FTGEN_BIN`.
 pub fn ftgen_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FTGEN_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(|e| Error::Invalid(format!("current_exe: {e}")))?;
-    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    for _ in 0..2 {
-        let candidate = dir.join("ftgen");
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-        if !dir.pop() {
-            break;
-        }
-    }
-    Err(Error::Invalid(format!(
-        "no ftgen binary next to {}; build it with `cargo build --release -p flowtrace-tests` (or set FTGEN_BIN)",
-        exe.display()
-    )))
+    crate::agent::sibling_binary("ftgen", "FTGEN_BIN", "flowtrace-tests")
 }
 
 fn parse(stdout: &[u8], what: &str) -> Result<Value> {
-    serde_json::from_slice(stdout)
-        .map_err(|e| Error::Invalid(format!("ftgen {what} printed no JSON ({e}): {}", String::from_utf8_lossy(stdout))))
+    serde_json::from_slice(stdout).map_err(|e| {
+        Error::Invalid(format!(
+            "ftgen {what} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(stdout)
+        ))
+    })
 }
 
 /// Runs `ftgen <args>` in `pod` to completion and returns its JSON result.
@@ -51,7 +38,8 @@ pub fn ftgen_bg(pod: &Pod, args: &[&str]) -> Result<ChildGuard> {
     let bin = ftgen_bin()?;
     let bin = bin.to_string_lossy().to_string();
     let what = args.first().copied().unwrap_or("ftgen");
-    let ready = std::env::temp_dir().join(format!("{}-{what}-{}.ready", pod.netns, std::process::id()));
+    let ready =
+        std::env::temp_dir().join(format!("{}-{what}-{}.ready", pod.netns, std::process::id()));
     let _ = std::fs::remove_file(&ready);
     let ready_s = ready.to_string_lossy().to_string();
     let mut argv = vec![bin.as_str()];
@@ -61,10 +49,16 @@ pub fn ftgen_bg(pod: &Pod, args: &[&str]) -> Result<ChildGuard> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !ready.exists() {
         if guard.has_exited() {
-            return Err(Error::Invalid(format!("ftgen {args:?} in {} exited before becoming ready", pod.netns)));
+            return Err(Error::Invalid(format!(
+                "ftgen {args:?} in {} exited before becoming ready",
+                pod.netns
+            )));
         }
         if Instant::now() > deadline {
-            return Err(Error::Invalid(format!("ftgen {args:?} in {} never became ready", pod.netns)));
+            return Err(Error::Invalid(format!(
+                "ftgen {args:?} in {} never became ready",
+                pod.netns
+            )));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

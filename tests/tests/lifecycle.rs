@@ -14,7 +14,9 @@ use std::{
 };
 
 use common::{assert_root, find, Bed};
-use flowtrace_tests::{finish, flowtrace_program_ids, ftgen, ftgen_bg, in_netns, Agent, Cluster, ClusterOptions, Node};
+use flowtrace_tests::{
+    finish, flowtrace_program_ids, ftgen, ftgen_bg, in_netns, Agent, Cluster, ClusterOptions, Node,
+};
 
 /// Every device in a node that flowtrace traces by default.
 fn traced_devices(node: &Node) -> Vec<String> {
@@ -35,16 +37,28 @@ fn assert_nothing_left(node: &Node, ids: &[u64]) {
     for dev in traced_devices(node) {
         for dir in ["ingress", "egress"] {
             let f = tc_show(node, &["filter", "show", "dev", &dev, dir]);
-            assert!(!f.contains("flowtrace"), "{dev} {dir} still has a flowtrace filter: {f}");
+            assert!(
+                !f.contains("flowtrace"),
+                "{dev} {dir} still has a flowtrace filter: {f}"
+            );
         }
         let q = tc_show(node, &["qdisc", "show", "dev", &dev]);
         assert!(!q.contains("clsact"), "{dev} still has a clsact qdisc: {q}");
     }
-    let links = String::from_utf8_lossy(&node.exec(&["bpftool", "-j", "link", "show"]).unwrap().stdout).to_string();
+    let links = String::from_utf8_lossy(
+        &node
+            .exec(&["bpftool", "-j", "link", "show"])
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
     let links: serde_json::Value = serde_json::from_str(&links).unwrap_or(serde_json::Value::Null);
     for l in links.as_array().into_iter().flatten() {
         let prog = l.get("prog_id").and_then(|p| p.as_u64()).unwrap_or(0);
-        assert!(!ids.contains(&prog), "a bpf link still holds flowtrace program {prog}: {l}");
+        assert!(
+            !ids.contains(&prog),
+            "a bpf link still holds flowtrace program {prog}: {l}"
+        );
     }
 }
 
@@ -58,17 +72,29 @@ fn assert_unloaded(ids: &[u64]) {
         if still.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "flowtrace programs {still:?} are still loaded");
+        assert!(
+            Instant::now() < deadline,
+            "flowtrace programs {still:?} are still loaded"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// The kernel program IDs the agent reports; checked against bpftool's list.
 fn ids_of(agent: &Agent) -> Vec<u64> {
-    let ids: Vec<u64> = agent.interfaces().unwrap().programs.iter().map(|p| p.id as u64).collect();
+    let ids: Vec<u64> = agent
+        .interfaces()
+        .unwrap()
+        .programs
+        .iter()
+        .map(|p| p.id as u64)
+        .collect();
     let loaded = flowtrace_program_ids().unwrap();
     assert_eq!(ids.len(), 2, "one ingress and one egress program: {ids:?}");
-    assert!(ids.iter().all(|i| loaded.contains(i)), "bpftool does not list {ids:?}: {loaded:?}");
+    assert!(
+        ids.iter().all(|i| loaded.contains(i)),
+        "bpftool does not list {ids:?}: {loaded:?}"
+    );
     ids
 }
 
@@ -82,7 +108,11 @@ fn nothing_is_left_after_sigterm_or_sigkill_with_tcx() {
     let agent = Agent::start(&node.netns, &[]).unwrap();
     let ids = ids_of(&agent);
     let attached = agent.interfaces().unwrap();
-    assert_eq!(attached.interfaces.len(), traced_devices(node).len(), "{attached:?}");
+    assert_eq!(
+        attached.interfaces.len(),
+        traced_devices(node).len(),
+        "{attached:?}"
+    );
     let log = agent.stop().unwrap();
     assert!(log.contains("detached from every interface"), "{log}");
     assert_nothing_left(node, &ids);
@@ -108,7 +138,10 @@ fn nothing_is_left_after_sigterm_or_sigkill_with_clsact() {
 
     let agent = Agent::start(&node.netns, &["--attach-mode", "clsact"]).unwrap();
     let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "ingress"]);
-    assert!(f.contains("flowtrace_ingress"), "clsact mode attaches a cls_bpf filter: {f}");
+    assert!(
+        f.contains("flowtrace_ingress"),
+        "clsact mode attaches a cls_bpf filter: {f}"
+    );
     let ids = ids_of(&agent);
     agent.stop().unwrap();
     assert_nothing_left(node, &ids);
@@ -119,10 +152,17 @@ fn nothing_is_left_after_sigterm_or_sigkill_with_clsact() {
     let ids = ids_of(&agent);
     agent.kill().unwrap();
     let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "egress"]);
-    assert!(f.contains("flowtrace_egress"), "expected the killed agent's filter to remain: {f}");
+    assert!(
+        f.contains("flowtrace_egress"),
+        "expected the killed agent's filter to remain: {f}"
+    );
     let agent = Agent::start(&node.netns, &["--attach-mode", "clsact"]).unwrap();
     let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "egress"]);
-    assert_eq!(f.matches("flowtrace_egress").count(), 1, "stale filter not replaced: {f}");
+    assert_eq!(
+        f.matches("flowtrace_egress").count(),
+        1,
+        "stale filter not replaced: {f}"
+    );
     let mut all = ids;
     all.extend(ids_of(&agent));
     agent.stop().unwrap();
@@ -143,12 +183,32 @@ fn a_pod_created_later_is_counted_within_a_second_and_forgotten_when_removed() {
     let mut bed = Bed::up();
     let late = bed.cluster.add_pod(1, "pod-late").unwrap();
     let target = bed.cluster.pod(1, "pod-a").unwrap().clone();
-    let sink = ftgen_bg(&target, &["udp-sink", "--bind", "0.0.0.0:23001", "--count", "200", "--timeout-ms", "15000"]).unwrap();
+    let sink = ftgen_bg(
+        &target,
+        &[
+            "udp-sink",
+            "--bind",
+            "0.0.0.0:23001",
+            "--count",
+            "200",
+            "--timeout-ms",
+            "15000",
+        ],
+    )
+    .unwrap();
     let started = Instant::now();
     let sender = late
         .spawn_guarded(&[
             flowtrace_tests::ftgen_bin().unwrap().to_str().unwrap(),
-            "udp-send", "--to", &format!("{}:23001", target.ipv4), "--count", "200", "--size", "64", "--interval-us", "10000",
+            "udp-send",
+            "--to",
+            &format!("{}:23001", target.ipv4),
+            "--count",
+            "200",
+            "--size",
+            "64",
+            "--interval-us",
+            "10000",
         ])
         .unwrap();
     let src: IpAddr = late.ipv4.into();
@@ -160,25 +220,50 @@ fn a_pod_created_later_is_counted_within_a_second_and_forgotten_when_removed() {
                 break started.elapsed();
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "the new pod's traffic never showed up");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new pod's traffic never showed up"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(visible < Duration::from_secs(1), "first seen after {visible:?}");
+    assert!(
+        visible < Duration::from_secs(1),
+        "first seen after {visible:?}"
+    );
     finish(sender).unwrap();
     let got = finish(sink).unwrap();
     let f = find(&bed.agent(1).flows().unwrap(), 17, src, dst, None, 23001).unwrap();
-    let hop = f.hops.iter().find(|h| h.interface == late.host_veth).unwrap();
-    assert_eq!(hop.packets, got["received"].as_u64().unwrap(), "every datagram the sink got was counted at the new veth");
+    let hop = f
+        .hops
+        .iter()
+        .find(|h| h.interface == late.host_veth)
+        .unwrap();
+    assert_eq!(
+        hop.packets,
+        got["received"].as_u64().unwrap(),
+        "every datagram the sink got was counted at the new veth"
+    );
 
     // Removal: the interface leaves the attached set within a second; its flow keeps its name.
     bed.cluster.remove_pod(1, "pod-late").unwrap();
     let removed = Instant::now();
     loop {
-        let names: Vec<String> = bed.agent(1).interfaces().unwrap().interfaces.into_iter().map(|i| i.name).collect();
+        let names: Vec<String> = bed
+            .agent(1)
+            .interfaces()
+            .unwrap()
+            .interfaces
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
         if !names.contains(&late.host_veth) {
             break;
         }
-        assert!(removed.elapsed() < Duration::from_secs(1), "{} still attached: {names:?}", late.host_veth);
+        assert!(
+            removed.elapsed() < Duration::from_secs(1),
+            "{} still attached: {names:?}",
+            late.host_veth
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let f = find(&bed.agent(1).flows().unwrap(), 17, src, dst, None, 23001).unwrap();
@@ -190,7 +275,10 @@ fn a_pod_created_later_is_counted_within_a_second_and_forgotten_when_removed() {
 #[test]
 fn programs_after_flowtrace_on_the_same_hook_still_run() {
     let bed = Bed::up();
-    let (a, c) = (bed.cluster.pod(1, "pod-a").unwrap().clone(), bed.cluster.pod(1, "pod-c").unwrap().clone());
+    let (a, c) = (
+        bed.cluster.pod(1, "pod-a").unwrap().clone(),
+        bed.cluster.pod(1, "pod-c").unwrap().clone(),
+    );
     let netns = bed.cluster.node(1).unwrap().netns.clone();
     let veth = a.host_veth.clone();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -198,13 +286,25 @@ fn programs_after_flowtrace_on_the_same_hook_still_run() {
     let neighbour = std::thread::spawn(move || {
         in_netns(&netns, move || -> Result<u64, String> {
             use aya::programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType};
-            let mut ebpf = aya::Ebpf::load(flowtrace::attach::BASELINES_OBJECT).map_err(|e| e.to_string())?;
-            let prog: &mut SchedClassifier = ebpf.program_mut("bench_counter").ok_or("no bench_counter")?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            let mut ebpf =
+                aya::Ebpf::load(flowtrace::attach::BASELINES_OBJECT).map_err(|e| e.to_string())?;
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut("bench_counter")
+                .ok_or("no bench_counter")?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
             prog.load().map_err(|e| e.to_string())?;
-            prog.attach_with_options(&veth, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default())).map_err(|e| e.to_string())?;
+            prog.attach_with_options(
+                &veth,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| e.to_string())?;
             ready_tx.send(()).map_err(|e| e.to_string())?;
             read_rx.recv().map_err(|e| e.to_string())?;
-            let map: aya::maps::PerCpuHashMap<_, [u8; 16], u64> = aya::maps::PerCpuHashMap::try_from(ebpf.map("BASELINE_FLOWS").ok_or("no map")?).map_err(|e| e.to_string())?;
+            let map: aya::maps::PerCpuHashMap<_, [u8; 16], u64> =
+                aya::maps::PerCpuHashMap::try_from(ebpf.map("BASELINE_FLOWS").ok_or("no map")?)
+                    .map_err(|e| e.to_string())?;
             let mut total = 0;
             for item in map.iter() {
                 let (k, v) = item.map_err(|e| e.to_string())?;
@@ -216,14 +316,53 @@ fn programs_after_flowtrace_on_the_same_hook_still_run() {
             Ok(total)
         })
     });
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("the neighbour program attached");
-    let sink = ftgen_bg(&c, &["udp-sink", "--bind", "0.0.0.0:23002", "--count", "50", "--timeout-ms", "10000"]).unwrap();
-    let sent = ftgen(&a, &["udp-send", "--to", &format!("{}:23002", c.ipv4), "--count", "50", "--size", "32", "--interval-us", "500"]).unwrap();
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the neighbour program attached");
+    let sink = ftgen_bg(
+        &c,
+        &[
+            "udp-sink",
+            "--bind",
+            "0.0.0.0:23002",
+            "--count",
+            "50",
+            "--timeout-ms",
+            "10000",
+        ],
+    )
+    .unwrap();
+    let sent = ftgen(
+        &a,
+        &[
+            "udp-send",
+            "--to",
+            &format!("{}:23002", c.ipv4),
+            "--count",
+            "50",
+            "--size",
+            "32",
+            "--interval-us",
+            "500",
+        ],
+    )
+    .unwrap();
     assert_eq!(finish(sink).unwrap()["received"], 50);
     assert_eq!(sent["sent"], 50);
     read_tx.send(()).unwrap();
     let seen_by_neighbour = neighbour.join().unwrap().unwrap().unwrap();
-    assert_eq!(seen_by_neighbour, 50, "the program attached after flowtrace must see every packet");
-    let f = find(&bed.agent(1).flows().unwrap(), 17, a.ipv4.into(), c.ipv4.into(), None, 23002).unwrap();
+    assert_eq!(
+        seen_by_neighbour, 50,
+        "the program attached after flowtrace must see every packet"
+    );
+    let f = find(
+        &bed.agent(1).flows().unwrap(),
+        17,
+        a.ipv4.into(),
+        c.ipv4.into(),
+        None,
+        23002,
+    )
+    .unwrap();
     assert_eq!(f.hops[0].packets, 50);
 }

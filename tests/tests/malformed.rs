@@ -16,7 +16,9 @@ use common::Bed;
 use flowtrace_tests::{finish, ftgen, ftgen_bg};
 
 fn mac_bytes(mac: &str) -> Vec<u8> {
-    mac.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
+    mac.split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -37,9 +39,14 @@ fn ipv4(ihl_words: u8, total_len: u16, frag: u16, proto: u8) -> Vec<u8> {
 fn malformed_frames_pass_unchanged_and_are_counted_as_unparsed() {
     let bed = Bed::up();
     let node = bed.cluster.node(1).unwrap();
-    node.sysctl("net.bridge.bridge-nf-call-iptables", "0").unwrap();
-    node.sysctl("net.bridge.bridge-nf-call-ip6tables", "0").unwrap();
-    let (a, c) = (bed.cluster.pod(1, "pod-a").unwrap(), bed.cluster.pod(1, "pod-c").unwrap());
+    node.sysctl("net.bridge.bridge-nf-call-iptables", "0")
+        .unwrap();
+    node.sysctl("net.bridge.bridge-nf-call-ip6tables", "0")
+        .unwrap();
+    let (a, c) = (
+        bed.cluster.pod(1, "pod-a").unwrap(),
+        bed.cluster.pod(1, "pod-c").unwrap(),
+    );
     let mut l2 = mac_bytes(&c.mac);
     l2.extend(mac_bytes(&a.mac));
 
@@ -52,7 +59,10 @@ fn malformed_frames_pass_unchanged_and_are_counted_as_unparsed() {
     // (frame, counter it must land in)
     let mut frames: Vec<(Vec<u8>, &str)> = Vec::new();
     // 1. IPv4 header cut after 12 bytes.
-    frames.push((eth(0x0800, ipv4(5, 40, 0, 17)[..12].to_vec()), "truncated_ip"));
+    frames.push((
+        eth(0x0800, ipv4(5, 40, 0, 17)[..12].to_vec()),
+        "truncated_ip",
+    ));
     // 2. IHL of 3 words (12 bytes): impossible.
     let mut body = ipv4(3, 28, 0, 17);
     body.extend_from_slice(&[0u8; 8]);
@@ -74,20 +84,43 @@ fn malformed_frames_pass_unchanged_and_are_counted_as_unparsed() {
     let mut v6 = vec![0x60, 0, 0, 0];
     v6.extend_from_slice(&(ext.len() as u16).to_be_bytes());
     v6.extend_from_slice(&[60, 64]);
-    v6.extend_from_slice(&[0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xfa]);
-    v6.extend_from_slice(&[0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xfb]);
+    v6.extend_from_slice(&[
+        0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xfa,
+    ]);
+    v6.extend_from_slice(&[
+        0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xfb,
+    ]);
     v6.extend(ext);
     frames.push((eth(0x86dd, v6), "ipv6_extension_chain"));
 
     let before = bed.agent(1).stats().unwrap();
-    let capture = ftgen_bg(c, &["raw-capture", "--iface", "eth0", "--count", &frames.len().to_string(), "--timeout-ms", "10000", "--src-mac", &a.mac]).unwrap();
+    let capture = ftgen_bg(
+        c,
+        &[
+            "raw-capture",
+            "--iface",
+            "eth0",
+            "--count",
+            &frames.len().to_string(),
+            "--timeout-ms",
+            "10000",
+            "--src-mac",
+            &a.mac,
+        ],
+    )
+    .unwrap();
     for (f, _) in &frames {
         let sent = ftgen(a, &["raw-send", "--iface", "eth0", "--hex", &hex(f)]).unwrap();
         assert_eq!(sent["sent"], 1);
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let got = finish(capture).unwrap();
-    let got: Vec<String> = got["frames"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let got: Vec<String> = got["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     let sent: Vec<String> = frames.iter().map(|(f, _)| hex(f)).collect();
     assert_eq!(got, sent, "frames must arrive byte-identical and in order");
 
@@ -95,10 +128,23 @@ fn malformed_frames_pass_unchanged_and_are_counted_as_unparsed() {
     // Every frame crossed two hooks: pod-a's veth ingress and pod-c's veth egress.
     for (_, counter) in &frames {
         let delta = after.kernel[*counter] - before.kernel[*counter];
-        assert_eq!(delta, 2, "counter {counter}: before {:?} after {:?}", before.kernel, after.kernel);
+        assert_eq!(
+            delta, 2,
+            "counter {counter}: before {:?} after {:?}",
+            before.kernel, after.kernel
+        );
     }
-    assert_eq!(after.unparsed_packets - before.unparsed_packets, 2 * frames.len() as u64);
+    assert_eq!(
+        after.unparsed_packets - before.unparsed_packets,
+        2 * frames.len() as u64
+    );
     let flows = bed.agent(1).flows().unwrap();
-    let bogus: Vec<_> = flows.iter().filter(|f| f.src.to_string().ends_with(".250") || f.src.to_string().ends_with("::fa")).collect();
-    assert!(bogus.is_empty(), "malformed frames became flows: {bogus:#?}");
+    let bogus: Vec<_> = flows
+        .iter()
+        .filter(|f| f.src.to_string().ends_with(".250") || f.src.to_string().ends_with("::fa"))
+        .collect();
+    assert!(
+        bogus.is_empty(),
+        "malformed frames became flows: {bogus:#?}"
+    );
 }

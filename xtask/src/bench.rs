@@ -156,16 +156,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         // Alternate which half of the pair runs first, so slow drift of the machine (other
         // tenants, thermal) does not favour either side.
         let mut pair = [0.0f64; 2];
-        let order: [bool; 2] = if round % 2 == 1 { [false, true] } else { [true, false] };
+        let order: [bool; 2] = if round % 2 == 1 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for with_flowtrace in order {
-            let agents = if with_flowtrace { Some(start_agents(&cluster)?) } else { None };
+            let agents = if with_flowtrace {
+                Some(start_agents(&cluster)?)
+            } else {
+                None
+            };
             let r = iperf(client, server_ip, args.seconds)?;
             if let Some(agents) = agents {
                 stop_agents(agents)?;
             }
             let line = format!(
                 "  round {round}  {}  {:7.2} Gbit/s  ({} retransmits)",
-                if with_flowtrace { "attached" } else { "absent  " },
+                if with_flowtrace {
+                    "attached"
+                } else {
+                    "absent  "
+                },
                 r.gbps,
                 r.retransmits
             );
@@ -499,7 +511,13 @@ fn stop_agents(agents: Vec<Agent>) -> Result<()> {
 
 /// Agents + reference programs on the same hooks, one iperf3 run, then the kernel's counters
 /// of exactly the programs this round loaded.
-fn cost_round(cluster: &Cluster, client: &Pod, server: IpAddr, seconds: u32, flowtrace_first: bool) -> Result<CostRound> {
+fn cost_round(
+    cluster: &Cluster,
+    client: &Pod,
+    server: IpAddr,
+    seconds: u32,
+    flowtrace_first: bool,
+) -> Result<CostRound> {
     let before: BTreeSet<u32> = proc::bpftool_progs()?.iter().map(|p| p.id).collect();
     let mut holders = Vec::new();
     if !flowtrace_first {

@@ -48,10 +48,18 @@ fn test_run(prog: &SchedClassifier, packet: &[u8], repeat: u32) -> Result<u32> {
     };
     // SAFETY: attr is a valid bpf_attr prefix; the buffers outlive the call.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
     };
     if rc != 0 {
-        bail!("BPF_PROG_TEST_RUN failed: {}", std::io::Error::last_os_error());
+        bail!(
+            "BPF_PROG_TEST_RUN failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
     if out[..packet.len()] != *packet {
         bail!("the program changed the packet");
@@ -60,8 +68,10 @@ fn test_run(prog: &SchedClassifier, packet: &[u8], repeat: u32) -> Result<u32> {
 }
 
 fn load_prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a SchedClassifier> {
-    let prog: &mut SchedClassifier =
-        ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()?;
     if prog.fd().is_err() {
         prog.load().with_context(|| format!("loading {name}"))?;
     }
@@ -74,7 +84,9 @@ fn tcp_v4(payload: usize) -> Vec<u8> {
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&tot.to_be_bytes());
     f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0, 10, 244, 1, 10, 10, 244, 2, 11]);
-    f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 1, 0x80, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(&[
+        0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 1, 0x80, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
     f.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
     f.resize(f.len() + payload, 0x61);
     f
@@ -85,8 +97,12 @@ fn udp_v6(payload: usize) -> Vec<u8> {
     f.extend_from_slice(&[0x60, 0, 0, 0]);
     f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
     f.extend_from_slice(&[17, 64]);
-    f.extend_from_slice(&[0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x10]);
-    f.extend_from_slice(&[0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0x11]);
+    f.extend_from_slice(&[
+        0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x10,
+    ]);
+    f.extend_from_slice(&[
+        0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0x11,
+    ]);
     f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x35]);
     f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);
@@ -95,23 +111,45 @@ fn udp_v6(payload: usize) -> Vec<u8> {
 }
 
 pub fn run(repeat: u32, rounds: usize) -> Result<()> {
-    let mut ft = flowtrace::attach::load(flowtrace_common::DEFAULT_FLOW_ENTRIES).context("loading flowtrace")?;
+    let mut ft = flowtrace::attach::load(flowtrace_common::DEFAULT_FLOW_ENTRIES)
+        .context("loading flowtrace")?;
     let mut base = Ebpf::load(flowtrace::attach::BASELINES_OBJECT).context("loading baselines")?;
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
-    println!("{:<28} {:>10} {:>14} {:>16} {:>10}", "packet", "bench_noop", "bench_counter", "flowtrace_ingress", "ft net");
-    for (name, pkt) in [("IPv4 TCP 1000 B", tcp_v4(1000)), ("IPv6 UDP 100 B", udp_v6(100))] {
+    println!(
+        "{:<28} {:>10} {:>14} {:>16} {:>10}",
+        "packet", "bench_noop", "bench_counter", "flowtrace_ingress", "ft net"
+    );
+    for (name, pkt) in [
+        ("IPv4 TCP 1000 B", tcp_v4(1000)),
+        ("IPv6 UDP 100 B", udp_v6(100)),
+    ] {
         let mut figures = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..rounds {
             figures[0].push(test_run(load_prog(&mut base, "bench_noop")?, &pkt, repeat)?);
-            figures[1].push(test_run(load_prog(&mut base, "bench_counter")?, &pkt, repeat)?);
-            figures[2].push(test_run(load_prog(&mut ft, "flowtrace_ingress")?, &pkt, repeat)?);
+            figures[1].push(test_run(
+                load_prog(&mut base, "bench_counter")?,
+                &pkt,
+                repeat,
+            )?);
+            figures[2].push(test_run(
+                load_prog(&mut ft, "flowtrace_ingress")?,
+                &pkt,
+                repeat,
+            )?);
         }
         let med = |v: &mut Vec<u32>| {
             v.sort_unstable();
             v[v.len() / 2]
         };
-        let (n, c, f) = (med(&mut figures[0]), med(&mut figures[1]), med(&mut figures[2]));
-        println!("{name:<28} {n:>10} {c:>14} {f:>16} {:>10}", f as i64 - n as i64);
+        let (n, c, f) = (
+            med(&mut figures[0]),
+            med(&mut figures[1]),
+            med(&mut figures[2]),
+        );
+        println!(
+            "{name:<28} {n:>10} {c:>14} {f:>16} {:>10}",
+            f as i64 - n as i64
+        );
     }
     Ok(())
 }

@@ -78,7 +78,10 @@ fn frame(l2: Vec<u8>, l3: Vec<u8>) -> Vec<u8> {
 }
 
 fn meta(f: &[u8]) -> SkbMeta {
-    SkbMeta { len: f.len() as u32, gso_segs: 0 }
+    SkbMeta {
+        len: f.len() as u32,
+        gso_segs: 0,
+    }
 }
 
 fn parse(f: &[u8]) -> Result<PacketInfo, ParseError> {
@@ -87,7 +90,10 @@ fn parse(f: &[u8]) -> Result<PacketInfo, ParseError> {
 
 #[test]
 fn ipv4_udp() {
-    let f = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_UDP, &[], &udp(40000, 53, 100), 0x4000));
+    let f = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_UDP, &[], &udp(40000, 53, 100), 0x4000),
+    );
     let i = parse(&f).unwrap();
     assert_eq!(i.ip_version, 4);
     assert_eq!(i.protocol, IPPROTO_UDP);
@@ -111,7 +117,10 @@ fn ethernet_padding_is_not_counted() {
 #[test]
 fn ipv4_options_move_the_transport_header() {
     let options = [0x94, 0x04, 0, 0, 1, 1, 1, 0]; // router alert + NOPs + EOL
-    let f = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_TCP, &options, &tcp(1234, 80, 0x18, 3, 10), 0));
+    let f = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_TCP, &options, &tcp(1234, 80, 0x18, 3, 10), 0),
+    );
     let i = parse(&f).unwrap();
     assert_eq!(i.l3_header_len, 28);
     assert_eq!((i.src_port, i.dst_port, i.tcp_flags), (1234, 80, 0x18));
@@ -138,7 +147,10 @@ fn non_ip_is_not_a_flow() {
 
 #[test]
 fn truncated_headers_at_every_layer() {
-    let full = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_TCP, &[], &tcp(1, 2, 2, 0, 0), 0));
+    let full = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_TCP, &[], &tcp(1, 2, 2, 0, 0), 0),
+    );
     for cut in 0..full.len() {
         let f = &full[..cut];
         let expected = match cut {
@@ -151,7 +163,10 @@ fn truncated_headers_at_every_layer() {
     // A total length that fits the frame but leaves the TCP header short.
     let mut short = ipv4(IPPROTO_TCP, &[], &tcp(1, 2, 2, 0, 0)[..10], 0);
     short[2..4].copy_from_slice(&30u16.to_be_bytes());
-    assert_eq!(parse(&frame(eth(ETH_P_IP, &[]), short)), Err(ParseError::TruncatedL4));
+    assert_eq!(
+        parse(&frame(eth(ETH_P_IP, &[]), short)),
+        Err(ParseError::TruncatedL4)
+    );
 }
 
 #[test]
@@ -159,29 +174,51 @@ fn bad_ihl_and_version() {
     for ihl in 0..5u8 {
         let mut l3 = ipv4(IPPROTO_UDP, &[], &udp(1, 2, 4), 0);
         l3[0] = 0x40 | ihl;
-        assert_eq!(parse(&frame(eth(ETH_P_IP, &[]), l3)), Err(ParseError::BadIpHeader), "ihl {ihl}");
+        assert_eq!(
+            parse(&frame(eth(ETH_P_IP, &[]), l3)),
+            Err(ParseError::BadIpHeader),
+            "ihl {ihl}"
+        );
     }
     let mut l3 = ipv4(IPPROTO_UDP, &[], &udp(1, 2, 4), 0);
     l3[0] = 0x65; // IPv6 version under an IPv4 EtherType
-    assert_eq!(parse(&frame(eth(ETH_P_IP, &[]), l3)), Err(ParseError::BadIpHeader));
+    assert_eq!(
+        parse(&frame(eth(ETH_P_IP, &[]), l3)),
+        Err(ParseError::BadIpHeader)
+    );
     // IHL promising options beyond the end of the frame.
     let mut l3 = ipv4(IPPROTO_UDP, &[], &[], 0);
     l3[0] = 0x4f;
     l3[2..4].copy_from_slice(&20u16.to_be_bytes());
-    assert_eq!(parse(&frame(eth(ETH_P_IP, &[]), l3)), Err(ParseError::BadIpHeader));
+    assert_eq!(
+        parse(&frame(eth(ETH_P_IP, &[]), l3)),
+        Err(ParseError::BadIpHeader)
+    );
     // Bad TCP data offset.
     let mut t = tcp(1, 2, 2, 0, 0);
     t[12] = 0x40;
-    assert_eq!(parse(&frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_TCP, &[], &t, 0))), Err(ParseError::TruncatedL4));
+    assert_eq!(
+        parse(&frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_TCP, &[], &t, 0))),
+        Err(ParseError::TruncatedL4)
+    );
 }
 
 #[test]
 fn ipv4_fragments_are_not_flows() {
-    let first = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_UDP, &[], &udp(1, 2, 16), 0x2000));
+    let first = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_UDP, &[], &udp(1, 2, 16), 0x2000),
+    );
     assert_eq!(parse(&first), Err(ParseError::Fragment));
-    let later = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_UDP, &[], &[0u8; 16], 0x0002));
+    let later = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_UDP, &[], &[0u8; 16], 0x0002),
+    );
     assert_eq!(parse(&later), Err(ParseError::Fragment));
-    let df = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_UDP, &[], &udp(1, 2, 16), 0x4000));
+    let df = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_UDP, &[], &udp(1, 2, 16), 0x4000),
+    );
     assert!(parse(&df).is_ok());
 }
 
@@ -190,10 +227,16 @@ fn ipv6_tcp_and_extension_headers() {
     let t = tcp(443, 50000, 0x12, 0, 0);
     let plain = frame(eth(ETH_P_IPV6, &[]), ipv6(IPPROTO_TCP, &[], &t));
     let i = parse(&plain).unwrap();
-    assert_eq!((i.ip_version, i.protocol, i.src_port, i.dst_port), (6, 6, 443, 50000));
+    assert_eq!(
+        (i.ip_version, i.protocol, i.src_port, i.dst_port),
+        (6, 6, 443, 50000)
+    );
     assert_eq!(crate::addr_bytes(&i.src_addr)[15], 10);
     assert_eq!(crate::addr_bytes(&i.dst_addr)[7], 2);
-    assert_eq!(crate::addr_from_bytes(&crate::addr_bytes(&i.src_addr)), i.src_addr);
+    assert_eq!(
+        crate::addr_from_bytes(&crate::addr_bytes(&i.src_addr)),
+        i.src_addr
+    );
     assert_eq!(i.wire_counts(meta(&plain)), (1, 60));
 
     // Hop-by-hop (8 bytes) -> destination options (16 bytes) -> routing (8) -> TCP.
@@ -206,9 +249,15 @@ fn ipv6_tcp_and_extension_headers() {
     assert_eq!((i.protocol, i.src_port), (IPPROTO_TCP, 443));
 
     // Atomic fragment is parsed through; a real fragment is not a flow.
-    let atomic = frame(eth(ETH_P_IPV6, &[]), ipv6(44, &[IPPROTO_UDP, 0, 0, 0, 0, 0, 0, 1], &udp(7, 8, 0)));
+    let atomic = frame(
+        eth(ETH_P_IPV6, &[]),
+        ipv6(44, &[IPPROTO_UDP, 0, 0, 0, 0, 0, 0, 1], &udp(7, 8, 0)),
+    );
     assert_eq!(parse(&atomic).unwrap().dst_port, 8);
-    let real = frame(eth(ETH_P_IPV6, &[]), ipv6(44, &[IPPROTO_UDP, 0, 0, 1, 0, 0, 0, 1], &udp(7, 8, 0)));
+    let real = frame(
+        eth(ETH_P_IPV6, &[]),
+        ipv6(44, &[IPPROTO_UDP, 0, 0, 1, 0, 0, 0, 1], &udp(7, 8, 0)),
+    );
     assert_eq!(parse(&real), Err(ParseError::Fragment));
 }
 
@@ -223,7 +272,10 @@ fn ipv6_extension_chain_too_long_or_truncated() {
     assert_eq!(parse(&f), Err(ParseError::Ipv6ExtensionChain));
     // An extension header whose length runs past the end of the packet.
     let l3 = ipv6(60, &[IPPROTO_UDP, 200, 1, 4, 0, 0, 0, 0], &[]);
-    assert_eq!(parse(&frame(eth(ETH_P_IPV6, &[]), l3)), Err(ParseError::Ipv6ExtensionChain));
+    assert_eq!(
+        parse(&frame(eth(ETH_P_IPV6, &[]), l3)),
+        Err(ParseError::Ipv6ExtensionChain)
+    );
     // Six headers is still fine.
     let mut ext = Vec::new();
     for i in 0..6 {
@@ -240,10 +292,18 @@ fn icmp_echo_identifier_and_type() {
     let i = parse(&f).unwrap();
     assert_eq!((i.src_port, i.dst_port), (0x1234, 0x0800));
     let unreachable = [3u8, 3, 0, 0, 0, 0, 0, 0];
-    let i = parse(&frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_ICMP, &[], &unreachable, 0))).unwrap();
+    let i = parse(&frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_ICMP, &[], &unreachable, 0),
+    ))
+    .unwrap();
     assert_eq!((i.src_port, i.dst_port), (0, 0x0303));
     let reply6 = [129u8, 0, 0, 0, 0, 7, 0, 1];
-    let i = parse(&frame(eth(ETH_P_IPV6, &[]), ipv6(IPPROTO_ICMPV6, &[], &reply6))).unwrap();
+    let i = parse(&frame(
+        eth(ETH_P_IPV6, &[]),
+        ipv6(IPPROTO_ICMPV6, &[], &reply6),
+    ))
+    .unwrap();
     assert_eq!((i.src_port, i.dst_port), (7, 129 << 8));
 }
 
@@ -251,7 +311,11 @@ fn icmp_echo_identifier_and_type() {
 fn sctp_and_portless_protocols() {
     let mut sctp = std::vec![0x0b, 0xb8, 0x0b, 0xb9];
     sctp.resize(12, 0);
-    let i = parse(&frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_SCTP, &[], &sctp, 0))).unwrap();
+    let i = parse(&frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_SCTP, &[], &sctp, 0),
+    ))
+    .unwrap();
     assert_eq!((i.src_port, i.dst_port), (3000, 3001));
     let i = parse(&frame(eth(ETH_P_IP, &[]), ipv4(47, &[], &[0u8; 4], 0))).unwrap();
     assert_eq!((i.protocol, i.src_port, i.dst_port), (47, 0, 0));
@@ -264,17 +328,43 @@ fn gso_aggregate_counts_wire_segments() {
     let mut l3 = ipv4(IPPROTO_TCP, &[], &tcp(1, 2, 0x10, 3, payload), 0);
     l3[2..4].copy_from_slice(&0u16.to_be_bytes()); // BIG TCP style: total length unusable
     let f = frame(eth(ETH_P_IP, &[]), l3);
-    let m = SkbMeta { len: f.len() as u32, gso_segs: 3 };
+    let m = SkbMeta {
+        len: f.len() as u32,
+        gso_segs: 3,
+    };
     let i = parse_frame(&f[..], m).unwrap();
     assert_eq!(i.wire_counts(m), (3, 3 * (20 + 32 + 1448)));
 }
 
 #[test]
 fn stats_merge() {
-    let mut a = crate::FlowStats { packets: 1, bytes: 10, first_seen_ns: 50, last_seen_ns: 60, tcp_flags: 2, _pad: [0; 7] };
-    let b = crate::FlowStats { packets: 2, bytes: 20, first_seen_ns: 40, last_seen_ns: 55, tcp_flags: 0x10, _pad: [0; 7] };
+    let mut a = crate::FlowStats {
+        packets: 1,
+        bytes: 10,
+        first_seen_ns: 50,
+        last_seen_ns: 60,
+        tcp_flags: 2,
+        _pad: [0; 7],
+    };
+    let b = crate::FlowStats {
+        packets: 2,
+        bytes: 20,
+        first_seen_ns: 40,
+        last_seen_ns: 55,
+        tcp_flags: 0x10,
+        _pad: [0; 7],
+    };
     a.merge(&b);
-    assert_eq!((a.packets, a.bytes, a.first_seen_ns, a.last_seen_ns, a.tcp_flags), (3, 30, 40, 60, 0x12));
+    assert_eq!(
+        (
+            a.packets,
+            a.bytes,
+            a.first_seen_ns,
+            a.last_seen_ns,
+            a.tcp_flags
+        ),
+        (3, 30, 40, 60, 0x12)
+    );
     let mut empty = crate::FlowStats::default();
     empty.merge(&b);
     assert_eq!(empty.first_seen_ns, 40);
@@ -286,14 +376,32 @@ fn stats_merge() {
 fn cache_index_spreads_and_stays_in_range() {
     let mut seen = std::collections::BTreeSet::new();
     for port in 0..2000u16 {
-        let k = crate::FlowKey { src_port: port, dst_port: 80, ifindex: 5, ip_version: 4, protocol: 6, ..Default::default() };
+        let k = crate::FlowKey {
+            src_port: port,
+            dst_port: 80,
+            ifindex: 5,
+            ip_version: 4,
+            protocol: 6,
+            ..Default::default()
+        };
         let i = crate::CacheSlot::index(&k);
         assert!(i < crate::CACHE_SLOTS);
         seen.insert(i);
     }
-    assert!(seen.len() > 200, "2000 flows should use most of the 256 slots, used {}", seen.len());
-    let a = crate::FlowKey { ifindex: 1, ..Default::default() };
-    let b = crate::FlowKey { ifindex: 1, direction: 1, ..Default::default() };
+    assert!(
+        seen.len() > 200,
+        "2000 flows should use most of the 256 slots, used {}",
+        seen.len()
+    );
+    let a = crate::FlowKey {
+        ifindex: 1,
+        ..Default::default()
+    };
+    let b = crate::FlowKey {
+        ifindex: 1,
+        direction: 1,
+        ..Default::default()
+    };
     assert_ne!(a.words(), b.words());
 }
 
@@ -301,18 +409,35 @@ fn cache_index_spreads_and_stays_in_range() {
 fn vxlan_gso_aggregate_counts_inner_headers_per_segment() {
     // Outer IPv4/UDP to 8472, VXLAN, inner Ethernet + IPv4 + TCP (32) + 3 x 1398 bytes.
     let mut inner = eth(ETH_P_IP, &[]);
-    inner.extend(ipv4(IPPROTO_TCP, &[], &tcp(40000, 80, 0x10, 3, 3 * 1398), 0));
+    inner.extend(ipv4(
+        IPPROTO_TCP,
+        &[],
+        &tcp(40000, 80, 0x10, 3, 3 * 1398),
+        0,
+    ));
     let mut vx = std::vec![0x08, 0, 0, 0, 0, 0, 1, 0];
     vx.extend(inner);
     let outer = udp(51000, 8472, vx.len());
     let mut outer_udp = outer[..8].to_vec();
     outer_udp.extend(vx);
     let f = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_UDP, &[], &outer_udp, 0));
-    let m = SkbMeta { len: f.len() as u32, gso_segs: 3 };
+    let m = SkbMeta {
+        len: f.len() as u32,
+        gso_segs: 3,
+    };
     let i = parse_frame(&f[..], m).unwrap();
     assert_eq!(i.l4_header_len, 8 + 8 + 14 + 20 + 32);
-    assert_eq!(i.wire_counts(m), (3, 3 * (20 + 8 + 8 + 14 + 20 + 32 + 1398)));
+    assert_eq!(
+        i.wire_counts(m),
+        (3, 3 * (20 + 8 + 8 + 14 + 20 + 32 + 1398))
+    );
     // Not an aggregate: the plain IP total length, as always.
-    let plain = SkbMeta { len: f.len() as u32, gso_segs: 1 };
-    assert_eq!(parse_frame(&f[..], plain).unwrap().wire_counts(plain).1, (f.len() - 14) as u64);
+    let plain = SkbMeta {
+        len: f.len() as u32,
+        gso_segs: 1,
+    };
+    assert_eq!(
+        parse_frame(&f[..], plain).unwrap().wire_counts(plain).1,
+        (f.len() - 14) as u64
+    );
 }

@@ -52,7 +52,14 @@ fn try_count(ctx: &TcContext) -> Result<(), i64> {
     let l4 = 14 + (ihl & 0x3c);
     let sport: u16 = ctx.load(l4)?;
     let dport: u16 = ctx.load(l4 + 2)?;
-    let key = BaselineKey { src, dst, sport, dport, proto, _pad: [0; 3] };
+    let key = BaselineKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    };
     match BASELINE_FLOWS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, only this CPU writes it while this program runs.
         Some(v) => unsafe { *v += 1 },

@@ -9,7 +9,10 @@ use flowtrace_tests::{Agent, Cluster, ClusterOptions};
 
 pub fn assert_root() {
     let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false);
     assert!(root, "these tests load eBPF programs and create network namespaces: run them as root (scripts/test.sh)");
 }
@@ -24,7 +27,8 @@ pub struct Bed {
 impl Bed {
     pub fn up() -> Bed {
         assert_root();
-        let cluster = Cluster::up(&ClusterOptions::default()).expect("bringing the emulated cluster up");
+        let cluster =
+            Cluster::up(&ClusterOptions::default()).expect("bringing the emulated cluster up");
         let agents = cluster
             .nodes
             .iter()
@@ -40,18 +44,32 @@ impl Bed {
 }
 
 /// The flow with this 5-tuple in `flows`, if any.
-pub fn find(flows: &[FlowRecord], proto: u8, src: IpAddr, dst: IpAddr, sport: Option<u16>, dport: u16) -> Option<FlowRecord> {
+pub fn find(
+    flows: &[FlowRecord],
+    proto: u8,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: Option<u16>,
+    dport: u16,
+) -> Option<FlowRecord> {
     flows
         .iter()
         .find(|f| {
-            f.protocol_number == proto && f.src == src && f.dst == dst && f.dst_port == dport && sport.is_none_or(|p| p == f.src_port)
+            f.protocol_number == proto
+                && f.src == src
+                && f.dst == dst
+                && f.dst_port == dport
+                && sport.is_none_or(|p| p == f.src_port)
         })
         .cloned()
 }
 
 /// The hops of a flow as (interface, direction), in the order the flow met them.
 pub fn hop_names(f: &FlowRecord) -> Vec<(String, Direction)> {
-    f.hops.iter().map(|h| (h.interface.clone(), h.direction)).collect()
+    f.hops
+        .iter()
+        .map(|h| (h.interface.clone(), h.direction))
+        .collect()
 }
 
 pub fn hops(list: &[(&str, Direction)]) -> Vec<(String, Direction)> {
