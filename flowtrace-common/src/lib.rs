@@ -99,7 +99,10 @@ pub struct FlowStats {
     pub last_seen_ns: u64,
     /// Union of the TCP flags byte (FIN 0x01 .. CWR 0x80) of every packet; 0 for non-TCP.
     pub tcp_flags: u8,
-    pub _pad: [u8; 7],
+    // Padding as scalars: a byte-array field would be zeroed with a memset loop in BPF.
+    pub _pad0: u8,
+    pub _pad1: u16,
+    pub _pad2: u32,
 }
 
 impl FlowStats {
@@ -149,6 +152,25 @@ impl CacheSlot {
 }
 
 impl FlowKey {
+    /// Word-wise equality, spelled out: a derived `==` or an array compare lowers to a
+    /// byte-by-byte `memcmp` loop in BPF, which costs more than the rest of the hot path.
+    #[inline(always)]
+    pub fn same_as(&self, other: &FlowKey) -> bool {
+        let (a, b) = (self.words(), other.words());
+        ((a[0] ^ b[0])
+            | (a[1] ^ b[1])
+            | (a[2] ^ b[2])
+            | (a[3] ^ b[3])
+            | (a[4] ^ b[4])
+            | (a[5] ^ b[5])
+            | (a[6] ^ b[6])
+            | (a[7] ^ b[7])
+            | (a[8] ^ b[8])
+            | (a[9] ^ b[9])
+            | (a[10] ^ b[10]))
+            == 0
+    }
+
     /// The key as 11 native-endian words, for cheap hashing and comparison.
     #[inline(always)]
     pub fn words(&self) -> [u32; 11] {

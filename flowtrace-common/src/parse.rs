@@ -208,7 +208,11 @@ fn parse_ipv4<P: Packet + ?Sized>(
         l3_offset: l3 as u32,
         l3_header_len: ihl as u32,
         l3_len: total_len,
-        ..PacketInfo::default()
+        // Spelled out rather than `..Default::default()`, which can lower to a memset loop.
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        l4_header_len: 0,
     };
     parse_l4(pkt, l3 + ihl, &mut info, meta.gso_segs > 1)?;
     Ok(info)
@@ -279,7 +283,10 @@ fn parse_ipv6<P: Packet + ?Sized>(
         l3_offset: l3 as u32,
         l3_header_len: (off - l3) as u32,
         l3_len: payload_len + 40,
-        ..PacketInfo::default()
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        l4_header_len: 0,
     };
     parse_l4(pkt, off, &mut info, meta.gso_segs > 1)?;
     Ok(info)

@@ -120,7 +120,9 @@ fn record(
         first_seen_ns: now,
         last_seen_ns: now,
         tcp_flags: info.tcp_flags,
-        _pad: [0; 7],
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     };
     let Some(slot) = CACHE.get_ptr_mut(active * CACHE_SLOTS + CacheSlot::index(&key)) else {
         add_to_map(flows, &key, &packet);
@@ -130,7 +132,7 @@ fn record(
     // reads a half only after it stopped being active).
     unsafe {
         if (*slot).valid != 0 {
-            if (*slot).key.words() == key.words() {
+            if (*slot).key.same_as(&key) {
                 let st = &mut (*slot).stats;
                 st.packets += packets;
                 st.bytes += bytes;

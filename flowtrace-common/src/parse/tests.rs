@@ -344,7 +344,9 @@ fn stats_merge() {
         first_seen_ns: 50,
         last_seen_ns: 60,
         tcp_flags: 2,
-        _pad: [0; 7],
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     };
     let b = crate::FlowStats {
         packets: 2,
@@ -352,7 +354,9 @@ fn stats_merge() {
         first_seen_ns: 40,
         last_seen_ns: 55,
         tcp_flags: 0x10,
-        _pad: [0; 7],
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     };
     a.merge(&b);
     assert_eq!(
