@@ -311,6 +311,31 @@ fn remove_stale_filters(name: &str) {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
+
+    /// The per-packet programs must not call LLVM's memcpy/memset/memcmp: in BPF these are
+    /// byte-at-a-time loops, and one of them (a derived key comparison) once cost more than the
+    /// whole rest of the hot path under real traffic.
+    #[test]
+    fn programs_call_no_byte_loops() {
+        let obj = object::File::parse(super::EBPF_OBJECT).expect("the embedded object is ELF");
+        let mut calls = Vec::new();
+        for section in obj.sections().filter(|s| s.name().is_ok_and(|n| n == "classifier")) {
+            for (_, reloc) in section.relocations() {
+                if let RelocationTarget::Symbol(idx) = reloc.target() {
+                    let name = obj.symbol_by_index(idx).and_then(|s| s.name().map(String::from)).unwrap_or_default();
+                    if ["memcpy", "memset", "memcmp", "bcmp", "memmove"].contains(&name.as_str()) {
+                        calls.push(name);
+                    }
+                }
+            }
+        }
+        assert!(calls.is_empty(), "kernel programs call {calls:?}: find the struct copy/compare/zeroing that LLVM lowered to a libcall");
+    }
+}
+
 /// Reference programs (`bench_noop`, `bench_counter`) used only by `cargo xtask bench`.
 pub static BASELINES_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace-baselines"));
