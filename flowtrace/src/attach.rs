@@ -322,10 +322,16 @@ mod tests {
     fn programs_call_no_byte_loops() {
         let obj = object::File::parse(super::EBPF_OBJECT).expect("the embedded object is ELF");
         let mut calls = Vec::new();
-        for section in obj.sections().filter(|s| s.name().is_ok_and(|n| n == "classifier")) {
+        for section in obj
+            .sections()
+            .filter(|s| s.name().is_ok_and(|n| n == "classifier"))
+        {
             for (_, reloc) in section.relocations() {
                 if let RelocationTarget::Symbol(idx) = reloc.target() {
-                    let name = obj.symbol_by_index(idx).and_then(|s| s.name().map(String::from)).unwrap_or_default();
+                    let name = obj
+                        .symbol_by_index(idx)
+                        .and_then(|s| s.name().map(String::from))
+                        .unwrap_or_default();
                     if ["memcpy", "memset", "memcmp", "bcmp", "memmove"].contains(&name.as_str()) {
                         calls.push(name);
                     }

@@ -167,6 +167,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             } else {
                 None
             };
+            // A short discarded run first: the first transfer after agents start or stop (TCX
+            // static keys flipping, programs loading, caches) ran measurably slower in either arm.
+            iperf(client, server_ip, 1)?;
             let r = iperf(client, server_ip, args.seconds)?;
             if let Some(agents) = agents {
                 stop_agents(agents)?;
