@@ -188,8 +188,10 @@ fn parse_ipv4<P: Packet + ?Sized>(
             return Err(ParseError::TruncatedIp);
         }
     }
-    // The options must be inside the frame: read the last header byte.
-    pkt.u8_at(l3 + ihl - 1).ok_or(ParseError::TruncatedIp)?;
+    // The options must be inside the frame: read the header's last two bytes. (Presence
+    // checks read 2 bytes ending at the last byte: in the kernel a 1-byte read is checked as
+    // a 2-byte window and would take the slow path when the header ends the packet.)
+    pkt.be16_at(l3 + ihl - 2).ok_or(ParseError::TruncatedIp)?;
     let frag = pkt.be16_at(l3 + 6).ok_or(ParseError::TruncatedIp)?;
     // More-fragments flag or a non-zero offset: a fragment (the DF bit 0x4000 is fine).
     if frag & 0x3fff != 0 {
@@ -252,7 +254,7 @@ fn parse_ipv6<P: Packet + ?Sized>(
             }
             44 => {
                 // The whole 8-byte header must be there.
-                pkt.u8_at(off + 7).ok_or(ParseError::Ipv6ExtensionChain)?;
+                pkt.be16_at(off + 6).ok_or(ParseError::Ipv6ExtensionChain)?;
                 let frag = pkt.be16_at(off + 2).ok_or(ParseError::Ipv6ExtensionChain)?;
                 // Offset (upper 13 bits) or the M flag (bit 0): a real fragment. An atomic
                 // fragment (both zero) carries the whole packet and is parsed through.
@@ -309,8 +311,8 @@ fn parse_l4<P: Packet + ?Sized>(
     }
     match info.protocol {
         IPPROTO_TCP => {
-            // Bytes 12 (data offset) and 13 (flags) end the part we need; 19 ends the header.
-            pkt.u8_at(l4 + 19).ok_or(ParseError::TruncatedL4)?;
+            // Bytes 12 (data offset) and 13 (flags) end the part we need; 18-19 end the header.
+            pkt.be16_at(l4 + 18).ok_or(ParseError::TruncatedL4)?;
             let data_offset =
                 ((pkt.u8_at(l4 + 12).ok_or(ParseError::TruncatedL4)? >> 4) as u32) * 4;
             if data_offset < 20 {
@@ -322,7 +324,7 @@ fn parse_l4<P: Packet + ?Sized>(
             info.l4_header_len = data_offset;
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            pkt.u8_at(l4 + 7).ok_or(ParseError::TruncatedL4)?;
+            pkt.be16_at(l4 + 6).ok_or(ParseError::TruncatedL4)?;
             info.src_port = pkt.be16_at(l4).ok_or(ParseError::TruncatedL4)?;
             info.dst_port = pkt.be16_at(l4 + 2).ok_or(ParseError::TruncatedL4)?;
             info.l4_header_len = if info.protocol == IPPROTO_UDP { 8 } else { 12 };
@@ -333,7 +335,7 @@ fn parse_l4<P: Packet + ?Sized>(
             }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            pkt.u8_at(l4 + 7).ok_or(ParseError::TruncatedL4)?;
+            pkt.be16_at(l4 + 6).ok_or(ParseError::TruncatedL4)?;
             let type_code = pkt.be16_at(l4).ok_or(ParseError::TruncatedL4)?;
             let ty = (type_code >> 8) as u8;
             let echo = if info.protocol == IPPROTO_ICMP {

@@ -74,12 +74,19 @@ fn count_n(counter: Counter, n: u64) {
 
 #[inline(always)]
 fn observe(ctx: &TcContext, direction: u8) {
-    count(Counter::PacketsSeen);
     let meta = skb_meta(ctx);
+    // Every counter is in wire packets, like the flows: a GSO/GRO aggregate counts as its
+    // segments, so packets_seen = flow packets + lost + unparsed + non-IP holds exactly.
+    let segments = if meta.gso_segs > 1 {
+        meta.gso_segs as u64
+    } else {
+        1
+    };
+    count_n(Counter::PacketsSeen, segments);
     let pkt = DirectPacket::new(ctx);
     match parse_frame(&pkt, meta) {
         Ok(info) => record(ctx, &info, meta, direction),
-        Err(e) => count(e.counter()),
+        Err(e) => count_n(e.counter(), segments),
     }
 }
 

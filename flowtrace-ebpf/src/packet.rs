@@ -4,8 +4,8 @@ use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use flowtrace_common::parse::{Packet, SkbMeta, MAX_HEADER_OFFSET};
 
 /// The packet, read with direct packet access (no helper call per field) from the skb's
-/// linear part, and with `bpf_skb_load_bytes` for the rare header that lies beyond it (paged
-/// skbs). Never `bpf_skb_pull_data`: it may reallocate the packet, and an observer must not.
+/// linear part, and with `bpf_skb_load_bytes` for a header that lies beyond it (paged skbs;
+/// counted as `slow_header_reads`). Never `bpf_skb_pull_data`: it may reallocate the packet, and an observer must not.
 pub struct DirectPacket<'a> {
     ctx: &'a TcContext,
     data: usize,

@@ -78,9 +78,14 @@ impl Shared {
                 return Err(e);
             }
         };
+        if let Some(first) = drained.problems.first() {
+            self.drain_errors
+                .fetch_add(drained.problems.len() as u64, Ordering::Relaxed);
+            warn!(errors = drained.problems.len(), first = %first, "drain met map errors; the entries stay for the next drain");
+        }
         let links = lock(&self.links).clone();
         let mut table = lock(&self.table);
-        table.merge(&drained, &|i| links.get(&i).map(|l| l.name.clone()));
+        table.merge(&drained.flows, &|i| links.get(&i).map(|l| l.name.clone()));
         table.expire(monotonic_ns());
         self.drains.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -155,11 +160,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         })?;
 
     let (tx, rx) = mpsc::channel(1024);
-    let watcher = tokio::spawn(async move {
-        if let Err(e) = links::watch(tx).await {
-            error!(error = %e, "link watcher failed");
-        }
-    });
+    let mut watcher = tokio::spawn(links::watch(tx));
     let link_task = tokio::spawn(follow_links(
         rx,
         attacher.clone(),
@@ -169,7 +170,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let drain_task = tokio::spawn(periodic_drain(shared.clone(), cfg.drain_interval));
     let api_task = tokio::spawn(crate::api::serve(listener, shared.clone()));
 
-    wait_for_signal().await;
+    // Without the link watcher new pods would silently go untraced: exit instead, so the
+    // DaemonSet restarts the agent (and the operator sees why in the log).
+    let outcome = tokio::select! {
+        _ = wait_for_signal() => Ok(()),
+        res = &mut watcher => match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(join) => Err(Error::Netlink {
+                what: "following link events",
+                source: std::io::Error::other(join.to_string()),
+            }),
+        },
+    };
+    if let Err(e) = &outcome {
+        error!(error = %e, "the link watcher stopped; detaching and exiting so the agent can be restarted");
+    }
     info!("shutting down");
     watcher.abort();
     link_task.abort();
@@ -181,7 +197,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             warn!(ifindex, error = %e, "removing the clsact qdisc flowtrace added");
         }
     }
-    Ok(())
+    outcome
 }
 
 async fn wait_for_signal() {
@@ -211,21 +227,7 @@ async fn follow_links(
 ) {
     while let Some(event) = rx.recv().await {
         match event {
-            LinkEvent::Present(link) => {
-                lock(&shared.links).insert(link.ifindex, link.clone());
-                if !selector.selects(&link) {
-                    continue;
-                }
-                let mut a = attacher.lock().await;
-                if a.is_attached(link.ifindex) {
-                    continue;
-                }
-                if let Err(e) = a.attach(link.ifindex, &link.name) {
-                    shared.attach_failures.fetch_add(1, Ordering::Relaxed);
-                    warn!(interface = %link.name, error = %e, "not traced");
-                }
-                *lock(&shared.attached) = a.interfaces();
-            }
+            LinkEvent::Present(link) => present(&link, &attacher, &shared, &selector).await,
             LinkEvent::Removed { ifindex } => {
                 let mut a = attacher.lock().await;
                 a.forget(ifindex);
@@ -238,8 +240,43 @@ async fn follow_links(
                     "initial interfaces attached"
                 );
             }
+            LinkEvent::Resync(links) => {
+                for link in &links {
+                    present(link, &attacher, &shared, &selector).await;
+                }
+                let mut a = attacher.lock().await;
+                for (ifindex, name) in a.interfaces() {
+                    if !links.iter().any(|l| l.ifindex == ifindex) {
+                        warn!(interface = %name, ifindex, "gone without a netlink event; forgetting it");
+                        a.forget(ifindex);
+                    }
+                }
+                *lock(&shared.attached) = a.interfaces();
+            }
         }
     }
+}
+
+/// A link exists: remember its name, and attach if the policy selects it.
+async fn present(
+    link: &Link,
+    attacher: &tokio::sync::Mutex<Attacher>,
+    shared: &Shared,
+    selector: &Selector,
+) {
+    lock(&shared.links).insert(link.ifindex, link.clone());
+    if !selector.selects(link) {
+        return;
+    }
+    let mut a = attacher.lock().await;
+    if a.is_attached(link.ifindex) {
+        return;
+    }
+    if let Err(e) = a.attach(link.ifindex, &link.name) {
+        shared.attach_failures.fetch_add(1, Ordering::Relaxed);
+        warn!(interface = %link.name, error = %e, "not traced");
+    }
+    *lock(&shared.attached) = a.interfaces();
 }
 
 async fn periodic_drain(shared: Arc<Shared>, every: Duration) {

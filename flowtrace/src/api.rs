@@ -8,7 +8,7 @@
 use std::sync::{atomic::Ordering, Arc};
 
 use axum::{
-    extract::{Query, State},
+    extract::{RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
@@ -72,7 +72,7 @@ pub struct StatsResponse {
 }
 
 #[derive(Debug, Serialize)]
-struct ApiError {
+pub struct ApiError {
     error: String,
 }
 
@@ -96,33 +96,62 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Query parameters of `/v1/flows`; each may be repeated or comma-separated.
-#[derive(Debug, Default, Deserialize)]
-struct FlowQuery {
-    ip: Option<String>,
-    port: Option<String>,
-    proto: Option<String>,
-    iface: Option<String>,
+/// Parses the query of `/v1/flows`: `ip`, `port`, `proto`, `iface`, each repeatable and
+/// comma-separated. Anything else is an error rather than silently unfiltered output.
+fn parse_query(query: &str) -> crate::error::Result<FlowFilter> {
+    let mut f = FlowFilter::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        for v in value.split(',').filter(|v| !v.is_empty()) {
+            match key {
+                "ip" => f.ips.push(v.parse()?),
+                "port" => f.ports.push(parse_port(v)?),
+                "proto" => f.protos.push(v.parse()?),
+                "iface" => f.ifaces.push(parse_iface(v)?),
+                other => {
+                    return Err(crate::error::Error::Filter {
+                        flag: "query parameter",
+                        value: other.to_string(),
+                        reason: "unknown; use ip, port, proto or iface".into(),
+                    })
+                }
+            }
+        }
+    }
+    Ok(f)
 }
 
-fn split(v: &Option<String>) -> impl Iterator<Item = &str> {
-    v.as_deref()
-        .into_iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
+/// Decodes `%XX` escapes and `+` (filter values are ASCII: addresses, numbers, names, globs).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
-fn parse_query(q: &FlowQuery) -> crate::error::Result<FlowFilter> {
-    Ok(FlowFilter {
-        ips: split(&q.ip).map(str::parse).collect::<Result<_, _>>()?,
-        ports: split(&q.port).map(parse_port).collect::<Result<_, _>>()?,
-        protos: split(&q.proto).map(str::parse).collect::<Result<_, _>>()?,
-        ifaces: split(&q.iface).map(parse_iface).collect::<Result<_, _>>()?,
-    })
-}
-
-async fn flows(State(shared): State<Arc<Shared>>, Query(q): Query<FlowQuery>) -> Response {
-    let filter = match parse_query(&q) {
+async fn flows(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> Response {
+    let filter = match parse_query(query.as_deref().unwrap_or("")) {
         Ok(f) => f,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -202,5 +231,24 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "interfaces present at start are not attached yet",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_repeat_split_and_reject_unknown_keys() {
+        let f = parse_query("ip=10.0.0.0%2F8&ip=fd00::1&port=53,80&proto=udp&iface=veth*").unwrap();
+        assert_eq!(f.ips.len(), 2);
+        assert_eq!(f.ips[0].prefix_len, 8);
+        assert_eq!(f.ports, vec![53, 80]);
+        assert_eq!(f.protos.len(), 1);
+        assert_eq!(f.ifaces, vec!["veth*".to_string()]);
+        let e = parse_query("protocol=tcp").unwrap_err().to_string();
+        assert!(e.contains("unknown; use ip, port, proto or iface"), "{e}");
+        assert!(parse_query("port=0").is_err());
+        assert!(parse_query("").unwrap().ips.is_empty());
     }
 }

@@ -227,10 +227,8 @@ impl Attacher {
 
     fn detach_one(&mut self, program: &'static str, link: SchedClassifierLinkId) -> Result<()> {
         let prog = self.program(program)?;
-        prog.detach(link).map_err(|e| Error::Attach {
+        prog.detach(link).map_err(|e| Error::Detach {
             program,
-            interface: String::new(),
-            direction: "detach",
             detail: e.to_string(),
         })
     }

@@ -19,9 +19,15 @@ pub fn fetch_flows(base: &str) -> Result<FlowsResponse> {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
             let body = r.into_string().unwrap_or_default();
-            return Err(Error::AgentResponse {
+            // The agent's own errors are JSON {"error": "..."}; show just the message.
+            let body = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or(body);
+            return Err(Error::AgentError {
                 url,
-                detail: format!("HTTP {code}: {body}"),
+                status: code,
+                body,
             });
         }
         Err(ureq::Error::Transport(t)) => {
@@ -131,8 +137,7 @@ pub fn flows(agent: &str, filter: &FlowFilter, json: bool) -> Result<String> {
     if json {
         serde_json::to_string_pretty(&resp)
             .map(|s| s + "\n")
-            .map_err(|e| Error::AgentResponse {
-                url: agent.into(),
+            .map_err(|e| Error::Output {
                 detail: e.to_string(),
             })
     } else {

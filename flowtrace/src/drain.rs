@@ -32,6 +32,14 @@ pub struct DrainedFlow {
     pub stats: FlowStats,
 }
 
+/// What one drain produced: the flows, and the map errors met on the way (each left its
+/// entry in place for the next drain).
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub flows: Vec<DrainedFlow>,
+    pub problems: Vec<Error>,
+}
+
 /// The maps the agent reads, taken out of the loaded object.
 pub struct Drainer {
     buffers: [PerCpuHashMap<MapData, FlowKey, FlowStats>; 2],
@@ -76,7 +84,7 @@ impl Drainer {
     }
 
     /// Flips the buffers and returns every flow of the one that was active.
-    pub async fn drain(&mut self) -> Result<Vec<DrainedFlow>> {
+    pub async fn drain(&mut self) -> Result<Drained> {
         let old = self.active()? & 1;
         self.control
             .set(CONTROL_ACTIVE_BUFFER, 1 - old, 0)
@@ -86,73 +94,97 @@ impl Drainer {
             })?;
         tokio::time::sleep(self.grace).await;
         let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();
-        self.drain_cache(old, &mut merged)?;
+        let mut problems = Vec::new();
+        self.drain_cache(old, &mut merged, &mut problems);
         let map = &mut self.buffers[old as usize];
         let name = if old == 0 { "FLOWS_0" } else { "FLOWS_1" };
-        let keys: Vec<FlowKey> =
-            map.keys()
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| Error::MapIo {
-                    map: name,
-                    detail: e.to_string(),
-                })?;
+        let mut keys = Vec::new();
+        for key in map.keys() {
+            match key {
+                Ok(k) => keys.push(k),
+                Err(e) => {
+                    problems.push(Error::MapIo {
+                        map: name,
+                        detail: e.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
         for key in keys {
+            // Read, then delete, then count: if either step fails the entry stays in the
+            // buffer and is drained next time this buffer is idle, never lost nor counted twice.
             let per_cpu = match map.get(&key, 0) {
                 Ok(v) => v,
                 // Deleted under us cannot happen (we are the only deleter); skip defensively.
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => {
-                    return Err(Error::MapIo {
+                    problems.push(Error::MapIo {
                         map: name,
                         detail: e.to_string(),
-                    })
+                    });
+                    continue;
                 }
             };
-            map.remove(&key).map_err(|e| Error::MapIo {
-                map: name,
-                detail: e.to_string(),
-            })?;
+            if let Err(e) = map.remove(&key) {
+                problems.push(Error::MapIo {
+                    map: name,
+                    detail: e.to_string(),
+                });
+                continue;
+            }
             let stats = merged.entry(key).or_default();
             for cpu in per_cpu.iter() {
                 stats.merge(cpu);
             }
         }
-        Ok(merged
-            .into_iter()
-            .filter(|(_, stats)| stats.packets > 0)
-            .map(|(key, stats)| DrainedFlow { key, stats })
-            .collect())
+        Ok(Drained {
+            flows: merged
+                .into_iter()
+                .filter(|(_, stats)| stats.packets > 0)
+                .map(|(key, stats)| DrainedFlow { key, stats })
+                .collect(),
+            problems,
+        })
     }
 
-    /// Collects and clears the idle half (`half`) of the per-CPU flow cache.
-    fn drain_cache(&mut self, half: u32, into: &mut HashMap<FlowKey, FlowStats>) -> Result<()> {
+    /// Collects and clears the idle half (`half`) of the per-CPU flow cache. A slot whose
+    /// clearing fails is not counted now: it is read again next time.
+    fn drain_cache(
+        &mut self,
+        half: u32,
+        into: &mut HashMap<FlowKey, FlowStats>,
+        problems: &mut Vec<Error>,
+    ) {
         let io = |e: aya::maps::MapError| Error::MapIo {
             map: "CACHE",
             detail: e.to_string(),
         };
-        let mut empty: Option<PerCpuValues<CacheSlot>> = None;
         for index in half * CACHE_SLOTS..(half + 1) * CACHE_SLOTS {
-            let per_cpu = self.cache.get(&index, 0).map_err(io)?;
-            let mut any = false;
+            let per_cpu = match self.cache.get(&index, 0) {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(io(e));
+                    continue;
+                }
+            };
+            if !per_cpu.iter().any(|s| s.valid != 0) {
+                continue;
+            }
+            let cleared = PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()])
+                .map_err(|e| Error::MapIo {
+                    map: "CACHE",
+                    detail: e.to_string(),
+                })
+                .and_then(|zeros| self.cache.set(index, zeros, 0).map_err(io));
+            if let Err(e) = cleared {
+                problems.push(e);
+                continue;
+            }
             for slot in per_cpu.iter().filter(|s| s.valid != 0) {
                 into.entry(slot.key).or_default().merge(&slot.stats);
-                any = true;
-            }
-            if any {
-                let zeros = match empty.take() {
-                    Some(z) => z,
-                    None => PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()])
-                        .map_err(|e| Error::MapIo {
-                            map: "CACHE",
-                            detail: e.to_string(),
-                        })?,
-                };
-                self.cache.set(index, zeros, 0).map_err(io)?;
-                // PerCpuValues is not Clone; rebuild it for the next slot that needs clearing.
-                empty = PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()]).ok();
             }
         }
-        Ok(())
     }
 
     /// Kernel-side counters (packets seen and every loss), summed over CPUs.

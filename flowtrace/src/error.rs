@@ -10,23 +10,36 @@ pub enum Error {
         #[source]
         source: aya::EbpfError,
     },
-    #[error("eBPF program `{program}` is missing from the object or failed to load: {detail}")]
+    #[error("eBPF program `{program}` is missing from the object or failed to load: {detail}. The verifier log above says which instruction was refused; the kernel needs BTF and must be >= 5.15, and the agent CAP_BPF + CAP_PERFMON")]
     Program {
         program: &'static str,
         detail: String,
     },
-    #[error("eBPF map `{map}` is missing from the object or has the wrong type: {detail}")]
+    #[error("eBPF map `{map}` is missing from the object or has the wrong type: {detail}. The agent binary and its embedded kernel object disagree: rebuild flowtrace")]
     Map { map: &'static str, detail: String },
-    #[error("attaching `{program}` to {interface} ({direction}) failed: {detail}")]
+    #[error("attaching `{program}` to {interface} ({direction}) failed: {detail}. Check that the interface still exists and the agent holds CAP_NET_ADMIN; on kernels before 6.6 use --attach-mode clsact; skip the interface with --exclude-iface")]
     Attach {
         program: &'static str,
         interface: String,
         direction: &'static str,
         detail: String,
     },
-    #[error("reading eBPF map `{map}` failed: {detail}")]
+    #[error("reading eBPF map `{map}` failed: {detail}. The entries stay in the kernel and are read at the next drain; if this repeats, restart the agent")]
     MapIo { map: &'static str, detail: String },
-    #[error("netlink {what} failed: {source}")]
+    #[error("detaching `{program}` failed: {detail}. With TCX the kernel detaches when the agent exits; in clsact mode remove leftover filters with `tc filter del`")]
+    Detach {
+        program: &'static str,
+        detail: String,
+    },
+    #[error("the agent at {url} answered HTTP {status}: {body}")]
+    AgentError {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("printing the flows failed: {detail}")]
+    Output { detail: String },
+    #[error("netlink {what} failed: {source}. The agent needs CAP_NET_ADMIN in the node's network namespace (hostNetwork)")]
     Netlink {
         what: &'static str,
         #[source]

@@ -15,7 +15,6 @@ use netlink_packet_route::{
 };
 use netlink_sys::{AsyncSocket, SocketAddr};
 use tokio::sync::mpsc;
-use tracing::warn;
 
 use crate::error::{Error, Result};
 
@@ -28,6 +27,9 @@ pub struct Link {
     pub kind: Option<String>,
     /// The link's peer is in another network namespace (`IFLA_LINK_NETNSID` present).
     pub peer_in_other_netns: bool,
+    /// Frames start with an Ethernet header (ARPHRD_ETHER). flowtrace parses from an Ethernet
+    /// header, so L3 devices (wireguard, ipip, netkit in L3 mode) are never traced.
+    pub ethernet: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum LinkEvent {
     Removed { ifindex: u32 },
     /// The initial dump is complete: every link that existed at start has been reported.
     Synced,
+    /// A periodic full dump: links missing from it are gone even if no event said so.
+    Resync(Vec<Link>),
 }
 
 /// The tracing policy: defaults plus name globs (`*` matches any run of characters).
@@ -49,6 +53,9 @@ pub struct Selector {
 
 impl Selector {
     pub fn selects(&self, link: &Link) -> bool {
+        if !link.ethernet {
+            return false;
+        }
         if self.exclude.iter().any(|p| glob_match(p, &link.name)) {
             return false;
         }
@@ -57,7 +64,7 @@ impl Selector {
         }
         match link.kind.as_deref() {
             Some("vxlan") | Some("geneve") => true,
-            Some("veth") | Some("netkit") => link.peer_in_other_netns,
+            Some("veth") => link.peer_in_other_netns,
             _ => false,
         }
     }
@@ -114,6 +121,7 @@ pub fn link_from_message(msg: &LinkMessage) -> Option<Link> {
         name: name?,
         kind,
         peer_in_other_netns,
+        ethernet: msg.header.link_layer_type == netlink_packet_route::link::LinkLayerType::Ether,
     })
 }
 
@@ -134,38 +142,39 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     tokio::spawn(conn);
 
     // Subscribe first, dump second: a link created in between shows up twice, never zero times.
-    let mut dump = handle.link().get().execute();
-    while let Some(item) = dump.next().await {
-        match item {
-            Ok(msg) => {
-                if let Some(link) = link_from_message(&msg) {
-                    if tx.send(LinkEvent::Present(link)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            Err(e) => {
-                return Err(Error::Netlink {
-                    what: "dumping links",
-                    source: std::io::Error::other(e.to_string()),
-                })
-            }
+    let links = dump(&handle).await?;
+    for link in links {
+        if tx.send(LinkEvent::Present(link)).await.is_err() {
+            return Ok(());
         }
     }
     if tx.send(LinkEvent::Synced).await.is_err() {
         return Ok(());
     }
-    while let Some((msg, _)) = messages.next().await {
-        let event = match msg.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
-                link_from_message(&m).map(LinkEvent::Present)
-            }
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
-                Some(LinkEvent::Removed {
-                    ifindex: m.header.index,
-                })
-            }
-            _ => None,
+    // Events can be lost (a full socket buffer during a burst of pod churn): a periodic dump
+    // repairs whatever was missed.
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    resync.tick().await;
+    loop {
+        let event = tokio::select! {
+            msg = messages.next() => match msg {
+                Some((msg, _)) => match msg.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                        link_from_message(&m).map(LinkEvent::Present)
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                        Some(LinkEvent::Removed { ifindex: m.header.index })
+                    }
+                    _ => None,
+                },
+                None => {
+                    return Err(Error::Netlink {
+                        what: "following link events",
+                        source: std::io::Error::other("the netlink event stream ended"),
+                    })
+                }
+            },
+            _ = resync.tick() => Some(LinkEvent::Resync(dump(&handle).await?)),
         };
         if let Some(event) = event {
             if tx.send(event).await.is_err() {
@@ -173,8 +182,22 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
             }
         }
     }
-    warn!("the link event stream ended; new interfaces will no longer be traced");
-    Ok(())
+}
+
+/// How often the link list is dumped again to repair missed events.
+pub const RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn dump(handle: &rtnetlink::Handle) -> Result<Vec<Link>> {
+    let mut out = Vec::new();
+    let mut dump = handle.link().get().execute();
+    while let Some(item) = dump.next().await {
+        let msg = item.map_err(|e| Error::Netlink {
+            what: "dumping links",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        out.extend(link_from_message(&msg));
+    }
+    Ok(out)
 }
 
 /// Removes the clsact qdisc of `ifindex` (clsact mode, only where flowtrace added it).
@@ -209,6 +232,7 @@ mod tests {
             name: name.into(),
             kind: Some(kind.into()),
             peer_in_other_netns: other_ns,
+            ethernet: true,
         }
     }
 
@@ -224,11 +248,24 @@ mod tests {
         assert!(s.selects(&link("flannel.1", "vxlan", false)));
         assert!(s.selects(&link("genev_sys_6081", "geneve", false)));
         assert!(!s.selects(&link("cni0", "bridge", false)));
+        let wg = Link {
+            ethernet: false,
+            ..link("wg0", "wireguard", false)
+        };
+        assert!(
+            !Selector {
+                include: vec!["wg*".into()],
+                exclude: vec![]
+            }
+            .selects(&wg),
+            "L3 devices have no Ethernet header"
+        );
         assert!(!s.selects(&Link {
             ifindex: 2,
             name: "eth0".into(),
             kind: None,
-            peer_in_other_netns: false
+            peer_in_other_netns: false,
+            ethernet: true,
         }));
     }
 
@@ -242,7 +279,8 @@ mod tests {
             ifindex: 2,
             name: "eth0".into(),
             kind: None,
-            peer_in_other_netns: false
+            peer_in_other_netns: false,
+            ethernet: true,
         }));
         assert!(!s.selects(&link("veth9abc", "veth", true)));
         assert!(s.selects(&link("veth1abc", "veth", true)));
