@@ -321,23 +321,26 @@ fn icmp_echo_requests_and_replies() {
     }
 }
 
-/// Many interleaved flows through one hook: more flows than the per-CPU cache has slots, so
-/// counters move between cache and hash map and across drains; every flow must still be exact.
-#[test]
-fn many_interleaved_flows_are_each_counted_exactly() {
-    let bed = Bed::up();
-    let c = &bed.cluster;
-    let (src, dst) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-b").unwrap());
-    const FLOWS: u64 = 600;
-    const ROUNDS: u64 = 5;
+/// Sends `flows * rounds` 20-byte UDP datagrams from `src` to `dst:port`, round-robin over
+/// `flows` sockets (one flow each), checks they all arrived, and returns ftgen's report.
+fn send_interleaved_flows(
+    src: &Pod,
+    dst: &Pod,
+    port: u16,
+    flows: u64,
+    rounds: u64,
+) -> serde_json::Value {
+    let total = (flows * rounds).to_string();
+    let bind = format!("0.0.0.0:{port}");
+    let to = format!("{}:{port}", dst.ipv4);
     let sink = ftgen_bg(
         dst,
         &[
             "udp-sink",
             "--bind",
-            "0.0.0.0:25001",
+            &bind,
             "--count",
-            &(FLOWS * ROUNDS).to_string(),
+            &total,
             "--timeout-ms",
             "30000",
         ],
@@ -348,13 +351,13 @@ fn many_interleaved_flows_are_each_counted_exactly() {
         &[
             "udp-send",
             "--to",
-            &format!("{}:25001", dst.ipv4),
+            &to,
             "--count",
-            &(FLOWS * ROUNDS).to_string(),
+            &total,
             "--size",
             "20",
             "--sockets",
-            &FLOWS.to_string(),
+            &flows.to_string(),
             "--interval-us",
             "100",
             "--bind",
@@ -362,7 +365,20 @@ fn many_interleaved_flows_are_each_counted_exactly() {
         ],
     )
     .unwrap();
-    assert_eq!(finish(sink).unwrap()["received"], FLOWS * ROUNDS);
+    assert_eq!(finish(sink).unwrap()["received"], flows * rounds);
+    sent
+}
+
+/// Many interleaved flows through one hook: more flows than the per-CPU cache has slots, so
+/// counters move between cache and hash map and across drains; every flow must still be exact.
+#[test]
+fn many_interleaved_flows_are_each_counted_exactly() {
+    let bed = Bed::up();
+    let c = &bed.cluster;
+    let (src, dst) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-b").unwrap());
+    const FLOWS: u64 = 600;
+    const ROUNDS: u64 = 5;
+    let sent = send_interleaved_flows(src, dst, 25001, FLOWS, ROUNDS);
     let ports: Vec<u16> = sent["local_ports"]
         .as_array()
         .unwrap()
@@ -440,39 +456,7 @@ fn a_full_flow_map_counts_every_lost_packet() {
     };
     let (flows_before, before) = quiet_snapshot(&agent);
     let counted_before = all_packets(&flows_before);
-    let sink = ftgen_bg(
-        dst,
-        &[
-            "udp-sink",
-            "--bind",
-            "0.0.0.0:25002",
-            "--count",
-            &(FLOWS * ROUNDS).to_string(),
-            "--timeout-ms",
-            "30000",
-        ],
-    )
-    .unwrap();
-    let sent = ftgen(
-        src,
-        &[
-            "udp-send",
-            "--to",
-            &format!("{}:25002", dst.ipv4),
-            "--count",
-            &(FLOWS * ROUNDS).to_string(),
-            "--size",
-            "20",
-            "--sockets",
-            &FLOWS.to_string(),
-            "--interval-us",
-            "100",
-            "--bind",
-            &src.ipv4.to_string(),
-        ],
-    )
-    .unwrap();
-    assert_eq!(finish(sink).unwrap()["received"], FLOWS * ROUNDS);
+    let sent = send_interleaved_flows(src, dst, 25002, FLOWS, ROUNDS);
     let ports: Vec<u64> = sent["local_ports"]
         .as_array()
         .unwrap()
