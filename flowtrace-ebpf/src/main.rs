@@ -140,11 +140,7 @@ fn record(
     unsafe {
         if (*slot).valid != 0 {
             if (*slot).key.same_as(&key) {
-                let st = &mut (*slot).stats;
-                st.packets += packets;
-                st.bytes += bytes;
-                st.last_seen_ns = now;
-                st.tcp_flags |= info.tcp_flags;
+                merge_into(&mut (*slot).stats, &packet);
                 return;
             }
             // Another flow owns the slot: move its counters to the map, then take the slot.
@@ -174,9 +170,10 @@ fn add_to_map(flows: &PerCpuHashMap<FlowKey, FlowStats>, key: &FlowKey, add: &Fl
     }
 }
 
+/// Adds one packet's (or an evicted cache slot's) counters into per-CPU counters.
 #[inline(always)]
 fn merge_into(stats: *mut FlowStats, add: &FlowStats) {
-    // SAFETY: a per-CPU map value; only this CPU writes it while this program runs.
+    // SAFETY: a per-CPU map value or cache slot; only this CPU writes it while this program runs.
     unsafe {
         // An entry created by another CPU starts zeroed in this CPU's slot.
         if (*stats).packets == 0 {

@@ -42,12 +42,12 @@ pub struct AgentConfig {
 /// State shared by the agent's tasks and the API.
 pub struct Shared {
     drainer: tokio::sync::Mutex<Drainer>,
+    /// The loaded programs and their attachments (the attached interfaces are read from it).
+    pub attacher: tokio::sync::Mutex<Attacher>,
     pub table: Mutex<FlowTable>,
     /// Every link seen in this namespace, by ifindex (kept after removal so drained
     /// counters of a vanished interface still carry its name).
     pub links: Mutex<HashMap<u32, Link>>,
-    /// Interfaces flowtrace is attached to: ifindex -> name.
-    pub attached: Mutex<Vec<(u32, String)>>,
     pub attach_mode: AttachMode,
     /// (program name, kernel program id) of the loaded programs.
     pub program_ids: Vec<(String, u32)>,
@@ -83,7 +83,7 @@ impl Shared {
                 .fetch_add(drained.problems.len() as u64, Ordering::Relaxed);
             warn!(errors = drained.problems.len(), first = %first, "drain met map errors; the entries stay for the next drain");
         }
-        let links = lock(&self.links).clone();
+        let links = lock(&self.links);
         let mut table = lock(&self.table);
         table.merge(&drained.flows, &|i| links.get(&i).map(|l| l.name.clone()));
         table.expire(monotonic_ns());
@@ -125,24 +125,18 @@ fn hostname() -> String {
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut ebpf = attach::load(cfg.flow_entries)?;
     let drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
-    let attacher = Arc::new(tokio::sync::Mutex::new(Attacher::new(
-        ebpf,
-        cfg.attach_mode,
-    )));
-    let (mode, program_ids) = {
-        let mut a = attacher.lock().await;
-        (a.mode(), a.program_ids())
-    };
+    let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
+    let (mode, program_ids) = (attacher.mode(), attacher.program_ids());
     info!(?mode, listen = %cfg.listen, "flowtrace agent starting");
 
     let shared = Arc::new(Shared {
         drainer: tokio::sync::Mutex::new(drainer),
+        attacher: tokio::sync::Mutex::new(attacher),
         table: Mutex::new(FlowTable::new(
             cfg.max_flows,
             cfg.flow_idle_timeout.as_nanos() as u64,
         )),
         links: Mutex::new(HashMap::new()),
-        attached: Mutex::new(Vec::new()),
         attach_mode: mode,
         program_ids,
         links_synced: AtomicBool::new(false),
@@ -161,12 +155,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let (tx, rx) = mpsc::channel(1024);
     let mut watcher = tokio::spawn(links::watch(tx));
-    let link_task = tokio::spawn(follow_links(
-        rx,
-        attacher.clone(),
-        shared.clone(),
-        cfg.selector.clone(),
-    ));
+    let link_task = tokio::spawn(follow_links(rx, shared.clone(), cfg.selector.clone()));
     let drain_task = tokio::spawn(periodic_drain(shared.clone(), cfg.drain_interval));
     let api_task = tokio::spawn(crate::api::serve(listener, shared.clone()));
 
@@ -191,7 +180,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     link_task.abort();
     drain_task.abort();
     api_task.abort();
-    let clsact_to_remove = attacher.lock().await.detach_all();
+    let clsact_to_remove = shared.attacher.lock().await.detach_all();
     for ifindex in clsact_to_remove {
         if let Err(e) = links::delete_clsact(ifindex).await {
             warn!(ifindex, error = %e, "removing the clsact qdisc flowtrace added");
@@ -219,64 +208,48 @@ async fn wait_for_signal() {
     }
 }
 
-async fn follow_links(
-    mut rx: mpsc::Receiver<LinkEvent>,
-    attacher: Arc<tokio::sync::Mutex<Attacher>>,
-    shared: Arc<Shared>,
-    selector: Selector,
-) {
+async fn follow_links(mut rx: mpsc::Receiver<LinkEvent>, shared: Arc<Shared>, selector: Selector) {
     while let Some(event) = rx.recv().await {
         match event {
-            LinkEvent::Present(link) => present(&link, &attacher, &shared, &selector).await,
-            LinkEvent::Removed { ifindex } => {
-                let mut a = attacher.lock().await;
-                a.forget(ifindex);
-                *lock(&shared.attached) = a.interfaces();
-            }
+            LinkEvent::Present(link) => present(&link, &shared, &selector).await,
+            LinkEvent::Removed { ifindex } => shared.attacher.lock().await.forget(ifindex),
             LinkEvent::Synced => {
                 shared.links_synced.store(true, Ordering::Relaxed);
-                info!(
-                    interfaces = lock(&shared.attached).len(),
-                    "initial interfaces attached"
-                );
+                let interfaces = shared.attacher.lock().await.interfaces().len();
+                info!(interfaces, "initial interfaces attached");
             }
             LinkEvent::Resync(links) => {
                 for link in &links {
-                    present(link, &attacher, &shared, &selector).await;
+                    present(link, &shared, &selector).await;
                 }
-                let mut a = attacher.lock().await;
+                let mut a = shared.attacher.lock().await;
                 for (ifindex, name) in a.interfaces() {
                     if !links.iter().any(|l| l.ifindex == ifindex) {
                         warn!(interface = %name, ifindex, "gone without a netlink event; forgetting it");
                         a.forget(ifindex);
                     }
                 }
-                *lock(&shared.attached) = a.interfaces();
             }
         }
     }
 }
 
-/// A link exists: remember its name, and attach if the policy selects it.
-async fn present(
-    link: &Link,
-    attacher: &tokio::sync::Mutex<Attacher>,
-    shared: &Shared,
-    selector: &Selector,
-) {
+/// A link exists: remember its name, and attach if the policy selects it (attaching an
+/// interface already attached does nothing).
+async fn present(link: &Link, shared: &Shared, selector: &Selector) {
     lock(&shared.links).insert(link.ifindex, link.clone());
     if !selector.selects(link) {
         return;
     }
-    let mut a = attacher.lock().await;
-    if a.is_attached(link.ifindex) {
-        return;
-    }
-    if let Err(e) = a.attach(link.ifindex, &link.name) {
+    if let Err(e) = shared
+        .attacher
+        .lock()
+        .await
+        .attach(link.ifindex, &link.name)
+    {
         shared.attach_failures.fetch_add(1, Ordering::Relaxed);
         warn!(interface = %link.name, error = %e, "not traced");
     }
-    *lock(&shared.attached) = a.interfaces();
 }
 
 async fn periodic_drain(shared: Arc<Shared>, every: Duration) {

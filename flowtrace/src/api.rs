@@ -171,15 +171,17 @@ async fn flows(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> 
 }
 
 async fn interfaces(State(shared): State<Arc<Shared>>) -> Json<InterfacesResponse> {
-    let links = lock(&shared.links).clone();
-    let interfaces = lock(&shared.attached)
-        .iter()
-        .map(|(i, n)| InterfaceRecord {
-            ifindex: *i,
-            name: n.clone(),
-            kind: links.get(i).and_then(|l| l.kind.clone()),
+    let attached = shared.attacher.lock().await.interfaces();
+    let links = lock(&shared.links);
+    let interfaces = attached
+        .into_iter()
+        .map(|(ifindex, name)| InterfaceRecord {
+            kind: links.get(&ifindex).and_then(|l| l.kind.clone()),
+            ifindex,
+            name,
         })
         .collect();
+    drop(links);
     Json(InterfacesResponse {
         attach_mode: shared.attach_mode,
         programs: shared

@@ -3,8 +3,9 @@
 //! TCX (kernel >= 6.6) is preferred: the attachment is a bpf_link owned by a file
 //! descriptor, so the kernel detaches it by itself when the agent exits, even on SIGKILL.
 //! On older kernels the classic clsact qdisc + cls_bpf filter is used; those outlive the
-//! process, so the agent removes its own filters (found by program name) at start-up and
-//! exit, and removes a clsact qdisc only where it created it.
+//! process, so the agent detaches its filters at exit, removes filters a killed earlier run
+//! left (found by program name) at start-up, and removes a clsact qdisc only where it
+//! created it.
 
 use std::collections::HashMap;
 
@@ -64,32 +65,29 @@ pub fn load(flow_entries: u32) -> Result<Ebpf> {
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|source| Error::Load { source })?;
-    for name in [PROG_INGRESS, PROG_EGRESS] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Program {
-                program: name_static(name),
-                detail: "not in object".into(),
-            })?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| Error::Program {
-                program: name_static(name),
-                detail: e.to_string(),
+    for program in [PROG_INGRESS, PROG_EGRESS] {
+        classifier(&mut ebpf, program)?
+            .load()
+            .map_err(|e| Error::Program {
+                program,
+                detail: format!("{e} (verifier log: {e:?})"),
             })?;
-        prog.load().map_err(|e| Error::Program {
-            program: name_static(name),
-            detail: format!("{e} (verifier log: {e:?})"),
-        })?;
     }
     Ok(ebpf)
 }
 
-fn name_static(name: &str) -> &'static str {
-    if name == PROG_INGRESS {
-        PROG_INGRESS
-    } else {
-        PROG_EGRESS
-    }
+/// The TC program `program` of the loaded object.
+fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(program)
+        .ok_or(Error::Program {
+            program,
+            detail: "not in object".into(),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| Error::Program {
+            program,
+            detail: e.to_string(),
+        })
 }
 
 /// One interface flowtrace is attached to.
@@ -120,14 +118,6 @@ impl Attacher {
 
     pub fn mode(&self) -> AttachMode {
         self.mode
-    }
-
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
-    }
-
-    pub fn is_attached(&self, ifindex: u32) -> bool {
-        self.attached.contains_key(&ifindex)
     }
 
     /// Attaches both hooks to `name` (`ifindex`). Idempotent per ifindex.
@@ -185,17 +175,7 @@ impl Attacher {
     }
 
     fn program(&mut self, program: &'static str) -> Result<&mut SchedClassifier> {
-        self.ebpf
-            .program_mut(program)
-            .ok_or(Error::Program {
-                program,
-                detail: "not in object".into(),
-            })?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| Error::Program {
-                program,
-                detail: e.to_string(),
-            })
+        classifier(&mut self.ebpf, program)
     }
 
     fn attach_one(
@@ -271,21 +251,15 @@ impl Attacher {
     /// Returns the interfaces whose clsact qdisc flowtrace added and should now remove.
     pub fn detach_all(&mut self) -> Vec<u32> {
         let mut qdiscs = Vec::new();
-        let ifindexes: Vec<u32> = self.attached.keys().copied().collect();
-        for ifindex in ifindexes {
-            if let Some(a) = self.attached.remove(&ifindex) {
-                if let Err(e) = self.detach_one(PROG_INGRESS, a.ingress) {
-                    warn!(interface = %a.name, error = %e, "detaching ingress");
-                }
-                if let Err(e) = self.detach_one(PROG_EGRESS, a.egress) {
-                    warn!(interface = %a.name, error = %e, "detaching egress");
-                }
-                if self.mode == AttachMode::Clsact {
-                    remove_stale_filters(&a.name);
-                    if a.created_qdisc {
-                        qdiscs.push(ifindex);
-                    }
-                }
+        for (ifindex, a) in std::mem::take(&mut self.attached) {
+            if let Err(e) = self.detach_one(PROG_INGRESS, a.ingress) {
+                warn!(interface = %a.name, error = %e, "detaching ingress");
+            }
+            if let Err(e) = self.detach_one(PROG_EGRESS, a.egress) {
+                warn!(interface = %a.name, error = %e, "detaching egress");
+            }
+            if a.created_qdisc {
+                qdiscs.push(ifindex);
             }
         }
         info!("detached from every interface");

@@ -6,7 +6,7 @@ use crate::{
     api::FlowsResponse,
     error::{Error, Result},
     filter::FlowFilter,
-    flows::{Direction, FlowRecord},
+    flows::{is_icmp, Direction, FlowRecord},
 };
 
 /// Fetches `/v1/flows` from the agent at `base` (e.g. `http://127.0.0.1:9650`).
@@ -53,7 +53,7 @@ fn endpoint(addr: &std::net::IpAddr, port: u16, protocol: u8) -> String {
         std::net::IpAddr::V6(a) => format!("[{a}]"),
         std::net::IpAddr::V4(a) => a.to_string(),
     };
-    if protocol == 1 || protocol == 58 {
+    if is_icmp(protocol) {
         host
     } else {
         format!("{host}:{port}")
@@ -80,7 +80,7 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
     let rows: Vec<[String; 6]> = flows
         .iter()
         .map(|f| {
-            let proto = if f.protocol_number == 1 || f.protocol_number == 58 {
+            let proto = if is_icmp(f.protocol_number) {
                 format!("{} {}/{}", f.protocol, f.dst_port >> 8, f.dst_port & 0xff)
             } else {
                 f.protocol.clone()

@@ -1,19 +1,16 @@
 //! Draining the kernel's flow buffers without losing updates.
 //!
 //! The kernel writes every update into the buffer (and the half of the per-CPU flow cache)
-//! named by `CONTROL[active]`. A drain
-//! flips `active`, waits for programs that already read the old value to finish (TC
-//! programs run with bottom halves disabled and take microseconds; the grace period is
-//! milliseconds), then reads and deletes every entry of the buffer that now has no
-//! writer. An update is therefore either in the drained buffer before it is read or in
-//! the other buffer, never lost between a read and a delete. The residual risk is a
-//! program run stalled for longer than the grace period (e.g. a preempted vCPU); the
-//! update then lands in the drained buffer after our read and is deleted with it; a
-//! per-key lookup-then-delete keeps that window to one syscall per key.
+//! named by `CONTROL[active]`. A drain flips `active`, waits for programs that already read
+//! the old value to finish (TC programs run with bottom halves disabled and take
+//! microseconds; the grace period is milliseconds), then reads and clears everything in the
+//! buffer and cache half that now have no writer. An update is therefore either in the
+//! drained buffer before it is read or in the other one, never lost between a read and a
+//! delete. The residual risk is a program run stalled for longer than the grace period
+//! (e.g. a preempted vCPU) writing between our read and delete of its entry; reading and
+//! deleting key by key keeps that window to one syscall.
 
-use std::time::Duration;
-
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use flowtrace_common::{
@@ -49,6 +46,14 @@ pub struct Drainer {
     grace: Duration,
 }
 
+/// The error for a failed operation on map `map`.
+fn map_io<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> Error {
+    move |e| Error::MapIo {
+        map,
+        detail: e.to_string(),
+    }
+}
+
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -77,10 +82,7 @@ impl Drainer {
     fn active(&self) -> Result<u32> {
         self.control
             .get(&CONTROL_ACTIVE_BUFFER, 0)
-            .map_err(|e| Error::MapIo {
-                map: "CONTROL",
-                detail: e.to_string(),
-            })
+            .map_err(map_io("CONTROL"))
     }
 
     /// Flips the buffers and returns every flow of the one that was active.
@@ -88,10 +90,7 @@ impl Drainer {
         let old = self.active()? & 1;
         self.control
             .set(CONTROL_ACTIVE_BUFFER, 1 - old, 0)
-            .map_err(|e| Error::MapIo {
-                map: "CONTROL",
-                detail: e.to_string(),
-            })?;
+            .map_err(map_io("CONTROL"))?;
         tokio::time::sleep(self.grace).await;
         let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();
         let mut problems = Vec::new();
@@ -103,10 +102,7 @@ impl Drainer {
             match key {
                 Ok(k) => keys.push(k),
                 Err(e) => {
-                    problems.push(Error::MapIo {
-                        map: name,
-                        detail: e.to_string(),
-                    });
+                    problems.push(map_io(name)(e));
                     break;
                 }
             }
@@ -119,18 +115,12 @@ impl Drainer {
                 // Deleted under us cannot happen (we are the only deleter); skip defensively.
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => {
-                    problems.push(Error::MapIo {
-                        map: name,
-                        detail: e.to_string(),
-                    });
+                    problems.push(map_io(name)(e));
                     continue;
                 }
             };
             if let Err(e) = map.remove(&key) {
-                problems.push(Error::MapIo {
-                    map: name,
-                    detail: e.to_string(),
-                });
+                problems.push(map_io(name)(e));
                 continue;
             }
             let stats = merged.entry(key).or_default();
@@ -156,10 +146,7 @@ impl Drainer {
         into: &mut HashMap<FlowKey, FlowStats>,
         problems: &mut Vec<Error>,
     ) {
-        let io = |e: aya::maps::MapError| Error::MapIo {
-            map: "CACHE",
-            detail: e.to_string(),
-        };
+        let io = map_io::<aya::maps::MapError>("CACHE");
         for index in half * CACHE_SLOTS..(half + 1) * CACHE_SLOTS {
             let per_cpu = match self.cache.get(&index, 0) {
                 Ok(v) => v,
@@ -172,11 +159,8 @@ impl Drainer {
                 continue;
             }
             let cleared = PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()])
-                .map_err(|e| Error::MapIo {
-                    map: "CACHE",
-                    detail: e.to_string(),
-                })
-                .and_then(|zeros| self.cache.set(index, zeros, 0).map_err(io));
+                .map_err(map_io("CACHE"))
+                .and_then(|zeros| self.cache.set(index, zeros, 0).map_err(&io));
             if let Err(e) = cleared {
                 problems.push(e);
                 continue;
@@ -194,10 +178,7 @@ impl Drainer {
             let per_cpu = self
                 .counters
                 .get(&(c as u32), 0)
-                .map_err(|e| Error::MapIo {
-                    map: "COUNTERS",
-                    detail: e.to_string(),
-                })?;
+                .map_err(map_io("COUNTERS"))?;
             out[c as usize] = per_cpu.iter().sum();
         }
         Ok(out)

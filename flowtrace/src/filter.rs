@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
-    flows::FlowRecord,
+    flows::{is_icmp, FlowRecord},
     links::glob_match,
 };
 
@@ -153,10 +153,6 @@ impl FlowFilter {
                     .iter()
                     .any(|h| self.ifaces.iter().any(|i| glob_match(i, &h.interface))))
     }
-}
-
-fn is_icmp(p: u8) -> bool {
-    p == 1 || p == 58
 }
 
 #[cfg(test)]

@@ -235,6 +235,11 @@ pub struct HopRecord {
     pub tcp_flags: String,
 }
 
+/// ICMP or ICMPv6: flows whose "ports" are the echo identifier and type/code.
+pub fn is_icmp(protocol: u8) -> bool {
+    protocol == 1 || protocol == 58
+}
+
 pub fn protocol_name(p: u8) -> String {
     match p {
         1 => "icmp".into(),
