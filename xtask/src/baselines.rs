@@ -21,12 +21,16 @@ pub const PROGRAMS: [&str; 2] = ["bench_noop", "bench_counter"];
 /// The line the helper prints once everything is attached.
 const READY: &str = "baselines ready";
 
-/// `xtask hold-baselines`: loads and attaches both reference programs to every interface in
-/// `ifaces` (ingress and egress, appended to the TCX chain), then waits for stdin to close.
-pub fn hold(ifaces: &[String]) -> Result<()> {
+/// `xtask hold-baselines`: loads and attaches the named reference programs to every interface
+/// in `ifaces` (ingress and egress, appended to the TCX chain), then waits for stdin to close.
+pub fn hold(ifaces: &[String], programs: &[String]) -> Result<()> {
     let mut ebpf = Ebpf::load(flowtrace::attach::BASELINES_OBJECT)
         .context("loading the baselines eBPF object (needs root / CAP_BPF)")?;
-    for name in PROGRAMS {
+    for name in programs {
+        let name = name.as_str();
+        if !PROGRAMS.contains(&name) {
+            bail!("unknown reference program {name:?}; known: {}", PROGRAMS.join(", "));
+        }
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| {
@@ -54,7 +58,7 @@ pub fn hold(ifaces: &[String]) -> Result<()> {
     writeln!(
         stdout,
         "{READY}: {} on {}",
-        PROGRAMS.join(", "),
+        programs.join(", "),
         ifaces.join(",")
     )
     .and_then(|()| stdout.flush())
@@ -84,21 +88,29 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// Starts the helper in `netns` on `ifaces` and waits until it reports the programs attached.
+    /// Starts the helper in `netns` with both reference programs on `ifaces` and waits until it
+    /// reports them attached.
     pub fn start(netns: &str, ifaces: &[String]) -> Result<Holder> {
+        Holder::start_programs(netns, ifaces, &PROGRAMS)
+    }
+
+    /// Like `start`, with only the named reference programs.
+    pub fn start_programs(netns: &str, ifaces: &[String], programs: &[&str]) -> Result<Holder> {
         if ifaces.is_empty() {
             bail!("no interfaces to attach the baselines to in {netns}");
         }
         let exe = std::env::current_exe().context("finding the running xtask binary")?;
         let iface_arg = ifaces.join(",");
         let what = format!(
-            "ip netns exec {netns} {} hold-baselines --iface {iface_arg}",
-            exe.display()
+            "ip netns exec {netns} {} hold-baselines --iface {iface_arg} --program {}",
+            exe.display(),
+            programs.join(",")
         );
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(&exe)
-            .args(["hold-baselines", "--iface", &iface_arg])
+            .args(["hold-baselines", "--iface", &iface_arg, "--program"])
+            .arg(programs.join(","))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: what flowtrace costs, measured on the emulated cluster.
 //!
 //! a) Throughput: one iperf3 TCP stream from node1/pod-a to node2/pod-a (across the flannel
-//!    VXLAN overlay), alternating rounds without and with flowtrace agents on both nodes.
+//!    VXLAN overlay), in rounds of four arms run back to back in rotating order: nothing
+//!    attached, `bench_noop` alone, `bench_counter` alone (on the hooks flowtrace uses), and
+//!    flowtrace's agents on both nodes. Ratios are per round against that round's bare run.
 //! b) Per-packet cost from the kernel's own statistics (kernel.bpf_stats_enabled): flowtrace's
 //!    programs and two reference programs run on the same hooks for the same packets; the
 //!    no-op program's time is the floor every program pays (including the statistics
@@ -29,6 +31,15 @@ pub struct BenchArgs {
     /// Rounds of each measurement (throughput: this many without and this many with flowtrace).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=50))]
     rounds: u32,
+    /// CPUs of the iperf3 client and server, as iperf3's `-A client,server`. Both on CPU 0 by
+    /// default: the whole emulated path then runs on one CPU, so throughput is the inverse of
+    /// the CPU cost per byte; split over two CPUs the path reorders packets (data is sent from
+    /// both) and spurious retransmits dominate the variance.
+    #[arg(long, default_value = "0,0")]
+    cpus: String,
+    /// Only the throughput part (a), e.g. to study the measurement itself.
+    #[arg(long, hide = true)]
+    throughput_only: bool,
     /// Print the results as JSON on stdout (the human report then goes to stderr).
     #[arg(long)]
     json: bool,
@@ -100,6 +111,63 @@ impl CostRound {
     }
 }
 
+/// What is attached during one throughput run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arm {
+    Absent = 0,
+    Noop = 1,
+    Counter = 2,
+    Flowtrace = 3,
+}
+
+impl Arm {
+    const ALL: [Arm; 4] = [Arm::Absent, Arm::Noop, Arm::Counter, Arm::Flowtrace];
+
+    fn name(self) -> &'static str {
+        match self {
+            Arm::Absent => "absent",
+            Arm::Noop => "noop",
+            Arm::Counter => "counter",
+            Arm::Flowtrace => "flowtrace",
+        }
+    }
+
+    /// Attaches this arm's programs on both nodes: the reference program alone on the
+    /// devices flowtrace traces by default (pod veths, flannel.1), or flowtrace's agents.
+    fn start(self, cluster: &Cluster) -> Result<Attached> {
+        let program = match self {
+            Arm::Absent => return Ok(Attached::Nothing),
+            Arm::Flowtrace => return Ok(Attached::Agents(start_agents(cluster)?)),
+            Arm::Noop => "bench_noop",
+            Arm::Counter => "bench_counter",
+        };
+        let mut holders = Vec::new();
+        for node in &cluster.nodes {
+            let mut ifaces: Vec<String> = node.pods.iter().map(|p| p.host_veth.clone()).collect();
+            ifaces.push("flannel.1".into());
+            holders.push(Holder::start_programs(&node.netns, &ifaces, &[program])?);
+        }
+        Ok(Attached::References(holders))
+    }
+}
+
+/// The programs of one arm, detached by `stop`.
+enum Attached {
+    Nothing,
+    References(Vec<Holder>),
+    Agents(Vec<Agent>),
+}
+
+impl Attached {
+    fn stop(self) -> Result<()> {
+        match self {
+            Attached::Nothing => Ok(()),
+            Attached::References(hs) => hs.into_iter().try_for_each(Holder::stop),
+            Attached::Agents(agents) => stop_agents(agents),
+        }
+    }
+}
+
 /// Result of one iperf3 client run.
 struct Iperf {
     gbps: f64,
@@ -143,7 +211,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     // Warm-up (not counted): first-run effects such as neighbour resolution and page faults.
     eprintln!("xtask: warm-up run (1 s, not counted)");
-    iperf(client, server_ip, 1)?;
+    iperf(client, server_ip, 1, &args.cpus)?;
 
     // a) Throughput, alternating absent / attached.
     let _ = writeln!(
@@ -151,55 +219,71 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "\na) throughput (iperf3 -t {}; end.sum_received)",
         args.seconds
     );
-    let (mut absent, mut attached, mut pair_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    // Four arms per round: nothing attached, the two reference programs alone (no agent) on
+    // the hooks flowtrace uses, and flowtrace's agents. The reference arms say what this
+    // emulation charges any TC program, so flowtrace's ratio can be read against them.
+    let arms = Arm::ALL;
+    let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
     for round in 1..=args.rounds {
-        // Alternate which half of the pair runs first, so slow drift of the machine (other
-        // tenants, thermal) does not favour either side.
-        let mut pair = [0.0f64; 2];
-        let order: [bool; 2] = if round % 2 == 1 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for with_flowtrace in order {
-            let agents = if with_flowtrace {
-                Some(start_agents(&cluster)?)
-            } else {
-                None
-            };
-            // A short discarded run first: the first transfer after agents start or stop (TCX
-            // static keys flipping, programs loading, caches) ran measurably slower in either arm.
-            iperf(client, server_ip, 1)?;
-            let r = iperf(client, server_ip, args.seconds)?;
-            if let Some(agents) = agents {
-                stop_agents(agents)?;
-            }
+        // Rotate the order every round so slow drift of the machine (other tenants, thermal)
+        // favours no arm.
+        let mut order = arms;
+        order.rotate_left((round as usize - 1) % arms.len());
+        let mut this_round = [0.0f64; Arm::ALL.len()];
+        for arm in order {
+            let holders = arm.start(&cluster)?;
+            // A short discarded run first: the first transfer after programs are attached or
+            // detached ran measurably slower in every arm.
+            iperf(client, server_ip, 1, &args.cpus)?;
+            let r = iperf(client, server_ip, args.seconds, &args.cpus)?;
+            holders.stop()?;
             let line = format!(
-                "  round {round}  {}  {:7.2} Gbit/s  ({} retransmits)",
-                if with_flowtrace {
-                    "attached"
-                } else {
-                    "absent  "
-                },
+                "  round {round:2}  {:<9}  {:7.2} Gbit/s  ({} retransmits)",
+                arm.name(),
                 r.gbps,
                 r.retransmits
             );
             eprintln!("{line}");
             let _ = writeln!(report, "{line}");
-            pair[usize::from(with_flowtrace)] = r.gbps;
+            this_round[arm as usize] = r.gbps;
         }
-        absent.push(pair[0]);
-        attached.push(pair[1]);
-        pair_ratios.push(pair[1] / pair[0]);
+        for arm in arms {
+            gbps[arm as usize].push(this_round[arm as usize]);
+            ratios[arm as usize].push(this_round[arm as usize] / this_round[Arm::Absent as usize]);
+        }
     }
-    let med_absent = median(&absent).unwrap_or(f64::NAN);
-    let med_attached = median(&attached).unwrap_or(f64::NAN);
-    // The median of the per-pair ratios: each pair ran back to back under the same conditions.
-    let tp_ratio = median(&pair_ratios).unwrap_or(f64::NAN);
+    let med = |v: &[f64]| median(v).unwrap_or(f64::NAN);
+    for arm in arms {
+        let rs = &ratios[arm as usize];
+        let (lo, hi) = rs
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let _ = writeln!(
+            report,
+            "  median   {:<9}  {:7.2} Gbit/s   ratio to absent {:.3} (rounds {lo:.3}-{hi:.3})",
+            arm.name(),
+            med(&gbps[arm as usize]),
+            med(rs),
+        );
+    }
+    let absent = gbps[Arm::Absent as usize].clone();
+    let attached = gbps[Arm::Flowtrace as usize].clone();
+    let med_absent = med(&absent);
+    let med_attached = med(&attached);
+    // The median of the per-round ratios: each round ran its arms back to back.
+    let tp_ratio = med(&ratios[Arm::Flowtrace as usize]);
+    let noop_tp_ratio = med(&ratios[Arm::Noop as usize]);
+    let counter_tp_ratio = med(&ratios[Arm::Counter as usize]);
     let _ = writeln!(
         report,
-        "  median   absent {med_absent:.2} Gbit/s, attached {med_attached:.2} Gbit/s, median of per-pair ratios attached/absent {tp_ratio:.3} (goal >= {GOAL_THROUGHPUT_RATIO})"
+        "  flowtrace/absent {tp_ratio:.3} (goal >= {GOAL_THROUGHPUT_RATIO}); for scale: bench_noop/absent {noop_tp_ratio:.3}, bench_counter/absent {counter_tp_ratio:.3}"
     );
+
+    if args.throughput_only {
+        eprintln!("{report}");
+        return Ok(());
+    }
 
     // b) Per-packet cost from bpf_stats.
     let stats = proc::SysctlGuard::set("kernel.bpf_stats_enabled", "1")?;
@@ -214,7 +298,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         // The first program on a hook to touch the packet pays its cache misses; alternate
         // who goes first so neither flowtrace nor the reference counter is favoured.
         let flowtrace_first = round % 2 == 1;
-        let c = cost_round(&cluster, client, server_ip, args.seconds, flowtrace_first)
+        let c = cost_round(&cluster, client, server_ip, args.seconds, &args.cpus, flowtrace_first)
             .with_context(|| format!("per-packet cost round {round}"))?;
         let line = format!(
             "  round {round} ({})  noop {:6.1} ns  counter {:6.1} (net {:6.1})  flowtrace in {:6.1} (net {:6.1})  out {:6.1} (net {:6.1})  both net {:6.1}  ratio {:.2}  [runs: noop {} counter {} in {} out {}; {:.2} Gbit/s]",
@@ -317,8 +401,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     let _ = writeln!(
         report,
-        "| throughput ratio with/without (median of per-pair ratios) | {tp_ratio:.3} | >= {GOAL_THROUGHPUT_RATIO} ({}) |",
+        "| throughput ratio with/without (median of per-round ratios) | {tp_ratio:.3} | >= {GOAL_THROUGHPUT_RATIO} ({}) |",
         verdict(tp_ratio >= GOAL_THROUGHPUT_RATIO)
+    );
+    let _ = writeln!(
+        report,
+        "| for scale: throughput ratio bench_noop alone / bench_counter alone | {noop_tp_ratio:.3} / {counter_tp_ratio:.3} | |"
     );
     let _ = writeln!(
         report,
@@ -371,6 +459,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "median_absent_gbps": med_absent,
                 "median_attached_gbps": med_attached,
                 "ratio": tp_ratio,
+                "noop_ratio": noop_tp_ratio,
+                "counter_ratio": counter_tp_ratio,
+                "noop_gbps": gbps[Arm::Noop as usize],
+                "counter_gbps": gbps[Arm::Counter as usize],
                 "goal_min_ratio": GOAL_THROUGHPUT_RATIO,
             },
             "cost": {
@@ -426,7 +518,7 @@ fn start_iperf_server(pod: &Pod) -> Result<ChildGuard> {
 }
 
 /// One `iperf3 -c` run from `client`; retries when the server is still busy with the last one.
-fn iperf(client: &Pod, server: IpAddr, seconds: u32) -> Result<Iperf> {
+fn iperf(client: &Pod, server: IpAddr, seconds: u32, cpus: &str) -> Result<Iperf> {
     let server_s = server.to_string();
     let secs = seconds.to_string();
     let port = IPERF_PORT.to_string();
@@ -438,9 +530,9 @@ fn iperf(client: &Pod, server: IpAddr, seconds: u32) -> Result<Iperf> {
         port.as_str(),
         "-t",
         secs.as_str(),
-        // Client on CPU 0, server on CPU 1: fewer scheduler-placement swings between runs.
+        // Pinned (see `BenchArgs::cpus`): fewer scheduler-placement swings between runs.
         "-A",
-        "0,1",
+        cpus,
         "-J",
     ];
     let shown = format!("ip netns exec {} {}", client.netns, argv.join(" "));
@@ -519,6 +611,7 @@ fn cost_round(
     client: &Pod,
     server: IpAddr,
     seconds: u32,
+    cpus: &str,
     flowtrace_first: bool,
 ) -> Result<CostRound> {
     let before: BTreeSet<u32> = proc::bpftool_progs()?.iter().map(|p| p.id).collect();
@@ -550,7 +643,7 @@ fn cost_round(
             .collect();
         holders.push(Holder::start(&node.netns, &ifaces)?);
     }
-    let r = iperf(client, server, seconds)?;
+    let r = iperf(client, server, seconds, cpus)?;
 
     // Programs this round's processes hold, loaded after the round began.
     let mut ours = BTreeSet::new();

@@ -45,6 +45,9 @@ enum Command {
         /// Interfaces to attach to (comma separated), on both ingress and egress.
         #[arg(long, value_delimiter = ',', required = true)]
         iface: Vec<String>,
+        /// Which reference programs (comma separated; default both).
+        #[arg(long, value_delimiter = ',', default_values_t = baselines::PROGRAMS.map(String::from))]
+        program: Vec<String>,
     },
 }
 
@@ -53,6 +56,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
-        Command::HoldBaselines { iface } => baselines::hold(&iface),
+        Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),
     }
 }

@@ -111,7 +111,10 @@ fn udp_v6(payload: usize) -> Vec<u8> {
 }
 
 pub fn run(repeat: u32, rounds: usize) -> Result<()> {
-    let mut ft = flowtrace::attach::load(flowtrace_common::DEFAULT_FLOW_ENTRIES)
+    let mut ft = flowtrace::attach::load(
+        flowtrace_common::DEFAULT_FLOW_ENTRIES,
+        flowtrace_common::DEFAULT_NAT_ENTRIES,
+    )
         .context("loading flowtrace")?;
     let mut base = Ebpf::load(flowtrace::attach::BASELINES_OBJECT).context("loading baselines")?;
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
