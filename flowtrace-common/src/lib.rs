@@ -29,6 +29,16 @@ pub const CONTROL_SLOTS: u32 = 4;
 /// Default capacity of each flow buffer (entries). User space may override it at load time.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 16_384;
 
+/// Slots of the per-CPU sighting table (a power of two), see `Sighting`.
+pub const SIGHTING_SLOTS: u32 = 256;
+
+/// Two sightings of one packet id further apart than this are not the same packet. The
+/// hooks of one node see a packet microseconds apart on one CPU.
+pub const SIGHTING_MAX_AGE_NS: u64 = 2_000_000;
+
+/// Default capacity of each NAT buffer (entries).
+pub const DEFAULT_NAT_ENTRIES: u32 = 4_096;
+
 /// An IP address as the kernel side keeps it: the 16 address bytes in network order, held
 /// as four native-endian words so that copying and comparing keys is word-sized work. An
 /// IPv4 address is word 0; words 1-3 are zero.
@@ -79,6 +89,160 @@ pub struct FlowKey {
     /// IANA protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, 132 SCTP, ...).
     pub protocol: u8,
     pub _pad: u8,
+}
+
+/// A 5-tuple without the hop: what a NAT rewrite changes. Same conventions as `FlowKey`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Tuple {
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ip_version: u8,
+    pub protocol: u8,
+    pub _pad: u16,
+}
+
+impl Tuple {
+    /// The tuple of the reply direction (source and destination swapped).
+    pub fn reversed(&self) -> Tuple {
+        Tuple {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            ..*self
+        }
+    }
+
+    /// Word-wise equality (see `FlowKey::same_as`).
+    #[inline(always)]
+    pub fn same_as(&self, other: &Tuple) -> bool {
+        let (a, b) = (self.words(), other.words());
+        ((a[0] ^ b[0])
+            | (a[1] ^ b[1])
+            | (a[2] ^ b[2])
+            | (a[3] ^ b[3])
+            | (a[4] ^ b[4])
+            | (a[5] ^ b[5])
+            | (a[6] ^ b[6])
+            | (a[7] ^ b[7])
+            | (a[8] ^ b[8])
+            | (a[9] ^ b[9]))
+            == 0
+    }
+
+    /// Whether this is `key`'s tuple, compared in place (no copy of either).
+    #[inline(always)]
+    pub fn same_as_key(&self, key: &FlowKey) -> bool {
+        let (a, b) = (self.words(), key.words());
+        // Words 0-8: addresses and ports, same layout in both. Then version and protocol.
+        ((a[0] ^ b[0])
+            | (a[1] ^ b[1])
+            | (a[2] ^ b[2])
+            | (a[3] ^ b[3])
+            | (a[4] ^ b[4])
+            | (a[5] ^ b[5])
+            | (a[6] ^ b[6])
+            | (a[7] ^ b[7])
+            | (a[8] ^ b[8]))
+            == 0
+            && self.ip_version == key.ip_version
+            && self.protocol == key.protocol
+    }
+
+    /// Overwrites this tuple with `key`'s, field by field.
+    #[inline(always)]
+    pub fn set_from_key(&mut self, key: &FlowKey) {
+        self.src_addr = key.src_addr;
+        self.dst_addr = key.dst_addr;
+        self.src_port = key.src_port;
+        self.dst_port = key.dst_port;
+        self.ip_version = key.ip_version;
+        self.protocol = key.protocol;
+        self._pad = 0;
+    }
+
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 10] {
+        // SAFETY: Tuple is repr(C), 40 bytes, 4-aligned, no padding holes (explicit _pad).
+        unsafe { core::mem::transmute::<Tuple, [u32; 10]>(*self) }
+    }
+}
+
+/// What identifies one packet across the hooks of a node, built only from fields NAT does
+/// not rewrite: the IPv4 identification (IPv6: flow label), the IP length and protocol, and
+/// two transport words (TCP: sequence and acknowledgement numbers; UDP: the first 8 payload
+/// bytes; ICMP echo: sequence number and the first 4 payload bytes; SCTP: verification tag).
+/// Addresses, ports and checksums are left out because NAT changes them.
+///
+/// Two packets of one flow can share an id (e.g. UDP datagrams with equal payload starts and
+/// no IPv4 id); they then stand for the same translation, so that does no harm. Packets of
+/// different flows with equal ids at different hooks within `SIGHTING_MAX_AGE_NS` would
+/// pair wrongly; the agent's conntrack cross-check counts such a record as a disagreement.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PacketId {
+    pub ident: u32,
+    pub len_proto: u32,
+    pub l4_a: u32,
+    pub l4_b: u32,
+}
+
+impl PacketId {
+    #[inline(always)]
+    pub fn same_as(&self, o: &PacketId) -> bool {
+        ((self.ident ^ o.ident)
+            | (self.len_proto ^ o.len_proto)
+            | (self.l4_a ^ o.l4_a)
+            | (self.l4_b ^ o.l4_b))
+            == 0
+    }
+
+    /// Slot of this id in the sighting table.
+    #[inline(always)]
+    pub fn slot(&self) -> u32 {
+        let folded = self.ident ^ self.len_proto ^ self.l4_a ^ self.l4_b.rotate_left(16);
+        let mixed = (folded ^ (folded >> 15)).wrapping_mul(0x85EB_CA6B);
+        mixed >> (32 - SIGHTING_SLOTS.trailing_zeros())
+    }
+}
+
+/// The last packet seen in one slot of the per-CPU sighting table: which packet, at which
+/// hook, with which tuple, when. When the same packet id shows up at a later hook of the
+/// node with a different tuple, something between the hooks (conntrack NAT) rewrote it.
+///
+/// Sightings are taken only when a packet misses the flow cache, i.e. on the first packet of
+/// a flow at a hook in each drain period: rewrites are learned once per flow per period,
+/// never at per-packet cost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Sighting {
+    pub id: PacketId,
+    pub tuple: Tuple,
+    pub ifindex: u32,
+    pub direction: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    pub seen_ns: u64,
+}
+
+/// A rewrite the kernel programs saw, keyed by the tuple before it (`Tuple` of the earlier
+/// hook): the tuple after it and the two hooks around it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatRecord {
+    pub translated: Tuple,
+    pub from_ifindex: u32,
+    pub to_ifindex: u32,
+    pub from_direction: u8,
+    pub to_direction: u8,
+    pub _pad0: u16,
+    /// How many packets showed this rewrite (at most one per flow per drain period and CPU).
+    pub sightings: u32,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
 }
 
 /// Counters for one flow at one hook, per CPU.
@@ -152,6 +316,20 @@ impl CacheSlot {
 }
 
 impl FlowKey {
+    /// The 5-tuple of this key, without the hop.
+    #[inline(always)]
+    pub fn tuple(&self) -> Tuple {
+        Tuple {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            ip_version: self.ip_version,
+            protocol: self.protocol,
+            _pad: 0,
+        }
+    }
+
     /// Word-wise equality, spelled out: a derived `==` or an array compare lowers to a
     /// byte-by-byte `memcmp` loop in BPF, which costs more than the rest of the hot path.
     #[inline(always)]
@@ -211,10 +389,13 @@ pub enum Counter {
     /// Not a loss: header reads that fell outside the skb's linear part and needed a helper
     /// call (paged skbs, e.g. some GRO aggregates). Shows where the slow path is taken.
     SlowHeaderReads = 11,
+    /// NAT rewrites the kernel saw but could not record because the NAT buffer was full
+    /// (raise `--nat-entries` or drain more often).
+    NatMapFull = 12,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 12;
+pub const COUNTER_SLOTS: u32 = 13;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -231,6 +412,7 @@ impl Counter {
         Counter::ControlMissing,
         Counter::TooManyVlanTags,
         Counter::SlowHeaderReads,
+        Counter::NatMapFull,
     ];
 
     /// Stable snake_case name used in the API and metrics.
@@ -248,6 +430,7 @@ impl Counter {
             Counter::ControlMissing => "control_missing",
             Counter::TooManyVlanTags => "too_many_vlan_tags",
             Counter::SlowHeaderReads => "slow_header_reads",
+            Counter::NatMapFull => "nat_map_full",
         }
     }
 
@@ -273,6 +456,11 @@ const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
 const _: () = assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
 const _: () = assert!(core::mem::size_of::<CacheSlot>() == 88);
 const _: () = assert!(CACHE_SLOTS.is_power_of_two());
+const _: () = assert!(SIGHTING_SLOTS.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
+const _: () = assert!(core::mem::size_of::<PacketId>() == 16);
+const _: () = assert!(core::mem::size_of::<Sighting>() == 72);
+const _: () = assert!(core::mem::size_of::<NatRecord>() == 72);
 
 #[cfg(feature = "user")]
 mod user {
@@ -281,4 +469,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::CacheSlot {}
+    unsafe impl aya::Pod for super::Tuple {}
+    unsafe impl aya::Pod for super::NatRecord {}
+    unsafe impl aya::Pod for super::Sighting {}
 }

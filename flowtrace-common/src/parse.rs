@@ -357,6 +357,38 @@ fn parse_l4<P: Packet + ?Sized>(
     Ok(())
 }
 
+/// The NAT-invariant identity of a parsed packet (see `crate::PacketId`). Reads a few words
+/// past the headers `parse_frame` checked; a word that is not in the frame counts as 0.
+#[inline(always)]
+pub fn packet_id<P: Packet + ?Sized>(pkt: &P, info: &PacketInfo) -> crate::PacketId {
+    let l3 = info.l3_offset as usize;
+    let l4 = (info.l3_offset + info.l3_header_len) as usize;
+    if l3 > MAX_HEADER_OFFSET || l4 > MAX_HEADER_OFFSET {
+        return crate::PacketId::default();
+    }
+    let ident = if info.ip_version == 4 {
+        pkt.be16_at(l3 + 4).unwrap_or(0) as u32
+    } else {
+        let hi = pkt.be16_at(l3).unwrap_or(0) as u32;
+        let lo = pkt.be16_at(l3 + 2).unwrap_or(0) as u32;
+        ((hi << 16) | lo) & 0x000f_ffff
+    };
+    let word = |off: usize| pkt.word_at(off).unwrap_or(0);
+    let (l4_a, l4_b) = match info.protocol {
+        IPPROTO_TCP => (word(l4 + 4), word(l4 + 8)),
+        IPPROTO_UDP => (word(l4 + 8), word(l4 + 12)),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => (pkt.be16_at(l4 + 6).unwrap_or(0) as u32, word(l4 + 8)),
+        IPPROTO_SCTP => (word(l4 + 4), 0),
+        _ => (0, 0),
+    };
+    crate::PacketId {
+        ident,
+        len_proto: (info.l3_len << 8) | info.protocol as u32,
+        l4_a,
+        l4_b,
+    }
+}
+
 /// UDP ports of the tunnels whose GSO aggregates flowtrace sizes exactly.
 pub const VXLAN_PORTS: [u16; 2] = [4789, 8472];
 pub const GENEVE_PORT: u16 = 6081;

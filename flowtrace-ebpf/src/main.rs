@@ -16,9 +16,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flowtrace_common::{
-    parse::{parse_frame, PacketInfo},
-    CacheSlot, Counter, FlowKey, FlowStats, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER, CONTROL_SLOTS,
-    COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES, DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS,
+    parse::{packet_id, parse_frame, PacketInfo},
+    CacheSlot, Counter, FlowKey, FlowStats, NatRecord, Sighting, Tuple, CACHE_SLOTS,
+    CONTROL_ACTIVE_BUFFER, CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_NAT_ENTRIES,
+    DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS, SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS,
 };
 
 use crate::packet::{skb_meta, DirectPacket};
@@ -42,6 +43,21 @@ static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_SLOTS, 0);
 /// `CACHE_SLOTS`, the active one chosen like the flow buffer (see `CacheSlot`).
 #[map]
 static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(FLOW_BUFFERS * CACHE_SLOTS, 0);
+
+/// NAT buffer 0: rewrites seen between two hooks, keyed by the tuple before the rewrite.
+/// Double-buffered with the flow buffers (same `CONTROL_ACTIVE_BUFFER`).
+#[map]
+static NAT_0: PerCpuHashMap<Tuple, NatRecord> =
+    PerCpuHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+
+/// NAT buffer 1 (see `NAT_0`).
+#[map]
+static NAT_1: PerCpuHashMap<Tuple, NatRecord> =
+    PerCpuHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+
+/// Per-CPU table of recent packet sightings, direct-mapped by packet id (see `Sighting`).
+#[map]
+static SIGHTINGS: PerCpuArray<Sighting> = PerCpuArray::with_max_entries(SIGHTING_SLOTS, 0);
 
 /// Per-CPU counters indexed by `Counter`: packets seen and every way an update was lost.
 #[map]
@@ -132,6 +148,7 @@ fn record(
         _pad2: 0,
     };
     let Some(slot) = CACHE.get_ptr_mut(active * CACHE_SLOTS + CacheSlot::index(&key)) else {
+        sight(ctx, info, &key, now, active);
         add_to_map(flows, &key, &packet);
         return;
     };
@@ -146,9 +163,102 @@ fn record(
             // Another flow owns the slot: move its counters to the map, then take the slot.
             add_to_map(flows, &(*slot).key, &(*slot).stats);
         }
+        // A cache miss: the first packet of this flow at this hook in this drain period (or
+        // one evicted by a colliding flow). Only here is the packet compared across hooks.
+        sight(ctx, info, &key, now, active);
         (*slot).key = key;
         (*slot).stats = packet;
         (*slot).valid = 1;
+    }
+}
+
+/// Compares this packet with the last one sighted under the same packet id on this CPU: the
+/// same packet at another hook of this node with another tuple was rewritten in between
+/// (kube-proxy's DNAT, the un-DNAT of replies, SNAT/masquerade), so the rewrite is recorded.
+/// Then this sighting replaces the slot's. Out of line: it runs on cache misses only.
+#[inline(never)]
+fn sight(ctx: &TcContext, info: &PacketInfo, key: &FlowKey, now: u64, active: u32) {
+    let id = packet_id(&DirectPacket::new(ctx), info);
+    let Some(s) = SIGHTINGS.get_ptr_mut(id.slot()) else {
+        return;
+    };
+    // Kept small on purpose: this function's stack adds to the caller's (512 bytes in all),
+    // so the tuples are compared and copied in place rather than built on the stack.
+    // SAFETY: per-CPU slot, only this CPU touches it while this program runs.
+    unsafe {
+        let earlier = &mut *s;
+        if earlier.seen_ns != 0
+            && earlier.id.same_as(&id)
+            && now.wrapping_sub(earlier.seen_ns) <= SIGHTING_MAX_AGE_NS
+            && (earlier.ifindex != key.ifindex || earlier.direction != key.direction)
+            && earlier.tuple.protocol == key.protocol
+            && earlier.tuple.ip_version == key.ip_version
+            && !earlier.tuple.same_as_key(key)
+        {
+            record_nat(earlier, key, now, active);
+        }
+        earlier.id = id;
+        earlier.tuple.set_from_key(key);
+        earlier.ifindex = key.ifindex;
+        earlier.direction = key.direction;
+        earlier.seen_ns = now;
+    }
+}
+
+/// A zeroed NAT record to create entries from (a global, so no 72-byte value is built on
+/// the stack: `sight`'s stack adds to the caller's within the 512-byte limit).
+static EMPTY_NAT: NatRecord = NatRecord {
+    translated: Tuple {
+        src_addr: [0; 4],
+        dst_addr: [0; 4],
+        src_port: 0,
+        dst_port: 0,
+        ip_version: 0,
+        protocol: 0,
+        _pad: 0,
+    },
+    from_ifindex: 0,
+    to_ifindex: 0,
+    from_direction: 0,
+    to_direction: 0,
+    _pad0: 0,
+    sightings: 0,
+    first_seen_ns: 0,
+    last_seen_ns: 0,
+};
+
+/// Adds one sighting of a rewrite, from `earlier`'s hook and tuple to `key`'s, to the
+/// active NAT buffer.
+#[inline(always)]
+fn record_nat(earlier: &Sighting, key: &FlowKey, now: u64, active: u32) {
+    let nat = if active == 0 { &NAT_0 } else { &NAT_1 };
+    let original = &earlier.tuple;
+    let r = match nat.get_ptr_mut(original) {
+        Some(r) => r,
+        None => {
+            // Fails if the map is full, or if the entry appeared meanwhile (then found below).
+            let _ = nat.insert(original, &EMPTY_NAT, BPF_NOEXIST as u64);
+            match nat.get_ptr_mut(original) {
+                Some(r) => r,
+                None => {
+                    count(Counter::NatMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: per-CPU value, only this CPU writes it while this program runs.
+    unsafe {
+        if (*r).sightings == 0 {
+            (*r).first_seen_ns = now;
+        }
+        (*r).translated.set_from_key(key);
+        (*r).from_ifindex = earlier.ifindex;
+        (*r).to_ifindex = key.ifindex;
+        (*r).from_direction = earlier.direction;
+        (*r).to_direction = key.direction;
+        (*r).sightings += 1;
+        (*r).last_seen_ns = now;
     }
 }
 

@@ -23,6 +23,7 @@ use crate::{
     error::{Error, Result},
     flows::FlowTable,
     links::{self, Link, LinkEvent, Selector},
+    nat::NatTable,
 };
 
 /// Agent settings (flags and `FLOWTRACE_*` environment variables fill it).
@@ -31,6 +32,9 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     pub drain_interval: Duration,
     pub flow_entries: u32,
+    pub nat_entries: u32,
+    /// Cross-check NAT translations with the conntrack table after each drain.
+    pub conntrack: bool,
     pub max_flows: usize,
     pub flow_idle_timeout: Duration,
     pub attach_mode: AttachMode,
@@ -45,6 +49,11 @@ pub struct Shared {
     /// The loaded programs and their attachments (the attached interfaces are read from it).
     pub attacher: tokio::sync::Mutex<Attacher>,
     pub table: Mutex<FlowTable>,
+    /// NAT translations (kernel records checked against conntrack).
+    pub nat: Mutex<NatTable>,
+    /// Whether to cross-check with conntrack after each drain.
+    pub conntrack: bool,
+    flow_idle_ns: u64,
     /// Every link seen in this namespace, by ifindex (kept after removal so drained
     /// counters of a vanished interface still carry its name).
     pub links: Mutex<HashMap<u32, Link>>,
@@ -83,12 +92,44 @@ impl Shared {
                 .fetch_add(drained.problems.len() as u64, Ordering::Relaxed);
             warn!(errors = drained.problems.len(), first = %first, "drain met map errors; the entries stay for the next drain");
         }
-        let links = lock(&self.links);
-        let mut table = lock(&self.table);
-        table.merge(&drained.flows, &|i| links.get(&i).map(|l| l.name.clone()));
-        table.expire(monotonic_ns());
+        let now = monotonic_ns();
+        {
+            let links = lock(&self.links);
+            let mut table = lock(&self.table);
+            table.merge(&drained.flows, &|i| links.get(&i).map(|l| l.name.clone()));
+            table.expire(now);
+            lock(&self.nat).merge_kernel(&drained.nat, now);
+        }
+        if self.conntrack {
+            // After the drain: every connection whose packets were drained is in conntrack.
+            match tokio::task::spawn_blocking(crate::conntrack::dump).await {
+                Ok(Ok(entries)) => {
+                    let table = lock(&self.table);
+                    let mut nat = lock(&self.nat);
+                    nat.cross_check(&entries, &|t| table.contains(t), now);
+                }
+                Ok(Err(e)) => {
+                    lock(&self.nat).conntrack_failed();
+                    warn!(error = %e, "conntrack dump failed; translations stay unchecked until the next one");
+                }
+                Err(join) => {
+                    lock(&self.nat).conntrack_failed();
+                    warn!(error = %join, "conntrack dump task failed");
+                }
+            }
+        }
+        lock(&self.nat).expire(now, self.flow_idle_ns);
         self.drains.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Interface names by ifindex, copied so no lock is held while they are used (the lock
+    /// order is links, table, nat).
+    pub fn iface_names(&self) -> HashMap<u32, String> {
+        lock(&self.links)
+            .iter()
+            .map(|(i, l)| (*i, l.name.clone()))
+            .collect()
     }
 
     pub async fn kernel_counters(&self) -> Result<[u64; flowtrace_common::COUNTER_SLOTS as usize]> {
@@ -123,7 +164,7 @@ fn hostname() -> String {
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
-    let mut ebpf = attach::load(cfg.flow_entries)?;
+    let mut ebpf = attach::load(cfg.flow_entries, cfg.nat_entries)?;
     let drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
     let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
     let (mode, program_ids) = (attacher.mode(), attacher.program_ids());
@@ -136,6 +177,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             cfg.max_flows,
             cfg.flow_idle_timeout.as_nanos() as u64,
         )),
+        nat: Mutex::new(NatTable::default()),
+        conntrack: cfg.conntrack,
+        flow_idle_ns: cfg.flow_idle_timeout.as_nanos() as u64,
         links: Mutex::new(HashMap::new()),
         attach_mode: mode,
         program_ids,

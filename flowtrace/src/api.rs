@@ -2,6 +2,7 @@
 //!
 //! - `GET /v1/flows[?ip=&port=&proto=&iface=]`: the flow table, drained fresh for the request.
 //! - `GET /v1/interfaces`: what flowtrace is attached to.
+//! - `GET /v1/nat`: NAT translations (kernel programs vs conntrack) and the cross-check counters.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
 //! - `GET /healthz`: liveness. `GET /readyz`: 200 once the interfaces present at start are attached.
 
@@ -21,7 +22,7 @@ use tracing::error;
 use crate::{
     agent::{lock, mono_to_unix_offset_ns, Shared},
     filter::{parse_iface, parse_port, FlowFilter},
-    flows::FlowRecord,
+    flows::{FlowRecord, FlowTuple},
 };
 
 /// Body of `GET /v1/flows`.
@@ -69,6 +70,20 @@ pub struct StatsResponse {
     pub drains: u64,
     pub drain_errors: u64,
     pub attach_failures: u64,
+    /// NAT cross-check counters (see `/v1/nat`).
+    pub nat: crate::nat::NatCounters,
+}
+
+/// Body of `GET /v1/nat`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NatResponse {
+    pub node: String,
+    /// Whether the agent reads conntrack (off with `--no-conntrack`).
+    pub conntrack: bool,
+    pub counters: crate::nat::NatCounters,
+    /// Sum of the disagreement counters (mismatch + not_in_conntrack + missed).
+    pub disagreements: u64,
+    pub translations: Vec<crate::nat::Translation>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +99,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/flows", get(flows))
         .route("/v1/interfaces", get(interfaces))
+        .route("/v1/nat", get(nat))
         .route("/v1/stats", get(stats))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -158,11 +174,28 @@ async fn flows(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> 
     if let Err(e) = shared.drain_now().await {
         return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
-    let flows = lock(&shared.table)
+    let mut flows: Vec<FlowRecord> = lock(&shared.table)
         .snapshot(mono_to_unix_offset_ns())
         .into_iter()
         .filter(|f| filter.matches(f))
         .collect();
+    {
+        let names = shared.iface_names();
+        let names = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
+        let nat = lock(&shared.nat);
+        let by_translated = nat.by_translated();
+        for f in &mut flows {
+            let t = FlowTuple {
+                protocol: f.protocol_number,
+                src: f.src,
+                dst: f.dst,
+                src_port: f.src_port,
+                dst_port: f.dst_port,
+            };
+            let original = by_translated.get(&t).copied().unwrap_or(t);
+            f.nat = nat.get(&original, &names);
+        }
+    }
     Json(FlowsResponse {
         node: shared.node.clone(),
         flows,
@@ -221,6 +254,25 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         drains: shared.drains.load(Ordering::Relaxed),
         drain_errors: shared.drain_errors.load(Ordering::Relaxed),
         attach_failures: shared.attach_failures.load(Ordering::Relaxed),
+        nat: lock(&shared.nat).counters(),
+    })
+    .into_response()
+}
+
+async fn nat(State(shared): State<Arc<Shared>>) -> Response {
+    if let Err(e) = shared.drain_now().await {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let names = shared.iface_names();
+    let names = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
+    let nat = lock(&shared.nat);
+    let counters = nat.counters();
+    Json(NatResponse {
+        node: shared.node.clone(),
+        conntrack: shared.conntrack,
+        counters,
+        disagreements: counters.disagreements(),
+        translations: nat.snapshot(&names),
     })
     .into_response()
 }

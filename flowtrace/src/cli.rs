@@ -76,8 +76,44 @@ fn hops_column(f: &FlowRecord) -> String {
 }
 
 /// Renders flows as a human-readable table.
+/// The NAT step of a flow: `=> endpoint` (what this flow became) on the original side,
+/// `<= endpoint` (what it was) on the translated side; the state unless confirmed.
+fn nat_column(f: &FlowRecord) -> String {
+    let Some(t) = &f.nat else {
+        return "-".into();
+    };
+    let is_original = t.original.src == f.src
+        && t.original.dst == f.dst
+        && t.original.src_port == f.src_port
+        && t.original.dst_port == f.dst_port;
+    let (arrow, other) = if is_original {
+        ("=>", &t.translated)
+    } else {
+        ("<=", &t.original)
+    };
+    let p = f.protocol_number;
+    let changed = match t.rewrote.as_str() {
+        "src" => endpoint(&other.src, other.src_port, p),
+        "src+dst" => format!(
+            "{} > {}",
+            endpoint(&other.src, other.src_port, p),
+            endpoint(&other.dst, other.dst_port, p)
+        ),
+        _ => endpoint(&other.dst, other.dst_port, p),
+    };
+    let state = serde_json::to_value(t.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    if state == "confirmed" {
+        format!("{arrow} {changed}")
+    } else {
+        format!("{arrow} {changed} ({state})")
+    }
+}
+
 pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
-    let rows: Vec<[String; 6]> = flows
+    let rows: Vec<[String; 7]> = flows
         .iter()
         .map(|f| {
             let proto = if is_icmp(f.protocol_number) {
@@ -91,6 +127,7 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
                 endpoint(&f.dst, f.dst_port, f.protocol_number),
                 f.packets.to_string(),
                 f.bytes.to_string(),
+                nat_column(f),
                 hops_column(f),
             ]
         })
@@ -101,6 +138,7 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
         "DESTINATION",
         "PACKETS",
         "BYTES",
+        "NAT",
         "HOPS (first seen first)",
     ];
     let mut widths = headers.map(str::len);
@@ -176,6 +214,7 @@ mod tests {
                 hop("veth1", Direction::Ingress),
                 hop("flannel.1", Direction::Egress),
             ],
+            nat: None,
         };
         let t = render_table("node1", &[f]);
         let lines: Vec<&str> = t.lines().collect();

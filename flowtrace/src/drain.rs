@@ -14,7 +14,8 @@ use std::{collections::HashMap, time::Duration};
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use flowtrace_common::{
-    CacheSlot, Counter, FlowKey, FlowStats, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER, COUNTER_SLOTS,
+    CacheSlot, Counter, FlowKey, FlowStats, NatRecord, Tuple, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER,
+    COUNTER_SLOTS,
 };
 
 use crate::error::{Error, Result};
@@ -29,17 +30,44 @@ pub struct DrainedFlow {
     pub stats: FlowStats,
 }
 
-/// What one drain produced: the flows, and the map errors met on the way (each left its
-/// entry in place for the next drain).
+/// One rewrite the kernel saw, summed over CPUs: the tuple before it and what it became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainedNat {
+    pub original: Tuple,
+    pub record: NatRecord,
+}
+
+/// What one drain produced: the flows, the rewrites, and the map errors met on the way
+/// (each left its entry in place for the next drain).
 #[derive(Debug, Default)]
 pub struct Drained {
     pub flows: Vec<DrainedFlow>,
+    pub nat: Vec<DrainedNat>,
     pub problems: Vec<Error>,
+}
+
+/// Folds one CPU's record of a rewrite into another's: the latest translation wins (it is
+/// the one conntrack applies now), sightings add up.
+fn merge_nat(into: &mut NatRecord, other: &NatRecord) {
+    if other.sightings == 0 {
+        return;
+    }
+    if into.sightings == 0 || other.first_seen_ns < into.first_seen_ns {
+        into.first_seen_ns = other.first_seen_ns;
+    }
+    if other.last_seen_ns >= into.last_seen_ns {
+        let (first, sightings) = (into.first_seen_ns, into.sightings);
+        *into = *other;
+        into.first_seen_ns = first;
+        into.sightings = sightings;
+    }
+    into.sightings += other.sightings;
 }
 
 /// The maps the agent reads, taken out of the loaded object.
 pub struct Drainer {
     buffers: [PerCpuHashMap<MapData, FlowKey, FlowStats>; 2],
+    nat: [PerCpuHashMap<MapData, Tuple, NatRecord>; 2],
     cache: PerCpuArray<MapData, CacheSlot>,
     control: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -72,6 +100,7 @@ impl Drainer {
     pub fn new(ebpf: &mut aya::Ebpf, grace: Duration) -> Result<Self> {
         Ok(Self {
             buffers: [take(ebpf, "FLOWS_0")?, take(ebpf, "FLOWS_1")?],
+            nat: [take(ebpf, "NAT_0")?, take(ebpf, "NAT_1")?],
             cache: take(ebpf, "CACHE")?,
             control: take(ebpf, "CONTROL")?,
             counters: take(ebpf, "COUNTERS")?,
@@ -128,14 +157,55 @@ impl Drainer {
                 stats.merge(cpu);
             }
         }
+        let nat = self.drain_nat(old, &mut problems);
         Ok(Drained {
             flows: merged
                 .into_iter()
                 .filter(|(_, stats)| stats.packets > 0)
                 .map(|(key, stats)| DrainedFlow { key, stats })
                 .collect(),
+            nat,
             problems,
         })
+    }
+
+    /// Reads and clears the idle NAT buffer, key by key like the flow buffer.
+    fn drain_nat(&mut self, half: u32, problems: &mut Vec<Error>) -> Vec<DrainedNat> {
+        let map = &mut self.nat[half as usize];
+        let name = if half == 0 { "NAT_0" } else { "NAT_1" };
+        let mut keys = Vec::new();
+        for key in map.keys() {
+            match key {
+                Ok(k) => keys.push(k),
+                Err(e) => {
+                    problems.push(map_io(name)(e));
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for original in keys {
+            let per_cpu = match map.get(&original, 0) {
+                Ok(v) => v,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => {
+                    problems.push(map_io(name)(e));
+                    continue;
+                }
+            };
+            if let Err(e) = map.remove(&original) {
+                problems.push(map_io(name)(e));
+                continue;
+            }
+            let mut record = NatRecord::default();
+            for cpu in per_cpu.iter() {
+                merge_nat(&mut record, cpu);
+            }
+            if record.sightings > 0 {
+                out.push(DrainedNat { original, record });
+            }
+        }
+        out
     }
 
     /// Collects and clears the idle half (`half`) of the per-CPU flow cache. A slot whose

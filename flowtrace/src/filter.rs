@@ -181,6 +181,7 @@ mod tests {
                 last_seen_unix_ns: 0,
                 tcp_flags: String::new(),
             }],
+            nat: None,
         }
     }
 

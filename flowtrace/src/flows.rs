@@ -26,12 +26,27 @@ pub struct FlowTuple {
 
 impl FlowTuple {
     pub fn from_key(key: &FlowKey) -> Self {
+        Self::from_tuple(&key.tuple())
+    }
+
+    pub fn from_tuple(t: &flowtrace_common::Tuple) -> Self {
         Self {
-            protocol: key.protocol,
-            src: addr(key.ip_version, &key.src_addr),
-            dst: addr(key.ip_version, &key.dst_addr),
-            src_port: key.src_port,
-            dst_port: key.dst_port,
+            protocol: t.protocol,
+            src: addr(t.ip_version, &t.src_addr),
+            dst: addr(t.ip_version, &t.dst_addr),
+            src_port: t.src_port,
+            dst_port: t.dst_port,
+        }
+    }
+
+    /// The tuple of the other direction.
+    pub fn reversed(&self) -> Self {
+        Self {
+            protocol: self.protocol,
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
         }
     }
 }
@@ -142,6 +157,11 @@ impl FlowTable {
         self.flows.len()
     }
 
+    /// Whether a flow with this tuple is in the table (crossed a traced hook).
+    pub fn contains(&self, t: &FlowTuple) -> bool {
+        self.flows.contains_key(t)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
     }
@@ -190,6 +210,7 @@ impl FlowTable {
                     packets: hops.iter().map(|h| h.packets).max().unwrap_or(0),
                     bytes: hops.iter().map(|h| h.bytes).max().unwrap_or(0),
                     hops,
+                    nat: None,
                 }
             })
             .collect();
@@ -217,6 +238,9 @@ pub struct FlowRecord {
     pub bytes: u64,
     /// Hops in the order they first saw the flow.
     pub hops: Vec<HopRecord>,
+    /// The NAT translation this flow is the original or the translated side of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<crate::nat::Translation>,
 }
 
 /// One hop of a flow.

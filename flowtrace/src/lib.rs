@@ -2,17 +2,20 @@
 //!
 //! One module per concern: `attach` (loading and attaching the TC programs), `links`
 //! (which interfaces, following netlink), `drain` (reading the kernel maps without loss),
-//! `flows` (the flow table), `filter` (flow filters), `api` (HTTP/JSON), `agent` (the
-//! daemon's tasks), `cli` (the client commands).
+//! `flows` (the flow table), `nat` (translations seen by the programs, checked against
+//! `conntrack`, the kernel's connection table), `filter` (flow filters), `api` (HTTP/JSON),
+//! `agent` (the daemon's tasks), `cli` (the client commands).
 
 pub mod agent;
 pub mod api;
 pub mod attach;
 pub mod cli;
+pub mod conntrack;
 pub mod drain;
 pub mod error;
 pub mod filter;
 pub mod flows;
 pub mod links;
+pub mod nat;
 
 pub use error::{Error, Result};

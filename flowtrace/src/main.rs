@@ -37,6 +37,13 @@ struct AgentArgs {
     /// Capacity of each of the two kernel flow buffers, in (5-tuple, hop) entries.
     #[arg(long, env = "FLOWTRACE_FLOW_ENTRIES", default_value_t = flowtrace_common::DEFAULT_FLOW_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
     flow_entries: u32,
+    /// Capacity of each of the two kernel NAT buffers, in rewrites (original tuples).
+    #[arg(long, env = "FLOWTRACE_NAT_ENTRIES", default_value_t = flowtrace_common::DEFAULT_NAT_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    nat_entries: u32,
+    /// Do not read the conntrack table (NAT translations then come from the kernel programs
+    /// alone and stay unchecked).
+    #[arg(long, env = "FLOWTRACE_NO_CONNTRACK")]
+    no_conntrack: bool,
     /// Most flows kept in the agent's table; the least recently seen are evicted beyond it.
     #[arg(long, env = "FLOWTRACE_MAX_FLOWS", default_value_t = 100_000)]
     max_flows: usize,
@@ -114,6 +121,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen: a.listen,
                 drain_interval: Duration::from_millis(a.drain_interval_ms),
                 flow_entries: a.flow_entries,
+                nat_entries: a.nat_entries,
+                conntrack: !a.no_conntrack,
                 max_flows: a.max_flows,
                 flow_idle_timeout: Duration::from_secs(a.flow_idle_timeout_s),
                 attach_mode: a.attach_mode,

@@ -29,7 +29,10 @@ pub fn hold(ifaces: &[String], programs: &[String]) -> Result<()> {
     for name in programs {
         let name = name.as_str();
         if !PROGRAMS.contains(&name) {
-            bail!("unknown reference program {name:?}; known: {}", PROGRAMS.join(", "));
+            bail!(
+                "unknown reference program {name:?}; known: {}",
+                PROGRAMS.join(", ")
+            );
         }
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)

@@ -258,7 +258,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let rs = &ratios[arm as usize];
         let (lo, hi) = rs
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            });
         let _ = writeln!(
             report,
             "  median   {:<9}  {:7.2} Gbit/s   ratio to absent {:.3} (rounds {lo:.3}-{hi:.3})",
@@ -298,8 +300,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         // The first program on a hook to touch the packet pays its cache misses; alternate
         // who goes first so neither flowtrace nor the reference counter is favoured.
         let flowtrace_first = round % 2 == 1;
-        let c = cost_round(&cluster, client, server_ip, args.seconds, &args.cpus, flowtrace_first)
-            .with_context(|| format!("per-packet cost round {round}"))?;
+        let c = cost_round(
+            &cluster,
+            client,
+            server_ip,
+            args.seconds,
+            &args.cpus,
+            flowtrace_first,
+        )
+        .with_context(|| format!("per-packet cost round {round}"))?;
         let line = format!(
             "  round {round} ({})  noop {:6.1} ns  counter {:6.1} (net {:6.1})  flowtrace in {:6.1} (net {:6.1})  out {:6.1} (net {:6.1})  both net {:6.1}  ratio {:.2}  [runs: noop {} counter {} in {} out {}; {:.2} Gbit/s]",
             if flowtrace_first { "flowtrace first" } else { "references first" },

@@ -115,7 +115,7 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         flowtrace_common::DEFAULT_FLOW_ENTRIES,
         flowtrace_common::DEFAULT_NAT_ENTRIES,
     )
-        .context("loading flowtrace")?;
+    .context("loading flowtrace")?;
     let mut base = Ebpf::load(flowtrace::attach::BASELINES_OBJECT).context("loading baselines")?;
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
     println!(

@@ -445,3 +445,86 @@ fn vxlan_gso_aggregate_counts_inner_headers_per_segment() {
         (f.len() - 14) as u64
     );
 }
+
+/// Rewrites what DNAT/SNAT rewrite: addresses and ports (and, as the kernel does, the
+/// checksums, which the packet id must not depend on either).
+fn nat_rewrite(f: &mut [u8], l3: usize, ihl: usize) {
+    f[l3 + 12..l3 + 16].copy_from_slice(&[192, 168, 50, 2]);
+    f[l3 + 16..l3 + 20].copy_from_slice(&[10, 96, 0, 10]);
+    f[l3 + 10] ^= 0x5a;
+    let l4 = l3 + ihl;
+    f[l4..l4 + 4].copy_from_slice(&[0x75, 0x30, 0x00, 0x50]);
+}
+
+#[test]
+fn packet_id_survives_nat_and_tells_packets_apart() {
+    let l3 = ETH_HLEN;
+    for proto_frame in [
+        ipv4(IPPROTO_TCP, &[], &tcp(40000, 8080, 0x18, 0, 100), 0x4000),
+        ipv4(IPPROTO_UDP, &[], &udp(40000, 53, 32), 0x4000),
+    ] {
+        let f = frame(eth(ETH_P_IP, &[]), proto_frame);
+        let before = packet_id(f.as_slice(), &parse(&f).unwrap());
+        let mut g = f.clone();
+        nat_rewrite(&mut g, l3, 20);
+        let info = parse(&g).unwrap();
+        assert_eq!(info.dst_port, 80, "the rewrite changed the port");
+        assert!(packet_id(g.as_slice(), &info).same_as(&before));
+        // Another IPv4 id: another packet.
+        let mut h = f.clone();
+        h[l3 + 5] ^= 1;
+        assert!(!packet_id(h.as_slice(), &parse(&h).unwrap()).same_as(&before));
+    }
+    // TCP: another sequence number is another packet.
+    let f = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_TCP, &[], &tcp(1, 2, 0x10, 0, 10), 0),
+    );
+    let a = packet_id(f.as_slice(), &parse(&f).unwrap());
+    let mut g = f.clone();
+    g[l3 + 20 + 7] ^= 0x40;
+    assert!(!packet_id(g.as_slice(), &parse(&g).unwrap()).same_as(&a));
+    // IPv6 (no id field): the flow label and the payload start identify it.
+    let f = frame(
+        eth(ETH_P_IPV6, &[]),
+        ipv6(IPPROTO_UDP, &[], &udp(5353, 53, 16)),
+    );
+    let mut g = f.clone();
+    g[l3 + 1] = 0x0a; // flow label
+    let (a, b) = (
+        packet_id(f.as_slice(), &parse(&f).unwrap()),
+        packet_id(g.as_slice(), &parse(&g).unwrap()),
+    );
+    assert!(!a.same_as(&b));
+    assert_eq!(b.ident, 0x000a_0000);
+    // A packet whose payload is shorter than the words read still gets an id.
+    let f = frame(eth(ETH_P_IP, &[]), ipv4(IPPROTO_UDP, &[], &udp(1, 2, 0), 0));
+    let id = packet_id(f.as_slice(), &parse(&f).unwrap());
+    assert_eq!((id.l4_a, id.l4_b), (0, 0));
+    assert!(id.slot() < crate::SIGHTING_SLOTS);
+}
+
+#[test]
+fn tuple_reversal_and_equality() {
+    let f = frame(
+        eth(ETH_P_IP, &[]),
+        ipv4(IPPROTO_UDP, &[], &udp(40000, 53, 4), 0),
+    );
+    let info = parse(&f).unwrap();
+    let key = crate::FlowKey {
+        src_addr: info.src_addr,
+        dst_addr: info.dst_addr,
+        src_port: info.src_port,
+        dst_port: info.dst_port,
+        ifindex: 7,
+        direction: 1,
+        ip_version: 4,
+        protocol: IPPROTO_UDP,
+        _pad: 0,
+    };
+    let t = key.tuple();
+    let r = t.reversed();
+    assert_eq!((r.src_port, r.dst_port), (53, 40000));
+    assert!(r.reversed().same_as(&t));
+    assert!(!r.same_as(&t));
+}

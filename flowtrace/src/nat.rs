@@ -1,0 +1,359 @@
+//! NAT translations: what the kernel programs saw rewritten between two hooks, checked
+//! against the kernel's conntrack table.
+//!
+//! A translation maps the tuple a packet had at an earlier hook (before kube-proxy's DNAT,
+//! before the un-DNAT of a reply, before masquerade) to the tuple it had at a later one.
+//! Each drain brings the rewrites the TC programs recorded; after it the agent dumps
+//! conntrack and settles every translation into one of:
+//!
+//! - `confirmed`: seen by the kernel programs and conntrack agrees;
+//! - `mismatch`: conntrack translates the same tuple to something else (a disagreement);
+//! - `not_in_conntrack`: the programs saw a rewrite conntrack does not know, two checks in
+//!   a row (a disagreement);
+//! - `conntrack_only`: conntrack translated a connection whose tuple before the rewrite no
+//!   traced hook sees (e.g. a NodePort reached through the node's uplink, which flowtrace
+//!   does not trace by default), so the translation is completed from conntrack (explained,
+//!   not a disagreement);
+//! - `missed`: both tuples crossed traced hooks but the programs recorded no rewrite, two
+//!   checks in a row (a disagreement: e.g. the hooks ran on different CPUs).
+//!
+//! ICMP translations are kept as the programs saw them and not checked (conntrack's ICMP
+//! identifiers are not ports).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    conntrack::CtEntry,
+    drain::DrainedNat,
+    flows::{Direction, FlowTuple, Hop},
+};
+
+/// Where a translation stands after the last cross-check (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatState {
+    /// Not checked yet (recorded since the last conntrack dump).
+    Pending,
+    Confirmed,
+    Mismatch,
+    NotInConntrack,
+    ConntrackOnly,
+    Missed,
+    /// ICMP: not comparable with conntrack.
+    Unchecked,
+}
+
+/// Counters of the cross-check, for the API and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatCounters {
+    /// Rewrites recorded by the kernel programs (one per translation per drain).
+    pub kernel_records: u64,
+    pub confirmed: u64,
+    pub conntrack_only: u64,
+    /// Disagreements: a different translation in conntrack.
+    pub mismatch: u64,
+    /// Disagreements: a rewrite conntrack does not know.
+    pub not_in_conntrack: u64,
+    /// Disagreements: conntrack translated, both tuples were traced, the programs saw nothing.
+    pub missed: u64,
+    pub conntrack_dumps: u64,
+    pub conntrack_errors: u64,
+}
+
+impl NatCounters {
+    /// Every disagreement between the kernel programs and conntrack.
+    pub fn disagreements(&self) -> u64 {
+        self.mismatch + self.not_in_conntrack + self.missed
+    }
+}
+
+#[derive(Clone, Debug)]
+struct NatEntry {
+    translated: FlowTuple,
+    /// The hooks around the rewrite, when the kernel programs saw it.
+    hops: Option<(Hop, Hop)>,
+    kernel_sightings: u64,
+    /// What conntrack translates the original tuple to, at the last dump that had it.
+    conntrack: Option<FlowTuple>,
+    state: NatState,
+    /// Cross-checks this entry stayed undecided through.
+    undecided_checks: u32,
+    /// Last time (monotonic ns) the kernel or conntrack reported it.
+    last_seen_ns: u64,
+}
+
+/// All translations of one agent, by the tuple before the rewrite.
+#[derive(Debug, Default)]
+pub struct NatTable {
+    entries: HashMap<FlowTuple, NatEntry>,
+    counters: NatCounters,
+}
+
+/// One translation as the API serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Translation {
+    pub original: TupleView,
+    pub translated: TupleView,
+    /// What changed: "dst", "src" or "src+dst".
+    pub rewrote: String,
+    /// Interface and direction before and after the rewrite, when the programs saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub between: Option<[HookView; 2]>,
+    pub state: NatState,
+    /// "kernel", "conntrack" or "kernel+conntrack".
+    pub source: String,
+    pub kernel_sightings: u64,
+}
+
+/// A 5-tuple in API form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TupleView {
+    pub protocol: u8,
+    pub src: std::net::IpAddr,
+    pub src_port: u16,
+    pub dst: std::net::IpAddr,
+    pub dst_port: u16,
+}
+
+impl From<FlowTuple> for TupleView {
+    fn from(t: FlowTuple) -> Self {
+        Self {
+            protocol: t.protocol,
+            src: t.src,
+            src_port: t.src_port,
+            dst: t.dst,
+            dst_port: t.dst_port,
+        }
+    }
+}
+
+/// A hook in API form.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookView {
+    pub interface: String,
+    pub direction: Direction,
+}
+
+fn hop(ifindex: u32, direction: u8) -> Hop {
+    Hop {
+        ifindex,
+        direction: if direction == flowtrace_common::DIR_INGRESS {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        },
+    }
+}
+
+impl NatTable {
+    pub fn counters(&self) -> NatCounters {
+        self.counters
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Folds in the rewrites of one drain.
+    pub fn merge_kernel(&mut self, drained: &[DrainedNat], now_ns: u64) {
+        for d in drained {
+            let original = FlowTuple::from_tuple(&d.original);
+            let translated = FlowTuple::from_tuple(&d.record.translated);
+            let hops = Some((
+                hop(d.record.from_ifindex, d.record.from_direction),
+                hop(d.record.to_ifindex, d.record.to_direction),
+            ));
+            self.counters.kernel_records += 1;
+            let icmp = crate::flows::is_icmp(original.protocol);
+            let e = self.entries.entry(original).or_insert_with(|| NatEntry {
+                translated,
+                hops,
+                kernel_sightings: 0,
+                conntrack: None,
+                state: if icmp {
+                    NatState::Unchecked
+                } else {
+                    NatState::Pending
+                },
+                undecided_checks: 0,
+                last_seen_ns: now_ns,
+            });
+            e.kernel_sightings += u64::from(d.record.sightings);
+            e.hops = hops;
+            e.last_seen_ns = now_ns;
+            if e.translated != translated {
+                // The rewrite changed (a new connection reused the tuple): check it afresh.
+                e.translated = translated;
+                e.state = NatState::Pending;
+                e.undecided_checks = 0;
+            }
+            if e.kernel_sightings > 0 && matches!(e.state, NatState::ConntrackOnly) {
+                // Completed from conntrack earlier, now also seen by the programs.
+                e.state = NatState::Pending;
+            }
+        }
+    }
+
+    /// Compares with a conntrack dump taken after the drain. `traced(t)` says whether a
+    /// flow with tuple `t` crossed a traced hook (is in the flow table).
+    pub fn cross_check(
+        &mut self,
+        conntrack: &[CtEntry],
+        traced: &dyn Fn(&FlowTuple) -> bool,
+        now_ns: u64,
+    ) {
+        self.counters.conntrack_dumps += 1;
+        let mut expected: HashMap<FlowTuple, FlowTuple> = HashMap::new();
+        for ct in conntrack.iter().filter(|c| c.translated()) {
+            for (before, after) in ct.rewrites() {
+                expected.insert(before, after);
+            }
+        }
+        let c = &mut self.counters;
+        for (original, e) in self.entries.iter_mut() {
+            if let Some(after) = expected.get(original) {
+                e.conntrack = Some(*after);
+                e.last_seen_ns = e.last_seen_ns.max(now_ns);
+            }
+            match e.state {
+                NatState::Pending if e.kernel_sightings > 0 => match expected.get(original) {
+                    Some(after) if *after == e.translated => {
+                        e.state = NatState::Confirmed;
+                        c.confirmed += 1;
+                    }
+                    Some(_) => {
+                        e.state = NatState::Mismatch;
+                        c.mismatch += 1;
+                    }
+                    None => {
+                        e.undecided_checks += 1;
+                        if e.undecided_checks >= 2 {
+                            e.state = NatState::NotInConntrack;
+                            c.not_in_conntrack += 1;
+                        }
+                    }
+                },
+                NatState::Pending => {
+                    // Known from conntrack only, both tuples traced: the programs get one more
+                    // drain to report the rewrite, then it counts as missed.
+                    e.undecided_checks += 1;
+                    if e.undecided_checks >= 2 {
+                        e.state = NatState::Missed;
+                        c.missed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (before, after) in expected {
+            if self.entries.contains_key(&before) {
+                continue;
+            }
+            let (seen_before, seen_after) = (traced(&before), traced(&after));
+            if !seen_before && !seen_after {
+                // Not traffic flowtrace saw (or not yet drained): nothing to say.
+                continue;
+            }
+            let state = if seen_before && seen_after {
+                NatState::Pending
+            } else {
+                self.counters.conntrack_only += 1;
+                NatState::ConntrackOnly
+            };
+            self.entries.insert(
+                before,
+                NatEntry {
+                    translated: after,
+                    hops: None,
+                    kernel_sightings: 0,
+                    conntrack: Some(after),
+                    state,
+                    // This check counts: the next one without a kernel record decides.
+                    undecided_checks: 1,
+                    last_seen_ns: now_ns,
+                },
+            );
+        }
+    }
+
+    /// A failed conntrack dump: counted; the entries stay pending for the next one.
+    pub fn conntrack_failed(&mut self) {
+        self.counters.conntrack_errors += 1;
+    }
+
+    /// Forgets translations neither source reported for `idle_ns`.
+    pub fn expire(&mut self, now_ns: u64, idle_ns: u64) {
+        self.entries
+            .retain(|_, e| now_ns.saturating_sub(e.last_seen_ns) <= idle_ns);
+    }
+
+    /// Every translation, ordered by original tuple.
+    pub fn snapshot(&self, names: &dyn Fn(u32) -> String) -> Vec<Translation> {
+        let mut out: Vec<(FlowTuple, Translation)> = self
+            .entries
+            .iter()
+            .map(|(o, e)| (*o, view(o, e, names)))
+            .collect();
+        out.sort_by_key(|(o, _)| *o);
+        out.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Index from translated tuple to original tuple, for annotating many flows at once.
+    pub fn by_translated(&self) -> HashMap<FlowTuple, FlowTuple> {
+        self.entries
+            .iter()
+            .map(|(o, e)| (e.translated, *o))
+            .collect()
+    }
+
+    /// The translation of original tuple `o`.
+    pub fn get(&self, o: &FlowTuple, names: &dyn Fn(u32) -> String) -> Option<Translation> {
+        self.entries.get(o).map(|e| view(o, e, names))
+    }
+}
+
+fn view(original: &FlowTuple, e: &NatEntry, names: &dyn Fn(u32) -> String) -> Translation {
+    let t = &e.translated;
+    let rewrote = match (
+        original.src != t.src || original.src_port != t.src_port,
+        original.dst != t.dst || original.dst_port != t.dst_port,
+    ) {
+        (true, true) => "src+dst",
+        (true, false) => "src",
+        _ => "dst",
+    };
+    let source = match (e.kernel_sightings > 0, e.conntrack.is_some()) {
+        (true, true) => "kernel+conntrack",
+        (true, false) => "kernel",
+        _ => "conntrack",
+    };
+    Translation {
+        original: (*original).into(),
+        translated: (*t).into(),
+        rewrote: rewrote.into(),
+        between: e.hops.map(|(a, b)| {
+            [
+                HookView {
+                    interface: names(a.ifindex),
+                    direction: a.direction,
+                },
+                HookView {
+                    interface: names(b.ifindex),
+                    direction: b.direction,
+                },
+            ]
+        }),
+        state: e.state,
+        source: source.into(),
+        kernel_sightings: e.kernel_sightings,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+use std::net::IpAddr;
+
+use flowtrace_common::{NatRecord, Tuple};
+
+use super::*;
+
+fn ft(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
+    FlowTuple {
+        protocol: 6,
+        src: src.parse::<IpAddr>().unwrap(),
+        dst: dst.parse::<IpAddr>().unwrap(),
+        src_port: sport,
+        dst_port: dport,
+    }
+}
+
+fn kernel_tuple(t: &FlowTuple) -> Tuple {
+    let bytes = |a: IpAddr| match a {
+        IpAddr::V4(v) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v.octets());
+            b
+        }
+        IpAddr::V6(v) => v.octets(),
+    };
+    Tuple {
+        src_addr: flowtrace_common::addr_from_bytes(&bytes(t.src)),
+        dst_addr: flowtrace_common::addr_from_bytes(&bytes(t.dst)),
+        src_port: t.src_port,
+        dst_port: t.dst_port,
+        ip_version: 4,
+        protocol: t.protocol,
+        _pad: 0,
+    }
+}
+
+fn drained(before: &FlowTuple, after: &FlowTuple) -> DrainedNat {
+    DrainedNat {
+        original: kernel_tuple(before),
+        record: NatRecord {
+            translated: kernel_tuple(after),
+            from_ifindex: 5,
+            to_ifindex: 3,
+            from_direction: 0,
+            to_direction: 1,
+            sightings: 1,
+            first_seen_ns: 10,
+            last_seen_ns: 10,
+            ..NatRecord::default()
+        },
+    }
+}
+
+fn names(i: u32) -> String {
+    format!("if{i}")
+}
+
+/// client 10.244.1.2:40000 -> VIP 10.96.0.10:80, DNAT to 10.244.2.3:8080.
+fn service_conn() -> (CtEntry, FlowTuple, FlowTuple) {
+    let orig = ft("10.244.1.2", 40000, "10.96.0.10", 80);
+    let reply = ft("10.244.2.3", 8080, "10.244.1.2", 40000);
+    (CtEntry { orig, reply }, orig, reply)
+}
+
+#[test]
+fn conntrack_entry_rewrites_both_directions() {
+    let (ct, orig, reply) = service_conn();
+    assert!(ct.translated());
+    let [fwd, back] = ct.rewrites();
+    assert_eq!(fwd, (orig, ft("10.244.1.2", 40000, "10.244.2.3", 8080)));
+    assert_eq!(back, (reply, ft("10.96.0.10", 80, "10.244.1.2", 40000)));
+    let plain = CtEntry {
+        orig,
+        reply: orig.reversed(),
+    };
+    assert!(!plain.translated());
+}
+
+#[test]
+fn kernel_records_confirmed_by_conntrack() {
+    let (ct, _, _) = service_conn();
+    let [fwd, back] = ct.rewrites();
+    let mut t = NatTable::default();
+    t.merge_kernel(&[drained(&fwd.0, &fwd.1), drained(&back.0, &back.1)], 1);
+    t.cross_check(&[ct], &|_| true, 2);
+    let c = t.counters();
+    assert_eq!(
+        (c.kernel_records, c.confirmed, c.disagreements()),
+        (2, 2, 0)
+    );
+    let all = t.snapshot(&names);
+    assert_eq!(all.len(), 2);
+    assert!(all
+        .iter()
+        .all(|x| x.state == NatState::Confirmed && x.source == "kernel+conntrack"));
+    let fwd_view = t.get(&fwd.0, &names).unwrap();
+    assert_eq!(fwd_view.rewrote, "dst");
+    assert_eq!(t.get(&back.0, &names).unwrap().rewrote, "src");
+    assert_eq!(fwd_view.between.as_ref().unwrap()[0].interface, "if5");
+}
+
+#[test]
+fn disagreements_are_counted() {
+    let (ct, _, _) = service_conn();
+    let [fwd, back] = ct.rewrites();
+    let mut t = NatTable::default();
+    // The programs saw a different backend than conntrack chose.
+    let wrong = ft("10.244.1.2", 40000, "10.244.1.9", 8080);
+    t.merge_kernel(&[drained(&fwd.0, &wrong)], 1);
+    // And a rewrite conntrack never heard of.
+    let ghost = ft("10.244.1.7", 1, "10.96.0.99", 80);
+    t.merge_kernel(
+        &[drained(&ghost, &ft("10.244.1.7", 1, "10.244.2.8", 80))],
+        1,
+    );
+    t.cross_check(&[ct], &|_| true, 2);
+    assert_eq!(t.counters().mismatch, 1);
+    // The reply direction was traced on both sides but not recorded: pending, then missed.
+    assert_eq!(t.get(&back.0, &names).unwrap().state, NatState::Pending);
+    assert_eq!(
+        t.counters().not_in_conntrack,
+        0,
+        "one check is not enough to give up"
+    );
+    t.cross_check(&[ct], &|_| true, 3);
+    let c = t.counters();
+    assert_eq!((c.mismatch, c.not_in_conntrack, c.missed), (1, 1, 1));
+    assert_eq!(c.disagreements(), 3);
+}
+
+#[test]
+fn untraced_pre_nat_side_is_completed_from_conntrack() {
+    // NodePort from outside: 192.168.50.1:5000 -> node 192.168.50.2:30080, DNAT + masquerade.
+    let orig = ft("192.168.50.1", 5000, "192.168.50.2", 30080);
+    let reply = ft("10.244.2.3", 8080, "10.244.2.1", 61000);
+    let ct = CtEntry { orig, reply };
+    let post = reply.reversed();
+    let mut t = NatTable::default();
+    t.cross_check(&[ct], &|x| *x == post || *x == reply, 1);
+    let c = t.counters();
+    assert_eq!((c.conntrack_only, c.disagreements()), (2, 0));
+    let v = t.get(&orig, &names).unwrap();
+    assert_eq!(
+        (v.state, v.source.as_str(), v.rewrote.as_str()),
+        (NatState::ConntrackOnly, "conntrack", "src+dst")
+    );
+    assert_eq!(t.by_translated().get(&post), Some(&orig));
+    // Connections flowtrace never saw are ignored.
+    let mut t = NatTable::default();
+    t.cross_check(&[ct], &|_| false, 1);
+    assert!(t.is_empty());
+}

@@ -1,0 +1,307 @@
+//! NAT translations on the emulated cluster: every Service connection kube-proxy's rules
+//! translate appears in the agent with its original and translated tuple, in both
+//! directions, and the set equals what `conntrack -L` (conntrack-tools, independent of
+//! flowtrace) lists for the node. Needs root.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+
+use common::Bed;
+use flowtrace::{
+    api::NatResponse,
+    nat::{NatState, TupleView},
+};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bin, Node};
+
+/// (protocol, src, sport, dst, dport)
+type T = (u8, IpAddr, u16, IpAddr, u16);
+
+fn view(t: &TupleView) -> T {
+    (t.protocol, t.src, t.src_port, t.dst, t.dst_port)
+}
+
+fn rev(t: T) -> T {
+    (t.0, t.3, t.4, t.1, t.2)
+}
+
+/// Connections `conntrack -L` lists in `node`'s namespace whose original tuple matches
+/// `filter` (conntrack's own flags, e.g. `-d 10.96.0.10`): (original, reply) per entry.
+fn conntrack_list(node: &Node, filter: &[&str]) -> Vec<(T, T)> {
+    let mut argv = vec!["conntrack", "-L"];
+    argv.extend_from_slice(filter);
+    let out = node.exec(&argv).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut entries = Vec::new();
+    for line in text.lines() {
+        let proto: u8 = match line.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            Some(p) => p,
+            None => continue,
+        };
+        let field = |key: &str| -> Vec<String> {
+            line.split_whitespace()
+                .filter_map(|w| w.strip_prefix(key).map(str::to_string))
+                .collect()
+        };
+        let (src, dst, sport, dport) = (
+            field("src="),
+            field("dst="),
+            field("sport="),
+            field("dport="),
+        );
+        assert!(
+            src.len() >= 2 && sport.len() >= 2,
+            "unexpected conntrack line: {line}"
+        );
+        let t = |i: usize| -> T {
+            (
+                proto,
+                src[i].parse().unwrap(),
+                sport[i].parse().unwrap(),
+                dst[i].parse().unwrap(),
+                dport[i].parse().unwrap(),
+            )
+        };
+        entries.push((t(0), t(1)));
+    }
+    entries
+}
+
+/// Translations (original, translated, state) from the agent; asks twice so that every
+/// translation went through at least two conntrack cross-checks.
+fn translations(bed: &Bed, node: usize) -> (NatResponse, Vec<(T, T, NatState, String)>) {
+    let _: NatResponse = bed.agent(node).get("/v1/nat").unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let r: NatResponse = bed.agent(node).get("/v1/nat").unwrap();
+    let list = r
+        .translations
+        .iter()
+        .map(|t| {
+            (
+                view(&t.original),
+                view(&t.translated),
+                t.state,
+                t.source.clone(),
+            )
+        })
+        .collect();
+    (r, list)
+}
+
+/// What conntrack says the two rewrites of each connection are: original direction
+/// `orig -> reply reversed`, reply direction `reply -> orig reversed`.
+fn expected(ct: &[(T, T)]) -> BTreeSet<(T, T)> {
+    ct.iter()
+        .flat_map(|&(o, r)| [(o, rev(r)), (r, rev(o))])
+        .collect()
+}
+
+#[test]
+fn clusterip_connections_match_conntrack_in_both_directions() {
+    let bed = Bed::up();
+    let c = &bed.cluster;
+    let a1 = c.pod(1, "pod-a").unwrap();
+    let backends = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()];
+    let connections = 200;
+    let sink_args = [
+        "tcp-sink",
+        "--bind",
+        "0.0.0.0:8080",
+        "--connections",
+        "200",
+        "--timeout-ms",
+        "60000",
+        "--idle-timeout-ms",
+        "3000",
+        "--echo-bytes",
+        "64",
+    ];
+    let sinks: Vec<_> = backends
+        .iter()
+        .map(|p| ftgen_bg(p, &sink_args).unwrap())
+        .collect();
+    let sent = ftgen(
+        a1,
+        &[
+            "tcp-send",
+            "--to",
+            "10.96.0.10:80",
+            "--bytes",
+            "300",
+            "--connections",
+            "200",
+        ],
+    )
+    .unwrap();
+    assert_eq!(sent["connections"], connections, "{sent}");
+    assert_eq!(sent["received_bytes"], connections * 64, "{sent}");
+    let got: u64 = sinks
+        .into_iter()
+        .map(|s| finish(s).unwrap()["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(got, connections);
+
+    // A UDP exchange through the Service's DNS port (one socket: one conntrack entry).
+    let echo = [
+        "udp-sink",
+        "--bind",
+        "0.0.0.0:8080",
+        "--count",
+        "20",
+        "--echo",
+        "--timeout-ms",
+        "4000",
+    ];
+    let udp_sinks: Vec<_> = backends
+        .iter()
+        .map(|p| ftgen_bg(p, &echo).unwrap())
+        .collect();
+    let sent = ftgen(
+        a1,
+        &[
+            "udp-send",
+            "--to",
+            "10.96.0.10:53",
+            "--count",
+            "20",
+            "--size",
+            "120",
+            "--expect-echo",
+        ],
+    )
+    .unwrap();
+    assert_eq!(sent["echoed"], 20, "{sent}");
+    drop(udp_sinks);
+
+    // Ground truth: node1's conntrack table, every connection to the ClusterIP.
+    let node1 = c.node(1).unwrap();
+    let ct = conntrack_list(node1, &["-d", "10.96.0.10"]);
+    let tcp = ct.iter().filter(|(o, _)| o.0 == 6).count();
+    let udp = ct.iter().filter(|(o, _)| o.0 == 17).count();
+    assert_eq!(
+        (tcp, udp),
+        (200, 1),
+        "conntrack -L -d 10.96.0.10 on node1: {ct:?}"
+    );
+    let want = expected(&ct);
+    assert_eq!(want.len(), 402);
+
+    let (resp, list) = translations(&bed, 1);
+    let vip: IpAddr = "10.96.0.10".parse().unwrap();
+    let got: BTreeSet<(T, T)> = list
+        .iter()
+        .filter(|(o, t, _, _)| o.3 == vip || t.1 == vip)
+        .map(|(o, t, _, _)| (*o, *t))
+        .collect();
+    let missing: Vec<_> = want.difference(&got).collect();
+    let extra: Vec<_> = got.difference(&want).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "flowtrace vs conntrack: {} missing {missing:?}, {} extra {extra:?}",
+        missing.len(),
+        extra.len()
+    );
+    // Every one was seen by the kernel programs themselves and confirmed by conntrack.
+    for (o, t, state, source) in list.iter().filter(|(o, t, _, _)| want.contains(&(*o, *t))) {
+        assert_eq!(
+            (*state, source.as_str()),
+            (NatState::Confirmed, "kernel+conntrack"),
+            "{o:?} -> {t:?}"
+        );
+    }
+    assert_eq!(resp.disagreements, 0, "{:?}", resp.counters);
+
+    // The flows carry their translation: the client's flow to the VIP names its backend.
+    let flows = bed.agent(1).flows().unwrap();
+    let (o, r) = ct.iter().find(|(o, _)| o.0 == 6).unwrap();
+    let f = flows
+        .iter()
+        .find(|f| f.src == o.1 && f.src_port == o.2 && f.dst == vip && f.dst_port == 80)
+        .expect("the client's flow to the VIP");
+    let nat = f
+        .nat
+        .as_ref()
+        .expect("a translation on the flow to the VIP");
+    assert_eq!(view(&nat.translated), rev(*r));
+    assert_eq!(nat.rewrote, "dst");
+    let between = nat.between.as_ref().expect("the hooks around the rewrite");
+    assert_eq!(between[0].interface, a1.host_veth);
+    drop(bed);
+}
+
+#[test]
+fn nodeport_from_a_node_is_completed_from_conntrack() {
+    let bed = Bed::up();
+    let c = &bed.cluster;
+    let backends = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()];
+    let sink_args = [
+        "tcp-sink",
+        "--bind",
+        "0.0.0.0:8080",
+        "--connections",
+        "20",
+        "--timeout-ms",
+        "30000",
+        "--idle-timeout-ms",
+        "2000",
+        "--echo-bytes",
+        "10",
+    ];
+    let sinks: Vec<_> = backends
+        .iter()
+        .map(|p| ftgen_bg(p, &sink_args).unwrap())
+        .collect();
+    let (node1, node2) = (c.node(1).unwrap(), c.node(2).unwrap());
+    let to = format!("{}:30080", node2.underlay_ip);
+    let bin = ftgen_bin().unwrap().to_string_lossy().to_string();
+    // The client is node1 itself (its namespace), as `curl node2:30080` on a node would be.
+    let out = node1
+        .exec(&[
+            bin.as_str(),
+            "tcp-send",
+            "--to",
+            &to,
+            "--bytes",
+            "100",
+            "--connections",
+            "20",
+        ])
+        .unwrap();
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sent["received_bytes"], 20 * 10, "{sent}");
+    let got: u64 = sinks
+        .into_iter()
+        .map(|s| finish(s).unwrap()["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(got, 20);
+
+    // node2 translated (DNAT to a backend + masquerade): its conntrack is the ground truth.
+    let ct = conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]);
+    assert_eq!(ct.len(), 20, "conntrack on node2: {ct:?}");
+    let want = expected(&ct);
+    let (resp, list) = translations(&bed, 2);
+    let got: BTreeSet<(T, T)> = list
+        .iter()
+        .filter(|(o, t, _, _)| want.contains(&(*o, *t)))
+        .map(|(o, t, _, _)| (*o, *t))
+        .collect();
+    let missing: Vec<_> = want.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "{} NodePort rewrites missing: {missing:?}",
+        missing.len()
+    );
+    // The packets before DNAT arrive on node2's uplink, which flowtrace does not trace by
+    // default, so these come from conntrack, and say so.
+    for (o, t, state, source) in list.iter().filter(|(o, t, _, _)| want.contains(&(*o, *t))) {
+        assert_eq!(
+            (*state, source.as_str()),
+            (NatState::ConntrackOnly, "conntrack"),
+            "{o:?} -> {t:?}"
+        );
+    }
+    assert!(resp.counters.conntrack_only >= 40, "{:?}", resp.counters);
+    assert_eq!(resp.disagreements, 0, "{:?}", resp.counters);
+    drop(bed);
+}
