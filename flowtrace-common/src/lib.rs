@@ -91,6 +91,23 @@ pub struct FlowKey {
     pub _pad: u8,
 }
 
+/// Non-zero when the first `M` words of `a` and `b` differ: XORs folded with OR, spelled out
+/// as a fixed-count loop LLVM unrolls. A derived `==` or an array compare lowers to a
+/// byte-by-byte `memcmp` loop in BPF, which costs more than the rest of the hot path.
+#[inline(always)]
+pub fn words_differ<const M: usize, const N: usize, const K: usize>(
+    a: &[u32; N],
+    b: &[u32; K],
+) -> u32 {
+    let mut d = 0;
+    let mut i = 0;
+    while i < M && i < N && i < K {
+        d |= a[i] ^ b[i];
+        i += 1;
+    }
+    d
+}
+
 /// A 5-tuple without the hop: what a NAT rewrite changes. Same conventions as `FlowKey`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -119,35 +136,14 @@ impl Tuple {
     /// Word-wise equality (see `FlowKey::same_as`).
     #[inline(always)]
     pub fn same_as(&self, other: &Tuple) -> bool {
-        let (a, b) = (self.words(), other.words());
-        ((a[0] ^ b[0])
-            | (a[1] ^ b[1])
-            | (a[2] ^ b[2])
-            | (a[3] ^ b[3])
-            | (a[4] ^ b[4])
-            | (a[5] ^ b[5])
-            | (a[6] ^ b[6])
-            | (a[7] ^ b[7])
-            | (a[8] ^ b[8])
-            | (a[9] ^ b[9]))
-            == 0
+        words_differ::<10, 10, 10>(&self.words(), &other.words()) == 0
     }
 
     /// Whether this is `key`'s tuple, compared in place (no copy of either).
     #[inline(always)]
     pub fn same_as_key(&self, key: &FlowKey) -> bool {
-        let (a, b) = (self.words(), key.words());
         // Words 0-8: addresses and ports, same layout in both. Then version and protocol.
-        ((a[0] ^ b[0])
-            | (a[1] ^ b[1])
-            | (a[2] ^ b[2])
-            | (a[3] ^ b[3])
-            | (a[4] ^ b[4])
-            | (a[5] ^ b[5])
-            | (a[6] ^ b[6])
-            | (a[7] ^ b[7])
-            | (a[8] ^ b[8]))
-            == 0
+        words_differ::<9, 10, 11>(&self.words(), &key.words()) == 0
             && self.ip_version == key.ip_version
             && self.protocol == key.protocol
     }
@@ -330,23 +326,10 @@ impl FlowKey {
         }
     }
 
-    /// Word-wise equality, spelled out: a derived `==` or an array compare lowers to a
-    /// byte-by-byte `memcmp` loop in BPF, which costs more than the rest of the hot path.
+    /// Word-wise equality (see `words_differ`).
     #[inline(always)]
     pub fn same_as(&self, other: &FlowKey) -> bool {
-        let (a, b) = (self.words(), other.words());
-        ((a[0] ^ b[0])
-            | (a[1] ^ b[1])
-            | (a[2] ^ b[2])
-            | (a[3] ^ b[3])
-            | (a[4] ^ b[4])
-            | (a[5] ^ b[5])
-            | (a[6] ^ b[6])
-            | (a[7] ^ b[7])
-            | (a[8] ^ b[8])
-            | (a[9] ^ b[9])
-            | (a[10] ^ b[10]))
-            == 0
+        words_differ::<11, 11, 11>(&self.words(), &other.words()) == 0
     }
 
     /// The key as 11 native-endian words, for cheap hashing and comparison.

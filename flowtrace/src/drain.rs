@@ -74,6 +74,44 @@ pub struct Drainer {
     grace: Duration,
 }
 
+/// Reads and deletes every entry of an idle per-CPU hash buffer. Read, then delete, then
+/// hand out: if either step fails the entry stays in the buffer and is drained the next time
+/// this buffer is idle, never lost nor counted twice.
+fn take_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    name: &'static str,
+    problems: &mut Vec<Error>,
+) -> Vec<(K, PerCpuValues<V>)> {
+    let mut keys = Vec::new();
+    for key in map.keys() {
+        match key {
+            Ok(k) => keys.push(k),
+            Err(e) => {
+                problems.push(map_io(name)(e));
+                break;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let per_cpu = match map.get(&key, 0) {
+            Ok(v) => v,
+            // Deleted under us cannot happen (we are the only deleter); skip defensively.
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => {
+                problems.push(map_io(name)(e));
+                continue;
+            }
+        };
+        if let Err(e) = map.remove(&key) {
+            problems.push(map_io(name)(e));
+            continue;
+        }
+        out.push((key, per_cpu));
+    }
+    out
+}
+
 /// The error for a failed operation on map `map`.
 fn map_io<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> Error {
     move |e| Error::MapIo {
@@ -124,34 +162,8 @@ impl Drainer {
         let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();
         let mut problems = Vec::new();
         self.drain_cache(old, &mut merged, &mut problems);
-        let map = &mut self.buffers[old as usize];
         let name = if old == 0 { "FLOWS_0" } else { "FLOWS_1" };
-        let mut keys = Vec::new();
-        for key in map.keys() {
-            match key {
-                Ok(k) => keys.push(k),
-                Err(e) => {
-                    problems.push(map_io(name)(e));
-                    break;
-                }
-            }
-        }
-        for key in keys {
-            // Read, then delete, then count: if either step fails the entry stays in the
-            // buffer and is drained next time this buffer is idle, never lost nor counted twice.
-            let per_cpu = match map.get(&key, 0) {
-                Ok(v) => v,
-                // Deleted under us cannot happen (we are the only deleter); skip defensively.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => {
-                    problems.push(map_io(name)(e));
-                    continue;
-                }
-            };
-            if let Err(e) = map.remove(&key) {
-                problems.push(map_io(name)(e));
-                continue;
-            }
+        for (key, per_cpu) in take_all(&mut self.buffers[old as usize], name, &mut problems) {
             let stats = merged.entry(key).or_default();
             for cpu in per_cpu.iter() {
                 stats.merge(cpu);
@@ -171,32 +183,9 @@ impl Drainer {
 
     /// Reads and clears the idle NAT buffer, key by key like the flow buffer.
     fn drain_nat(&mut self, half: u32, problems: &mut Vec<Error>) -> Vec<DrainedNat> {
-        let map = &mut self.nat[half as usize];
         let name = if half == 0 { "NAT_0" } else { "NAT_1" };
-        let mut keys = Vec::new();
-        for key in map.keys() {
-            match key {
-                Ok(k) => keys.push(k),
-                Err(e) => {
-                    problems.push(map_io(name)(e));
-                    break;
-                }
-            }
-        }
-        let mut out = Vec::with_capacity(keys.len());
-        for original in keys {
-            let per_cpu = match map.get(&original, 0) {
-                Ok(v) => v,
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => {
-                    problems.push(map_io(name)(e));
-                    continue;
-                }
-            };
-            if let Err(e) = map.remove(&original) {
-                problems.push(map_io(name)(e));
-                continue;
-            }
+        let mut out = Vec::new();
+        for (original, per_cpu) in take_all(&mut self.nat[half as usize], name, problems) {
             let mut record = NatRecord::default();
             for cpu in per_cpu.iter() {
                 merge_nat(&mut record, cpu);

@@ -95,6 +95,53 @@ pub fn run() -> Result<()> {
     println!("\nSummary (what each node's agent saw, per traffic kind):");
     print!("{}", summarize(&cluster, &results, &per_node)?);
 
+    println!(
+        "\nService NAT (GET /v1/nat: rewrites the kernel programs saw, checked against conntrack):"
+    );
+    let mut disagreements = 0;
+    for (node, agent) in cluster.nodes.iter().zip(&agents) {
+        let nat: flowtrace::api::NatResponse = agent
+            .get("/v1/nat")
+            .with_context(|| format!("reading NAT translations from the agent in {}", node.name))?;
+        let c = nat.counters;
+        println!(
+            "  {}: {} translation(s); confirmed {}, from conntrack only {}, disagreements {} (mismatch {}, not in conntrack {}, missed {})",
+            node.name,
+            nat.translations.len(),
+            c.confirmed,
+            c.conntrack_only,
+            nat.disagreements,
+            c.mismatch,
+            c.not_in_conntrack,
+            c.missed
+        );
+        disagreements += nat.disagreements;
+        for t in nat.translations.iter().take(4) {
+            let (o, x) = (&t.original, &t.translated);
+            println!(
+                "    {}:{} -> {}:{}  =>  {}:{} -> {}:{}  ({:?}, {})",
+                o.src,
+                o.src_port,
+                o.dst,
+                o.dst_port,
+                x.src,
+                x.src_port,
+                x.dst,
+                x.dst_port,
+                t.state,
+                t.source
+            );
+        }
+        if nat.translations.len() > 4 {
+            println!("    ... ({} more)", nat.translations.len() - 4);
+        }
+    }
+    if disagreements > 0 {
+        anyhow::bail!(
+            "flowtrace and conntrack disagree on {disagreements} NAT translation(s): see above"
+        );
+    }
+
     for agent in agents {
         let ns = agent.netns.clone();
         agent
