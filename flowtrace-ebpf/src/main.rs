@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flowtrace_common::{
-    parse::{packet_id, parse_frame, PacketInfo},
+    parse::{packet_id, parse_frame, PacketInfo, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     CacheSlot, Counter, FlowKey, FlowStats, NatRecord, Sighting, Tuple, CACHE_SLOTS,
     CONTROL_ACTIVE_BUFFER, CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_NAT_ENTRIES,
     DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS, SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS,
@@ -178,6 +178,11 @@ fn record(
 /// Then this sighting replaces the slot's. Out of line: it runs on cache misses only.
 #[inline(never)]
 fn sight(ctx: &TcContext, info: &PacketInfo, key: &FlowKey, now: u64, active: u32) {
+    // Only what Services carry. ICMP has too little per-packet identity: neighbour
+    // solicitations and advertisements for one target, for instance, look alike.
+    if !matches!(key.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return;
+    }
     let id = packet_id(&DirectPacket::new(ctx), info);
     let Some(s) = SIGHTINGS.get_ptr_mut(id.slot()) else {
         return;

@@ -17,8 +17,8 @@
 //! - `missed`: both tuples crossed traced hooks but the programs recorded no rewrite, two
 //!   checks in a row (a disagreement: e.g. the hooks ran on different CPUs).
 //!
-//! ICMP translations are kept as the programs saw them and not checked (conntrack's ICMP
-//! identifiers are not ports).
+//! Only TCP, UDP and SCTP are recorded and checked, what Services carry (ICMP packets have too
+//! little per-packet identity to pair reliably, and conntrack's ICMP identifiers are not ports).
 
 use std::collections::HashMap;
 
@@ -41,8 +41,6 @@ pub enum NatState {
     NotInConntrack,
     ConntrackOnly,
     Missed,
-    /// ICMP: not comparable with conntrack.
-    Unchecked,
 }
 
 /// Counters of the cross-check, for the API and metrics.
@@ -170,17 +168,12 @@ impl NatTable {
                 hop(d.record.to_ifindex, d.record.to_direction),
             ));
             self.counters.kernel_records += 1;
-            let icmp = crate::flows::is_icmp(original.protocol);
             let e = self.entries.entry(original).or_insert_with(|| NatEntry {
                 translated,
                 hops,
                 kernel_sightings: 0,
                 conntrack: None,
-                state: if icmp {
-                    NatState::Unchecked
-                } else {
-                    NatState::Pending
-                },
+                state: NatState::Pending,
                 undecided_checks: 0,
                 last_seen_ns: now_ns,
             });
