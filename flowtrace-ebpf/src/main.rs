@@ -59,6 +59,9 @@ static NAT_1: PerCpuHashMap<Tuple, NatRecord> =
 #[map]
 static SIGHTINGS: PerCpuArray<Sighting> = PerCpuArray::with_max_entries(SIGHTING_SLOTS, 0);
 
+/// The SYN bit of the TCP flags byte.
+const TCP_SYN: u8 = 0x02;
+
 /// Per-CPU counters indexed by `Counter`: packets seen and every way an update was lost.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -158,6 +161,11 @@ fn record(
         if (*slot).valid != 0 {
             if (*slot).key.same_as(&key) {
                 merge_into(&mut (*slot).stats, &packet);
+                // A SYN is sighted even on a hit: a SYN retransmitted after a loss past this
+                // hook is the connection's only other chance to show its rewrite.
+                if info.tcp_flags & TCP_SYN != 0 {
+                    sight(ctx, info, &key, now, active);
+                }
                 return;
             }
             // Another flow owns the slot: move its counters to the map, then take the slot.
