@@ -6,14 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use flowtrace_tests::{list_netns, sweep_stale, ChildGuard, Cluster, ClusterOptions, Pod};
 use serde_json::Value;
-
-const FTGEN: &str = env!("CARGO_BIN_EXE_ftgen");
 
 fn up() -> Cluster {
     assert!(
@@ -33,55 +29,18 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "ftgen printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-/// `ftgen <args>` inside `pod`, waited for.
+/// `ftgen <args>` inside `pod`, waited for (the library's helper, failing the test on error).
 fn ftgen(pod: &Pod, args: &[&str]) -> Value {
-    let mut argv = vec![FTGEN];
-    argv.extend_from_slice(args);
-    json(&pod.exec(&argv).unwrap())
+    flowtrace_tests::ftgen(pod, args).unwrap()
 }
 
-/// `ftgen <args> --ready-file F` started in `pod`; returns once the socket is bound.
+/// `ftgen <args>` started in `pod`; returns once its socket is bound.
 fn ftgen_bg(pod: &Pod, args: &[&str]) -> ChildGuard {
-    let ready = ready_file(pod, args[0]);
-    let _ = std::fs::remove_file(&ready);
-    let ready_s = ready.to_string_lossy().to_string();
-    let mut argv = vec![FTGEN];
-    argv.extend_from_slice(args);
-    argv.extend_from_slice(&["--ready-file", &ready_s]);
-    let mut guard = pod.spawn_guarded(&argv).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !ready.exists() {
-        assert!(
-            !guard.has_exited(),
-            "ftgen {args:?} in {} exited before becoming ready",
-            pod.netns
-        );
-        assert!(
-            Instant::now() < deadline,
-            "ftgen {args:?} in {} never became ready",
-            pod.netns
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = std::fs::remove_file(&ready);
-    guard
-}
-
-fn ready_file(pod: &Pod, what: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{}-{what}.ready", pod.netns))
+    flowtrace_tests::ftgen_bg(pod, args).unwrap()
 }
 
 fn finish(guard: ChildGuard) -> Value {
-    json(&guard.wait_output(Duration::from_secs(30)).unwrap())
+    flowtrace_tests::finish(guard).unwrap()
 }
 
 fn ping(from: &Pod, to: IpAddr) {
