@@ -170,7 +170,7 @@ impl Tuple {
 /// What identifies one packet across the hooks of a node, built only from fields NAT does
 /// not rewrite: the IPv4 identification (IPv6: flow label), the IP length and protocol, and
 /// two transport words (TCP: sequence and acknowledgement numbers; UDP: the first 8 payload
-/// bytes; ICMP echo: sequence number and the first 4 payload bytes; SCTP: verification tag).
+/// bytes; SCTP: verification tag).
 /// Addresses, ports and checksums are left out because NAT changes them.
 ///
 /// Two packets of one flow can share an id (e.g. UDP datagrams with equal payload starts and

@@ -357,7 +357,8 @@ fn parse_l4<P: Packet + ?Sized>(
     Ok(())
 }
 
-/// The NAT-invariant identity of a parsed packet (see `crate::PacketId`). Reads a few words
+/// The NAT-invariant identity of a parsed TCP, UDP or SCTP packet (see `crate::PacketId`;
+/// the kernel programs sight no other protocol, so other packets get only the IP part). Reads a few words
 /// past the headers `parse_frame` checked; a word that is not in the frame counts as 0.
 #[inline(always)]
 pub fn packet_id<P: Packet + ?Sized>(pkt: &P, info: &PacketInfo) -> crate::PacketId {
@@ -377,7 +378,6 @@ pub fn packet_id<P: Packet + ?Sized>(pkt: &P, info: &PacketInfo) -> crate::Packe
     let (l4_a, l4_b) = match info.protocol {
         IPPROTO_TCP => (word(l4 + 4), word(l4 + 8)),
         IPPROTO_UDP => (word(l4 + 8), word(l4 + 12)),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => (pkt.be16_at(l4 + 6).unwrap_or(0) as u32, word(l4 + 8)),
         IPPROTO_SCTP => (word(l4 + 4), 0),
         _ => (0, 0),
     };
