@@ -53,7 +53,6 @@ pub struct Shared {
     pub nat: Mutex<NatTable>,
     /// Whether to cross-check with conntrack after each drain.
     pub conntrack: bool,
-    flow_idle_ns: u64,
     /// Every link seen in this namespace, by ifindex (kept after removal so drained
     /// counters of a vanished interface still carry its name).
     pub links: Mutex<HashMap<u32, Link>>,
@@ -118,7 +117,7 @@ impl Shared {
                 }
             }
         }
-        lock(&self.nat).expire(now, self.flow_idle_ns);
+        lock(&self.nat).expire(now);
         self.drains.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -177,9 +176,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             cfg.max_flows,
             cfg.flow_idle_timeout.as_nanos() as u64,
         )),
-        nat: Mutex::new(NatTable::default()),
+        nat: Mutex::new(NatTable::new(cfg.flow_idle_timeout.as_nanos() as u64)),
         conntrack: cfg.conntrack,
-        flow_idle_ns: cfg.flow_idle_timeout.as_nanos() as u64,
         links: Mutex::new(HashMap::new()),
         attach_mode: mode,
         program_ids,

@@ -83,10 +83,11 @@ struct NatEntry {
 }
 
 /// All translations of one agent, by the tuple before the rewrite.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NatTable {
     entries: HashMap<FlowTuple, NatEntry>,
     counters: NatCounters,
+    idle_timeout_ns: u64,
 }
 
 /// One translation as the API serves it.
@@ -146,6 +147,16 @@ fn hop(ifindex: u32, direction: u8) -> Hop {
 }
 
 impl NatTable {
+    /// An empty table whose translations are forgotten after `idle_timeout_ns` without news
+    /// from either source (the agent uses the flows' idle timeout).
+    pub fn new(idle_timeout_ns: u64) -> Self {
+        Self {
+            entries: HashMap::new(),
+            counters: NatCounters::default(),
+            idle_timeout_ns,
+        }
+    }
+
     pub fn counters(&self) -> NatCounters {
         self.counters
     }
@@ -276,10 +287,11 @@ impl NatTable {
         self.counters.conntrack_errors += 1;
     }
 
-    /// Forgets translations neither source reported for `idle_ns`.
-    pub fn expire(&mut self, now_ns: u64, idle_ns: u64) {
+    /// Forgets translations neither source reported for the idle timeout.
+    pub fn expire(&mut self, now_ns: u64) {
+        let idle = self.idle_timeout_ns;
         self.entries
-            .retain(|_, e| now_ns.saturating_sub(e.last_seen_ns) <= idle_ns);
+            .retain(|_, e| now_ns.saturating_sub(e.last_seen_ns) <= idle);
     }
 
     /// Every translation, ordered by original tuple.

@@ -80,7 +80,7 @@ fn conntrack_entry_rewrites_both_directions() {
 fn kernel_records_confirmed_by_conntrack() {
     let (ct, _, _) = service_conn();
     let [fwd, back] = ct.rewrites();
-    let mut t = NatTable::default();
+    let mut t = NatTable::new(u64::MAX);
     t.merge_kernel(&[drained(&fwd.0, &fwd.1), drained(&back.0, &back.1)], 1);
     t.cross_check(&[ct], &|_| true, 2);
     let c = t.counters();
@@ -103,7 +103,7 @@ fn kernel_records_confirmed_by_conntrack() {
 fn disagreements_are_counted() {
     let (ct, _, _) = service_conn();
     let [fwd, back] = ct.rewrites();
-    let mut t = NatTable::default();
+    let mut t = NatTable::new(u64::MAX);
     // The programs saw a different backend than conntrack chose.
     let wrong = ft("10.244.1.2", 40000, "10.244.1.9", 8080);
     t.merge_kernel(&[drained(&fwd.0, &wrong)], 1);
@@ -135,7 +135,7 @@ fn untraced_pre_nat_side_is_completed_from_conntrack() {
     let reply = ft("10.244.2.3", 8080, "10.244.2.1", 61000);
     let ct = CtEntry { orig, reply };
     let post = reply.reversed();
-    let mut t = NatTable::default();
+    let mut t = NatTable::new(u64::MAX);
     t.cross_check(&[ct], &|x| *x == post || *x == reply, 1);
     let c = t.counters();
     assert_eq!((c.conntrack_only, c.disagreements()), (2, 0));
@@ -146,7 +146,7 @@ fn untraced_pre_nat_side_is_completed_from_conntrack() {
     );
     assert_eq!(t.by_translated().get(&post), Some(&orig));
     // Connections flowtrace never saw are ignored.
-    let mut t = NatTable::default();
+    let mut t = NatTable::new(u64::MAX);
     t.cross_check(&[ct], &|_| false, 1);
     assert!(t.is_empty());
 }
