@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
     },
     time::Duration,
 };
@@ -22,6 +22,10 @@ use crate::{
     drain::Drainer,
     error::{Error, Result},
     flows::FlowTable,
+    k8s::{
+        source::{self, Backoff, MetaSource, MetaStatus, Sink},
+        Kind, MetaCache,
+    },
     links::{self, Link, LinkEvent, Selector},
     nat::NatTable,
 };
@@ -41,6 +45,10 @@ pub struct AgentConfig {
     pub selector: Selector,
     /// Node name reported by the API; the hostname when `None`.
     pub node_name: Option<String>,
+    /// Where pod, Service and node names come from.
+    pub metadata: MetaSource,
+    /// Longest wait between attempts to reach the API server again.
+    pub metadata_backoff_max: Duration,
 }
 
 /// State shared by the agent's tasks and the API.
@@ -64,6 +72,9 @@ pub struct Shared {
     pub drains: AtomicU64,
     pub drain_errors: AtomicU64,
     pub node: String,
+    /// Kubernetes metadata (written by the source tasks, read by the drain and the API).
+    pub meta: Arc<RwLock<MetaCache>>,
+    pub meta_status: Arc<Mutex<MetaStatus>>,
 }
 
 /// Locks a std mutex, recovering from poisoning (a panicked holder leaves data that is
@@ -73,6 +84,11 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Reads the metadata cache (lock order: links, meta, table, nat).
+    pub fn meta_read(&self) -> std::sync::RwLockReadGuard<'_, MetaCache> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Drains the kernel buffers into the flow table now.
     pub async fn drain_now(&self) -> Result<()> {
         let drained = {
@@ -94,8 +110,13 @@ impl Shared {
         let now = monotonic_ns();
         {
             let links = lock(&self.links);
+            let meta = self.meta_read();
             let mut table = lock(&self.table);
-            table.merge(&drained.flows, &|i| links.get(&i).map(|l| l.name.clone()));
+            table.merge(
+                &drained.flows,
+                &|i| links.get(&i).map(|l| l.name.clone()),
+                &|ip| meta.resolve(ip),
+            );
             table.expire(now);
             lock(&self.nat).merge_kernel(&drained.nat, now);
         }
@@ -162,7 +183,42 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// Checks the metadata source before anything is attached (a kubeconfig that cannot be
+/// read or a malformed metadata file stops the agent with the reason), and returns what
+/// the source tasks need.
+async fn prepare_metadata(cfg: &AgentConfig) -> Result<(Sink, MetadataStart)> {
+    let kinds: &[Kind] = match cfg.metadata {
+        MetaSource::None => &[],
+        _ => &Kind::ALL,
+    };
+    let sink = Sink {
+        cache: Arc::new(RwLock::new(MetaCache::new())),
+        status: Arc::new(Mutex::new(MetaStatus::new(&cfg.metadata, kinds))),
+    };
+    let start = match &cfg.metadata {
+        MetaSource::None => {
+            info!("no Kubernetes metadata source (--kubeconfig, KUBECONFIG, in-cluster or --metadata-file): flows carry addresses only");
+            MetadataStart::Nothing
+        }
+        MetaSource::File(path) => {
+            let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            let (cache, skipped) = source::load_file(path)?;
+            source::install(&sink, cache, &skipped);
+            MetadataStart::File(path.clone(), mtime)
+        }
+        api => MetadataStart::Api(source::client(api).await?),
+    };
+    Ok((sink, start))
+}
+
+enum MetadataStart {
+    Nothing,
+    File(std::path::PathBuf, Option<std::time::SystemTime>),
+    Api(kube::Client),
+}
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let (sink, meta_start) = prepare_metadata(&cfg).await?;
     let mut ebpf = attach::load(cfg.flow_entries, cfg.nat_entries)?;
     let drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
     let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
@@ -186,7 +242,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         drains: AtomicU64::new(0),
         drain_errors: AtomicU64::new(0),
         node: cfg.node_name.clone().unwrap_or_else(hostname),
+        meta: sink.cache.clone(),
+        meta_status: sink.status.clone(),
     });
+    let meta_tasks = match meta_start {
+        MetadataStart::Nothing => Vec::new(),
+        MetadataStart::File(path, mtime) => {
+            vec![tokio::spawn(source::follow_file(path, sink, mtime))]
+        }
+        MetadataStart::Api(client) => source::spawn_watches(
+            client,
+            sink,
+            Backoff {
+                max: cfg.metadata_backoff_max,
+            },
+        ),
+    };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -222,6 +293,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     link_task.abort();
     drain_task.abort();
     api_task.abort();
+    for t in &meta_tasks {
+        t.abort();
+    }
     let clsact_to_remove = shared.attacher.lock().await.detach_all();
     for ifindex in clsact_to_remove {
         if let Err(e) = links::delete_clsact(ifindex).await {

@@ -1,10 +1,13 @@
 //! The agent's HTTP API (JSON). Documented in docs/api.md.
 //!
-//! - `GET /v1/flows[?ip=&port=&proto=&iface=]`: the flow table, drained fresh for the request.
+//! - `GET /v1/flows[?ip=&port=&proto=&iface=&pod=&namespace=&workload=&service=]`: the flow
+//!   table, drained fresh for the request, with names and Service translations.
 //! - `GET /v1/interfaces`: what flowtrace is attached to.
 //! - `GET /v1/nat`: NAT translations (kernel programs vs conntrack) and the cross-check counters.
+//! - `GET /v1/metadata`: where names come from and whether each kind is synced.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
-//! - `GET /healthz`: liveness. `GET /readyz`: 200 once the interfaces present at start are attached.
+//! - `GET /healthz`: liveness. `GET /readyz`: 200 once the interfaces present at start are
+//!   attached and metadata (if any source is configured) is synced.
 
 use std::sync::{atomic::Ordering, Arc};
 
@@ -21,8 +24,10 @@ use tracing::error;
 
 use crate::{
     agent::{lock, mono_to_unix_offset_ns, Shared},
-    filter::{parse_iface, parse_port, FlowFilter},
+    filter::{parse_iface, parse_namespace, parse_object, parse_port, FlowFilter},
     flows::{FlowRecord, FlowTuple},
+    k8s::{source::KindStatus, MetaCache},
+    nat::Translation,
 };
 
 /// Body of `GET /v1/flows`.
@@ -74,6 +79,20 @@ pub struct StatsResponse {
     pub nat: crate::nat::NatCounters,
 }
 
+/// Body of `GET /v1/metadata`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetadataResponse {
+    /// `none`, `in-cluster`, `kubeconfig PATH` or `file PATH`.
+    pub source: String,
+    /// Every followed kind is synced (always true with no source).
+    pub synced: bool,
+    pub kinds: std::collections::BTreeMap<String, KindStatus>,
+    /// Objects held, by kind.
+    pub objects: std::collections::BTreeMap<String, usize>,
+    /// Objects skipped because a field was missing or malformed, by kind.
+    pub skipped: std::collections::BTreeMap<String, u64>,
+}
+
 /// Body of `GET /v1/nat`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NatResponse {
@@ -101,6 +120,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/interfaces", get(interfaces))
         .route("/v1/nat", get(nat))
         .route("/v1/stats", get(stats))
+        .route("/v1/metadata", get(metadata))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(shared)
@@ -112,8 +132,9 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Parses the query of `/v1/flows`: `ip`, `port`, `proto`, `iface`, each repeatable and
-/// comma-separated. Anything else is an error rather than silently unfiltered output.
+/// Parses the query of `/v1/flows`: `ip`, `port`, `proto`, `iface`, `pod`, `namespace`,
+/// `workload`, `service`, each repeatable and comma-separated. Anything else is an error
+/// rather than silently unfiltered output.
 fn parse_query(query: &str) -> crate::error::Result<FlowFilter> {
     let mut f = FlowFilter::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -125,13 +146,17 @@ fn parse_query(query: &str) -> crate::error::Result<FlowFilter> {
                 "port" => f.ports.push(parse_port(v)?),
                 "proto" => f.protos.push(v.parse()?),
                 "iface" => f.ifaces.push(parse_iface(v)?),
-                other => {
-                    return Err(crate::error::Error::Filter {
-                        flag: "query parameter",
-                        value: other.to_string(),
-                        reason: "unknown; use ip, port, proto or iface".into(),
-                    })
-                }
+                "pod" => f.pods.push(parse_object("--pod", v)?),
+                "namespace" => f.namespaces.push(parse_namespace(v)?),
+                "workload" => f.workloads.push(parse_object("--workload", v)?),
+                "service" => f.services.push(parse_object("--service", v)?),
+                other => return Err(crate::error::Error::Filter {
+                    flag: "query parameter",
+                    value: other.to_string(),
+                    reason:
+                        "unknown; use ip, port, proto, iface, pod, namespace, workload or service"
+                            .into(),
+                }),
             }
         }
     }
@@ -171,17 +196,18 @@ async fn flows(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> 
         Ok(f) => f,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if let Err((status, msg)) = check_names(&shared, &filter) {
+        return error_response(status, msg);
+    }
     if let Err(e) = shared.drain_now().await {
         return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
-    let mut flows: Vec<FlowRecord> = lock(&shared.table)
-        .snapshot(mono_to_unix_offset_ns())
-        .into_iter()
-        .filter(|f| filter.matches(f))
-        .collect();
+    let names = shared.iface_names();
+    let names = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
+    let meta = shared.meta_read();
+    let mut flows: Vec<FlowRecord> =
+        lock(&shared.table).snapshot(mono_to_unix_offset_ns(), &|ip| meta.resolve(ip));
     {
-        let names = shared.iface_names();
-        let names = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
         let nat = lock(&shared.nat);
         let by_translated = nat.by_translated();
         for f in &mut flows {
@@ -194,13 +220,110 @@ async fn flows(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> 
             };
             let original = by_translated.get(&t).copied().unwrap_or(t);
             f.nat = nat.get(&original, &names);
+            if let Some(n) = f.nat.as_mut() {
+                name_translation(n, &meta);
+            }
+            f.service = meta
+                .service_at(&f.dst, f.dst_port, f.protocol_number)
+                .or_else(|| meta.service_at(&f.src, f.src_port, f.protocol_number))
+                .or_else(|| f.nat.as_ref().and_then(|n| n.service.clone()));
         }
     }
+    drop(meta);
+    flows.retain(|f| filter.matches(f));
     Json(FlowsResponse {
         node: shared.node.clone(),
         flows,
     })
     .into_response()
+}
+
+/// The Service a translation is for: the original destination of a DNAT (client to
+/// VIP), or the translated source of the reply's un-DNAT (VIP back to the client).
+fn name_translation(t: &mut Translation, meta: &MetaCache) {
+    let (o, x) = (&t.original, &t.translated);
+    t.service = meta
+        .service_at(&o.dst, o.dst_port, o.protocol)
+        .or_else(|| meta.service_at(&x.src, x.src_port, x.protocol));
+}
+
+/// Name filters must name objects that exist; without metadata they cannot be checked.
+fn check_names(shared: &Shared, f: &FlowFilter) -> Result<(), (StatusCode, String)> {
+    if !f.has_names() {
+        return Ok(());
+    }
+    let status = lock(&shared.meta_status);
+    if status.source == "none" {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "pod, namespace, workload and service filters need Kubernetes metadata; start the agent with --kubeconfig, in-cluster credentials or --metadata-file".into(),
+        ));
+    }
+    let synced = status.synced();
+    drop(status);
+    let meta = shared.meta_read();
+    let missing = |what: &str, name: &str| {
+        let hint = if synced {
+            String::new()
+        } else {
+            " (metadata is not synced yet, see /v1/metadata; retry shortly)".into()
+        };
+        Err((
+            StatusCode::NOT_FOUND,
+            format!("{what} {name} does not exist in the agent's metadata{hint}"),
+        ))
+    };
+    for p in &f.pods {
+        if !meta.has_pod(&p.namespace, &p.name) {
+            return missing("pod", &p.to_string());
+        }
+    }
+    for n in &f.namespaces {
+        if !meta.has_namespace(n) {
+            return missing("namespace (no pod or Service in it)", n);
+        }
+    }
+    for w in &f.workloads {
+        if !meta.has_workload(&w.namespace, &w.name) {
+            return missing("workload (no pod of it)", &w.to_string());
+        }
+    }
+    for s in &f.services {
+        if !meta.has_service(&s.namespace, &s.name) {
+            return missing("service", &s.to_string());
+        }
+    }
+    Ok(())
+}
+
+async fn metadata(State(shared): State<Arc<Shared>>) -> Json<MetadataResponse> {
+    let (source, synced, kinds) = {
+        let s = lock(&shared.meta_status);
+        (
+            s.source.clone(),
+            s.synced(),
+            s.kinds
+                .iter()
+                .map(|(k, v)| (k.name().to_string(), v.clone()))
+                .collect(),
+        )
+    };
+    let meta = shared.meta_read();
+    Json(MetadataResponse {
+        source,
+        synced,
+        kinds,
+        objects: meta
+            .counts()
+            .into_iter()
+            .map(|(k, n)| (k.name().to_string(), n))
+            .collect(),
+        skipped: meta
+            .skipped()
+            .iter()
+            .map(|(k, n)| (k.name().to_string(), *n))
+            .collect(),
+    })
 }
 
 async fn interfaces(State(shared): State<Arc<Shared>>) -> Json<InterfacesResponse> {
@@ -265,27 +388,39 @@ async fn nat(State(shared): State<Arc<Shared>>) -> Response {
     }
     let names = shared.iface_names();
     let names = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
+    let meta = shared.meta_read();
     let nat = lock(&shared.nat);
     let counters = nat.counters();
+    let mut translations = nat.snapshot(&names);
+    drop(nat);
+    for t in &mut translations {
+        name_translation(t, &meta);
+    }
+    drop(meta);
     Json(NatResponse {
         node: shared.node.clone(),
         conntrack: shared.conntrack,
         counters,
         disagreements: counters.disagreements(),
-        translations: nat.snapshot(&names),
+        translations,
     })
     .into_response()
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.links_synced.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        error_response(
+    if !shared.links_synced.load(Ordering::Relaxed) {
+        return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "interfaces present at start are not attached yet",
-        )
+        );
     }
+    if !lock(&shared.meta_status).synced() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Kubernetes metadata is not synced (flows are counted with addresses only); see /v1/metadata",
+        );
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 #[cfg(test)]
@@ -301,7 +436,18 @@ mod tests {
         assert_eq!(f.protos.len(), 1);
         assert_eq!(f.ifaces, vec!["veth*".to_string()]);
         let e = parse_query("protocol=tcp").unwrap_err().to_string();
-        assert!(e.contains("unknown; use ip, port, proto or iface"), "{e}");
+        assert!(e.contains("unknown; use ip, port, proto, iface"), "{e}");
+        let f =
+            parse_query("pod=default%2Fpod-a&namespace=kube-system&service=default/web").unwrap();
+        assert_eq!(f.pods[0].to_string(), "default/pod-a");
+        assert_eq!(f.namespaces, vec!["kube-system".to_string()]);
+        assert_eq!(f.services[0].name, "web");
+        assert!(parse_query("pod=pod-a")
+            .unwrap_err()
+            .to_string()
+            .contains("NAMESPACE/NAME"));
+        // What the CLI sends is what the API reads.
+        assert_eq!(parse_query(&f.to_query()).unwrap().to_query(), f.to_query());
         assert!(parse_query("port=0").is_err());
         assert!(parse_query("").unwrap().ips.is_empty());
     }

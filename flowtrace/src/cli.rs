@@ -9,9 +9,15 @@ use crate::{
     flows::{is_icmp, Direction, FlowRecord},
 };
 
-/// Fetches `/v1/flows` from the agent at `base` (e.g. `http://127.0.0.1:9650`).
-pub fn fetch_flows(base: &str) -> Result<FlowsResponse> {
-    let url = format!("{}/v1/flows", base.trim_end_matches('/'));
+/// Fetches `/v1/flows` from the agent at `base` (e.g. `http://127.0.0.1:9650`); the agent
+/// applies `filter` (it alone can tell whether a named object exists).
+pub fn fetch_flows(base: &str, filter: &FlowFilter) -> Result<FlowsResponse> {
+    let query = filter.to_query();
+    let url = if query.is_empty() {
+        format!("{}/v1/flows", base.trim_end_matches('/'))
+    } else {
+        format!("{}/v1/flows?{query}", base.trim_end_matches('/'))
+    };
     let resp = ureq::get(&url)
         .timeout(std::time::Duration::from_secs(10))
         .call();
@@ -46,6 +52,31 @@ pub fn fetch_flows(base: &str) -> Result<FlowsResponse> {
             url,
             detail: e.to_string(),
         })
+}
+
+/// `ns/pod:port` (or `svc:ns/name`, `node:name`) when the address is named, the address
+/// otherwise.
+fn named_endpoint(
+    name: Option<&crate::k8s::Endpoint>,
+    addr: &std::net::IpAddr,
+    port: u16,
+    protocol: u8,
+) -> String {
+    use crate::k8s::EndpointKind;
+    let Some(e) = name else {
+        return endpoint(addr, port, protocol);
+    };
+    let who = match (e.kind, &e.namespace) {
+        (EndpointKind::Pod, Some(ns)) => format!("{ns}/{}", e.name),
+        (EndpointKind::Service, Some(ns)) => format!("svc:{ns}/{}", e.name),
+        (EndpointKind::Node, _) => format!("node:{}", e.name),
+        _ => return endpoint(addr, port, protocol),
+    };
+    if is_icmp(protocol) {
+        who
+    } else {
+        format!("{who}:{port}")
+    }
 }
 
 fn endpoint(addr: &std::net::IpAddr, port: u16, protocol: u8) -> String {
@@ -91,6 +122,11 @@ fn nat_column(f: &FlowRecord) -> String {
     } else {
         ("<=", &t.original)
     };
+    let svc = t
+        .service
+        .as_ref()
+        .map(|s| format!("svc:{}/{} ", s.namespace, s.name))
+        .unwrap_or_default();
     let p = f.protocol_number;
     let changed = match t.rewrote.as_str() {
         "src" => endpoint(&other.src, other.src_port, p),
@@ -106,9 +142,9 @@ fn nat_column(f: &FlowRecord) -> String {
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
     if state == "confirmed" {
-        format!("{arrow} {changed}")
+        format!("{svc}{arrow} {changed}")
     } else {
-        format!("{arrow} {changed} ({state})")
+        format!("{svc}{arrow} {changed} ({state})")
     }
 }
 
@@ -123,8 +159,18 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
             };
             [
                 proto,
-                endpoint(&f.src, f.src_port, f.protocol_number),
-                endpoint(&f.dst, f.dst_port, f.protocol_number),
+                named_endpoint(
+                    f.src_endpoint.as_ref(),
+                    &f.src,
+                    f.src_port,
+                    f.protocol_number,
+                ),
+                named_endpoint(
+                    f.dst_endpoint.as_ref(),
+                    &f.dst,
+                    f.dst_port,
+                    f.protocol_number,
+                ),
                 f.packets.to_string(),
                 f.bytes.to_string(),
                 nat_column(f),
@@ -170,8 +216,7 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
 
 /// Runs `flowtrace flows`.
 pub fn flows(agent: &str, filter: &FlowFilter, json: bool) -> Result<String> {
-    let mut resp = fetch_flows(agent)?;
-    resp.flows.retain(|f| filter.matches(f));
+    let resp = fetch_flows(agent, filter)?;
     if json {
         serde_json::to_string_pretty(&resp)
             .map(|s| s + "\n")
@@ -214,6 +259,9 @@ mod tests {
                 hop("veth1", Direction::Ingress),
                 hop("flannel.1", Direction::Egress),
             ],
+            src_endpoint: None,
+            dst_endpoint: None,
+            service: None,
             nat: None,
         };
         let t = render_table("node1", &[f]);

@@ -55,6 +55,8 @@ pub enum Error {
     AgentUnreachable { url: String, detail: String },
     #[error("the agent at {url} answered with something that is not flowtrace's API: {detail}")]
     AgentResponse { url: String, detail: String },
+    #[error(transparent)]
+    Metadata(#[from] crate::k8s::source::SourceError),
     #[error("invalid filter {flag} `{value}`: {reason}")]
     Filter {
         flag: &'static str,

@@ -5,11 +5,10 @@
 
 use std::{net::IpAddr, str::FromStr};
 
-use serde::{Deserialize, Serialize};
-
 use crate::{
     error::{Error, Result},
     flows::{is_icmp, FlowRecord},
+    k8s::{Endpoint, EndpointKind},
     links::glob_match,
 };
 
@@ -122,16 +121,76 @@ pub fn parse_iface(s: &str) -> Result<String> {
     Ok(s.to_string())
 }
 
+/// A namespaced object named `namespace/name` (`--pod`, `--workload`, `--service`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Kubernetes names: lowercase letters, digits, '-' and '.', at most 253 characters.
+fn valid_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// Parses `namespace/name` for the object filters.
+pub fn parse_object(flag: &'static str, s: &str) -> Result<ObjectName> {
+    let err = |reason: &str| Error::Filter {
+        flag,
+        value: s.to_string(),
+        reason: reason.to_string(),
+    };
+    let Some((ns, name)) = s.split_once('/') else {
+        return Err(err("expected NAMESPACE/NAME, such as default/frontend"));
+    };
+    if !valid_k8s_name(ns) || !valid_k8s_name(name) {
+        return Err(err(
+            "namespace and name are Kubernetes names: lowercase letters, digits, '-' and '.'",
+        ));
+    }
+    Ok(ObjectName {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    })
+}
+
+/// Checks a namespace for `--namespace`.
+pub fn parse_namespace(s: &str) -> Result<String> {
+    if valid_k8s_name(s) && !s.contains('.') {
+        Ok(s.to_string())
+    } else {
+        Err(Error::Filter {
+            flag: "--namespace",
+            value: s.to_string(),
+            reason: "namespaces are lowercase letters, digits and '-'".into(),
+        })
+    }
+}
+
 /// All filters: a flow must match every given kind, and any value within a kind.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub struct FlowFilter {
-    #[serde(skip)]
     pub ips: Vec<IpFilter>,
-    #[serde(skip)]
     pub ports: Vec<u16>,
-    #[serde(skip)]
     pub protos: Vec<ProtoFilter>,
     pub ifaces: Vec<String>,
+    /// Flows from or to these pods.
+    pub pods: Vec<ObjectName>,
+    /// Flows from or to pods or Services of these namespaces.
+    pub namespaces: Vec<String>,
+    /// Flows from or to pods of these workloads.
+    pub workloads: Vec<ObjectName>,
+    /// Flows to (or answering for) these Services, before and after the translation.
+    pub services: Vec<ObjectName>,
 }
 
 impl FlowFilter {
@@ -152,7 +211,96 @@ impl FlowFilter {
                 || f.hops
                     .iter()
                     .any(|h| self.ifaces.iter().any(|i| glob_match(i, &h.interface))))
+            && self.matches_names(f)
     }
+
+    /// Whether any name filter is given (they need the agent's metadata).
+    pub fn has_names(&self) -> bool {
+        !(self.pods.is_empty()
+            && self.namespaces.is_empty()
+            && self.workloads.is_empty()
+            && self.services.is_empty())
+    }
+
+    fn matches_names(&self, f: &FlowRecord) -> bool {
+        let ends = || {
+            [f.src_endpoint.as_ref(), f.dst_endpoint.as_ref()]
+                .into_iter()
+                .flatten()
+        };
+        let is_pod = |e: &Endpoint| e.kind == EndpointKind::Pod;
+        (self.pods.is_empty()
+            || ends().any(|e| {
+                is_pod(e)
+                    && self.pods.iter().any(|p| {
+                        e.namespace.as_deref() == Some(p.namespace.as_str()) && e.name == p.name
+                    })
+            }))
+            && (self.namespaces.is_empty()
+                || ends().any(|e| {
+                    e.namespace
+                        .as_ref()
+                        .is_some_and(|ns| self.namespaces.contains(ns))
+                }))
+            && (self.workloads.is_empty()
+                || ends().any(|e| {
+                    is_pod(e)
+                        && self.workloads.iter().any(|w| {
+                            e.namespace.as_deref() == Some(w.namespace.as_str())
+                                && e.workload.as_ref().is_some_and(|x| x.name == w.name)
+                        })
+                }))
+            && (self.services.is_empty()
+                || f.service.as_ref().is_some_and(|s| {
+                    self.services
+                        .iter()
+                        .any(|w| s.namespace == w.namespace && s.name == w.name)
+                }))
+    }
+
+    /// The filter as `/v1/flows` query parameters.
+    pub fn to_query(&self) -> String {
+        let mut q: Vec<String> = Vec::new();
+        let mut add = |k: &str, v: String| q.push(format!("{k}={}", percent_encode(&v)));
+        for i in &self.ips {
+            add("ip", format!("{}/{}", i.addr, i.prefix_len));
+        }
+        for p in &self.ports {
+            add("port", p.to_string());
+        }
+        for p in &self.protos {
+            add("proto", p.0.to_string());
+        }
+        for i in &self.ifaces {
+            add("iface", i.clone());
+        }
+        for p in &self.pods {
+            add("pod", p.to_string());
+        }
+        for n in &self.namespaces {
+            add("namespace", n.clone());
+        }
+        for w in &self.workloads {
+            add("workload", w.to_string());
+        }
+        for s in &self.services {
+            add("service", s.to_string());
+        }
+        q.join("&")
+    }
+}
+
+/// Escapes what is not unreserved in a query value.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -181,6 +329,9 @@ mod tests {
                 last_seen_unix_ns: 0,
                 tcp_flags: String::new(),
             }],
+            src_endpoint: None,
+            dst_endpoint: None,
+            service: None,
             nat: None,
         }
     }

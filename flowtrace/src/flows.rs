@@ -7,12 +7,16 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use flowtrace_common::{FlowKey, FlowStats, DIR_INGRESS};
 use serde::{Deserialize, Serialize};
 
-use crate::drain::DrainedFlow;
+use crate::{drain::DrainedFlow, k8s::Endpoint};
+
+/// Names an address (the metadata cache's `resolve`); `None` when nobody is known to hold it.
+pub type Resolver<'a> = &'a dyn Fn(&IpAddr) -> Option<Arc<Endpoint>>;
 
 /// The 5-tuple of a flow, independent of where it was seen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -85,6 +89,10 @@ struct HopCounters {
 struct FlowEntry {
     hops: BTreeMap<Hop, HopCounters>,
     last_seen_ns: u64,
+    /// Who the addresses belonged to when the flow last had packets (a pod deleted later,
+    /// or an address reused by a new pod, does not rename past traffic).
+    src_name: Option<Arc<Endpoint>>,
+    dst_name: Option<Arc<Endpoint>>,
 }
 
 /// Flows of one agent, bounded in size and age.
@@ -109,8 +117,14 @@ impl FlowTable {
     }
 
     /// Folds one drain in. `names` resolves an ifindex to its interface name at drain time,
-    /// so a hop keeps its name after the interface is gone.
-    pub fn merge(&mut self, drained: &[DrainedFlow], names: &dyn Fn(u32) -> Option<String>) {
+    /// so a hop keeps its name after the interface is gone; `resolve` names the addresses
+    /// of the flows that had packets.
+    pub fn merge(
+        &mut self,
+        drained: &[DrainedFlow],
+        names: &dyn Fn(u32) -> Option<String>,
+        resolve: Resolver<'_>,
+    ) {
         for d in drained {
             let tuple = FlowTuple::from_key(&d.key);
             let hop = Hop {
@@ -128,6 +142,14 @@ impl FlowTable {
             });
             counters.stats.merge(&d.stats);
             entry.last_seen_ns = entry.last_seen_ns.max(d.stats.last_seen_ns);
+            // An address nobody is known to hold (metadata away or not synced) keeps the
+            // name it had.
+            if let Some(n) = resolve(&tuple.src) {
+                entry.src_name = Some(n);
+            }
+            if let Some(n) = resolve(&tuple.dst) {
+                entry.dst_name = Some(n);
+            }
         }
     }
 
@@ -176,8 +198,9 @@ impl FlowTable {
         self.expired
     }
 
-    /// Renders every flow for the API. `mono_to_unix_ns` is added to kernel timestamps.
-    pub fn snapshot(&self, mono_to_unix_ns: i128) -> Vec<FlowRecord> {
+    /// Renders every flow for the API. `mono_to_unix_ns` is added to kernel timestamps;
+    /// addresses never named at drain time are named now if `resolve` can.
+    pub fn snapshot(&self, mono_to_unix_ns: i128, resolve: Resolver<'_>) -> Vec<FlowRecord> {
         let unix = |mono: u64| (mono as i128 + mono_to_unix_ns).max(0) as u64;
         let mut out: Vec<FlowRecord> = self
             .flows
@@ -210,6 +233,17 @@ impl FlowTable {
                     packets: hops.iter().map(|h| h.packets).max().unwrap_or(0),
                     bytes: hops.iter().map(|h| h.bytes).max().unwrap_or(0),
                     hops,
+                    src_endpoint: f
+                        .src_name
+                        .clone()
+                        .or_else(|| resolve(&t.src))
+                        .map(|e| (*e).clone()),
+                    dst_endpoint: f
+                        .dst_name
+                        .clone()
+                        .or_else(|| resolve(&t.dst))
+                        .map(|e| (*e).clone()),
+                    service: None,
                     nat: None,
                 }
             })
@@ -238,6 +272,16 @@ pub struct FlowRecord {
     pub bytes: u64,
     /// Hops in the order they first saw the flow.
     pub hops: Vec<HopRecord>,
+    /// Who sent: pod, Service, node or pod network (absent without metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_endpoint: Option<Endpoint>,
+    /// Who received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_endpoint: Option<Endpoint>,
+    /// The Service this flow reaches (or answers for): by its cluster IP or NodePort, or
+    /// through the NAT translation on the backend side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::k8s::ServiceRef>,
     /// The NAT translation this flow is the original or the translated side of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<crate::nat::Translation>,
@@ -345,6 +389,7 @@ mod tests {
                 },
             ],
             &names,
+            &|_| None,
         );
         // A second drain adds to the same hop.
         t.merge(
@@ -353,8 +398,9 @@ mod tests {
                 stats: stats(2, 200, 40, 50),
             }],
             &names,
+            &|_| None,
         );
-        let snap = t.snapshot(1_000);
+        let snap = t.snapshot(1_000, &|_| None);
         assert_eq!(snap.len(), 1);
         let f = &snap[0];
         assert_eq!(f.src, "10.244.1.10".parse::<IpAddr>().unwrap());
@@ -387,11 +433,15 @@ mod tests {
                 stats: stats(1, 10, 1000 + i as u64, 1000 + i as u64),
             })
             .collect();
-        t.merge(&drained, &names);
+        t.merge(&drained, &names, &|_| None);
         t.expire(1050);
         assert_eq!(t.len(), 2);
         assert_eq!(t.evicted(), 2);
-        let ports: Vec<u16> = t.snapshot(0).iter().map(|f| f.src_port).collect();
+        let ports: Vec<u16> = t
+            .snapshot(0, &|_| None)
+            .iter()
+            .map(|f| f.src_port)
+            .collect();
         assert_eq!(ports, vec![2, 3]);
         t.expire(1103);
         assert_eq!(t.len(), 1);
@@ -412,8 +462,8 @@ mod tests {
         let mut t = FlowTable::new(10, u64::MAX);
         let mut s = stats(1, 60, 1, 1);
         s.tcp_flags = 0x12;
-        t.merge(&[DrainedFlow { key: k, stats: s }], &|_| None);
-        let f = &t.snapshot(0)[0];
+        t.merge(&[DrainedFlow { key: k, stats: s }], &|_| None, &|_| None);
+        let f = &t.snapshot(0, &|_| None)[0];
         assert_eq!(f.ip_version, 6);
         assert_eq!(f.dst.to_string(), "fd00:10:244:2::b");
         assert_eq!(f.hops[0].tcp_flags, "SA");

@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use flowtrace::{
     agent::{self, AgentConfig},
     attach::AttachMode,
-    filter::{self, FlowFilter, IpFilter, ProtoFilter},
+    filter::{self, FlowFilter, IpFilter, ObjectName, ProtoFilter},
+    k8s::source::MetaSource,
     links::Selector,
 };
 
@@ -71,6 +72,39 @@ struct AgentArgs {
         value_delimiter = ','
     )]
     exclude: Vec<String>,
+    /// Names from `kubectl get pods,services,endpointslices,nodes -A -o json` output saved
+    /// in this file (for a node with no API access); re-read when it changes. Takes
+    /// precedence over --kubeconfig and in-cluster credentials.
+    #[arg(long, env = "FLOWTRACE_METADATA_FILE")]
+    metadata_file: Option<std::path::PathBuf>,
+    /// Names from the API server of this kubeconfig. Without it (and without
+    /// --metadata-file) the agent uses in-cluster credentials when KUBERNETES_SERVICE_HOST
+    /// is set, and runs with addresses only otherwise.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Context of the kubeconfig to use (its current context by default).
+    #[arg(long, env = "FLOWTRACE_KUBE_CONTEXT", requires = "kubeconfig")]
+    kube_context: Option<String>,
+    /// Longest wait, in milliseconds, between attempts to reach the API server again.
+    #[arg(long, env = "FLOWTRACE_METADATA_BACKOFF_MAX_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    metadata_backoff_max_ms: u64,
+}
+
+impl AgentArgs {
+    fn metadata_source(&self) -> MetaSource {
+        if let Some(f) = &self.metadata_file {
+            MetaSource::File(f.clone())
+        } else if let Some(k) = &self.kubeconfig {
+            MetaSource::Kubeconfig {
+                path: k.clone(),
+                context: self.kube_context.clone(),
+            }
+        } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            MetaSource::InCluster
+        } else {
+            MetaSource::None
+        }
+    }
 }
 
 #[derive(Args)]
@@ -93,6 +127,20 @@ struct FlowsArgs {
     /// Only flows seen on this interface (name or `*` glob, repeatable).
     #[arg(long, value_parser = |s: &str| filter::parse_iface(s).map_err(|e| e.to_string()))]
     iface: Vec<String>,
+    /// Only flows from or to this pod, as NAMESPACE/NAME (repeatable).
+    #[arg(long, value_parser = |s: &str| filter::parse_object("--pod", s).map_err(|e| e.to_string()))]
+    pod: Vec<ObjectName>,
+    /// Only flows from or to pods or Services of this namespace (repeatable).
+    #[arg(long, short = 'n', value_parser = |s: &str| filter::parse_namespace(s).map_err(|e| e.to_string()))]
+    namespace: Vec<String>,
+    /// Only flows from or to pods of this workload (Deployment, StatefulSet, DaemonSet,
+    /// Job, CronJob...), as NAMESPACE/NAME (repeatable).
+    #[arg(long, value_parser = |s: &str| filter::parse_object("--workload", s).map_err(|e| e.to_string()))]
+    workload: Vec<ObjectName>,
+    /// Only flows to this Service (by its cluster IP or NodePort, and to its backends after
+    /// the translation), as NAMESPACE/NAME (repeatable).
+    #[arg(long, value_parser = |s: &str| filter::parse_object("--service", s).map_err(|e| e.to_string()))]
+    service: Vec<ObjectName>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -110,6 +158,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => {
+            let metadata = a.metadata_source();
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("FLOWTRACE_LOG")
@@ -131,6 +180,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     exclude: a.exclude,
                 },
                 node_name: a.node_name,
+                metadata,
+                metadata_backoff_max: Duration::from_millis(a.metadata_backoff_max_ms),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -144,6 +195,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ports: f.port,
                 protos: f.proto,
                 ifaces: f.iface,
+                pods: f.pod,
+                namespaces: f.namespace,
+                workloads: f.workload,
+                services: f.service,
             };
             print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);
         }

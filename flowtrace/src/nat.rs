@@ -104,6 +104,9 @@ pub struct Translation {
     /// "kernel", "conntrack" or "kernel+conntrack".
     pub source: String,
     pub kernel_sightings: u64,
+    /// The Service whose address was translated (filled in from metadata by the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::k8s::ServiceRef>,
 }
 
 /// A 5-tuple in API form.
@@ -353,6 +356,7 @@ fn view(original: &FlowTuple, e: &NatEntry, names: &dyn Fn(u32) -> String) -> Tr
         state: e.state,
         source: source.into(),
         kernel_sightings: e.kernel_sightings,
+        service: None,
     }
 }
 
