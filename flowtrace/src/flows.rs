@@ -13,7 +13,10 @@ use std::{
 use flowtrace_common::{FlowKey, FlowStats, DIR_INGRESS};
 use serde::{Deserialize, Serialize};
 
-use crate::{drain::DrainedFlow, k8s::Endpoint};
+use crate::{
+    drain::DrainedFlow,
+    k8s::{Endpoint, EndpointKind},
+};
 
 /// Names an address (the metadata cache's `resolve`); `None` when nobody is known to hold it.
 pub type Resolver<'a> = &'a dyn Fn(&IpAddr) -> Option<Arc<Endpoint>>;
@@ -143,11 +146,13 @@ impl FlowTable {
             counters.stats.merge(&d.stats);
             entry.last_seen_ns = entry.last_seen_ns.max(d.stats.last_seen_ns);
             // An address nobody is known to hold (metadata away or not synced) keeps the
-            // name it had.
-            if let Some(n) = resolve(&tuple.src) {
+            // name it had; "somewhere in a node's pod network" is no name to keep: it is
+            // asked again when the flow is read, by when the pod may be known.
+            let definite = |n: &Arc<Endpoint>| n.kind != EndpointKind::PodNetwork;
+            if let Some(n) = resolve(&tuple.src).filter(definite) {
                 entry.src_name = Some(n);
             }
-            if let Some(n) = resolve(&tuple.dst) {
+            if let Some(n) = resolve(&tuple.dst).filter(definite) {
                 entry.dst_name = Some(n);
             }
         }

@@ -97,8 +97,16 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `flowtrace agent` in `netns` with `extra` flags and waits until it is ready
-    /// (every interface present at start attached).
+    /// (every interface present at start attached, metadata synced if a source is given).
     pub fn start(netns: &str, extra: &[&str]) -> Result<Agent> {
+        let mut agent = Self::spawn(netns, extra)?;
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts `flowtrace agent` in `netns` without waiting for readiness (for agents that
+    /// are expected not to become ready, or to exit).
+    pub fn spawn(netns: &str, extra: &[&str]) -> Result<Agent> {
         let bin = flowtrace_bin()?;
         let log = std::env::temp_dir().join(format!("flowtrace-agent-{netns}.log"));
         let logfile = std::fs::File::create(&log)
@@ -128,19 +136,23 @@ impl Agent {
         let child = cmd
             .spawn()
             .map_err(|e| Error::Invalid(format!("starting {}: {e}", bin.display())))?;
-        let mut agent = Agent {
+        Ok(Agent {
             guard: Some(ChildGuard::new(
                 child,
                 format!("flowtrace agent in {netns}"),
             )),
             netns: netns.to_string(),
             log,
-        };
-        agent.wait_ready(Duration::from_secs(20))?;
-        Ok(agent)
+        })
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+    /// Whether the agent process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.guard.as_mut().is_none_or(ChildGuard::has_exited)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(g) = self.guard.as_mut() {

@@ -24,11 +24,13 @@
 //! ```
 
 pub mod agent;
+pub mod apiserver;
 pub mod cluster;
 pub mod kubeproxy;
 pub mod netns;
 pub mod traffic;
 
+pub use apiserver::ApiServer;
 pub use agent::{flowtrace_bin, flowtrace_program_ids, http_get, in_netns, Agent};
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};

@@ -97,9 +97,25 @@ fn expected(ct: &[(T, T)]) -> BTreeSet<(T, T)> {
         .collect()
 }
 
+/// Every translation of `want` names the demo Service and its port.
+fn assert_service_named(list: &NatResponse, want: &BTreeSet<(T, T)>) {
+    for t in &list.translations {
+        if !want.contains(&(view(&t.original), view(&t.translated))) {
+            continue;
+        }
+        let s = t.service.as_ref().unwrap_or_else(|| panic!("no Service on {t:?}"));
+        let port = if t.original.protocol == 6 { "http" } else { "dns" };
+        assert_eq!(
+            (s.namespace.as_str(), s.name.as_str(), s.port_name.as_deref()),
+            ("default", "svc-demo", Some(port)),
+            "{t:?}"
+        );
+    }
+}
+
 #[test]
 fn clusterip_connections_match_conntrack_in_both_directions() {
-    let bed = Bed::up();
+    let bed = Bed::with_metadata();
     let c = &bed.cluster;
     let a1 = c.pod(1, "pod-a").unwrap();
     let backends = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()];
@@ -211,6 +227,7 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
         );
     }
     assert_eq!(resp.disagreements, 0, "{:?}", resp.counters);
+    assert_service_named(&resp, &want);
 
     // The flows carry their translation: the client's flow to the VIP names its backend.
     let flows = bed.agent(1).flows().unwrap();
@@ -227,12 +244,43 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
     assert_eq!(nat.rewrote, "dst");
     let between = nat.between.as_ref().expect("the hooks around the rewrite");
     assert_eq!(between[0].interface, a1.host_veth);
+
+    // Names, from the fixture API server: every connection to the VIP, in both directions,
+    // shows the client pod, the Service and (after the translation) the backend pod.
+    let backend_name = |ip: IpAddr| {
+        let p = c.pod_by_ip(ip).expect("a backend pod");
+        format!("{}-{}", p.name, p.node)
+    };
+    for (o, r) in &ct {
+        for (orig, reply) in [(*o, *r), (*r, *o)] {
+            // The flow as the node's hooks saw it before and after the rewrite.
+            let before = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == orig);
+            let after = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(reply));
+            let (Some(before), Some(after)) = (before, after) else {
+                panic!("flows of {orig:?} / {:?} missing", rev(reply));
+            };
+            for f in [before, after] {
+                let s = f.service.as_ref().unwrap_or_else(|| panic!("no Service on {f:?}"));
+                assert_eq!((s.namespace.as_str(), s.name.as_str()), ("default", "svc-demo"));
+            }
+        }
+        // Forward direction: client pod -> Service VIP, then client pod -> backend pod.
+        let fwd = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == *o).unwrap();
+        let src = fwd.src_endpoint.as_ref().expect("client named");
+        assert_eq!((src.name.as_str(), src.workload.as_ref().map(|w| w.name.as_str())), ("pod-a-node1", Some("client")));
+        let dst = fwd.dst_endpoint.as_ref().expect("VIP named");
+        assert_eq!((dst.name.as_str(), format!("{:?}", dst.kind)), ("svc-demo", "Service".to_string()));
+        let translated = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(*r)).unwrap();
+        let be = translated.dst_endpoint.as_ref().expect("backend named");
+        assert_eq!(be.name, backend_name(r.1), "{translated:?}");
+        assert_eq!(be.workload.as_ref().map(|w| w.name.as_str()), Some("backend"));
+    }
     drop(bed);
 }
 
 #[test]
 fn nodeport_from_a_node_is_completed_from_conntrack() {
-    let bed = Bed::up();
+    let bed = Bed::with_metadata();
     let c = &bed.cluster;
     let backends = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()];
     let sink_args = [
@@ -303,5 +351,7 @@ fn nodeport_from_a_node_is_completed_from_conntrack() {
     }
     assert!(resp.counters.conntrack_only >= 40, "{:?}", resp.counters);
     assert_eq!(resp.disagreements, 0, "{:?}", resp.counters);
+    // The NodePort translations name the Service (by node address and NodePort).
+    assert_service_named(&resp, &want);
     drop(bed);
 }

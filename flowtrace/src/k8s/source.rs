@@ -1,9 +1,11 @@
 //! Where metadata comes from: the API server (in-cluster service account or a kubeconfig),
 //! followed with list + watch, or a file of `kubectl get ... -o json` output.
 //!
-//! One task per kind of object. A watch that fails marks its kind not synced, keeps the
-//! names it had, waits (doubling, up to the configured maximum) and starts over with a
-//! fresh list, so names come back by themselves once the API server answers again.
+//! One task per kind of object. A watch cut mid-stream resumes from the last
+//! resourceVersion (kube-rs's watcher, bookmarks included) and a 410 Gone lists again. A
+//! list or watch the API server does not answer marks the kind not synced, keeps the names
+//! it had, waits (doubling, up to the configured maximum) and starts over with a fresh list,
+//! so names come back by themselves once the API server answers again.
 //! Flow counting never waits for any of this.
 
 use std::{
@@ -320,9 +322,21 @@ where
                     sink.write().delete(kind, &ns, &name);
                     sink.set(kind, |s| s.events += 1);
                 }
+                // A watch cut mid-stream, or a 410 Gone: the watcher itself resumes from the
+                // last resourceVersion (bookmarks included) or lists again. Names stay valid.
+                Err(e @ (watcher::Error::WatchFailed(_) | watcher::Error::WatchError(_))) => {
+                    let msg = e.to_string();
+                    info!(kind = kind.name(), error = %msg, "metadata watch interrupted; resuming");
+                    sink.set(kind, |s| {
+                        s.errors += 1;
+                        s.last_error = Some(msg);
+                    });
+                }
+                // The API server cannot be reached or refused the list/watch: names may go
+                // stale, so the kind is not synced until a fresh list succeeds.
                 Err(e) => {
                     let msg = e.to_string();
-                    warn!(kind = kind.name(), error = %msg, retry_in_ms = delay.as_millis() as u64, "metadata watch failed; names are kept and may be stale until it recovers");
+                    warn!(kind = kind.name(), error = %msg, retry_in_ms = delay.as_millis() as u64, "metadata list/watch failed; names are kept and may be stale until it recovers");
                     sink.set(kind, |s| {
                         s.synced = false;
                         s.errors += 1;

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use flowtrace::flows::{Direction, FlowRecord};
-use flowtrace_tests::{Agent, Cluster, ClusterOptions};
+use flowtrace_tests::{apiserver, Agent, ApiServer, Cluster, ClusterOptions};
 
 pub fn assert_root() {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -21,6 +21,8 @@ pub fn assert_root() {
 /// cluster is torn down.
 pub struct Bed {
     pub agents: Vec<Agent>,
+    /// The fixture API server the agents get names from (see [`Bed::with_metadata`]).
+    pub api: Option<ApiServer>,
     pub cluster: Cluster,
 }
 
@@ -34,7 +36,43 @@ impl Bed {
             .iter()
             .map(|n| Agent::start(&n.netns, &[]).expect("starting an agent"))
             .collect();
-        Bed { agents, cluster }
+        Bed {
+            agents,
+            api: None,
+            cluster,
+        }
+    }
+
+    /// The cluster, a fixture API server describing it (reachable in every node namespace),
+    /// and an agent per node that follows it through a kubeconfig, as in production.
+    pub fn with_metadata() -> Bed {
+        assert_root();
+        let cluster =
+            Cluster::up(&ClusterOptions::default()).expect("bringing the emulated cluster up");
+        let netns: Vec<&str> = cluster.nodes.iter().map(|n| n.netns.as_str()).collect();
+        let api = ApiServer::start_in(&netns, apiserver::cluster_objects(&cluster))
+            .expect("starting the fixture API server");
+        let kubeconfig = api.kubeconfig().display().to_string();
+        let agents = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                Agent::start(
+                    &n.netns,
+                    &["--kubeconfig", &kubeconfig, "--metadata-backoff-max-ms", "1000"],
+                )
+                .expect("starting an agent")
+            })
+            .collect();
+        Bed {
+            agents,
+            api: Some(api),
+            cluster,
+        }
+    }
+
+    pub fn api(&self) -> &ApiServer {
+        self.api.as_ref().expect("this bed has no API server")
     }
 
     /// Agent of node `i` (1-based).
