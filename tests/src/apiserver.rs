@@ -224,10 +224,19 @@ impl ApiServer {
     /// Creates or replaces an object (its `kind` says the collection).
     pub fn apply(&self, mut object: Value) -> Result<()> {
         let kind = object["kind"].as_str().unwrap_or_default().to_string();
-        let resource = Resource::of_kind(&kind)
-            .ok_or_else(|| Error::Invalid(format!("fixture API server: no collection for kind `{kind}`")))?;
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let resource = Resource::of_kind(&kind).ok_or_else(|| {
+            Error::Invalid(format!(
+                "fixture API server: no collection for kind `{kind}`"
+            ))
+        })?;
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let mut s = lock(&self.inner.store);
         s.rv += 1;
         let rv = s.rv;
@@ -252,12 +261,15 @@ impl ApiServer {
 
     /// Deletes an object; returns whether it existed.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<bool> {
-        let resource = Resource::of_kind(kind)
-            .ok_or_else(|| Error::Invalid(format!("fixture API server: no collection for kind `{kind}`")))?;
+        let resource = Resource::of_kind(kind).ok_or_else(|| {
+            Error::Invalid(format!(
+                "fixture API server: no collection for kind `{kind}`"
+            ))
+        })?;
         let mut s = lock(&self.inner.store);
-        let Some(mut object) = s
-            .objects
-            .remove(&(resource, namespace.to_string(), name.to_string()))
+        let Some(mut object) =
+            s.objects
+                .remove(&(resource, namespace.to_string(), name.to_string()))
         else {
             return Ok(false);
         };
@@ -366,7 +378,11 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
         .map(|(k, v)| (k.to_string(), v.replace("%2C", ",")))
         .collect();
     let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
-        return respond(&mut stream, 404, &status_json(404, "NotFound", &format!("no such path {path}")));
+        return respond(
+            &mut stream,
+            404,
+            &status_json(404, "NotFound", &format!("no such path {path}")),
+        );
     };
     let meta_only = accept.contains("as=PartialObjectMetadata");
     let watch = params.get("watch").is_some_and(|w| w == "true" || w == "1");
@@ -445,7 +461,9 @@ fn serve_watch(
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let bookmarks = params.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let bookmarks = params
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
     let timeout = Duration::from_secs(
         params
             .get("timeoutSeconds")
@@ -478,7 +496,11 @@ fn serve_watch(
     loop {
         let (events, rv) = {
             let s = lock(&inner.store);
-            let s = if s.history.iter().any(|c| c.rv > sent && c.resource == resource) {
+            let s = if s
+                .history
+                .iter()
+                .any(|c| c.rv > sent && c.resource == resource)
+            {
                 s
             } else {
                 inner
@@ -500,7 +522,10 @@ fn serve_watch(
             return stream.shutdown(Shutdown::Both);
         }
         for c in &events {
-            chunk(stream, &json!({"type": c.kind, "object": shape(&c.object, meta_only)}))?;
+            chunk(
+                stream,
+                &json!({"type": c.kind, "object": shape(&c.object, meta_only)}),
+            )?;
             sent = c.rv;
         }
         if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
@@ -550,7 +575,12 @@ pub fn cluster_objects(cluster: &crate::cluster::Cluster) -> Vec<Value> {
         }));
     }
     for pod in cluster.pods() {
-        out.push(pod_object(&pod.name, &pod.node, &pod.ipv4.to_string(), &pod.ipv6.to_string()));
+        out.push(pod_object(
+            &pod.name,
+            &pod.node,
+            &pod.ipv4.to_string(),
+            &pod.ipv6.to_string(),
+        ));
     }
     let svc = &cluster.service;
     out.push(json!({
@@ -584,8 +614,16 @@ pub fn cluster_objects(cluster: &crate::cluster::Cluster) -> Vec<Value> {
 /// The Pod object for emulated pod `pod` on `node` (see [`cluster_objects`] for the owners).
 pub fn pod_object(pod: &str, node: &str, ipv4: &str, ipv6: &str) -> Value {
     let (namespace, owner, hash) = match pod {
-        "pod-a" => ("default", Some(("ReplicaSet", "client-5d4f8b")), Some("5d4f8b")),
-        "pod-b" => ("default", Some(("ReplicaSet", "backend-7c9d6f")), Some("7c9d6f")),
+        "pod-a" => (
+            "default",
+            Some(("ReplicaSet", "client-5d4f8b")),
+            Some("5d4f8b"),
+        ),
+        "pod-b" => (
+            "default",
+            Some(("ReplicaSet", "backend-7c9d6f")),
+            Some("7c9d6f"),
+        ),
         "pod-c" => ("monitoring", Some(("DaemonSet", "agent")), None),
         _ => ("default", None, None),
     };
@@ -600,7 +638,11 @@ pub fn pod_object(pod: &str, node: &str, ipv4: &str, ipv6: &str) -> Value {
         "status": {"phase": "Running", "podIP": ipv4, "podIPs": [{"ip": ipv4}, {"ip": ipv6}]}
     });
     if let Some((kind, name)) = owner {
-        let api_version = if kind == "DaemonSet" || kind == "ReplicaSet" { "apps/v1" } else { "v1" };
+        let api_version = if kind == "DaemonSet" || kind == "ReplicaSet" {
+            "apps/v1"
+        } else {
+            "v1"
+        };
         p["metadata"]["ownerReferences"] = json!([{"apiVersion": api_version, "kind": kind, "name": name,
             "uid": format!("uid-{name}"), "controller": true, "blockOwnerDeletion": true}]);
     }

@@ -30,8 +30,8 @@ pub mod kubeproxy;
 pub mod netns;
 pub mod traffic;
 
-pub use apiserver::ApiServer;
 pub use agent::{flowtrace_bin, flowtrace_program_ids, http_get, in_netns, Agent};
+pub use apiserver::ApiServer;
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
 pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard};

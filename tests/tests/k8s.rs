@@ -27,7 +27,10 @@ use serde_json::json;
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -41,11 +44,31 @@ fn metadata(agent: &Agent) -> MetadataResponse {
 fn udp(from: &Pod, to: &Pod, count: u32, size: u32) -> u64 {
     let sink = ftgen_bg(
         to,
-        &["udp-sink", "--bind", "0.0.0.0:9000", "--count", &count.to_string(), "--timeout-ms", "5000"],
+        &[
+            "udp-sink",
+            "--bind",
+            "0.0.0.0:9000",
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "5000",
+        ],
     )
     .unwrap();
     let dst = format!("{}:9000", to.ipv4);
-    let sent = ftgen(from, &["udp-send", "--to", &dst, "--count", &count.to_string(), "--size", &size.to_string()]).unwrap();
+    let sent = ftgen(
+        from,
+        &[
+            "udp-send",
+            "--to",
+            &dst,
+            "--count",
+            &count.to_string(),
+            "--size",
+            &size.to_string(),
+        ],
+    )
+    .unwrap();
     assert_eq!(sent["sent"], count, "{sent}");
     let got = flowtrace_tests::finish(sink).unwrap();
     got["received"].as_u64().unwrap()
@@ -67,7 +90,12 @@ fn expected_name(p: &Pod) -> (String, String, Option<(&'static str, &'static str
         "pod-c" => ("monitoring", Some(("DaemonSet", "agent"))),
         _ => ("default", None),
     };
-    (ns.to_string(), format!("{}-{}", p.name, p.node), workload, p.node.clone())
+    (
+        ns.to_string(),
+        format!("{}-{}", p.name, p.node),
+        workload,
+        p.node.clone(),
+    )
 }
 
 fn assert_named(e: Option<&Endpoint>, p: &Pod) {
@@ -76,7 +104,10 @@ fn assert_named(e: Option<&Endpoint>, p: &Pod) {
     assert_eq!(e.kind, EndpointKind::Pod, "{e:?}");
     assert_eq!(e.namespace.as_deref(), Some(ns.as_str()), "{e:?}");
     assert_eq!(e.name, name, "{e:?}");
-    let got = e.workload.as_ref().map(|w| (w.kind.as_str(), w.name.as_str()));
+    let got = e
+        .workload
+        .as_ref()
+        .map(|w| (w.kind.as_str(), w.name.as_str()));
     match workload {
         Some(w) => assert_eq!(got, Some(w), "{e:?}"),
         None => assert_eq!(got, Some(("Pod", name.as_str())), "{e:?}"),
@@ -119,52 +150,95 @@ fn every_pod_flow_is_named_and_a_reused_address_follows_the_api() {
 
     // Name filters: by pod, workload, namespace; an unknown object is an error that says so.
     let a1 = c.pod(1, "pod-a").unwrap();
-    let r: flowtrace::api::FlowsResponse = bed.agent(1).get("/v1/flows?pod=default/pod-a-node1").unwrap();
+    let r: flowtrace::api::FlowsResponse = bed
+        .agent(1)
+        .get("/v1/flows?pod=default/pod-a-node1")
+        .unwrap();
     assert!(!r.flows.is_empty());
-    assert!(r.flows.iter().all(|f| f.src == IpAddr::from(a1.ipv4) || f.dst == IpAddr::from(a1.ipv4)));
-    let r: flowtrace::api::FlowsResponse = bed.agent(1).get("/v1/flows?workload=monitoring/agent").unwrap();
+    assert!(r
+        .flows
+        .iter()
+        .all(|f| f.src == IpAddr::from(a1.ipv4) || f.dst == IpAddr::from(a1.ipv4)));
+    let r: flowtrace::api::FlowsResponse = bed
+        .agent(1)
+        .get("/v1/flows?workload=monitoring/agent")
+        .unwrap();
     let c1 = c.pod(1, "pod-c").unwrap();
     let c2 = c.pod(2, "pod-c").unwrap();
     let is_agent = |ip: IpAddr| ip == IpAddr::from(c1.ipv4) || ip == IpAddr::from(c2.ipv4);
     assert!(!r.flows.is_empty());
     assert!(r.flows.iter().all(|f| is_agent(f.src) || is_agent(f.dst)));
-    let r: flowtrace::api::FlowsResponse = bed.agent(1).get("/v1/flows?namespace=monitoring").unwrap();
+    let r: flowtrace::api::FlowsResponse =
+        bed.agent(1).get("/v1/flows?namespace=monitoring").unwrap();
     let is_c = |ip: IpAddr| c.pod_by_ip(ip).is_some_and(|p| p.name == "pod-c");
     assert!(r.flows.iter().all(|f| is_c(f.src) || is_c(f.dst)));
     let all = bed.agent(1).flows().unwrap();
-    let want = all.iter().filter(|f| f.dst_port == 9000 && (is_c(f.src) || is_c(f.dst))).count();
+    let want = all
+        .iter()
+        .filter(|f| f.dst_port == 9000 && (is_c(f.src) || is_c(f.dst)))
+        .count();
     assert_eq!(r.flows.iter().filter(|f| f.dst_port == 9000).count(), want);
     assert!(want >= 2 * (pods.len() - 1));
-    let (status, body) = http_get(&bed.agent(1).netns, "/v1/flows?pod=default/no-such-pod").unwrap();
+    let (status, body) =
+        http_get(&bed.agent(1).netns, "/v1/flows?pod=default/no-such-pod").unwrap();
     assert_eq!(status, 404, "{body}");
-    assert!(body.contains("pod default/no-such-pod does not exist"), "{body}");
+    assert!(
+        body.contains("pod default/no-such-pod does not exist"),
+        "{body}"
+    );
     let (status, body) = http_get(&bed.agent(1).netns, "/v1/flows?service=default/nope").unwrap();
     assert_eq!(status, 404, "{body}");
-    assert!(body.contains("service default/nope does not exist"), "{body}");
+    assert!(
+        body.contains("service default/nope does not exist"),
+        "{body}"
+    );
 
     // Rename: pod-c on node1 is deleted and a new pod with another name takes its address.
     let api = bed.api();
     assert!(api.delete("Pod", "monitoring", "pod-c-node1").unwrap());
-    let mut renamed = pod_object("renamed", "node1", &c1.ipv4.to_string(), &c1.ipv6.to_string());
+    let mut renamed = pod_object(
+        "renamed",
+        "node1",
+        &c1.ipv4.to_string(),
+        &c1.ipv6.to_string(),
+    );
     renamed["metadata"]["namespace"] = json!("default");
     api.apply(renamed).unwrap();
-    wait_for("the renamed pod in the agent", Duration::from_secs(10), || {
-        http_get(&bed.agent(1).netns, "/v1/flows?pod=default/renamed-node1").unwrap().0 == 200
-    });
-    let (status, _) = http_get(&bed.agent(1).netns, "/v1/flows?pod=monitoring/pod-c-node1").unwrap();
+    wait_for(
+        "the renamed pod in the agent",
+        Duration::from_secs(10),
+        || {
+            http_get(&bed.agent(1).netns, "/v1/flows?pod=default/renamed-node1")
+                .unwrap()
+                .0
+                == 200
+        },
+    );
+    let (status, _) =
+        http_get(&bed.agent(1).netns, "/v1/flows?pod=monitoring/pod-c-node1").unwrap();
     assert_eq!(status, 404, "the deleted pod is gone");
     let b2 = c.pod(2, "pod-b").unwrap();
-    let before: Vec<u16> = pod_flows(&bed.agent(1).flows().unwrap(), c1.ipv4.into(), b2.ipv4.into())
-        .iter()
-        .map(|f| f.src_port)
-        .collect();
+    let before: Vec<u16> = pod_flows(
+        &bed.agent(1).flows().unwrap(),
+        c1.ipv4.into(),
+        b2.ipv4.into(),
+    )
+    .iter()
+    .map(|f| f.src_port)
+    .collect();
     assert_eq!(udp(c1, b2, 4, 100), 4);
     let flows = bed.agent(1).flows().unwrap();
     let all = pod_flows(&flows, c1.ipv4.into(), b2.ipv4.into());
-    let new: Vec<&FlowRecord> = all.iter().filter(|f| !before.contains(&f.src_port)).collect();
+    let new: Vec<&FlowRecord> = all
+        .iter()
+        .filter(|f| !before.contains(&f.src_port))
+        .collect();
     assert_eq!(new.len(), 1, "{all:?}");
     let e = new[0].src_endpoint.as_ref().unwrap();
-    assert_eq!((e.namespace.as_deref(), e.name.as_str()), (Some("default"), "renamed-node1"));
+    assert_eq!(
+        (e.namespace.as_deref(), e.name.as_str()),
+        (Some("default"), "renamed-node1")
+    );
     // The traffic sent before the rename keeps the name it had then.
     for f in all.iter().filter(|f| before.contains(&f.src_port)) {
         assert_eq!(f.src_endpoint.as_ref().unwrap().name, "pod-c-node1");
@@ -202,16 +276,30 @@ fn the_api_server_going_away_and_back_loses_no_counts_and_fills_names_in() {
     let fd = pod_flows(&flows, d1.ipv4.into(), b2.ipv4.into());
     assert_eq!(fd.iter().map(|f| f.packets).sum::<u64>(), received_d);
     // Unknown pod: only "an address of node1's pod network".
-    assert_eq!(fd[0].src_endpoint.as_ref().map(|e| e.kind), Some(EndpointKind::PodNetwork));
+    assert_eq!(
+        fd[0].src_endpoint.as_ref().map(|e| e.kind),
+        Some(EndpointKind::PodNetwork)
+    );
 
     // The API server learns about pod-d while away, then comes back.
     let api = bed.api.as_mut().unwrap();
-    api.apply(pod_object("pod-d", "node1", &d1.ipv4.to_string(), &d1.ipv6.to_string())).unwrap();
+    api.apply(pod_object(
+        "pod-d",
+        "node1",
+        &d1.ipv4.to_string(),
+        &d1.ipv6.to_string(),
+    ))
+    .unwrap();
     api.start().unwrap();
-    wait_for("metadata synced again", Duration::from_secs(30), || metadata(bed.agent(1)).synced);
+    wait_for("metadata synced again", Duration::from_secs(30), || {
+        metadata(bed.agent(1)).synced
+    });
     let (status, _) = http_get(&bed.agent(1).netns, "/readyz").unwrap();
     assert_eq!(status, 200);
-    assert!(bed.api().lists(Resource::Pods) > lists_before, "the agent listed pods again");
+    assert!(
+        bed.api().lists(Resource::Pods) > lists_before,
+        "the agent listed pods again"
+    );
     // Same counts, names filled in, no restart (same process).
     let flows = bed.agent(1).flows().unwrap();
     let fd = pod_flows(&flows, d1.ipv4.into(), b2.ipv4.into());
@@ -231,7 +319,12 @@ fn watches_resume_after_a_cut_from_bookmarks_and_list_again_after_410() {
                "metadata": {"namespace": "default", "name": name},
                "spec": {"clusterIP": ip, "ports": [{"name": "web", "port": 80, "protocol": "TCP"}]}})
     };
-    let exists = |name: &str| http_get(&agent.netns, &format!("/v1/flows?service=default/{name}")).unwrap().0 == 200;
+    let exists = |name: &str| {
+        http_get(&agent.netns, &format!("/v1/flows?service=default/{name}"))
+            .unwrap()
+            .0
+            == 200
+    };
 
     // Change pods only: the services watch hears of the newer resourceVersion through
     // bookmarks alone.
@@ -251,30 +344,56 @@ fn watches_resume_after_a_cut_from_bookmarks_and_list_again_after_410() {
     let before = api.requests().len();
     api.drop_watches();
     api.apply(service("after-cut", "10.96.0.30")).unwrap();
-    wait_for("a Service created after the cut", Duration::from_secs(15), || exists("after-cut"));
+    wait_for(
+        "a Service created after the cut",
+        Duration::from_secs(15),
+        || exists("after-cut"),
+    );
     // Resumed, not relisted, and from a version at least as new as the pod change.
-    assert_eq!(api.lists(Resource::Services), service_lists, "a cut watch resumes without listing");
+    assert_eq!(
+        api.lists(Resource::Services),
+        service_lists,
+        "a cut watch resumes without listing"
+    );
     let resumed: Vec<u64> = api.requests()[before..]
         .iter()
         .filter(|r| r.resource == Resource::Services && r.watch)
         .filter_map(|r| r.resource_version.as_deref()?.parse().ok())
         .collect();
     assert!(!resumed.is_empty());
-    assert!(resumed[0] > pods_rv, "services re-watch from {resumed:?}, pod change was at {pods_rv}: bookmarks not used");
+    assert!(
+        resumed[0] > pods_rv,
+        "services re-watch from {resumed:?}, pod change was at {pods_rv}: bookmarks not used"
+    );
 
     // Compaction: resuming is refused with 410 Gone, and the agent lists again.
     api.compact();
-    api.apply(service("after-compaction", "10.96.0.31")).unwrap();
-    wait_for("a Service created after compaction", Duration::from_secs(15), || exists("after-compaction"));
-    let svc_requests: Vec<_> = api.requests().into_iter().filter(|r| r.resource == Resource::Services).collect();
+    api.apply(service("after-compaction", "10.96.0.31"))
+        .unwrap();
+    wait_for(
+        "a Service created after compaction",
+        Duration::from_secs(15),
+        || exists("after-compaction"),
+    );
+    let svc_requests: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == Resource::Services)
+        .collect();
     // Both nodes' agents follow the fixture: one list each.
     let agents = bed.agents.len();
-    assert_eq!(api.lists(Resource::Services), service_lists + agents, "one list per agent after 410: {svc_requests:?}");
+    assert_eq!(
+        api.lists(Resource::Services),
+        service_lists + agents,
+        "one list per agent after 410: {svc_requests:?}"
+    );
     // Deleted while the watch was cut and history was gone: the relist removes it.
     api.drop_watches();
     api.compact();
     api.delete("Service", "default", "after-cut").unwrap();
-    wait_for("the deleted Service gone", Duration::from_secs(15), || !exists("after-cut"));
+    wait_for("the deleted Service gone", Duration::from_secs(15), || {
+        !exists("after-cut")
+    });
     assert!(metadata(agent).synced);
     drop(bed);
 }
@@ -296,9 +415,14 @@ fn bad_metadata_input_is_refused_or_counted_never_a_crash() {
     let bad = dir.join("broken.json");
     std::fs::write(&bad, "{\"kind\": \"List\", \"items\": [ {\"kind\": \"Pod\"").unwrap();
     let mut agent = Agent::spawn(&ns, &["--metadata-file", bad.to_str().unwrap()]).unwrap();
-    wait_for("the agent to exit", Duration::from_secs(15), || agent.has_exited());
+    wait_for("the agent to exit", Duration::from_secs(15), || {
+        agent.has_exited()
+    });
     let log = agent.log_text();
-    assert!(log.contains("broken.json") && log.contains("not JSON") && log.contains("kubectl get"), "{log}");
+    assert!(
+        log.contains("broken.json") && log.contains("not JSON") && log.contains("kubectl get"),
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
     drop(agent);
 
@@ -317,7 +441,15 @@ fn bad_metadata_input_is_refused_or_counted_never_a_crash() {
     let m = metadata(&agent);
     assert!(m.synced && m.source.starts_with("file "), "{m:?}");
     assert_eq!(m.objects["pods"], 1, "{m:?}");
-    assert_eq!((m.skipped["pods"], m.skipped["services"], m.skipped["endpointslices"]), (1, 1, 1), "{m:?}");
+    assert_eq!(
+        (
+            m.skipped["pods"],
+            m.skipped["services"],
+            m.skipped["endpointslices"]
+        ),
+        (1, 1, 1),
+        "{m:?}"
+    );
     assert!(agent.log_text().contains("metadata.namespace is missing"));
     let (status, _) = http_get(&ns, "/v1/flows?pod=default/pod-a-node1").unwrap();
     assert_eq!(status, 200);
@@ -327,9 +459,20 @@ fn bad_metadata_input_is_refused_or_counted_never_a_crash() {
     // metadata not synced with the error, and is not ready.
     let nowhere = dir.join("nowhere.kubeconfig");
     std::fs::write(&nowhere, "apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://127.0.0.1:1\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: x\n  context: {cluster: x, user: u}\ncurrent-context: x\n").unwrap();
-    let mut agent = Agent::spawn(&ns, &["--kubeconfig", nowhere.to_str().unwrap(), "--metadata-backoff-max-ms", "500"]).unwrap();
+    let mut agent = Agent::spawn(
+        &ns,
+        &[
+            "--kubeconfig",
+            nowhere.to_str().unwrap(),
+            "--metadata-backoff-max-ms",
+            "500",
+        ],
+    )
+    .unwrap();
     wait_for("metadata errors reported", Duration::from_secs(20), || {
-        agent.get::<MetadataResponse>("/v1/metadata").is_ok_and(|m| !m.synced && m.kinds.values().all(|k| k.errors > 0))
+        agent
+            .get::<MetadataResponse>("/v1/metadata")
+            .is_ok_and(|m| !m.synced && m.kinds.values().all(|k| k.errors > 0))
     });
     let m = metadata(&agent);
     let err = m.kinds["pods"].last_error.clone().unwrap();
@@ -349,10 +492,16 @@ fn bad_metadata_input_is_refused_or_counted_never_a_crash() {
     drop(agent);
 
     // A kubeconfig that cannot be read: refused at start with the path.
-    let mut agent = Agent::spawn(&ns, &["--kubeconfig", dir.join("absent").to_str().unwrap()]).unwrap();
-    wait_for("the agent to exit", Duration::from_secs(15), || agent.has_exited());
+    let mut agent =
+        Agent::spawn(&ns, &["--kubeconfig", dir.join("absent").to_str().unwrap()]).unwrap();
+    wait_for("the agent to exit", Duration::from_secs(15), || {
+        agent.has_exited()
+    });
     let log = agent.log_text();
-    assert!(log.contains("reading the kubeconfig") && log.contains("absent"), "{log}");
+    assert!(
+        log.contains("reading the kubeconfig") && log.contains("absent"),
+        "{log}"
+    );
     drop(agent);
     std::fs::remove_dir_all(&dir).unwrap();
     cluster.down().unwrap();

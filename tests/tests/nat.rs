@@ -103,10 +103,21 @@ fn assert_service_named(list: &NatResponse, want: &BTreeSet<(T, T)>) {
         if !want.contains(&(view(&t.original), view(&t.translated))) {
             continue;
         }
-        let s = t.service.as_ref().unwrap_or_else(|| panic!("no Service on {t:?}"));
-        let port = if t.original.protocol == 6 { "http" } else { "dns" };
+        let s = t
+            .service
+            .as_ref()
+            .unwrap_or_else(|| panic!("no Service on {t:?}"));
+        let port = if t.original.protocol == 6 {
+            "http"
+        } else {
+            "dns"
+        };
         assert_eq!(
-            (s.namespace.as_str(), s.name.as_str(), s.port_name.as_deref()),
+            (
+                s.namespace.as_str(),
+                s.name.as_str(),
+                s.port_name.as_deref()
+            ),
             ("default", "svc-demo", Some(port)),
             "{t:?}"
         );
@@ -254,26 +265,54 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
     for (o, r) in &ct {
         for (orig, reply) in [(*o, *r), (*r, *o)] {
             // The flow as the node's hooks saw it before and after the rewrite.
-            let before = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == orig);
-            let after = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(reply));
+            let before = flows
+                .iter()
+                .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == orig);
+            let after = flows
+                .iter()
+                .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(reply));
             let (Some(before), Some(after)) = (before, after) else {
                 panic!("flows of {orig:?} / {:?} missing", rev(reply));
             };
             for f in [before, after] {
-                let s = f.service.as_ref().unwrap_or_else(|| panic!("no Service on {f:?}"));
-                assert_eq!((s.namespace.as_str(), s.name.as_str()), ("default", "svc-demo"));
+                let s = f
+                    .service
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("no Service on {f:?}"));
+                assert_eq!(
+                    (s.namespace.as_str(), s.name.as_str()),
+                    ("default", "svc-demo")
+                );
             }
         }
         // Forward direction: client pod -> Service VIP, then client pod -> backend pod.
-        let fwd = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == *o).unwrap();
+        let fwd = flows
+            .iter()
+            .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == *o)
+            .unwrap();
         let src = fwd.src_endpoint.as_ref().expect("client named");
-        assert_eq!((src.name.as_str(), src.workload.as_ref().map(|w| w.name.as_str())), ("pod-a-node1", Some("client")));
+        assert_eq!(
+            (
+                src.name.as_str(),
+                src.workload.as_ref().map(|w| w.name.as_str())
+            ),
+            ("pod-a-node1", Some("client"))
+        );
         let dst = fwd.dst_endpoint.as_ref().expect("VIP named");
-        assert_eq!((dst.name.as_str(), format!("{:?}", dst.kind)), ("svc-demo", "Service".to_string()));
-        let translated = flows.iter().find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(*r)).unwrap();
+        assert_eq!(
+            (dst.name.as_str(), format!("{:?}", dst.kind)),
+            ("svc-demo", "Service".to_string())
+        );
+        let translated = flows
+            .iter()
+            .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(*r))
+            .unwrap();
         let be = translated.dst_endpoint.as_ref().expect("backend named");
         assert_eq!(be.name, backend_name(r.1), "{translated:?}");
-        assert_eq!(be.workload.as_ref().map(|w| w.name.as_str()), Some("backend"));
+        assert_eq!(
+            be.workload.as_ref().map(|w| w.name.as_str()),
+            Some("backend")
+        );
     }
     drop(bed);
 }

@@ -42,11 +42,24 @@ pub fn run() -> Result<()> {
     let cluster = Cluster::up(&ClusterOptions::default()).context(
         "bringing the emulated cluster up (needs root, iproute2, iptables; see scripts/setup.sh)",
     )?;
+    // No API server can run here: the test bed's fixture serves the cluster's Pods,
+    // Services, EndpointSlices, Nodes and ReplicaSets over the real list + watch protocol,
+    // and the agents reach it through a kubeconfig, as in production.
+    let netns: Vec<&str> = cluster.nodes.iter().map(|n| n.netns.as_str()).collect();
+    let api = flowtrace_tests::ApiServer::start_in(
+        &netns,
+        flowtrace_tests::apiserver::cluster_objects(&cluster),
+    )
+    .context("starting the fixture Kubernetes API server")?;
+    let kubeconfig = api.kubeconfig().display().to_string();
     let mut agents = Vec::new();
     for node in &cluster.nodes {
-        eprintln!("xtask: starting the flowtrace agent in {}", node.name);
+        eprintln!(
+            "xtask: starting the flowtrace agent in {} (names from {kubeconfig})",
+            node.name
+        );
         agents.push(
-            Agent::start(&node.netns, &[])
+            Agent::start(&node.netns, &["--kubeconfig", &kubeconfig])
                 .with_context(|| format!("starting the agent in {}", node.name))?,
         );
     }
@@ -118,8 +131,13 @@ pub fn run() -> Result<()> {
         disagreements += nat.disagreements;
         for t in nat.translations.iter().take(4) {
             let (o, x) = (&t.original, &t.translated);
+            let svc = t
+                .service
+                .as_ref()
+                .map(|s| format!("svc {}/{}: ", s.namespace, s.name))
+                .unwrap_or_default();
             println!(
-                "    {}:{} -> {}:{}  =>  {}:{} -> {}:{}  ({:?}, {})",
+                "    {svc}{}:{} -> {}:{}  =>  {}:{} -> {}:{}  ({:?}, {})",
                 o.src,
                 o.src_port,
                 o.dst,
@@ -142,6 +160,22 @@ pub fn run() -> Result<()> {
         );
     }
 
+    let unnamed: usize = cluster
+        .nodes
+        .iter()
+        .zip(&agents)
+        .map(|(_, a)| {
+            a.flows().map(|fs| {
+                fs.iter()
+                    .filter(|f| cluster.pod_by_ip(f.src).is_some() && f.src_endpoint.is_none())
+                    .count()
+            })
+        })
+        .sum::<flowtrace_tests::Result<usize>>()
+        .context("reading flows")?;
+    if unnamed > 0 {
+        anyhow::bail!("{unnamed} flow(s) from emulated pods carry no pod name");
+    }
     for agent in agents {
         let ns = agent.netns.clone();
         agent

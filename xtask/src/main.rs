@@ -2,6 +2,7 @@
 //!
 //! - `demo`: brings up the emulated two-node cluster, runs one agent per node, sends pod-to-pod,
 //!   cross-node and Service traffic, and prints what `flowtrace flows` shows on each node.
+//! - `bench-metadata`: memory and lookup cost of the Kubernetes metadata cache.
 //! - `bench`: throughput with and without flowtrace, and per-packet program cost from the
 //!   kernel's own BPF run-time statistics, compared against reference programs.
 //!
@@ -11,10 +12,15 @@ mod baselines;
 mod bench;
 mod build;
 mod demo;
+mod metabench;
 mod microbench;
 mod proc;
 
 use clap::{Parser, Subcommand};
+
+/// Counts heap bytes for `bench-metadata` (a pass-through to the system allocator).
+#[global_allocator]
+static ALLOC: metabench::Counting = metabench::Counting;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "flowtrace developer commands (run as root)")]
@@ -29,6 +35,16 @@ enum Command {
     Demo,
     /// Throughput with/without flowtrace and per-packet program cost (bpf_stats).
     Bench(bench::BenchArgs),
+    /// Memory of the Kubernetes metadata cache for N pods and the cost of naming an address,
+    /// against the same pods kept as whole objects.
+    BenchMetadata {
+        /// Cluster sizes, in pods (comma separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 10_000])]
+        pods: Vec<usize>,
+        /// Lookups timed per size.
+        #[arg(long, default_value_t = 2_000_000)]
+        lookups: usize,
+    },
     /// CPU cost per run of each TC program on fixed packets (BPF_PROG_TEST_RUN), no network.
     Microbench {
         /// Runs per figure.
@@ -55,6 +71,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
         Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),
     }

@@ -59,7 +59,12 @@ impl Bed {
             .map(|n| {
                 Agent::start(
                     &n.netns,
-                    &["--kubeconfig", &kubeconfig, "--metadata-backoff-max-ms", "1000"],
+                    &[
+                        "--kubeconfig",
+                        &kubeconfig,
+                        "--metadata-backoff-max-ms",
+                        "1000",
+                    ],
                 )
                 .expect("starting an agent")
             })
