@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub nat_entries: u32,
     /// Cross-check NAT translations with the conntrack table after each drain.
     pub conntrack: bool,
+    /// How often to dump the whole conntrack table when events are followed.
+    pub conntrack_resync: Duration,
     pub max_flows: usize,
     pub flow_idle_timeout: Duration,
     pub attach_mode: AttachMode,
@@ -61,6 +63,10 @@ pub struct Shared {
     pub nat: Mutex<NatTable>,
     /// Whether to cross-check with conntrack after each drain.
     pub conntrack: bool,
+    /// Translated conntrack connections, from events and resync dumps.
+    pub ct: Arc<Mutex<crate::conntrack::CtMirror>>,
+    conntrack_resync: Duration,
+    last_dump: Mutex<Option<std::time::Instant>>,
     /// Every link seen in this namespace, by ifindex (kept after removal so drained
     /// counters of a vanished interface still carry its name).
     pub links: Mutex<HashMap<u32, Link>>,
@@ -121,26 +127,39 @@ impl Shared {
             lock(&self.nat).merge_kernel(&drained.nat, now);
         }
         if self.conntrack {
-            // After the drain: every connection whose packets were drained is in conntrack.
-            match tokio::task::spawn_blocking(crate::conntrack::dump).await {
-                Ok(Ok(entries)) => {
-                    let table = lock(&self.table);
-                    let mut nat = lock(&self.nat);
-                    nat.cross_check(&entries, &|t| table.contains(t), now);
-                }
-                Ok(Err(e)) => {
-                    lock(&self.nat).conntrack_failed();
-                    warn!(error = %e, "conntrack dump failed; translations stay unchecked until the next one");
-                }
-                Err(join) => {
-                    lock(&self.nat).conntrack_failed();
-                    warn!(error = %join, "conntrack dump task failed");
+            if self.dump_due() {
+                // After the drain: every connection whose packets were drained is in conntrack.
+                match tokio::task::spawn_blocking(crate::conntrack::dump).await {
+                    Ok(Ok(entries)) => {
+                        lock(&self.ct).resync(&entries, monotonic_ns());
+                        *lock(&self.last_dump) = Some(std::time::Instant::now());
+                    }
+                    Ok(Err(e)) => {
+                        lock(&self.nat).conntrack_failed();
+                        warn!(error = %e, "conntrack dump failed; translations are checked against what events said until the next one");
+                    }
+                    Err(join) => {
+                        lock(&self.nat).conntrack_failed();
+                        warn!(error = %join, "conntrack dump task failed");
+                    }
                 }
             }
+            let entries = lock(&self.ct).entries();
+            let table = lock(&self.table);
+            let mut nat = lock(&self.nat);
+            nat.cross_check(&entries, &|t| table.contains(t), now);
+            drop((table, nat));
+            lock(&self.ct).expire(now);
         }
         lock(&self.nat).expire(now);
         self.drains.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether to dump conntrack now: no events, events lost, or the periodic resync.
+    fn dump_due(&self) -> bool {
+        lock(&self.ct).needs_resync()
+            || lock(&self.last_dump).is_none_or(|t| t.elapsed() >= self.conntrack_resync)
     }
 
     /// Interface names by ifindex, copied so no lock is held while they are used (the lock
@@ -234,6 +253,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         )),
         nat: Mutex::new(NatTable::new(cfg.flow_idle_timeout.as_nanos() as u64)),
         conntrack: cfg.conntrack,
+        ct: Arc::new(Mutex::new(crate::conntrack::CtMirror::new(
+            cfg.flow_idle_timeout.as_nanos() as u64,
+        ))),
+        conntrack_resync: cfg.conntrack_resync,
+        last_dump: Mutex::new(None),
         links: Mutex::new(HashMap::new()),
         attach_mode: mode,
         program_ids,
@@ -245,6 +269,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         meta: sink.cache.clone(),
         meta_status: sink.status.clone(),
     });
+    if cfg.conntrack {
+        follow_conntrack_events(shared.ct.clone());
+    }
     let meta_tasks = match meta_start {
         MetadataStart::Nothing => Vec::new(),
         MetadataStart::File(path, mtime) => {
@@ -303,6 +330,40 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     }
     outcome
+}
+
+/// Follows conntrack's NEW/DESTROY events on a thread of its own (the socket read blocks).
+/// Without them (no subscription, or the socket fails) the agent dumps after every drain.
+fn follow_conntrack_events(mirror: Arc<Mutex<crate::conntrack::CtMirror>>) {
+    let mut socket = match crate::conntrack::subscribe() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "not following conntrack events; dumping the table after every drain instead");
+            return;
+        }
+    };
+    lock(&mirror).set_subscribed(true);
+    let spawned = std::thread::Builder::new()
+        .name("conntrack-events".into())
+        .spawn(move || {
+            let mut events = Vec::new();
+            loop {
+                events.clear();
+                if let Err(e) = socket.recv(&mut events) {
+                    warn!(error = %e, "conntrack events stopped; dumping the table after every drain instead");
+                    lock(&mirror).set_subscribed(false);
+                    return;
+                }
+                let now = monotonic_ns();
+                let mut m = lock(&mirror);
+                for ev in events.drain(..) {
+                    m.event(ev, now);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the conntrack event thread; dumping after every drain");
+    }
 }
 
 async fn wait_for_signal() {

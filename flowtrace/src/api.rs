@@ -99,6 +99,8 @@ pub struct NatResponse {
     pub node: String,
     /// Whether the agent reads conntrack (off with `--no-conntrack`).
     pub conntrack: bool,
+    /// How conntrack is followed: events, dumps, translated connections held.
+    pub conntrack_source: crate::conntrack::CtStats,
     pub counters: crate::nat::NatCounters,
     /// Sum of the disagreement counters (mismatch + not_in_conntrack + missed).
     pub disagreements: u64,
@@ -400,6 +402,7 @@ async fn nat(State(shared): State<Arc<Shared>>) -> Response {
     Json(NatResponse {
         node: shared.node.clone(),
         conntrack: shared.conntrack,
+        conntrack_source: lock(&shared.ct).stats(),
         counters,
         disagreements: counters.disagreements(),
         translations,

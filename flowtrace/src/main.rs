@@ -45,6 +45,10 @@ struct AgentArgs {
     /// alone and stay unchecked).
     #[arg(long, env = "FLOWTRACE_NO_CONNTRACK")]
     no_conntrack: bool,
+    /// How often, in seconds, to dump the whole conntrack table to resynchronise what its
+    /// events said (also done at start and after the kernel dropped events).
+    #[arg(long, env = "FLOWTRACE_CONNTRACK_RESYNC_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    conntrack_resync_s: u64,
     /// Most flows kept in the agent's table; the least recently seen are evicted beyond it.
     #[arg(long, env = "FLOWTRACE_MAX_FLOWS", default_value_t = 100_000)]
     max_flows: usize,
@@ -172,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 flow_entries: a.flow_entries,
                 nat_entries: a.nat_entries,
                 conntrack: !a.no_conntrack,
+                conntrack_resync: Duration::from_secs(a.conntrack_resync_s),
                 max_flows: a.max_flows,
                 flow_idle_timeout: Duration::from_secs(a.flow_idle_timeout_s),
                 attach_mode: a.attach_mode,

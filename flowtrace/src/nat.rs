@@ -56,7 +56,9 @@ pub struct NatCounters {
     pub not_in_conntrack: u64,
     /// Disagreements: conntrack translated, both tuples were traced, the programs saw nothing.
     pub missed: u64,
-    pub conntrack_dumps: u64,
+    /// Cross-checks against conntrack (one per drain).
+    pub conntrack_checks: u64,
+    /// Conntrack dumps that failed.
     pub conntrack_errors: u64,
 }
 
@@ -211,7 +213,7 @@ impl NatTable {
         traced: &dyn Fn(&FlowTuple) -> bool,
         now_ns: u64,
     ) {
-        self.counters.conntrack_dumps += 1;
+        self.counters.conntrack_checks += 1;
         let mut expected: HashMap<FlowTuple, FlowTuple> = HashMap::new();
         for ct in conntrack.iter().filter(|c| c.translated()) {
             for (before, after) in ct.rewrites() {

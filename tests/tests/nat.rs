@@ -390,7 +390,116 @@ fn nodeport_from_a_node_is_completed_from_conntrack() {
     }
     assert!(resp.counters.conntrack_only >= 40, "{:?}", resp.counters);
     assert_eq!(resp.disagreements, 0, "{:?}", resp.counters);
-    // The NodePort translations name the Service (by node address and NodePort).
+    // The NodePort translations name the Service (by node address and NodePort), and the
+    // translated flows name the backend pod conntrack chose.
     assert_service_named(&resp, &want);
+    let flows = bed.agent(2).flows().unwrap();
+    for (_, r) in &ct {
+        let t = rev(*r);
+        let f = flows
+            .iter()
+            .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == t)
+            .unwrap_or_else(|| panic!("no flow {t:?} on node2"));
+        let p = c.pod_by_ip(r.1).expect("a backend pod");
+        let be = f.dst_endpoint.as_ref().expect("backend named");
+        assert_eq!(be.name, format!("{}-{}", p.name, p.node), "{f:?}");
+        let s = f.service.as_ref().expect("Service on the translated flow");
+        assert_eq!(s.name, "svc-demo");
+    }
     drop(bed);
+}
+
+#[test]
+fn connections_gone_before_any_dump_are_completed_from_conntrack_events() {
+    common::assert_root();
+    let cluster =
+        flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions::default()).unwrap();
+    let (node1, node2) = (cluster.node(1).unwrap(), cluster.node(2).unwrap());
+    // No periodic drain and no resync dump during the test: only the start-up dump, then
+    // whatever the events say.
+    let agent = flowtrace_tests::Agent::start(
+        &node2.netns,
+        &[
+            "--drain-interval-ms",
+            "600000",
+            "--conntrack-resync-s",
+            "3600",
+        ],
+    )
+    .unwrap();
+    let backends = [
+        cluster.pod(1, "pod-b").unwrap(),
+        cluster.pod(2, "pod-b").unwrap(),
+    ];
+    let sink_args = [
+        "tcp-sink",
+        "--bind",
+        "0.0.0.0:8080",
+        "--connections",
+        "10",
+        "--timeout-ms",
+        "30000",
+        "--idle-timeout-ms",
+        "2000",
+        "--echo-bytes",
+        "10",
+    ];
+    let sinks: Vec<_> = backends
+        .iter()
+        .map(|p| ftgen_bg(p, &sink_args).unwrap())
+        .collect();
+    let bin = ftgen_bin().unwrap().to_string_lossy().to_string();
+    let to = format!("{}:30080", node2.underlay_ip);
+    let out = node1
+        .exec(&[
+            bin.as_str(),
+            "tcp-send",
+            "--to",
+            &to,
+            "--bytes",
+            "100",
+            "--connections",
+            "10",
+        ])
+        .unwrap();
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sent["received_bytes"], 10 * 10, "{sent}");
+    let got: u64 = sinks
+        .into_iter()
+        .map(|s| finish(s).unwrap()["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(got, 10);
+
+    // Ground truth, then the connections are gone from conntrack before the agent's next
+    // dump (there is none): a dump-only agent could not know them any more.
+    let ct = conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]);
+    assert_eq!(ct.len(), 10, "conntrack on node2: {ct:?}");
+    node2
+        .exec(&["conntrack", "-D", "-p", "tcp", "--orig-port-dst", "30080"])
+        .unwrap();
+    assert!(conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]).is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let want = expected(&ct);
+    let _: NatResponse = agent.get("/v1/nat").unwrap();
+    let r: NatResponse = agent.get("/v1/nat").unwrap();
+    let got: BTreeSet<(T, T)> = r
+        .translations
+        .iter()
+        .map(|t| (view(&t.original), view(&t.translated)))
+        .filter(|p| want.contains(p))
+        .collect();
+    let missing: Vec<_> = want.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "{} rewrites missing: {missing:?}",
+        missing.len()
+    );
+    let s = r.conntrack_source;
+    assert!(s.subscribed, "{s:?}");
+    assert_eq!(s.dumps, 1, "only the start-up dump: {s:?}");
+    assert!(s.events >= 20, "10 NEW + 10 DESTROY at least: {s:?}");
+    assert_eq!(r.disagreements, 0, "{:?}", r.counters);
+    drop(agent);
+    cluster.down().unwrap();
 }
