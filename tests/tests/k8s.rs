@@ -474,6 +474,10 @@ fn bad_metadata_input_is_refused_or_counted_never_a_crash() {
             .get::<MetadataResponse>("/v1/metadata")
             .is_ok_and(|m| !m.synced && m.kinds.values().all(|k| k.errors > 0))
     });
+    // Not ready (metadata), so Agent::spawn did not wait for the interfaces: do it here.
+    wait_for("interfaces attached", Duration::from_secs(20), || {
+        agent.interfaces().is_ok_and(|i| i.synced)
+    });
     let m = metadata(&agent);
     let err = m.kinds["pods"].last_error.clone().unwrap();
     assert!(err.contains("list") || err.contains("connect"), "{err}");
