@@ -9,11 +9,12 @@ mod common;
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use common::Bed;
+use flowtrace::flows::FlowRecord;
 use flowtrace::{
     api::NatResponse,
     nat::{NatState, TupleView},
 };
-use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bin, Node};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bin, Cluster, Node};
 
 /// (protocol, src, sport, dst, dport)
 type T = (u8, IpAddr, u16, IpAddr, u16);
@@ -265,12 +266,8 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
     for (o, r) in &ct {
         for (orig, reply) in [(*o, *r), (*r, *o)] {
             // The flow as the node's hooks saw it before and after the rewrite.
-            let before = flows
-                .iter()
-                .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == orig);
-            let after = flows
-                .iter()
-                .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(reply));
+            let before = flow_with(&flows, orig);
+            let after = flow_with(&flows, rev(reply));
             let (Some(before), Some(after)) = (before, after) else {
                 panic!("flows of {orig:?} / {:?} missing", rev(reply));
             };
@@ -286,10 +283,7 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
             }
         }
         // Forward direction: client pod -> Service VIP, then client pod -> backend pod.
-        let fwd = flows
-            .iter()
-            .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == *o)
-            .unwrap();
+        let fwd = flow_with(&flows, *o).unwrap();
         let src = fwd.src_endpoint.as_ref().expect("client named");
         assert_eq!(
             (
@@ -303,10 +297,7 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
             (dst.name.as_str(), format!("{:?}", dst.kind)),
             ("svc-demo", "Service".to_string())
         );
-        let translated = flows
-            .iter()
-            .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == rev(*r))
-            .unwrap();
+        let translated = flow_with(&flows, rev(*r)).unwrap();
         let be = translated.dst_endpoint.as_ref().expect("backend named");
         assert_eq!(be.name, backend_name(r.1), "{translated:?}");
         assert_eq!(
@@ -317,17 +308,18 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
     drop(bed);
 }
 
-#[test]
-fn nodeport_from_a_node_is_completed_from_conntrack() {
-    let bed = Bed::with_metadata();
-    let c = &bed.cluster;
+/// `connections` TCP connections from node1's own namespace (as `curl node2:30080` on a
+/// node would be) to the NodePort on node2, answered by the pod-b backends on both nodes;
+/// checks both ends saw every connection.
+fn nodeport_from_node1(c: &Cluster, connections: u64) {
     let backends = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()];
+    let n = connections.to_string();
     let sink_args = [
         "tcp-sink",
         "--bind",
         "0.0.0.0:8080",
         "--connections",
-        "20",
+        &n,
         "--timeout-ms",
         "30000",
         "--idle-timeout-ms",
@@ -342,7 +334,6 @@ fn nodeport_from_a_node_is_completed_from_conntrack() {
     let (node1, node2) = (c.node(1).unwrap(), c.node(2).unwrap());
     let to = format!("{}:30080", node2.underlay_ip);
     let bin = ftgen_bin().unwrap().to_string_lossy().to_string();
-    // The client is node1 itself (its namespace), as `curl node2:30080` on a node would be.
     let out = node1
         .exec(&[
             bin.as_str(),
@@ -352,16 +343,31 @@ fn nodeport_from_a_node_is_completed_from_conntrack() {
             "--bytes",
             "100",
             "--connections",
-            "20",
+            &n,
         ])
         .unwrap();
     let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(sent["received_bytes"], 20 * 10, "{sent}");
+    assert_eq!(sent["received_bytes"], connections * 10, "{sent}");
     let got: u64 = sinks
         .into_iter()
         .map(|s| finish(s).unwrap()["connections"].as_u64().unwrap())
         .sum();
-    assert_eq!(got, 20);
+    assert_eq!(got, connections);
+}
+
+/// The flow with tuple `t` in `flows`.
+fn flow_with(flows: &[FlowRecord], t: T) -> Option<&FlowRecord> {
+    flows
+        .iter()
+        .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == t)
+}
+
+#[test]
+fn nodeport_from_a_node_is_completed_from_conntrack() {
+    let bed = Bed::with_metadata();
+    let c = &bed.cluster;
+    nodeport_from_node1(c, 20);
+    let node2 = c.node(2).unwrap();
 
     // node2 translated (DNAT to a backend + masquerade): its conntrack is the ground truth.
     let ct = conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]);
@@ -396,10 +402,7 @@ fn nodeport_from_a_node_is_completed_from_conntrack() {
     let flows = bed.agent(2).flows().unwrap();
     for (_, r) in &ct {
         let t = rev(*r);
-        let f = flows
-            .iter()
-            .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == t)
-            .unwrap_or_else(|| panic!("no flow {t:?} on node2"));
+        let f = flow_with(&flows, t).unwrap_or_else(|| panic!("no flow {t:?} on node2"));
         let p = c.pod_by_ip(r.1).expect("a backend pod");
         let be = f.dst_endpoint.as_ref().expect("backend named");
         assert_eq!(be.name, format!("{}-{}", p.name, p.node), "{f:?}");
@@ -414,7 +417,7 @@ fn connections_gone_before_any_dump_are_completed_from_conntrack_events() {
     common::assert_root();
     let cluster =
         flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions::default()).unwrap();
-    let (node1, node2) = (cluster.node(1).unwrap(), cluster.node(2).unwrap());
+    let node2 = cluster.node(2).unwrap();
     // No periodic drain and no resync dump during the test: only the start-up dump, then
     // whatever the events say.
     let agent = flowtrace_tests::Agent::start(
@@ -427,48 +430,7 @@ fn connections_gone_before_any_dump_are_completed_from_conntrack_events() {
         ],
     )
     .unwrap();
-    let backends = [
-        cluster.pod(1, "pod-b").unwrap(),
-        cluster.pod(2, "pod-b").unwrap(),
-    ];
-    let sink_args = [
-        "tcp-sink",
-        "--bind",
-        "0.0.0.0:8080",
-        "--connections",
-        "10",
-        "--timeout-ms",
-        "30000",
-        "--idle-timeout-ms",
-        "2000",
-        "--echo-bytes",
-        "10",
-    ];
-    let sinks: Vec<_> = backends
-        .iter()
-        .map(|p| ftgen_bg(p, &sink_args).unwrap())
-        .collect();
-    let bin = ftgen_bin().unwrap().to_string_lossy().to_string();
-    let to = format!("{}:30080", node2.underlay_ip);
-    let out = node1
-        .exec(&[
-            bin.as_str(),
-            "tcp-send",
-            "--to",
-            &to,
-            "--bytes",
-            "100",
-            "--connections",
-            "10",
-        ])
-        .unwrap();
-    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(sent["received_bytes"], 10 * 10, "{sent}");
-    let got: u64 = sinks
-        .into_iter()
-        .map(|s| finish(s).unwrap()["connections"].as_u64().unwrap())
-        .sum();
-    assert_eq!(got, 10);
+    nodeport_from_node1(&cluster, 10);
 
     // Ground truth, then the connections are gone from conntrack before the agent's next
     // dump (there is none): a dump-only agent could not know them any more.
