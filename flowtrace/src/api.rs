@@ -255,7 +255,7 @@ fn check_names(shared: &Shared, f: &FlowFilter) -> Result<(), (StatusCode, Strin
         return Ok(());
     }
     let status = lock(&shared.meta_status);
-    if status.source == "none" {
+    if !status.has_source() {
         return Err((
             StatusCode::BAD_REQUEST,
             "pod, namespace, workload and service filters need Kubernetes metadata; start the agent with --kubeconfig, in-cluster credentials or --metadata-file".into(),

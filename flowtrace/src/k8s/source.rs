@@ -104,6 +104,11 @@ impl MetaStatus {
         }
     }
 
+    /// Whether a metadata source is configured (with none, no kind is followed).
+    pub fn has_source(&self) -> bool {
+        !self.kinds.is_empty()
+    }
+
     /// Every followed kind is synced (true with no source: nothing to wait for).
     pub fn synced(&self) -> bool {
         self.kinds.values().all(|k| k.synced)
