@@ -173,6 +173,9 @@ fn tcp_transfer_bytes_match_what_the_client_sent() {
     assert_eq!(sent["sent_bytes"], BYTES);
     assert_eq!(got["received_bytes"], BYTES);
     let sport = sent["local_ports"][0].as_u64().unwrap() as u16;
+    // The sender's own count of what it sent twice: a busy machine drops and retransmits
+    // segments, and each copy crosses (and is counted at) the hops before the drop.
+    let resent = sent["retransmitted_bytes"].as_u64().unwrap() as i64;
 
     let f1 = find(
         &bed.agent(1).flows().unwrap(),
@@ -208,8 +211,9 @@ fn tcp_transfer_bytes_match_what_the_client_sent() {
         let payload = h.bytes as i64 - h.packets as i64 * 52;
         let extra = payload - BYTES as i64;
         assert!(
-            (0..=8 + (BYTES as i64) / 100).contains(&extra),
-            "hop {} {:?}: {} packets, {} bytes => {payload} payload bytes, client sent {BYTES}",
+            (0..=8 + resent + (BYTES as i64) / 100).contains(&extra),
+            "hop {} {:?}: {} packets, {} bytes => {payload} payload bytes, client sent {BYTES} \
+             and retransmitted {resent}",
             h.interface,
             h.direction,
             h.packets,
@@ -571,9 +575,18 @@ fn vxlan_outer_flow_on_the_uplink_matches_the_inner_flow() {
     );
     let far = find(&n2, 17, u1, u2, Some(outer.src_port), 8472).unwrap();
     assert_eq!(hop_names(&far), hops(&[("eth0", Ingress)]));
-    assert_eq!(
-        (far.packets, far.bytes),
-        (outer.packets, outer.bytes),
-        "both ends of the underlay"
-    );
+    if sent["retransmitted_bytes"] == 0 {
+        assert_eq!(
+            (far.packets, far.bytes),
+            (outer.packets, outer.bytes),
+            "both ends of the underlay"
+        );
+    } else {
+        // The sender resent segments, so some were dropped, possibly between the two ends
+        // of the underlay: the far end can only have seen fewer.
+        assert!(
+            far.packets <= outer.packets && far.bytes <= outer.bytes,
+            "far end {far:#?} saw more than the near end sent {outer:#?}"
+        );
+    }
 }

@@ -93,7 +93,8 @@ enum Cmd {
         ready_file: Option<PathBuf>,
     },
     /// Open --connections sequential TCP connections, each sending --bytes then shutdown(Write)
-    /// and reading to EOF. Prints {"sent_bytes","received_bytes","connections","local_ports"}.
+    /// and reading to EOF. Prints {"sent_bytes","received_bytes","connections","local_ports",
+    /// "retransmitted_bytes"} (the last summed from each socket's TCP_INFO before it closes).
     TcpSend {
         #[arg(long)]
         to: SocketAddr,
@@ -459,6 +460,7 @@ fn tcp_send(
     let data = payload(bytes);
     let (mut sent, mut received) = (0u64, 0u64);
     let mut ports = Vec::new();
+    let mut retransmitted = 0u64;
     for k in 0..connections {
         let what = || format!("connection {} of {connections} to {to}", k + 1);
         let mut s = TcpStream::connect_timeout(&to, timeout)
@@ -481,13 +483,48 @@ fn tcp_send(
         s.read_to_end(&mut back)
             .with_context(|| format!("{}: reading reply to EOF", what()))?;
         received += back.len() as u64;
+        retransmitted +=
+            tcp_bytes_retransmitted(&s).with_context(|| format!("{}: TCP_INFO", what()))?;
     }
     Ok(json!({
         "sent_bytes": sent,
         "received_bytes": received,
         "connections": connections,
         "local_ports": ports,
+        "retransmitted_bytes": retransmitted,
     }))
+}
+
+/// `tcpi_bytes_retrans` of a connected socket: the payload bytes the kernel sent more than
+/// once (retransmissions and loss probes). Read by offset from `struct tcp_info`
+/// (linux/tcp.h, where the field sits at byte 208 since Linux 4.19) because the libc
+/// crate's struct stops before it.
+fn tcp_bytes_retransmitted(s: &TcpStream) -> Result<u64> {
+    const BYTES_RETRANS_AT: usize = 208;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes and the kernel writes at most `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(TCP_INFO)");
+    }
+    let field = info
+        .get(BYTES_RETRANS_AT..BYTES_RETRANS_AT + 8)
+        .filter(|_| len as usize >= BYTES_RETRANS_AT + 8)
+        .with_context(|| {
+            format!("TCP_INFO is {len} bytes: this kernel has no tcpi_bytes_retrans")
+        })?;
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(field);
+    Ok(u64::from_ne_bytes(raw))
 }
 
 /// AF_PACKET helpers (raw frames in and out, MAC lookup) on top of libc.
