@@ -26,6 +26,30 @@ pub const CONTROL_ACTIVE_BUFFER: u32 = 0;
 /// Number of `u32` slots in the `CONTROL` array map.
 pub const CONTROL_SLOTS: u32 = 4;
 
+/// `CONTROL` slot for latency sampling: 0 = off (the programs then do nothing for latency);
+/// N, a power of two, = one packet in N. The choice hashes the packet id, which NAT does not
+/// change, so a sampled packet is sampled at every hook it crosses.
+pub const CONTROL_LATENCY_SAMPLE: u32 = 1;
+
+/// Default capacity of each latency buffer, in (tuple, segment) entries.
+pub const DEFAULT_LATENCY_ENTRIES: u32 = 4_096;
+
+/// Capacity of the table of TCP segments waiting for their acknowledgement (LRU).
+pub const RTT_PENDING_ENTRIES: u32 = 16_384;
+
+/// Latency kinds (`LatencyKey::kind`).
+/// Time from one hook to the next for the same packet on this node (one way).
+pub const LAT_HOP: u8 = 0;
+/// At one interface: a SYN to the SYN-ACK answering it (round trip beyond this interface).
+pub const LAT_HANDSHAKE: u8 = 1;
+/// At one interface: a data segment to the first data segment acknowledging it (round trip
+/// beyond this interface, including the peer application's time to answer).
+pub const LAT_RESPONSE: u8 = 2;
+
+/// log2 buckets of a latency histogram: bucket `i` holds [2^i, 2^(i+1)) ns, the last one
+/// everything from 2^31 ns (2.1 s) up.
+pub const LATENCY_BUCKETS: usize = 32;
+
 /// Default capacity of each flow buffer (entries). User space may override it at load time.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 16_384;
 
@@ -160,6 +184,18 @@ impl Tuple {
         self._pad = 0;
     }
 
+    /// Sets this tuple to `key`'s, reversed (the other direction of the flow).
+    #[inline(always)]
+    pub fn set_reversed_from_key(&mut self, key: &FlowKey) {
+        self.src_addr = key.dst_addr;
+        self.dst_addr = key.src_addr;
+        self.src_port = key.dst_port;
+        self.dst_port = key.src_port;
+        self.ip_version = key.ip_version;
+        self.protocol = key.protocol;
+        self._pad = 0;
+    }
+
     #[inline(always)]
     pub fn words(&self) -> [u32; 10] {
         // SAFETY: Tuple is repr(C), 40 bytes, 4-aligned, no padding holes (explicit _pad).
@@ -194,6 +230,18 @@ impl PacketId {
             | (self.l4_a ^ o.l4_a)
             | (self.l4_b ^ o.l4_b))
             == 0
+    }
+
+    /// Whether this packet is sampled at `rate` (a power of two; 0 = never). Uses other bits
+    /// of the hash than `slot`, so sampled packets spread over the sighting table.
+    #[inline(always)]
+    pub fn sampled(&self, rate: u32) -> bool {
+        if rate == 0 {
+            return false;
+        }
+        let folded = self.ident ^ self.len_proto.rotate_left(7) ^ self.l4_a ^ self.l4_b;
+        let mixed = (folded ^ (folded >> 16)).wrapping_mul(0x7FEB_352D);
+        (mixed ^ (mixed >> 15)) & (rate - 1) == 0
     }
 
     /// Slot of this id in the sighting table.
@@ -340,6 +388,115 @@ impl FlowKey {
     }
 }
 
+/// What a latency entry measures: a segment between two hooks of one packet (`LAT_HOP`), or
+/// a round trip seen at one interface (`LAT_HANDSHAKE`, `LAT_RESPONSE`; `to_*` is that
+/// interface, `from_*` zero). `tuple` is the flow as seen at the later hook (for a round
+/// trip: the direction of the SYN or of the request).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LatencyKey {
+    pub tuple: Tuple,
+    pub from_ifindex: u32,
+    pub to_ifindex: u32,
+    pub from_direction: u8,
+    pub to_direction: u8,
+    pub kind: u8,
+    pub _pad: u8,
+}
+
+/// A latency histogram, per CPU: count, sum, min, max and log2 buckets, in nanoseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatencyHist {
+    pub count: u32,
+    pub _pad: u32,
+    pub sum_ns: u64,
+    pub min_ns: u64,
+    pub max_ns: u64,
+    pub buckets: [u32; LATENCY_BUCKETS],
+}
+
+impl Default for LatencyHist {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            _pad: 0,
+            sum_ns: 0,
+            min_ns: 0,
+            max_ns: 0,
+            buckets: [0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+/// The bucket of a latency in nanoseconds (see `LATENCY_BUCKETS`).
+#[inline(always)]
+pub fn latency_bucket(ns: u64) -> usize {
+    let bits = 64 - ns.leading_zeros() as usize;
+    let b = if bits == 0 { 0 } else { bits - 1 };
+    if b >= LATENCY_BUCKETS {
+        LATENCY_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+impl LatencyHist {
+    /// Adds one sample.
+    #[inline(always)]
+    pub fn add(&mut self, ns: u64) {
+        if self.count == 0 || ns < self.min_ns {
+            self.min_ns = ns;
+        }
+        if ns > self.max_ns {
+            self.max_ns = ns;
+        }
+        self.count += 1;
+        self.sum_ns += ns;
+        let b = latency_bucket(ns);
+        if let Some(slot) = self.buckets.get_mut(b) {
+            *slot += 1;
+        }
+    }
+
+    /// Adds another histogram (another CPU's, another drain's).
+    pub fn merge(&mut self, o: &LatencyHist) {
+        if o.count == 0 {
+            return;
+        }
+        if self.count == 0 || o.min_ns < self.min_ns {
+            self.min_ns = o.min_ns;
+        }
+        self.max_ns = self.max_ns.max(o.max_ns);
+        self.count += o.count;
+        self.sum_ns += o.sum_ns;
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a += *b;
+        }
+    }
+}
+
+/// A TCP segment waiting at one interface for the segment that acknowledges it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RttKey {
+    /// The waiting segment's tuple at this interface.
+    pub tuple: Tuple,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RttPending {
+    /// The acknowledgement number that covers the segment (host byte order).
+    pub expected_ack: u32,
+    /// `LAT_HANDSHAKE` or `LAT_RESPONSE`.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub sent_ns: u64,
+}
+
 /// Per-CPU counters of everything the kernel programs saw but could not turn into a
 /// flow update. Each way data can be lost has its own slot, so loss is always visible.
 #[repr(u32)]
@@ -375,10 +532,13 @@ pub enum Counter {
     /// NAT rewrites the kernel saw but could not record because the NAT buffer was full
     /// (raise `--nat-entries` or drain more often).
     NatMapFull = 12,
+    /// Latency samples lost because the latency buffer was full (raise
+    /// `--latency-entries` or drain more often).
+    LatencyMapFull = 13,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 13;
+pub const COUNTER_SLOTS: u32 = 14;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -396,6 +556,7 @@ impl Counter {
         Counter::TooManyVlanTags,
         Counter::SlowHeaderReads,
         Counter::NatMapFull,
+        Counter::LatencyMapFull,
     ];
 
     /// Stable snake_case name used in the API and metrics.
@@ -414,6 +575,7 @@ impl Counter {
             Counter::TooManyVlanTags => "too_many_vlan_tags",
             Counter::SlowHeaderReads => "slow_header_reads",
             Counter::NatMapFull => "nat_map_full",
+            Counter::LatencyMapFull => "latency_map_full",
         }
     }
 
@@ -444,6 +606,10 @@ const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
 const _: () = assert!(core::mem::size_of::<PacketId>() == 16);
 const _: () = assert!(core::mem::size_of::<Sighting>() == 72);
 const _: () = assert!(core::mem::size_of::<NatRecord>() == 72);
+const _: () = assert!(core::mem::size_of::<LatencyKey>() == 52);
+const _: () = assert!(core::mem::size_of::<LatencyHist>() == 160);
+const _: () = assert!(core::mem::size_of::<RttKey>() == 48);
+const _: () = assert!(core::mem::size_of::<RttPending>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -455,4 +621,8 @@ mod user {
     unsafe impl aya::Pod for super::Tuple {}
     unsafe impl aya::Pod for super::NatRecord {}
     unsafe impl aya::Pod for super::Sighting {}
+    unsafe impl aya::Pod for super::LatencyKey {}
+    unsafe impl aya::Pod for super::LatencyHist {}
+    unsafe impl aya::Pod for super::RttKey {}
+    unsafe impl aya::Pod for super::RttPending {}
 }

@@ -12,14 +12,16 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use flowtrace_common::{
     parse::{packet_id, parse_frame, PacketInfo, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
-    CacheSlot, Counter, FlowKey, FlowStats, NatRecord, Sighting, Tuple, CACHE_SLOTS,
-    CONTROL_ACTIVE_BUFFER, CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_NAT_ENTRIES,
-    DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS, SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS,
+    CacheSlot, Counter, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, PacketId, RttKey,
+    RttPending, Sighting, Tuple, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE,
+    CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_LATENCY_ENTRIES,
+    DEFAULT_NAT_ENTRIES, DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS, LATENCY_BUCKETS, LAT_HANDSHAKE,
+    LAT_HOP, LAT_RESPONSE, RTT_PENDING_ENTRIES, SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS,
 };
 
 use crate::packet::{skb_meta, DirectPacket};
@@ -59,8 +61,39 @@ static NAT_1: PerCpuHashMap<Tuple, NatRecord> =
 #[map]
 static SIGHTINGS: PerCpuArray<Sighting> = PerCpuArray::with_max_entries(SIGHTING_SLOTS, 0);
 
-/// The SYN bit of the TCP flags byte.
+/// Latency buffer 0: histograms per (tuple, segment or round-trip interface), double-buffered
+/// with the flow buffers (same `CONTROL_ACTIVE_BUFFER`).
+#[map]
+static LATENCY_0: PerCpuHashMap<LatencyKey, LatencyHist> =
+    PerCpuHashMap::with_max_entries(DEFAULT_LATENCY_ENTRIES, 0);
+
+/// Latency buffer 1 (see `LATENCY_0`).
+#[map]
+static LATENCY_1: PerCpuHashMap<LatencyKey, LatencyHist> =
+    PerCpuHashMap::with_max_entries(DEFAULT_LATENCY_ENTRIES, 0);
+
+/// TCP segments waiting at an interface for their acknowledgement. Shared by all CPUs: a
+/// SYN and its SYN-ACK cross an interface on different CPUs. LRU: an unanswered segment
+/// is forgotten under pressure instead of blocking new ones.
+#[map]
+static RTT_PENDING: LruHashMap<RttKey, RttPending> =
+    LruHashMap::with_max_entries(RTT_PENDING_ENTRIES, 0);
+
+/// Per-CPU scratch space where map keys are built (a 52-byte key on the stack would not fit
+/// the 512 bytes the program and its functions share).
+#[map]
+static LAT_SCRATCH: PerCpuArray<LatencyKey> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static RTT_SCRATCH: PerCpuArray<RttKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// The SYN, PSH and ACK bits of the TCP flags byte.
 const TCP_SYN: u8 = 0x02;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+
+/// `ctl` bits passed to the out-of-line functions (BPF functions take at most 5 arguments).
+const CTL_BUFFER: u32 = 1;
+const CTL_SAMPLED: u32 = 2;
 
 /// Per-CPU counters indexed by `Counter`: packets seen and every way an update was lost.
 #[map]
@@ -150,48 +183,63 @@ fn record(
         _pad1: 0,
         _pad2: 0,
     };
-    let Some(slot) = CACHE.get_ptr_mut(active * CACHE_SLOTS + CacheSlot::index(&key)) else {
-        sight(ctx, info, &key, now, active);
-        add_to_map(flows, &key, &packet);
-        return;
-    };
-    // SAFETY: per-CPU slot, only this CPU touches it while this program runs (user space
-    // reads a half only after it stopped being active).
-    unsafe {
-        if (*slot).valid != 0 {
-            if (*slot).key.same_as(&key) {
-                merge_into(&mut (*slot).stats, &packet);
-                // A SYN is sighted even on a hit: a SYN retransmitted after a loss past this
-                // hook is the connection's only other chance to show its rewrite.
-                if info.tcp_flags & TCP_SYN != 0 {
-                    sight(ctx, info, &key, now, active);
-                }
-                return;
-            }
-            // Another flow owns the slot: move its counters to the map, then take the slot.
-            add_to_map(flows, &(*slot).key, &(*slot).stats);
+    let miss = match CACHE.get_ptr_mut(active * CACHE_SLOTS + CacheSlot::index(&key)) {
+        None => {
+            add_to_map(flows, &key, &packet);
+            true
         }
-        // A cache miss: the first packet of this flow at this hook in this drain period (or
-        // one evicted by a colliding flow). Only here is the packet compared across hooks.
-        sight(ctx, info, &key, now, active);
-        (*slot).key = key;
-        (*slot).stats = packet;
-        (*slot).valid = 1;
+        // SAFETY: per-CPU slot, only this CPU touches it while this program runs (user space
+        // reads a half only after it stopped being active).
+        Some(slot) => unsafe {
+            if (*slot).valid != 0 && (*slot).key.same_as(&key) {
+                merge_into(&mut (*slot).stats, &packet);
+                false
+            } else {
+                if (*slot).valid != 0 {
+                    // Another flow owns the slot: move its counters to the map, then take it.
+                    add_to_map(flows, &(*slot).key, &(*slot).stats);
+                }
+                (*slot).key = key;
+                (*slot).stats = packet;
+                (*slot).valid = 1;
+                true
+            }
+        },
+    };
+    if !matches!(key.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        // Only what Services carry. ICMP has too little per-packet identity: neighbour
+        // solicitations and advertisements for one target, for instance, look alike.
+        return;
+    }
+    let rate = CONTROL.get(CONTROL_LATENCY_SAMPLE).copied().unwrap_or(0);
+    // A cache miss is the first packet of this flow at this hook in this drain period (or
+    // one evicted by a colliding flow): only then, for a SYN (a SYN retransmitted after a
+    // loss past this hook is the connection's only other chance to show its rewrite), and
+    // for packets sampled for latency is the packet compared across hooks.
+    let syn = info.tcp_flags & TCP_SYN != 0;
+    if !(miss || syn || rate != 0) {
+        return;
+    }
+    let id = packet_id(&DirectPacket::new(ctx), info);
+    let sampled = id.sampled(rate);
+    let ctl = active | if sampled { CTL_SAMPLED } else { 0 };
+    if miss || syn || sampled {
+        sight(&id, &key, now, ctl);
+    }
+    if rate != 0 && key.protocol == IPPROTO_TCP {
+        rtt(info, &id, &key, now, ctl);
     }
 }
 
 /// Compares this packet with the last one sighted under the same packet id on this CPU: the
 /// same packet at another hook of this node with another tuple was rewritten in between
 /// (kube-proxy's DNAT, the un-DNAT of replies, SNAT/masquerade), so the rewrite is recorded.
-/// Then this sighting replaces the slot's. Out of line: it runs on cache misses only.
+/// A packet sampled for latency (`CTL_SAMPLED`) also adds the time since the earlier hook
+/// to that segment's histogram. Then this sighting replaces the slot's. Out of line: it runs
+/// on cache misses and sampled packets only.
 #[inline(never)]
-fn sight(ctx: &TcContext, info: &PacketInfo, key: &FlowKey, now: u64, active: u32) {
-    // Only what Services carry. ICMP has too little per-packet identity: neighbour
-    // solicitations and advertisements for one target, for instance, look alike.
-    if !matches!(key.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-        return;
-    }
-    let id = packet_id(&DirectPacket::new(ctx), info);
+fn sight(id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
+    let active = ctl & CTL_BUFFER;
     let Some(s) = SIGHTINGS.get_ptr_mut(id.slot()) else {
         return;
     };
@@ -201,16 +249,29 @@ fn sight(ctx: &TcContext, info: &PacketInfo, key: &FlowKey, now: u64, active: u3
     unsafe {
         let earlier = &mut *s;
         if earlier.seen_ns != 0
-            && earlier.id.same_as(&id)
+            && earlier.id.same_as(id)
             && now.wrapping_sub(earlier.seen_ns) <= SIGHTING_MAX_AGE_NS
             && (earlier.ifindex != key.ifindex || earlier.direction != key.direction)
             && earlier.tuple.protocol == key.protocol
             && earlier.tuple.ip_version == key.ip_version
-            && !earlier.tuple.same_as_key(key)
         {
-            record_nat(earlier, key, now, active);
+            if !earlier.tuple.same_as_key(key) {
+                record_nat(earlier, key, now, active);
+            }
+            if ctl & CTL_SAMPLED != 0 {
+                if let Some(k) = LAT_SCRATCH.get_ptr_mut(0) {
+                    (*k).tuple.set_from_key(key);
+                    (*k).from_ifindex = earlier.ifindex;
+                    (*k).from_direction = earlier.direction;
+                    (*k).to_ifindex = key.ifindex;
+                    (*k).to_direction = key.direction;
+                    (*k).kind = LAT_HOP;
+                    (*k)._pad = 0;
+                    add_latency(now.wrapping_sub(earlier.seen_ns), active);
+                }
+            }
         }
-        earlier.id = id;
+        earlier.id = *id;
         earlier.tuple.set_from_key(key);
         earlier.ifindex = key.ifindex;
         earlier.direction = key.direction;
@@ -272,6 +333,103 @@ fn record_nat(earlier: &Sighting, key: &FlowKey, now: u64, active: u32) {
         (*r).to_direction = key.direction;
         (*r).sightings += 1;
         (*r).last_seen_ns = now;
+    }
+}
+
+/// A zeroed histogram to create latency entries from (a global, not a 160-byte stack value).
+static EMPTY_HIST: LatencyHist = LatencyHist {
+    count: 0,
+    _pad: 0,
+    sum_ns: 0,
+    min_ns: 0,
+    max_ns: 0,
+    buckets: [0; LATENCY_BUCKETS],
+};
+
+/// Adds one sample to the histogram of the key in `LAT_SCRATCH`, in the active buffer.
+#[inline(never)]
+fn add_latency(ns: u64, active: u32) {
+    let Some(k) = LAT_SCRATCH.get_ptr(0) else {
+        return;
+    };
+    let map = if active == 0 { &LATENCY_0 } else { &LATENCY_1 };
+    // SAFETY: the scratch key is this CPU's and stays valid for the program run.
+    let key = unsafe { &*k };
+    let h = match map.get_ptr_mut(key) {
+        Some(h) => h,
+        None => {
+            let _ = map.insert(key, &EMPTY_HIST, BPF_NOEXIST as u64);
+            match map.get_ptr_mut(key) {
+                Some(h) => h,
+                None => {
+                    count(Counter::LatencyMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: per-CPU value, only this CPU writes it while this program runs.
+    unsafe { (*h).add(ns) };
+}
+
+/// TCP round trips at this interface: a SYN waits for its SYN-ACK, a sampled data segment
+/// for the first data segment (or SYN-ACK) acknowledging it. The time between them is the
+/// round trip beyond this interface: network plus, for data, the peer's time to answer.
+/// Only one segment per direction and interface waits at a time.
+#[inline(never)]
+fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
+    let flags = info.tcp_flags;
+    let syn = flags & TCP_SYN != 0;
+    let ack = flags & TCP_ACK != 0;
+    let payload = info
+        .l3_len
+        .saturating_sub(info.l3_header_len + info.l4_header_len);
+    let sampled = ctl & CTL_SAMPLED != 0;
+    let Some(rk) = RTT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, valid for the program run.
+    let rk = unsafe { &mut *rk };
+    rk.ifindex = key.ifindex;
+    rk._pad = 0;
+    // An answer: does a segment of the other direction wait at this interface?
+    if ack && (syn || (payload > 0 && (sampled || flags & TCP_PSH != 0))) {
+        rk.tuple.set_reversed_from_key(key);
+        if let Some(p) = RTT_PENDING.get_ptr(&*rk) {
+            // SAFETY: a map value pointer, valid until the program ends.
+            let (expected, sent, kind) = unsafe { ((*p).expected_ack, (*p).sent_ns, (*p).kind) };
+            let acked = u32::from_be(id.l4_b);
+            if (acked.wrapping_sub(expected) as i32) >= 0 {
+                let _ = RTT_PENDING.remove(&*rk);
+                if let Some(k) = LAT_SCRATCH.get_ptr_mut(0) {
+                    // SAFETY: this CPU's scratch slot.
+                    unsafe {
+                        (*k).tuple = rk.tuple;
+                        (*k).from_ifindex = 0;
+                        (*k).from_direction = 0;
+                        (*k).to_ifindex = key.ifindex;
+                        (*k).to_direction = key.direction;
+                        (*k).kind = kind;
+                        (*k)._pad = 0;
+                    }
+                    add_latency(now.wrapping_sub(sent), ctl & CTL_BUFFER);
+                }
+            }
+        }
+    }
+    // A question: a SYN, or a sampled data segment, starts waiting (unless one already does).
+    let opens = if syn { !ack } else { payload > 0 && sampled };
+    if opens {
+        rk.tuple.set_from_key(key);
+        let pending = RttPending {
+            expected_ack: u32::from_be(id.l4_a)
+                .wrapping_add(payload)
+                .wrapping_add(syn as u32),
+            kind: if syn { LAT_HANDSHAKE } else { LAT_RESPONSE },
+            _pad: [0; 3],
+            sent_ns: now,
+        };
+        let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
     }
 }
 

@@ -37,6 +37,10 @@ pub struct AgentConfig {
     pub drain_interval: Duration,
     pub flow_entries: u32,
     pub nat_entries: u32,
+    /// Capacity of each kernel latency buffer.
+    pub latency_entries: u32,
+    /// Latency sampling: one packet in N (a power of two), 0 = off.
+    pub latency_sample: u32,
     /// Cross-check NAT translations with the conntrack table after each drain.
     pub conntrack: bool,
     /// How often to dump the whole conntrack table when events are followed.
@@ -61,6 +65,9 @@ pub struct Shared {
     pub table: Mutex<FlowTable>,
     /// NAT translations (kernel records checked against conntrack).
     pub nat: Mutex<NatTable>,
+    /// Hop latency and round trips.
+    pub latency: Mutex<crate::latency::LatencyTable>,
+    pub latency_sample: u32,
     /// Whether to cross-check with conntrack after each drain.
     pub conntrack: bool,
     /// Translated conntrack connections, from events and resync dumps.
@@ -125,6 +132,9 @@ impl Shared {
             );
             table.expire(now);
             lock(&self.nat).merge_kernel(&drained.nat, now);
+            let mut lat = lock(&self.latency);
+            lat.merge(&drained.latency, now);
+            lat.expire(now);
         }
         if self.conntrack {
             if self.dump_due() {
@@ -238,8 +248,9 @@ enum MetadataStart {
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let (sink, meta_start) = prepare_metadata(&cfg).await?;
-    let mut ebpf = attach::load(cfg.flow_entries, cfg.nat_entries)?;
-    let drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
+    let mut ebpf = attach::load(cfg.flow_entries, cfg.nat_entries, cfg.latency_entries)?;
+    let mut drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
+    drainer.set_latency_sampling(cfg.latency_sample)?;
     let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
     let (mode, program_ids) = (attacher.mode(), attacher.program_ids());
     info!(?mode, listen = %cfg.listen, "flowtrace agent starting");
@@ -252,6 +263,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             cfg.flow_idle_timeout.as_nanos() as u64,
         )),
         nat: Mutex::new(NatTable::new(cfg.flow_idle_timeout.as_nanos() as u64)),
+        latency: Mutex::new(crate::latency::LatencyTable::new(
+            cfg.flow_idle_timeout.as_nanos() as u64,
+        )),
+        latency_sample: cfg.latency_sample,
         conntrack: cfg.conntrack,
         ct: Arc::new(Mutex::new(crate::conntrack::CtMirror::new(
             cfg.flow_idle_timeout.as_nanos() as u64,

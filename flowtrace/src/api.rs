@@ -79,6 +79,15 @@ pub struct StatsResponse {
     pub nat: crate::nat::NatCounters,
 }
 
+/// Body of `GET /v1/latency`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LatencyResponse {
+    pub node: String,
+    /// One packet in `sample_rate` is measured (0: latency tracking is off).
+    pub sample_rate: u32,
+    pub latency: Vec<crate::latency::LatencyRecord>,
+}
+
 /// Body of `GET /v1/metadata`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MetadataResponse {
@@ -123,6 +132,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nat", get(nat))
         .route("/v1/stats", get(stats))
         .route("/v1/metadata", get(metadata))
+        .route("/v1/latency", get(latency))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(shared)
@@ -326,6 +336,21 @@ async fn metadata(State(shared): State<Arc<Shared>>) -> Json<MetadataResponse> {
             .map(|(k, n)| (k.name().to_string(), *n))
             .collect(),
     })
+}
+
+async fn latency(State(shared): State<Arc<Shared>>) -> Response {
+    if let Err(e) = shared.drain_now().await {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let names = shared.iface_names();
+    let names = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
+    let latency = lock(&shared.latency).snapshot(&names);
+    Json(LatencyResponse {
+        node: shared.node.clone(),
+        sample_rate: shared.latency_sample,
+        latency,
+    })
+    .into_response()
 }
 
 async fn interfaces(State(shared): State<Arc<Shared>>) -> Json<InterfacesResponse> {

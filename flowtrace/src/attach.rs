@@ -58,12 +58,14 @@ impl AttachMode {
 }
 
 /// Loads the embedded object with the given flow- and NAT-buffer capacities.
-pub fn load(flow_entries: u32, nat_entries: u32) -> Result<Ebpf> {
+pub fn load(flow_entries: u32, nat_entries: u32, latency_entries: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("FLOWS_0", flow_entries);
     loader.map_max_entries("FLOWS_1", flow_entries);
     loader.map_max_entries("NAT_0", nat_entries);
     loader.map_max_entries("NAT_1", nat_entries);
+    loader.map_max_entries("LATENCY_0", latency_entries);
+    loader.map_max_entries("LATENCY_1", latency_entries);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|source| Error::Load { source })?;

@@ -14,8 +14,8 @@ use std::{collections::HashMap, time::Duration};
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use flowtrace_common::{
-    CacheSlot, Counter, FlowKey, FlowStats, NatRecord, Tuple, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER,
-    COUNTER_SLOTS,
+    CacheSlot, Counter, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, Tuple, CACHE_SLOTS,
+    CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, COUNTER_SLOTS,
 };
 
 use crate::error::{Error, Result};
@@ -37,12 +37,20 @@ pub struct DrainedNat {
     pub record: NatRecord,
 }
 
-/// What one drain produced: the flows, the rewrites, and the map errors met on the way
-/// (each left its entry in place for the next drain).
+/// One latency histogram, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainedLatency {
+    pub key: LatencyKey,
+    pub hist: LatencyHist,
+}
+
+/// What one drain produced: the flows, the rewrites, the latency samples, and the map
+/// errors met on the way (each left its entry in place for the next drain).
 #[derive(Debug, Default)]
 pub struct Drained {
     pub flows: Vec<DrainedFlow>,
     pub nat: Vec<DrainedNat>,
+    pub latency: Vec<DrainedLatency>,
     pub problems: Vec<Error>,
 }
 
@@ -68,6 +76,7 @@ fn merge_nat(into: &mut NatRecord, other: &NatRecord) {
 pub struct Drainer {
     buffers: [PerCpuHashMap<MapData, FlowKey, FlowStats>; 2],
     nat: [PerCpuHashMap<MapData, Tuple, NatRecord>; 2],
+    latency: [PerCpuHashMap<MapData, LatencyKey, LatencyHist>; 2],
     cache: PerCpuArray<MapData, CacheSlot>,
     control: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -139,11 +148,19 @@ impl Drainer {
         Ok(Self {
             buffers: [take(ebpf, "FLOWS_0")?, take(ebpf, "FLOWS_1")?],
             nat: [take(ebpf, "NAT_0")?, take(ebpf, "NAT_1")?],
+            latency: [take(ebpf, "LATENCY_0")?, take(ebpf, "LATENCY_1")?],
             cache: take(ebpf, "CACHE")?,
             control: take(ebpf, "CONTROL")?,
             counters: take(ebpf, "COUNTERS")?,
             grace,
         })
+    }
+
+    /// Sets latency sampling: one packet in `rate` (a power of two), 0 = off.
+    pub fn set_latency_sampling(&mut self, rate: u32) -> Result<()> {
+        self.control
+            .set(CONTROL_LATENCY_SAMPLE, rate, 0)
+            .map_err(map_io("CONTROL"))
     }
 
     fn active(&self) -> Result<u32> {
@@ -170,6 +187,17 @@ impl Drainer {
             }
         }
         let nat = self.drain_nat(old, &mut problems);
+        let lname = if old == 0 { "LATENCY_0" } else { "LATENCY_1" };
+        let latency = take_all(&mut self.latency[old as usize], lname, &mut problems)
+            .into_iter()
+            .filter_map(|(key, per_cpu)| {
+                let mut hist = LatencyHist::default();
+                for cpu in per_cpu.iter() {
+                    hist.merge(cpu);
+                }
+                (hist.count > 0).then_some(DrainedLatency { key, hist })
+            })
+            .collect();
         Ok(Drained {
             flows: merged
                 .into_iter()
@@ -177,6 +205,7 @@ impl Drainer {
                 .map(|(key, stats)| DrainedFlow { key, stats })
                 .collect(),
             nat,
+            latency,
             problems,
         })
     }

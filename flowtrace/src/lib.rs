@@ -2,7 +2,7 @@
 //!
 //! One module per concern: `attach` (loading and attaching the TC programs), `links`
 //! (which interfaces, following netlink), `drain` (reading the kernel maps without loss),
-//! `flows` (the flow table), `k8s` (Kubernetes metadata: who an address is), `nat` (translations seen by the programs, checked against
+//! `flows` (the flow table), `k8s` (Kubernetes metadata: who an address is), `latency` (hop latency and round trips the programs measured), `nat` (translations seen by the programs, checked against
 //! `conntrack`, the kernel's connection table), `filter` (flow filters), `api` (HTTP/JSON),
 //! `agent` (the daemon's tasks), `cli` (the client commands).
 
@@ -16,6 +16,7 @@ pub mod error;
 pub mod filter;
 pub mod flows;
 pub mod k8s;
+pub mod latency;
 pub mod links;
 pub mod nat;
 

@@ -41,6 +41,14 @@ struct AgentArgs {
     /// Capacity of each of the two kernel NAT buffers, in rewrites (original tuples).
     #[arg(long, env = "FLOWTRACE_NAT_ENTRIES", default_value_t = flowtrace_common::DEFAULT_NAT_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     nat_entries: u32,
+    /// Capacity of each of the two kernel latency buffers, in (flow, segment) entries.
+    #[arg(long, env = "FLOWTRACE_LATENCY_ENTRIES", default_value_t = flowtrace_common::DEFAULT_LATENCY_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    latency_entries: u32,
+    /// Measure hop latency and TCP round trips on one packet in N (a power of two; the
+    /// choice hashes fields NAT does not change, so a packet is sampled at every hook);
+    /// 0 turns latency tracking off.
+    #[arg(long, env = "FLOWTRACE_LATENCY_SAMPLE", default_value_t = 64, value_parser = parse_sample_rate)]
+    latency_sample: u32,
     /// Do not read the conntrack table (NAT translations then come from the kernel programs
     /// alone and stay unchecked).
     #[arg(long, env = "FLOWTRACE_NO_CONNTRACK")]
@@ -147,6 +155,15 @@ struct FlowsArgs {
     service: Vec<ObjectName>,
 }
 
+fn parse_sample_rate(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n == 0 || (n.is_power_of_two() && n <= 1 << 20) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not 0 (off) or a power of two up to 1048576 (1 = every packet, 64 = one in 64)"
+        )),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -175,6 +192,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 drain_interval: Duration::from_millis(a.drain_interval_ms),
                 flow_entries: a.flow_entries,
                 nat_entries: a.nat_entries,
+                latency_entries: a.latency_entries,
+                latency_sample: a.latency_sample,
                 conntrack: !a.no_conntrack,
                 conntrack_resync: Duration::from_secs(a.conntrack_resync_s),
                 max_flows: a.max_flows,

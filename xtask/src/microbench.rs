@@ -114,6 +114,7 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
     let mut ft = flowtrace::attach::load(
         flowtrace_common::DEFAULT_FLOW_ENTRIES,
         flowtrace_common::DEFAULT_NAT_ENTRIES,
+        flowtrace_common::DEFAULT_LATENCY_ENTRIES,
     )
     .context("loading flowtrace")?;
     let mut base = Ebpf::load(flowtrace::attach::BASELINES_OBJECT).context("loading baselines")?;

@@ -89,6 +89,9 @@ enum Cmd {
         /// Bytes written back on each connection after the peer's EOF, before closing.
         #[arg(long, default_value_t = 0)]
         echo_bytes: usize,
+        /// Wait this long after the peer's EOF before answering (a slow server).
+        #[arg(long, default_value_t = 0)]
+        reply_delay_ms: u64,
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
@@ -174,13 +177,14 @@ fn main() -> Result<()> {
             timeout_ms,
             idle_timeout_ms,
             echo_bytes,
+            reply_delay_ms,
             ready_file,
         } => tcp_sink(
             bind,
             connections,
             ms(timeout_ms),
             idle_timeout_ms.map(ms),
-            echo_bytes,
+            (echo_bytes, ms(reply_delay_ms)),
             ready_file.as_deref(),
         )?,
         Cmd::TcpSend {
@@ -384,7 +388,7 @@ fn tcp_sink(
     connections: u64,
     timeout: Duration,
     idle: Option<Duration>,
-    echo_bytes: usize,
+    (echo_bytes, reply_delay): (usize, Duration),
     ready: Option<&Path>,
 ) -> Result<serde_json::Value> {
     let listener = TcpListener::bind(bind).with_context(|| format!("binding TCP {bind}"))?;
@@ -411,7 +415,7 @@ fn tcp_sink(
             Ok((stream, peer)) => {
                 accepted += 1;
                 peers.insert(peer.to_string());
-                match serve_tcp(stream, deadline, &reply) {
+                match serve_tcp(stream, deadline, &reply, reply_delay) {
                     Ok(n) => received += n,
                     Err(e) => {
                         eprintln!("ftgen tcp-sink: connection from {peer}: {e:#}");
@@ -432,8 +436,13 @@ fn tcp_sink(
     }))
 }
 
-/// Reads one connection to EOF, writes `reply`, closes. Returns the bytes read.
-fn serve_tcp(mut stream: TcpStream, deadline: Instant, reply: &[u8]) -> Result<u64> {
+/// Reads one connection to EOF, waits `delay`, writes `reply`, closes. Returns the bytes read.
+fn serve_tcp(
+    mut stream: TcpStream,
+    deadline: Instant,
+    reply: &[u8],
+    delay: Duration,
+) -> Result<u64> {
     stream
         .set_nonblocking(false)
         .context("making the connection blocking")?;
@@ -446,6 +455,7 @@ fn serve_tcp(mut stream: TcpStream, deadline: Instant, reply: &[u8]) -> Result<u
         .context("setting write timeout")?;
     let mut sink = Vec::new();
     let n = stream.read_to_end(&mut sink).context("reading to EOF")?;
+    std::thread::sleep(delay);
     stream.write_all(reply).context("writing reply")?;
     stream.shutdown(Shutdown::Both).ok();
     Ok(n as u64)

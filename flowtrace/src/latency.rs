@@ -1,0 +1,275 @@
+//! Latency the kernel programs measured: one-way time between two hooks of this node for
+//! the same packet (`hop`), and TCP round trips seen at an interface (`handshake`: SYN to
+//! SYN-ACK; `response`: a data segment to the data that acknowledges it, which includes the
+//! peer application's time). Histograms are kept per flow tuple and segment, summed over
+//! drains, and forgotten with the flow's idle timeout.
+
+use std::collections::HashMap;
+
+use flowtrace_common::{LatencyHist, DIR_INGRESS, LATENCY_BUCKETS, LAT_HANDSHAKE, LAT_HOP};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    drain::DrainedLatency,
+    flows::{Direction, FlowTuple},
+    nat::{HookView, TupleView},
+};
+
+/// What a latency entry measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatencyKind {
+    /// One way, from one hook to the next, for the same packet on this node.
+    Hop,
+    /// At one interface: SYN to SYN-ACK (the round trip beyond the interface).
+    Handshake,
+    /// At one interface: request data to the answering data (round trip beyond the
+    /// interface, including the peer's time to answer).
+    Response,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    tuple: FlowTuple,
+    kind: LatencyKind,
+    from: Option<(u32, Direction)>,
+    to: (u32, Direction),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    hist: LatencyHist,
+    last_seen_ns: u64,
+}
+
+fn direction(d: u8) -> Direction {
+    if d == DIR_INGRESS {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    }
+}
+
+/// Latency histograms of one agent.
+#[derive(Debug)]
+pub struct LatencyTable {
+    entries: HashMap<Key, Entry>,
+    idle_timeout_ns: u64,
+}
+
+/// One histogram as the API serves it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatencyRecord {
+    pub kind: LatencyKind,
+    /// The flow at the later hook (round trips: the direction of the SYN or request).
+    pub tuple: TupleView,
+    /// The earlier hook (hop latency only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<HookView>,
+    /// The later hook; for a round trip, the interface and direction where the answer
+    /// passed (the question passed the same interface the other way).
+    pub to: HookView,
+    pub samples: u64,
+    pub mean_ns: u64,
+    pub min_ns: u64,
+    pub max_ns: u64,
+    /// Percentiles estimated from the log2 buckets (upper bound of the bucket, capped by max).
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    /// Non-empty buckets as (upper bound in ns, samples).
+    pub buckets: Vec<(u64, u64)>,
+}
+
+impl LatencyTable {
+    pub fn new(idle_timeout_ns: u64) -> Self {
+        Self {
+            entries: HashMap::new(),
+            idle_timeout_ns,
+        }
+    }
+
+    /// Folds one drain in.
+    pub fn merge(&mut self, drained: &[DrainedLatency], now_ns: u64) {
+        for d in drained {
+            let k = &d.key;
+            let kind = match k.kind {
+                LAT_HOP => LatencyKind::Hop,
+                LAT_HANDSHAKE => LatencyKind::Handshake,
+                _ => LatencyKind::Response,
+            };
+            let key = Key {
+                tuple: FlowTuple::from_tuple(&k.tuple),
+                kind,
+                from: (kind == LatencyKind::Hop)
+                    .then_some((k.from_ifindex, direction(k.from_direction))),
+                to: (k.to_ifindex, direction(k.to_direction)),
+            };
+            let e = self.entries.entry(key).or_insert(Entry {
+                hist: LatencyHist::default(),
+                last_seen_ns: now_ns,
+            });
+            e.hist.merge(&d.hist);
+            e.last_seen_ns = now_ns;
+        }
+    }
+
+    pub fn expire(&mut self, now_ns: u64) {
+        let t = self.idle_timeout_ns;
+        self.entries
+            .retain(|_, e| now_ns.saturating_sub(e.last_seen_ns) <= t);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every histogram, hooks named by `names`.
+    pub fn snapshot(&self, names: &dyn Fn(u32) -> String) -> Vec<LatencyRecord> {
+        let hook = |(i, d): (u32, Direction)| HookView {
+            interface: names(i),
+            direction: d,
+        };
+        let mut out: Vec<LatencyRecord> = self
+            .entries
+            .iter()
+            .map(|(k, e)| {
+                record(
+                    k.kind,
+                    k.tuple.into(),
+                    k.from.map(hook),
+                    hook(k.to),
+                    &e.hist,
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (
+                a.tuple.src,
+                a.tuple.src_port,
+                a.tuple.dst,
+                a.tuple.dst_port,
+                a.kind,
+            )
+                .cmp(&(
+                    b.tuple.src,
+                    b.tuple.src_port,
+                    b.tuple.dst,
+                    b.tuple.dst_port,
+                    b.kind,
+                ))
+        });
+        out
+    }
+}
+
+/// Upper bound (ns) of bucket `i`.
+fn bucket_upper(i: usize) -> u64 {
+    if i + 1 >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << (i + 1)) - 1
+    }
+}
+
+fn percentile(h: &LatencyHist, q: f64) -> u64 {
+    let target = ((h.count as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0u64;
+    for (i, n) in h.buckets.iter().enumerate().take(LATENCY_BUCKETS) {
+        seen += u64::from(*n);
+        if seen >= target {
+            return bucket_upper(i).min(h.max_ns).max(h.min_ns);
+        }
+    }
+    h.max_ns
+}
+
+fn record(
+    kind: LatencyKind,
+    tuple: TupleView,
+    from: Option<HookView>,
+    to: HookView,
+    h: &LatencyHist,
+) -> LatencyRecord {
+    LatencyRecord {
+        kind,
+        tuple,
+        from,
+        to,
+        samples: u64::from(h.count),
+        mean_ns: if h.count == 0 {
+            0
+        } else {
+            h.sum_ns / u64::from(h.count)
+        },
+        min_ns: h.min_ns,
+        max_ns: h.max_ns,
+        p50_ns: percentile(h, 0.5),
+        p90_ns: percentile(h, 0.9),
+        p99_ns: percentile(h, 0.99),
+        buckets: h
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (bucket_upper(i), u64::from(*n)))
+            .collect(),
+    }
+}
+
+/// The key of a drained histogram, for tests.
+#[cfg(test)]
+fn key(kind: u8, from: u32, to: u32) -> flowtrace_common::LatencyKey {
+    flowtrace_common::LatencyKey {
+        from_ifindex: from,
+        to_ifindex: to,
+        kind,
+        ..LatencyKey::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_merge_and_report_percentiles() {
+        let mut h = LatencyHist::default();
+        for ns in [1_000u64, 1_100, 1_200, 5_000_000] {
+            h.add(ns);
+        }
+        let mut t = LatencyTable::new(1_000);
+        t.merge(
+            &[DrainedLatency {
+                key: key(LAT_HOP, 3, 5),
+                hist: h,
+            }],
+            10,
+        );
+        t.merge(
+            &[DrainedLatency {
+                key: key(LAT_HOP, 3, 5),
+                hist: h,
+            }],
+            20,
+        );
+        let snap = t.snapshot(&|i| format!("if{i}"));
+        assert_eq!(snap.len(), 1);
+        let r = &snap[0];
+        assert_eq!(
+            (r.kind, r.samples, r.min_ns, r.max_ns),
+            (LatencyKind::Hop, 8, 1_000, 5_000_000)
+        );
+        assert_eq!(r.mean_ns, (2 * (1_000 + 1_100 + 1_200 + 5_000_000)) / 8);
+        // Six of eight samples are ~1 µs (bucket [1024, 2048) for 1100/1200, [512,1024) for 1000).
+        assert!(r.p50_ns < 2_048, "{r:?}");
+        assert_eq!(r.p99_ns, 5_000_000);
+        assert_eq!(r.from.as_ref().unwrap().interface, "if3");
+        t.expire(1_021);
+        assert!(t.is_empty());
+    }
+}
