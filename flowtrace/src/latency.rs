@@ -228,7 +228,7 @@ fn key(kind: u8, from: u32, to: u32) -> flowtrace_common::LatencyKey {
         from_ifindex: from,
         to_ifindex: to,
         kind,
-        ..LatencyKey::default()
+        ..flowtrace_common::LatencyKey::default()
     }
 }
 

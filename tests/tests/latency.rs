@@ -69,7 +69,6 @@ struct Agg {
     connections: usize,
     samples: u64,
     mean_ns: u64,
-    max_ns: u64,
 }
 
 fn find(
@@ -95,8 +94,7 @@ fn find(
     Agg {
         connections: rs.len(),
         samples,
-        mean_ns: if samples == 0 { 0 } else { total / samples },
-        max_ns: rs.iter().map(|r| r.max_ns).max().unwrap_or(0),
+        mean_ns: total.checked_div(samples).unwrap_or(0),
     }
 }
 
