@@ -493,7 +493,9 @@ pub struct RttPending {
     pub expected_ack: u32,
     /// `LAT_HANDSHAKE` or `LAT_RESPONSE`.
     pub kind: u8,
-    pub _pad: [u8; 3],
+    // Scalar padding: a byte array here made LLVM zero it with a memset call.
+    pub _pad0: u8,
+    pub _pad1: u16,
     pub sent_ns: u64,
 }
 

@@ -365,7 +365,14 @@ pub fn packet_id<P: Packet + ?Sized>(pkt: &P, info: &PacketInfo) -> crate::Packe
     let l3 = info.l3_offset as usize;
     let l4 = (info.l3_offset + info.l3_header_len) as usize;
     if l3 > MAX_HEADER_OFFSET || l4 > MAX_HEADER_OFFSET {
-        return crate::PacketId::default();
+        // Length and protocol only (not an all-zero value: LLVM zeroes 16 bytes with a
+        // memset call, which the kernel programs must not contain).
+        return crate::PacketId {
+            ident: 0,
+            len_proto: (info.l3_len << 8) | info.protocol as u32,
+            l4_a: 0,
+            l4_b: 0,
+        };
     }
     let ident = if info.ip_version == 4 {
         pkt.be16_at(l3 + 4).unwrap_or(0) as u32

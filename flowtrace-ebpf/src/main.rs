@@ -426,7 +426,8 @@ fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
                 .wrapping_add(payload)
                 .wrapping_add(syn as u32),
             kind: if syn { LAT_HANDSHAKE } else { LAT_RESPONSE },
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
             sent_ns: now,
         };
         let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
