@@ -1,4 +1,5 @@
-//! `flowtrace flows`: reads the local agent's API and prints flows.
+//! The client commands: `flowtrace flows` (the local agent's flow table) and
+//! `flowtrace path` (hops and latency between two ends, joined over one or more agents).
 
 use std::{error::Error as _, fmt::Write as _};
 
@@ -13,11 +14,16 @@ use crate::{
 /// applies `filter` (it alone can tell whether a named object exists).
 pub fn fetch_flows(base: &str, filter: &FlowFilter) -> Result<FlowsResponse> {
     let query = filter.to_query();
-    let url = if query.is_empty() {
-        format!("{}/v1/flows", base.trim_end_matches('/'))
+    if query.is_empty() {
+        get_json(base, "/v1/flows")
     } else {
-        format!("{}/v1/flows?{query}", base.trim_end_matches('/'))
-    };
+        get_json(base, &format!("/v1/flows?{query}"))
+    }
+}
+
+/// GETs `path` from the agent at `base` and decodes its JSON body.
+pub fn get_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> Result<T> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
     let resp = ureq::get(&url)
         .timeout(std::time::Duration::from_secs(10))
         .call();
@@ -47,11 +53,10 @@ pub fn fetch_flows(base: &str, filter: &FlowFilter) -> Result<FlowsResponse> {
             return Err(Error::AgentUnreachable { url, detail });
         }
     };
-    resp.into_json::<FlowsResponse>()
-        .map_err(|e| Error::AgentResponse {
-            url,
-            detail: e.to_string(),
-        })
+    resp.into_json::<T>().map_err(|e| Error::AgentResponse {
+        url,
+        detail: e.to_string(),
+    })
 }
 
 /// `ns/pod:port` (or `svc:ns/name`, `node:name`) when the address is named, the address
@@ -226,6 +231,207 @@ pub fn flows(agent: &str, filter: &FlowFilter, json: bool) -> Result<String> {
     } else {
         Ok(render_table(&resp.node, &resp.flows))
     }
+}
+
+/// `flowtrace path`: the paths from `src` to `dst` over the agents at `agents` (the node
+/// of each is asked for its flows, latency and interfaces; two agents are needed to see
+/// both ends of a cross-node path and the round trip between the nodes).
+pub fn path(
+    agents: &[String],
+    src: &crate::path::PathEnd,
+    dst: &crate::path::PathEnd,
+    window: std::time::Duration,
+    json: bool,
+) -> Result<String> {
+    let mut views = Vec::new();
+    for a in agents {
+        let flows: FlowsResponse = get_json(a, "/v1/flows")?;
+        let latency: crate::api::LatencyResponse = get_json(a, "/v1/latency")?;
+        let ifaces: crate::api::InterfacesResponse = get_json(a, "/v1/interfaces")?;
+        views.push(crate::path::NodeView {
+            node: flows.node,
+            flows: flows.flows,
+            latency: latency.latency,
+            tunnels: ifaces
+                .interfaces
+                .into_iter()
+                .filter(|i| matches!(i.kind.as_deref(), Some("vxlan" | "geneve")))
+                .map(|i| i.name)
+                .collect(),
+        });
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let paths = crate::path::paths(&views, src, dst, window.as_nanos() as u64, now);
+    if json {
+        return serde_json::to_string_pretty(&paths)
+            .map(|s| s + "\n")
+            .map_err(|e| Error::Output {
+                detail: e.to_string(),
+            });
+    }
+    if paths.is_empty() {
+        let nodes: Vec<&str> = views.iter().map(|v| v.node.as_str()).collect();
+        return Ok(format!(
+            "no connection from {src} to {dst} seen by {} in the last {} s\n",
+            nodes.join(", "),
+            window.as_secs()
+        ));
+    }
+    Ok(paths.iter().map(render_path).collect())
+}
+
+/// A duration in ns as people read it.
+pub fn human_ns(ns: i64) -> String {
+    let a = ns.unsigned_abs() as f64;
+    let sign = if ns < 0 { "-" } else { "" };
+    if a < 1e3 {
+        format!("{sign}{a} ns")
+    } else if a < 1e6 {
+        format!("{sign}{:.1} µs", a / 1e3)
+    } else if a < 1e9 {
+        format!("{sign}{:.2} ms", a / 1e6)
+    } else {
+        format!("{sign}{:.2} s", a / 1e9)
+    }
+}
+
+fn summary_text(s: &crate::path::LatencySummary) -> String {
+    format!(
+        "mean {} p50 {} p90 {} p99 {} ({} samples)",
+        human_ns(s.mean_ns as i64),
+        human_ns(s.p50_ns as i64),
+        human_ns(s.p90_ns as i64),
+        human_ns(s.p99_ns as i64),
+        s.samples
+    )
+}
+
+fn end_text(e: Option<&crate::k8s::Endpoint>, t: &crate::nat::TupleView, src: bool) -> String {
+    let (ip, port) = if src {
+        (t.src, t.src_port)
+    } else {
+        (t.dst, t.dst_port)
+    };
+    named_endpoint(e, &ip, port, t.protocol)
+}
+
+fn tuple_text(t: &crate::nat::TupleView) -> String {
+    format!(
+        "{} -> {}",
+        endpoint(&t.src, t.src_port, t.protocol),
+        endpoint(&t.dst, t.dst_port, t.protocol)
+    )
+}
+
+fn render_leg(out: &mut String, name: &str, leg: &crate::path::Leg) {
+    use crate::path::Step;
+    let _ = writeln!(out, "  {name} {}", tuple_text(&leg.tuple));
+    for s in &leg.steps {
+        match s {
+            Step::Hop {
+                node,
+                interface,
+                direction,
+                packets,
+                bytes,
+                from_previous,
+                handshake_rtt,
+                response_rtt,
+                ..
+            } => {
+                let _ = writeln!(
+                    out,
+                    "    {node:<10} {interface} {}  {packets} packets {bytes} bytes",
+                    match direction {
+                        Direction::Ingress => "ingress",
+                        Direction::Egress => "egress",
+                    }
+                );
+                if let Some(l) = from_previous {
+                    let _ = writeln!(out, "{:15}from previous hop: {}", "", summary_text(l));
+                }
+                if let Some(l) = handshake_rtt {
+                    let _ = writeln!(out, "{:15}handshake round trip: {}", "", summary_text(l));
+                }
+                if let Some(l) = response_rtt {
+                    let _ = writeln!(out, "{:15}response round trip: {}", "", summary_text(l));
+                }
+            }
+            Step::Nat {
+                node, to, rewrote, ..
+            } => {
+                let _ = writeln!(out, "    {node:<10} NAT ({rewrote}) -> {}", tuple_text(to));
+            }
+        }
+    }
+}
+
+fn render_path(p: &crate::path::PathRecord) -> String {
+    let mut out = String::new();
+    let via = p
+        .service
+        .as_ref()
+        .map(|s| format!(" via svc {}/{}", s.namespace, s.name))
+        .unwrap_or_default();
+    let last = p
+        .request
+        .steps
+        .iter()
+        .rev()
+        .find_map(|s| match s {
+            crate::path::Step::Hop { tuple, .. } => Some(*tuple),
+            crate::path::Step::Nat { .. } => None,
+        })
+        .unwrap_or(p.request.tuple);
+    let _ = writeln!(
+        out,
+        "{} -> {}{via}, {}: {} connection{}",
+        end_text(p.src_endpoint.as_ref(), &p.request.tuple, true),
+        end_text(p.dst_endpoint.as_ref(), &last, false),
+        p.protocol,
+        p.connections,
+        if p.connections == 1 { "" } else { "s" }
+    );
+    render_leg(&mut out, "request", &p.request);
+    if let Some(r) = &p.reply {
+        render_leg(&mut out, "reply", r);
+    }
+    for s in &p.segments {
+        let mut parts = Vec::new();
+        if let Some(h) = s.handshake_rtt_ns {
+            parts.push(format!("handshake {}", human_ns(h)));
+        }
+        if let Some(r) = s.response_rtt_ns {
+            parts.push(format!("response {}", human_ns(r)));
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(
+                out,
+                "  segment {} -> {}{}: round trip {}",
+                s.from,
+                s.to,
+                if s.in_node { "" } else { " (between nodes)" },
+                parts.join(", ")
+            );
+        }
+    }
+    if p.network_time_ns.is_some() || p.server_time_ns.is_some() {
+        let _ = writeln!(
+            out,
+            "  time: network {}, server {}",
+            p.network_time_ns
+                .map(human_ns)
+                .unwrap_or_else(|| "unknown".into()),
+            p.server_time_ns
+                .map(|s| human_ns(s as i64))
+                .unwrap_or_else(|| "unknown".into())
+        );
+    }
+    out.push('\n');
+    out
 }
 
 #[cfg(test)]

@@ -188,6 +188,21 @@ fn percentile(h: &LatencyHist, q: f64) -> u64 {
     h.max_ns
 }
 
+/// Mean, p50, p90 and p99 of a histogram (ns).
+pub fn summarize(h: &LatencyHist) -> (u64, u64, u64, u64) {
+    let mean = if h.count == 0 {
+        0
+    } else {
+        h.sum_ns / u64::from(h.count)
+    };
+    (
+        mean,
+        percentile(h, 0.5),
+        percentile(h, 0.9),
+        percentile(h, 0.99),
+    )
+}
+
 fn record(
     kind: LatencyKind,
     tuple: TupleView,
@@ -195,22 +210,19 @@ fn record(
     to: HookView,
     h: &LatencyHist,
 ) -> LatencyRecord {
+    let (mean, p50, p90, p99) = summarize(h);
     LatencyRecord {
         kind,
         tuple,
         from,
         to,
         samples: u64::from(h.count),
-        mean_ns: if h.count == 0 {
-            0
-        } else {
-            h.sum_ns / u64::from(h.count)
-        },
+        mean_ns: mean,
         min_ns: h.min_ns,
         max_ns: h.max_ns,
-        p50_ns: percentile(h, 0.5),
-        p90_ns: percentile(h, 0.9),
-        p99_ns: percentile(h, 0.99),
+        p50_ns: p50,
+        p90_ns: p90,
+        p99_ns: p99,
         buckets: h
             .buckets
             .iter()

@@ -3,7 +3,8 @@
 //! One module per concern: `attach` (loading and attaching the TC programs), `links`
 //! (which interfaces, following netlink), `drain` (reading the kernel maps without loss),
 //! `flows` (the flow table), `k8s` (Kubernetes metadata: who an address is), `latency` (hop latency and round trips the programs measured), `nat` (translations seen by the programs, checked against
-//! `conntrack`, the kernel's connection table), `filter` (flow filters), `api` (HTTP/JSON),
+//! `conntrack`, the kernel's connection table), `filter` (flow filters), `path` (the hops
+//! of each connection across nodes, with NAT steps and latency), `api` (HTTP/JSON),
 //! `agent` (the daemon's tasks), `cli` (the client commands).
 
 pub mod agent;
@@ -19,5 +20,6 @@ pub mod k8s;
 pub mod latency;
 pub mod links;
 pub mod nat;
+pub mod path;
 
 pub use error::{Error, Result};

@@ -1,4 +1,5 @@
-//! The `flowtrace` binary: `flowtrace agent` (the daemon) and `flowtrace flows` (the CLI).
+//! The `flowtrace` binary: `flowtrace agent` (the daemon), `flowtrace flows` and
+//! `flowtrace path` (the CLI).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -25,6 +26,35 @@ enum Command {
     Agent(AgentArgs),
     /// Print the flows the local agent has seen.
     Flows(FlowsArgs),
+    /// Print the hops from SRC to DST (request and reply, NAT steps included) with the
+    /// latency measured at each, over one or more agents (give every node's agent to see
+    /// a cross-node path whole, and the round trip between the nodes).
+    Path(PathArgs),
+}
+
+#[derive(Args)]
+struct PathArgs {
+    /// Where the traffic starts: an IP address, pod/NAMESPACE/NAME, workload/NAMESPACE/NAME
+    /// (or deploy/, ds/, sts/...).
+    #[arg(value_parser = flowtrace::path::PathEnd::parse)]
+    src: flowtrace::path::PathEnd,
+    /// Where it goes: the same forms, or svc/NAMESPACE/NAME for a Service.
+    #[arg(value_parser = flowtrace::path::PathEnd::parse)]
+    dst: flowtrace::path::PathEnd,
+    /// Base URL of an agent's API (repeatable: one per node to join).
+    #[arg(
+        long,
+        env = "FLOWTRACE_AGENT",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:9650"
+    )]
+    agent: Vec<String>,
+    /// Only connections seen in the last this many seconds (0: everything the agents hold).
+    #[arg(long, default_value_t = 60)]
+    window_s: u64,
+    /// Print JSON (a list of paths) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -225,6 +255,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 services: f.service,
             };
             print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);
+        }
+        Command::Path(p) => {
+            print!(
+                "{}",
+                flowtrace::cli::path(
+                    &p.agent,
+                    &p.src,
+                    &p.dst,
+                    Duration::from_secs(p.window_s),
+                    p.json
+                )?
+            );
         }
     }
     Ok(())
