@@ -114,7 +114,14 @@ impl Agent {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns])
             .arg(&bin)
-            .args(["agent", "--listen", &format!("127.0.0.1:{API_PORT}")])
+            .arg("agent")
+            // Every agent serves on its node's loopback; a test may ask for more (the
+            // port must stay API_PORT: requests go to 127.0.0.1:API_PORT).
+            .args(if extra.contains(&"--listen") {
+                vec![]
+            } else {
+                vec!["--listen".to_string(), format!("127.0.0.1:{API_PORT}")]
+            })
             .args(if extra.contains(&"--drain-interval-ms") {
                 &[][..]
             } else {

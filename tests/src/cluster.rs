@@ -43,6 +43,10 @@ pub struct ClusterOptions {
     /// relay (a delay line between nodes) needs. Off by default: real NICs aggregate (GRO/GSO),
     /// and measurements on an underlay that does not would overstate per-packet work.
     pub underlay_offloads_off: bool,
+    /// Wire the nodes' `eth0`s to `ul<i>` veths in an extra `<prefix>-underlay` namespace with
+    /// no bridge: nothing crosses until a relay (`ftgen delay-line`) runs there. Implies
+    /// offloads off.
+    pub underlay_relay: bool,
 }
 
 impl Default for ClusterOptions {
@@ -51,6 +55,7 @@ impl Default for ClusterOptions {
             nodes: 2,
             pods_per_node: vec!["pod-a".into(), "pod-b".into(), "pod-c".into()],
             underlay_offloads_off: false,
+            underlay_relay: false,
         }
     }
 }
@@ -205,6 +210,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The extra namespace the underlay runs through (when the options asked for one).
+    pub fn underlay_netns(&self) -> String {
+        format!("{}-underlay", self.prefix)
+    }
+
     /// Builds the cluster. Sweeps namespaces of dead earlier runs first. On error everything built
     /// so far is torn down again.
     pub fn up(opts: &ClusterOptions) -> Result<Self> {
@@ -223,7 +233,10 @@ impl Cluster {
         for i in 1..=opts.nodes {
             cluster.create_node(i)?;
         }
-        cluster.wire_underlay(opts.underlay_offloads_off)?;
+        cluster.wire_underlay(
+            opts.underlay_offloads_off || opts.underlay_relay,
+            opts.underlay_relay,
+        )?;
         for i in 1..=opts.nodes {
             cluster.setup_overlay(i)?;
         }
@@ -444,14 +457,15 @@ impl Cluster {
     }
 
     /// Gives every node an `eth0` on 192.168.50.0/24: a direct veth for two nodes, otherwise one
-    /// veth per node into a bridge in an extra underlay namespace.
-    fn wire_underlay(&mut self, offloads_off: bool) -> Result<()> {
+    /// veth per node into a bridge in an extra underlay namespace (with `relay`, into that
+    /// namespace without a bridge).
+    fn wire_underlay(&mut self, offloads_off: bool, relay: bool) -> Result<()> {
         let nodes: Vec<(String, usize)> = self
             .nodes
             .iter()
             .map(|n| (n.netns.clone(), n.index))
             .collect();
-        if let [(a, _), (b, _)] = nodes.as_slice() {
+        if let ([(a, _), (b, _)], false) = (nodes.as_slice(), relay) {
             // Temporary names: both ends end up as `eth0`, which cannot coexist in one namespace.
             ip(a, "link add ul-tmp-a type veth peer name ul-tmp-b")?;
             ip(a, &format!("link set ul-tmp-b netns {b}"))?;
@@ -461,14 +475,18 @@ impl Cluster {
             let ul = format!("{}-underlay", self.prefix);
             self.create_netns(&ul)?;
             ip(&ul, "link set lo up")?;
-            ip(&ul, "link add br0 type bridge")?;
-            ip(&ul, "link set br0 up")?;
+            if !relay {
+                ip(&ul, "link add br0 type bridge")?;
+                ip(&ul, "link set br0 up")?;
+            }
             for (ns, i) in &nodes {
                 ip(
                     &ul,
                     &format!("link add ul{i} type veth peer name eth0 netns {ns}"),
                 )?;
-                ip(&ul, &format!("link set ul{i} master br0"))?;
+                if !relay {
+                    ip(&ul, &format!("link set ul{i} master br0"))?;
+                }
                 if offloads_off {
                     disable_offloads(&ul, &format!("ul{i}"))?;
                 }

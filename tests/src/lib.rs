@@ -35,7 +35,7 @@ pub use apiserver::ApiServer;
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
 pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard};
-pub use traffic::{finish, ftgen, ftgen_bg, ftgen_bin};
+pub use traffic::{finish, ftgen, ftgen_bg, ftgen_bg_in, ftgen_bin};
 
 /// Everything the test bed can fail with. Each variant's message names what failed and what to do.
 #[derive(Debug, thiserror::Error)]

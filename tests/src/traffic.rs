@@ -35,29 +35,36 @@ pub fn ftgen(pod: &Pod, args: &[&str]) -> Result<Value> {
 
 /// Starts `ftgen <args> --ready-file F` in `pod` and returns once its socket is bound.
 pub fn ftgen_bg(pod: &Pod, args: &[&str]) -> Result<ChildGuard> {
+    ftgen_bg_in(&pod.netns, args)
+}
+
+/// Starts `ftgen <args> --ready-file F` in network namespace `netns_name` and returns once
+/// it is ready.
+pub fn ftgen_bg_in(netns_name: &str, args: &[&str]) -> Result<ChildGuard> {
     let bin = ftgen_bin()?;
     let bin = bin.to_string_lossy().to_string();
     let what = args.first().copied().unwrap_or("ftgen");
     let ready =
-        std::env::temp_dir().join(format!("{}-{what}-{}.ready", pod.netns, std::process::id()));
+        std::env::temp_dir().join(format!("{netns_name}-{what}-{}.ready", std::process::id()));
     let _ = std::fs::remove_file(&ready);
     let ready_s = ready.to_string_lossy().to_string();
     let mut argv = vec![bin.as_str()];
     argv.extend_from_slice(args);
     argv.extend_from_slice(&["--ready-file", &ready_s]);
-    let mut guard = pod.spawn_guarded(&argv)?;
+    let mut guard = crate::netns::ChildGuard::new(
+        crate::netns::spawn(netns_name, &argv)?,
+        format!("{} (in {netns_name})", crate::netns::display_cmd(&argv)),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !ready.exists() {
         if guard.has_exited() {
             return Err(Error::Invalid(format!(
-                "ftgen {args:?} in {} exited before becoming ready",
-                pod.netns
+                "ftgen {args:?} in {netns_name} exited before becoming ready"
             )));
         }
         if Instant::now() > deadline {
             return Err(Error::Invalid(format!(
-                "ftgen {args:?} in {} never became ready",
-                pod.netns
+                "ftgen {args:?} in {netns_name} never became ready"
             )));
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -404,7 +404,7 @@ fn bad_metadata_input_is_refused_or_counted_never_a_crash() {
     let cluster = flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions {
         nodes: 2,
         pods_per_node: vec!["pod-a".into()],
-        underlay_offloads_off: false,
+        ..Default::default()
     })
     .unwrap();
     let ns = cluster.node(1).unwrap().netns.clone();

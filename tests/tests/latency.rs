@@ -8,11 +8,12 @@ mod common;
 use std::net::IpAddr;
 
 use flowtrace::{
-    api::LatencyResponse,
+    api::{FlowsResponse, LatencyResponse},
     flows::Direction,
     latency::{LatencyKind, LatencyRecord},
+    path::{paths, Leg, NodeView, PathEnd, PathRecord, Step},
 };
-use flowtrace_tests::{finish, ftgen, ftgen_bg, Agent, Cluster, ClusterOptions, Pod};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bg_in, Agent, Cluster, ClusterOptions, Pod};
 
 fn latency(agent: &Agent) -> Vec<LatencyRecord> {
     let r: LatencyResponse = agent.get("/v1/latency").unwrap();
@@ -23,12 +24,16 @@ fn latency(agent: &Agent) -> Vec<LatencyRecord> {
 /// `connections` request/answer exchanges from `client` to `server`:8080, the server
 /// answering `delay_ms` after the request.
 fn exchanges(client: &Pod, server: &Pod, connections: u32, delay_ms: u32) {
+    exchanges_on(client, server, 8080, connections, delay_ms)
+}
+
+fn exchanges_on(client: &Pod, server: &Pod, port: u16, connections: u32, delay_ms: u32) {
     let sink = ftgen_bg(
         server,
         &[
             "tcp-sink",
             "--bind",
-            "0.0.0.0:8080",
+            &format!("0.0.0.0:{port}"),
             "--connections",
             &connections.to_string(),
             "--timeout-ms",
@@ -40,7 +45,7 @@ fn exchanges(client: &Pod, server: &Pod, connections: u32, delay_ms: u32) {
         ],
     )
     .unwrap();
-    let to = format!("{}:8080", server.ipv4);
+    let to = format!("{}:{port}", server.ipv4);
     let sent = ftgen(
         client,
         &[
@@ -205,6 +210,363 @@ fn hops_are_microseconds_and_a_slow_server_is_server_time() {
         network < 5_000_000,
         "network share {network} ns: {rs_client:?} {rs_server:?}"
     );
+    drop(agents);
+    cluster.down().unwrap();
+}
+
+/// What the agents serve, as `flowtrace path` reads it.
+fn views(agents: &[Agent]) -> Vec<NodeView> {
+    agents
+        .iter()
+        .map(|a| NodeView {
+            node: a.get::<FlowsResponse>("/v1/flows").unwrap().node,
+            flows: a.flows().unwrap(),
+            latency: latency(a),
+            tunnels: a
+                .interfaces()
+                .unwrap()
+                .interfaces
+                .into_iter()
+                .filter(|i| i.kind.as_deref() == Some("vxlan"))
+                .map(|i| i.name)
+                .collect(),
+        })
+        .collect()
+}
+
+/// "node interface direction" per step, NAT steps as "node nat <what>".
+fn steps(leg: &Leg) -> Vec<String> {
+    leg.steps
+        .iter()
+        .map(|s| match s {
+            Step::Hop {
+                node,
+                interface,
+                direction,
+                ..
+            } => format!("{node} {interface} {direction:?}"),
+            Step::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
+        })
+        .collect()
+}
+
+fn hop(node: &str, iface: &str, d: &str) -> String {
+    format!("{node} {iface} {d}")
+}
+
+/// A delay line between the nodes, holding node1 -> node2 frames `delay_us`.
+struct DelayLine {
+    guard: flowtrace_tests::netns::ChildGuard,
+    stop: std::path::PathBuf,
+}
+
+impl DelayLine {
+    fn start(cluster: &Cluster, delay_us: u64) -> Self {
+        let stop = std::env::temp_dir().join(format!("{}-delay-{delay_us}.stop", cluster.prefix));
+        let _ = std::fs::remove_file(&stop);
+        let guard = ftgen_bg_in(
+            &cluster.underlay_netns(),
+            &[
+                "delay-line",
+                "--a",
+                "ul1",
+                "--b",
+                "ul2",
+                "--delay-us",
+                &delay_us.to_string(),
+                "--stop-file",
+                &stop.to_string_lossy(),
+            ],
+        )
+        .unwrap();
+        DelayLine { guard, stop }
+    }
+
+    /// Stops the line; returns its own account of what it held.
+    fn stop(self) -> serde_json::Value {
+        std::fs::write(&self.stop, b"").unwrap();
+        let out = finish(self.guard).unwrap();
+        let _ = std::fs::remove_file(&self.stop);
+        out
+    }
+}
+
+/// Paths of same-node, cross-node and Service traffic list the hops the topology has, in
+/// order, with the NAT step; a delay inserted between the nodes (2 ms, 5 ms) is the round
+/// trip of the segment between the two nodes' flannel.1, and in-node hops stay microseconds.
+#[test]
+fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
+    common::assert_root();
+    let cluster = Cluster::up(&ClusterOptions {
+        underlay_relay: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let line = DelayLine::start(&cluster, 0);
+    let agents: Vec<Agent> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            Agent::start(
+                &n.netns,
+                &["--latency-sample", "1", "--listen", "0.0.0.0:9650"],
+            )
+            .unwrap()
+        })
+        .collect();
+    let ip = |p: &Pod| PathEnd::Ip(p.ipv4.into());
+    let (a1, b1, c1) = (
+        cluster.pod(1, "pod-a").unwrap(),
+        cluster.pod(1, "pod-b").unwrap(),
+        cluster.pod(1, "pod-c").unwrap(),
+    );
+    let (a2, b2, c2) = (
+        cluster.pod(2, "pod-a").unwrap(),
+        cluster.pod(2, "pod-b").unwrap(),
+        cluster.pod(2, "pod-c").unwrap(),
+    );
+    let (ig, eg) = ("Ingress", "Egress");
+
+    // Same node.
+    exchanges_on(c1, a1, 8080, 5, 0);
+    // Through the Service from pod-c on node1: backends pod-b on node1 and on node2.
+    let sinks: Vec<_> = [b1, b2]
+        .iter()
+        .map(|p| {
+            ftgen_bg(
+                p,
+                &[
+                    "tcp-sink",
+                    "--bind",
+                    "0.0.0.0:8080",
+                    "--connections",
+                    "20",
+                    "--timeout-ms",
+                    "30000",
+                    "--idle-timeout-ms",
+                    "1500",
+                    "--echo-bytes",
+                    "10",
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let sent = ftgen(
+        c1,
+        &[
+            "tcp-send",
+            "--to",
+            "10.96.0.10:80",
+            "--bytes",
+            "100",
+            "--connections",
+            "20",
+        ],
+    )
+    .unwrap();
+    assert_eq!(sent["received_bytes"], 200, "{sent}");
+    for s in sinks {
+        finish(s).unwrap();
+    }
+    // Cross node, no delay added: the baseline of the segment between the nodes.
+    exchanges_on(a1, a2, 8080, 10, 0);
+
+    let v = views(&agents);
+    // Same node: in at the client's veth, out at the server's; the reply the other way.
+    let p = paths(&v, &ip(c1), &ip(a1), 0, 0);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p[0].connections, 5);
+    assert_eq!(
+        steps(&p[0].request),
+        [
+            hop("node1", &c1.host_veth, ig),
+            hop("node1", &a1.host_veth, eg)
+        ]
+    );
+    assert_eq!(
+        steps(p[0].reply.as_ref().unwrap()),
+        [
+            hop("node1", &a1.host_veth, ig),
+            hop("node1", &c1.host_veth, eg)
+        ]
+    );
+    // Service: one path per backend, each through the DNAT, split as conntrack says.
+    let ct = flowtrace_tests::netns::exec(
+        &cluster.node(1).unwrap().netns,
+        &["conntrack", "-L", "-d", "10.96.0.10", "-p", "tcp"],
+    )
+    .unwrap();
+    let ct = String::from_utf8_lossy(&ct.stdout).to_string();
+    let to_b2 = ct
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("src={}", c1.ipv4)) && l.contains(&format!("src={} ", b2.ipv4))
+        })
+        .count() as u64;
+    let to_b1 = ct
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("src={}", c1.ipv4)) && l.contains(&format!("src={} ", b1.ipv4))
+        })
+        .count() as u64;
+    assert_eq!(to_b1 + to_b2, 20, "conntrack: {ct}");
+    let svc = PathEnd::Ip("10.96.0.10".parse().unwrap());
+    let p = paths(&v, &ip(c1), &svc, 0, 0);
+    let mut want = vec![];
+    if to_b1 > 0 {
+        want.push((
+            to_b1,
+            vec![
+                hop("node1", &c1.host_veth, ig),
+                "node1 nat dst".to_string(),
+                hop("node1", &b1.host_veth, eg),
+            ],
+            vec![
+                hop("node1", &b1.host_veth, ig),
+                "node1 nat src".to_string(),
+                hop("node1", &c1.host_veth, eg),
+            ],
+        ));
+    }
+    if to_b2 > 0 {
+        want.push((
+            to_b2,
+            vec![
+                hop("node1", &c1.host_veth, ig),
+                "node1 nat dst".to_string(),
+                hop("node1", "flannel.1", eg),
+                hop("node2", "flannel.1", ig),
+                hop("node2", &b2.host_veth, eg),
+            ],
+            vec![
+                hop("node2", &b2.host_veth, ig),
+                hop("node2", "flannel.1", eg),
+                hop("node1", "flannel.1", ig),
+                "node1 nat src".to_string(),
+                hop("node1", &c1.host_veth, eg),
+            ],
+        ));
+    }
+    let mut got: Vec<_> = p
+        .iter()
+        .map(|r| {
+            (
+                r.connections,
+                steps(&r.request),
+                steps(r.reply.as_ref().unwrap()),
+            )
+        })
+        .collect();
+    got.sort_by_key(|g| g.1.len());
+    assert_eq!(got, want, "conntrack: {ct}");
+
+    // Cross node: the four hooks, both ways.
+    let p = paths(&v, &ip(a1), &ip(a2), 0, 0);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(
+        steps(&p[0].request),
+        [
+            hop("node1", &a1.host_veth, ig),
+            hop("node1", "flannel.1", eg),
+            hop("node2", "flannel.1", ig),
+            hop("node2", &a2.host_veth, eg)
+        ]
+    );
+    assert_eq!(
+        steps(p[0].reply.as_ref().unwrap()),
+        [
+            hop("node2", &a2.host_veth, ig),
+            hop("node2", "flannel.1", eg),
+            hop("node1", "flannel.1", ig),
+            hop("node1", &a1.host_veth, eg)
+        ]
+    );
+    let between = |p: &PathRecord| {
+        let s = p.segments.iter().find(|s| !s.in_node).unwrap();
+        s.handshake_rtt_ns.unwrap()
+    };
+    let base_rtt = between(&p[0]);
+
+    // The same through `flowtrace path` over both agents, from node1.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &cluster.node(1).unwrap().netns])
+        .arg(flowtrace_tests::flowtrace_bin().unwrap())
+        .args([
+            "path",
+            &a1.ipv4.to_string(),
+            &a2.ipv4.to_string(),
+            "--agent",
+            "http://127.0.0.1:9650,http://192.168.50.2:9650",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("(between nodes)") && text.contains("10 connections"),
+        "{text}"
+    );
+    let base = line.stop();
+    eprintln!("baseline: segment between nodes {base_rtt} ns; delay line {base}");
+    let hold = |v: &serde_json::Value| {
+        v["a_to_b"]["mean_hold_ns"].as_i64().unwrap()
+            + v["b_to_a"]["mean_hold_ns"].as_i64().unwrap()
+    };
+
+    // Delays: each round from its own pair of pods, so each is its own path.
+    for (delay_us, client, server) in [(2_000u64, b1, b2), (5_000, c1, c2)] {
+        let line = DelayLine::start(&cluster, delay_us);
+        exchanges_on(client, server, 9090, 10, 0);
+        let held = line.stop();
+        let v = views(&agents);
+        let p = paths(&v, &ip(client), &ip(server), 0, 0);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        let seg = between(&p[0]);
+        let inserted = delay_us as i64 * 1000;
+        let tolerance = (inserted / 10).max(100_000);
+        eprintln!(
+            "delay {delay_us} µs: segment between nodes {seg} ns (baseline {base_rtt}); delay line {held}"
+        );
+        // The delay line's own account of how long it held frames, both ways: the link's
+        // round trip as an independent clock saw it.
+        let line_rtt = hold(&held);
+        assert!(
+            (seg - line_rtt).abs() <= tolerance,
+            "the delay line held frames {line_rtt} ns per round trip, flowtrace measured \
+             {seg} ns between the nodes; {:#?}",
+            p[0].segments
+        );
+        // Less the round trip without added delay, it is the inserted delay.
+        assert!(
+            (seg - base_rtt - inserted).abs() <= tolerance,
+            "inserted {inserted} ns, measured {seg} ns between the nodes with {base_rtt} ns \
+             before the delay; {:#?}",
+            p[0].segments
+        );
+        // In-node hops stay microseconds, whatever the link does.
+        for s in p[0]
+            .request
+            .steps
+            .iter()
+            .chain(&p[0].reply.as_ref().unwrap().steps)
+        {
+            if let Step::Hop {
+                from_previous: Some(l),
+                ..
+            } = s
+            {
+                assert!(l.mean_ns < 1_000_000, "in-node hop {s:?}");
+            }
+        }
+        for s in p[0].segments.iter().filter(|s| s.in_node) {
+            assert!(s.handshake_rtt_ns.unwrap().abs() < 1_000_000, "{s:?}");
+        }
+    }
     drop(agents);
     cluster.down().unwrap();
 }

@@ -137,6 +137,25 @@ enum Cmd {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// A delay line: relay every frame between --a and --b (AF_PACKET; the links need
+    /// offloads off), holding frames from a to b for --delay-us and from b to a for
+    /// --back-delay-us. Runs until --stop-file exists, then prints per direction
+    /// {"frames","mean_hold_ns","max_hold_ns","send_errors"}: the hold is measured from the
+    /// frame's arrival to its send, so it includes the relay's own lateness.
+    DelayLine {
+        #[arg(long)]
+        a: String,
+        #[arg(long)]
+        b: String,
+        #[arg(long, default_value_t = 0)]
+        delay_us: u64,
+        #[arg(long, default_value_t = 0)]
+        back_delay_us: u64,
+        #[arg(long)]
+        stop_file: PathBuf,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
     /// Print the MAC of --iface: {"mac":"aa:bb:..."}.
     Mac {
         #[arg(long)]
@@ -205,6 +224,22 @@ fn main() -> Result<()> {
             let filter = raw::Filter { ethertype, src_mac };
             raw::capture(&iface, count, ms(timeout_ms), filter, ready_file.as_deref())?
         }
+        Cmd::DelayLine {
+            a,
+            b,
+            delay_us,
+            back_delay_us,
+            stop_file,
+            ready_file,
+        } => raw::delay_line(
+            [&a, &b],
+            [
+                Duration::from_micros(delay_us),
+                Duration::from_micros(back_delay_us),
+            ],
+            &stop_file,
+            ready_file.as_deref(),
+        )?,
         Cmd::Mac { iface } => json!({ "mac": raw::mac(&iface)? }),
     };
     println!("{result}");
@@ -707,6 +742,172 @@ mod raw {
             frames.push(to_hex(frame));
         }
         Ok(json!({ "frames": frames }))
+    }
+
+    /// A bound receiving socket on `iface` (every EtherType).
+    fn bound_socket(iface: &str) -> Result<(OwnedFd, i32)> {
+        let idx = ifindex(iface)?;
+        let sock = packet_socket(libc::ETH_P_ALL as u16)?;
+        let sll = sockaddr_ll(idx, (libc::ETH_P_ALL as u16).to_be());
+        // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                std::ptr::addr_of!(sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("binding AF_PACKET socket to {iface}"));
+        }
+        Ok((sock, idx))
+    }
+
+    /// Relays frames arriving on `from` (socket `sock`, ifindex `idx`) to `to`, each sent
+    /// once it has been held `delay`, until `stop`. One thread per direction: the frame
+    /// waits in a queue and ppoll(2) sleeps exactly until the next one is due or a frame
+    /// arrives. Returns (frames, total hold ns, max hold ns, send errors).
+    fn relay(
+        sock: OwnedFd,
+        idx: i32,
+        to: &str,
+        delay: Duration,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(u64, u128, u128, u64)> {
+        let out_idx = ifindex(to)?;
+        let out = packet_socket(0)?;
+        let mut held: std::collections::VecDeque<(Instant, Vec<u8>)> =
+            std::collections::VecDeque::new();
+        let (mut frames, mut total, mut max, mut errors) = (0u64, 0u128, 0u128, 0u64);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            // Send everything due.
+            while let Some((at, _)) = held.front() {
+                if at.elapsed() < delay {
+                    break;
+                }
+                let Some((at, frame)) = held.pop_front() else {
+                    break;
+                };
+                let mut sll = sockaddr_ll(out_idx, u16::from_ne_bytes([frame[12], frame[13]]));
+                sll.sll_halen = 6;
+                sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+                // SAFETY: buffer and address pointers/lengths describe valid memory.
+                let n = unsafe {
+                    libc::sendto(
+                        out.as_raw_fd(),
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        std::ptr::addr_of!(sll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    )
+                };
+                let hold = at.elapsed().as_nanos();
+                if n < 0 {
+                    errors += 1;
+                    continue;
+                }
+                frames += 1;
+                total += hold;
+                max = max.max(hold);
+            }
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok((frames, total, max, errors));
+            }
+            // Sleep until the next frame is due (at most 20 ms, to notice `stop`).
+            let wait = held
+                .front()
+                .map(|(at, _)| delay.saturating_sub(at.elapsed()))
+                .unwrap_or(Duration::from_millis(20))
+                .min(Duration::from_millis(20));
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: i64::from(wait.subsec_nanos()),
+            };
+            let mut pfd = libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd and a valid timespec.
+            if unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) } <= 0 {
+                continue;
+            }
+            // SAFETY: zeroed sockaddr_ll is valid; recvfrom fills at most `len` bytes of it.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `buf` and `from` are valid for the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    std::ptr::addr_of_mut!(from).cast(),
+                    &mut len,
+                )
+            };
+            let at = Instant::now();
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) {
+                    continue;
+                }
+                return Err(e).context("relay receive");
+            }
+            // Not an Ethernet frame from the wire (too short, or our own send).
+            if n < 14 || from.sll_ifindex != idx || from.sll_pkttype == PACKET_OUTGOING {
+                continue;
+            }
+            held.push_back((at, buf[..n as usize].to_vec()));
+        }
+    }
+
+    pub fn delay_line(
+        ifaces: [&str; 2],
+        delays: [Duration; 2],
+        stop_file: &Path,
+        ready: Option<&Path>,
+    ) -> Result<serde_json::Value> {
+        // Sleep to the microsecond, not to the default 50 µs timer slack.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut relays = Vec::new();
+        for k in 0..2 {
+            let (from, to, delay) = (ifaces[k], ifaces[1 - k].to_string(), delays[k]);
+            let (sock, idx) = bound_socket(from)?;
+            let stop = stop.clone();
+            relays.push(std::thread::spawn(move || {
+                relay(sock, idx, &to, delay, &stop)
+            }));
+        }
+        touch(ready)?;
+        while !stop_file.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut out = serde_json::Map::new();
+        for (name, t) in ["a_to_b", "b_to_a"].into_iter().zip(relays) {
+            let (frames, total, max, errors) = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("relay sender panicked"))??;
+            out.insert(
+                name.to_string(),
+                json!({
+                    "frames": frames,
+                    "mean_hold_ns": if frames == 0 { 0 } else { (total / u128::from(frames)) as u64 },
+                    "max_hold_ns": max as u64,
+                    "send_errors": errors,
+                }),
+            );
+        }
+        Ok(serde_json::Value::Object(out))
     }
 
     pub fn mac(iface: &str) -> Result<String> {
