@@ -3,11 +3,13 @@
 //! a) Throughput: one iperf3 TCP stream from node1/pod-a to node2/pod-a (across the flannel
 //!    VXLAN overlay), in rounds of four arms run back to back in rotating order: nothing
 //!    attached, `bench_noop` alone, `bench_counter` alone (on the hooks flowtrace uses), and
-//!    flowtrace's agents on both nodes. Ratios are per round against that round's bare run.
+//!    flowtrace's agents on both nodes as shipped (latency tracking on, one packet in 64) and
+//!    with latency tracking off. Ratios are per round against that round's bare run.
 //! b) Per-packet cost from the kernel's own statistics (kernel.bpf_stats_enabled): flowtrace's
 //!    programs and two reference programs run on the same hooks for the same packets; the
 //!    no-op program's time is the floor every program pays (including the statistics
-//!    themselves) and is subtracted to get each program's net cost.
+//!    themselves) and is subtracted to get each program's net cost. Each round measures the
+//!    agents with latency tracking off and on, back to back, for the cost of latency tracking.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -49,6 +51,10 @@ const IPERF_PORT: u16 = 5201;
 /// Goals the figures are judged against.
 const GOAL_THROUGHPUT_RATIO: f64 = 0.98;
 const GOAL_COST_RATIO: f64 = 1.0;
+/// Latency tracking (issue 4): at most +25% on flowtrace's net per-packet cost, and at
+/// least 0.97 of the throughput without flowtrace.
+const GOAL_LATENCY_COST_RATIO: f64 = 1.25;
+const GOAL_LATENCY_THROUGHPUT_RATIO: f64 = 0.97;
 
 /// Run time and run count of one kind of program, summed over its instances.
 #[derive(Clone, Copy, Debug, Default)]
@@ -117,11 +123,23 @@ enum Arm {
     Absent = 0,
     Noop = 1,
     Counter = 2,
+    /// The agents as shipped: latency tracking on (one packet in 64).
     Flowtrace = 3,
+    /// The agents with latency tracking off (`--latency-sample 0`).
+    NoLatency = 4,
 }
 
+/// Agent flags that turn latency tracking off.
+const NO_LATENCY: &[&str] = &["--latency-sample", "0"];
+
 impl Arm {
-    const ALL: [Arm; 4] = [Arm::Absent, Arm::Noop, Arm::Counter, Arm::Flowtrace];
+    const ALL: [Arm; 5] = [
+        Arm::Absent,
+        Arm::Noop,
+        Arm::Counter,
+        Arm::Flowtrace,
+        Arm::NoLatency,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -129,6 +147,7 @@ impl Arm {
             Arm::Noop => "noop",
             Arm::Counter => "counter",
             Arm::Flowtrace => "flowtrace",
+            Arm::NoLatency => "no-latency",
         }
     }
 
@@ -137,7 +156,8 @@ impl Arm {
     fn start(self, cluster: &Cluster) -> Result<Attached> {
         let program = match self {
             Arm::Absent => return Ok(Attached::Nothing),
-            Arm::Flowtrace => return Ok(Attached::Agents(start_agents(cluster)?)),
+            Arm::Flowtrace => return Ok(Attached::Agents(start_agents(cluster, &[])?)),
+            Arm::NoLatency => return Ok(Attached::Agents(start_agents(cluster, NO_LATENCY)?)),
             Arm::Noop => "bench_noop",
             Arm::Counter => "bench_counter",
         };
@@ -277,6 +297,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let tp_ratio = med(&ratios[Arm::Flowtrace as usize]);
     let noop_tp_ratio = med(&ratios[Arm::Noop as usize]);
     let counter_tp_ratio = med(&ratios[Arm::Counter as usize]);
+    let nolat_tp_ratio = med(&ratios[Arm::NoLatency as usize]);
     let _ = writeln!(
         report,
         "  flowtrace/absent {tp_ratio:.3} (goal >= {GOAL_THROUGHPUT_RATIO}); for scale: bench_noop/absent {noop_tp_ratio:.3}, bench_counter/absent {counter_tp_ratio:.3}"
@@ -296,19 +317,52 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         stats.old()
     );
     let mut rounds = Vec::new();
+    let mut rounds_off: Vec<CostRound> = Vec::new();
     for round in 1..=args.rounds {
         // The first program on a hook to touch the packet pays its cache misses; alternate
         // who goes first so neither flowtrace nor the reference counter is favoured.
         let flowtrace_first = round % 2 == 1;
-        let c = cost_round(
-            &cluster,
-            client,
-            server_ip,
-            args.seconds,
-            &args.cpus,
-            flowtrace_first,
-        )
-        .with_context(|| format!("per-packet cost round {round}"))?;
+        // Latency tracking off, then on (the shipped default), or the other way round.
+        let mut off = None;
+        let mut on = None;
+        for latency in if round % 4 < 2 {
+            [false, true]
+        } else {
+            [true, false]
+        } {
+            let c = cost_round(
+                &cluster,
+                client,
+                server_ip,
+                args.seconds,
+                &args.cpus,
+                flowtrace_first,
+                if latency { &[] } else { NO_LATENCY },
+            )
+            .with_context(|| {
+                format!("per-packet cost round {round}, latency tracking {latency}")
+            })?;
+            if latency {
+                on = Some(c);
+            } else {
+                off = Some(c);
+            }
+        }
+        let (Some(c), Some(off)) = (on, off) else {
+            bail!("cost round {round} did not run both arms");
+        };
+        let line = format!(
+            "  round {round}  latency off: flowtrace net {:6.1} ns  (in {:6.1} out {:6.1}; noop {:6.1})  latency on: net {:6.1}  on/off {:.3}",
+            off.flowtrace_net(),
+            off.ingress_net(),
+            off.egress_net(),
+            off.noop_ns(),
+            c.flowtrace_net(),
+            c.flowtrace_net() / off.flowtrace_net(),
+        );
+        eprintln!("{line}");
+        let _ = writeln!(report, "{line}");
+        rounds_off.push(off);
         let line = format!(
             "  round {round} ({})  noop {:6.1} ns  counter {:6.1} (net {:6.1})  flowtrace in {:6.1} (net {:6.1})  out {:6.1} (net {:6.1})  both net {:6.1}  ratio {:.2}  [runs: noop {} counter {} in {} out {}; {:.2} Gbit/s]",
             if flowtrace_first { "flowtrace first" } else { "references first" },
@@ -349,6 +403,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let eg_net = m(&|r| r.egress_net());
     let ft_net = m(&|r| r.flowtrace_net());
     let cost_ratio = m(&|r| r.ratio());
+    let ft_net_off = median(
+        &rounds_off
+            .iter()
+            .map(|r| r.flowtrace_net())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or(f64::NAN);
+    // Per round: each round ran both arms back to back.
+    let latency_cost_ratio = median(
+        &rounds
+            .iter()
+            .zip(&rounds_off)
+            .map(|(on, off)| on.flowtrace_net() / off.flowtrace_net())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or(f64::NAN);
     let runs_noop = mc(&|r| r.noop.count);
     let runs_counter = mc(&|r| r.counter.count);
     let runs_in = mc(&|r| r.ingress.count);
@@ -390,6 +460,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let _ = writeln!(
         report,
         "    flowtrace net / bench_counter net = {cost_ratio:.2} (goal <= {GOAL_COST_RATIO})"
+    );
+    let _ = writeln!(
+        report,
+        "    latency tracking: flowtrace net {ft_net_off:.1} ns off, {ft_net:.1} ns on; on/off {latency_cost_ratio:.3} (goal <= {GOAL_LATENCY_COST_RATIO})"
     );
 
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -435,6 +509,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     let _ = writeln!(
         report,
+        "| flowtrace net, latency tracking off | {ft_net_off:.1} ns/run | |"
+    );
+    let _ = writeln!(
+        report,
+        "| latency tracking on / off, net per-packet cost (median of per-round ratios) | {latency_cost_ratio:.3} | <= {GOAL_LATENCY_COST_RATIO} ({}) |",
+        verdict(latency_cost_ratio <= GOAL_LATENCY_COST_RATIO)
+    );
+    let _ = writeln!(
+        report,
+        "| throughput ratio latency tracking on / flowtrace absent | {tp_ratio:.3} | >= {GOAL_LATENCY_THROUGHPUT_RATIO} ({}) |",
+        verdict(tp_ratio >= GOAL_LATENCY_THROUGHPUT_RATIO)
+    );
+    let _ = writeln!(
+        report,
+        "| throughput ratio latency tracking off / flowtrace absent | {nolat_tp_ratio:.3} | |"
+    );
+    let _ = writeln!(
+        report,
         "| runs per round (median): noop / counter / flowtrace in / out | {runs_noop:.0} / {runs_counter:.0} / {runs_in:.0} / {runs_out:.0} | |"
     );
     let _ = writeln!(report, "--- end summary ---");
@@ -470,6 +562,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "ratio": tp_ratio,
                 "noop_ratio": noop_tp_ratio,
                 "counter_ratio": counter_tp_ratio,
+                "no_latency_ratio": nolat_tp_ratio,
+                "no_latency_gbps": gbps[Arm::NoLatency as usize],
                 "noop_gbps": gbps[Arm::Noop as usize],
                 "counter_gbps": gbps[Arm::Counter as usize],
                 "goal_min_ratio": GOAL_THROUGHPUT_RATIO,
@@ -486,7 +580,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "flowtrace_egress_net_ns": eg_net,
                     "flowtrace_net_ns": ft_net,
                     "ratio_flowtrace_to_counter": cost_ratio,
+                    "flowtrace_net_ns_latency_off": ft_net_off,
+                    "ratio_latency_on_to_off": latency_cost_ratio,
                 },
+                "goal_max_latency_ratio": GOAL_LATENCY_COST_RATIO,
                 "goal_max_ratio": GOAL_COST_RATIO,
             },
         });
@@ -592,12 +689,12 @@ fn iperf(client: &Pod, server: IpAddr, seconds: u32, cpus: &str) -> Result<Iperf
     bail!("`{shown}` failed 3 times; last error: {last_err}")
 }
 
-fn start_agents(cluster: &Cluster) -> Result<Vec<Agent>> {
+fn start_agents(cluster: &Cluster, extra: &[&str]) -> Result<Vec<Agent>> {
     proc::check_interrupted()?;
     let mut agents = Vec::new();
     for node in &cluster.nodes {
         // On error the agents started so far are killed by their Drop.
-        let agent = Agent::start(&node.netns, &[])
+        let agent = Agent::start(&node.netns, extra)
             .with_context(|| format!("starting the flowtrace agent in {}", node.name))?;
         agents.push(agent);
     }
@@ -622,6 +719,7 @@ fn cost_round(
     seconds: u32,
     cpus: &str,
     flowtrace_first: bool,
+    agent_extra: &[&str],
 ) -> Result<CostRound> {
     let before: BTreeSet<u32> = proc::bpftool_progs()?.iter().map(|p| p.id).collect();
     let mut holders = Vec::new();
@@ -633,7 +731,7 @@ fn cost_round(
             holders.push(Holder::start(&node.netns, &ifaces)?);
         }
     }
-    let agents = start_agents(cluster)?;
+    let agents = start_agents(cluster, agent_extra)?;
     for (node, agent) in cluster.nodes.iter().zip(&agents) {
         if !flowtrace_first {
             continue;
