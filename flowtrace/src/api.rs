@@ -5,6 +5,7 @@
 //! - `GET /v1/interfaces`: what flowtrace is attached to.
 //! - `GET /v1/nat`: NAT translations (kernel programs vs conntrack) and the cross-check counters.
 //! - `GET /v1/metadata`: where names come from and whether each kind is synced.
+//! - `GET /v1/latency`: hop latency and TCP round-trip histograms of sampled packets.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
 //! - `GET /healthz`: liveness. `GET /readyz`: 200 once the interfaces present at start are
 //!   attached and metadata (if any source is configured) is synced.

@@ -511,6 +511,7 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
         text.contains("(between nodes)") && text.contains("10 connections"),
         "{text}"
     );
+    eprintln!("flowtrace path:\n{text}");
     let base = line.stop();
     eprintln!("baseline: segment between nodes {base_rtt} ns; delay line {base}");
     let hold = |v: &serde_json::Value| {
