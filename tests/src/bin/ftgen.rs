@@ -612,6 +612,60 @@ mod raw {
         sll
     }
 
+    /// Where to send `frame` on `ifindex`: its EtherType (already big-endian, so skb->protocol
+    /// matches what a NIC would have produced) and its destination MAC.
+    fn frame_dest(ifindex: i32, frame: &[u8]) -> libc::sockaddr_ll {
+        let mut sll = sockaddr_ll(ifindex, u16::from_ne_bytes([frame[12], frame[13]]));
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        sll
+    }
+
+    /// Sends one frame to `sll` on a packet socket.
+    fn send_frame(sock: &OwnedFd, sll: &libc::sockaddr_ll, frame: &[u8]) -> std::io::Result<()> {
+        // SAFETY: buffer and address pointers/lengths describe valid memory for the call.
+        let n = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one frame into `buf`: its length and where it came from.
+    fn recv_frame(
+        sock: &OwnedFd,
+        buf: &mut [u8],
+        flags: i32,
+    ) -> std::io::Result<(usize, libc::sockaddr_ll)> {
+        // SAFETY: zeroed sockaddr_ll is valid; recvfrom fills at most `len` bytes of it.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: `buf` and `from` are valid for the lengths passed.
+        let n = unsafe {
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags,
+                std::ptr::addr_of_mut!(from).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((n as usize, from))
+    }
+
     pub fn send(iface: &str, frame: &[u8], count: u64) -> Result<serde_json::Value> {
         if frame.len() < 14 {
             bail!(
@@ -622,27 +676,10 @@ mod raw {
         let idx = ifindex(iface)?;
         // Protocol 0: this socket only sends, it must not queue received frames.
         let sock = packet_socket(0)?;
-        // EtherType straight from the frame (already big-endian), so skb->protocol matches what a
-        // NIC would have produced for this frame.
-        let mut sll = sockaddr_ll(idx, u16::from_ne_bytes([frame[12], frame[13]]));
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let sll = frame_dest(idx, frame);
         for k in 0..count {
-            // SAFETY: buffer and address pointers/lengths describe valid memory for the call.
-            let n = unsafe {
-                libc::sendto(
-                    sock.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    std::ptr::addr_of!(sll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("sending frame {k} on {iface}"));
-            }
+            send_frame(&sock, &sll, frame)
+                .with_context(|| format!("sending frame {k} on {iface}"))?;
         }
         Ok(json!({ "sent": count }))
     }
@@ -673,21 +710,7 @@ mod raw {
         filter: Filter,
         ready: Option<&Path>,
     ) -> Result<serde_json::Value> {
-        let idx = ifindex(iface)?;
-        let sock = packet_socket(libc::ETH_P_ALL as u16)?;
-        let sll = sockaddr_ll(idx, (libc::ETH_P_ALL as u16).to_be());
-        // SAFETY: `sll` is a valid sockaddr_ll and the length matches it.
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                std::ptr::addr_of!(sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("binding capture to {iface}"));
-        }
+        let (sock, idx) = bound_socket(iface)?;
         touch(ready)?;
         let deadline = Instant::now() + timeout;
         let mut frames = Vec::new();
@@ -714,24 +737,9 @@ mod raw {
             if ready_n == 0 {
                 continue;
             }
-            // SAFETY: zeroed sockaddr_ll is valid; recvfrom fills at most `len` bytes of it.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: `buf` and `from` are valid for the lengths passed.
-            let n = unsafe {
-                libc::recvfrom(
-                    sock.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    std::ptr::addr_of_mut!(from).cast(),
-                    &mut len,
-                )
-            };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error()).context("receiving on capture socket");
-            }
-            let frame = &buf[..n as usize];
+            let (n, from) =
+                recv_frame(&sock, &mut buf, 0).context("receiving on capture socket")?;
+            let frame = &buf[..n];
             // Frames queued between socket() and bind() may come from other interfaces.
             if from.sll_ifindex != idx || from.sll_pkttype == PACKET_OUTGOING {
                 continue;
@@ -790,22 +798,9 @@ mod raw {
                 let Some((at, frame)) = held.pop_front() else {
                     break;
                 };
-                let mut sll = sockaddr_ll(out_idx, u16::from_ne_bytes([frame[12], frame[13]]));
-                sll.sll_halen = 6;
-                sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-                // SAFETY: buffer and address pointers/lengths describe valid memory.
-                let n = unsafe {
-                    libc::sendto(
-                        out.as_raw_fd(),
-                        frame.as_ptr().cast(),
-                        frame.len(),
-                        0,
-                        std::ptr::addr_of!(sll).cast(),
-                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                    )
-                };
+                let sent = send_frame(&out, &frame_dest(out_idx, &frame), &frame);
                 let hold = at.elapsed().as_nanos();
-                if n < 0 {
+                if sent.is_err() {
                     errors += 1;
                     continue;
                 }
@@ -835,36 +830,25 @@ mod raw {
             if unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) } <= 0 {
                 continue;
             }
-            // SAFETY: zeroed sockaddr_ll is valid; recvfrom fills at most `len` bytes of it.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: `buf` and `from` are valid for the lengths passed.
-            let n = unsafe {
-                libc::recvfrom(
-                    sock.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    std::ptr::addr_of_mut!(from).cast(),
-                    &mut len,
-                )
-            };
+            let received = recv_frame(&sock, &mut buf, libc::MSG_DONTWAIT);
             let at = Instant::now();
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) {
+            let (n, from) = match received {
+                Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
                     continue;
                 }
-                return Err(e).context("relay receive");
-            }
+                Err(e) => return Err(e).context("relay receive"),
+            };
             // Not an Ethernet frame from the wire (too short, or our own send).
             if n < 14 || from.sll_ifindex != idx || from.sll_pkttype == PACKET_OUTGOING {
                 continue;
             }
-            held.push_back((at, buf[..n as usize].to_vec()));
+            held.push_back((at, buf[..n].to_vec()));
         }
     }
 
