@@ -203,7 +203,8 @@ pub fn summarize(h: &LatencyHist) -> (u64, u64, u64, u64) {
     )
 }
 
-fn record(
+/// One histogram as the API serves it (also how tests build records).
+pub(crate) fn record(
     kind: LatencyKind,
     tuple: TupleView,
     from: Option<HookView>,

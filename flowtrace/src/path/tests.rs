@@ -92,33 +92,19 @@ fn lat(
     for n in ns {
         h.add(*n);
     }
-    let (mean, p50, p90, p99) = crate::latency::summarize(&h);
-    LatencyRecord {
+    crate::latency::record(
         kind,
-        tuple: tuple.into(),
-        from: from.map(|(i, d)| HookView {
+        tuple.into(),
+        from.map(|(i, d)| HookView {
             interface: i.into(),
             direction: d,
         }),
-        to: HookView {
+        HookView {
             interface: to.0.into(),
             direction: to.1,
         },
-        samples: u64::from(h.count),
-        mean_ns: mean,
-        min_ns: h.min_ns,
-        max_ns: h.max_ns,
-        p50_ns: p50,
-        p90_ns: p90,
-        p99_ns: p99,
-        buckets: h
-            .buckets
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| ((1u64 << (i + 1)) - 1, u64::from(*n)))
-            .collect(),
-    }
+        &h,
+    )
 }
 
 use Direction::{Egress as E, Ingress as I};
