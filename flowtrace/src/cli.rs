@@ -245,20 +245,11 @@ pub fn path(
 ) -> Result<String> {
     let mut views = Vec::new();
     for a in agents {
-        let flows: FlowsResponse = get_json(a, "/v1/flows")?;
-        let latency: crate::api::LatencyResponse = get_json(a, "/v1/latency")?;
-        let ifaces: crate::api::InterfacesResponse = get_json(a, "/v1/interfaces")?;
-        views.push(crate::path::NodeView {
-            node: flows.node,
-            flows: flows.flows,
-            latency: latency.latency,
-            tunnels: ifaces
-                .interfaces
-                .into_iter()
-                .filter(|i| matches!(i.kind.as_deref(), Some("vxlan" | "geneve")))
-                .map(|i| i.name)
-                .collect(),
-        });
+        views.push(crate::path::NodeView::from_api(
+            get_json(a, "/v1/flows")?,
+            get_json(a, "/v1/latency")?,
+            get_json(a, "/v1/interfaces")?,
+        ));
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

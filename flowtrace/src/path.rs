@@ -42,6 +42,27 @@ pub struct NodeView {
     pub tunnels: HashSet<String>,
 }
 
+impl NodeView {
+    /// One agent's view from its API answers (`/v1/flows`, `/v1/latency`, `/v1/interfaces`).
+    pub fn from_api(
+        flows: crate::api::FlowsResponse,
+        latency: crate::api::LatencyResponse,
+        interfaces: crate::api::InterfacesResponse,
+    ) -> Self {
+        NodeView {
+            node: flows.node,
+            flows: flows.flows,
+            latency: latency.latency,
+            tunnels: interfaces
+                .interfaces
+                .into_iter()
+                .filter(|i| matches!(i.kind.as_deref(), Some("vxlan" | "geneve")))
+                .map(|i| i.name)
+                .collect(),
+        }
+    }
+}
+
 /// One end of `flowtrace path`: an address, a pod, a workload or a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathEnd {

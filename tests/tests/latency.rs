@@ -8,7 +8,7 @@ mod common;
 use std::net::IpAddr;
 
 use flowtrace::{
-    api::{FlowsResponse, LatencyResponse},
+    api::LatencyResponse,
     flows::Direction,
     latency::{LatencyKind, LatencyRecord},
     path::{paths, Leg, NodeView, PathEnd, PathRecord, Step},
@@ -218,18 +218,14 @@ fn hops_are_microseconds_and_a_slow_server_is_server_time() {
 fn views(agents: &[Agent]) -> Vec<NodeView> {
     agents
         .iter()
-        .map(|a| NodeView {
-            node: a.get::<FlowsResponse>("/v1/flows").unwrap().node,
-            flows: a.flows().unwrap(),
-            latency: latency(a),
-            tunnels: a
-                .interfaces()
-                .unwrap()
-                .interfaces
-                .into_iter()
-                .filter(|i| i.kind.as_deref() == Some("vxlan"))
-                .map(|i| i.name)
-                .collect(),
+        .map(|a| {
+            let latency: LatencyResponse = a.get("/v1/latency").unwrap();
+            assert_eq!(latency.sample_rate, 1);
+            NodeView::from_api(
+                a.get("/v1/flows").unwrap(),
+                latency,
+                a.interfaces().unwrap(),
+            )
         })
         .collect()
 }
