@@ -214,6 +214,13 @@ fn measure(pods: usize, lookups: usize) -> Result<Figures> {
 }
 
 pub fn run(pod_counts: &[usize], lookups: usize) -> Result<()> {
+    if cfg!(debug_assertions) {
+        // Memory is the same in any build; lookup times of a debug build are 5-10x slower.
+        eprintln!(
+            "xtask: debug build: lookup times are not the agent's; for them run \
+             `cargo run --release -p xtask -- bench-metadata`"
+        );
+    }
     println!("metadata cache: {PODS_PER_NODE} pods/node, {PODS_PER_DEPLOYMENT} pods/Deployment, one Service + EndpointSlice per Deployment");
     println!(
         "{:>8} {:>12} {:>10} {:>16} {:>8} {:>14} {:>15}",
