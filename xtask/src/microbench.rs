@@ -79,13 +79,17 @@ fn load_prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a SchedClassifier> 
 }
 
 fn tcp_v4(payload: usize) -> Vec<u8> {
+    tcp_v4_flags(payload, 0x18)
+}
+
+fn tcp_v4_flags(payload: usize, flags: u8) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
     let tot = (20 + 32 + payload) as u16;
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&tot.to_be_bytes());
     f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0, 10, 244, 1, 10, 10, 244, 2, 11]);
     f.extend_from_slice(&[
-        0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 1, 0x80, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+        0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 1, 0x80, flags, 0xff, 0xff, 0, 0, 0, 0,
     ]);
     f.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
     f.resize(f.len() + payload, 0x61);
@@ -123,10 +127,20 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         "{:<28} {:>10} {:>14} {:>16} {:>10}",
         "packet", "bench_noop", "bench_counter", "flowtrace_ingress", "ft net"
     );
-    for (name, pkt) in [
-        ("IPv4 TCP 1000 B", tcp_v4(1000)),
-        ("IPv6 UDP 100 B", udp_v6(100)),
+    // The control map as the agent leaves it; latency sampling is set per row.
+    let mut control = flowtrace::drain::Drainer::new(&mut ft, std::time::Duration::ZERO)
+        .context("opening flowtrace's maps")?;
+    for (name, pkt, sample) in [
+        ("IPv4 TCP 1000 B", tcp_v4(1000), 0),
+        ("IPv6 UDP 100 B", udp_v6(100), 0),
+        // Every SYN goes through the sighting (NAT, latency, tracing) path.
+        ("IPv4 TCP SYN", tcp_v4_flags(0, 0x02), 0),
+        // Every packet sampled for latency (--latency-sample 1): the sighting path too.
+        ("IPv4 TCP 1000 B, sample 1", tcp_v4(1000), 1),
     ] {
+        control
+            .set_latency_sampling(sample)
+            .context("setting latency sampling")?;
         let mut figures = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..rounds {
             figures[0].push(test_run(load_prog(&mut base, "bench_noop")?, &pkt, repeat)?);
