@@ -26,6 +26,31 @@ pub const CONTROL_ACTIVE_BUFFER: u32 = 0;
 /// Number of `u32` slots in the `CONTROL` array map.
 pub const CONTROL_SLOTS: u32 = 4;
 
+/// Bit of the `CONTROL_ACTIVE_BUFFER` word (which the programs read for every packet anyway):
+/// a tracer is attached, so sampled packets are also written to the trace ring buffer. With
+/// no tracer the bit is clear and tracing costs one bit test per sampled packet.
+pub const CONTROL_TRACING: u32 = 2;
+
+/// Size of the trace ring buffer, in bytes (a power of two, a multiple of the page size).
+pub const TRACE_RING_BYTES: u32 = 256 * 1024;
+
+/// One sampled packet at one hook, written to the trace ring buffer while a tracer is
+/// attached. The packet id lets user space join the hooks of the same packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub ts_ns: u64,
+    pub id: PacketId,
+    pub tuple: Tuple,
+    pub ifindex: u32,
+    pub direction: u8,
+    pub tcp_flags: u8,
+    pub _pad: u16,
+    /// Bytes at layer 3 (the whole aggregate for GSO/GRO packets).
+    pub bytes: u32,
+    pub _pad2: u32,
+}
+
 /// `CONTROL` slot for latency sampling: 0 = off (the programs then do nothing for latency);
 /// N, a power of two, = one packet in N. The choice hashes the packet id, which NAT does not
 /// change, so a sampled packet is sampled at every hook it crosses.
@@ -537,10 +562,13 @@ pub enum Counter {
     /// Latency samples lost because the latency buffer was full (raise
     /// `--latency-entries` or drain more often).
     LatencyMapFull = 13,
+    /// Trace events lost because the trace ring buffer was full (the tracer reads too
+    /// slowly); only counted while a tracer is attached.
+    TraceRingFull = 14,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 14;
+pub const COUNTER_SLOTS: u32 = 15;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -559,6 +587,7 @@ impl Counter {
         Counter::SlowHeaderReads,
         Counter::NatMapFull,
         Counter::LatencyMapFull,
+        Counter::TraceRingFull,
     ];
 
     /// Stable snake_case name used in the API and metrics.
@@ -578,6 +607,7 @@ impl Counter {
             Counter::SlowHeaderReads => "slow_header_reads",
             Counter::NatMapFull => "nat_map_full",
             Counter::LatencyMapFull => "latency_map_full",
+            Counter::TraceRingFull => "trace_ring_full",
         }
     }
 
@@ -601,6 +631,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
 const _: () = assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
+const _: () = assert!(core::mem::size_of::<TraceEvent>() == 80);
 const _: () = assert!(core::mem::size_of::<CacheSlot>() == 88);
 const _: () = assert!(CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(SIGHTING_SLOTS.is_power_of_two());

@@ -12,16 +12,17 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use flowtrace_common::{
     parse::{packet_id, parse_frame, PacketInfo, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     CacheSlot, Counter, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, PacketId, RttKey,
-    RttPending, Sighting, Tuple, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE,
-    CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES, DEFAULT_LATENCY_ENTRIES,
-    DEFAULT_NAT_ENTRIES, DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS, LATENCY_BUCKETS, LAT_HANDSHAKE,
-    LAT_HOP, LAT_RESPONSE, RTT_PENDING_ENTRIES, SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS,
+    RttPending, Sighting, TraceEvent, Tuple, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER,
+    CONTROL_LATENCY_SAMPLE, CONTROL_SLOTS, CONTROL_TRACING, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES,
+    DEFAULT_LATENCY_ENTRIES, DEFAULT_NAT_ENTRIES, DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS,
+    LATENCY_BUCKETS, LAT_HANDSHAKE, LAT_HOP, LAT_RESPONSE, RTT_PENDING_ENTRIES,
+    SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS, TRACE_RING_BYTES,
 };
 
 use crate::packet::{skb_meta, DirectPacket};
@@ -79,8 +80,17 @@ static LATENCY_1: PerCpuHashMap<LatencyKey, LatencyHist> =
 static RTT_PENDING: LruHashMap<RttKey, RttPending> =
     LruHashMap::with_max_entries(RTT_PENDING_ENTRIES, 0);
 
+/// Sampled packets and SYNs at each hook, written only while a tracer is attached
+/// (`CONTROL_TRACING`).
+#[map]
+static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+
 /// Per-CPU scratch space where map keys are built (a 52-byte key on the stack would not fit
 /// the 512 bytes the program and its functions share).
+/// Per-CPU scratch space where a trace event is built before it is copied to the ring.
+#[map]
+static TRACE_SCRATCH: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static LAT_SCRATCH: PerCpuArray<LatencyKey> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -224,7 +234,11 @@ fn record(
     let sampled = id.sampled(rate);
     let ctl = active | if sampled { CTL_SAMPLED } else { 0 };
     if miss || syn || sampled {
-        sight(&id, &key, now, ctl);
+        // The packet's counts go along for the tracers (see `sight`), through memory: what
+        // the verifier knows of values kept in registers differs between the paths that
+        // reach here (TCP or not, SYN or not), and those differences multiply its work on
+        // everything `sight` and `rtt` do.
+        sight(&id, &key, now, ctl, &packet);
     }
     if rate != 0 && key.protocol == IPPROTO_TCP {
         rtt(info, &id, &key, now, ctl);
@@ -235,10 +249,20 @@ fn record(
 /// same packet at another hook of this node with another tuple was rewritten in between
 /// (kube-proxy's DNAT, the un-DNAT of replies, SNAT/masquerade), so the rewrite is recorded.
 /// A packet sampled for latency (`CTL_SAMPLED`) also adds the time since the earlier hook
-/// to that segment's histogram. Then this sighting replaces the slot's. Out of line: it runs
-/// on cache misses and sampled packets only.
+/// to that segment's histogram. Then this sighting replaces the slot's. First, the packet
+/// goes to the tracers if `CTL_TRACE` says so. Out of line: it runs on cache misses, SYNs and
+/// sampled packets only.
 #[inline(never)]
-fn sight(id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
+fn sight(id: &PacketId, key: &FlowKey, now: u64, ctl: u32, packet: &FlowStats) {
+    // A tracer sees the sampled packets and every SYN (so each new connection shows whole).
+    // Without a tracer this costs one array lookup on the packets that get here.
+    if (ctl & CTL_SAMPLED != 0 || packet.tcp_flags & TCP_SYN != 0)
+        && CONTROL
+            .get(CONTROL_ACTIVE_BUFFER)
+            .is_some_and(|w| *w & CONTROL_TRACING != 0)
+    {
+        trace(id, key, now, packet.tcp_flags, packet.bytes);
+    }
     let active = ctl & CTL_BUFFER;
     let Some(s) = SIGHTINGS.get_ptr_mut(id.slot()) else {
         return;
@@ -276,6 +300,33 @@ fn sight(id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
         earlier.ifindex = key.ifindex;
         earlier.direction = key.direction;
         earlier.seen_ns = now;
+    }
+}
+
+/// Writes one trace event (a tracer is attached; the packet is sampled or a SYN). Out of
+/// line: without a tracer it never runs.
+#[inline(always)]
+fn trace(id: &PacketId, key: &FlowKey, now: u64, tcp_flags: u8, bytes: u64) {
+    // Built in a per-CPU scratch slot and copied out (bpf_ringbuf_output): a reserved
+    // record is a reference the verifier tracks, which made it give up on this program.
+    let Some(e) = TRACE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while this program runs; every field
+    // is written before the slot is copied.
+    unsafe {
+        (*e).ts_ns = now;
+        (*e).id = *id;
+        (*e).tuple.set_from_key(key);
+        (*e).ifindex = key.ifindex;
+        (*e).direction = key.direction;
+        (*e).tcp_flags = tcp_flags;
+        (*e)._pad = 0;
+        (*e).bytes = bytes.min(u64::from(u32::MAX)) as u32;
+        (*e)._pad2 = 0;
+        if TRACE_EVENTS.output::<TraceEvent>(&*e, 0).is_err() {
+            count(Counter::TraceRingFull);
+        }
     }
 }
 

@@ -88,6 +88,8 @@ pub struct Shared {
     /// Kubernetes metadata (written by the source tasks, read by the drain and the API).
     pub meta: Arc<RwLock<MetaCache>>,
     pub meta_status: Arc<Mutex<MetaStatus>>,
+    /// Live tracers and the joined packets they receive.
+    pub trace: Arc<crate::trace::TraceHub>,
 }
 
 /// Locks a std mutex, recovering from poisoning (a panicked holder leaves data that is
@@ -181,6 +183,33 @@ impl Shared {
             .collect()
     }
 
+    /// Makes the kernel follow the number of attached tracers: the programs write trace
+    /// events only while there is one, and sample for latency while tracing even when
+    /// latency tracking is off. Call after every subscribe and unsubscribe; it reads the
+    /// count under the drainer's lock, so the last call leaves the right state.
+    pub async fn apply_tracing(&self) -> Result<()> {
+        let mut d = self.drainer.lock().await;
+        let on = self.trace.tracers() > 0;
+        d.set_tracing(on)?;
+        if self.latency_sample == 0 {
+            d.set_latency_sampling(if on {
+                crate::trace::TRACE_SAMPLE_WHEN_OFF
+            } else {
+                0
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One packet in this many is traced (plus every SYN).
+    pub fn trace_sample(&self) -> u32 {
+        if self.latency_sample == 0 {
+            crate::trace::TRACE_SAMPLE_WHEN_OFF
+        } else {
+            self.latency_sample
+        }
+    }
+
     pub async fn kernel_counters(&self) -> Result<[u64; flowtrace_common::COUNTER_SLOTS as usize]> {
         self.drainer.lock().await.counters()
     }
@@ -250,6 +279,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let (sink, meta_start) = prepare_metadata(&cfg).await?;
     let mut ebpf = attach::load(cfg.flow_entries, cfg.nat_entries, cfg.latency_entries)?;
     let mut drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
+    let trace_ring = crate::drain::take_trace_ring(&mut ebpf)?;
     drainer.set_latency_sampling(cfg.latency_sample)?;
     let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
     let (mode, program_ids) = (attacher.mode(), attacher.program_ids());
@@ -283,7 +313,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         node: cfg.node_name.clone().unwrap_or_else(hostname),
         meta: sink.cache.clone(),
         meta_status: sink.status.clone(),
+        trace: Arc::new(crate::trace::TraceHub::new()),
     });
+    let trace_task = tokio::spawn(crate::trace::read_ring(trace_ring, shared.trace.clone()));
     if cfg.conntrack {
         follow_conntrack_events(shared.ct.clone());
     }
@@ -335,6 +367,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     link_task.abort();
     drain_task.abort();
     api_task.abort();
+    trace_task.abort();
     for t in &meta_tasks {
         t.abort();
     }

@@ -6,6 +6,8 @@
 //! - `GET /v1/nat`: NAT translations (kernel programs vs conntrack) and the cross-check counters.
 //! - `GET /v1/metadata`: where names come from and whether each kind is synced.
 //! - `GET /v1/latency`: hop latency and TCP round-trip histograms of sampled packets.
+//! - `GET /v1/trace[?same filters as /v1/flows]`: live tracing, a stream of JSON lines
+//!   (one per packet, hook by hook) for as long as the client reads.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
 //! - `GET /healthz`: liveness. `GET /readyz`: 200 once the interfaces present at start are
 //!   attached and metadata (if any source is configured) is synced.
@@ -134,6 +136,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/metadata", get(metadata))
         .route("/v1/latency", get(latency))
+        .route("/v1/trace", get(trace))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(shared)
@@ -450,6 +453,110 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
         );
     }
     (StatusCode::OK, "ready\n").into_response()
+}
+
+/// While a tracer is attached: unregisters it when its response is dropped (the client
+/// went away) and makes the kernel stop writing trace events if it was the last.
+struct Tracer {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.shared.trace.unsubscribe();
+        let shared = self.shared.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = shared.apply_tracing().await {
+                    error!(error = %e, "turning trace events off after the last tracer left");
+                }
+            });
+        }
+    }
+}
+
+/// An idle stream writes an empty line this often, so a tracer that went away is noticed
+/// (and the kernel stops tracing) even when no packet matches.
+const TRACE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn trace(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> Response {
+    use crate::trace::TraceLine;
+    use tokio::sync::broadcast::error::RecvError;
+
+    let filter = match parse_query(query.as_deref().unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Err((status, msg)) = check_names(&shared, &filter) {
+        return error_response(status, msg);
+    }
+    let rx = shared.trace.subscribe();
+    let tracer = Tracer {
+        shared: shared.clone(),
+    };
+    if let Err(e) = shared.apply_tracing().await {
+        drop(tracer);
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let start = TraceLine::Start {
+        node: shared.node.clone(),
+        sample: shared.trace_sample(),
+    };
+    let state = (rx, tracer, filter, Some(start));
+    let stream = futures::stream::unfold(state, |(mut rx, tracer, filter, start)| async move {
+        if let Some(start) = start {
+            let line = json_line(&start);
+            return Some((
+                Ok::<_, std::convert::Infallible>(line),
+                (rx, tracer, filter, None),
+            ));
+        }
+        loop {
+            let line = match tokio::time::timeout(TRACE_KEEPALIVE, rx.recv()).await {
+                Err(_) => "\n".to_string(),
+                Ok(Ok(p)) => match describe(&tracer.shared, &p, &filter) {
+                    Some(named) => json_line(&TraceLine::Packet(Box::new(named))),
+                    None => continue,
+                },
+                Ok(Err(RecvError::Lagged(n))) => json_line(&TraceLine::Lost { packets: n }),
+                Ok(Err(RecvError::Closed)) => return None,
+            };
+            return Some((Ok(line), (rx, tracer, filter, None)));
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+fn json_line<T: Serialize>(v: &T) -> String {
+    // Serialising these types cannot fail (string keys, no maps with other keys).
+    let mut s = serde_json::to_string(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// Names a traced packet with the agent's current metadata and translations, if it
+/// passes the filter.
+fn describe(
+    shared: &Shared,
+    p: &crate::trace::TracedPacket,
+    filter: &FlowFilter,
+) -> Option<crate::trace::TracePacket> {
+    let names = shared.iface_names();
+    let iface = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
+    let meta = shared.meta_read();
+    let nat = lock(&shared.nat);
+    crate::trace::Namer {
+        node: &shared.node,
+        meta: &meta,
+        nat: &nat,
+        iface: &iface,
+        mono_to_unix_ns: mono_to_unix_offset_ns(),
+    }
+    .describe(p, filter)
 }
 
 #[cfg(test)]

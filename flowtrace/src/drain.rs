@@ -15,7 +15,7 @@ use std::{collections::HashMap, time::Duration};
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use flowtrace_common::{
     CacheSlot, Counter, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, Tuple, CACHE_SLOTS,
-    CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, COUNTER_SLOTS,
+    CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, CONTROL_TRACING, COUNTER_SLOTS,
 };
 
 use crate::error::{Error, Result};
@@ -143,6 +143,12 @@ where
     })
 }
 
+/// The trace ring buffer the programs write to while a tracer is attached (read by
+/// `trace::read_ring`, not by the drainer: it is a stream, not a table).
+pub fn take_trace_ring(ebpf: &mut aya::Ebpf) -> Result<aya::maps::RingBuf<MapData>> {
+    take(ebpf, "TRACE_EVENTS")
+}
+
 impl Drainer {
     pub fn new(ebpf: &mut aya::Ebpf, grace: Duration) -> Result<Self> {
         Ok(Self {
@@ -169,11 +175,30 @@ impl Drainer {
             .map_err(map_io("CONTROL"))
     }
 
+    /// Turns the programs' trace events on or off (the `CONTROL_TRACING` bit of the word
+    /// that also names the active buffer; only this drainer writes that word).
+    pub fn set_tracing(&mut self, on: bool) -> Result<()> {
+        let word = self.active()?;
+        let word = if on {
+            word | CONTROL_TRACING
+        } else {
+            word & !CONTROL_TRACING
+        };
+        self.control
+            .set(CONTROL_ACTIVE_BUFFER, word, 0)
+            .map_err(map_io("CONTROL"))
+    }
+
     /// Flips the buffers and returns every flow of the one that was active.
     pub async fn drain(&mut self) -> Result<Drained> {
-        let old = self.active()? & 1;
+        let word = self.active()?;
+        let old = word & 1;
         self.control
-            .set(CONTROL_ACTIVE_BUFFER, 1 - old, 0)
+            .set(
+                CONTROL_ACTIVE_BUFFER,
+                (1 - old) | (word & CONTROL_TRACING),
+                0,
+            )
             .map_err(map_io("CONTROL"))?;
         tokio::time::sleep(self.grace).await;
         let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();

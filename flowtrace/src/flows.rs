@@ -324,7 +324,7 @@ pub fn protocol_name(p: u8) -> String {
     }
 }
 
-fn tcp_flags_string(flags: u8) -> String {
+pub(crate) fn tcp_flags_string(flags: u8) -> String {
     const LETTERS: [(u8, char); 8] = [
         (0x01, 'F'),
         (0x02, 'S'),
