@@ -201,6 +201,11 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether the programs' control word has the tracing bit set.
+    pub async fn kernel_tracing(&self) -> Result<bool> {
+        self.drainer.lock().await.tracing()
+    }
+
     /// One packet in this many is traced (plus every SYN).
     pub fn trace_sample(&self) -> u32 {
         if self.latency_sample == 0 {
@@ -275,7 +280,20 @@ enum MetadataStart {
     Api(kube::Client),
 }
 
+/// Runs the agent until SIGINT or SIGTERM, then detaches everything.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    run_until(cfg, |_| {}, std::future::pending()).await
+}
+
+/// Runs the agent until SIGINT, SIGTERM or `stop`, whichever comes first; all three leave
+/// through the same shutdown path (tasks stopped, programs and qdiscs detached).
+/// `listening` is told the API's address once it is bound (`--listen` port 0 picks a
+/// free one: `flowtrace trace --standalone` runs the agent in-process that way).
+pub async fn run_until(
+    cfg: AgentConfig,
+    listening: impl FnOnce(SocketAddr),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let (sink, meta_start) = prepare_metadata(&cfg).await?;
     let mut ebpf = attach::load(cfg.flow_entries, cfg.nat_entries, cfg.latency_entries)?;
     let mut drainer = Drainer::new(&mut ebpf, crate::drain::DEFAULT_GRACE)?;
@@ -339,6 +357,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             addr: cfg.listen.to_string(),
             source,
         })?;
+    if let Ok(addr) = listener.local_addr() {
+        listening(addr);
+    }
 
     let (tx, rx) = mpsc::channel(1024);
     let mut watcher = tokio::spawn(links::watch(tx));
@@ -350,6 +371,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // DaemonSet restarts the agent (and the operator sees why in the log).
     let outcome = tokio::select! {
         _ = wait_for_signal() => Ok(()),
+        _ = stop => Ok(()),
         res = &mut watcher => match res {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),

@@ -80,6 +80,16 @@ pub struct StatsResponse {
     pub attach_failures: u64,
     /// NAT cross-check counters (see `/v1/nat`).
     pub nat: crate::nat::NatCounters,
+    /// Live tracers attached to `/v1/trace`.
+    #[serde(default)]
+    pub tracers: usize,
+    /// Whether the kernel programs are writing trace events now (read back from the
+    /// programs' control word: on exactly while `tracers` > 0).
+    #[serde(default)]
+    pub kernel_tracing: bool,
+    /// Packets joined from trace events since the agent started.
+    #[serde(default)]
+    pub traced_packets: u64,
 }
 
 /// Body of `GET /v1/latency`.
@@ -398,6 +408,10 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         .filter(|c| c.is_unparsed())
         .map(|c| counters[*c as usize])
         .sum();
+    let kernel_tracing = match shared.kernel_tracing().await {
+        Ok(t) => t,
+        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
     let table = lock(&shared.table);
     Json(StatsResponse {
         kernel,
@@ -409,6 +423,9 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         drain_errors: shared.drain_errors.load(Ordering::Relaxed),
         attach_failures: shared.attach_failures.load(Ordering::Relaxed),
         nat: lock(&shared.nat).counters(),
+        tracers: shared.trace.tracers(),
+        kernel_tracing,
+        traced_packets: shared.trace.packets.load(Ordering::Relaxed),
     })
     .into_response()
 }

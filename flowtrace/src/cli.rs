@@ -1,7 +1,10 @@
-//! The client commands: `flowtrace flows` (the local agent's flow table) and
-//! `flowtrace path` (hops and latency between two ends, joined over one or more agents).
+//! The client commands: `flowtrace flows` (the local agent's flow table), `flowtrace path`
+//! (hops and latency between two ends, joined over one or more agents) and
+//! `flowtrace trace` (live packets, hook by hook; in `cli::trace`).
 
 use std::{error::Error as _, fmt::Write as _};
+
+pub mod trace;
 
 use crate::{
     api::FlowsResponse,
@@ -24,11 +27,21 @@ pub fn fetch_flows(base: &str, filter: &FlowFilter) -> Result<FlowsResponse> {
 /// GETs `path` from the agent at `base` and decodes its JSON body.
 pub fn get_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> Result<T> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let resp = ureq::get(&url)
-        .timeout(std::time::Duration::from_secs(10))
-        .call();
-    let resp = match resp {
-        Ok(r) => r,
+    let resp = call(
+        &url,
+        ureq::get(&url).timeout(std::time::Duration::from_secs(10)),
+    )?;
+    resp.into_json::<T>().map_err(|e| Error::AgentResponse {
+        url,
+        detail: e.to_string(),
+    })
+}
+
+/// Sends the request; the agent's own errors (JSON `{"error": ...}`) and transport
+/// failures become errors naming the URL.
+fn call(url: &str, req: ureq::Request) -> Result<ureq::Response> {
+    let url = url.to_string();
+    match req.call() {
         Err(ureq::Error::Status(code, r)) => {
             let body = r.into_string().unwrap_or_default();
             // The agent's own errors are JSON {"error": "..."}; show just the message.
@@ -36,11 +49,11 @@ pub fn get_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> Resul
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                 .unwrap_or(body);
-            return Err(Error::AgentError {
+            Err(Error::AgentError {
                 url,
                 status: code,
                 body,
-            });
+            })
         }
         Err(ureq::Error::Transport(t)) => {
             let mut detail = t
@@ -50,13 +63,10 @@ pub fn get_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> Resul
             if let Some(src) = t.source() {
                 detail = format!("{detail}: {src}");
             }
-            return Err(Error::AgentUnreachable { url, detail });
+            Err(Error::AgentUnreachable { url, detail })
         }
-    };
-    resp.into_json::<T>().map_err(|e| Error::AgentResponse {
-        url,
-        detail: e.to_string(),
-    })
+        Ok(r) => Ok(r),
+    }
 }
 
 /// `ns/pod:port` (or `svc:ns/name`, `node:name`) when the address is named, the address

@@ -175,6 +175,11 @@ impl Drainer {
             .map_err(map_io("CONTROL"))
     }
 
+    /// Whether the programs write trace events now.
+    pub fn tracing(&self) -> Result<bool> {
+        Ok(self.active()? & CONTROL_TRACING != 0)
+    }
+
     /// Turns the programs' trace events on or off (the `CONTROL_TRACING` bit of the word
     /// that also names the active buffer; only this drainer writes that word).
     pub fn set_tracing(&mut self, on: bool) -> Result<()> {

@@ -1,5 +1,5 @@
-//! The `flowtrace` binary: `flowtrace agent` (the daemon), `flowtrace flows` and
-//! `flowtrace path` (the CLI).
+//! The `flowtrace` binary: `flowtrace agent` (the daemon), `flowtrace flows`,
+//! `flowtrace path` and `flowtrace trace` (the CLI).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -30,6 +30,39 @@ enum Command {
     /// latency measured at each, over one or more agents (give every node's agent to see
     /// a cross-node path whole, and the round trip between the nodes).
     Path(PathArgs),
+    /// Follow matching traffic now: every TCP SYN and the sampled packets, hook by hook,
+    /// with the time between hooks, names and the NAT step. Runs until Ctrl-C, --count
+    /// or --duration-s.
+    Trace(TraceArgs),
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    /// Base URL of the agent's API.
+    #[arg(
+        long,
+        env = "FLOWTRACE_AGENT",
+        default_value = "http://127.0.0.1:9650",
+        conflicts_with = "standalone"
+    )]
+    agent: String,
+    /// No agent runs on this node: load and attach the programs in this process for the
+    /// trace's duration (needs the agent's privileges), and detach them when it ends.
+    #[arg(long)]
+    standalone: bool,
+    /// Print each packet as a JSON line (the API's /v1/trace lines) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many packets.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration_s: Option<u64>,
+    #[command(flatten)]
+    filter: FilterArgs,
+    #[command(flatten, next_help_heading = "With --standalone")]
+    settings: AgentSettings,
 }
 
 #[derive(Args)]
@@ -62,6 +95,14 @@ struct AgentArgs {
     /// Address of the HTTP API (JSON). Loopback by default: expose it deliberately.
     #[arg(long, env = "FLOWTRACE_LISTEN", default_value = "127.0.0.1:9650")]
     listen: SocketAddr,
+    #[command(flatten)]
+    settings: AgentSettings,
+}
+
+/// Everything the agent needs but its listen address (shared by `agent` and
+/// `trace --standalone`).
+#[derive(Args)]
+struct AgentSettings {
     /// How often to drain the kernel maps, in milliseconds (API reads also drain).
     #[arg(long, env = "FLOWTRACE_DRAIN_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     drain_interval_ms: u64,
@@ -132,7 +173,31 @@ struct AgentArgs {
     metadata_backoff_max_ms: u64,
 }
 
-impl AgentArgs {
+impl AgentSettings {
+    fn config(self, listen: SocketAddr) -> AgentConfig {
+        let metadata = self.metadata_source();
+        AgentConfig {
+            listen,
+            drain_interval: Duration::from_millis(self.drain_interval_ms),
+            flow_entries: self.flow_entries,
+            nat_entries: self.nat_entries,
+            latency_entries: self.latency_entries,
+            latency_sample: self.latency_sample,
+            conntrack: !self.no_conntrack,
+            conntrack_resync: Duration::from_secs(self.conntrack_resync_s),
+            max_flows: self.max_flows,
+            flow_idle_timeout: Duration::from_secs(self.flow_idle_timeout_s),
+            attach_mode: self.attach_mode,
+            selector: Selector {
+                include: self.include,
+                exclude: self.exclude,
+            },
+            node_name: self.node_name,
+            metadata,
+            metadata_backoff_max: Duration::from_millis(self.metadata_backoff_max_ms),
+        }
+    }
+
     fn metadata_source(&self) -> MetaSource {
         if let Some(f) = &self.metadata_file {
             MetaSource::File(f.clone())
@@ -157,6 +222,13 @@ struct FlowsArgs {
     /// Print JSON (the API's `/v1/flows` body) instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+/// The flow filters of `flows` and `trace`.
+#[derive(Args)]
+struct FilterArgs {
     /// Only flows from or to this address or CIDR (repeatable).
     #[arg(long, value_parser = |s: &str| s.parse::<IpFilter>().map_err(|e| e.to_string()))]
     ip: Vec<IpFilter>,
@@ -185,6 +257,21 @@ struct FlowsArgs {
     service: Vec<ObjectName>,
 }
 
+impl FilterArgs {
+    fn into_filter(self) -> FlowFilter {
+        FlowFilter {
+            ips: self.ip,
+            ports: self.port,
+            protos: self.proto,
+            ifaces: self.iface,
+            pods: self.pod,
+            namespaces: self.namespace,
+            workloads: self.workload,
+            services: self.service,
+        }
+    }
+}
+
 fn parse_sample_rate(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if n == 0 || (n.is_power_of_two() && n <= 1 << 20) => Ok(n),
@@ -206,54 +293,89 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOWTRACE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn agent_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// `flowtrace trace`: against an agent, or with `--standalone` against an agent run in
+/// this process on a free loopback port. The standalone agent stops through its own
+/// shutdown path (Ctrl-C/SIGTERM, or the end of the trace), so its programs and qdiscs
+/// are removed.
+fn trace(t: TraceArgs) -> anyhow::Result<()> {
+    let filter = t.filter.into_filter();
+    let until = flowtrace::cli::trace::Until {
+        count: t.count,
+        duration: t.duration_s.map(Duration::from_secs),
+    };
+    let mut stdout = std::io::stdout();
+    if !t.standalone {
+        flowtrace::cli::trace::follow(&t.agent, &filter, t.json, until, &mut stdout)?;
+        return Ok(());
+    }
+    init_logging("warn");
+    let cfg = t.settings.config(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let agent_done = done_tx.clone();
+    let agent_stop = stop.clone();
+    let rt = agent_runtime()?;
+    let agent = std::thread::spawn(move || {
+        let res = rt.block_on(agent::run_until(
+            cfg,
+            move |addr| {
+                let _ = addr_tx.send(addr);
+            },
+            async move { agent_stop.notified().await },
+        ));
+        let _ = agent_done.send(res.map_err(anyhow::Error::from));
+    });
+    let Ok(addr) = addr_rx.recv() else {
+        // The agent ended before listening: its error says why.
+        return match done_rx.recv() {
+            Ok(Err(e)) => Err(e),
+            _ => Err(anyhow::anyhow!(
+                "the standalone agent stopped before it started"
+            )),
+        };
+    };
+    let base = format!("http://{addr}");
+    flowtrace::cli::trace::wait_ready(&base, Duration::from_secs(30))?;
+    std::thread::spawn(move || {
+        let res = flowtrace::cli::trace::follow(&base, &filter, t.json, until, &mut stdout);
+        let _ = done_tx.send(res.map(|_| ()).map_err(anyhow::Error::from));
+    });
+    // Whichever ends first: the trace (count, duration, a broken pipe) or the agent (a
+    // signal, or an error).
+    let first = done_rx.recv().unwrap_or(Ok(()));
+    stop.notify_one();
+    let _ = agent.join();
+    first
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => {
-            let metadata = a.metadata_source();
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("FLOWTRACE_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            let cfg = AgentConfig {
-                listen: a.listen,
-                drain_interval: Duration::from_millis(a.drain_interval_ms),
-                flow_entries: a.flow_entries,
-                nat_entries: a.nat_entries,
-                latency_entries: a.latency_entries,
-                latency_sample: a.latency_sample,
-                conntrack: !a.no_conntrack,
-                conntrack_resync: Duration::from_secs(a.conntrack_resync_s),
-                max_flows: a.max_flows,
-                flow_idle_timeout: Duration::from_secs(a.flow_idle_timeout_s),
-                attach_mode: a.attach_mode,
-                selector: Selector {
-                    include: a.include,
-                    exclude: a.exclude,
-                },
-                node_name: a.node_name,
-                metadata,
-                metadata_backoff_max: Duration::from_millis(a.metadata_backoff_max_ms),
-            };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(agent::run(cfg))?;
+            init_logging("info");
+            let cfg = a.settings.config(a.listen);
+            agent_runtime()?.block_on(agent::run(cfg))?;
         }
+        Command::Trace(t) => trace(t)?,
         Command::Flows(f) => {
-            let filter = FlowFilter {
-                ips: f.ip,
-                ports: f.port,
-                protos: f.proto,
-                ifaces: f.iface,
-                pods: f.pod,
-                namespaces: f.namespace,
-                workloads: f.workload,
-                services: f.service,
-            };
+            let filter = f.filter.into_filter();
             print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);
         }
         Command::Path(p) => {

@@ -108,6 +108,9 @@ enum Cmd {
         /// Connect and per-read timeout.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Pause between connections (traffic that keeps running for a while).
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// Send a raw Ethernet frame (hex, separators ignored) on --iface. Prints {"sent"}.
     RawSend {
@@ -211,7 +214,8 @@ fn main() -> Result<()> {
             bytes,
             connections,
             timeout_ms,
-        } => tcp_send(to, bytes, connections, ms(timeout_ms))?,
+            interval_ms,
+        } => tcp_send(to, bytes, connections, ms(timeout_ms), ms(interval_ms))?,
         Cmd::RawSend { iface, hex, count } => raw::send(&iface, &parse_hex(&hex)?, count)?,
         Cmd::RawCapture {
             iface,
@@ -501,12 +505,16 @@ fn tcp_send(
     bytes: usize,
     connections: u64,
     timeout: Duration,
+    interval: Duration,
 ) -> Result<serde_json::Value> {
     let data = payload(bytes);
     let (mut sent, mut received) = (0u64, 0u64);
     let mut ports = Vec::new();
     let mut retransmitted = 0u64;
     for k in 0..connections {
+        if k > 0 {
+            std::thread::sleep(interval);
+        }
         let what = || format!("connection {} of {connections} to {to}", k + 1);
         let mut s = TcpStream::connect_timeout(&to, timeout)
             .with_context(|| format!("{}: connect", what()))?;
