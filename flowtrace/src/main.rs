@@ -33,7 +33,7 @@ enum Command {
     /// Follow matching traffic now: every TCP SYN and the sampled packets, hook by hook,
     /// with the time between hooks, names and the NAT step. Runs until Ctrl-C, --count
     /// or --duration-s.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
 }
 
 #[derive(Args)]
@@ -373,7 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = a.settings.config(a.listen);
             agent_runtime()?.block_on(agent::run(cfg))?;
         }
-        Command::Trace(t) => trace(t)?,
+        Command::Trace(t) => trace(*t)?,
         Command::Flows(f) => {
             let filter = f.filter.into_filter();
             print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);
