@@ -14,10 +14,9 @@ use flowtrace::{
     api::NatResponse,
     nat::{NatState, TupleView},
 };
-use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bin, Cluster, Node};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bin, Cluster};
 
-/// (protocol, src, sport, dst, dport)
-type T = (u8, IpAddr, u16, IpAddr, u16);
+use common::{conntrack_list, T};
 
 fn view(t: &TupleView) -> T {
     (t.protocol, t.src, t.src_port, t.dst, t.dst_port)
@@ -25,48 +24,6 @@ fn view(t: &TupleView) -> T {
 
 fn rev(t: T) -> T {
     (t.0, t.3, t.4, t.1, t.2)
-}
-
-/// Connections `conntrack -L` lists in `node`'s namespace whose original tuple matches
-/// `filter` (conntrack's own flags, e.g. `-d 10.96.0.10`): (original, reply) per entry.
-fn conntrack_list(node: &Node, filter: &[&str]) -> Vec<(T, T)> {
-    let mut argv = vec!["conntrack", "-L"];
-    argv.extend_from_slice(filter);
-    let out = node.exec(&argv).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut entries = Vec::new();
-    for line in text.lines() {
-        let proto: u8 = match line.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
-            Some(p) => p,
-            None => continue,
-        };
-        let field = |key: &str| -> Vec<String> {
-            line.split_whitespace()
-                .filter_map(|w| w.strip_prefix(key).map(str::to_string))
-                .collect()
-        };
-        let (src, dst, sport, dport) = (
-            field("src="),
-            field("dst="),
-            field("sport="),
-            field("dport="),
-        );
-        assert!(
-            src.len() >= 2 && sport.len() >= 2,
-            "unexpected conntrack line: {line}"
-        );
-        let t = |i: usize| -> T {
-            (
-                proto,
-                src[i].parse().unwrap(),
-                sport[i].parse().unwrap(),
-                dst[i].parse().unwrap(),
-                dport[i].parse().unwrap(),
-            )
-        };
-        entries.push((t(0), t(1)));
-    }
-    entries
 }
 
 /// Translations (original, translated, state) from the agent; asks twice so that every

@@ -133,29 +133,54 @@ fn wait_tracers(bed: &Bed, node: usize, tracers: usize) -> StatsResponse {
     }
 }
 
-/// Client source port -> backend address, from node1's conntrack table.
+/// Client source port -> backend address, from `conntrack -L` of the client's node.
 fn conntrack_backends(node: &Node, client: &Pod) -> std::collections::HashMap<u16, String> {
-    let out = node
-        .exec(&["conntrack", "-L", "-p", "tcp", "-d", "10.96.0.10"])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut map = std::collections::HashMap::new();
-    for l in text.lines() {
-        if !l.contains(&format!("src={} ", client.ipv4)) {
-            continue;
-        }
-        let field = |key: &str, nth: usize| -> Option<String> {
-            l.split_whitespace()
-                .filter_map(|w| w.strip_prefix(key))
-                .nth(nth)
-                .map(str::to_string)
-        };
-        // Original direction first, then the reply: the reply's source is the backend.
-        if let (Some(sport), Some(backend)) = (field("sport=", 0), field("src=", 1)) {
-            map.insert(sport.parse().unwrap(), backend);
-        }
-    }
-    map
+    let client = std::net::IpAddr::from(client.ipv4);
+    common::conntrack_list(node, &["-p", "tcp", "-d", "10.96.0.10"])
+        .into_iter()
+        .filter(|(original, _)| original.1 == client)
+        // The reply's source is the backend.
+        .map(|(original, reply)| (original.2, reply.1.to_string()))
+        .collect()
+}
+
+/// A sink on port 8080 of `pod` taking connections until none comes for 3 s.
+fn sink(pod: &Pod, echo_bytes: &str) -> ChildGuard {
+    ftgen_bg(
+        pod,
+        &[
+            "tcp-sink",
+            "--bind",
+            "0.0.0.0:8080",
+            "--connections",
+            "1000",
+            "--timeout-ms",
+            "60000",
+            "--idle-timeout-ms",
+            "3000",
+            "--echo-bytes",
+            echo_bytes,
+        ],
+    )
+    .unwrap()
+}
+
+/// Traffic that keeps running: a new connection from `pod` to `to` every 100 ms.
+fn steady_client(pod: &Pod, to: &str, connections: &str) -> ChildGuard {
+    let ftgen = ftgen_bin().unwrap().display().to_string();
+    pod.spawn_guarded(&[
+        ftgen.as_str(),
+        "tcp-send",
+        "--to",
+        to,
+        "--bytes",
+        "100",
+        "--connections",
+        connections,
+        "--interval-ms",
+        "100",
+    ])
+    .unwrap()
 }
 
 #[test]
@@ -168,45 +193,10 @@ fn trace_shows_running_traffic_within_a_second_and_follows_the_service_across_th
         c.pod(2, "pod-b").unwrap(),
     );
     let (n1, n2) = (c.node(1).unwrap(), c.node(2).unwrap());
-    let sinks: Vec<_> = [b1, b2]
-        .iter()
-        .map(|p| {
-            ftgen_bg(
-                p,
-                &[
-                    "tcp-sink",
-                    "--bind",
-                    "0.0.0.0:8080",
-                    "--connections",
-                    "1000",
-                    "--timeout-ms",
-                    "60000",
-                    "--idle-timeout-ms",
-                    "3000",
-                    "--echo-bytes",
-                    "10",
-                ],
-            )
-            .unwrap()
-        })
-        .collect();
+    let sinks = [sink(b1, "10"), sink(b2, "10")];
     // Traffic that runs before, during and after the trace: a new connection to the
     // Service every 100 ms for 8 s.
-    let ftgen = ftgen_bin().unwrap().display().to_string();
-    let client = c1
-        .spawn_guarded(&[
-            ftgen.as_str(),
-            "tcp-send",
-            "--to",
-            "10.96.0.10:80",
-            "--bytes",
-            "100",
-            "--connections",
-            "80",
-            "--interval-ms",
-            "100",
-        ])
-        .unwrap();
+    let client = steady_client(c1, "10.96.0.10:80", "80");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(stats(&bed, 1).tracers, 0);
     assert!(!stats(&bed, 1).kernel_tracing, "no tracer, no trace events");
@@ -417,37 +407,8 @@ fn standalone_trace_attaches_while_it_runs_and_leaves_nothing_after_ctrl_c_or_co
     );
     let n1 = cluster.node(1).unwrap();
     let before = flowtrace_program_ids().unwrap();
-    let sink = ftgen_bg(
-        b1,
-        &[
-            "tcp-sink",
-            "--bind",
-            "0.0.0.0:8080",
-            "--connections",
-            "1000",
-            "--timeout-ms",
-            "60000",
-            "--idle-timeout-ms",
-            "3000",
-        ],
-    )
-    .unwrap();
-    let ftgen = ftgen_bin().unwrap().display().to_string();
-    let to = format!("{}:8080", b1.ipv4);
-    let client = a1
-        .spawn_guarded(&[
-            ftgen.as_str(),
-            "tcp-send",
-            "--to",
-            &to,
-            "--bytes",
-            "100",
-            "--connections",
-            "150",
-            "--interval-ms",
-            "100",
-        ])
-        .unwrap();
+    let sink = sink(b1, "0");
+    let client = steady_client(a1, &format!("{}:8080", b1.ipv4), "150");
 
     // Stopped by Ctrl-C (SIGINT), as an operator would.
     let t = tracer(&n1.netns, &["--standalone", "--port", "8080", "--json"]);

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use flowtrace::flows::{Direction, FlowRecord};
-use flowtrace_tests::{apiserver, Agent, ApiServer, Cluster, ClusterOptions};
+use flowtrace_tests::{apiserver, Agent, ApiServer, Cluster, ClusterOptions, Node};
 
 pub fn assert_root() {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -117,4 +117,49 @@ pub fn hop_names(f: &FlowRecord) -> Vec<(String, Direction)> {
 
 pub fn hops(list: &[(&str, Direction)]) -> Vec<(String, Direction)> {
     list.iter().map(|(n, d)| (n.to_string(), *d)).collect()
+}
+
+/// A 5-tuple as (protocol, src, sport, dst, dport).
+pub type T = (u8, IpAddr, u16, IpAddr, u16);
+
+/// Connections `conntrack -L` lists in `node`'s namespace whose original tuple matches
+/// `filter` (conntrack's own flags, e.g. `-d 10.96.0.10`): (original, reply) per entry.
+pub fn conntrack_list(node: &Node, filter: &[&str]) -> Vec<(T, T)> {
+    let mut argv = vec!["conntrack", "-L"];
+    argv.extend_from_slice(filter);
+    let out = node.exec(&argv).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut entries = Vec::new();
+    for line in text.lines() {
+        let proto: u8 = match line.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            Some(p) => p,
+            None => continue,
+        };
+        let field = |key: &str| -> Vec<String> {
+            line.split_whitespace()
+                .filter_map(|w| w.strip_prefix(key).map(str::to_string))
+                .collect()
+        };
+        let (src, dst, sport, dport) = (
+            field("src="),
+            field("dst="),
+            field("sport="),
+            field("dport="),
+        );
+        assert!(
+            src.len() >= 2 && sport.len() >= 2,
+            "unexpected conntrack line: {line}"
+        );
+        let t = |i: usize| -> T {
+            (
+                proto,
+                src[i].parse().unwrap(),
+                sport[i].parse().unwrap(),
+                dst[i].parse().unwrap(),
+                dport[i].parse().unwrap(),
+            )
+        };
+        entries.push((t(0), t(1)));
+    }
+    entries
 }
