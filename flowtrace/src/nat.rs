@@ -318,6 +318,15 @@ impl NatTable {
             .collect()
     }
 
+    /// The original tuple whose translation is `t`, for one lookup (a scan, no index
+    /// built; `by_translated` is for annotating many flows at once).
+    pub fn original_of(&self, t: &FlowTuple) -> Option<FlowTuple> {
+        self.entries
+            .iter()
+            .find(|(_, e)| e.translated == *t)
+            .map(|(o, _)| *o)
+    }
+
     /// The translation of original tuple `o`.
     pub fn get(&self, o: &FlowTuple, names: &dyn Fn(u32) -> String) -> Option<Translation> {
         self.entries.get(o).map(|e| view(o, e, names))

@@ -342,12 +342,12 @@ impl Namer<'_> {
             .iter()
             .find_map(|h| self.service_of(&h.tuple))
             .or_else(|| {
-                let by_translated = self.nat.by_translated();
                 p.hops.iter().find_map(|h| {
-                    let t = by_translated
-                        .get(&h.tuple)
-                        .or_else(|| by_translated.get(&h.tuple.reversed()))?;
-                    self.service_of(t)
+                    let t = self
+                        .nat
+                        .original_of(&h.tuple)
+                        .or_else(|| self.nat.original_of(&h.tuple.reversed()))?;
+                    self.service_of(&t)
                 })
             });
         let mut hops = Vec::with_capacity(p.hops.len());

@@ -145,6 +145,8 @@ fn untraced_pre_nat_side_is_completed_from_conntrack() {
         (NatState::ConntrackOnly, "conntrack", "src+dst")
     );
     assert_eq!(t.by_translated().get(&post), Some(&orig));
+    assert_eq!(t.original_of(&post), Some(orig));
+    assert_eq!(t.original_of(&orig), None);
     // Connections flowtrace never saw are ignored.
     let mut t = NatTable::new(u64::MAX);
     t.cross_check(&[ct], &|_| false, 1);
