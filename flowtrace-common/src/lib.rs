@@ -62,6 +62,11 @@ pub const DEFAULT_LATENCY_ENTRIES: u32 = 4_096;
 /// Capacity of the table of TCP segments waiting for their acknowledgement (LRU).
 pub const RTT_PENDING_ENTRIES: u32 = 16_384;
 
+/// Slots of the hint array in front of that table: a non-zero slot says a segment may be
+/// waiting under a (direction, interface) that hashes there, so only then does an answering
+/// segment pay for the hash lookup (see `FlowKey::rtt_hint_slot`).
+pub const RTT_HINT_SLOTS: u32 = 16_384;
+
 /// Latency kinds (`LatencyKey::kind`).
 /// Time from one hook to the next for the same packet on this node (one way).
 pub const LAT_HOP: u8 = 0;
@@ -403,6 +408,26 @@ impl FlowKey {
     #[inline(always)]
     pub fn same_as(&self, other: &FlowKey) -> bool {
         words_differ::<11, 11, 11>(&self.words(), &other.words()) == 0
+    }
+
+    /// Slot in the RTT hint array of segments waiting with this key's tuple at this
+    /// interface (`reply` false), or with the reversed tuple (`reply` true: where the answer
+    /// to this packet waits). Both directions of a key land in the same slot as the other
+    /// direction's key with `reply` flipped, so a question marks the slot its answer reads.
+    #[inline(always)]
+    pub fn rtt_hint_slot(&self, reply: bool) -> u32 {
+        let (a, b, pa, pb) = if reply {
+            (&self.dst_addr, &self.src_addr, self.dst_port, self.src_port)
+        } else {
+            (&self.src_addr, &self.dst_addr, self.src_port, self.dst_port)
+        };
+        let fa = a[0] ^ a[1] ^ a[2] ^ a[3];
+        let fb = b[0] ^ b[1] ^ b[2] ^ b[3];
+        let folded = fa ^ fb.rotate_left(11) ^ (pa as u32 | (pb as u32) << 16) ^ self.ifindex;
+        // murmur3's 32-bit finaliser: the ports differ in few low bits from flow to flow.
+        let mut h = (folded ^ (folded >> 16)).wrapping_mul(0x85EB_CA6B);
+        h = (h ^ (h >> 13)).wrapping_mul(0xC2B2_AE35);
+        (h ^ (h >> 16)) & (RTT_HINT_SLOTS - 1)
     }
 
     /// The key as 11 native-endian words, for cheap hashing and comparison.

@@ -21,7 +21,7 @@ use flowtrace_common::{
     RttPending, Sighting, TraceEvent, Tuple, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER,
     CONTROL_LATENCY_SAMPLE, CONTROL_SLOTS, CONTROL_TRACING, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES,
     DEFAULT_LATENCY_ENTRIES, DEFAULT_NAT_ENTRIES, DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS,
-    LATENCY_BUCKETS, LAT_HANDSHAKE, LAT_HOP, LAT_RESPONSE, RTT_PENDING_ENTRIES,
+    LATENCY_BUCKETS, LAT_HANDSHAKE, LAT_HOP, LAT_RESPONSE, RTT_HINT_SLOTS, RTT_PENDING_ENTRIES,
     SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS, TRACE_RING_BYTES,
 };
 
@@ -80,17 +80,25 @@ static LATENCY_1: PerCpuHashMap<LatencyKey, LatencyHist> =
 static RTT_PENDING: LruHashMap<RttKey, RttPending> =
     LruHashMap::with_max_entries(RTT_PENDING_ENTRIES, 0);
 
+/// Non-zero where a segment may wait in `RTT_PENDING` (see `FlowKey::rtt_hint_slot`): an
+/// answering segment looks there first, an array read instead of a hash lookup, so a
+/// connection with nothing waiting costs no lookup per data segment. A collision only costs
+/// a lookup that finds nothing, or (when an answer clears a slot another waiting segment
+/// shares) one lost round-trip sample.
+#[map]
+static RTT_HINT: Array<u32> = Array::with_max_entries(RTT_HINT_SLOTS, 0);
+
 /// Sampled packets and SYNs at each hook, written only while a tracer is attached
 /// (`CONTROL_TRACING`).
 #[map]
 static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 
-/// Per-CPU scratch space where map keys are built (a 52-byte key on the stack would not fit
-/// the 512 bytes the program and its functions share).
 /// Per-CPU scratch space where a trace event is built before it is copied to the ring.
 #[map]
 static TRACE_SCRATCH: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space where map keys are built (a 52-byte key on the stack would not fit
+/// the 512 bytes the program and its functions share).
 #[map]
 static LAT_SCRATCH: PerCpuArray<LatencyKey> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -423,6 +431,21 @@ fn add_latency(ns: u64, active: u32) {
     unsafe { (*h).add(ns) };
 }
 
+/// Whether a segment may wait in `slot` of `RTT_HINT`.
+#[inline(always)]
+fn rtt_hinted(slot: u32) -> bool {
+    RTT_HINT.get(slot).is_some_and(|v| *v != 0)
+}
+
+/// Marks (`on`) or clears `slot` of `RTT_HINT`.
+#[inline(always)]
+fn set_rtt_hint(slot: u32, on: bool) {
+    if let Some(v) = RTT_HINT.get_ptr_mut(slot) {
+        // SAFETY: a map value pointer; a racing store from another CPU writes 0 or 1 too.
+        unsafe { *v = on as u32 };
+    }
+}
+
 /// TCP round trips at this interface: a SYN waits for its SYN-ACK, a sampled data segment
 /// for the first data segment (or SYN-ACK) acknowledging it. The time between them is the
 /// round trip beyond this interface: network plus, for data, the peer's time to answer.
@@ -436,6 +459,15 @@ fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
         .l3_len
         .saturating_sub(info.l3_header_len + info.l4_header_len);
     let sampled = ctl & CTL_SAMPLED != 0;
+    // Most segments neither ask nor may answer (pure ACKs; data nothing waits for, which is
+    // most of a bulk transfer): they leave here, before any map is touched.
+    let answers = ack
+        && (syn || (payload > 0 && (sampled || flags & TCP_PSH != 0)))
+        && rtt_hinted(key.rtt_hint_slot(true));
+    let opens = if syn { !ack } else { payload > 0 && sampled };
+    if !(answers || opens) {
+        return;
+    }
     let Some(rk) = RTT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -444,7 +476,7 @@ fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
     rk.ifindex = key.ifindex;
     rk._pad = 0;
     // An answer: does a segment of the other direction wait at this interface?
-    if ack && (syn || (payload > 0 && (sampled || flags & TCP_PSH != 0))) {
+    if answers {
         rk.tuple.set_reversed_from_key(key);
         if let Some(p) = RTT_PENDING.get_ptr(&*rk) {
             // SAFETY: a map value pointer, valid until the program ends.
@@ -452,6 +484,7 @@ fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
             let acked = u32::from_be(id.l4_b);
             if (acked.wrapping_sub(expected) as i32) >= 0 {
                 let _ = RTT_PENDING.remove(&*rk);
+                set_rtt_hint(key.rtt_hint_slot(true), false);
                 if let Some(k) = LAT_SCRATCH.get_ptr_mut(0) {
                     // SAFETY: this CPU's scratch slot.
                     unsafe {
@@ -469,7 +502,6 @@ fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
         }
     }
     // A question: a SYN, or a sampled data segment, starts waiting (unless one already does).
-    let opens = if syn { !ack } else { payload > 0 && sampled };
     if opens {
         rk.tuple.set_from_key(key);
         let pending = RttPending {
@@ -481,7 +513,10 @@ fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
             _pad1: 0,
             sent_ns: now,
         };
+        // Marked even when a segment already waits (the insert fails): its mark may have
+        // been cleared by an answer to another segment sharing the slot.
         let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
+        set_rtt_hint(key.rtt_hint_slot(false), true);
     }
 }
 

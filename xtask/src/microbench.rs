@@ -133,6 +133,9 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
     for (name, pkt, sample) in [
         ("IPv4 TCP 1000 B", tcp_v4(1000), 0),
         ("IPv6 UDP 100 B", udp_v6(100), 0),
+        // The agent's default: 1 in 64 sampled for latency; this packet is not one of them.
+        ("IPv4 TCP 1000 B, sample 64", tcp_v4(1000), 64),
+        ("IPv4 TCP ACK, sample 64", tcp_v4_flags(0, 0x10), 64),
         // Every SYN goes through the sighting (NAT, latency, tracing) path.
         ("IPv4 TCP SYN", tcp_v4_flags(0, 0x02), 0),
         // Every packet sampled for latency (--latency-sample 1): the sighting path too.

@@ -528,3 +528,44 @@ fn tuple_reversal_and_equality() {
     assert!(r.reversed().same_as(&t));
     assert!(!r.same_as(&t));
 }
+
+#[test]
+fn rtt_hint_slot_pairs_a_question_with_its_answer() {
+    let key = |src: u32, dst: u32, sp: u16, dp: u16, ifindex: u32| crate::FlowKey {
+        src_addr: [src, 0, 0, 0],
+        dst_addr: [dst, 0, 0, 0],
+        src_port: sp,
+        dst_port: dp,
+        ifindex,
+        direction: 1,
+        ip_version: 4,
+        protocol: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let question = key(0x0a_f4_01_0a, 0x0a_f4_02_0b, 40000, 80, 7);
+    let answer = key(0x0a_f4_02_0b, 0x0a_f4_01_0a, 80, 40000, 7);
+    // The answer reads the slot the question marked, whatever the hook direction.
+    let mut other_dir = answer;
+    other_dir.direction = 0;
+    assert_eq!(question.rtt_hint_slot(false), answer.rtt_hint_slot(true));
+    assert_eq!(question.rtt_hint_slot(false), other_dir.rtt_hint_slot(true));
+    // Per direction: the two directions of one connection mark different slots here, so
+    // one direction's answer does not clear the other's mark.
+    assert_ne!(question.rtt_hint_slot(false), answer.rtt_hint_slot(false));
+    // Another interface or port is another slot, and slots spread over the whole array.
+    assert_ne!(
+        question.rtt_hint_slot(false),
+        key(0x0a_f4_01_0a, 0x0a_f4_02_0b, 40000, 80, 8).rtt_hint_slot(false)
+    );
+    let mut seen = std::collections::HashSet::new();
+    for port in 0..4096u16 {
+        let s = key(0x0a_f4_01_0a, 0x0a_f4_02_0b, 30000 + port, 80, 7).rtt_hint_slot(false);
+        assert!(s < crate::RTT_HINT_SLOTS);
+        seen.insert(s);
+    }
+    assert!(
+        seen.len() > 3000,
+        "4096 client ports took only {} slots",
+        seen.len()
+    );
+}
