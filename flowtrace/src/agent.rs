@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub metadata: MetaSource,
     /// Longest wait between attempts to reach the API server again.
     pub metadata_backoff_max: Duration,
+    /// Aggregation level, series cap and series expiry of `/metrics`.
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// State shared by the agent's tasks and the API.
@@ -90,6 +92,11 @@ pub struct Shared {
     pub meta_status: Arc<Mutex<MetaStatus>>,
     /// Live tracers and the joined packets they receive.
     pub trace: Arc<crate::trace::TraceHub>,
+    /// What `/metrics` serves, fed by every drain.
+    pub metrics: Mutex<crate::metrics::Metrics>,
+    /// Capacity of each kernel buffer: flows, NAT, latency.
+    pub map_capacity: [u32; 3],
+    pub max_flows: usize,
 }
 
 /// Locks a std mutex, recovering from poisoning (a panicked holder leaves data that is
@@ -106,6 +113,7 @@ impl Shared {
 
     /// Drains the kernel buffers into the flow table now.
     pub async fn drain_now(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         let drained = {
             let mut d = self.drainer.lock().await;
             d.drain().await
@@ -133,10 +141,22 @@ impl Shared {
                 &|ip| meta.resolve(ip),
             );
             table.expire(now);
-            lock(&self.nat).merge_kernel(&drained.nat, now);
+            let mut nat = lock(&self.nat);
+            let new_translations = nat.merge_kernel(&drained.nat, now);
             let mut lat = lock(&self.latency);
             lat.merge(&drained.latency, now);
             lat.expire(now);
+            drop(lat);
+            let hop = |i: u32| crate::metrics::hop_class(links.get(&i));
+            lock(&self.metrics).observe_drain(&crate::metrics::DrainView {
+                drained: &drained,
+                new_translations: &new_translations,
+                meta: &meta,
+                nat: &nat,
+                hop: &hop,
+                now_ns: now,
+                duration_s: started.elapsed().as_secs_f64(),
+            });
         }
         if self.conntrack {
             if self.dump_due() {
@@ -212,6 +232,39 @@ impl Shared {
             crate::trace::TRACE_SAMPLE_WHEN_OFF
         } else {
             self.latency_sample
+        }
+    }
+
+    /// The agent's own state for `/metrics`.
+    pub async fn health(&self) -> crate::metrics::Health {
+        let (attached_interfaces, programs) = {
+            let mut a = self.attacher.lock().await;
+            (a.interfaces().len(), a.program_stats())
+        };
+        let kernel_counters = match self.kernel_counters().await {
+            Ok(c) => c.to_vec(),
+            Err(e) => {
+                warn!(error = %e, "reading the kernel counters for /metrics");
+                Vec::new()
+            }
+        };
+        let (flow_table_entries, flow_table_evicted) = {
+            let t = lock(&self.table);
+            (t.len(), t.evicted())
+        };
+        crate::metrics::Health {
+            attached_interfaces,
+            attach_failures: self.attach_failures.load(Ordering::Relaxed),
+            kernel_counters,
+            map_capacity: self.map_capacity,
+            flow_table_entries,
+            flow_table_capacity: self.max_flows,
+            flow_table_evicted,
+            drains: self.drains.load(Ordering::Relaxed),
+            drain_errors: self.drain_errors.load(Ordering::Relaxed),
+            metadata_synced: lock(&self.meta_status).synced(),
+            programs,
+            tracers: self.trace.tracers(),
         }
     }
 
@@ -332,6 +385,9 @@ pub async fn run_until(
         meta: sink.cache.clone(),
         meta_status: sink.status.clone(),
         trace: Arc::new(crate::trace::TraceHub::new()),
+        metrics: Mutex::new(crate::metrics::Metrics::new(cfg.metrics)),
+        map_capacity: [cfg.flow_entries, cfg.nat_entries, cfg.latency_entries],
+        max_flows: cfg.max_flows,
     });
     let trace_task = tokio::spawn(crate::trace::read_ring(trace_ring, shared.trace.clone()));
     if cfg.conntrack {

@@ -9,6 +9,7 @@
 //! - `GET /v1/trace[?same filters as /v1/flows]`: live tracing, a stream of JSON lines
 //!   (one per packet, hook by hook) for as long as the client reads.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
+//! - `GET /metrics`: Prometheus text format (traffic, translations, latency, health).
 //! - `GET /healthz`: liveness. `GET /readyz`: 200 once the interfaces present at start are
 //!   attached and metadata (if any source is configured) is synced.
 
@@ -147,6 +148,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/metadata", get(metadata))
         .route("/v1/latency", get(latency))
         .route("/v1/trace", get(trace))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(shared)
@@ -454,6 +456,27 @@ async fn nat(State(shared): State<Arc<Shared>>) -> Response {
         translations,
     })
     .into_response()
+}
+
+/// Prometheus text format (see `crate::metrics`): traffic and latency up to the last drain
+/// (a scrape does not drain), the agent's health as of now.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let health = shared.health().await;
+    let families = lock(&shared.metrics).families(&health);
+    match crate::metrics::encode(&families) {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the metrics: {e}"),
+        ),
+    }
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {

@@ -240,6 +240,25 @@ impl Attacher {
         out
     }
 
+    /// The kernel's run statistics of each loaded program: (name, total run time in ns,
+    /// runs). Both stay 0 unless `kernel.bpf_stats_enabled` is 1 (the kernel does not
+    /// time programs otherwise).
+    pub fn program_stats(&mut self) -> Vec<(String, u64, u64)> {
+        let mut out = Vec::new();
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            if let Ok(prog) = self.program(name) {
+                if let Ok(info) = prog.info() {
+                    out.push((
+                        name.to_string(),
+                        info.run_time().as_nanos() as u64,
+                        info.run_count(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The interfaces currently attached, as (ifindex, name).
     pub fn interfaces(&self) -> Vec<(u32, String)> {
         let mut v: Vec<_> = self

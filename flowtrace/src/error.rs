@@ -37,6 +37,8 @@ pub enum Error {
         status: u16,
         body: String,
     },
+    #[error("the config file {path} {problem}")]
+    Config { path: String, problem: String },
     #[error("printing the flows failed: {detail}")]
     Output { detail: String },
     #[error("netlink {what} failed: {source}. The agent needs CAP_NET_ADMIN in the node's network namespace (hostNetwork)")]

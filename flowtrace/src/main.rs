@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use flowtrace::{
     agent::{self, AgentConfig},
     attach::AttachMode,
@@ -171,6 +171,23 @@ struct AgentSettings {
     /// Longest wait, in milliseconds, between attempts to reach the API server again.
     #[arg(long, env = "FLOWTRACE_METADATA_BACKOFF_MAX_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     metadata_backoff_max_ms: u64,
+    /// How finely /metrics labels traffic: namespace, workload or pod.
+    #[arg(long, env = "FLOWTRACE_METRICS_LEVEL", value_enum, default_value_t = flowtrace::metrics::Level::Workload)]
+    metrics_level: flowtrace::metrics::Level,
+    /// Most series any one /metrics family holds (the `other` series included); updates
+    /// beyond it are folded into `other` and counted.
+    #[arg(long, env = "FLOWTRACE_METRICS_MAX_SERIES", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    metrics_max_series: u64,
+    /// Drop a /metrics series after this many seconds without updates (series of deleted
+    /// pods and workloads go this way).
+    #[arg(long, env = "FLOWTRACE_METRICS_SERIES_TTL_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    metrics_series_ttl_s: u64,
+    /// Settings from this TOML file, keys being the long flag names (e.g.
+    /// `drain-interval-ms = 500`). Flags and FLOWTRACE_* variables win over it.
+    #[arg(long, env = "FLOWTRACE_CONFIG")]
+    #[allow(dead_code)]
+    // read from the parsed arguments before this struct is built (flowtrace::config)
+    config: Option<std::path::PathBuf>,
 }
 
 impl AgentSettings {
@@ -195,6 +212,11 @@ impl AgentSettings {
             node_name: self.node_name,
             metadata,
             metadata_backoff_max: Duration::from_millis(self.metadata_backoff_max_ms),
+            metrics: flowtrace::metrics::MetricsConfig {
+                level: self.metrics_level,
+                max_series: self.metrics_max_series as usize,
+                series_ttl_ns: self.metrics_series_ttl_s.saturating_mul(1_000_000_000),
+            },
         }
     }
 
@@ -282,7 +304,19 @@ fn parse_sample_rate(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // Parsed twice when a config file is named: once to find it and what the command line
+    // and environment set, once with the file's settings appended (see flowtrace::config).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cmd = Cli::command();
+    let matches = cmd.clone().get_matches_from(args.clone());
+    let args = match flowtrace::config::with_file(&cmd, &matches, args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

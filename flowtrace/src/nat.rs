@@ -170,8 +170,14 @@ impl NatTable {
         self.entries.is_empty()
     }
 
-    /// Folds in the rewrites of one drain.
-    pub fn merge_kernel(&mut self, drained: &[DrainedNat], now_ns: u64) {
+    /// Folds in the rewrites of one drain; returns the (original, translated) pairs that
+    /// are new (a connection seen rewritten for the first time, or a tuple reused).
+    pub fn merge_kernel(
+        &mut self,
+        drained: &[DrainedNat],
+        now_ns: u64,
+    ) -> Vec<(FlowTuple, FlowTuple)> {
+        let mut new = Vec::new();
         for d in drained {
             let original = FlowTuple::from_tuple(&d.original);
             let translated = FlowTuple::from_tuple(&d.record.translated);
@@ -180,20 +186,24 @@ impl NatTable {
                 hop(d.record.to_ifindex, d.record.to_direction),
             ));
             self.counters.kernel_records += 1;
-            let e = self.entries.entry(original).or_insert_with(|| NatEntry {
-                translated,
-                hops,
-                kernel_sightings: 0,
-                conntrack: None,
-                state: NatState::Pending,
-                undecided_checks: 0,
-                last_seen_ns: now_ns,
+            let e = self.entries.entry(original).or_insert_with(|| {
+                new.push((original, translated));
+                NatEntry {
+                    translated,
+                    hops,
+                    kernel_sightings: 0,
+                    conntrack: None,
+                    state: NatState::Pending,
+                    undecided_checks: 0,
+                    last_seen_ns: now_ns,
+                }
             });
             e.kernel_sightings += u64::from(d.record.sightings);
             e.hops = hops;
             e.last_seen_ns = now_ns;
             if e.translated != translated {
                 // The rewrite changed (a new connection reused the tuple): check it afresh.
+                new.push((original, translated));
                 e.translated = translated;
                 e.state = NatState::Pending;
                 e.undecided_checks = 0;
@@ -203,6 +213,7 @@ impl NatTable {
                 e.state = NatState::Pending;
             }
         }
+        new
     }
 
     /// Compares with a conntrack dump taken after the drain. `traced(t)` says whether a
@@ -325,6 +336,11 @@ impl NatTable {
             .iter()
             .find(|(_, e)| e.translated == *t)
             .map(|(o, _)| *o)
+    }
+
+    /// What original tuple `o` is rewritten to.
+    pub fn translated_of(&self, o: &FlowTuple) -> Option<FlowTuple> {
+        self.entries.get(o).map(|e| e.translated)
     }
 
     /// The translation of original tuple `o`.

@@ -1,0 +1,553 @@
+use std::net::IpAddr;
+
+use flowtrace_common::{FlowKey, FlowStats, NatRecord, Tuple, DIR_EGRESS, DIR_INGRESS};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use serde_json::json;
+
+use super::*;
+use crate::{
+    drain::{DrainedFlow, DrainedNat},
+    k8s::objects,
+};
+
+fn ft(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
+    FlowTuple {
+        protocol: 6,
+        src: src.parse::<IpAddr>().unwrap(),
+        dst: dst.parse::<IpAddr>().unwrap(),
+        src_port: sport,
+        dst_port: dport,
+    }
+}
+
+fn v4(a: IpAddr) -> [u32; 4] {
+    let IpAddr::V4(v) = a else {
+        panic!("IPv4 only here")
+    };
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&v.octets());
+    flowtrace_common::addr_from_bytes(&b)
+}
+
+fn kernel_tuple(t: &FlowTuple) -> Tuple {
+    Tuple {
+        src_addr: v4(t.src),
+        dst_addr: v4(t.dst),
+        src_port: t.src_port,
+        dst_port: t.dst_port,
+        ip_version: 4,
+        protocol: t.protocol,
+        _pad: 0,
+    }
+}
+
+fn flow(t: &FlowTuple, ifindex: u32, direction: u8, packets: u64, bytes: u64) -> DrainedFlow {
+    DrainedFlow {
+        key: FlowKey {
+            src_addr: v4(t.src),
+            dst_addr: v4(t.dst),
+            src_port: t.src_port,
+            dst_port: t.dst_port,
+            ifindex,
+            direction,
+            ip_version: 4,
+            protocol: t.protocol,
+            _pad: 0,
+        },
+        stats: FlowStats {
+            packets,
+            bytes,
+            ..FlowStats::default()
+        },
+    }
+}
+
+fn add_pod(c: &mut MetaCache, ns: &str, name: &str, ip: &str, deployment: &str) {
+    let p: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name, "labels": {},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                          "name": format!("{deployment}-5d4f"), "uid": "u",
+                                          "controller": true}]},
+        "spec": {"nodeName": "node1", "containers": []},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    }))
+    .unwrap();
+    c.apply_pod(objects::pod(&p).unwrap());
+    c.apply_owner(
+        crate::k8s::Kind::ReplicaSets,
+        ns,
+        &format!("{deployment}-5d4f"),
+        Some(deployment),
+    );
+}
+
+fn cache() -> MetaCache {
+    let mut c = MetaCache::new();
+    add_pod(&mut c, "shop", "web-5d4f-a", "10.244.1.10", "web");
+    add_pod(&mut c, "shop", "web-5d4f-b", "10.244.1.11", "web");
+    add_pod(&mut c, "shop", "db-5d4f-a", "10.244.1.20", "db");
+    let s: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": "db"},
+        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+                 "ports": [{"port": 5432, "protocol": "TCP"}]}
+    }))
+    .unwrap();
+    c.apply_service(objects::service(&s).unwrap());
+    c
+}
+
+fn cfg(level: Level, max_series: usize) -> MetricsConfig {
+    MetricsConfig {
+        level,
+        max_series,
+        series_ttl_ns: 60_000_000_000,
+    }
+}
+
+fn drained(flows: Vec<DrainedFlow>, nat: Vec<DrainedNat>) -> Drained {
+    Drained {
+        flows,
+        nat,
+        latency: Vec::new(),
+        problems: Vec::new(),
+    }
+}
+
+fn hop(i: u32) -> String {
+    match i {
+        1 => "pod".into(),
+        2 => "overlay".into(),
+        other => format!("if{other}"),
+    }
+}
+
+fn observe(m: &mut Metrics, meta: &MetaCache, nat: &mut NatTable, d: &Drained, now_ns: u64) {
+    let new = nat.merge_kernel(&d.nat, now_ns);
+    m.observe_drain(&DrainView {
+        drained: d,
+        new_translations: &new,
+        meta,
+        nat,
+        hop: &hop,
+        now_ns,
+        duration_s: 0.002,
+    });
+}
+
+fn text(m: &Metrics) -> String {
+    encode(&m.families(&Health::default())).unwrap()
+}
+
+/// The value of the one sample of `name` whose labels include all of `want`.
+fn sample(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let hits: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            want.iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(hits.len() <= 1, "{name} {want:?} matched {hits:?}");
+    hits.first().copied()
+}
+
+#[test]
+fn traffic_is_counted_per_workload_pair_hop_and_service_across_the_dnat() {
+    let meta = cache();
+    let mut nat = NatTable::new(u64::MAX);
+    let mut m = Metrics::new(cfg(Level::Workload, 100));
+    // web-a -> db Service; DNAT to db-a between the pod veth (1) and the overlay (2).
+    let before = ft("10.244.1.10", 40000, "10.96.0.20", 5432);
+    let after = ft("10.244.1.10", 40000, "10.244.1.20", 5432);
+    let reply = ft("10.244.1.20", 5432, "10.244.1.10", 40000);
+    let unreply = ft("10.96.0.20", 5432, "10.244.1.10", 40000);
+    let nat_records = vec![
+        DrainedNat {
+            original: kernel_tuple(&before),
+            record: NatRecord {
+                translated: kernel_tuple(&after),
+                ..NatRecord::default()
+            },
+        },
+        DrainedNat {
+            original: kernel_tuple(&reply),
+            record: NatRecord {
+                translated: kernel_tuple(&unreply),
+                ..NatRecord::default()
+            },
+        },
+    ];
+    let d = drained(
+        vec![
+            flow(&before, 1, DIR_INGRESS, 3, 300),
+            flow(&after, 2, DIR_EGRESS, 3, 300),
+            flow(&reply, 2, DIR_INGRESS, 2, 120),
+            flow(&unreply, 1, DIR_EGRESS, 2, 120),
+            // web-b -> web-a, no Service; two drains add up.
+            flow(
+                &ft("10.244.1.11", 1000, "10.244.1.10", 80),
+                1,
+                DIR_INGRESS,
+                1,
+                60,
+            ),
+        ],
+        nat_records,
+    );
+    observe(&mut m, &meta, &mut nat, &d, 1);
+    let d2 = drained(
+        vec![flow(
+            &ft("10.244.1.11", 1000, "10.244.1.10", 80),
+            1,
+            DIR_INGRESS,
+            4,
+            240,
+        )],
+        Vec::new(),
+    );
+    observe(&mut m, &meta, &mut nat, &d2, 2);
+    let t = text(&m);
+    let web_to_db = [
+        ("src_namespace", "shop"),
+        ("src_workload", "web"),
+        ("dst_workload", "db"),
+        ("service", "shop/db"),
+    ];
+    // The hop before the DNAT names the backend too, not the Service address.
+    let at = |hop: &str, dir: &str| {
+        let mut w = web_to_db.to_vec();
+        w.extend([("hop", hop), ("direction", dir)]);
+        sample(&t, "flowtrace_bytes_total", &w)
+    };
+    assert_eq!(at("pod", "ingress"), Some(300.0), "{t}");
+    assert_eq!(at("overlay", "egress"), Some(300.0), "{t}");
+    // Replies: the backend is the source on both sides of the un-DNAT.
+    let back = |hop: &str| {
+        sample(
+            &t,
+            "flowtrace_packets_total",
+            &[
+                ("src_workload", "db"),
+                ("dst_workload", "web"),
+                ("service", "shop/db"),
+                ("hop", hop),
+            ],
+        )
+    };
+    assert_eq!(
+        (back("overlay"), back("pod")),
+        (Some(2.0), Some(2.0)),
+        "{t}"
+    );
+    assert_eq!(
+        sample(
+            &t,
+            "flowtrace_bytes_total",
+            &[
+                ("src_workload", "web"),
+                ("dst_workload", "web"),
+                ("service", "")
+            ]
+        ),
+        Some(300.0),
+        "two drains add up: {t}"
+    );
+    // One connection translated (the reply's un-DNAT is not a second one).
+    assert_eq!(
+        sample(
+            &t,
+            "flowtrace_nat_translations_total",
+            &[
+                ("service", "shop/db"),
+                ("src_workload", "web"),
+                ("dst_workload", "db")
+            ]
+        ),
+        Some(1.0),
+        "{t}"
+    );
+    assert!(
+        !t.contains("src_pod=\"web"),
+        "no pod names at workload level: {t}"
+    );
+}
+
+#[test]
+fn levels_name_pods_or_namespaces_only() {
+    let meta = cache();
+    let f = flow(
+        &ft("10.244.1.11", 1000, "10.244.1.10", 80),
+        1,
+        DIR_INGRESS,
+        1,
+        60,
+    );
+    for (level, src_workload, src_pod) in [
+        (Level::Pod, "web", "web-5d4f-b"),
+        (Level::Workload, "web", ""),
+        (Level::Namespace, "", ""),
+    ] {
+        let mut m = Metrics::new(cfg(level, 100));
+        observe(
+            &mut m,
+            &meta,
+            &mut NatTable::new(u64::MAX),
+            &drained(vec![f], vec![]),
+            1,
+        );
+        let t = text(&m);
+        assert_eq!(
+            sample(
+                &t,
+                "flowtrace_bytes_total",
+                &[
+                    ("src_namespace", "shop"),
+                    ("src_workload", src_workload),
+                    ("src_pod", src_pod)
+                ]
+            ),
+            Some(60.0),
+            "{level:?}: {t}"
+        );
+    }
+    // An address no metadata names.
+    let mut m = Metrics::new(cfg(Level::Workload, 100));
+    let f = flow(
+        &ft("192.0.2.1", 1, "10.244.1.10", 80),
+        1,
+        DIR_INGRESS,
+        1,
+        60,
+    );
+    observe(
+        &mut m,
+        &meta,
+        &mut NatTable::new(u64::MAX),
+        &drained(vec![f], vec![]),
+        1,
+    );
+    assert_eq!(
+        sample(
+            &text(&m),
+            "flowtrace_bytes_total",
+            &[("src_workload", "unknown")]
+        ),
+        Some(60.0)
+    );
+}
+
+#[test]
+fn series_stop_at_the_cap_and_the_rest_is_folded_into_other() {
+    let meta = MetaCache::new();
+    let mut m = Metrics::new(MetricsConfig {
+        level: Level::Pod,
+        max_series: 10,
+        series_ttl_ns: 1_000,
+    });
+    // Unknown addresses all share labels; distinct hops make distinct series.
+    let flows: Vec<DrainedFlow> = (0..50u32)
+        .map(|i| {
+            flow(
+                &ft("192.0.2.1", 1, "192.0.2.2", 2),
+                100 + i,
+                DIR_INGRESS,
+                1,
+                10,
+            )
+        })
+        .collect();
+    observe(
+        &mut m,
+        &meta,
+        &mut NatTable::new(u64::MAX),
+        &drained(flows, vec![]),
+        1,
+    );
+    let t = text(&m);
+    let series = t
+        .lines()
+        .filter(|l| l.starts_with("flowtrace_bytes_total{"))
+        .count();
+    assert_eq!(series, 10, "{t}");
+    // 9 real series took 9 updates; the other 41 went to `other`.
+    assert_eq!(
+        sample(&t, "flowtrace_bytes_total", &[("hop", "other")]),
+        Some(410.0),
+        "{t}"
+    );
+    assert_eq!(
+        sample(
+            &t,
+            "flowtrace_metrics_folded_total",
+            &[("metric", "flowtrace_bytes_total")]
+        ),
+        Some(41.0)
+    );
+    assert_eq!(
+        sample(
+            &t,
+            "flowtrace_metrics_series",
+            &[("metric", "flowtrace_bytes_total")]
+        ),
+        Some(10.0)
+    );
+    // Everything idle past the TTL goes; new series fit again.
+    let one = vec![flow(
+        &ft("192.0.2.1", 1, "192.0.2.2", 2),
+        7,
+        DIR_INGRESS,
+        1,
+        10,
+    )];
+    observe(
+        &mut m,
+        &meta,
+        &mut NatTable::new(u64::MAX),
+        &drained(one, vec![]),
+        5_000,
+    );
+    let t = text(&m);
+    assert_eq!(
+        t.lines()
+            .filter(|l| l.starts_with("flowtrace_bytes_total{"))
+            .count(),
+        1,
+        "{t}"
+    );
+    assert_eq!(
+        sample(
+            &t,
+            "flowtrace_metrics_series_expired_total",
+            &[("metric", "flowtrace_bytes_total")]
+        ),
+        Some(10.0)
+    );
+}
+
+#[test]
+fn label_values_are_escaped_whatever_the_name() {
+    let mut set: SeriesSet<u64> = SeriesSet::new();
+    *set.get(
+        vec!["a\"b".to_string(), "back\\slash".into(), "new\nline".into()].into_boxed_slice(),
+        10,
+        1,
+    ) += 5;
+    let names = ["x", "y", "z"];
+    let mut f = family("flowtrace_bytes_total", MetricType::COUNTER);
+    for (l, v) in sorted(&set) {
+        f.mut_metric().push(counter(&names, l, *v as f64));
+    }
+    let t = encode(&[f]).unwrap();
+    assert!(
+        t.contains(r#"flowtrace_bytes_total{x="a\"b",y="back\\slash",z="new\nline"} 5"#),
+        "{t}"
+    );
+}
+
+#[test]
+fn every_family_served_is_listed_with_its_type_and_help() {
+    let mut m = Metrics::new(cfg(Level::Workload, 100));
+    // Something for every family: a flow through the Service, its DNAT, a hop latency and
+    // a round trip.
+    let before = ft("10.244.1.10", 40000, "10.96.0.20", 5432);
+    let after = ft("10.244.1.10", 40000, "10.244.1.20", 5432);
+    let mut d = drained(
+        vec![flow(&before, 1, DIR_INGRESS, 1, 60)],
+        vec![DrainedNat {
+            original: kernel_tuple(&before),
+            record: NatRecord {
+                translated: kernel_tuple(&after),
+                ..NatRecord::default()
+            },
+        }],
+    );
+    let mut rtt = flowtrace_common::LatencyHist {
+        count: 1,
+        ..Default::default()
+    };
+    rtt.buckets[20] = 1;
+    d.latency.push(crate::drain::DrainedLatency {
+        key: flowtrace_common::LatencyKey {
+            tuple: kernel_tuple(&after),
+            from_ifindex: 0,
+            to_ifindex: 2,
+            from_direction: 0,
+            to_direction: DIR_EGRESS,
+            kind: flowtrace_common::LAT_HANDSHAKE,
+            _pad: 0,
+        },
+        hist: rtt,
+    });
+    d.latency.push(crate::drain::DrainedLatency {
+        key: flowtrace_common::LatencyKey {
+            tuple: kernel_tuple(&ft("10.244.1.11", 1000, "10.244.1.10", 80)),
+            from_ifindex: 1,
+            to_ifindex: 2,
+            from_direction: DIR_INGRESS,
+            to_direction: DIR_EGRESS,
+            kind: flowtrace_common::LAT_HOP,
+            _pad: 0,
+        },
+        hist: {
+            let mut h = flowtrace_common::LatencyHist {
+                count: 3,
+                sum_ns: 3 * 3000,
+                ..Default::default()
+            };
+            h.buckets[11] = 3; // [2048, 4096) ns
+            h
+        },
+    });
+    observe(&mut m, &cache(), &mut NatTable::new(u64::MAX), &d, 1);
+    let fams = m.families(&Health {
+        programs: vec![("flowtrace_ingress".into(), 1_000, 10)],
+        ..Health::default()
+    });
+    let listed: Vec<&str> = FAMILIES.iter().map(|f| f.0).collect();
+    for f in &fams {
+        let (_, kind, help) = FAMILIES
+            .iter()
+            .find(|(n, _, _)| *n == f.name())
+            .unwrap_or_else(|| panic!("{} is served but not in FAMILIES", f.name()));
+        let served = match f.get_field_type() {
+            MetricType::COUNTER => "counter",
+            MetricType::GAUGE => "gauge",
+            MetricType::HISTOGRAM => "histogram",
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(*kind, served, "{}", f.name());
+        assert!(!help.is_empty());
+    }
+    for name in listed {
+        assert!(
+            fams.iter().any(|f| f.name() == name),
+            "{name} is listed but never served"
+        );
+    }
+    let t = encode(&fams).unwrap();
+    // 3 samples in [2048, 4096) ns: none up to le 2.048e-06, all from 4.096e-06.
+    let le = |b: &str| {
+        sample(
+            &t,
+            "flowtrace_hop_latency_seconds_bucket",
+            &[("le", b), ("from_hop", "pod/ingress")],
+        )
+    };
+    assert_eq!(
+        (le("0.000002048"), le("0.000004096"), le("+Inf")),
+        (Some(0.0), Some(3.0), Some(3.0)),
+        "{t}"
+    );
+    assert_eq!(
+        sample(
+            &t,
+            "flowtrace_bpf_program_run_seconds_total",
+            &[("program", "flowtrace_ingress")]
+        ),
+        Some(0.000001)
+    );
+}
