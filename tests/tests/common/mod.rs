@@ -46,6 +46,11 @@ impl Bed {
     /// The cluster, a fixture API server describing it (reachable in every node namespace),
     /// and an agent per node that follows it through a kubeconfig, as in production.
     pub fn with_metadata() -> Bed {
+        Self::with_metadata_and(&[])
+    }
+
+    /// [`Bed::with_metadata`] with `extra` agent flags.
+    pub fn with_metadata_and(extra: &[&str]) -> Bed {
         assert_root();
         let cluster =
             Cluster::up(&ClusterOptions::default()).expect("bringing the emulated cluster up");
@@ -57,16 +62,14 @@ impl Bed {
             .nodes
             .iter()
             .map(|n| {
-                Agent::start(
-                    &n.netns,
-                    &[
-                        "--kubeconfig",
-                        &kubeconfig,
-                        "--metadata-backoff-max-ms",
-                        "1000",
-                    ],
-                )
-                .expect("starting an agent")
+                let mut args = vec![
+                    "--kubeconfig",
+                    kubeconfig.as_str(),
+                    "--metadata-backoff-max-ms",
+                    "1000",
+                ];
+                args.extend_from_slice(extra);
+                Agent::start(&n.netns, &args).expect("starting an agent")
             })
             .collect();
         Bed {

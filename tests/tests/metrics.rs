@@ -1,0 +1,313 @@
+//! `/metrics` on the emulated cluster, read by a real Prometheus server (Debian's
+//! `prometheus` package, started by the test in node1's namespace and scraping the agents of
+//! both nodes) and checked by `promtool check metrics`. Ground truth: what ftgen sent and
+//! received (datagrams and their sizes), the client's own count of connections, and
+//! `conntrack -L` for the connections kube-proxy's DNAT sent to the Service's backends. The
+//! Kubernetes names come from the fixture API server (a real HTTP server speaking the API's
+//! list/watch protocol; the real API server cannot run here). Needs root.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{conntrack_list, Bed};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, http_get, in_netns, ChildGuard};
+
+const PROM_PORT: u16 = 9091;
+const UDP_COUNT: u64 = 300;
+const UDP_PAYLOAD: u64 = 100;
+const CONNECTIONS: u64 = 40;
+
+/// A Prometheus server in `netns` scraping `targets` (address, node label) every second,
+/// its data in a fresh temporary directory removed on drop.
+struct Prometheus {
+    _guard: ChildGuard,
+    dir: std::path::PathBuf,
+    netns: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Prometheus {
+    fn start(netns: &str, targets: &[(String, &str)]) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("flowtrace-prom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let mut cfg = String::from(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: flowtrace\n    static_configs:\n",
+        );
+        for (addr, node) in targets {
+            cfg +=
+                &format!("      - targets: ['{addr}']\n        labels:\n          node: {node}\n");
+        }
+        std::fs::write(dir.join("prometheus.yml"), cfg).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "prometheus"])
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{PROM_PORT}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).unwrap())
+            .spawn()
+            .expect(
+                "starting prometheus (Debian package `prometheus`; scripts/setup.sh installs it)",
+            );
+        Prometheus {
+            _guard: ChildGuard::new(child, "prometheus"),
+            dir,
+            netns: netns.to_string(),
+        }
+    }
+
+    /// The instant-query result vector of `q`: (labels, value) per series.
+    fn query(&self, q: &str) -> Vec<(serde_json::Value, f64)> {
+        let url = format!("http://127.0.0.1:{PROM_PORT}/api/v1/query");
+        let q = q.to_string();
+        let body: Result<serde_json::Value, String> = in_netns(&self.netns, move || {
+            ureq::get(&url)
+                .query("query", &q)
+                .timeout(Duration::from_secs(5))
+                .call()
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.into_json().map_err(|e| e.to_string()))
+        })
+        .unwrap();
+        let Ok(body) = body else {
+            return Vec::new();
+        };
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                let v = s["value"][1]
+                    .as_str()
+                    .unwrap_or("NaN")
+                    .parse()
+                    .unwrap_or(f64::NAN);
+                (s["metric"].clone(), v)
+            })
+            .collect()
+    }
+
+    /// The single value of `q` once it equals `want`, or the last value seen after 30 s.
+    fn wait_for(&self, q: &str, want: f64) -> Option<f64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.query(q).first().map(|s| s.1);
+            if last == Some(want) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        last
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+/// `promtool check metrics` on `text`: (passed, what it printed).
+fn promtool(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool (Debian package `prometheus`)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
+    let bed = Bed::with_metadata_and(&["--listen", "0.0.0.0:9650"]);
+    let c = &bed.cluster;
+    let (n1, n2) = (c.node(1).unwrap(), c.node(2).unwrap());
+    let prom = Prometheus::start(
+        &n1.netns,
+        &[
+            ("127.0.0.1:9650".to_string(), "node1"),
+            (format!("{}:9650", n2.underlay_ip), "node2"),
+        ],
+    );
+    // Both agents scraped: `up` is 1 for each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = prom.query("up == 1");
+        if up.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape both agents: up = {up:?}\n{}",
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // UDP between two workloads across the nodes: client (pod-a, node1) -> agent (pod-c, node2).
+    let (a1, c2) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-c").unwrap());
+    let sink = ftgen_bg(
+        c2,
+        &[
+            "udp-sink",
+            "--bind",
+            "0.0.0.0:7100",
+            "--count",
+            &UDP_COUNT.to_string(),
+            "--timeout-ms",
+            "20000",
+        ],
+    )
+    .unwrap();
+    let sent = ftgen(
+        a1,
+        &[
+            "udp-send",
+            "--to",
+            &format!("{}:7100", c2.ipv4),
+            "--count",
+            &UDP_COUNT.to_string(),
+            "--size",
+            &UDP_PAYLOAD.to_string(),
+            "--interval-us",
+            "200",
+        ],
+    )
+    .unwrap();
+    let got = finish(sink).unwrap();
+    assert_eq!(sent["sent"], UDP_COUNT, "{sent}");
+    assert_eq!(
+        got["received"], UDP_COUNT,
+        "the emulated network lost datagrams: {got}"
+    );
+
+    // Connections through the Service, to its backends on both nodes.
+    let sink_args = [
+        "tcp-sink",
+        "--bind",
+        "0.0.0.0:8080",
+        "--connections",
+        "100",
+        "--timeout-ms",
+        "60000",
+        "--idle-timeout-ms",
+        "3000",
+        "--echo-bytes",
+        "10",
+    ];
+    let sinks: Vec<_> = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()]
+        .iter()
+        .map(|p| ftgen_bg(p, &sink_args).unwrap())
+        .collect();
+    let tcp = ftgen(
+        a1,
+        &[
+            "tcp-send",
+            "--to",
+            "10.96.0.10:80",
+            "--bytes",
+            "100",
+            "--connections",
+            &CONNECTIONS.to_string(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(tcp["connections"], CONNECTIONS, "{tcp}");
+    drop(sinks);
+    // conntrack's count of this client's connections DNATed from the Service address.
+    let through_service = conntrack_list(
+        n1,
+        &["-p", "tcp", "-d", "10.96.0.10", "-s", &a1.ipv4.to_string()],
+    )
+    .iter()
+    .filter(|(_, reply)| reply.1 != "10.96.0.10".parse::<std::net::IpAddr>().unwrap())
+    .count() as f64;
+    assert_eq!(
+        through_service, CONNECTIONS as f64,
+        "conntrack -L disagrees with the client"
+    );
+
+    // promtool accepts both agents' output.
+    for n in [n1, n2] {
+        let (status, text) = http_get(&n.netns, "/metrics").unwrap();
+        assert_eq!(status, 200, "{text}");
+        let (ok, said) = promtool(&text);
+        assert!(
+            ok,
+            "promtool check metrics refused {}'s output: {said}",
+            n.name
+        );
+    }
+
+    // Bytes between the two workloads: every datagram's IP + UDP header and payload, at the
+    // client's veth on node1 and at the receiver's veth on node2.
+    let bytes = (UDP_COUNT * (20 + 8 + UDP_PAYLOAD)) as f64;
+    for (node, direction) in [("node1", "ingress"), ("node2", "egress")] {
+        let q = format!(
+            r#"sum(flowtrace_bytes_total{{node="{node}",src_namespace="default",src_workload="client",dst_namespace="monitoring",dst_workload="agent",protocol="udp",hop="pod",direction="{direction}"}})"#
+        );
+        assert_eq!(prom.wait_for(&q, bytes), Some(bytes), "{q}");
+        let q = q.replace("flowtrace_bytes_total", "flowtrace_packets_total");
+        assert_eq!(
+            prom.wait_for(&q, UDP_COUNT as f64),
+            Some(UDP_COUNT as f64),
+            "{q}"
+        );
+    }
+    // Connections through the Service, as conntrack counted them, all seen on node1 (the
+    // client's node, where the DNAT happens), split between the two backends.
+    let q = r#"sum(flowtrace_nat_translations_total{node="node1",service="default/svc-demo",src_workload="client",dst_workload="backend"})"#;
+    assert_eq!(
+        prom.wait_for(q, through_service),
+        Some(through_service),
+        "{q}"
+    );
+    let per_node = prom.query(
+        r#"sum by (dst_pod) (flowtrace_nat_translations_total{node="node1",service="default/svc-demo"})"#,
+    );
+    assert_eq!(
+        per_node.len(),
+        1,
+        "workload level: no pod label values: {per_node:?}"
+    );
+    // The agent's own health is there too.
+    let attached = prom.query("flowtrace_attached_interfaces");
+    assert_eq!(attached.len(), 2, "{attached:?}");
+    assert!(attached.iter().all(|(_, v)| *v >= 4.0), "{attached:?}");
+    let synced = prom.query("flowtrace_metadata_synced == 1");
+    assert_eq!(synced.len(), 2, "{synced:?}");
+}
