@@ -485,9 +485,11 @@ impl Metrics {
         );
         let mut runs = family("flowtrace_bpf_program_runs_total", MetricType::COUNTER);
         for (name, ns, n) in &h.programs {
-            run_s
-                .mut_metric()
-                .push(counter(&["program"], std::slice::from_ref(name), *ns as f64 / 1e9));
+            run_s.mut_metric().push(counter(
+                &["program"],
+                std::slice::from_ref(name),
+                *ns as f64 / 1e9,
+            ));
             runs.mut_metric()
                 .push(counter(&["program"], std::slice::from_ref(name), *n as f64));
         }
