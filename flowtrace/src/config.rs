@@ -5,7 +5,9 @@
 //! or in its `FLOWTRACE_*` environment variable wins over the file, and the file over the
 //! built-in default: the file's settings are turned into flags and appended to the command
 //! line only for the arguments the command line and environment left at their defaults, so
-//! the file's values go through the same parsing and range checks as flags.
+//! the file's values go through the same parsing and range checks as flags. A named file
+//! that does not exist is warned about and ignored (an optional ConfigMap not created); one
+//! that cannot be read or parsed stops the agent.
 
 use std::{ffi::OsString, path::Path};
 
@@ -45,7 +47,19 @@ fn file_args(cmd: &Command, matches: &ArgMatches, path: &Path) -> Result<Vec<OsS
         path: path.display().to_string(),
         problem: what,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        // The DaemonSet names the file of an optional ConfigMap: without the ConfigMap the
+        // agent runs on flags, environment and defaults, and says so.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "warning: the config file {} does not exist; running on flags, FLOWTRACE_* variables and defaults",
+                path.display()
+            );
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(bad(format!("cannot be read: {e}"))),
+    };
     let table: toml::Table = text
         .parse()
         .map_err(|e| bad(format!("is not valid TOML: {e}")))?;

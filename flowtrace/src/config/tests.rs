@@ -100,3 +100,19 @@ fn bad_files_are_refused_with_the_key_or_the_syntax_error() {
     let e = run("config = \"/x\"\n", &[]).unwrap_err().to_string();
     assert!(e.contains("unknown setting `config`"), "{e}");
 }
+
+#[test]
+fn a_missing_file_is_no_settings() {
+    let cmd = cli();
+    let args: Vec<OsString> = [
+        "flowtrace",
+        "agent",
+        "--config",
+        "/nonexistent/flowtrace.toml",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let m = cmd.clone().try_get_matches_from(args.clone()).unwrap();
+    assert_eq!(with_file(&cmd, &m, args.clone()).unwrap(), args);
+}

@@ -1,0 +1,1496 @@
+//! The Kubernetes deployment under deploy/ (`kubectl apply -k deploy/`), its Grafana dashboard
+//! and its example settings file, checked without a cluster and without root: every manifest is
+//! read into its Kubernetes type, and the security context, RBAC, wiring and metric names are
+//! checked against what deploy/README.md documents and what the agent exports. The tests that
+//! check settings run the `flowtrace` binary (`cargo build --release` first), which loads
+//! nothing into the kernel for them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use flowtrace::metrics::FAMILIES;
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Container, EnvVar, Namespace, PodSpec, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
+
+/// The capabilities the agent runs with; deploy/README.md lists them on its
+/// "Capabilities added:" line.
+const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
+/// The only verbs the ClusterRole may grant; README line "RBAC verbs:".
+const RBAC_VERBS: [&str; 3] = ["get", "list", "watch"];
+/// (API group, resource) the ClusterRole reads; README line "RBAC resources:", written
+/// `group/resource` (`resource` alone for the core group).
+const RBAC_RESOURCES: [(&str, &str); 6] = [
+    ("", "pods"),
+    ("", "services"),
+    ("", "nodes"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("apps", "replicasets"),
+    ("batch", "jobs"),
+];
+/// The namespace every namespaced object lives in (and every kustomization sets).
+const NAMESPACE: &str = "flowtrace";
+/// hostPath volumes the agent may mount (README, Security).
+const HOST_PATHS: [&str; 1] = ["/sys/fs/bpf"];
+const DASHBOARD: &str = "deploy/grafana/flowtrace-dashboard.json";
+const CONFIG_EXAMPLE: &str = "deploy/configmap.example.toml";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the repository root")
+        .to_path_buf()
+}
+
+fn deploy_dir() -> PathBuf {
+    repo_root().join("deploy")
+}
+
+/// `path` relative to the repository root, for messages.
+fn rel(path: &Path) -> String {
+    path.strip_prefix(repo_root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+fn read(rel_path: &str) -> String {
+    let path = repo_root().join(rel_path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{rel_path}: cannot read: {e}"))
+}
+
+/// One YAML document of a file under deploy/.
+struct Doc {
+    /// The file, absolute.
+    path: PathBuf,
+    /// 1-based position among the file's (non-empty) documents.
+    index: usize,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        self.value["kind"].as_str().unwrap_or("")
+    }
+
+    fn api_version(&self) -> &str {
+        self.value["apiVersion"].as_str().unwrap_or("")
+    }
+
+    fn name(&self) -> &str {
+        self.value["metadata"]["name"].as_str().unwrap_or("")
+    }
+
+    fn is_kustomize(&self) -> bool {
+        matches!(self.kind(), "Kustomization" | "Component")
+    }
+
+    /// Where the document is, for messages: file, position, kind and name.
+    fn at(&self) -> String {
+        format!(
+            "{} document {} ({} {})",
+            rel(&self.path),
+            self.index,
+            self.kind(),
+            self.name()
+        )
+    }
+}
+
+/// Every `*.yaml` / `*.yml` under `dir`, recursively, sorted.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", rel(&d))) {
+            let path = entry.expect("directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            ) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn read_docs(path: &Path) -> Vec<Doc> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: cannot read: {e}", rel(path)));
+    let values: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .unwrap_or_else(|e| panic!("{}: not valid YAML: {e}", rel(path)));
+    assert!(!values.is_empty(), "{}: no YAML document", rel(path));
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let doc = Doc {
+                path: path.to_path_buf(),
+                index: i + 1,
+                value,
+            };
+            assert!(
+                doc.value.is_object(),
+                "{}: a document must be a mapping, not {}",
+                doc.at(),
+                doc.value
+            );
+            assert!(!doc.kind().is_empty(), "{}: no `kind`", doc.at());
+            assert!(
+                !doc.api_version().is_empty(),
+                "{}: no `apiVersion`",
+                doc.at()
+            );
+            doc
+        })
+        .collect()
+}
+
+/// Every document of every YAML file under deploy/.
+fn all_docs() -> Vec<Doc> {
+    let files = yaml_files(&deploy_dir());
+    assert!(!files.is_empty(), "no YAML file under deploy/");
+    files.iter().flat_map(|f| read_docs(f)).collect()
+}
+
+/// Reads `doc` into its k8s-openapi type, then writes it back: a field the type does not
+/// have (misspelt, misplaced, or empty) is missing from what is written back, and would be
+/// dropped or refused by the API server, so it fails the test.
+fn typed<T: DeserializeOwned + Serialize>(doc: &Doc) -> T {
+    let t: T = serde_json::from_value(doc.value.clone())
+        .unwrap_or_else(|e| panic!("{}: not a valid {}: {e}", doc.at(), doc.kind()));
+    let back = serde_json::to_value(&t).expect("serialising a k8s-openapi object");
+    let mut unknown = Vec::new();
+    diff_fields(&doc.value, &back, "", &mut unknown);
+    assert!(
+        unknown.is_empty(),
+        "{}: fields that {} does not have, or that read back differently (misspelt, misplaced or empty?): {}",
+        doc.at(),
+        doc.kind(),
+        unknown.join(", ")
+    );
+    t
+}
+
+/// Paths of `orig` that `back` lacks or holds with another value.
+fn diff_fields(orig: &Value, back: &Value, path: &str, out: &mut Vec<String>) {
+    match (orig, back) {
+        (Value::Object(o), Value::Object(b)) => {
+            for (k, v) in o {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match b.get(k) {
+                    Some(bv) => diff_fields(v, bv, &p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(b)) if o.len() == b.len() => {
+            for (i, (v, bv)) in o.iter().zip(b).enumerate() {
+                diff_fields(v, bv, &format!("{path}[{i}]"), out);
+            }
+        }
+        (o, b) if o == b => {}
+        (o, b) => out.push(format!("{path} (written {o}, read back as {b})")),
+    }
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer).and_then(Value::as_str)
+}
+
+/// Prometheus Operator monitors have no k8s-openapi type: their shape is checked here.
+fn check_monitor(doc: &Doc, endpoints_key: &str) {
+    assert_eq!(
+        doc.api_version(),
+        "monitoring.coreos.com/v1",
+        "{}: apiVersion",
+        doc.at()
+    );
+    let spec = &doc.value["spec"];
+    let labels = spec
+        .pointer("/selector/matchLabels")
+        .and_then(Value::as_object);
+    assert!(
+        labels.is_some_and(|l| !l.is_empty()),
+        "{}: spec.selector.matchLabels must select the agents",
+        doc.at()
+    );
+    let endpoints = spec[endpoints_key]
+        .as_array()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| panic!("{}: spec.{endpoints_key} must list an endpoint", doc.at()));
+    for (i, ep) in endpoints.iter().enumerate() {
+        let at = format!("{}: spec.{endpoints_key}[{i}]", doc.at());
+        assert_eq!(str_at(ep, "/port"), Some("http"), "{at}.port");
+        assert_eq!(str_at(ep, "/path"), Some("/metrics"), "{at}.path");
+        assert!(
+            str_at(ep, "/interval").is_some(),
+            "{at}.interval is missing"
+        );
+        for key in ep.as_object().into_iter().flat_map(|o| o.keys()) {
+            assert!(
+                [
+                    "port",
+                    "path",
+                    "interval",
+                    "scrapeTimeout",
+                    "relabelings",
+                    "metricRelabelings",
+                    "honorLabels",
+                    "scheme"
+                ]
+                .contains(&key.as_str()),
+                "{at}: field `{key}` is not one this test knows (misspelt?)"
+            );
+        }
+    }
+}
+
+const KUSTOMIZE_KEYS: [&str; 12] = [
+    "apiVersion",
+    "kind",
+    "namespace",
+    "resources",
+    "components",
+    "labels",
+    "images",
+    "patches",
+    "configMapGenerator",
+    "generatorOptions",
+    "namePrefix",
+    "nameSuffix",
+];
+
+fn check_kustomization_shape(doc: &Doc) {
+    let want = match doc.kind() {
+        "Kustomization" => "kustomize.config.k8s.io/v1beta1",
+        _ => "kustomize.config.k8s.io/v1alpha1",
+    };
+    assert_eq!(doc.api_version(), want, "{}: apiVersion", doc.at());
+    let file_name = doc.path.file_name().and_then(|n| n.to_str());
+    assert_eq!(
+        file_name,
+        Some("kustomization.yaml"),
+        "{}: kustomize reads its kustomization from kustomization.yaml only",
+        doc.at()
+    );
+    for key in doc.value.as_object().into_iter().flat_map(|o| o.keys()) {
+        assert!(
+            KUSTOMIZE_KEYS.contains(&key.as_str()),
+            "{}: field `{key}` is not one this test knows (misspelt?)",
+            doc.at()
+        );
+    }
+    assert_eq!(
+        str_at(&doc.value, "/namespace"),
+        Some(NAMESPACE),
+        "{}: namespace",
+        doc.at()
+    );
+    for key in ["resources", "components"] {
+        if let Some(v) = doc.value.get(key) {
+            let list = v
+                .as_array()
+                .unwrap_or_else(|| panic!("{}: {key} must be a list", doc.at()));
+            for item in list {
+                assert!(
+                    item.is_string(),
+                    "{}: {key} entry {item} is not a path",
+                    doc.at()
+                );
+            }
+        }
+    }
+}
+
+/// Kinds that live in a namespace (everything here but these is cluster-scoped).
+fn namespaced(kind: &str) -> bool {
+    !matches!(
+        kind,
+        "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "Kustomization" | "Component"
+    )
+}
+
+#[test]
+fn every_manifest_parses_as_its_kubernetes_type() {
+    let docs = all_docs();
+    let mut seen = BTreeSet::new();
+    for doc in &docs {
+        match doc.kind() {
+            "Namespace" => {
+                typed::<Namespace>(doc);
+            }
+            "ServiceAccount" => {
+                typed::<ServiceAccount>(doc);
+            }
+            "ClusterRole" => {
+                typed::<ClusterRole>(doc);
+            }
+            "ClusterRoleBinding" => {
+                typed::<ClusterRoleBinding>(doc);
+            }
+            "DaemonSet" => {
+                typed::<DaemonSet>(doc);
+            }
+            "Service" => {
+                typed::<Service>(doc);
+            }
+            "ConfigMap" => {
+                typed::<ConfigMap>(doc);
+            }
+            "ServiceMonitor" => check_monitor(doc, "endpoints"),
+            "PodMonitor" => check_monitor(doc, "podMetricsEndpoints"),
+            "Kustomization" | "Component" => check_kustomization_shape(doc),
+            other => panic!(
+                "{}: kind `{other}` is not one tests/tests/deploy.rs knows: add its check there",
+                doc.at()
+            ),
+        }
+        if namespaced(doc.kind()) {
+            assert_eq!(
+                str_at(&doc.value, "/metadata/namespace"),
+                Some(NAMESPACE),
+                "{}: metadata.namespace",
+                doc.at()
+            );
+        }
+        assert!(
+            !doc.name().is_empty() || doc.is_kustomize(),
+            "{}: no metadata.name",
+            doc.at()
+        );
+        if !doc.is_kustomize() {
+            assert!(
+                seen.insert((doc.kind().to_owned(), doc.name().to_owned())),
+                "{}: a second {} named `{}`",
+                doc.at(),
+                doc.kind(),
+                doc.name()
+            );
+        }
+    }
+}
+
+/// Files (absolute) a kustomization directory includes, following directories it lists.
+fn kustomize_closure(dir: &Path, files: &mut BTreeSet<PathBuf>) {
+    let kfile = dir.join("kustomization.yaml");
+    assert!(
+        kfile.is_file(),
+        "{}: listed as a kustomize directory but has no kustomization.yaml",
+        rel(dir)
+    );
+    for doc in read_docs(&kfile) {
+        for key in ["resources", "components"] {
+            for entry in doc.value[key].as_array().into_iter().flatten() {
+                let entry = entry.as_str().unwrap_or_default();
+                let path = dir.join(entry);
+                assert!(
+                    path.exists(),
+                    "{}: {key} lists `{entry}`, which does not exist ({})",
+                    doc.at(),
+                    rel(&path)
+                );
+                let path = path.canonicalize().expect("canonical path");
+                if path.is_dir() {
+                    kustomize_closure(&path, files);
+                } else {
+                    files.insert(path);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kustomizations_list_every_manifest_and_the_base_needs_no_crd() {
+    let deploy = deploy_dir().canonicalize().expect("deploy/ exists");
+    let mut listed = BTreeSet::new();
+    let kustomizations: Vec<PathBuf> = yaml_files(&deploy)
+        .into_iter()
+        .filter(|f| f.file_name().and_then(|n| n.to_str()) == Some("kustomization.yaml"))
+        .collect();
+    assert!(
+        kustomizations.contains(&deploy.join("kustomization.yaml")),
+        "deploy/kustomization.yaml is missing: `kubectl apply -k deploy/` is the install"
+    );
+    for k in &kustomizations {
+        kustomize_closure(k.parent().expect("a file's directory"), &mut listed);
+    }
+    for f in yaml_files(&deploy) {
+        if f.file_name().and_then(|n| n.to_str()) == Some("kustomization.yaml") {
+            continue;
+        }
+        assert!(
+            listed.contains(&f.canonicalize().expect("canonical path")),
+            "{}: no kustomization.yaml lists it, so no `kubectl apply -k` applies it",
+            rel(&f)
+        );
+    }
+
+    // The base is the whole install and works on a cluster without the Prometheus
+    // Operator's CRDs: every other object is in it, no monitor is.
+    let mut base = BTreeSet::new();
+    kustomize_closure(&deploy, &mut base);
+    for doc in all_docs() {
+        if doc.is_kustomize() {
+            continue;
+        }
+        let in_base = base.contains(&doc.path.canonicalize().expect("canonical path"));
+        if doc.api_version().starts_with("monitoring.coreos.com/") {
+            assert!(
+                !in_base,
+                "{}: needs the Prometheus Operator's CRDs, so it must not be in deploy/kustomization.yaml (use deploy/prometheus-operator/)",
+                doc.at()
+            );
+        } else {
+            assert!(
+                in_base,
+                "{}: not reachable from deploy/kustomization.yaml, so `kubectl apply -k deploy/` does not install it",
+                doc.at()
+            );
+        }
+    }
+}
+
+/// The single document of `kind`, read into its type.
+fn one<T: DeserializeOwned + Serialize>(docs: &[Doc], kind: &str) -> (String, T) {
+    let found: Vec<&Doc> = docs.iter().filter(|d| d.kind() == kind).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "deploy/ must hold exactly one {kind}, found {}: {}",
+        found.len(),
+        found.iter().map(|d| d.at()).collect::<Vec<_>>().join(", ")
+    );
+    (found[0].at(), typed(found[0]))
+}
+
+fn pod_spec<'a>(at: &str, ds: &'a DaemonSet) -> &'a PodSpec {
+    ds.spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no spec.template.spec"))
+}
+
+fn the_agent<'a>(at: &str, pod: &'a PodSpec) -> &'a Container {
+    assert_eq!(
+        pod.containers.len(),
+        1,
+        "{at}: one container (the agent) expected, found {}",
+        pod.containers.len()
+    );
+    &pod.containers[0]
+}
+
+/// A line of deploy/README.md that starts the list `label` (e.g. "Capabilities added:"):
+/// the `backticked` items after the label.
+fn readme_list(label: &str) -> Vec<String> {
+    let text = read("deploy/README.md");
+    let line = text
+        .lines()
+        .find(|l| l.contains(label))
+        .unwrap_or_else(|| panic!("deploy/README.md has no line with `{label}` listing the set"));
+    let rest = &line[line.find(label).expect("found above") + label.len()..];
+    rest.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Normalises a capability name: Kubernetes accepts `BPF` and `CAP_BPF` alike.
+fn cap_name(c: &str) -> String {
+    c.trim_start_matches("CAP_").to_ascii_uppercase()
+}
+
+#[test]
+fn daemonset_runs_unprivileged_with_exactly_the_documented_capabilities() {
+    let want: BTreeSet<String> = CAPABILITIES.iter().map(|c| cap_name(c)).collect();
+    let documented: BTreeSet<String> = readme_list("Capabilities added:")
+        .iter()
+        .map(|c| cap_name(c))
+        .collect();
+    assert_eq!(
+        documented, want,
+        "deploy/README.md's `Capabilities added:` line lists another set than the one tested here"
+    );
+
+    let docs = all_docs();
+    let (at, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let pod = pod_spec(&at, &ds);
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "{at}: spec.template.spec.hostNetwork must be true (the agent traces the node's interfaces)"
+    );
+    assert_eq!(
+        pod.dns_policy.as_deref(),
+        Some("ClusterFirstWithHostNet"),
+        "{at}: spec.template.spec.dnsPolicy (hostNetwork pods need ClusterFirstWithHostNet for cluster DNS)"
+    );
+    assert_ne!(pod.host_pid, Some(true), "{at}: hostPID is not needed");
+    assert_ne!(pod.host_ipc, Some(true), "{at}: hostIPC is not needed");
+
+    let tolerations = pod.tolerations.as_deref().unwrap_or_default();
+    for effect in ["NoSchedule", "NoExecute"] {
+        assert!(
+            tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.as_deref().is_none_or(|e| e == effect)),
+            "{at}: spec.template.spec.tolerations must tolerate every {effect} taint (operator: Exists, no key), or some nodes run no agent"
+        );
+    }
+
+    for v in pod.volumes.as_deref().unwrap_or_default() {
+        if let Some(hp) = &v.host_path {
+            assert!(
+                HOST_PATHS.contains(&hp.path.as_str()),
+                "{at}: volume `{}` mounts host path {}; only {HOST_PATHS:?} are documented (deploy/README.md, Security)",
+                v.name,
+                hp.path
+            );
+        }
+    }
+
+    let pod_seccomp = pod
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .map(|p| p.type_.clone());
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.as_deref().unwrap_or_default());
+    for c in containers {
+        let at = format!("{at}: container `{}`", c.name);
+        let sc = c
+            .security_context
+            .as_ref()
+            .unwrap_or_else(|| panic!("{at}: no securityContext"));
+        assert_ne!(
+            sc.privileged,
+            Some(true),
+            "{at}: privileged must not be true"
+        );
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{at}: securityContext.allowPrivilegeEscalation must be false"
+        );
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{at}: securityContext.readOnlyRootFilesystem must be true"
+        );
+        let caps = sc
+            .capabilities
+            .as_ref()
+            .unwrap_or_else(|| panic!("{at}: securityContext.capabilities is missing"));
+        assert_eq!(
+            caps.drop.as_deref(),
+            Some(&["ALL".to_owned()][..]),
+            "{at}: securityContext.capabilities.drop must be exactly [\"ALL\"]"
+        );
+        let add: Vec<String> = caps
+            .add
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| cap_name(c))
+            .collect();
+        let add_set: BTreeSet<String> = add.iter().cloned().collect();
+        assert_eq!(
+            add.len(),
+            add_set.len(),
+            "{at}: securityContext.capabilities.add repeats a capability: {add:?}"
+        );
+        assert_eq!(
+            add_set, want,
+            "{at}: securityContext.capabilities.add must be exactly the documented set (deploy/README.md)"
+        );
+        let seccomp = sc
+            .seccomp_profile
+            .as_ref()
+            .map(|p| p.type_.clone())
+            .or(pod_seccomp.clone());
+        assert!(
+            matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")),
+            "{at}: seccompProfile must be RuntimeDefault (or Localhost), found {seccomp:?}"
+        );
+    }
+}
+
+/// The container port `port` designates (by name or number).
+fn resolve_port(at: &str, c: &Container, port: &IntOrString) -> i32 {
+    let ports = c.ports.as_deref().unwrap_or_default();
+    let found = match port {
+        IntOrString::String(name) => ports.iter().find(|p| p.name.as_deref() == Some(name)),
+        IntOrString::Int(n) => ports.iter().find(|p| p.container_port == *n),
+    };
+    found
+        .unwrap_or_else(|| panic!("{at}: port {port:?} is not one of the container's ports"))
+        .container_port
+}
+
+fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+    c.env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|e| e.name == name)
+}
+
+#[test]
+fn daemonset_probes_ports_env_and_resources_fit_together() {
+    let docs = all_docs();
+    let (at, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let pod = pod_spec(&at, &ds);
+    let agent = the_agent(&at, pod);
+    let at = format!("{at}: container `{}`", agent.name);
+
+    assert_eq!(
+        agent.args.as_deref(),
+        Some(&["agent".to_owned()][..]),
+        "{at}: args must be [\"agent\"]"
+    );
+    let http = agent
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("http"))
+        .unwrap_or_else(|| panic!("{at}: no container port named `http`"))
+        .container_port;
+
+    for (probe, kind, path) in [
+        (&agent.liveness_probe, "livenessProbe", "/healthz"),
+        (&agent.readiness_probe, "readinessProbe", "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{at}: {kind} must be an httpGet probe"));
+        assert_eq!(get.path.as_deref(), Some(path), "{at}: {kind}.httpGet.path");
+        assert_eq!(
+            resolve_port(&format!("{at}: {kind}.httpGet.port"), agent, &get.port),
+            http,
+            "{at}: {kind}.httpGet.port must be the API's port `http`"
+        );
+    }
+    if let Some(get) = agent
+        .startup_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+    {
+        resolve_port(
+            &format!("{at}: startupProbe.httpGet.port"),
+            agent,
+            &get.port,
+        );
+    }
+
+    let listen = env_value(agent, "FLOWTRACE_LISTEN")
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| {
+            panic!("{at}: env FLOWTRACE_LISTEN is missing (the default listens on loopback only)")
+        });
+    let listen: SocketAddr = listen.parse().unwrap_or_else(|e| {
+        panic!("{at}: env FLOWTRACE_LISTEN `{listen}` is not an address:port: {e}")
+    });
+    assert!(
+        listen.ip().is_unspecified(),
+        "{at}: env FLOWTRACE_LISTEN must bind every address (0.0.0.0), not {}",
+        listen.ip()
+    );
+    assert_eq!(
+        i32::from(listen.port()),
+        http,
+        "{at}: env FLOWTRACE_LISTEN's port must be the container port `http`"
+    );
+
+    let node = env_value(agent, "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|f| f.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(
+        node,
+        Some("spec.nodeName"),
+        "{at}: env NODE_NAME must come from the downward API field spec.nodeName"
+    );
+
+    // The settings file lives in the optional ConfigMap volume.
+    let config = env_value(agent, "FLOWTRACE_CONFIG")
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{at}: env FLOWTRACE_CONFIG is missing"));
+    let config_dir = Path::new(config)
+        .parent()
+        .expect("a file path has a parent");
+    let mount = agent
+        .volume_mounts
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|m| Path::new(&m.mount_path) == config_dir)
+        .unwrap_or_else(|| {
+            panic!(
+                "{at}: nothing is mounted at {}, where FLOWTRACE_CONFIG points",
+                config_dir.display()
+            )
+        });
+    let volume = pod
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| {
+            panic!(
+                "{at}: volume `{}` of the mount at {} does not exist",
+                mount.name, mount.mount_path
+            )
+        });
+    let cm = volume.config_map.as_ref().unwrap_or_else(|| {
+        panic!(
+            "{at}: volume `{}` (settings file) must be a ConfigMap",
+            volume.name
+        )
+    });
+    assert_eq!(
+        cm.optional,
+        Some(true),
+        "{at}: ConfigMap volume `{}` must be optional: the install works without a settings file",
+        volume.name
+    );
+
+    // A read-only root needs somewhere to write.
+    assert!(
+        agent
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.mount_path == "/tmp"),
+        "{at}: the root filesystem is read-only, so /tmp must be a mounted volume"
+    );
+
+    let res = agent
+        .resources
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no resources"));
+    let requests = res.requests.clone().unwrap_or_default();
+    let limits = res.limits.clone().unwrap_or_default();
+    for r in ["cpu", "memory"] {
+        assert!(
+            requests.contains_key(r),
+            "{at}: resources.requests.{r} is missing"
+        );
+    }
+    assert!(
+        limits.contains_key("memory"),
+        "{at}: resources.limits.memory is missing"
+    );
+    assert!(
+        !limits.contains_key("cpu"),
+        "{at}: resources.limits.cpu is set, but a throttled agent drains late and loses flows (deploy/README.md, Resources)"
+    );
+
+    let annotations = ds
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    let http_s = http.to_string();
+    for (key, want) in [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", http_s.as_str()),
+        ("prometheus.io/path", "/metrics"),
+    ] {
+        assert_eq!(
+            annotations.get(key).map(String::as_str),
+            Some(want),
+            "{at}: pod template annotation {key}"
+        );
+    }
+}
+
+/// The `group/resource` pairs of a README list (`resource` alone for the core group).
+fn group_resource(s: &str) -> (String, String) {
+    match s.rsplit_once('/') {
+        Some((g, r)) => (g.to_owned(), r.to_owned()),
+        None => (String::new(), s.to_owned()),
+    }
+}
+
+#[test]
+fn rbac_is_read_only_and_limited_to_the_documented_resources() {
+    let want_verbs: BTreeSet<String> = RBAC_VERBS.iter().map(|v| v.to_string()).collect();
+    let want_resources: BTreeSet<(String, String)> = RBAC_RESOURCES
+        .iter()
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect();
+    let doc_verbs: BTreeSet<String> = readme_list("RBAC verbs:").into_iter().collect();
+    assert_eq!(
+        doc_verbs, want_verbs,
+        "deploy/README.md's `RBAC verbs:` line lists another set than the one tested here"
+    );
+    let doc_resources: BTreeSet<(String, String)> = readme_list("RBAC resources:")
+        .iter()
+        .map(|s| group_resource(s))
+        .collect();
+    assert_eq!(
+        doc_resources, want_resources,
+        "deploy/README.md's `RBAC resources:` line lists another set than the one tested here"
+    );
+
+    let docs = all_docs();
+    let (at, role) = one::<ClusterRole>(&docs, "ClusterRole");
+    assert!(
+        role.aggregation_rule.is_none(),
+        "{at}: an aggregationRule would let other roles add rules"
+    );
+    let rules = role.rules.as_deref().unwrap_or_default();
+    assert!(!rules.is_empty(), "{at}: no rules");
+    let mut granted = BTreeSet::new();
+    let mut verbs_granted = BTreeSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{at}: rules[{i}]");
+        assert!(
+            rule.non_resource_urls.is_none(),
+            "{at}: nonResourceURLs are not needed"
+        );
+        let groups = rule.api_groups.as_deref().unwrap_or_default();
+        let resources = rule.resources.as_deref().unwrap_or_default();
+        for (field, values) in [
+            ("verbs", &rule.verbs[..]),
+            ("apiGroups", groups),
+            ("resources", resources),
+            (
+                "resourceNames",
+                rule.resource_names.as_deref().unwrap_or_default(),
+            ),
+        ] {
+            assert!(
+                !values.iter().any(|v| v.contains('*')),
+                "{at}.{field} has a wildcard: {values:?}"
+            );
+        }
+        for v in &rule.verbs {
+            assert!(
+                want_verbs.contains(v),
+                "{at}.verbs: `{v}` is not one of {RBAC_VERBS:?}"
+            );
+            verbs_granted.insert(v.clone());
+        }
+        assert!(
+            !groups.is_empty() && !resources.is_empty(),
+            "{at}: apiGroups and resources must be listed"
+        );
+        for g in groups {
+            for r in resources {
+                let pair = (g.clone(), r.clone());
+                assert!(
+                    want_resources.contains(&pair),
+                    "{at}: grants {}/{}, which is not in the documented set (deploy/README.md, RBAC)",
+                    if g.is_empty() { "core" } else { g },
+                    r
+                );
+                granted.insert(pair);
+            }
+        }
+    }
+    assert_eq!(
+        granted, want_resources,
+        "{at}: the rules grant another set of resources than the documented one"
+    );
+    assert_eq!(
+        verbs_granted, want_verbs,
+        "{at}: the rules grant another set of verbs than the documented one"
+    );
+
+    let (bat, binding) = one::<ClusterRoleBinding>(&docs, "ClusterRoleBinding");
+    let role_name = role.metadata.name.clone().unwrap_or_default();
+    assert_eq!(
+        (
+            binding.role_ref.api_group.as_deref().unwrap_or_default(),
+            binding.role_ref.kind.as_str(),
+            binding.role_ref.name.as_str()
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            role_name.as_str()
+        ),
+        "{bat}: roleRef must name the ClusterRole"
+    );
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let sa = pod_spec(&dat, &ds)
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| panic!("{dat}: spec.template.spec.serviceAccountName is missing (the default account has no RBAC)"));
+    let ds_ns = ds.metadata.namespace.clone().unwrap_or_default();
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert!(
+        subjects.iter().any(|s| s.kind == "ServiceAccount"
+            && s.name == sa
+            && s.namespace.as_deref() == Some(ds_ns.as_str())),
+        "{bat}: subjects must include ServiceAccount {ds_ns}/{sa}, the DaemonSet's account"
+    );
+    assert_eq!(
+        subjects.len(),
+        1,
+        "{bat}: only the agents' ServiceAccount is bound"
+    );
+    let (sat, account) = one::<ServiceAccount>(&docs, "ServiceAccount");
+    assert_eq!(
+        (
+            account.metadata.name.as_deref(),
+            account.metadata.namespace.as_deref()
+        ),
+        (Some(sa.as_str()), Some(ds_ns.as_str())),
+        "{sat}: must be the DaemonSet's serviceAccountName in its namespace"
+    );
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn json_labels(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn service_and_monitors_select_the_agents() {
+    let docs = all_docs();
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let spec = &ds.spec;
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let ds_selector = spec.selector.match_labels.clone().unwrap_or_default();
+    assert!(
+        selects(&ds_selector, &pod_labels),
+        "{dat}: spec.selector.matchLabels {ds_selector:?} does not select the template's labels {pod_labels:?}"
+    );
+    for (k, want) in [
+        ("app.kubernetes.io/name", "flowtrace"),
+        ("app.kubernetes.io/component", "agent"),
+    ] {
+        assert_eq!(
+            pod_labels.get(k).map(String::as_str),
+            Some(want),
+            "{dat}: pod template label {k}"
+        );
+    }
+    let agent = the_agent(&dat, pod_spec(&dat, &ds));
+
+    let (sat, svc) = one::<Service>(&docs, "Service");
+    let sspec = svc
+        .spec
+        .as_ref()
+        .unwrap_or_else(|| panic!("{sat}: no spec"));
+    assert_eq!(
+        sspec.cluster_ip.as_deref(),
+        Some("None"),
+        "{sat}: spec.clusterIP must be None (headless: one endpoint per agent)"
+    );
+    let svc_selector = sspec.selector.clone().unwrap_or_default();
+    assert!(
+        selects(&svc_selector, &pod_labels),
+        "{sat}: spec.selector {svc_selector:?} does not select the agents' labels {pod_labels:?}"
+    );
+    let http = sspec
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("http"))
+        .unwrap_or_else(|| panic!("{sat}: no port named `http` (the ServiceMonitor scrapes it)"));
+    let target = http
+        .target_port
+        .clone()
+        .unwrap_or(IntOrString::Int(http.port));
+    let container_port = resolve_port(&format!("{sat}: port http targetPort"), agent, &target);
+    assert_eq!(
+        http.port, container_port,
+        "{sat}: port `http` should be the agents' own port (host network)"
+    );
+    let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
+
+    for doc in docs.iter().filter(|d| d.kind() == "ServiceMonitor") {
+        let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
+        assert!(
+            selects(&sel, &svc_labels),
+            "{}: spec.selector.matchLabels {sel:?} does not select Service {}'s labels {svc_labels:?}",
+            doc.at(),
+            svc.metadata.name.as_deref().unwrap_or_default()
+        );
+        if let Some(names) = doc
+            .value
+            .pointer("/spec/namespaceSelector/matchNames")
+            .and_then(Value::as_array)
+        {
+            assert!(
+                names.iter().any(|n| n.as_str() == Some(NAMESPACE)),
+                "{}: spec.namespaceSelector.matchNames must include {NAMESPACE}",
+                doc.at()
+            );
+        }
+    }
+    for doc in docs.iter().filter(|d| d.kind() == "PodMonitor") {
+        let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
+        assert!(
+            selects(&sel, &pod_labels),
+            "{}: spec.selector.matchLabels {sel:?} does not select the agents' labels {pod_labels:?}",
+            doc.at()
+        );
+        // Endpoint ports ("http", checked in check_monitor) must be named container ports.
+        resolve_port(
+            &format!("{}: podMetricsEndpoints port", doc.at()),
+            agent,
+            &IntOrString::String("http".to_owned()),
+        );
+    }
+}
+
+/// `flowtrace agent --help`, whitespace collapsed (clap wraps long lines).
+fn agent_help() -> String {
+    let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(&bin)
+        .args(["agent", "--help"])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} agent --help: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "{} agent --help failed: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn daemonset_env_names_are_agent_settings() {
+    let help = agent_help();
+    let docs = all_docs();
+    let (at, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let agent = the_agent(&at, pod_spec(&at, &ds));
+    for e in agent.env.as_deref().unwrap_or_default() {
+        assert!(
+            help.contains(&format!("[env: {}=", e.name)),
+            "{at}: env {} is not a variable `flowtrace agent` reads (see `flowtrace agent --help`)",
+            e.name
+        );
+    }
+}
+
+/// Runs `flowtrace trace` against a closed loopback port with `FLOWTRACE_CONFIG` set to
+/// `config`: the settings file is read, checked and turned into flags before anything else,
+/// exactly as `flowtrace agent` does (both take the agent's settings), but nothing is loaded
+/// into the kernel, so neither root nor a network is needed. Returns (exit code, stderr).
+fn trace_with_config(config: &Path) -> (Option<i32>, String) {
+    let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(&bin)
+        .args([
+            "trace",
+            "--agent",
+            "http://127.0.0.1:9",
+            "--count",
+            "1",
+            "--duration-s",
+            "1",
+        ])
+        .env("FLOWTRACE_CONFIG", config)
+        .output()
+        .unwrap_or_else(|e| panic!("running {} trace: {e}", bin.display()));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether `flowtrace trace` got past its settings: it fails only because no agent listens
+/// (exit 1), not on the file (which it names) nor on a value (clap's exit 2).
+fn settings_accepted(code: Option<i32>, stderr: &str, config: &Path) -> bool {
+    // The settings were taken (the run got as far as reaching the agent, which is not
+    // there); a warning about a missing file is no refusal.
+    let _ = config;
+    code == Some(1)
+        && stderr.contains("cannot reach the flowtrace agent")
+        && !stderr.contains("error: the config file")
+}
+
+#[test]
+fn example_settings_file_passes_the_agents_own_checks() {
+    // The example as written...
+    let example = repo_root().join(CONFIG_EXAMPLE);
+    let (code, err) = trace_with_config(&example);
+    assert!(
+        settings_accepted(code, &err, &example),
+        "{CONFIG_EXAMPLE}: the agent refuses it (exit {code:?}): {err}"
+    );
+
+    // ...and with every commented-out setting (`# key = value`) in force too.
+    let text = read(CONFIG_EXAMPLE);
+    let mut table: toml::Table = text
+        .parse()
+        .unwrap_or_else(|e| panic!("{CONFIG_EXAMPLE}: not valid TOML: {e}"));
+    let mut commented = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let Some((key, _)) = rest.split_once(" = ") else {
+            continue;
+        };
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            continue;
+        }
+        let one: toml::Table = rest.parse().unwrap_or_else(|e| {
+            panic!("{CONFIG_EXAMPLE}: commented-out setting `{rest}` is not valid TOML: {e}")
+        });
+        commented.push(key.to_owned());
+        table.extend(one);
+    }
+    assert!(
+        !commented.is_empty(),
+        "{CONFIG_EXAMPLE}: expected commented-out examples (`# key = value`)"
+    );
+    let all =
+        std::env::temp_dir().join(format!("flowtrace-deploy-test-{}.toml", std::process::id()));
+    std::fs::write(
+        &all,
+        toml::to_string(&table).expect("a TOML table serialises"),
+    )
+    .expect("writing a temporary file");
+    let (code, err) = trace_with_config(&all);
+    let _ = std::fs::remove_file(&all);
+    assert!(
+        settings_accepted(code, &err, &all),
+        "{CONFIG_EXAMPLE}: with its commented-out settings {commented:?} in force, the agent refuses it (exit {code:?}): {err}"
+    );
+}
+
+#[test]
+fn daemonset_starts_without_its_optional_settings_file() {
+    // The DaemonSet always sets FLOWTRACE_CONFIG, but the ConfigMap behind it is optional:
+    // on a fresh install the file does not exist, and the agent must run on its defaults
+    // rather than crash-loop.
+    let docs = all_docs();
+    let (at, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let agent = the_agent(&at, pod_spec(&at, &ds));
+    let Some(config) = env_value(agent, "FLOWTRACE_CONFIG").and_then(|e| e.value.as_deref()) else {
+        return; // no settings file named: nothing can be missing
+    };
+    let missing = std::env::temp_dir()
+        .join(format!(
+            "flowtrace-deploy-test-{}-absent",
+            std::process::id()
+        ))
+        .join(Path::new(config).file_name().expect("a file name"));
+    assert!(!missing.exists());
+    let (code, err) = trace_with_config(&missing);
+    assert!(
+        settings_accepted(code, &err, &missing),
+        "{at}: env FLOWTRACE_CONFIG={config} names the file of an optional ConfigMap volume, but the agent refuses to start when that file does not exist (exit {code:?}): {err}"
+    );
+}
+
+/// Whether `name`, as a query writes it, is a series the agent exports: a family of
+/// `flowtrace::metrics::FAMILIES`, a histogram's `_bucket`/`_sum`/`_count`, or a counter's
+/// `_total` when the family is named without it.
+fn exported(name: &str) -> bool {
+    FAMILIES.iter().any(|&(family, kind, _)| {
+        name == family
+            || (kind == "histogram"
+                && ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| name.strip_suffix(s) == Some(family)))
+            || (kind == "counter"
+                && !family.ends_with("_total")
+                && name.strip_suffix("_total") == Some(family))
+    })
+}
+
+/// Every `flowtrace_[a-z0-9_]+` identifier in `expr`.
+fn metric_names(expr: &str) -> Vec<String> {
+    const PREFIX: &str = "flowtrace_";
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(off) = expr[i..].find(PREFIX) {
+        let start = i + off;
+        let mut end = start + PREFIX.len();
+        while end < b.len()
+            && (b[end].is_ascii_lowercase() || b[end].is_ascii_digit() || b[end] == b'_')
+        {
+            end += 1;
+        }
+        let part_of_longer = start > 0
+            && (b[start - 1].is_ascii_alphanumeric() || matches!(b[start - 1], b'_' | b':'));
+        if !part_of_longer {
+            out.push(expr[start..end].to_owned());
+        }
+        i = end;
+    }
+    out
+}
+
+/// Every string under a key in `keys`, anywhere in `v`, with its location (panel titles
+/// included for messages).
+fn strings_under(v: &Value, keys: &[&str], path: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(o) => {
+            let here = match o.get("title").and_then(Value::as_str) {
+                Some(t) if !path.is_empty() => format!("{path} \"{t}\""),
+                _ => path.to_owned(),
+            };
+            for (k, child) in o {
+                let p = format!("{here}.{k}");
+                match child {
+                    Value::String(s) if keys.contains(&k.as_str()) => out.push((p, s.clone())),
+                    _ => strings_under(child, keys, &p, out),
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                strings_under(child, keys, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn dashboard() -> Value {
+    serde_json::from_str(&read(DASHBOARD))
+        .unwrap_or_else(|e| panic!("{DASHBOARD}: not valid JSON: {e}"))
+}
+
+#[test]
+fn grafana_dashboard_queries_only_exported_metrics() {
+    assert!(
+        !FAMILIES.is_empty(),
+        "flowtrace::metrics::FAMILIES is empty"
+    );
+    for (name, kind, help) in FAMILIES {
+        assert!(
+            matches!(*kind, "counter" | "gauge" | "histogram"),
+            "flowtrace::metrics::FAMILIES: {name} has type `{kind}`; this test knows counter, gauge and histogram"
+        );
+        assert!(
+            !help.is_empty(),
+            "flowtrace::metrics::FAMILIES: {name} has no help text"
+        );
+    }
+    let dash = dashboard();
+    let mut queries = Vec::new();
+    strings_under(&dash, &["expr", "query", "definition"], "", &mut queries);
+    let mut used = 0;
+    for (at, expr) in &queries {
+        for name in metric_names(expr) {
+            used += 1;
+            assert!(
+                exported(&name),
+                "{DASHBOARD}: {at} uses `{name}`, which the agent does not export (flowtrace::metrics::FAMILIES): {expr}"
+            );
+        }
+    }
+    assert!(used > 0, "{DASHBOARD}: no query uses a flowtrace_ metric");
+}
+
+/// Whether a `datasource` field designates the `${datasource}` variable.
+fn is_datasource_var(v: &Value) -> bool {
+    let uid = match v {
+        Value::String(s) => Some(s.as_str()),
+        Value::Object(o) => {
+            if o.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t != "prometheus")
+            {
+                return false;
+            }
+            o.get("uid").and_then(Value::as_str)
+        }
+        _ => None,
+    };
+    matches!(uid, Some("${datasource}" | "$datasource"))
+}
+
+/// Every panel, rows' nested panels included, with its location.
+fn panels(v: &Value, path: &str, out: &mut Vec<(String, Value)>) {
+    for (i, p) in v["panels"].as_array().into_iter().flatten().enumerate() {
+        let at = format!(
+            "{path}panels[{i}] \"{}\"",
+            p["title"].as_str().unwrap_or_default()
+        );
+        out.push((at.clone(), p.clone()));
+        panels(p, &format!("{at}."), out);
+    }
+}
+
+/// `$name`, `${name}` and `${name:format}` variable references in `s`.
+fn variables(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        rest = &rest[i + 1..];
+        let (braced, body) = match rest.strip_prefix('{') {
+            Some(b) => (true, b),
+            None => (false, rest),
+        };
+        let name: String = body
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && (!braced || body[name.len()..].starts_with(['}', ':'])) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+#[test]
+fn grafana_dashboard_panels_use_the_datasource_variable() {
+    let dash = dashboard();
+    assert_eq!(
+        dash["schemaVersion"].as_u64(),
+        Some(39),
+        "{DASHBOARD}: schemaVersion"
+    );
+    let vars = dash["templating"]["list"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{DASHBOARD}: templating.list is missing"));
+    let ds_var = vars
+        .iter()
+        .find(|v| v["name"] == "datasource")
+        .unwrap_or_else(|| panic!("{DASHBOARD}: no `datasource` template variable"));
+    assert_eq!(
+        (ds_var["type"].as_str(), ds_var["query"].as_str()),
+        (Some("datasource"), Some("prometheus")),
+        "{DASHBOARD}: variable `datasource` must be of type datasource, for Prometheus"
+    );
+    let mut defined: BTreeSet<String> = vars
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect();
+    for (i, v) in vars.iter().enumerate() {
+        if v["type"] == "query" {
+            assert!(
+                is_datasource_var(&v["datasource"]),
+                "{DASHBOARD}: templating.list[{i}] `{}` must query ${{datasource}}",
+                v["name"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    // Grafana's own variables.
+    defined.extend(
+        [
+            "__rate_interval",
+            "__interval",
+            "__range",
+            "__all",
+            "__interval_ms",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+
+    let mut all = Vec::new();
+    panels(&dash, "", &mut all);
+    assert!(!all.is_empty(), "{DASHBOARD}: no panels");
+    let mut ids = BTreeSet::new();
+    for (at, p) in &all {
+        let at = format!("{DASHBOARD}: {at}");
+        let id = p["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{at}: no numeric id"));
+        assert!(ids.insert(id), "{at}: id {id} is used by another panel");
+        assert!(p["gridPos"].is_object(), "{at}: no gridPos");
+        if p["type"] == "row" {
+            continue;
+        }
+        assert!(
+            is_datasource_var(&p["datasource"]),
+            "{at}: datasource must be the ${{datasource}} variable, found {}",
+            p["datasource"]
+        );
+        let targets = p["targets"]
+            .as_array()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| panic!("{at}: no targets"));
+        let mut refs = BTreeSet::new();
+        for (i, t) in targets.iter().enumerate() {
+            let ref_id = t["refId"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| panic!("{at}: targets[{i}] has no refId"));
+            assert!(
+                refs.insert(ref_id),
+                "{at}: targets[{i}] repeats refId {ref_id}"
+            );
+            if let Some(ds) = t.get("datasource") {
+                assert!(
+                    is_datasource_var(ds),
+                    "{at}: targets[{i}].datasource must be the ${{datasource}} variable, found {ds}"
+                );
+            }
+            let expr = t["expr"]
+                .as_str()
+                .filter(|e| !e.trim().is_empty())
+                .unwrap_or_else(|| panic!("{at}: targets[{i}] has no expr"));
+            for var in variables(expr) {
+                assert!(
+                    defined.contains(&var),
+                    "{at}: targets[{i}] uses ${var}, which is not a template variable: {expr}"
+                );
+            }
+        }
+        if let Some(rep) = p["repeat"].as_str() {
+            assert!(
+                defined.contains(rep),
+                "{at}: repeats over undefined variable `{rep}`"
+            );
+        }
+    }
+}
