@@ -140,7 +140,7 @@ fn nat_column(f: &FlowRecord) -> String {
     let svc = t
         .service
         .as_ref()
-        .map(|s| format!("svc:{}/{} ", s.namespace, s.name))
+        .map(|s| format!("svc:{s} "))
         .unwrap_or_default();
     let p = f.protocol_number;
     let changed = match t.rewrote.as_str() {
@@ -375,7 +375,7 @@ fn render_path(p: &crate::path::PathRecord) -> String {
     let via = p
         .service
         .as_ref()
-        .map(|s| format!(" via svc {}/{}", s.namespace, s.name))
+        .map(|s| format!(" via svc {s}"))
         .unwrap_or_default();
     let last = p
         .request

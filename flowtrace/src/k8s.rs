@@ -118,6 +118,13 @@ pub struct ServiceRef {
     pub port_name: Option<String>,
 }
 
+impl std::fmt::Display for ServiceRef {
+    /// `namespace/name`, as filters and metric labels write a Service.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// How a Service port is reached: the cluster IP's port, or a NodePort on a node address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PortKey {

@@ -32,6 +32,27 @@ pub struct Link {
     pub ethernet: bool,
 }
 
+/// What a link is to flowtrace: what it traces by default, and how metrics name a hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkRole {
+    /// A veth whose peer lives in another network namespace: a pod's host side.
+    PodVeth,
+    /// A VXLAN or Geneve device.
+    Overlay,
+    /// Anything else (bridges, NICs, veths with both ends here).
+    Other,
+}
+
+impl Link {
+    pub fn role(&self) -> LinkRole {
+        match self.kind.as_deref() {
+            Some("vxlan") | Some("geneve") => LinkRole::Overlay,
+            Some("veth") if self.peer_in_other_netns => LinkRole::PodVeth,
+            _ => LinkRole::Other,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
     /// A link exists (from the initial dump or a RTM_NEWLINK, which also fires on changes).
@@ -62,11 +83,7 @@ impl Selector {
         if self.include.iter().any(|p| glob_match(p, &link.name)) {
             return true;
         }
-        match link.kind.as_deref() {
-            Some("vxlan") | Some("geneve") => true,
-            Some("veth") => link.peer_in_other_netns,
-            _ => false,
-        }
+        link.role() != LinkRole::Other
     }
 }
 

@@ -106,6 +106,11 @@ impl<V: Default> SeriesSet<V> {
         &mut s.value
     }
 
+    /// (series held, updates folded into `other`, series expired).
+    fn counts(&self) -> (usize, u64, u64) {
+        (self.series.len(), self.folded, self.expired)
+    }
+
     fn expire(&mut self, now_ns: u64, ttl_ns: u64) {
         let before = self.series.len();
         self.series
@@ -155,12 +160,13 @@ pub type HopNamer<'a> = &'a dyn Fn(u32) -> String;
 /// pod's host side), `overlay` for VXLAN and Geneve devices, else the interface's name
 /// (`cni0`, `eth0`: a handful per node, so the label stays bounded).
 pub fn hop_class(link: Option<&crate::links::Link>) -> String {
+    use crate::links::LinkRole;
     match link {
         None => "unknown".into(),
-        Some(l) => match l.kind.as_deref() {
-            Some("veth") if l.peer_in_other_netns => "pod".into(),
-            Some("vxlan" | "geneve") => "overlay".into(),
-            _ => l.name.clone(),
+        Some(l) => match l.role() {
+            LinkRole::PodVeth => "pod".into(),
+            LinkRole::Overlay => "overlay".into(),
+            LinkRole::Other => l.name.clone(),
         },
     }
 }
@@ -220,10 +226,6 @@ impl Metrics {
         }
     }
 
-    pub fn config(&self) -> MetricsConfig {
-        self.cfg
-    }
-
     /// Counts one drain in.
     pub fn observe_drain(&mut self, v: &DrainView<'_>) {
         // Idle series go first, so the room they leave is there for this drain's.
@@ -244,17 +246,12 @@ impl Metrics {
         for f in &v.drained.flows {
             let t = FlowTuple::from_key(&f.key);
             let n = name(&t);
-            let direction = if f.key.direction == flowtrace_common::DIR_INGRESS {
-                "ingress"
-            } else {
-                "egress"
-            };
             let labels = join(
                 &n.peers,
                 [
                     n.service,
                     (v.hop)(f.key.ifindex),
-                    direction.to_string(),
+                    direction_label(f.key.direction).to_string(),
                     protocol_name(t.protocol),
                 ],
             );
@@ -267,23 +264,8 @@ impl Metrics {
             let Some(service) = v.meta.service_at(&o.dst, o.dst_port, o.protocol) else {
                 continue;
             };
-            let src = peer(v.meta.resolve(&o.src).as_deref(), self.cfg.level);
-            let dst = peer(v.meta.resolve(&x.dst).as_deref(), self.cfg.level);
-            let peers = [
-                src[0].clone(),
-                src[1].clone(),
-                src[2].clone(),
-                dst[0].clone(),
-                dst[1].clone(),
-                dst[2].clone(),
-            ];
-            let labels = join(
-                &peers,
-                [
-                    format!("{}/{}", service.namespace, service.name),
-                    protocol_name(o.protocol),
-                ],
-            );
+            let peers = peers(v.meta, &o.src, &x.dst, self.cfg.level);
+            let labels = join(&peers, [service.to_string(), protocol_name(o.protocol)]);
             *self.translations.get(labels, max, v.now_ns) += 1;
         }
         for l in &v.drained.latency {
@@ -291,12 +273,7 @@ impl Metrics {
             let t = FlowTuple::from_tuple(&k.tuple);
             let n = name(&t);
             let at = |ifindex: u32, direction: u8| {
-                let d = if direction == flowtrace_common::DIR_INGRESS {
-                    "ingress"
-                } else {
-                    "egress"
-                };
-                format!("{}/{d}", (v.hop)(ifindex))
+                format!("{}/{}", (v.hop)(ifindex), direction_label(direction))
             };
             let to = at(k.to_ifindex, k.to_direction);
             if k.kind == flowtrace_common::LAT_HOP {
@@ -328,22 +305,6 @@ impl Metrics {
         }
         self.drain_count += 1;
         self.drain_sum_s += seconds;
-    }
-
-    /// Series per family now, by family name.
-    pub fn series_counts(&self) -> [(&'static str, usize); 4] {
-        [
-            ("flowtrace_bytes_total", self.traffic.series.len()),
-            (
-                "flowtrace_nat_translations_total",
-                self.translations.series.len(),
-            ),
-            (
-                "flowtrace_hop_latency_seconds",
-                self.hop_latency.series.len(),
-            ),
-            ("flowtrace_tcp_rtt_seconds", self.rtt.series.len()),
-        ]
     }
 
     /// Every family, the agent's health (`h`) included, ready for the text encoder.
@@ -502,37 +463,15 @@ impl Metrics {
             "flowtrace_metrics_series_expired_total",
             MetricType::COUNTER,
         );
-        for (name, n, f, e) in [
-            (
-                "flowtrace_bytes_total",
-                self.traffic.series.len(),
-                self.traffic.folded,
-                self.traffic.expired,
-            ),
-            (
-                "flowtrace_packets_total",
-                self.traffic.series.len(),
-                self.traffic.folded,
-                self.traffic.expired,
-            ),
+        for (name, (n, f, e)) in [
+            ("flowtrace_bytes_total", self.traffic.counts()),
+            ("flowtrace_packets_total", self.traffic.counts()),
             (
                 "flowtrace_nat_translations_total",
-                self.translations.series.len(),
-                self.translations.folded,
-                self.translations.expired,
+                self.translations.counts(),
             ),
-            (
-                "flowtrace_hop_latency_seconds",
-                self.hop_latency.series.len(),
-                self.hop_latency.folded,
-                self.hop_latency.expired,
-            ),
-            (
-                "flowtrace_tcp_rtt_seconds",
-                self.rtt.series.len(),
-                self.rtt.folded,
-                self.rtt.expired,
-            ),
+            ("flowtrace_hop_latency_seconds", self.hop_latency.counts()),
+            ("flowtrace_tcp_rtt_seconds", self.rtt.counts()),
         ] {
             let l = [name.to_string()];
             series.mut_metric().push(gauge(&["metric"], &l, n as f64));
@@ -620,15 +559,25 @@ fn name_flow(
         (true, Some(x)) => x.dst,
         _ => t.dst,
     };
-    let s = peer(meta.resolve(&src).as_deref(), level);
-    let d = peer(meta.resolve(&dst).as_deref(), level);
-    let [s0, s1, s2] = s;
-    let [d0, d1, d2] = d;
     Named {
-        peers: [s0, s1, s2, d0, d1, d2],
-        service: service
-            .map(|s| format!("{}/{}", s.namespace, s.name))
-            .unwrap_or_default(),
+        peers: peers(meta, &src, &dst, level),
+        service: service.map(|s| s.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The six peer labels (`PEER_LABELS`) of a flow from `src` to `dst`.
+fn peers(meta: &MetaCache, src: &IpAddr, dst: &IpAddr, level: Level) -> [String; 6] {
+    let [s0, s1, s2] = peer(meta.resolve(src).as_deref(), level);
+    let [d0, d1, d2] = peer(meta.resolve(dst).as_deref(), level);
+    [s0, s1, s2, d0, d1, d2]
+}
+
+/// The `direction` label of a hook direction (`DIR_INGRESS` or `DIR_EGRESS`).
+fn direction_label(direction: u8) -> &'static str {
+    if direction == flowtrace_common::DIR_INGRESS {
+        "ingress"
+    } else {
+        "egress"
     }
 }
 
