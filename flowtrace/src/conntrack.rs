@@ -410,16 +410,7 @@ fn tuple(parts: &[Tuple]) -> Option<FlowTuple> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
-        FlowTuple {
-            protocol: 6,
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            src_port: sport,
-            dst_port: dport,
-        }
-    }
+    use crate::testutil::tcp as t;
 
     fn svc(port: u16) -> CtEntry {
         CtEntry {

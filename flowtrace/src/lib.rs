@@ -27,3 +27,6 @@ pub mod path;
 pub mod trace;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod testutil;

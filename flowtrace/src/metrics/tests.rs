@@ -1,6 +1,4 @@
-use std::net::IpAddr;
-
-use flowtrace_common::{FlowKey, FlowStats, NatRecord, Tuple, DIR_EGRESS, DIR_INGRESS};
+use flowtrace_common::{FlowKey, FlowStats, NatRecord, DIR_EGRESS, DIR_INGRESS};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use serde_json::json;
 
@@ -8,44 +6,14 @@ use super::*;
 use crate::{
     drain::{DrainedFlow, DrainedNat},
     k8s::objects,
+    testutil::{kernel_addr, kernel_tuple, tcp as ft},
 };
-
-fn ft(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
-    FlowTuple {
-        protocol: 6,
-        src: src.parse::<IpAddr>().unwrap(),
-        dst: dst.parse::<IpAddr>().unwrap(),
-        src_port: sport,
-        dst_port: dport,
-    }
-}
-
-fn v4(a: IpAddr) -> [u32; 4] {
-    let IpAddr::V4(v) = a else {
-        panic!("IPv4 only here")
-    };
-    let mut b = [0u8; 16];
-    b[..4].copy_from_slice(&v.octets());
-    flowtrace_common::addr_from_bytes(&b)
-}
-
-fn kernel_tuple(t: &FlowTuple) -> Tuple {
-    Tuple {
-        src_addr: v4(t.src),
-        dst_addr: v4(t.dst),
-        src_port: t.src_port,
-        dst_port: t.dst_port,
-        ip_version: 4,
-        protocol: t.protocol,
-        _pad: 0,
-    }
-}
 
 fn flow(t: &FlowTuple, ifindex: u32, direction: u8, packets: u64, bytes: u64) -> DrainedFlow {
     DrainedFlow {
         key: FlowKey {
-            src_addr: v4(t.src),
-            dst_addr: v4(t.dst),
+            src_addr: kernel_addr(t.src),
+            dst_addr: kernel_addr(t.dst),
             src_port: t.src_port,
             dst_port: t.dst_port,
             ifindex,

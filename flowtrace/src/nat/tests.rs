@@ -1,38 +1,7 @@
-use std::net::IpAddr;
-
-use flowtrace_common::{NatRecord, Tuple};
+use flowtrace_common::NatRecord;
 
 use super::*;
-
-fn ft(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
-    FlowTuple {
-        protocol: 6,
-        src: src.parse::<IpAddr>().unwrap(),
-        dst: dst.parse::<IpAddr>().unwrap(),
-        src_port: sport,
-        dst_port: dport,
-    }
-}
-
-fn kernel_tuple(t: &FlowTuple) -> Tuple {
-    let bytes = |a: IpAddr| match a {
-        IpAddr::V4(v) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&v.octets());
-            b
-        }
-        IpAddr::V6(v) => v.octets(),
-    };
-    Tuple {
-        src_addr: flowtrace_common::addr_from_bytes(&bytes(t.src)),
-        dst_addr: flowtrace_common::addr_from_bytes(&bytes(t.dst)),
-        src_port: t.src_port,
-        dst_port: t.dst_port,
-        ip_version: 4,
-        protocol: t.protocol,
-        _pad: 0,
-    }
-}
+use crate::testutil::{kernel_tuple, tcp as ft};
 
 fn drained(before: &FlowTuple, after: &FlowTuple) -> DrainedNat {
     DrainedNat {

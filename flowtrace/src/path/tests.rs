@@ -3,17 +3,8 @@ use crate::{
     flows::HopRecord,
     k8s::{EndpointKind, Workload},
     nat::{HookView, NatState, Translation},
+    testutil::tcp as t,
 };
-
-fn t(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
-    FlowTuple {
-        protocol: 6,
-        src: src.parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        src_port: sport,
-        dst_port: dport,
-    }
-}
 
 fn pod(name: &str, workload: &str, node: &str) -> Endpoint {
     Endpoint {
