@@ -466,16 +466,21 @@ pub struct LatencyHist {
     pub buckets: [u32; LATENCY_BUCKETS],
 }
 
+impl LatencyHist {
+    /// No samples (a const, so the kernel programs can keep one in a global).
+    pub const EMPTY: LatencyHist = LatencyHist {
+        count: 0,
+        _pad: 0,
+        sum_ns: 0,
+        min_ns: 0,
+        max_ns: 0,
+        buckets: [0; LATENCY_BUCKETS],
+    };
+}
+
 impl Default for LatencyHist {
     fn default() -> Self {
-        Self {
-            count: 0,
-            _pad: 0,
-            sum_ns: 0,
-            min_ns: 0,
-            max_ns: 0,
-            buckets: [0; LATENCY_BUCKETS],
-        }
+        Self::EMPTY
     }
 }
 

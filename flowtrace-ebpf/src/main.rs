@@ -21,8 +21,8 @@ use flowtrace_common::{
     RttPending, Sighting, TraceEvent, Tuple, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER,
     CONTROL_LATENCY_SAMPLE, CONTROL_SLOTS, CONTROL_TRACING, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES,
     DEFAULT_LATENCY_ENTRIES, DEFAULT_NAT_ENTRIES, DIR_EGRESS, DIR_INGRESS, FLOW_BUFFERS,
-    LATENCY_BUCKETS, LAT_HANDSHAKE, LAT_HOP, LAT_RESPONSE, RTT_HINT_SLOTS, RTT_PENDING_ENTRIES,
-    SIGHTING_MAX_AGE_NS, SIGHTING_SLOTS, TRACE_RING_BYTES,
+    LAT_HANDSHAKE, LAT_HOP, LAT_RESPONSE, RTT_HINT_SLOTS, RTT_PENDING_ENTRIES, SIGHTING_MAX_AGE_NS,
+    SIGHTING_SLOTS, TRACE_RING_BYTES,
 };
 
 use crate::packet::{skb_meta, DirectPacket};
@@ -396,14 +396,7 @@ fn record_nat(earlier: &Sighting, key: &FlowKey, now: u64, active: u32) {
 }
 
 /// A zeroed histogram to create latency entries from (a global, not a 160-byte stack value).
-static EMPTY_HIST: LatencyHist = LatencyHist {
-    count: 0,
-    _pad: 0,
-    sum_ns: 0,
-    min_ns: 0,
-    max_ns: 0,
-    buckets: [0; LATENCY_BUCKETS],
-};
+static EMPTY_HIST: LatencyHist = LatencyHist::EMPTY;
 
 /// Adds one sample to the histogram of the key in `LAT_SCRATCH`, in the active buffer.
 #[inline(never)]
