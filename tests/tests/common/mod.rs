@@ -166,3 +166,113 @@ pub fn conntrack_list(node: &Node, filter: &[&str]) -> Vec<(T, T)> {
     }
     entries
 }
+
+/// `promtool check metrics` (Debian package `prometheus`) on `text`: (passed, what it printed).
+pub fn promtool(text: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool (Debian package `prometheus`; scripts/setup.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn bad(line: &str) -> ! {
+    panic!("unreadable exposition line: {line}")
+}
+
+/// One sample of the Prometheus text format: metric name, labels, value.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, key: &str) -> &str {
+        self.labels.get(key).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// The samples of a text-format exposition (comments skipped; label values unescaped as the
+/// format defines: `\\`, `\"`, `\n`). Panics on a line it cannot read, naming it.
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => (&line[..i], &line[i..]),
+            None => bad(line),
+        };
+        let mut labels = std::collections::BTreeMap::new();
+        let mut chars = rest.chars().peekable();
+        if chars.peek() == Some(&'{') {
+            chars.next();
+            loop {
+                match chars.peek() {
+                    Some('}') => {
+                        chars.next();
+                        break;
+                    }
+                    Some(',') => {
+                        chars.next();
+                        continue;
+                    }
+                    None => bad(line),
+                    _ => {}
+                }
+                let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                if chars.next() != Some('"') {
+                    bad(line);
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some('n') => value.push('\n'),
+                            Some(c) => value.push(c),
+                            None => bad(line),
+                        },
+                        Some(c) => value.push(c),
+                        None => bad(line),
+                    }
+                }
+                labels.insert(key.trim().to_string(), value);
+            }
+        }
+        let value: String = chars.collect();
+        let value = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| bad(line));
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    out
+}
