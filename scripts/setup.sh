@@ -13,7 +13,7 @@ fi
 export PATH="$HOME/.cargo/bin:$PATH"
 export DEBIAN_FRONTEND=noninteractive
 
-DEB_PKGS=(iproute2 iptables conntrack iperf3 tcpdump iputils-ping bpftool ethtool libcap2-bin
+DEB_PKGS=(util-linux iproute2 iptables conntrack iperf3 tcpdump iputils-ping bpftool ethtool libcap2-bin
           llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev prometheus)
 missing=()
 for p in "${DEB_PKGS[@]}"; do

@@ -74,10 +74,30 @@ pub fn load(flow_entries: u32, nat_entries: u32, latency_entries: u32) -> Result
             .load()
             .map_err(|e| Error::Program {
                 program,
+                hint: load_hint(&e),
                 detail: format!("{e} (verifier log: {e:?})"),
             })?;
     }
     Ok(ebpf)
+}
+
+/// What to do about a program the kernel refused, told apart by how it refused.
+fn load_hint(e: &aya::programs::ProgramError) -> &'static str {
+    let aya::programs::ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = e
+    else {
+        return "The agent binary and its embedded kernel object disagree: rebuild flowtrace";
+    };
+    let log = verifier_log.to_string();
+    if io_error.kind() == std::io::ErrorKind::PermissionDenied && log.trim().is_empty() {
+        "The kernel refused before verifying: loading a TC program needs CAP_NET_ADMIN as well as CAP_BPF (the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    } else if log.contains("!root") {
+        "The verifier treats the agent as unprivileged: it needs CAP_PERFMON (with CAP_BPF and CAP_NET_ADMIN)"
+    } else {
+        "The verifier log above says which instruction was refused; the kernel needs BTF and must be >= 5.15"
+    }
 }
 
 /// The TC program `program` of the loaded object.
@@ -85,12 +105,14 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut S
     ebpf.program_mut(program)
         .ok_or(Error::Program {
             program,
-            detail: "not in object".into(),
+            detail: "not in the embedded object".into(),
+            hint: "The agent binary and its embedded kernel object disagree: rebuild flowtrace",
         })?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| Error::Program {
             program,
             detail: e.to_string(),
+            hint: "The agent binary and its embedded kernel object disagree: rebuild flowtrace",
         })
 }
 

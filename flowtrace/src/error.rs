@@ -10,10 +10,12 @@ pub enum Error {
         #[source]
         source: aya::EbpfError,
     },
-    #[error("eBPF program `{program}` is missing from the object or failed to load: {detail}. The verifier log above says which instruction was refused; the kernel needs BTF and must be >= 5.15, and the agent CAP_BPF + CAP_PERFMON")]
+    #[error("eBPF program `{program}` could not be loaded: {detail}. {hint}")]
     Program {
         program: &'static str,
         detail: String,
+        /// What the operator can do about it.
+        hint: &'static str,
     },
     #[error("eBPF map `{map}` is missing from the object or has the wrong type: {detail}. The agent binary and its embedded kernel object disagree: rebuild flowtrace")]
     Map { map: &'static str, detail: String },

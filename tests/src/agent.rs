@@ -107,12 +107,63 @@ impl Agent {
     /// Starts `flowtrace agent` in `netns` without waiting for readiness (for agents that
     /// are expected not to become ready, or to exit).
     pub fn spawn(netns: &str, extra: &[&str]) -> Result<Agent> {
+        Self::spawn_wrapped(netns, extra, &[])
+    }
+
+    /// Starts `flowtrace agent` in `netns` confined as the DaemonSet's container is: uid 0
+    /// holding only `caps` (capability names as `setpriv --list-caps` spells them, e.g.
+    /// `net_admin`) in its bounding, permitted and effective sets, none inheritable or
+    /// ambient, `no_new_privs`, and every filesystem read-only in a mount namespace of its
+    /// own (no bpffs or tracefs in it either: `ip netns exec` mounts a fresh sysfs without
+    /// them). Does not wait for readiness.
+    pub fn spawn_confined(netns: &str, extra: &[&str], caps: &[&str]) -> Result<Agent> {
+        let caps: String = caps.iter().map(|c| format!(",+{c}")).collect();
+        // Mounts are made read-only while the shell still holds every capability; setpriv
+        // then drops them and execs the agent, so the agent keeps the shell's pid.
+        let read_only = r#"set -e
+for m in $(awk '{print $2}' /proc/self/mounts | sort -u); do
+  case "$m" in /proc|/proc/*|/dev|/dev/*) ;; *) mount -o remount,bind,ro "$m" 2>/dev/null || true ;; esac
+done
+mount -o remount,bind,ro /
+exec "$@""#;
+        let wrapper: Vec<String> = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            read_only,
+            "sh",
+            "setpriv",
+            "--reuid=0",
+            "--regid=0",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            format!("--bounding-set=-all{caps}"),
+            "--no-new-privs".to_string(),
+            "--".to_string(),
+        ])
+        .collect();
+        Self::spawn_wrapped(netns, extra, &wrapper)
+    }
+
+    /// `ip netns exec <netns> <wrapper...> flowtrace agent ...`: every wrapper execs the next
+    /// command, so the child's pid is the agent's.
+    fn spawn_wrapped(netns: &str, extra: &[&str], wrapper: &[String]) -> Result<Agent> {
         let bin = flowtrace_bin()?;
         let log = std::env::temp_dir().join(format!("flowtrace-agent-{netns}.log"));
         let logfile = std::fs::File::create(&log)
             .map_err(|e| Error::Invalid(format!("creating {}: {e}", log.display())))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns])
+            .args(wrapper)
             .arg(&bin)
             .arg("agent")
             // Every agent serves on its node's loopback; a test may ask for more (the

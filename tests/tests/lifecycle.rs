@@ -13,72 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_root, find, Bed};
-use flowtrace_tests::{
-    finish, flowtrace_program_ids, ftgen, ftgen_bg, in_netns, Agent, Cluster, ClusterOptions, Node,
+use common::{
+    assert_nothing_left, assert_root, assert_unloaded, find, tc_show, traced_devices, Bed,
 };
-
-/// Every device in a node that flowtrace traces by default.
-fn traced_devices(node: &Node) -> Vec<String> {
-    let mut v: Vec<String> = node.pods.iter().map(|p| p.host_veth.clone()).collect();
-    v.push("flannel.1".into());
-    v
-}
-
-fn tc_show(node: &Node, what: &[&str]) -> String {
-    let mut args = vec!["tc"];
-    args.extend_from_slice(what);
-    String::from_utf8_lossy(&node.exec(&args).unwrap().stdout).to_string()
-}
-
-/// Asserts that nothing of flowtrace is attached in `node` and that `ids` are unloaded.
-fn assert_nothing_left(node: &Node, ids: &[u64]) {
-    assert_unloaded(ids);
-    for dev in traced_devices(node) {
-        for dir in ["ingress", "egress"] {
-            let f = tc_show(node, &["filter", "show", "dev", &dev, dir]);
-            assert!(
-                !f.contains("flowtrace"),
-                "{dev} {dir} still has a flowtrace filter: {f}"
-            );
-        }
-        let q = tc_show(node, &["qdisc", "show", "dev", &dev]);
-        assert!(!q.contains("clsact"), "{dev} still has a clsact qdisc: {q}");
-    }
-    let links = String::from_utf8_lossy(
-        &node
-            .exec(&["bpftool", "-j", "link", "show"])
-            .unwrap()
-            .stdout,
-    )
-    .to_string();
-    let links: serde_json::Value = serde_json::from_str(&links).unwrap_or(serde_json::Value::Null);
-    for l in links.as_array().into_iter().flatten() {
-        let prog = l.get("prog_id").and_then(|p| p.as_u64()).unwrap_or(0);
-        assert!(
-            !ids.contains(&prog),
-            "a bpf link still holds flowtrace program {prog}: {l}"
-        );
-    }
-}
-
-/// The kernel frees a program after an RCU grace period once its last filter or link is
-/// gone, so the check allows a moment for that.
-fn assert_unloaded(ids: &[u64]) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let loaded = flowtrace_program_ids().unwrap();
-        let still: Vec<_> = ids.iter().filter(|i| loaded.contains(i)).collect();
-        if still.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "flowtrace programs {still:?} are still loaded"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use flowtrace_tests::{
+    finish, flowtrace_program_ids, ftgen, ftgen_bg, in_netns, Agent, Cluster, ClusterOptions,
+};
 
 /// The kernel program IDs the agent reports; checked against bpftool's list.
 fn ids_of(agent: &Agent) -> Vec<u64> {

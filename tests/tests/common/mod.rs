@@ -2,10 +2,15 @@
 //! flows and hops in the agents' JSON.
 #![allow(dead_code)]
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use flowtrace::flows::{Direction, FlowRecord};
-use flowtrace_tests::{apiserver, Agent, ApiServer, Cluster, ClusterOptions, Node};
+use flowtrace_tests::{
+    apiserver, flowtrace_program_ids, Agent, ApiServer, Cluster, ClusterOptions, Node,
+};
 
 pub fn assert_root() {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -51,6 +56,25 @@ impl Bed {
 
     /// [`Bed::with_metadata`] with `extra` agent flags.
     pub fn with_metadata_and(extra: &[&str]) -> Bed {
+        Self::with_metadata_spawning(extra, |netns, args| {
+            Agent::start(netns, args).expect("starting an agent")
+        })
+    }
+
+    /// [`Bed::with_metadata`] with agents confined to capabilities `caps` and read-only
+    /// filesystems, as the DaemonSet runs them ([`Agent::spawn_confined`]).
+    pub fn with_metadata_confined(caps: &[&str]) -> Bed {
+        Self::with_metadata_spawning(&[], |netns, args| {
+            let mut agent =
+                Agent::spawn_confined(netns, args, caps).expect("starting a confined agent");
+            agent
+                .wait_ready(Duration::from_secs(30))
+                .expect("a confined agent becoming ready");
+            agent
+        })
+    }
+
+    fn with_metadata_spawning(extra: &[&str], spawn: impl Fn(&str, &[&str]) -> Agent) -> Bed {
         assert_root();
         let cluster =
             Cluster::up(&ClusterOptions::default()).expect("bringing the emulated cluster up");
@@ -69,7 +93,7 @@ impl Bed {
                     "1000",
                 ];
                 args.extend_from_slice(extra);
-                Agent::start(&n.netns, &args).expect("starting an agent")
+                spawn(&n.netns, &args)
             })
             .collect();
         Bed {
@@ -275,4 +299,66 @@ pub fn parse_exposition(text: &str) -> Vec<Sample> {
         });
     }
     out
+}
+
+/// Every device in a node that flowtrace traces by default.
+pub fn traced_devices(node: &Node) -> Vec<String> {
+    let mut v: Vec<String> = node.pods.iter().map(|p| p.host_veth.clone()).collect();
+    v.push("flannel.1".into());
+    v
+}
+
+pub fn tc_show(node: &Node, what: &[&str]) -> String {
+    let mut args = vec!["tc"];
+    args.extend_from_slice(what);
+    String::from_utf8_lossy(&node.exec(&args).unwrap().stdout).to_string()
+}
+
+/// Asserts that nothing of flowtrace is attached in `node` and that `ids` are unloaded.
+pub fn assert_nothing_left(node: &Node, ids: &[u64]) {
+    assert_unloaded(ids);
+    for dev in traced_devices(node) {
+        for dir in ["ingress", "egress"] {
+            let f = tc_show(node, &["filter", "show", "dev", &dev, dir]);
+            assert!(
+                !f.contains("flowtrace"),
+                "{dev} {dir} still has a flowtrace filter: {f}"
+            );
+        }
+        let q = tc_show(node, &["qdisc", "show", "dev", &dev]);
+        assert!(!q.contains("clsact"), "{dev} still has a clsact qdisc: {q}");
+    }
+    let links = String::from_utf8_lossy(
+        &node
+            .exec(&["bpftool", "-j", "link", "show"])
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    let links: serde_json::Value = serde_json::from_str(&links).unwrap_or(serde_json::Value::Null);
+    for l in links.as_array().into_iter().flatten() {
+        let prog = l.get("prog_id").and_then(|p| p.as_u64()).unwrap_or(0);
+        assert!(
+            !ids.contains(&prog),
+            "a bpf link still holds flowtrace program {prog}: {l}"
+        );
+    }
+}
+
+/// The kernel frees a program after an RCU grace period once its last filter or link is
+/// gone, so the check allows a moment for that.
+pub fn assert_unloaded(ids: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let loaded = flowtrace_program_ids().unwrap();
+        let still: Vec<_> = ids.iter().filter(|i| loaded.contains(i)).collect();
+        if still.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flowtrace programs {still:?} are still loaded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
