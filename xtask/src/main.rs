@@ -5,9 +5,12 @@
 //! - `bench-metadata`: memory and lookup cost of the Kubernetes metadata cache.
 //! - `bench`: throughput with and without flowtrace, and per-packet program cost from the
 //!   kernel's own BPF run-time statistics, compared against reference programs.
+//! - `bench-agent`: the agent's own CPU and memory at idle, under a packet load and under flow
+//!   churn, against the DaemonSet's requests and limits.
 //!
 //! Both need root (network namespaces, eBPF) and the tools `scripts/setup.sh` installs.
 
+mod agentbench;
 mod baselines;
 mod bench;
 mod build;
@@ -35,6 +38,8 @@ enum Command {
     Demo,
     /// Throughput with/without flowtrace and per-packet program cost (bpf_stats).
     Bench(bench::BenchArgs),
+    /// The agent's CPU and memory (idle, bulk traffic, flow churn): the DaemonSet's resources.
+    BenchAgent(agentbench::AgentBenchArgs),
     /// Memory of the Kubernetes metadata cache for N pods and the cost of naming an address,
     /// against the same pods kept as whole objects.
     BenchMetadata {
@@ -71,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::BenchAgent(args) => agentbench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
         Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),
