@@ -113,7 +113,7 @@ impl Agent {
     /// Starts `flowtrace agent` in `netns` confined as the DaemonSet's container is: uid 0
     /// holding only `caps` (capability names as `setpriv --list-caps` spells them, e.g.
     /// `net_admin`) in its bounding, permitted and effective sets, none inheritable or
-    /// ambient, `no_new_privs`, and every filesystem read-only in a mount namespace of its
+    /// ambient, `no_new_privs`, and every filesystem but /proc and /dev read-only in a mount namespace of its
     /// own (no bpffs or tracefs in it either: `ip netns exec` mounts a fresh sysfs without
     /// them). Does not wait for readiness.
     pub fn spawn_confined(netns: &str, extra: &[&str], caps: &[&str]) -> Result<Agent> {

@@ -1,6 +1,6 @@
 //! The agent run as the DaemonSet runs it: uid 0 with only the capabilities
 //! deploy/daemonset.yaml adds (read from the manifest), nothing inheritable or ambient,
-//! `no_new_privs`, every filesystem read-only and no bpffs or tracefs mounted
+//! `no_new_privs`, every filesystem but /proc and /dev read-only and no bpffs or tracefs mounted
 //! ([`flowtrace_tests::Agent::spawn_confined`], which uses `setpriv` and a private mount
 //! namespace). Not emulated: the container runtime's seccomp profile (see deploy/README.md).
 //!
@@ -20,12 +20,11 @@ use std::{
 };
 
 use common::{
-    assert_nothing_left, assert_root, conntrack_list, find, parse_exposition, promtool, Bed,
+    assert_nothing_left, assert_root, find, parse_exposition, promtool, service_connections,
+    udp_all_received, Bed,
 };
 use flowtrace::flows::Direction;
-use flowtrace_tests::{
-    finish, flowtrace_program_ids, ftgen, ftgen_bg, http_get, Agent, Cluster, ClusterOptions,
-};
+use flowtrace_tests::{flowtrace_program_ids, http_get, Agent, Cluster, ClusterOptions};
 use k8s_openapi::api::apps::v1::DaemonSet;
 
 const UDP_COUNT: u64 = 200;
@@ -147,82 +146,9 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
 
     // UDP between two workloads across the nodes, as in the metrics test.
     let (a1, c2) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-c").unwrap());
-    let sink = ftgen_bg(
-        c2,
-        &[
-            "udp-sink",
-            "--bind",
-            "0.0.0.0:7400",
-            "--count",
-            &UDP_COUNT.to_string(),
-            "--timeout-ms",
-            "20000",
-        ],
-    )
-    .unwrap();
-    let sent = ftgen(
-        a1,
-        &[
-            "udp-send",
-            "--to",
-            &format!("{}:7400", c2.ipv4),
-            "--count",
-            &UDP_COUNT.to_string(),
-            "--size",
-            &UDP_PAYLOAD.to_string(),
-            "--interval-us",
-            "200",
-        ],
-    )
-    .unwrap();
-    let got = finish(sink).unwrap();
-    assert_eq!(
-        (sent["sent"].as_u64(), got["received"].as_u64()),
-        (Some(UDP_COUNT), Some(UDP_COUNT)),
-        "{sent} {got}"
-    );
+    udp_all_received(a1, c2, 7400, UDP_COUNT, UDP_PAYLOAD);
     // Connections through the Service: conntrack (netlink) under the confined capabilities.
-    let sink_args = [
-        "tcp-sink",
-        "--bind",
-        "0.0.0.0:8080",
-        "--connections",
-        "100",
-        "--timeout-ms",
-        "60000",
-        "--idle-timeout-ms",
-        "3000",
-    ];
-    let sinks: Vec<_> = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()]
-        .iter()
-        .map(|p| ftgen_bg(p, &sink_args).unwrap())
-        .collect();
-    let tcp = ftgen(
-        a1,
-        &[
-            "tcp-send",
-            "--to",
-            "10.96.0.10:80",
-            "--bytes",
-            "100",
-            "--connections",
-            &CONNECTIONS.to_string(),
-        ],
-    )
-    .unwrap();
-    assert_eq!(tcp["connections"], CONNECTIONS, "{tcp}");
-    drop(sinks);
-    let dnat = conntrack_list(
-        n1,
-        &["-p", "tcp", "-d", "10.96.0.10", "-s", &a1.ipv4.to_string()],
-    )
-    .iter()
-    .filter(|(_, reply)| reply.1 != "10.96.0.10".parse::<std::net::IpAddr>().unwrap())
-    .count() as f64;
-    assert_eq!(
-        dnat, CONNECTIONS as f64,
-        "conntrack -L disagrees with the client"
-    );
+    let dnat = service_connections(c, a1, CONNECTIONS);
 
     // The UDP flow at the client's veth (node1) and the receiver's (node2), bytes and packets
     // as sent.
@@ -362,15 +288,23 @@ fn each_capability_of_the_set_is_necessary() {
             log.contains("error:") && log.contains(want),
             "the agent without {missing} did not say {want:?}:\n{log}"
         );
-        let left: Vec<u64> = flowtrace_program_ids()
-            .unwrap()
-            .into_iter()
-            .filter(|id| !before.contains(id))
-            .collect();
-        assert!(
-            left.is_empty(),
-            "programs {left:?} still loaded after the agent without {missing} exited"
-        );
+        // The kernel frees programs after an RCU grace period: allow it a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left: Vec<u64> = flowtrace_program_ids()
+                .unwrap()
+                .into_iter()
+                .filter(|id| !before.contains(id))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "programs {left:?} still loaded after the agent without {missing} exited"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         drop(agent);
     }
     cluster.down().unwrap();

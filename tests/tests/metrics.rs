@@ -14,8 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{conntrack_list, promtool, Bed};
-use flowtrace_tests::{finish, ftgen, ftgen_bg, http_get, in_netns, ChildGuard};
+use common::{promtool, service_connections, udp_all_received, Bed};
+use flowtrace_tests::{http_get, in_netns, ChildGuard};
 
 const PROM_PORT: u16 = 9091;
 const UDP_COUNT: u64 = 300;
@@ -153,86 +153,10 @@ fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
 
     // UDP between two workloads across the nodes: client (pod-a, node1) -> agent (pod-c, node2).
     let (a1, c2) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-c").unwrap());
-    let sink = ftgen_bg(
-        c2,
-        &[
-            "udp-sink",
-            "--bind",
-            "0.0.0.0:7100",
-            "--count",
-            &UDP_COUNT.to_string(),
-            "--timeout-ms",
-            "20000",
-        ],
-    )
-    .unwrap();
-    let sent = ftgen(
-        a1,
-        &[
-            "udp-send",
-            "--to",
-            &format!("{}:7100", c2.ipv4),
-            "--count",
-            &UDP_COUNT.to_string(),
-            "--size",
-            &UDP_PAYLOAD.to_string(),
-            "--interval-us",
-            "200",
-        ],
-    )
-    .unwrap();
-    let got = finish(sink).unwrap();
-    assert_eq!(sent["sent"], UDP_COUNT, "{sent}");
-    assert_eq!(
-        got["received"], UDP_COUNT,
-        "the emulated network lost datagrams: {got}"
-    );
-
-    // Connections through the Service, to its backends on both nodes.
-    let sink_args = [
-        "tcp-sink",
-        "--bind",
-        "0.0.0.0:8080",
-        "--connections",
-        "100",
-        "--timeout-ms",
-        "60000",
-        "--idle-timeout-ms",
-        "3000",
-        "--echo-bytes",
-        "10",
-    ];
-    let sinks: Vec<_> = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()]
-        .iter()
-        .map(|p| ftgen_bg(p, &sink_args).unwrap())
-        .collect();
-    let tcp = ftgen(
-        a1,
-        &[
-            "tcp-send",
-            "--to",
-            "10.96.0.10:80",
-            "--bytes",
-            "100",
-            "--connections",
-            &CONNECTIONS.to_string(),
-        ],
-    )
-    .unwrap();
-    assert_eq!(tcp["connections"], CONNECTIONS, "{tcp}");
-    drop(sinks);
-    // conntrack's count of this client's connections DNATed from the Service address.
-    let through_service = conntrack_list(
-        n1,
-        &["-p", "tcp", "-d", "10.96.0.10", "-s", &a1.ipv4.to_string()],
-    )
-    .iter()
-    .filter(|(_, reply)| reply.1 != "10.96.0.10".parse::<std::net::IpAddr>().unwrap())
-    .count() as f64;
-    assert_eq!(
-        through_service, CONNECTIONS as f64,
-        "conntrack -L disagrees with the client"
-    );
+    udp_all_received(a1, c2, 7100, UDP_COUNT, UDP_PAYLOAD);
+    // Connections through the Service, to its backends on both nodes; conntrack's count of
+    // them DNATed from the Service address.
+    let through_service = service_connections(c, a1, CONNECTIONS);
 
     // promtool accepts both agents' output.
     for n in [n1, n2] {

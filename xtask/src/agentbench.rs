@@ -15,7 +15,8 @@
 //! Per phase: the agent's CPU (utime + stime from /proc, in millicores of wall time), its
 //! resident memory (VmRSS at the end, VmHWM the peak), and the kernel memory of its BPF maps
 //! (`memlock` of every map fd it holds, /proc/<pid>/fdinfo; charged to its cgroup since Linux
-//! 5.11). Baselines from the same run: the CPU of the traffic itself (iperf3's own
+//! 5.11; per-CPU maps hold a copy of their values per possible CPU, so the report also gives
+//! that part per CPU). Baselines from the same run: the CPU of the traffic itself (iperf3's own
 //! `cpu_utilization_percent`; the churn senders' rusage), and the DaemonSet's requests and limits
 //! read from the manifest.
 
@@ -106,15 +107,18 @@ fn sample(pid: u32) -> Result<Sample> {
         cpu_s,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
-        maps_kib: map_memlock_kib(pid)?,
+        maps_kib: map_memory(pid)?.0,
     })
 }
 
-/// Sum of `memlock` over the distinct BPF maps whose fds `pid` holds.
-fn map_memlock_kib(pid: u32) -> Result<u64> {
+/// Kernel memory of the distinct BPF maps whose fds `pid` holds: (`memlock` summed, in KiB;
+/// bytes of it per possible CPU: the values of per-CPU maps, one copy per possible CPU).
+fn map_memory(pid: u32) -> Result<(u64, u64)> {
+    // BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH (linux/bpf.h).
+    const PER_CPU_TYPES: [u64; 3] = [5, 6, 10];
     let dir = format!("/proc/{pid}/fdinfo");
     let mut seen = std::collections::BTreeSet::new();
-    let mut bytes = 0u64;
+    let (mut bytes, mut per_cpu) = (0u64, 0u64);
     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue; // an fd closed meanwhile
@@ -127,10 +131,31 @@ fn map_memlock_kib(pid: u32) -> Result<u64> {
         if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
             if seen.insert(id) {
                 bytes += memlock;
+                if field("map_type:").is_some_and(|t| PER_CPU_TYPES.contains(&t)) {
+                    let value = field("value_size:").unwrap_or(0).next_multiple_of(8);
+                    per_cpu += value * field("max_entries:").unwrap_or(0);
+                }
             }
         }
     }
-    Ok(bytes / 1024)
+    Ok((bytes / 1024, per_cpu))
+}
+
+/// Possible CPUs (/sys/devices/system/cpu/possible, e.g. `0-63`): per-CPU maps hold a copy
+/// for each.
+fn possible_cpus() -> Result<u64> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .context("reading /sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for range in text.trim().split(',') {
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        let (a, b): (u64, u64) = (
+            a.parse().context("possible CPUs")?,
+            b.parse().context("possible CPUs")?,
+        );
+        n += b - a + 1;
+    }
+    Ok(n)
 }
 
 /// Scrapes the agent's /metrics every second until `stop`; returns (scrapes, largest body).
@@ -237,22 +262,35 @@ fn children_cpu_s() -> f64 {
     s(ru.ru_utime) + s(ru.ru_stime)
 }
 
-/// The agent container's (requests, limits) as written in deploy/daemonset.yaml.
+/// The agent container's requests and limits as deploy/daemonset.yaml writes them.
 fn daemonset_resources() -> Result<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let start = text
-        .find("resources:")
-        .context("no `resources:` in deploy/daemonset.yaml")?;
-    let block: Vec<String> = text[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| l.starts_with("            ") || l.trim().is_empty())
-        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
-        .map(|l| l.trim().to_string())
-        .collect();
-    Ok(block.join(" "))
+    let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_saphyr::from_str(&text)
+        .with_context(|| format!("{} is not a DaemonSet", path.display()))?;
+    let res = ds
+        .spec
+        .template
+        .spec
+        .and_then(|p| p.containers.into_iter().next())
+        .and_then(|c| c.resources)
+        .context("deploy/daemonset.yaml: the agent container has no resources")?;
+    let show = |m: Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >|
+     -> String {
+        m.unwrap_or_default()
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Ok(format!(
+        "requests {}; limits {}",
+        show(res.requests),
+        show(res.limits)
+    ))
 }
 
 pub fn run(args: &AgentBenchArgs) -> Result<()> {
@@ -291,6 +329,7 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
     )
     .context("starting the agent on node1")?;
     let pid = agent.pid().context("the agent has no pid")?;
+    let per_cpu_bytes = map_memory(pid)?.1;
     let meta: Value = agent.get("/v1/metadata")?;
     let _ = writeln!(
         report,
@@ -364,6 +403,12 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
     let s4 = sample(pid)?;
     let mut distinct = std::collections::HashSet::new();
     let mut turn = 0usize;
+    if args.flows > CHURN_SOURCES as u64 * 25_000 {
+        bail!(
+            "--flows {} is more than {CHURN_SOURCES} source addresses can open (~25 000 ports each)",
+            args.flows
+        );
+    }
     while (distinct.len() as u64) < args.flows {
         proc::check_interrupted()?;
         let n = SOCKETS_PER_SENDER.to_string();
@@ -383,8 +428,14 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
                 "64",
             ],
         )?;
+        let before = distinct.len();
         for port in out["local_ports"].as_array().into_iter().flatten() {
-            distinct.insert((turn % sources.len(), port.as_u64().unwrap_or(0)));
+            if let Some(port) = port.as_u64() {
+                distinct.insert((turn % sources.len(), port));
+            }
+        }
+        if distinct.len() == before {
+            bail!("a churn sender opened no new flow (ftgen printed {out})");
         }
         turn += 1;
         if args.flow_rate > 0 {
@@ -397,10 +448,11 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
         }
     }
     let sent = distinct.len();
-    // Two drains more, so the last flows are in the table.
-    std::thread::sleep(Duration::from_secs(2));
     let s5 = sample(pid)?;
     let secs = s5.at.duration_since(s4.at).as_secs_f64();
+    let senders_mcpu = (children_cpu_s() - c0) / secs * 1000.0;
+    // Two drains more, so the last flows are in the table; memory is read after them.
+    std::thread::sleep(Duration::from_secs(2));
     let mut churn = phase(
         "churn",
         &s4,
@@ -410,7 +462,8 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
             sent as f64 / secs
         ),
     );
-    churn.traffic_mcpu = Some((children_cpu_s() - c0) / secs * 1000.0);
+    churn.traffic_mcpu = Some(senders_mcpu);
+    churn.end = sample(pid)?;
     let stats: Value = agent.get("/v1/stats")?;
     churn.flows = stats["flows"].as_u64().unwrap_or(0);
     let evicted = stats["flows_evicted"].as_u64().unwrap_or(0);
@@ -457,6 +510,16 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
         peak as f64 / 1024.0,
         maps as f64 / 1024.0,
         (peak + maps) as f64 / 1024.0
+    );
+    let ncpus = possible_cpus()?;
+    let per_cpu_mib = per_cpu_bytes as f64 / (1024.0 * 1024.0);
+    let fixed_mib = maps as f64 / 1024.0 - ncpus as f64 * per_cpu_mib;
+    let _ = writeln!(
+        report,
+        "  BPF maps on {ncpus} possible CPUs: {fixed_mib:.1} MiB + {per_cpu_mib:.2} MiB per possible CPU (per-CPU maps' values); at 16 / 64 / 128 possible CPUs: {:.0} / {:.0} / {:.0} MiB",
+        fixed_mib + 16.0 * per_cpu_mib,
+        fixed_mib + 64.0 * per_cpu_mib,
+        fixed_mib + 128.0 * per_cpu_mib
     );
     let _ = writeln!(
         report,

@@ -8,7 +8,8 @@
 //! - `bench-agent`: the agent's own CPU and memory at idle, under a packet load and under flow
 //!   churn, against the DaemonSet's requests and limits.
 //!
-//! Both need root (network namespaces, eBPF) and the tools `scripts/setup.sh` installs.
+//! All but `bench-metadata` need root (network namespaces, eBPF) and the tools
+//! `scripts/setup.sh` installs.
 
 mod agentbench;
 mod baselines;

@@ -9,7 +9,8 @@ use std::{
 
 use flowtrace::flows::{Direction, FlowRecord};
 use flowtrace_tests::{
-    apiserver, flowtrace_program_ids, Agent, ApiServer, Cluster, ClusterOptions, Node,
+    apiserver, finish, flowtrace_program_ids, ftgen, ftgen_bg, Agent, ApiServer, Cluster,
+    ClusterOptions, Node, Pod,
 };
 
 pub fn assert_root() {
@@ -361,4 +362,105 @@ pub fn assert_unloaded(ids: &[u64]) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Sends `count` UDP datagrams of `payload` bytes from `from` to `to`:`port` (a sink there) and
+/// asserts, by the sender's and the sink's own counts, that all of them arrived.
+pub fn udp_all_received(from: &Pod, to: &Pod, port: u16, count: u64, payload: u64) {
+    let sink = ftgen_bg(
+        to,
+        &[
+            "udp-sink",
+            "--bind",
+            &format!("0.0.0.0:{port}"),
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "20000",
+        ],
+    )
+    .unwrap();
+    let sent = ftgen(
+        from,
+        &[
+            "udp-send",
+            "--to",
+            &format!("{}:{port}", to.ipv4),
+            "--count",
+            &count.to_string(),
+            "--size",
+            &payload.to_string(),
+            "--interval-us",
+            "200",
+        ],
+    )
+    .unwrap();
+    let got = finish(sink).unwrap();
+    assert_eq!(sent["sent"], count, "{sent}");
+    assert_eq!(
+        got["received"], count,
+        "the emulated network lost datagrams: {got}"
+    );
+}
+
+/// Opens `connections` TCP connections from `client` (on node1) to the demo Service
+/// 10.96.0.10:80, served by pod-b on both nodes, and returns how many of them `conntrack -L`
+/// on node1 lists as DNATed from the Service address to a backend (asserted equal to the
+/// client's own count).
+pub fn service_connections(cluster: &Cluster, client: &Pod, connections: u64) -> f64 {
+    let sink_args = [
+        "tcp-sink",
+        "--bind",
+        "0.0.0.0:8080",
+        "--connections",
+        "100",
+        "--timeout-ms",
+        "60000",
+        "--idle-timeout-ms",
+        "3000",
+        "--echo-bytes",
+        "10",
+    ];
+    let sinks: Vec<_> = [
+        cluster.pod(1, "pod-b").unwrap(),
+        cluster.pod(2, "pod-b").unwrap(),
+    ]
+    .iter()
+    .map(|p| ftgen_bg(p, &sink_args).unwrap())
+    .collect();
+    let tcp = ftgen(
+        client,
+        &[
+            "tcp-send",
+            "--to",
+            "10.96.0.10:80",
+            "--bytes",
+            "100",
+            "--connections",
+            &connections.to_string(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(tcp["connections"], connections, "{tcp}");
+    drop(sinks);
+    let service: IpAddr = "10.96.0.10".parse().unwrap();
+    let dnat = conntrack_list(
+        cluster.node(1).unwrap(),
+        &[
+            "-p",
+            "tcp",
+            "-d",
+            "10.96.0.10",
+            "-s",
+            &client.ipv4.to_string(),
+        ],
+    )
+    .iter()
+    .filter(|(_, reply)| reply.1 != service)
+    .count() as f64;
+    assert_eq!(
+        dnat, connections as f64,
+        "conntrack -L disagrees with the client"
+    );
+    dnat
 }
