@@ -7,10 +7,9 @@ use std::{error::Error as _, fmt::Write as _};
 pub mod trace;
 
 use crate::{
-    api::FlowsResponse,
     error::{Error, Result},
-    filter::FlowFilter,
-    flows::{is_icmp, Direction, FlowRecord},
+    model::{is_icmp, wire::FlowsResponse, Direction, FlowRecord},
+    query::filter::FlowFilter,
 };
 
 /// Fetches `/v1/flows` from the agent at `base` (e.g. `http://127.0.0.1:9650`); the agent
@@ -72,12 +71,12 @@ fn call(url: &str, req: ureq::Request) -> Result<ureq::Response> {
 /// `ns/pod:port` (or `svc:ns/name`, `node:name`) when the address is named, the address
 /// otherwise.
 fn named_endpoint(
-    name: Option<&crate::k8s::Endpoint>,
+    name: Option<&crate::model::Endpoint>,
     addr: &std::net::IpAddr,
     port: u16,
     protocol: u8,
 ) -> String {
-    use crate::k8s::EndpointKind;
+    use crate::model::EndpointKind;
     let Some(e) = name else {
         return endpoint(addr, port, protocol);
     };
@@ -248,14 +247,14 @@ pub fn flows(agent: &str, filter: &FlowFilter, json: bool) -> Result<String> {
 /// both ends of a cross-node path and the round trip between the nodes).
 pub fn path(
     agents: &[String],
-    src: &crate::path::PathEnd,
-    dst: &crate::path::PathEnd,
+    src: &crate::query::path::PathEnd,
+    dst: &crate::query::path::PathEnd,
     window: std::time::Duration,
     json: bool,
 ) -> Result<String> {
     let mut views = Vec::new();
     for a in agents {
-        views.push(crate::path::NodeView::from_api(
+        views.push(crate::query::path::NodeView::from_api(
             get_json(a, "/v1/flows")?,
             get_json(a, "/v1/latency")?,
             get_json(a, "/v1/interfaces")?,
@@ -265,7 +264,7 @@ pub fn path(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let paths = crate::path::paths(&views, src, dst, window.as_nanos() as u64, now);
+    let paths = crate::query::path::paths(&views, src, dst, window.as_nanos() as u64, now);
     if json {
         return serde_json::to_string_pretty(&paths)
             .map(|s| s + "\n")
@@ -299,7 +298,7 @@ pub fn human_ns(ns: i64) -> String {
     }
 }
 
-fn summary_text(s: &crate::path::LatencySummary) -> String {
+fn summary_text(s: &crate::query::path::LatencySummary) -> String {
     format!(
         "mean {} p50 {} p90 {} p99 {} ({} samples)",
         human_ns(s.mean_ns as i64),
@@ -310,7 +309,7 @@ fn summary_text(s: &crate::path::LatencySummary) -> String {
     )
 }
 
-fn end_text(e: Option<&crate::k8s::Endpoint>, t: &crate::nat::TupleView, src: bool) -> String {
+fn end_text(e: Option<&crate::model::Endpoint>, t: &crate::model::TupleView, src: bool) -> String {
     let (ip, port) = if src {
         (t.src, t.src_port)
     } else {
@@ -319,7 +318,7 @@ fn end_text(e: Option<&crate::k8s::Endpoint>, t: &crate::nat::TupleView, src: bo
     named_endpoint(e, &ip, port, t.protocol)
 }
 
-fn tuple_text(t: &crate::nat::TupleView) -> String {
+fn tuple_text(t: &crate::model::TupleView) -> String {
     format!(
         "{} -> {}",
         endpoint(&t.src, t.src_port, t.protocol),
@@ -327,8 +326,8 @@ fn tuple_text(t: &crate::nat::TupleView) -> String {
     )
 }
 
-fn render_leg(out: &mut String, name: &str, leg: &crate::path::Leg) {
-    use crate::path::Step;
+fn render_leg(out: &mut String, name: &str, leg: &crate::query::path::Leg) {
+    use crate::query::path::Step;
     let _ = writeln!(out, "  {name} {}", tuple_text(&leg.tuple));
     for s in &leg.steps {
         match s {
@@ -370,7 +369,7 @@ fn render_leg(out: &mut String, name: &str, leg: &crate::path::Leg) {
     }
 }
 
-fn render_path(p: &crate::path::PathRecord) -> String {
+fn render_path(p: &crate::query::path::PathRecord) -> String {
     let mut out = String::new();
     let via = p
         .service
@@ -383,8 +382,8 @@ fn render_path(p: &crate::path::PathRecord) -> String {
         .iter()
         .rev()
         .find_map(|s| match s {
-            crate::path::Step::Hop { tuple, .. } => Some(*tuple),
-            crate::path::Step::Nat { .. } => None,
+            crate::query::path::Step::Hop { tuple, .. } => Some(*tuple),
+            crate::query::path::Step::Nat { .. } => None,
         })
         .unwrap_or(p.request.tuple);
     let _ = writeln!(
@@ -438,7 +437,7 @@ fn render_path(p: &crate::path::PathRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flows::HopRecord;
+    use crate::model::HopRecord;
 
     #[test]
     fn table_has_one_row_per_flow_with_hops_in_order() {
@@ -470,6 +469,8 @@ mod tests {
             dst_endpoint: None,
             service: None,
             nat: None,
+            src_peer: None,
+            dst_peer: None,
         };
         let t = render_table("node1", &[f]);
         let lines: Vec<&str> = t.lines().collect();

@@ -60,7 +60,7 @@ pub enum Error {
     #[error("the agent at {url} answered with something that is not flowtrace's API: {detail}")]
     AgentResponse { url: String, detail: String },
     #[error(transparent)]
-    Metadata(#[from] crate::k8s::source::SourceError),
+    Metadata(#[from] SourceError),
     #[error("invalid filter {flag} `{value}`: {reason}")]
     Filter {
         flag: &'static str,
@@ -70,3 +70,16 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors that stop the agent at start: the operator asked for a source that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("reading the kubeconfig {path} failed: {detail}. Point --kubeconfig (or KUBECONFIG) at a valid kubeconfig, or drop it to run without names")]
+    Kubeconfig { path: String, detail: String },
+    #[error("in-cluster Kubernetes credentials are unusable: {detail}. Mount the service account token (automountServiceAccountToken) or use --kubeconfig / --metadata-file")]
+    InCluster { detail: String },
+    #[error("building the Kubernetes client failed: {detail}")]
+    Client { detail: String },
+    #[error("the metadata file {path} is unusable: {detail}. Give the output of `kubectl get pods,services,endpointslices,nodes -A -o json`")]
+    File { path: String, detail: String },
+}

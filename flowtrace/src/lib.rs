@@ -1,30 +1,33 @@
 //! flowtrace: an eBPF flow tracer for Kubernetes.
 //!
-//! One module per concern: `attach` (loading and attaching the TC programs), `links`
-//! (which interfaces, following netlink), `drain` (reading the kernel maps without loss),
-//! `flows` (the flow table), `k8s` (Kubernetes metadata: who an address is), `latency` (hop latency and round trips the programs measured), `nat` (translations seen by the programs, checked against
-//! `conntrack`, the kernel's connection table), `filter` (flow filters), `path` (the hops
-//! of each connection across nodes, with NAT steps and latency), `trace` (live tracing:
-//! sampled packets hook by hook), `api` (HTTP/JSON),
-//! `agent` (the daemon's tasks), `cli` (the client commands).
+//! Layers, lowest first; a module imports only from layers below its own (checked by
+//! `cargo xtask layers`, see docs/design.md):
+//!
+//! 1. `util`, `error`: clocks, lock recovery, the error type.
+//! 2. `model`: tuples, hooks, names, the API's wire types.
+//! 3. `kernel` (load, attach, drain, trace ring), `host` (links, conntrack), `k8s` (metadata).
+//! 4. `state`: the flow, NAT, latency and trace-join tables.
+//! 5. `enrich`: the one namer every view uses.
+//! 6. `query` (filters, paths), `metrics` (Prometheus).
+//! 7. `agent`: the pipeline and its tasks, state behind methods.
+//! 8. `server`: HTTP.
+//! 9. `cli` (the client commands: model, wire types and queries only), `config` (flags and
+//!    the config file), and the binary.
 
 pub mod agent;
-pub mod api;
-pub mod attach;
 pub mod cli;
 pub mod config;
-pub mod conntrack;
-pub mod drain;
+pub mod enrich;
 pub mod error;
-pub mod filter;
-pub mod flows;
+pub mod host;
 pub mod k8s;
-pub mod latency;
-pub mod links;
+pub mod kernel;
 pub mod metrics;
-pub mod nat;
-pub mod path;
-pub mod trace;
+pub mod model;
+pub mod query;
+pub mod server;
+pub mod state;
+pub mod util;
 
 pub use error::{Error, Result};
 

@@ -5,11 +5,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use flowtrace::{
-    agent::{self, AgentConfig},
-    attach::AttachMode,
-    filter::{self, FlowFilter, IpFilter, ObjectName, ProtoFilter},
+    agent::AgentConfig,
+    host::links::Selector,
     k8s::source::MetaSource,
-    links::Selector,
+    model::{wire::AttachMode, IpFilter},
+    query::filter::{self, FlowFilter, ObjectName, ProtoFilter},
+    server,
 };
 
 /// eBPF flow tracer for Kubernetes: packets and bytes per flow per hop, in the kernel.
@@ -69,11 +70,11 @@ struct TraceArgs {
 struct PathArgs {
     /// Where the traffic starts: an IP address, pod/NAMESPACE/NAME, workload/NAMESPACE/NAME
     /// (or deploy/, ds/, sts/...).
-    #[arg(value_parser = flowtrace::path::PathEnd::parse)]
-    src: flowtrace::path::PathEnd,
+    #[arg(value_parser = flowtrace::query::path::PathEnd::parse)]
+    src: flowtrace::query::path::PathEnd,
     /// Where it goes: the same forms, or svc/NAMESPACE/NAME for a Service.
-    #[arg(value_parser = flowtrace::path::PathEnd::parse)]
-    dst: flowtrace::path::PathEnd,
+    #[arg(value_parser = flowtrace::query::path::PathEnd::parse)]
+    dst: flowtrace::query::path::PathEnd,
     /// Base URL of an agent's API (repeatable: one per node to join).
     #[arg(
         long,
@@ -368,7 +369,7 @@ fn trace(t: TraceArgs) -> anyhow::Result<()> {
     let agent_stop = stop.clone();
     let rt = agent_runtime()?;
     let agent = std::thread::spawn(move || {
-        let res = rt.block_on(agent::run_until(
+        let res = rt.block_on(server::run_until(
             cfg,
             move |addr| {
                 let _ = addr_tx.send(addr);
@@ -405,7 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(a) => {
             init_logging("info");
             let cfg = a.settings.config(a.listen);
-            agent_runtime()?.block_on(agent::run(cfg))?;
+            agent_runtime()?.block_on(server::run(cfg))?;
         }
         Command::Trace(t) => trace(*t)?,
         Command::Flows(f) => {

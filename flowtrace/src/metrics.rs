@@ -14,17 +14,16 @@
 
 mod families;
 
-use std::{collections::HashMap, net::IpAddr};
+use std::collections::HashMap;
 
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
 
 use crate::{
-    drain::Drained,
-    flows::{protocol_name, FlowTuple},
-    k8s::{Endpoint, EndpointKind, MetaCache},
-    nat::NatTable,
+    enrich::Namer,
+    kernel::drain::Drained,
+    model::{protocol_name, Direction, Endpoint, EndpointKind, FlowTuple},
 };
 
 pub use families::FAMILIES;
@@ -152,33 +151,13 @@ const DRAIN_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// What names a hook in labels: its interface class (`pod` for a pod's host-side veth,
-/// `overlay` for VXLAN/Geneve, else the interface name, e.g. `cni0` or `eth0`).
-pub type HopNamer<'a> = &'a dyn Fn(u32) -> String;
-
-/// The hop label of an interface: `pod` for a veth whose peer is in another namespace (a
-/// pod's host side), `overlay` for VXLAN and Geneve devices, else the interface's name
-/// (`cni0`, `eth0`: a handful per node, so the label stays bounded).
-pub fn hop_class(link: Option<&crate::links::Link>) -> String {
-    use crate::links::LinkRole;
-    match link {
-        None => "unknown".into(),
-        Some(l) => match l.role() {
-            LinkRole::PodVeth => "pod".into(),
-            LinkRole::Overlay => "overlay".into(),
-            LinkRole::Other => l.name.clone(),
-        },
-    }
-}
-
 /// Everything one drain contributes, with what is needed to name it.
 pub struct DrainView<'a> {
     pub drained: &'a Drained,
     /// Translations seen for the first time in this drain, as (original, translated).
     pub new_translations: &'a [(FlowTuple, FlowTuple)],
-    pub meta: &'a MetaCache,
-    pub nat: &'a NatTable,
-    pub hop: HopNamer<'a>,
+    /// Names the flows, hops and Services (the same namer as every other view).
+    pub namer: &'a Namer<'a>,
     pub now_ns: u64,
     pub duration_s: f64,
 }
@@ -235,12 +214,12 @@ impl Metrics {
         self.hop_latency.expire(v.now_ns, ttl);
         self.rtt.expire(v.now_ns, ttl);
         let max = self.cfg.max_series;
-        let by_translated = v.nat.by_translated();
+        let level = self.cfg.level;
         let mut named: HashMap<FlowTuple, Named> = HashMap::new();
         let mut name = |t: &FlowTuple| -> Named {
             named
                 .entry(*t)
-                .or_insert_with(|| name_flow(t, v.meta, v.nat, &by_translated, self.cfg.level))
+                .or_insert_with(|| name_flow(t, v.namer, level))
                 .clone()
         };
         for f in &v.drained.flows {
@@ -250,8 +229,8 @@ impl Metrics {
                 &n.peers,
                 [
                     n.service,
-                    (v.hop)(f.key.ifindex),
-                    direction_label(f.key.direction).to_string(),
+                    v.namer.hop_class(f.key.ifindex),
+                    Direction::from_kernel(f.key.direction).as_str().to_string(),
                     protocol_name(t.protocol),
                 ],
             );
@@ -261,10 +240,14 @@ impl Metrics {
         }
         for (o, x) in v.new_translations {
             // A DNAT to a Service backend; the reply's un-DNAT is the same connection.
-            let Some(service) = v.meta.service_at(&o.dst, o.dst_port, o.protocol) else {
+            let Some(service) = v.namer.meta().service_at(&o.dst, o.dst_port, o.protocol) else {
                 continue;
             };
-            let peers = peers(v.meta, &o.src, &x.dst, self.cfg.level);
+            let peers = peers(
+                v.namer.endpoint(&o.src).as_deref(),
+                v.namer.endpoint(&x.dst).as_deref(),
+                self.cfg.level,
+            );
             let labels = join(&peers, [service.to_string(), protocol_name(o.protocol)]);
             *self.translations.get(labels, max, v.now_ns) += 1;
         }
@@ -273,7 +256,11 @@ impl Metrics {
             let t = FlowTuple::from_tuple(&k.tuple);
             let n = name(&t);
             let at = |ifindex: u32, direction: u8| {
-                format!("{}/{}", (v.hop)(ifindex), direction_label(direction))
+                format!(
+                    "{}/{}",
+                    v.namer.hop_class(ifindex),
+                    Direction::from_kernel(direction).as_str()
+                )
             };
             let to = at(k.to_ifindex, k.to_direction);
             if k.kind == flowtrace_common::LAT_HOP {
@@ -522,63 +509,23 @@ pub fn encode(families: &[MetricFamily]) -> Result<String, prometheus::Error> {
     prometheus::TextEncoder::new().encode_to_string(families)
 }
 
-/// Names both ends of tuple `t` as drained at some hook, and its Service. Before the DNAT
-/// the destination is the Service address: the backend it is rewritten to is named
-/// instead; after the reply's un-DNAT the source is, and the backend it came from is.
-fn name_flow(
-    t: &FlowTuple,
-    meta: &MetaCache,
-    nat: &NatTable,
-    by_translated: &HashMap<FlowTuple, FlowTuple>,
-    level: Level,
-) -> Named {
-    let original = by_translated.get(t);
-    let translated = nat.translated_of(t);
-    let svc_dst = meta.service_at(&t.dst, t.dst_port, t.protocol);
-    let svc_src = meta.service_at(&t.src, t.src_port, t.protocol);
-    let service = svc_dst
-        .clone()
-        .or_else(|| svc_src.clone())
-        .or_else(|| {
-            original.and_then(|o| {
-                meta.service_at(&o.dst, o.dst_port, o.protocol)
-                    .or_else(|| meta.service_at(&o.src, o.src_port, o.protocol))
-            })
-        })
-        .or_else(|| {
-            translated.and_then(|x| {
-                meta.service_at(&x.dst, x.dst_port, x.protocol)
-                    .or_else(|| meta.service_at(&x.src, x.src_port, x.protocol))
-            })
-        });
-    let src: IpAddr = match (svc_src.is_some(), original) {
-        (true, Some(o)) => o.src,
-        _ => t.src,
-    };
-    let dst: IpAddr = match (svc_dst.is_some(), translated) {
-        (true, Some(x)) => x.dst,
-        _ => t.dst,
-    };
+/// The peer labels and the Service of tuple `t` as drained at some hook: the namer's
+/// attribution, with the pods behind Service addresses as the peers (before the DNAT the
+/// destination is the backend it is rewritten to; after the reply's un-DNAT the source is
+/// the backend it came from).
+fn name_flow(t: &FlowTuple, namer: &Namer<'_>, level: Level) -> Named {
+    let a = namer.flow(t);
     Named {
-        peers: peers(meta, &src, &dst, level),
-        service: service.map(|s| s.to_string()).unwrap_or_default(),
+        peers: peers(a.src_end(), a.dst_end(), level),
+        service: a.service.map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 
 /// The six peer labels (`PEER_LABELS`) of a flow from `src` to `dst`.
-fn peers(meta: &MetaCache, src: &IpAddr, dst: &IpAddr, level: Level) -> [String; 6] {
-    let [s0, s1, s2] = peer(meta.resolve(src).as_deref(), level);
-    let [d0, d1, d2] = peer(meta.resolve(dst).as_deref(), level);
+fn peers(src: Option<&Endpoint>, dst: Option<&Endpoint>, level: Level) -> [String; 6] {
+    let [s0, s1, s2] = peer(src, level);
+    let [d0, d1, d2] = peer(dst, level);
     [s0, s1, s2, d0, d1, d2]
-}
-
-/// The `direction` label of a hook direction (`DIR_INGRESS` or `DIR_EGRESS`).
-fn direction_label(direction: u8) -> &'static str {
-    if direction == flowtrace_common::DIR_INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    }
 }
 
 /// (namespace, workload, pod) labels of one end of a flow at `level`. Ends that are no

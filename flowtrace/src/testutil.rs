@@ -4,7 +4,13 @@ use std::net::IpAddr;
 
 use flowtrace_common::Tuple;
 
-use crate::flows::FlowTuple;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use serde_json::json;
+
+use crate::{
+    k8s::{objects, MetaCache},
+    model::FlowTuple,
+};
 
 /// A TCP tuple from address strings.
 pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
@@ -41,4 +47,43 @@ pub fn kernel_tuple(t: &FlowTuple) -> Tuple {
         protocol: t.protocol,
         _pad: 0,
     }
+}
+
+pub fn add_pod(c: &mut MetaCache, ns: &str, name: &str, ip: &str, deployment: &str) {
+    let p: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name, "labels": {},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                          "name": format!("{deployment}-5d4f"), "uid": "u",
+                                          "controller": true}]},
+        "spec": {"nodeName": "node1", "containers": []},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    }))
+    .expect("a test object");
+    c.apply_pod(objects::pod(&p).expect("a test object"));
+    c.apply_owner(
+        crate::k8s::Kind::ReplicaSets,
+        ns,
+        &format!("{deployment}-5d4f"),
+        Some(deployment),
+    );
+}
+
+/// The `shop` namespace: pods web-5d4f-a (10.244.1.10), web-5d4f-b (10.244.1.11) and
+/// db-5d4f-a (10.244.1.20) of Deployments web and db on node1, and Service db
+/// (10.96.0.20:5432/tcp).
+pub fn shop_cache() -> MetaCache {
+    let mut c = MetaCache::new();
+    add_pod(&mut c, "shop", "web-5d4f-a", "10.244.1.10", "web");
+    add_pod(&mut c, "shop", "web-5d4f-b", "10.244.1.11", "web");
+    add_pod(&mut c, "shop", "db-5d4f-a", "10.244.1.20", "db");
+    let s: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": "db"},
+        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+                 "ports": [{"port": 5432, "protocol": "TCP"}]}
+    }))
+    .expect("a test object");
+    c.apply_service(objects::service(&s).expect("a test object"));
+    c
 }

@@ -10,8 +10,8 @@ use std::{
 use super::{call, human_ns, named_endpoint};
 use crate::{
     error::{Error, Result},
-    filter::FlowFilter,
-    trace::{TraceLine, TracePacket},
+    model::wire::{TraceLine, TracePacket},
+    query::filter::FlowFilter,
 };
 
 /// Waits until the agent at `base` answers `/readyz` with 200 (the interfaces present at
@@ -211,8 +211,8 @@ pub fn render(p: &TracePacket) -> String {
             s.push('\n');
         }
         let direction = match h.direction {
-            crate::flows::Direction::Ingress => "ingress",
-            crate::flows::Direction::Egress => "egress",
+            crate::model::Direction::Ingress => "ingress",
+            crate::model::Direction::Egress => "egress",
         };
         let _ = writeln!(
             s,

@@ -10,8 +10,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use super::Kind;
-use crate::filter::IpFilter;
+use super::kind::Kind;
+use crate::model::IpFilter;
 
 /// Why an object was skipped.
 #[derive(Debug, thiserror::Error)]

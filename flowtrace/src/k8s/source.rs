@@ -27,11 +27,11 @@ use kube::{
     runtime::watcher::{self, Event},
     Client, Resource,
 };
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{objects, Kind, MetaCache};
-use crate::agent::lock;
+use super::{cache::MetaCache, kind::Kind, objects};
+use crate::util::lock;
+use crate::{error::SourceError, model::wire::KindStatus};
 
 /// Where the agent gets metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,34 +59,6 @@ impl MetaSource {
             MetaSource::File(p) => format!("file {}", p.display()),
         }
     }
-}
-
-/// Errors that stop the agent at start: the operator asked for a source that cannot work.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("reading the kubeconfig {path} failed: {detail}. Point --kubeconfig (or KUBECONFIG) at a valid kubeconfig, or drop it to run without names")]
-    Kubeconfig { path: String, detail: String },
-    #[error("in-cluster Kubernetes credentials are unusable: {detail}. Mount the service account token (automountServiceAccountToken) or use --kubeconfig / --metadata-file")]
-    InCluster { detail: String },
-    #[error("building the Kubernetes client failed: {detail}")]
-    Client { detail: String },
-    #[error("the metadata file {path} is unusable: {detail}. Give the output of `kubectl get pods,services,endpointslices,nodes -A -o json`")]
-    File { path: String, detail: String },
-}
-
-/// Sync state of one kind, as `/v1/metadata` reports it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct KindStatus {
-    /// A complete list was applied and no error has happened since.
-    pub synced: bool,
-    /// Complete lists applied (the first, then one after each failure or expired watch).
-    pub lists: u64,
-    /// Watch or list failures.
-    pub errors: u64,
-    /// Objects applied or deleted from watch events.
-    pub events: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
 }
 
 /// Sync state of every kind.

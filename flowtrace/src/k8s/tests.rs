@@ -1,6 +1,9 @@
 use serde_json::json;
 
+use std::net::IpAddr;
+
 use super::*;
+use crate::model::EndpointKind;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 
 fn pod_json(

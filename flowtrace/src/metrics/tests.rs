@@ -1,12 +1,12 @@
 use flowtrace_common::{FlowKey, FlowStats, NatRecord, DIR_EGRESS, DIR_INGRESS};
-use k8s_openapi::api::core::v1::{Pod, Service};
-use serde_json::json;
 
 use super::*;
 use crate::{
-    drain::{DrainedFlow, DrainedNat},
-    k8s::objects,
-    testutil::{kernel_addr, kernel_tuple, tcp as ft},
+    host::links::Link,
+    k8s::MetaCache,
+    kernel::drain::{DrainedFlow, DrainedNat},
+    state::nat::NatTable,
+    testutil::{kernel_addr, kernel_tuple, shop_cache as cache, tcp as ft},
 };
 
 fn flow(t: &FlowTuple, ifindex: u32, direction: u8, packets: u64, bytes: u64) -> DrainedFlow {
@@ -30,42 +30,6 @@ fn flow(t: &FlowTuple, ifindex: u32, direction: u8, packets: u64, bytes: u64) ->
     }
 }
 
-fn add_pod(c: &mut MetaCache, ns: &str, name: &str, ip: &str, deployment: &str) {
-    let p: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"namespace": ns, "name": name, "labels": {},
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                                          "name": format!("{deployment}-5d4f"), "uid": "u",
-                                          "controller": true}]},
-        "spec": {"nodeName": "node1", "containers": []},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
-    }))
-    .unwrap();
-    c.apply_pod(objects::pod(&p).unwrap());
-    c.apply_owner(
-        crate::k8s::Kind::ReplicaSets,
-        ns,
-        &format!("{deployment}-5d4f"),
-        Some(deployment),
-    );
-}
-
-fn cache() -> MetaCache {
-    let mut c = MetaCache::new();
-    add_pod(&mut c, "shop", "web-5d4f-a", "10.244.1.10", "web");
-    add_pod(&mut c, "shop", "web-5d4f-b", "10.244.1.11", "web");
-    add_pod(&mut c, "shop", "db-5d4f-a", "10.244.1.20", "db");
-    let s: Service = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": "shop", "name": "db"},
-        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
-                 "ports": [{"port": 5432, "protocol": "TCP"}]}
-    }))
-    .unwrap();
-    c.apply_service(objects::service(&s).unwrap());
-    c
-}
-
 fn cfg(level: Level, max_series: usize) -> MetricsConfig {
     MetricsConfig {
         level,
@@ -83,22 +47,33 @@ fn drained(flows: Vec<DrainedFlow>, nat: Vec<DrainedNat>) -> Drained {
     }
 }
 
-fn hop(i: u32) -> String {
-    match i {
-        1 => "pod".into(),
-        2 => "overlay".into(),
-        other => format!("if{other}"),
+/// Interface 1 is a pod's veth, 2 the overlay device, 100 to 199 other devices `ifN`.
+fn links() -> HashMap<u32, Link> {
+    let link = |ifindex: u32, name: &str, kind: &str, peer: bool| Link {
+        ifindex,
+        name: name.into(),
+        kind: Some(kind.into()),
+        peer_in_other_netns: peer,
+        ethernet: true,
+    };
+    let mut links = HashMap::from([
+        (1, link(1, "veth1", "veth", true)),
+        (2, link(2, "flannel.1", "vxlan", false)),
+    ]);
+    for i in 100..200 {
+        links.insert(i, link(i, &format!("if{i}"), "bridge", false));
     }
+    links
 }
 
 fn observe(m: &mut Metrics, meta: &MetaCache, nat: &mut NatTable, d: &Drained, now_ns: u64) {
     let new = nat.merge_kernel(&d.nat, now_ns);
+    let links = links();
+    let namer = Namer::new(meta, nat, &links);
     m.observe_drain(&DrainView {
         drained: d,
         new_translations: &new,
-        meta,
-        nat,
-        hop: &hop,
+        namer: &namer,
         now_ns,
         duration_s: 0.002,
     });
@@ -438,7 +413,7 @@ fn every_family_served_is_listed_with_its_type_and_help() {
         ..Default::default()
     };
     rtt.buckets[20] = 1;
-    d.latency.push(crate::drain::DrainedLatency {
+    d.latency.push(crate::kernel::drain::DrainedLatency {
         key: flowtrace_common::LatencyKey {
             tuple: kernel_tuple(&after),
             from_ifindex: 0,
@@ -450,7 +425,7 @@ fn every_family_served_is_listed_with_its_type_and_help() {
         },
         hist: rtt,
     });
-    d.latency.push(crate::drain::DrainedLatency {
+    d.latency.push(crate::kernel::drain::DrainedLatency {
         key: flowtrace_common::LatencyKey {
             tuple: kernel_tuple(&ft("10.244.1.11", 1000, "10.244.1.10", 80)),
             from_ifindex: 1,

@@ -25,10 +25,11 @@ use flowtrace_common::{LatencyHist, LATENCY_BUCKETS};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    flows::{Direction, FlowRecord, FlowTuple},
-    k8s::{Endpoint, ServiceRef},
-    latency::{LatencyKind, LatencyRecord},
-    nat::TupleView,
+    model::{
+        wire::{FlowsResponse, InterfacesResponse, LatencyKind, LatencyRecord, LatencyResponse},
+        Direction, Endpoint, FlowRecord, FlowTuple, ServiceRef, TupleView,
+    },
+    query::filter::parse_object,
 };
 
 /// What one agent served, as the path builder needs it.
@@ -45,9 +46,9 @@ pub struct NodeView {
 impl NodeView {
     /// One agent's view from its API answers (`/v1/flows`, `/v1/latency`, `/v1/interfaces`).
     pub fn from_api(
-        flows: crate::api::FlowsResponse,
-        latency: crate::api::LatencyResponse,
-        interfaces: crate::api::InterfacesResponse,
+        flows: FlowsResponse,
+        latency: LatencyResponse,
+        interfaces: InterfacesResponse,
     ) -> Self {
         NodeView {
             node: flows.node,
@@ -85,8 +86,7 @@ impl PathEnd {
         let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(format!("{s:?}: {usage}"));
         };
-        crate::filter::parse_object("path", &format!("{ns}/{name}"))
-            .map_err(|e| format!("{s:?}: {e}"))?;
+        parse_object("path", &format!("{ns}/{name}")).map_err(|e| format!("{s:?}: {e}"))?;
         let (namespace, name) = (ns.to_string(), name.to_string());
         match kind {
             "pod" | "po" => Ok(PathEnd::Pod { namespace, name }),
@@ -101,7 +101,7 @@ impl PathEnd {
         match self {
             PathEnd::Ip(ip) => ip == addr,
             PathEnd::Pod { namespace, name } => e.is_some_and(|e| {
-                e.kind == crate::k8s::EndpointKind::Pod
+                e.kind == crate::model::EndpointKind::Pod
                     && e.namespace.as_deref() == Some(namespace)
                     && &e.name == name
             }),
@@ -110,7 +110,7 @@ impl PathEnd {
                     && e.workload.as_ref().is_some_and(|w| &w.name == name)
             }),
             PathEnd::Service { namespace, name } => e.is_some_and(|e| {
-                e.kind == crate::k8s::EndpointKind::Service
+                e.kind == crate::model::EndpointKind::Service
                     && e.namespace.as_deref() == Some(namespace)
                     && &e.name == name
             }),
@@ -326,7 +326,7 @@ fn hist_of(r: &LatencyRecord) -> LatencyHist {
 }
 
 fn summary(h: &LatencyHist) -> LatencySummary {
-    let r = crate::latency::summarize(h);
+    let r = crate::model::hist::summarize(h);
     LatencySummary {
         samples: u64::from(h.count),
         mean_ns: r.0,

@@ -16,7 +16,10 @@ use netlink_packet_route::{
 use netlink_sys::{AsyncSocket, SocketAddr};
 use tokio::sync::mpsc;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    util::glob_match,
+};
 
 /// What the agent needs to know about a link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,22 +87,6 @@ impl Selector {
             return true;
         }
         link.role() != LinkRole::Other
-    }
-}
-
-/// Shell-style match supporting `*` only.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == name,
-        Some((prefix, rest)) => {
-            let Some(tail) = name.strip_prefix(prefix) else {
-                return false;
-            };
-            if rest.is_empty() {
-                return true;
-            }
-            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
-        }
     }
 }
 

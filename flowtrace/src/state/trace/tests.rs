@@ -1,4 +1,5 @@
 use super::*;
+use crate::model::wire::TraceLine;
 
 fn id(n: u32) -> PacketId {
     PacketId {
@@ -73,63 +74,6 @@ fn the_same_hook_twice_or_a_long_gap_starts_another_packet() {
         .expect("too late to be the same packet");
     assert_eq!(second.hops[0].ts_ns, t0 + 100);
     assert_eq!(a.flush(u64::MAX).len(), 1);
-}
-
-#[test]
-fn describe_reports_hop_deltas_the_nat_step_and_applies_the_filter() {
-    let meta = MetaCache::new();
-    let nat = NatTable::new(1);
-    let iface = |i: u32| format!("if{i}");
-    let namer = Namer {
-        node: "node1",
-        meta: &meta,
-        nat: &nat,
-        iface: &iface,
-        mono_to_unix_ns: 1_000,
-    };
-    let p = TracedPacket {
-        hops: vec![
-            at(100, 3, Direction::Ingress, "10.96.0.10"),
-            at(2_600, 4, Direction::Egress, "10.244.2.9"),
-        ],
-    };
-    let all = FlowFilter::default();
-    let named = namer
-        .describe(&p, &all)
-        .expect("no filter passes everything");
-    assert_eq!(named.ts_unix_ns, 1_100);
-    assert_eq!(named.node_time_ns, 2_500);
-    assert_eq!(named.hops[0].since_previous_ns, 0);
-    assert!(named.hops[0].nat.is_none());
-    assert_eq!(named.hops[1].since_previous_ns, 2_500);
-    let step = named.hops[1].nat.as_ref().expect("the tuple changed");
-    assert_eq!(step.rewrote, "dst");
-    assert_eq!(step.before.dst.to_string(), "10.96.0.10");
-    assert_eq!(step.after.dst.to_string(), "10.244.2.9");
-    assert_eq!(named.tcp_flags, "S");
-
-    // A filter on the backend address matches the packet whose first hook still had the
-    // Service address: the packet is followed across the NAT.
-    let backend = FlowFilter {
-        ips: vec!["10.244.2.9".parse().unwrap()],
-        ..Default::default()
-    };
-    assert!(namer.describe(&p, &backend).is_some());
-    let other = FlowFilter {
-        ips: vec!["10.244.3.0/24".parse().unwrap()],
-        ..Default::default()
-    };
-    assert!(namer.describe(&p, &other).is_none());
-    let udp = FlowFilter {
-        protos: vec!["udp".parse().unwrap()],
-        ..Default::default()
-    };
-    assert!(namer.describe(&p, &udp).is_none());
-    let iface_filter = FlowFilter {
-        ifaces: vec!["if4".into()],
-        ..Default::default()
-    };
-    assert!(namer.describe(&p, &iface_filter).is_some());
 }
 
 #[test]

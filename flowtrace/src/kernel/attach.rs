@@ -19,7 +19,10 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    model::wire::AttachMode,
+};
 
 /// The object built from `flowtrace-ebpf` by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace"));
@@ -27,33 +30,17 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const PROG_INGRESS: &str = "flowtrace_ingress";
 pub const PROG_EGRESS: &str = "flowtrace_egress";
 
-/// How programs are attached.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// TCX where the kernel has it (>= 6.6), clsact otherwise.
-    Auto,
-    /// bpf_link based TCX attachment; detached by the kernel when the agent dies.
-    Tcx,
-    /// Classic clsact qdisc + direct-action cls_bpf filter.
-    Clsact,
-}
-
-impl AttachMode {
-    /// Resolves `Auto` against the running kernel.
-    pub fn resolve(self) -> AttachMode {
-        match self {
-            AttachMode::Auto => {
-                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-                    AttachMode::Tcx
-                } else {
-                    AttachMode::Clsact
-                }
+/// Resolves `Auto` against the running kernel.
+pub fn resolve_mode(mode: AttachMode) -> AttachMode {
+    match mode {
+        AttachMode::Auto => {
+            if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+                AttachMode::Tcx
+            } else {
+                AttachMode::Clsact
             }
-            other => other,
         }
+        other => other,
     }
 }
 
@@ -137,7 +124,7 @@ impl Attacher {
     pub fn new(ebpf: Ebpf, mode: AttachMode) -> Self {
         Self {
             ebpf,
-            mode: mode.resolve(),
+            mode: resolve_mode(mode),
             attached: HashMap::new(),
         }
     }
@@ -327,10 +314,6 @@ fn remove_stale_filters(name: &str) {
         }
     }
 }
-
-/// Reference programs (`bench_noop`, `bench_counter`) used only by `cargo xtask bench`.
-pub static BASELINES_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace-baselines"));
 
 #[cfg(test)]
 mod tests {

@@ -22,52 +22,14 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
-
 use crate::{
-    conntrack::CtEntry,
-    drain::DrainedNat,
-    flows::{Direction, FlowTuple, Hop},
+    host::conntrack::CtEntry,
+    kernel::drain::DrainedNat,
+    model::{
+        wire::{NatCounters, NatState, Translation},
+        Direction, FlowTuple, HookView, Hop,
+    },
 };
-
-/// Where a translation stands after the last cross-check (see the module documentation).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NatState {
-    /// Not checked yet (recorded since the last conntrack dump).
-    Pending,
-    Confirmed,
-    Mismatch,
-    NotInConntrack,
-    ConntrackOnly,
-    Missed,
-}
-
-/// Counters of the cross-check, for the API and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NatCounters {
-    /// Rewrites recorded by the kernel programs (one per translation per drain).
-    pub kernel_records: u64,
-    pub confirmed: u64,
-    pub conntrack_only: u64,
-    /// Disagreements: a different translation in conntrack.
-    pub mismatch: u64,
-    /// Disagreements: a rewrite conntrack does not know.
-    pub not_in_conntrack: u64,
-    /// Disagreements: conntrack translated, both tuples were traced, the programs saw nothing.
-    pub missed: u64,
-    /// Cross-checks against conntrack (one per drain).
-    pub conntrack_checks: u64,
-    /// Conntrack dumps that failed.
-    pub conntrack_errors: u64,
-}
-
-impl NatCounters {
-    /// Every disagreement between the kernel programs and conntrack.
-    pub fn disagreements(&self) -> u64 {
-        self.mismatch + self.not_in_conntrack + self.missed
-    }
-}
 
 #[derive(Clone, Debug)]
 struct NatEntry {
@@ -88,66 +50,17 @@ struct NatEntry {
 #[derive(Debug)]
 pub struct NatTable {
     entries: HashMap<FlowTuple, NatEntry>,
+    /// Translated tuple -> original tuple, rebuilt after every change to `entries`, so
+    /// naming a flow by its translation is one hash probe.
+    originals: HashMap<FlowTuple, FlowTuple>,
     counters: NatCounters,
     idle_timeout_ns: u64,
-}
-
-/// One translation as the API serves it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Translation {
-    pub original: TupleView,
-    pub translated: TupleView,
-    /// What changed: "dst", "src" or "src+dst".
-    pub rewrote: String,
-    /// Interface and direction before and after the rewrite, when the programs saw it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub between: Option<[HookView; 2]>,
-    pub state: NatState,
-    /// "kernel", "conntrack" or "kernel+conntrack".
-    pub source: String,
-    pub kernel_sightings: u64,
-    /// The Service whose address was translated (filled in from metadata by the API).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<crate::k8s::ServiceRef>,
-}
-
-/// A 5-tuple in API form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TupleView {
-    pub protocol: u8,
-    pub src: std::net::IpAddr,
-    pub src_port: u16,
-    pub dst: std::net::IpAddr,
-    pub dst_port: u16,
-}
-
-impl From<FlowTuple> for TupleView {
-    fn from(t: FlowTuple) -> Self {
-        Self {
-            protocol: t.protocol,
-            src: t.src,
-            src_port: t.src_port,
-            dst: t.dst,
-            dst_port: t.dst_port,
-        }
-    }
-}
-
-/// A hook in API form.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookView {
-    pub interface: String,
-    pub direction: Direction,
 }
 
 fn hop(ifindex: u32, direction: u8) -> Hop {
     Hop {
         ifindex,
-        direction: if direction == flowtrace_common::DIR_INGRESS {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        },
+        direction: Direction::from_kernel(direction),
     }
 }
 
@@ -157,6 +70,7 @@ impl NatTable {
     pub fn new(idle_timeout_ns: u64) -> Self {
         Self {
             entries: HashMap::new(),
+            originals: HashMap::new(),
             counters: NatCounters::default(),
             idle_timeout_ns,
         }
@@ -213,7 +127,16 @@ impl NatTable {
                 e.state = NatState::Pending;
             }
         }
+        self.reindex();
         new
+    }
+
+    fn reindex(&mut self) {
+        self.originals = self
+            .entries
+            .iter()
+            .map(|(o, e)| (e.translated, *o))
+            .collect();
     }
 
     /// Compares with a conntrack dump taken after the drain. `traced(t)` says whether a
@@ -296,6 +219,7 @@ impl NatTable {
                 },
             );
         }
+        self.reindex();
     }
 
     /// A failed conntrack dump: counted; the entries stay pending for the next one.
@@ -308,6 +232,7 @@ impl NatTable {
         let idle = self.idle_timeout_ns;
         self.entries
             .retain(|_, e| now_ns.saturating_sub(e.last_seen_ns) <= idle);
+        self.reindex();
     }
 
     /// Every translation, ordered by original tuple.
@@ -321,21 +246,14 @@ impl NatTable {
         out.into_iter().map(|(_, t)| t).collect()
     }
 
-    /// Index from translated tuple to original tuple, for annotating many flows at once.
-    pub fn by_translated(&self) -> HashMap<FlowTuple, FlowTuple> {
-        self.entries
-            .iter()
-            .map(|(o, e)| (e.translated, *o))
-            .collect()
+    /// The original tuple whose translation is `t`.
+    pub fn original_of(&self, t: &FlowTuple) -> Option<FlowTuple> {
+        self.originals.get(t).copied()
     }
 
-    /// The original tuple whose translation is `t`, for one lookup (a scan, no index
-    /// built; `by_translated` is for annotating many flows at once).
-    pub fn original_of(&self, t: &FlowTuple) -> Option<FlowTuple> {
-        self.entries
-            .iter()
-            .find(|(_, e)| e.translated == *t)
-            .map(|(o, _)| *o)
+    /// Whether `o` is the original tuple of a translation.
+    pub fn has_original(&self, o: &FlowTuple) -> bool {
+        self.entries.contains_key(o)
     }
 
     /// What original tuple `o` is rewritten to.

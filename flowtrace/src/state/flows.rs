@@ -6,81 +6,22 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     sync::Arc,
 };
 
-use flowtrace_common::{FlowKey, FlowStats, DIR_INGRESS};
-use serde::{Deserialize, Serialize};
+use flowtrace_common::FlowStats;
 
 use crate::{
-    drain::DrainedFlow,
-    k8s::{Endpoint, EndpointKind},
+    kernel::drain::DrainedFlow,
+    model::{
+        protocol_name, tcp_flags_string, Direction, Endpoint, EndpointKind, FlowRecord, FlowTuple,
+        Hop, HopRecord,
+    },
 };
 
 /// Names an address (the metadata cache's `resolve`); `None` when nobody is known to hold it.
 pub type Resolver<'a> = &'a dyn Fn(&IpAddr) -> Option<Arc<Endpoint>>;
-
-/// The 5-tuple of a flow, independent of where it was seen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FlowTuple {
-    pub protocol: u8,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub src_port: u16,
-    pub dst_port: u16,
-}
-
-impl FlowTuple {
-    pub fn from_key(key: &FlowKey) -> Self {
-        Self::from_tuple(&key.tuple())
-    }
-
-    pub fn from_tuple(t: &flowtrace_common::Tuple) -> Self {
-        Self {
-            protocol: t.protocol,
-            src: addr(t.ip_version, &t.src_addr),
-            dst: addr(t.ip_version, &t.dst_addr),
-            src_port: t.src_port,
-            dst_port: t.dst_port,
-        }
-    }
-
-    /// The tuple of the other direction.
-    pub fn reversed(&self) -> Self {
-        Self {
-            protocol: self.protocol,
-            src: self.dst,
-            dst: self.src,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-        }
-    }
-}
-
-fn addr(version: u8, words: &flowtrace_common::Addr) -> IpAddr {
-    let bytes = flowtrace_common::addr_bytes(words);
-    if version == 4 {
-        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(bytes))
-    }
-}
-
-/// Direction of a TC hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-/// A hook: interface and direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Hop {
-    pub ifindex: u32,
-    pub direction: Direction,
-}
 
 #[derive(Clone, Debug, Default)]
 struct HopCounters {
@@ -132,11 +73,7 @@ impl FlowTable {
             let tuple = FlowTuple::from_key(&d.key);
             let hop = Hop {
                 ifindex: d.key.ifindex,
-                direction: if d.key.direction == DIR_INGRESS {
-                    Direction::Ingress
-                } else {
-                    Direction::Egress
-                },
+                direction: Direction::from_kernel(d.key.direction),
             };
             let entry = self.flows.entry(tuple).or_default();
             let counters = entry.hops.entry(hop).or_insert_with(|| HopCounters {
@@ -250,6 +187,8 @@ impl FlowTable {
                         .map(|e| (*e).clone()),
                     service: None,
                     nat: None,
+                    src_peer: None,
+                    dst_peer: None,
                 }
             })
             .collect();
@@ -258,92 +197,12 @@ impl FlowTable {
     }
 }
 
-/// A flow as the API serves it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowRecord {
-    /// "tcp", "udp", "icmp", "icmpv6", "sctp" or the protocol number.
-    pub protocol: String,
-    pub protocol_number: u8,
-    pub ip_version: u8,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    /// For ICMP: the echo identifier (0 for other types).
-    pub src_port: u16,
-    /// For ICMP: `type << 8 | code`.
-    pub dst_port: u16,
-    /// Largest packet count over the hops (the flow's packets, if every hop saw them).
-    pub packets: u64,
-    /// Largest layer-3 byte count over the hops.
-    pub bytes: u64,
-    /// Hops in the order they first saw the flow.
-    pub hops: Vec<HopRecord>,
-    /// Who sent: pod, Service, node or pod network (absent without metadata).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub src_endpoint: Option<Endpoint>,
-    /// Who received.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst_endpoint: Option<Endpoint>,
-    /// The Service this flow reaches (or answers for): by its cluster IP or NodePort, or
-    /// through the NAT translation on the backend side.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<crate::k8s::ServiceRef>,
-    /// The NAT translation this flow is the original or the translated side of.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nat: Option<crate::nat::Translation>,
-}
-
-/// One hop of a flow.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HopRecord {
-    pub interface: String,
-    pub ifindex: u32,
-    pub direction: Direction,
-    /// Wire packets (a GSO/GRO aggregate counts as its segments).
-    pub packets: u64,
-    /// Layer-3 bytes (IP header onwards) of those packets.
-    pub bytes: u64,
-    pub first_seen_unix_ns: u64,
-    pub last_seen_unix_ns: u64,
-    /// Union of TCP flags seen, e.g. "SA.F" style letters: F S R P A U E C.
-    pub tcp_flags: String,
-}
-
-/// ICMP or ICMPv6: flows whose "ports" are the echo identifier and type/code.
-pub fn is_icmp(protocol: u8) -> bool {
-    protocol == 1 || protocol == 58
-}
-
-pub fn protocol_name(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        other => other.to_string(),
-    }
-}
-
-pub(crate) fn tcp_flags_string(flags: u8) -> String {
-    const LETTERS: [(u8, char); 8] = [
-        (0x01, 'F'),
-        (0x02, 'S'),
-        (0x04, 'R'),
-        (0x08, 'P'),
-        (0x10, 'A'),
-        (0x20, 'U'),
-        (0x40, 'E'),
-        (0x80, 'C'),
-    ];
-    LETTERS
-        .iter()
-        .filter(|(bit, _)| flags & bit != 0)
-        .map(|(_, c)| *c)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
+    use flowtrace_common::FlowKey;
+
     use super::*;
 
     fn key(src: [u8; 4], sport: u16, ifindex: u32, dir: u8) -> FlowKey {

@@ -3,7 +3,7 @@
 //! This is the authoritative record of what NAT did: every tracked connection has an
 //! original tuple (as the first packet arrived) and a reply tuple (as replies must look after
 //! NAT). A connection was translated when the reply tuple is not the original one reversed.
-//! The agent compares this with the rewrites its kernel programs saw (`crate::nat`).
+//! The agent compares this with the rewrites its kernel programs saw (`crate::state::nat`).
 //!
 //! Two ways in: a full dump ([`dump`]), and the NEW/DESTROY event groups ([`subscribe`],
 //! [`EventSocket::recv`]). The agent keeps a [`CtMirror`] of the translated connections from
@@ -11,8 +11,6 @@
 //! dumps only to resynchronise (at start, periodically, after an event overflow).
 
 use std::{collections::HashMap, net::IpAddr};
-
-use serde::{Deserialize, Serialize};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
@@ -24,7 +22,7 @@ use netlink_packet_netfilter::{
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 use crate::error::{Error, Result};
-use crate::flows::FlowTuple;
+use crate::model::{wire::CtStats, FlowTuple};
 
 /// One tracked connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,21 +208,6 @@ impl EventSocket {
             Err(e) => Err(io("reading conntrack events")(e)),
         }
     }
-}
-
-/// What the agent knows of conntrack's translated connections, as `/v1/nat` reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CtStats {
-    /// Whether the NEW/DESTROY event subscription works (else: a dump after every drain).
-    pub subscribed: bool,
-    /// Events applied.
-    pub events: u64,
-    /// Times the kernel dropped events (each forces a resync dump).
-    pub overflows: u64,
-    /// Full table dumps (start, periodic resync, overflows, or every drain without events).
-    pub dumps: u64,
-    /// Translated connections held (live, and destroyed ones kept for the idle timeout).
-    pub translated_connections: usize,
 }
 
 #[derive(Clone, Copy, Debug)]

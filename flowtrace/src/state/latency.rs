@@ -6,27 +6,16 @@
 
 use std::collections::HashMap;
 
-use flowtrace_common::{LatencyHist, DIR_INGRESS, LATENCY_BUCKETS, LAT_HANDSHAKE, LAT_HOP};
-use serde::{Deserialize, Serialize};
+use flowtrace_common::{LatencyHist, LAT_HANDSHAKE, LAT_HOP};
 
 use crate::{
-    drain::DrainedLatency,
-    flows::{Direction, FlowTuple},
-    nat::{HookView, TupleView},
+    kernel::drain::DrainedLatency,
+    model::{
+        hist::record,
+        wire::{LatencyKind, LatencyRecord},
+        Direction, FlowTuple, HookView,
+    },
 };
-
-/// What a latency entry measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LatencyKind {
-    /// One way, from one hook to the next, for the same packet on this node.
-    Hop,
-    /// At one interface: SYN to SYN-ACK (the round trip beyond the interface).
-    Handshake,
-    /// At one interface: request data to the answering data (round trip beyond the
-    /// interface, including the peer's time to answer).
-    Response,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -42,43 +31,11 @@ struct Entry {
     last_seen_ns: u64,
 }
 
-fn direction(d: u8) -> Direction {
-    if d == DIR_INGRESS {
-        Direction::Ingress
-    } else {
-        Direction::Egress
-    }
-}
-
 /// Latency histograms of one agent.
 #[derive(Debug)]
 pub struct LatencyTable {
     entries: HashMap<Key, Entry>,
     idle_timeout_ns: u64,
-}
-
-/// One histogram as the API serves it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LatencyRecord {
-    pub kind: LatencyKind,
-    /// The flow at the later hook (round trips: the direction of the SYN or request).
-    pub tuple: TupleView,
-    /// The earlier hook (hop latency only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<HookView>,
-    /// The later hook; for a round trip, the interface and direction where the answer
-    /// passed (the question passed the same interface the other way).
-    pub to: HookView,
-    pub samples: u64,
-    pub mean_ns: u64,
-    pub min_ns: u64,
-    pub max_ns: u64,
-    /// Percentiles estimated from the log2 buckets (upper bound of the bucket, capped by max).
-    pub p50_ns: u64,
-    pub p90_ns: u64,
-    pub p99_ns: u64,
-    /// Non-empty buckets as (upper bound in ns, samples).
-    pub buckets: Vec<(u64, u64)>,
 }
 
 impl LatencyTable {
@@ -102,8 +59,8 @@ impl LatencyTable {
                 tuple: FlowTuple::from_tuple(&k.tuple),
                 kind,
                 from: (kind == LatencyKind::Hop)
-                    .then_some((k.from_ifindex, direction(k.from_direction))),
-                to: (k.to_ifindex, direction(k.to_direction)),
+                    .then_some((k.from_ifindex, Direction::from_kernel(k.from_direction))),
+                to: (k.to_ifindex, Direction::from_kernel(k.to_direction)),
             };
             let e = self.entries.entry(key).or_insert(Entry {
                 hist: LatencyHist::default(),
@@ -164,73 +121,6 @@ impl LatencyTable {
                 ))
         });
         out
-    }
-}
-
-/// Upper bound (ns) of bucket `i`.
-fn bucket_upper(i: usize) -> u64 {
-    if i + 1 >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << (i + 1)) - 1
-    }
-}
-
-fn percentile(h: &LatencyHist, q: f64) -> u64 {
-    let target = ((h.count as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0u64;
-    for (i, n) in h.buckets.iter().enumerate().take(LATENCY_BUCKETS) {
-        seen += u64::from(*n);
-        if seen >= target {
-            return bucket_upper(i).min(h.max_ns).max(h.min_ns);
-        }
-    }
-    h.max_ns
-}
-
-/// Mean, p50, p90 and p99 of a histogram (ns).
-pub fn summarize(h: &LatencyHist) -> (u64, u64, u64, u64) {
-    let mean = if h.count == 0 {
-        0
-    } else {
-        h.sum_ns / u64::from(h.count)
-    };
-    (
-        mean,
-        percentile(h, 0.5),
-        percentile(h, 0.9),
-        percentile(h, 0.99),
-    )
-}
-
-/// One histogram as the API serves it (also how tests build records).
-pub(crate) fn record(
-    kind: LatencyKind,
-    tuple: TupleView,
-    from: Option<HookView>,
-    to: HookView,
-    h: &LatencyHist,
-) -> LatencyRecord {
-    let (mean, p50, p90, p99) = summarize(h);
-    LatencyRecord {
-        kind,
-        tuple,
-        from,
-        to,
-        samples: u64::from(h.count),
-        mean_ns: mean,
-        min_ns: h.min_ns,
-        max_ns: h.max_ns,
-        p50_ns: p50,
-        p90_ns: p90,
-        p99_ns: p99,
-        buckets: h
-            .buckets
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| (bucket_upper(i), u64::from(*n)))
-            .collect(),
     }
 }
 

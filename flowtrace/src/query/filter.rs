@@ -1,70 +1,46 @@
-//! Flow filters shared by the CLI and the API (`?ip=&port=&proto=&iface=`).
+//! Flow filters shared by the CLI and the API (`?ip=&port=&proto=&iface=&pod=...`), matched
+//! against a [`Subject`]: one tuple as the namer (`crate::enrich`) named it, whichever view
+//! (flow table, live trace) it comes from.
 //!
 //! Values are parsed strictly: anything that is not exactly an IP, a CIDR, a port,
 //! a protocol name/number or an interface name is rejected with the reason.
 
-use std::{net::IpAddr, str::FromStr};
+use std::str::FromStr;
 
+pub use crate::model::IpFilter;
 use crate::{
+    enrich::Namer,
     error::{Error, Result},
-    flows::{is_icmp, FlowRecord},
-    k8s::{Endpoint, EndpointKind},
-    links::glob_match,
+    model::{is_icmp, Endpoint, EndpointKind, FlowRecord, FlowTuple, ServiceRef},
+    state::trace::TracedPacket,
+    util::glob_match,
 };
 
-/// An address or a network (`10.244.1.0/24`, `fd00::/8`); matches source or destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IpFilter {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
+/// What a filter is matched against: one tuple, its names and the interfaces it crossed.
+pub struct Subject<'a> {
+    pub tuple: FlowTuple,
+    pub src: Option<&'a Endpoint>,
+    pub dst: Option<&'a Endpoint>,
+    pub service: Option<&'a ServiceRef>,
+    pub interfaces: &'a [&'a str],
+    /// Services whose backends are this tuple's ends (`namespace/name`), for a Service
+    /// filter on the backend's node, where the translation happened on the client's node
+    /// and only the backend address is seen. Only filled when the filter names Services
+    /// and `service` is `None` (see [`FlowFilter::needs_backends`]).
+    pub backed_services: &'a [String],
 }
 
-impl IpFilter {
-    pub fn matches(&self, ip: &IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let shift = 32 - u32::from(self.prefix_len);
-                let mask = if shift == 32 { 0 } else { u32::MAX << shift };
-                u32::from(net) & mask == u32::from(*ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let shift = 128 - u32::from(self.prefix_len);
-                let mask = if shift == 128 { 0 } else { u128::MAX << shift };
-                u128::from(net) & mask == u128::from(*ip) & mask
-            }
-            _ => false,
+impl<'a> Subject<'a> {
+    /// A flow record as the API serves it (the CLI's and the relay's view).
+    pub fn of_record(f: &'a FlowRecord, interfaces: &'a [&'a str]) -> Self {
+        Self {
+            tuple: f.tuple(),
+            src: f.src_endpoint.as_ref(),
+            dst: f.dst_endpoint.as_ref(),
+            service: f.service.as_ref(),
+            interfaces,
+            backed_services: &[],
         }
-    }
-}
-
-impl FromStr for IpFilter {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let err = |reason: &str| Error::Filter {
-            flag: "--ip",
-            value: s.to_string(),
-            reason: reason.to_string(),
-        };
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| {
-            err("expected an IPv4/IPv6 address or CIDR such as 10.244.1.7 or 10.244.0.0/16")
-        })?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = match len {
-            None => max,
-            Some(l) => match l.parse::<u8>() {
-                Ok(n) if n <= max => n,
-                _ => {
-                    return Err(err(&format!(
-                        "prefix length must be a number from 0 to {max}"
-                    )))
-                }
-            },
-        };
-        Ok(Self { addr, prefix_len })
     }
 }
 
@@ -194,23 +170,30 @@ pub struct FlowFilter {
 }
 
 impl FlowFilter {
+    /// Whether a flow record passes (its interfaces are its hops').
     pub fn matches(&self, f: &FlowRecord) -> bool {
+        let interfaces: Vec<&str> = f.hops.iter().map(|h| h.interface.as_str()).collect();
+        self.matches_subject(&Subject::of_record(f, &interfaces))
+    }
+
+    pub fn matches_subject(&self, f: &Subject<'_>) -> bool {
+        let t = &f.tuple;
         (self.ips.is_empty()
             || self
                 .ips
                 .iter()
-                .any(|i| i.matches(&f.src) || i.matches(&f.dst)))
+                .any(|i| i.matches(&t.src) || i.matches(&t.dst)))
             && (self.ports.is_empty()
-                || (!is_icmp(f.protocol_number)
+                || (!is_icmp(t.protocol)
                     && self
                         .ports
                         .iter()
-                        .any(|p| *p == f.src_port || *p == f.dst_port)))
-            && (self.protos.is_empty() || self.protos.iter().any(|p| p.0 == f.protocol_number))
+                        .any(|p| *p == t.src_port || *p == t.dst_port)))
+            && (self.protos.is_empty() || self.protos.iter().any(|p| p.0 == t.protocol))
             && (self.ifaces.is_empty()
-                || f.hops
+                || f.interfaces
                     .iter()
-                    .any(|h| self.ifaces.iter().any(|i| glob_match(i, &h.interface))))
+                    .any(|h| self.ifaces.iter().any(|i| glob_match(i, h))))
             && self.matches_names(f)
     }
 
@@ -222,12 +205,13 @@ impl FlowFilter {
             && self.services.is_empty())
     }
 
-    fn matches_names(&self, f: &FlowRecord) -> bool {
-        let ends = || {
-            [f.src_endpoint.as_ref(), f.dst_endpoint.as_ref()]
-                .into_iter()
-                .flatten()
-        };
+    /// Whether a subject without a Service needs `backed_services` filled in.
+    pub fn needs_backends(&self) -> bool {
+        !self.services.is_empty()
+    }
+
+    fn matches_names(&self, f: &Subject<'_>) -> bool {
+        let ends = || [f.src, f.dst].into_iter().flatten();
         let is_pod = |e: &Endpoint| e.kind == EndpointKind::Pod;
         (self.pods.is_empty()
             || ends().any(|e| {
@@ -251,11 +235,47 @@ impl FlowFilter {
                         })
                 }))
             && (self.services.is_empty()
-                || f.service.as_ref().is_some_and(|s| {
-                    self.services
+                || match f.service {
+                    Some(s) => self
+                        .services
                         .iter()
-                        .any(|w| s.namespace == w.namespace && s.name == w.name)
-                }))
+                        .any(|w| s.namespace == w.namespace && s.name == w.name),
+                    None => self
+                        .services
+                        .iter()
+                        .any(|w| f.backed_services.contains(&w.to_string())),
+                })
+    }
+
+    /// Parses `/v1/flows` and `/v1/trace` query parameters: `ip`, `port`, `proto`, `iface`,
+    /// `pod`, `namespace`, `workload`, `service`, each repeatable and comma-separated.
+    /// Anything else is an error rather than silently unfiltered output.
+    pub fn from_query(query: &str) -> Result<FlowFilter> {
+        let mut f = FlowFilter::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value);
+            for v in value.split(',').filter(|v| !v.is_empty()) {
+                match key {
+                    "ip" => f.ips.push(v.parse()?),
+                    "port" => f.ports.push(parse_port(v)?),
+                    "proto" => f.protos.push(v.parse()?),
+                    "iface" => f.ifaces.push(parse_iface(v)?),
+                    "pod" => f.pods.push(parse_object("--pod", v)?),
+                    "namespace" => f.namespaces.push(parse_namespace(v)?),
+                    "workload" => f.workloads.push(parse_object("--workload", v)?),
+                    "service" => f.services.push(parse_object("--service", v)?),
+                    other => {
+                        return Err(Error::Filter {
+                            flag: "query parameter",
+                            value: other.to_string(),
+                            reason: "unknown; use ip, port, proto, iface, pod, namespace, workload or service".into(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(f)
     }
 
     /// The filter as `/v1/flows` query parameters.
@@ -290,6 +310,57 @@ impl FlowFilter {
     }
 }
 
+impl FlowFilter {
+    /// Whether an enriched flow record passes; a Service filter also matches a flow
+    /// between the Service's backends' addresses on a node where no translation was seen.
+    pub fn matches_flow(&self, namer: &Namer<'_>, f: &FlowRecord) -> bool {
+        let interfaces: Vec<&str> = f.hops.iter().map(|h| h.interface.as_str()).collect();
+        let backed = backed_services(self, namer, f.service.is_some(), &f.tuple());
+        let mut s = Subject::of_record(f, &interfaces);
+        s.backed_services = &backed;
+        self.matches_subject(&s)
+    }
+
+    /// Whether a traced packet passes at any of its hooks (the packet is followed across
+    /// the NAT: a filter on the backend matches the hook that still had the Service address).
+    pub fn matches_traced(
+        &self,
+        namer: &Namer<'_>,
+        p: &TracedPacket,
+        service: Option<&ServiceRef>,
+    ) -> bool {
+        let interfaces: Vec<String> = p.hops.iter().map(|h| namer.interface(h.ifindex)).collect();
+        let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+        p.tuples().iter().any(|t| {
+            let (src, dst) = (namer.endpoint(&t.src), namer.endpoint(&t.dst));
+            let backed = backed_services(self, namer, service.is_some(), t);
+            self.matches_subject(&Subject {
+                tuple: *t,
+                src: src.as_deref(),
+                dst: dst.as_deref(),
+                service,
+                interfaces: &interfaces,
+                backed_services: &backed,
+            })
+        })
+    }
+}
+
+fn backed_services(
+    filter: &FlowFilter,
+    namer: &Namer<'_>,
+    has_service: bool,
+    t: &FlowTuple,
+) -> Vec<String> {
+    if has_service || !filter.needs_backends() {
+        return Vec::new();
+    }
+    let meta = namer.meta();
+    let mut v = meta.services_backed_by(&t.dst);
+    v.extend(meta.services_backed_by(&t.src));
+    v
+}
+
 /// Escapes what is not unreserved in a query value.
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -303,14 +374,42 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// Decodes `%XX` escapes and `+` (filter values are ASCII: addresses, numbers, names, globs).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flows::{Direction, HopRecord};
+    use crate::model::{protocol_name, Direction, HopRecord};
 
     fn flow(src: &str, dst: &str, proto: u8, sport: u16, dport: u16, iface: &str) -> FlowRecord {
         FlowRecord {
-            protocol: crate::flows::protocol_name(proto),
+            protocol: protocol_name(proto),
             protocol_number: proto,
             ip_version: 4,
             src: src.parse().unwrap(),
@@ -333,6 +432,8 @@ mod tests {
             dst_endpoint: None,
             service: None,
             nat: None,
+            src_peer: None,
+            dst_peer: None,
         }
     }
 
@@ -395,5 +496,38 @@ mod tests {
             ..Default::default()
         }
         .matches(&icmp));
+    }
+
+    #[test]
+    fn query_parameters_repeat_split_and_reject_unknown_keys() {
+        let f =
+            FlowFilter::from_query("ip=10.0.0.0%2F8&ip=fd00::1&port=53,80&proto=udp&iface=veth*")
+                .unwrap();
+        assert_eq!(f.ips.len(), 2);
+        assert_eq!(f.ips[0].prefix_len, 8);
+        assert_eq!(f.ports, vec![53, 80]);
+        assert_eq!(f.protos.len(), 1);
+        assert_eq!(f.ifaces, vec!["veth*".to_string()]);
+        let e = FlowFilter::from_query("protocol=tcp")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown; use ip, port, proto, iface"), "{e}");
+        let f =
+            FlowFilter::from_query("pod=default%2Fpod-a&namespace=kube-system&service=default/web")
+                .unwrap();
+        assert_eq!(f.pods[0].to_string(), "default/pod-a");
+        assert_eq!(f.namespaces, vec!["kube-system".to_string()]);
+        assert_eq!(f.services[0].name, "web");
+        assert!(FlowFilter::from_query("pod=pod-a")
+            .unwrap_err()
+            .to_string()
+            .contains("NAMESPACE/NAME"));
+        // What the CLI sends is what the API reads.
+        assert_eq!(
+            FlowFilter::from_query(&f.to_query()).unwrap().to_query(),
+            f.to_query()
+        );
+        assert!(FlowFilter::from_query("port=0").is_err());
+        assert!(FlowFilter::from_query("").unwrap().ips.is_empty());
     }
 }

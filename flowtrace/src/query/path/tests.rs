@@ -1,8 +1,9 @@
 use super::*;
 use crate::{
-    flows::HopRecord,
-    k8s::{EndpointKind, Workload},
-    nat::{HookView, NatState, Translation},
+    model::{
+        wire::{NatState, Translation},
+        EndpointKind, HookView, HopRecord, Workload,
+    },
     testutil::tcp as t,
 };
 
@@ -69,6 +70,8 @@ fn flow(
             kernel_sightings: 1,
             service: None,
         }),
+        src_peer: None,
+        dst_peer: None,
     }
 }
 
@@ -83,7 +86,7 @@ fn lat(
     for n in ns {
         h.add(*n);
     }
-    crate::latency::record(
+    crate::model::hist::record(
         kind,
         tuple.into(),
         from.map(|(i, d)| HookView {

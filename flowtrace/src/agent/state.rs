@@ -1,0 +1,618 @@
+//! [`Agent`]: the one owner of what the agent knows. Fields are private; the tasks and the
+//! HTTP server go through its methods, each of which answers one question.
+//!
+//! Locks: the tables the drain always updates together (flows, NAT, latency, metrics) sit
+//! behind one mutex, [`Tables`]. Naming needs the metadata too; [`Agent::with_namer`] is the
+//! only place that takes both, always metadata first, so the order is code, not a comment.
+//! The link names are copied out before either is taken. The kernel handles (drainer,
+//! attacher) have async mutexes of their own and are never held with the others.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, RwLock, RwLockReadGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use flowtrace_common::{Counter, COUNTER_SLOTS};
+use tracing::warn;
+
+use super::tracers::TraceHub;
+use crate::{
+    enrich::Namer,
+    error::Result,
+    host::{
+        conntrack::{self, CtMirror},
+        links::Link,
+    },
+    k8s::{source::MetaStatus, MetaCache},
+    kernel::{attach::Attacher, drain::Drainer},
+    metrics::{DrainView, Health, Metrics},
+    model::{
+        wire::{
+            AttachMode, FlowsResponse, InterfaceRecord, InterfacesResponse, LatencyResponse,
+            MetadataResponse, NatResponse, ProgramRecord, StatsResponse, TracePacket,
+        },
+        FlowRecord,
+    },
+    query::filter::FlowFilter,
+    state::{
+        flows::FlowTable,
+        latency::LatencyTable,
+        nat::NatTable,
+        trace::{TracedPacket, TRACE_SAMPLE_WHEN_OFF},
+    },
+    util::{lock, mono_to_unix_offset_ns, monotonic_ns},
+};
+
+/// What the agent was started with that the views report.
+#[derive(Clone, Debug)]
+pub(super) struct Settings {
+    pub node: String,
+    pub latency_sample: u32,
+    pub conntrack: bool,
+    pub conntrack_resync: Duration,
+    pub attach_mode: AttachMode,
+    /// (program name, kernel program id) of the loaded programs.
+    pub program_ids: Vec<(String, u32)>,
+    pub capacity: MapCapacity,
+    pub max_flows: usize,
+}
+
+/// Capacity of each kernel buffer, in entries.
+#[derive(Clone, Copy, Debug)]
+pub struct MapCapacity {
+    pub flows: u32,
+    pub nat: u32,
+    pub latency: u32,
+}
+
+/// The tables one drain updates together.
+struct Tables {
+    flows: FlowTable,
+    nat: NatTable,
+    latency: LatencyTable,
+    metrics: Metrics,
+}
+
+/// The agent's counters of its own work.
+#[derive(Debug, Default)]
+struct Counters {
+    links_synced: AtomicBool,
+    attach_failures: AtomicU64,
+    drains: AtomicU64,
+    drain_errors: AtomicU64,
+}
+
+/// Why a filter's names cannot be used.
+#[derive(Debug)]
+pub enum NameError {
+    /// No metadata source: name filters cannot be checked.
+    NoMetadata(String),
+    /// The named object does not exist.
+    Missing(String),
+}
+
+/// Everything the agent knows and holds.
+pub struct Agent {
+    settings: Settings,
+    drainer: tokio::sync::Mutex<Drainer>,
+    /// The loaded programs and their attachments (the attached interfaces are read from it).
+    attacher: tokio::sync::Mutex<Attacher>,
+    tables: Mutex<Tables>,
+    /// Every link seen in this namespace, by ifindex (kept after removal so drained
+    /// counters of a vanished interface still carry its name).
+    links: Mutex<HashMap<u32, Link>>,
+    /// Kubernetes metadata (written by the source tasks).
+    meta: Arc<RwLock<MetaCache>>,
+    meta_status: Arc<Mutex<MetaStatus>>,
+    /// Translated conntrack connections, from events and resync dumps.
+    ct: Arc<Mutex<CtMirror>>,
+    last_dump: Mutex<Option<Instant>>,
+    trace: Arc<TraceHub>,
+    counters: Counters,
+}
+
+/// What [`Agent::new`] is built from.
+pub(super) struct Parts {
+    pub settings: Settings,
+    pub drainer: Drainer,
+    pub attacher: Attacher,
+    pub flow_idle_timeout: Duration,
+    pub metrics: crate::metrics::MetricsConfig,
+    pub meta: Arc<RwLock<MetaCache>>,
+    pub meta_status: Arc<Mutex<MetaStatus>>,
+}
+
+impl Agent {
+    pub(super) fn new(p: Parts) -> Self {
+        let idle = p.flow_idle_timeout.as_nanos() as u64;
+        Self {
+            tables: Mutex::new(Tables {
+                flows: FlowTable::new(p.settings.max_flows, idle),
+                nat: NatTable::new(idle),
+                latency: LatencyTable::new(idle),
+                metrics: Metrics::new(p.metrics),
+            }),
+            settings: p.settings,
+            drainer: tokio::sync::Mutex::new(p.drainer),
+            attacher: tokio::sync::Mutex::new(p.attacher),
+            links: Mutex::new(HashMap::new()),
+            meta: p.meta,
+            meta_status: p.meta_status,
+            ct: Arc::new(Mutex::new(CtMirror::new(idle))),
+            last_dump: Mutex::new(None),
+            trace: Arc::new(TraceHub::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The node this agent runs on.
+    pub fn node(&self) -> &str {
+        &self.settings.node
+    }
+
+    /// Whether the agent cross-checks translations with conntrack.
+    pub fn follows_conntrack(&self) -> bool {
+        self.settings.conntrack
+    }
+
+    pub(super) fn conntrack_mirror(&self) -> Arc<Mutex<CtMirror>> {
+        self.ct.clone()
+    }
+
+    pub(super) fn tracers(&self) -> Arc<TraceHub> {
+        self.trace.clone()
+    }
+
+    fn meta_read(&self) -> RwLockReadGuard<'_, MetaCache> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with a namer over the current metadata, NAT table and links, and the
+    /// tables. The one place the metadata and the tables are locked together.
+    fn with_namer<R>(&self, f: impl FnOnce(&Namer<'_>, &Tables) -> R) -> R {
+        let links = lock(&self.links).clone();
+        let meta = self.meta_read();
+        let tables = lock(&self.tables);
+        let namer = Namer::new(&meta, &tables.nat, &links);
+        f(&namer, &tables)
+    }
+
+    // ---- the pipeline ----
+
+    /// Drains the kernel buffers into the tables now, then cross-checks NAT with conntrack.
+    pub async fn drain_now(&self) -> Result<()> {
+        let started = Instant::now();
+        let drained = {
+            let mut d = self.drainer.lock().await;
+            d.drain().await
+        };
+        let drained = match drained {
+            Ok(d) => d,
+            Err(e) => {
+                self.counters.drain_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        if let Some(first) = drained.problems.first() {
+            self.counters
+                .drain_errors
+                .fetch_add(drained.problems.len() as u64, Ordering::Relaxed);
+            warn!(errors = drained.problems.len(), first = %first, "drain met map errors; the entries stay for the next drain");
+        }
+        let now = monotonic_ns();
+        {
+            let links = lock(&self.links).clone();
+            let meta = self.meta_read();
+            let mut tables = lock(&self.tables);
+            let Tables {
+                flows,
+                nat,
+                latency,
+                metrics,
+            } = &mut *tables;
+            flows.merge(
+                &drained.flows,
+                &|i| links.get(&i).map(|l| l.name.clone()),
+                &|ip| meta.resolve(ip),
+            );
+            flows.expire(now);
+            let new_translations = nat.merge_kernel(&drained.nat, now);
+            latency.merge(&drained.latency, now);
+            latency.expire(now);
+            let namer = Namer::new(&meta, nat, &links);
+            metrics.observe_drain(&DrainView {
+                drained: &drained,
+                new_translations: &new_translations,
+                namer: &namer,
+                now_ns: now,
+                duration_s: started.elapsed().as_secs_f64(),
+            });
+        }
+        if self.settings.conntrack {
+            self.check_conntrack(now).await;
+        }
+        lock(&self.tables).nat.expire(now);
+        self.counters.drains.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Settles the translations against conntrack (a dump when due, else what events said).
+    async fn check_conntrack(&self, now: u64) {
+        if self.dump_due() {
+            // After the drain: every connection whose packets were drained is in conntrack.
+            match tokio::task::spawn_blocking(conntrack::dump).await {
+                Ok(Ok(entries)) => {
+                    lock(&self.ct).resync(&entries, monotonic_ns());
+                    *lock(&self.last_dump) = Some(Instant::now());
+                }
+                Ok(Err(e)) => {
+                    lock(&self.tables).nat.conntrack_failed();
+                    warn!(error = %e, "conntrack dump failed; translations are checked against what events said until the next one");
+                }
+                Err(join) => {
+                    lock(&self.tables).nat.conntrack_failed();
+                    warn!(error = %join, "conntrack dump task failed");
+                }
+            }
+        }
+        let entries = lock(&self.ct).entries();
+        {
+            let mut tables = lock(&self.tables);
+            let Tables { flows, nat, .. } = &mut *tables;
+            nat.cross_check(&entries, &|t| flows.contains(t), now);
+        }
+        lock(&self.ct).expire(now);
+    }
+
+    /// Whether to dump conntrack now: no events, events lost, or the periodic resync.
+    fn dump_due(&self) -> bool {
+        lock(&self.ct).needs_resync()
+            || lock(&self.last_dump).is_none_or(|t| t.elapsed() >= self.settings.conntrack_resync)
+    }
+
+    // ---- links ----
+
+    /// A link exists: remember its name, and attach if `selected` (attaching an interface
+    /// already attached does nothing).
+    pub(super) async fn link_present(&self, link: &Link, selected: bool) {
+        lock(&self.links).insert(link.ifindex, link.clone());
+        if !selected {
+            return;
+        }
+        if let Err(e) = self.attacher.lock().await.attach(link.ifindex, &link.name) {
+            self.counters
+                .attach_failures
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(interface = %link.name, error = %e, "not traced");
+        }
+    }
+
+    /// A link is gone.
+    pub(super) async fn link_removed(&self, ifindex: u32) {
+        self.attacher.lock().await.forget(ifindex);
+    }
+
+    /// The links present at start are attached.
+    pub(super) async fn links_synced(&self) -> usize {
+        self.counters.links_synced.store(true, Ordering::Relaxed);
+        self.attacher.lock().await.interfaces().len()
+    }
+
+    /// After a full dump: forgets attached interfaces the dump no longer has.
+    pub(super) async fn forget_missing(&self, present: &[Link]) {
+        let mut a = self.attacher.lock().await;
+        for (ifindex, name) in a.interfaces() {
+            if !present.iter().any(|l| l.ifindex == ifindex) {
+                warn!(interface = %name, ifindex, "gone without a netlink event; forgetting it");
+                a.forget(ifindex);
+            }
+        }
+    }
+
+    /// Detaches every program; returns the interfaces whose clsact qdisc flowtrace added.
+    pub(super) async fn detach_all(&self) -> Vec<u32> {
+        self.attacher.lock().await.detach_all()
+    }
+
+    // ---- tracing ----
+
+    /// Makes the kernel follow the number of attached tracers: the programs write trace
+    /// events only while there is one, and sample for latency while tracing even when
+    /// latency tracking is off. Call after every subscribe and unsubscribe; it reads the
+    /// count under the drainer's lock, so the last call leaves the right state.
+    pub async fn apply_tracing(&self) -> Result<()> {
+        let mut d = self.drainer.lock().await;
+        let on = self.trace.tracers() > 0;
+        d.set_tracing(on)?;
+        if self.settings.latency_sample == 0 {
+            d.set_latency_sampling(if on { TRACE_SAMPLE_WHEN_OFF } else { 0 })?;
+        }
+        Ok(())
+    }
+
+    /// Registers a tracer (then call [`Agent::apply_tracing`]; and again after
+    /// [`Agent::unsubscribe`]).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<TracedPacket>> {
+        self.trace.subscribe()
+    }
+
+    pub fn unsubscribe(&self) {
+        self.trace.unsubscribe()
+    }
+
+    /// One packet in this many is traced (plus every SYN).
+    pub fn trace_sample(&self) -> u32 {
+        if self.settings.latency_sample == 0 {
+            TRACE_SAMPLE_WHEN_OFF
+        } else {
+            self.settings.latency_sample
+        }
+    }
+
+    /// A traced packet named, if it passes `filter` at any of its hooks.
+    pub fn describe(&self, p: &TracedPacket, filter: &FlowFilter) -> Option<TracePacket> {
+        self.with_namer(|namer, _| {
+            let named = namer.trace_packet(p, self.node(), mono_to_unix_offset_ns())?;
+            filter
+                .matches_traced(namer, p, named.service.as_ref())
+                .then_some(named)
+        })
+    }
+
+    // ---- the views ----
+
+    /// Name filters must name objects that exist; without metadata they cannot be checked.
+    pub fn check_names(&self, f: &FlowFilter) -> std::result::Result<(), NameError> {
+        if !f.has_names() {
+            return Ok(());
+        }
+        let (has_source, synced) = {
+            let status = lock(&self.meta_status);
+            (status.has_source(), status.synced())
+        };
+        if !has_source {
+            return Err(NameError::NoMetadata(
+                "pod, namespace, workload and service filters need Kubernetes metadata; start the agent with --kubeconfig, in-cluster credentials or --metadata-file".into(),
+            ));
+        }
+        let meta = self.meta_read();
+        let missing = |what: &str, name: &str| {
+            let hint = if synced {
+                ""
+            } else {
+                " (metadata is not synced yet, see /v1/metadata; retry shortly)"
+            };
+            Err(NameError::Missing(format!(
+                "{what} {name} does not exist in the agent's metadata{hint}"
+            )))
+        };
+        for p in &f.pods {
+            if !meta.has_pod(&p.namespace, &p.name) {
+                return missing("pod", &p.to_string());
+            }
+        }
+        for n in &f.namespaces {
+            if !meta.has_namespace(n) {
+                return missing("namespace (no pod or Service in it)", n);
+            }
+        }
+        for w in &f.workloads {
+            if !meta.has_workload(&w.namespace, &w.name) {
+                return missing("workload (no pod of it)", &w.to_string());
+            }
+        }
+        for s in &f.services {
+            if !meta.has_service(&s.namespace, &s.name) {
+                return missing("service", &s.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// The flow table, drained fresh, enriched and filtered (`/v1/flows`).
+    pub async fn flows(&self, filter: &FlowFilter) -> Result<FlowsResponse> {
+        self.drain_now().await?;
+        let flows = self.with_namer(|namer, tables| {
+            let mut flows: Vec<FlowRecord> = tables
+                .flows
+                .snapshot(mono_to_unix_offset_ns(), &|ip| namer.endpoint(ip));
+            for f in &mut flows {
+                enrich_record(namer, f);
+            }
+            flows.retain(|f| filter.matches_flow(namer, f));
+            flows
+        });
+        Ok(FlowsResponse {
+            node: self.node().to_string(),
+            flows,
+        })
+    }
+
+    /// Latency histograms, drained fresh (`/v1/latency`).
+    pub async fn latency(&self) -> Result<LatencyResponse> {
+        self.drain_now().await?;
+        let latency =
+            self.with_namer(|namer, tables| tables.latency.snapshot(&|i| namer.interface(i)));
+        Ok(LatencyResponse {
+            node: self.node().to_string(),
+            sample_rate: self.settings.latency_sample,
+            latency,
+        })
+    }
+
+    /// Translations and the cross-check, drained fresh (`/v1/nat`).
+    pub async fn nat(&self) -> Result<NatResponse> {
+        self.drain_now().await?;
+        let (counters, translations) =
+            self.with_namer(|namer, tables| (tables.nat.counters(), namer.translations()));
+        Ok(NatResponse {
+            node: self.node().to_string(),
+            conntrack: self.settings.conntrack,
+            conntrack_source: lock(&self.ct).stats(),
+            counters,
+            disagreements: counters.disagreements(),
+            translations,
+        })
+    }
+
+    /// Where names come from and whether each kind is synced (`/v1/metadata`).
+    pub fn metadata(&self) -> MetadataResponse {
+        let (source, synced, kinds) = {
+            let s = lock(&self.meta_status);
+            (
+                s.source.clone(),
+                s.synced(),
+                s.kinds
+                    .iter()
+                    .map(|(k, v)| (k.name().to_string(), v.clone()))
+                    .collect(),
+            )
+        };
+        let meta = self.meta_read();
+        MetadataResponse {
+            source,
+            synced,
+            kinds,
+            objects: meta
+                .counts()
+                .into_iter()
+                .map(|(k, n)| (k.name().to_string(), n))
+                .collect(),
+            skipped: meta
+                .skipped()
+                .iter()
+                .map(|(k, n)| (k.name().to_string(), *n))
+                .collect(),
+        }
+    }
+
+    /// What flowtrace is attached to (`/v1/interfaces`).
+    pub async fn interfaces(&self) -> InterfacesResponse {
+        let attached = self.attacher.lock().await.interfaces();
+        let links = lock(&self.links).clone();
+        InterfacesResponse {
+            attach_mode: self.settings.attach_mode,
+            programs: self
+                .settings
+                .program_ids
+                .iter()
+                .map(|(name, id)| ProgramRecord {
+                    name: name.clone(),
+                    id: *id,
+                })
+                .collect(),
+            synced: self.counters.links_synced.load(Ordering::Relaxed),
+            interfaces: attached
+                .into_iter()
+                .map(|(ifindex, name)| InterfaceRecord {
+                    kind: links.get(&ifindex).and_then(|l| l.kind.clone()),
+                    ifindex,
+                    name,
+                })
+                .collect(),
+        }
+    }
+
+    /// Kernel and agent counters (`/v1/stats`).
+    pub async fn stats(&self) -> Result<StatsResponse> {
+        let counters = self.kernel_counters().await?;
+        let kernel: BTreeMap<String, u64> = Counter::ALL
+            .iter()
+            .map(|c| (c.name().to_string(), counters[*c as usize]))
+            .collect();
+        let unparsed_packets = Counter::ALL
+            .iter()
+            .filter(|c| c.is_unparsed())
+            .map(|c| counters[*c as usize])
+            .sum();
+        let kernel_tracing = self.drainer.lock().await.tracing()?;
+        let tables = lock(&self.tables);
+        Ok(StatsResponse {
+            kernel,
+            unparsed_packets,
+            flows: tables.flows.len(),
+            flows_evicted: tables.flows.evicted(),
+            flows_expired: tables.flows.expired(),
+            drains: self.counters.drains.load(Ordering::Relaxed),
+            drain_errors: self.counters.drain_errors.load(Ordering::Relaxed),
+            attach_failures: self.counters.attach_failures.load(Ordering::Relaxed),
+            nat: tables.nat.counters(),
+            tracers: self.trace.tracers(),
+            kernel_tracing,
+            traced_packets: self.trace.packets.load(Ordering::Relaxed),
+        })
+    }
+
+    /// `/metrics` in the Prometheus text format: traffic and latency up to the last drain
+    /// (a scrape does not drain), the agent's health as of now.
+    pub async fn metrics_text(&self) -> std::result::Result<String, prometheus::Error> {
+        let health = self.health().await;
+        let families = lock(&self.tables).metrics.families(&health);
+        crate::metrics::encode(&families)
+    }
+
+    /// Whether the agent is ready: the interfaces present at start are attached and the
+    /// metadata, if any source is configured, is synced. The reason when not.
+    pub fn ready(&self) -> std::result::Result<(), &'static str> {
+        if !self.counters.links_synced.load(Ordering::Relaxed) {
+            return Err("interfaces present at start are not attached yet");
+        }
+        if !lock(&self.meta_status).synced() {
+            return Err("Kubernetes metadata is not synced (flows are counted with addresses only); see /v1/metadata");
+        }
+        Ok(())
+    }
+
+    /// The agent's own state for `/metrics`.
+    async fn health(&self) -> Health {
+        let (attached_interfaces, programs) = {
+            let mut a = self.attacher.lock().await;
+            (a.interfaces().len(), a.program_stats())
+        };
+        let kernel_counters = match self.kernel_counters().await {
+            Ok(c) => c.to_vec(),
+            Err(e) => {
+                warn!(error = %e, "reading the kernel counters for /metrics");
+                Vec::new()
+            }
+        };
+        let (flow_table_entries, flow_table_evicted) = {
+            let t = lock(&self.tables);
+            (t.flows.len(), t.flows.evicted())
+        };
+        let c = self.settings.capacity;
+        Health {
+            attached_interfaces,
+            attach_failures: self.counters.attach_failures.load(Ordering::Relaxed),
+            kernel_counters,
+            map_capacity: [c.flows, c.nat, c.latency],
+            flow_table_entries,
+            flow_table_capacity: self.settings.max_flows,
+            flow_table_evicted,
+            drains: self.counters.drains.load(Ordering::Relaxed),
+            drain_errors: self.counters.drain_errors.load(Ordering::Relaxed),
+            metadata_synced: lock(&self.meta_status).synced(),
+            programs,
+            tracers: self.trace.tracers(),
+        }
+    }
+
+    async fn kernel_counters(&self) -> Result<[u64; COUNTER_SLOTS as usize]> {
+        self.drainer.lock().await.counters()
+    }
+}
+
+/// Names a flow record of the table: its Service, its NAT step and the peers behind
+/// Service addresses (the endpoints stay those the table recorded while the flow had
+/// packets, so a pod deleted later does not rename past traffic).
+fn enrich_record(namer: &Namer<'_>, f: &mut FlowRecord) {
+    let a = namer.flow(&f.tuple());
+    f.nat = a.nat_original.and_then(|o| namer.translation(&o));
+    f.service = a.service;
+    f.src_peer = a.src_peer.map(|e| (*e).clone());
+    f.dst_peer = a.dst_peer.map(|e| (*e).clone());
+}

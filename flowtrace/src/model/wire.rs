@@ -1,0 +1,401 @@
+//! The JSON the agent's HTTP API serves (docs/api.md), shared by the server that writes it
+//! and the client commands that read it. Plain data: no behaviour beyond formatting.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    names::{Endpoint, ServiceRef},
+    tuple::{Direction, FlowTuple, HookView, TupleView},
+};
+
+/// A flow as the API serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// "tcp", "udp", "icmp", "icmpv6", "sctp" or the protocol number.
+    pub protocol: String,
+    pub protocol_number: u8,
+    pub ip_version: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// For ICMP: the echo identifier (0 for other types).
+    pub src_port: u16,
+    /// For ICMP: `type << 8 | code`.
+    pub dst_port: u16,
+    /// Largest packet count over the hops (the flow's packets, if every hop saw them).
+    pub packets: u64,
+    /// Largest layer-3 byte count over the hops.
+    pub bytes: u64,
+    /// Hops in the order they first saw the flow.
+    pub hops: Vec<HopRecord>,
+    /// Who sent: pod, Service, node or pod network (absent without metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_endpoint: Option<Endpoint>,
+    /// Who received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_endpoint: Option<Endpoint>,
+    /// The Service this flow reaches (or answers for): by its cluster IP or NodePort, or
+    /// through the NAT translation on the backend side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+    /// The NAT translation this flow is the original or the translated side of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<Translation>,
+    /// Who really sent, when `src_endpoint` is a Service address the source was un-DNATed
+    /// to (a reply): the backend it came from. Absent when that is `src_endpoint` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_peer: Option<Endpoint>,
+    /// Who really received, when `dst_endpoint` is a Service address kube-proxy DNATs (a
+    /// request before the rewrite): the backend it was sent to. Absent when that is
+    /// `dst_endpoint` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_peer: Option<Endpoint>,
+}
+
+impl FlowRecord {
+    /// The flow's 5-tuple.
+    pub fn tuple(&self) -> FlowTuple {
+        FlowTuple {
+            protocol: self.protocol_number,
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        }
+    }
+}
+
+/// One hop of a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopRecord {
+    pub interface: String,
+    pub ifindex: u32,
+    pub direction: Direction,
+    /// Wire packets (a GSO/GRO aggregate counts as its segments).
+    pub packets: u64,
+    /// Layer-3 bytes (IP header onwards) of those packets.
+    pub bytes: u64,
+    pub first_seen_unix_ns: u64,
+    pub last_seen_unix_ns: u64,
+    /// Union of TCP flags seen, e.g. "SA.F" style letters: F S R P A U E C.
+    pub tcp_flags: String,
+}
+
+/// Where a translation stands after the last cross-check (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatState {
+    /// Not checked yet (recorded since the last conntrack dump).
+    Pending,
+    Confirmed,
+    Mismatch,
+    NotInConntrack,
+    ConntrackOnly,
+    Missed,
+}
+
+/// Counters of the cross-check, for the API and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatCounters {
+    /// Rewrites recorded by the kernel programs (one per translation per drain).
+    pub kernel_records: u64,
+    pub confirmed: u64,
+    pub conntrack_only: u64,
+    /// Disagreements: a different translation in conntrack.
+    pub mismatch: u64,
+    /// Disagreements: a rewrite conntrack does not know.
+    pub not_in_conntrack: u64,
+    /// Disagreements: conntrack translated, both tuples were traced, the programs saw nothing.
+    pub missed: u64,
+    /// Cross-checks against conntrack (one per drain).
+    pub conntrack_checks: u64,
+    /// Conntrack dumps that failed.
+    pub conntrack_errors: u64,
+}
+
+impl NatCounters {
+    /// Every disagreement between the kernel programs and conntrack.
+    pub fn disagreements(&self) -> u64 {
+        self.mismatch + self.not_in_conntrack + self.missed
+    }
+}
+
+/// One translation as the API serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Translation {
+    pub original: TupleView,
+    pub translated: TupleView,
+    /// What changed: "dst", "src" or "src+dst".
+    pub rewrote: String,
+    /// Interface and direction before and after the rewrite, when the programs saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub between: Option<[HookView; 2]>,
+    pub state: NatState,
+    /// "kernel", "conntrack" or "kernel+conntrack".
+    pub source: String,
+    pub kernel_sightings: u64,
+    /// The Service whose address was translated (filled in from metadata by the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+}
+
+/// What a latency entry measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatencyKind {
+    /// One way, from one hook to the next, for the same packet on this node.
+    Hop,
+    /// At one interface: SYN to SYN-ACK (the round trip beyond the interface).
+    Handshake,
+    /// At one interface: request data to the answering data (round trip beyond the
+    /// interface, including the peer's time to answer).
+    Response,
+}
+
+/// One histogram as the API serves it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatencyRecord {
+    pub kind: LatencyKind,
+    /// The flow at the later hook (round trips: the direction of the SYN or request).
+    pub tuple: TupleView,
+    /// The earlier hook (hop latency only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<HookView>,
+    /// The later hook; for a round trip, the interface and direction where the answer
+    /// passed (the question passed the same interface the other way).
+    pub to: HookView,
+    pub samples: u64,
+    pub mean_ns: u64,
+    pub min_ns: u64,
+    pub max_ns: u64,
+    /// Percentiles estimated from the log2 buckets (upper bound of the bucket, capped by max).
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    /// Non-empty buckets as (upper bound in ns, samples).
+    pub buckets: Vec<(u64, u64)>,
+}
+
+/// One line of the `/v1/trace` stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TraceLine {
+    /// First line: the stream is live.
+    Start {
+        node: String,
+        /// One packet in this many is traced (plus every SYN).
+        sample: u32,
+    },
+    Packet(Box<TracePacket>),
+    /// The tracer read too slowly and this many packets were skipped.
+    Lost {
+        packets: u64,
+    },
+}
+
+/// A packet across this node's hooks, named.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TracePacket {
+    pub node: String,
+    /// When the first hook saw it.
+    pub ts_unix_ns: u64,
+    pub protocol: String,
+    pub protocol_number: u8,
+    /// At the first hook.
+    pub tcp_flags: String,
+    /// Layer-3 bytes at the first hook (a GSO/GRO aggregate counts whole).
+    pub bytes: u32,
+    /// The tuple at the first hook.
+    pub tuple: TupleView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_endpoint: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_endpoint: Option<Endpoint>,
+    /// The Service this packet goes to or answers for, when this node can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+    /// Who really sent, when `src_endpoint` (at the first hook) is a Service address the source was un-DNATed
+    /// to (a reply): the backend it came from. Absent when that is `src_endpoint` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_peer: Option<Endpoint>,
+    /// Who really received, when `dst_endpoint` (at the first hook) is a Service address kube-proxy DNATs (a
+    /// request before the rewrite): the backend it was sent to. Absent when that is
+    /// `dst_endpoint` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_peer: Option<Endpoint>,
+    pub hops: Vec<TraceHop>,
+    /// From the first hook to the last on this node.
+    pub node_time_ns: u64,
+}
+
+/// The packet at one hook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceHop {
+    pub interface: String,
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub ts_unix_ns: u64,
+    /// Time since the previous hook (0 at the first).
+    pub since_previous_ns: u64,
+    /// Set where the tuple differs from the previous hook's: the NAT step between them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatStep>,
+}
+
+/// A rewrite between two hooks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NatStep {
+    /// "dst", "src" or "src+dst".
+    pub rewrote: String,
+    pub before: TupleView,
+    pub after: TupleView,
+    /// Who the rewritten address is now (the backend pod of a DNAT, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_endpoint: Option<Endpoint>,
+}
+
+/// What the agent knows of conntrack's translated connections, as `/v1/nat` reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtStats {
+    /// Whether the NEW/DESTROY event subscription works (else: a dump after every drain).
+    pub subscribed: bool,
+    /// Events applied.
+    pub events: u64,
+    /// Times the kernel dropped events (each forces a resync dump).
+    pub overflows: u64,
+    /// Full table dumps (start, periodic resync, overflows, or every drain without events).
+    pub dumps: u64,
+    /// Translated connections held (live, and destroyed ones kept for the idle timeout).
+    pub translated_connections: usize,
+}
+
+/// Sync state of one kind, as `/v1/metadata` reports it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct KindStatus {
+    /// A complete list was applied and no error has happened since.
+    pub synced: bool,
+    /// Complete lists applied (the first, then one after each failure or expired watch).
+    pub lists: u64,
+    /// Watch or list failures.
+    pub errors: u64,
+    /// Objects applied or deleted from watch events.
+    pub events: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// How programs are attached.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// TCX where the kernel has it (>= 6.6), clsact otherwise.
+    Auto,
+    /// bpf_link based TCX attachment; detached by the kernel when the agent dies.
+    Tcx,
+    /// Classic clsact qdisc + direct-action cls_bpf filter.
+    Clsact,
+}
+
+/// Body of `GET /v1/flows`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlowsResponse {
+    pub node: String,
+    pub flows: Vec<FlowRecord>,
+}
+
+/// One entry of `GET /v1/interfaces`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InterfaceRecord {
+    pub ifindex: u32,
+    pub name: String,
+    pub kind: Option<String>,
+}
+
+/// A loaded kernel program.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProgramRecord {
+    pub name: String,
+    pub id: u32,
+}
+
+/// Body of `GET /v1/interfaces`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InterfacesResponse {
+    pub attach_mode: AttachMode,
+    /// Kernel IDs of flowtrace's programs (see `bpftool prog show id N`).
+    pub programs: Vec<ProgramRecord>,
+    pub synced: bool,
+    pub interfaces: Vec<InterfaceRecord>,
+}
+
+/// Body of `GET /v1/stats`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsResponse {
+    /// Kernel counters by name (see `flowtrace_common::Counter`), summed over CPUs.
+    pub kernel: BTreeMap<String, u64>,
+    /// Sum of the counters of packets that were malformed or not flow-shaped.
+    pub unparsed_packets: u64,
+    pub flows: usize,
+    pub flows_evicted: u64,
+    pub flows_expired: u64,
+    pub drains: u64,
+    pub drain_errors: u64,
+    pub attach_failures: u64,
+    /// NAT cross-check counters (see `/v1/nat`).
+    pub nat: NatCounters,
+    /// Live tracers attached to `/v1/trace`.
+    #[serde(default)]
+    pub tracers: usize,
+    /// Whether the kernel programs are writing trace events now (read back from the
+    /// programs' control word: on exactly while `tracers` > 0).
+    #[serde(default)]
+    pub kernel_tracing: bool,
+    /// Packets joined from trace events since the agent started.
+    #[serde(default)]
+    pub traced_packets: u64,
+}
+
+/// Body of `GET /v1/latency`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LatencyResponse {
+    pub node: String,
+    /// One packet in `sample_rate` is measured (0: latency tracking is off).
+    pub sample_rate: u32,
+    pub latency: Vec<LatencyRecord>,
+}
+
+/// Body of `GET /v1/metadata`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetadataResponse {
+    /// `none`, `in-cluster`, `kubeconfig PATH` or `file PATH`.
+    pub source: String,
+    /// Every followed kind is synced (always true with no source).
+    pub synced: bool,
+    pub kinds: BTreeMap<String, KindStatus>,
+    /// Objects held, by kind.
+    pub objects: BTreeMap<String, usize>,
+    /// Objects skipped because a field was missing or malformed, by kind.
+    pub skipped: BTreeMap<String, u64>,
+}
+
+/// Body of `GET /v1/nat`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NatResponse {
+    pub node: String,
+    /// Whether the agent reads conntrack (off with `--no-conntrack`).
+    pub conntrack: bool,
+    /// How conntrack is followed: events, dumps, translated connections held.
+    pub conntrack_source: CtStats,
+    pub counters: NatCounters,
+    /// Sum of the disagreement counters (mismatch + not_in_conntrack + missed).
+    pub disagreements: u64,
+    pub translations: Vec<Translation>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    pub error: String,
+}
