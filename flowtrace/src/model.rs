@@ -13,4 +13,7 @@ pub use names::{Endpoint, EndpointKind, ServiceRef, Workload};
 pub use tuple::{
     is_icmp, protocol_name, tcp_flags_string, Direction, FlowTuple, HookView, Hop, TupleView,
 };
-pub use wire::{FlowRecord, HopRecord, Translation};
+pub use wire::{
+    FlowRecord, HopRecord, LatencyKind, LatencyRecord, NatCounters, NatState, TraceLine,
+    TracePacket, Translation,
+};

@@ -13,8 +13,8 @@ use std::{
 };
 
 use flowtrace::{
-    api::{FlowsResponse, InterfacesResponse, StatsResponse},
-    flows::FlowRecord,
+    model::wire::{FlowsResponse, InterfacesResponse, StatsResponse},
+    model::FlowRecord,
 };
 use serde::de::DeserializeOwned;
 

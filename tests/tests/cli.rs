@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::Bed;
-use flowtrace::api::FlowsResponse;
+use flowtrace::model::wire::FlowsResponse;
 use flowtrace_tests::{finish, flowtrace_bin, ftgen, ftgen_bg};
 
 fn cli(netns: &str, args: &[&str]) -> std::process::Output {

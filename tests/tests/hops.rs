@@ -9,7 +9,7 @@ mod common;
 use std::{net::IpAddr, time::Duration};
 
 use common::{find, hop_names, hops, Bed};
-use flowtrace::flows::Direction::{Egress, Ingress};
+use flowtrace::model::Direction::{Egress, Ingress};
 use flowtrace_tests::{finish, ftgen, ftgen_bg, Pod};
 
 const N: u64 = 200;
@@ -420,8 +420,8 @@ fn many_interleaved_flows_are_each_counted_exactly() {
 fn quiet_snapshot(
     agent: &flowtrace_tests::Agent,
 ) -> (
-    Vec<flowtrace::flows::FlowRecord>,
-    flowtrace::api::StatsResponse,
+    Vec<flowtrace::model::FlowRecord>,
+    flowtrace::model::wire::StatsResponse,
 ) {
     (0..20)
         .find_map(|_| {
@@ -452,7 +452,7 @@ fn a_full_flow_map_counts_every_lost_packet() {
     );
     const FLOWS: u64 = 400;
     const ROUNDS: u64 = 3;
-    let all_packets = |flows: &[flowtrace::flows::FlowRecord]| -> u64 {
+    let all_packets = |flows: &[flowtrace::model::FlowRecord]| -> u64 {
         flows
             .iter()
             .flat_map(|f| f.hops.iter().map(|h| h.packets))

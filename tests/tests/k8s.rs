@@ -13,9 +13,9 @@ use std::{
 
 use common::Bed;
 use flowtrace::{
-    api::MetadataResponse,
-    flows::FlowRecord,
-    k8s::{Endpoint, EndpointKind},
+    model::wire::MetadataResponse,
+    model::FlowRecord,
+    model::{Endpoint, EndpointKind},
 };
 use flowtrace_tests::{
     apiserver::{pod_object, Resource},
@@ -150,7 +150,7 @@ fn every_pod_flow_is_named_and_a_reused_address_follows_the_api() {
 
     // Name filters: by pod, workload, namespace; an unknown object is an error that says so.
     let a1 = c.pod(1, "pod-a").unwrap();
-    let r: flowtrace::api::FlowsResponse = bed
+    let r: flowtrace::model::wire::FlowsResponse = bed
         .agent(1)
         .get("/v1/flows?pod=default/pod-a-node1")
         .unwrap();
@@ -159,7 +159,7 @@ fn every_pod_flow_is_named_and_a_reused_address_follows_the_api() {
         .flows
         .iter()
         .all(|f| f.src == IpAddr::from(a1.ipv4) || f.dst == IpAddr::from(a1.ipv4)));
-    let r: flowtrace::api::FlowsResponse = bed
+    let r: flowtrace::model::wire::FlowsResponse = bed
         .agent(1)
         .get("/v1/flows?workload=monitoring/agent")
         .unwrap();
@@ -168,7 +168,7 @@ fn every_pod_flow_is_named_and_a_reused_address_follows_the_api() {
     let is_agent = |ip: IpAddr| ip == IpAddr::from(c1.ipv4) || ip == IpAddr::from(c2.ipv4);
     assert!(!r.flows.is_empty());
     assert!(r.flows.iter().all(|f| is_agent(f.src) || is_agent(f.dst)));
-    let r: flowtrace::api::FlowsResponse =
+    let r: flowtrace::model::wire::FlowsResponse =
         bed.agent(1).get("/v1/flows?namespace=monitoring").unwrap();
     let is_c = |ip: IpAddr| c.pod_by_ip(ip).is_some_and(|p| p.name == "pod-c");
     assert!(r.flows.iter().all(|f| is_c(f.src) || is_c(f.dst)));

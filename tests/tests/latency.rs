@@ -8,10 +8,10 @@ mod common;
 use std::net::IpAddr;
 
 use flowtrace::{
-    api::LatencyResponse,
-    flows::Direction,
-    latency::{LatencyKind, LatencyRecord},
-    path::{paths, Leg, NodeView, PathEnd, PathRecord, Step},
+    model::wire::LatencyResponse,
+    model::Direction,
+    model::{LatencyKind, LatencyRecord},
+    query::path::{paths, Leg, NodeView, PathEnd, PathRecord, Step},
 };
 use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bg_in, Agent, Cluster, ClusterOptions, Pod};
 

@@ -23,7 +23,7 @@ use common::{
     assert_nothing_left, assert_root, find, parse_exposition, promtool, service_connections,
     udp_all_received, Bed,
 };
-use flowtrace::flows::Direction;
+use flowtrace::model::Direction;
 use flowtrace_tests::{flowtrace_program_ids, http_get, Agent, Cluster, ClusterOptions};
 use k8s_openapi::api::apps::v1::DaemonSet;
 

@@ -9,10 +9,10 @@ mod common;
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use common::Bed;
-use flowtrace::flows::FlowRecord;
+use flowtrace::model::FlowRecord;
 use flowtrace::{
-    api::NatResponse,
-    nat::{NatState, TupleView},
+    model::wire::NatResponse,
+    model::{NatState, TupleView},
 };
 use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bin, Cluster};
 

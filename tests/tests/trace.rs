@@ -16,9 +16,9 @@ use std::{
 
 use common::Bed;
 use flowtrace::{
-    api::StatsResponse,
-    flows::Direction,
-    trace::{TraceLine, TracePacket},
+    model::wire::StatsResponse,
+    model::Direction,
+    model::{TraceLine, TracePacket},
 };
 use flowtrace_tests::{
     finish, flowtrace_bin, flowtrace_program_ids, ftgen_bg, ftgen_bin, ChildGuard, Cluster,

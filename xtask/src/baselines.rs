@@ -1,5 +1,5 @@
 //! The reference programs of the benchmark (`bench_noop`, `bench_counter` from
-//! `flowtrace::attach::BASELINES_OBJECT`), attached with TCX next to flowtrace's own programs.
+//! `flowtrace::kernel::attach::BASELINES_OBJECT`), attached with TCX next to flowtrace's own programs.
 //!
 //! Attaching happens in a helper process (`xtask hold-baselines`) started with
 //! `ip netns exec <node-ns>`, because interface names resolve in the caller's network namespace.
@@ -24,7 +24,7 @@ const READY: &str = "baselines ready";
 /// `xtask hold-baselines`: loads and attaches the named reference programs to every interface
 /// in `ifaces` (ingress and egress, appended to the TCX chain), then waits for stdin to close.
 pub fn hold(ifaces: &[String], programs: &[String]) -> Result<()> {
-    let mut ebpf = Ebpf::load(flowtrace::attach::BASELINES_OBJECT)
+    let mut ebpf = Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT)
         .context("loading the baselines eBPF object (needs root / CAP_BPF)")?;
     for name in programs {
         let name = name.as_str();

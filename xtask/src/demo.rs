@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowtrace::flows::{Direction, FlowRecord};
+use flowtrace::model::{Direction, FlowRecord};
 use flowtrace_tests::{Agent, ChildGuard, Cluster, ClusterOptions, Pod};
 
 use crate::build::{path_str, Binaries};
@@ -113,7 +113,7 @@ pub fn run() -> Result<()> {
     );
     let mut disagreements = 0;
     for (node, agent) in cluster.nodes.iter().zip(&agents) {
-        let nat: flowtrace::api::NatResponse = agent
+        let nat: flowtrace::model::wire::NatResponse = agent
             .get("/v1/nat")
             .with_context(|| format!("reading NAT translations from the agent in {}", node.name))?;
         let c = nat.counters;

@@ -5,6 +5,7 @@
 //! - `bench-metadata`: memory and lookup cost of the Kubernetes metadata cache.
 //! - `bench`: throughput with and without flowtrace, and per-packet program cost from the
 //!   kernel's own BPF run-time statistics, compared against reference programs.
+//! - `layers`: checks that flowtrace/src imports follow the layer order, without cycles.
 //! - `bench-agent`: the agent's own CPU and memory at idle, under a packet load and under flow
 //!   churn, against the DaemonSet's requests and limits.
 //!
@@ -16,6 +17,7 @@ mod baselines;
 mod bench;
 mod build;
 mod demo;
+mod layers;
 mod metabench;
 mod microbench;
 mod proc;
@@ -51,6 +53,8 @@ enum Command {
         #[arg(long, default_value_t = 2_000_000)]
         lookups: usize,
     },
+    /// Checks flowtrace/src's layer order and that no import cycle exists (run by CI).
+    Layers,
     /// CPU cost per run of each TC program on fixed packets (BPF_PROG_TEST_RUN), no network.
     Microbench {
         /// Runs per figure.
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::BenchAgent(args) => agentbench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
+        Command::Layers => layers::run(),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
         Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),
     }

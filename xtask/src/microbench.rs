@@ -115,20 +115,21 @@ fn udp_v6(payload: usize) -> Vec<u8> {
 }
 
 pub fn run(repeat: u32, rounds: usize) -> Result<()> {
-    let mut ft = flowtrace::attach::load(
+    let mut ft = flowtrace::kernel::attach::load(
         flowtrace_common::DEFAULT_FLOW_ENTRIES,
         flowtrace_common::DEFAULT_NAT_ENTRIES,
         flowtrace_common::DEFAULT_LATENCY_ENTRIES,
     )
     .context("loading flowtrace")?;
-    let mut base = Ebpf::load(flowtrace::attach::BASELINES_OBJECT).context("loading baselines")?;
+    let mut base =
+        Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT).context("loading baselines")?;
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
     println!(
         "{:<28} {:>10} {:>14} {:>16} {:>10}",
         "packet", "bench_noop", "bench_counter", "flowtrace_ingress", "ft net"
     );
     // The control map as the agent leaves it; latency sampling is set per row.
-    let mut control = flowtrace::drain::Drainer::new(&mut ft, std::time::Duration::ZERO)
+    let mut control = flowtrace::kernel::drain::Drainer::new(&mut ft, std::time::Duration::ZERO)
         .context("opening flowtrace's maps")?;
     for (name, pkt, sample) in [
         ("IPv4 TCP 1000 B", tcp_v4(1000), 0),

@@ -19,7 +19,10 @@ use std::{
 use flowtrace_common::{Counter, COUNTER_SLOTS};
 use tracing::warn;
 
-use super::tracers::TraceHub;
+use super::{
+    select::{flow_selected, packet_selected},
+    tracers::TraceHub,
+};
 use crate::{
     enrich::Namer,
     error::Result,
@@ -357,9 +360,7 @@ impl Agent {
     pub fn describe(&self, p: &TracedPacket, filter: &FlowFilter) -> Option<TracePacket> {
         self.with_namer(|namer, _| {
             let named = namer.trace_packet(p, self.node(), mono_to_unix_offset_ns())?;
-            filter
-                .matches_traced(namer, p, named.service.as_ref())
-                .then_some(named)
+            packet_selected(filter, namer, p, named.service.as_ref()).then_some(named)
         })
     }
 
@@ -423,7 +424,7 @@ impl Agent {
             for f in &mut flows {
                 enrich_record(namer, f);
             }
-            flows.retain(|f| filter.matches_flow(namer, f));
+            flows.retain(|f| flow_selected(filter, namer, f));
             flows
         });
         Ok(FlowsResponse {

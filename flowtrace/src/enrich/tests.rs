@@ -4,7 +4,6 @@ use super::*;
 use crate::{
     kernel::drain::DrainedNat,
     model::Direction,
-    query::filter::FlowFilter,
     state::trace::Sighting,
     testutil::{kernel_tuple, shop_cache, tcp as ft},
 };
@@ -198,25 +197,4 @@ fn describe_reports_hop_deltas_the_nat_step_and_applies_the_filter() {
     assert_eq!(step.before.dst.to_string(), "10.96.0.10");
     assert_eq!(step.after.dst.to_string(), "10.244.2.9");
     assert_eq!(named.tcp_flags, "S");
-
-    let passes = |f: FlowFilter| f.matches_traced(&namer, &p, named.service.as_ref());
-    assert!(passes(FlowFilter::default()), "no filter passes everything");
-    // A filter on the backend address matches the packet whose first hook still had the
-    // Service address: the packet is followed across the NAT.
-    assert!(passes(FlowFilter {
-        ips: vec!["10.244.2.9".parse().unwrap()],
-        ..Default::default()
-    }));
-    assert!(!passes(FlowFilter {
-        ips: vec!["10.244.3.0/24".parse().unwrap()],
-        ..Default::default()
-    }));
-    assert!(!passes(FlowFilter {
-        protos: vec!["udp".parse().unwrap()],
-        ..Default::default()
-    }));
-    assert!(passes(FlowFilter {
-        ifaces: vec!["if4".into()],
-        ..Default::default()
-    }));
 }

@@ -9,10 +9,8 @@ use std::str::FromStr;
 
 pub use crate::model::IpFilter;
 use crate::{
-    enrich::Namer,
     error::{Error, Result},
     model::{is_icmp, Endpoint, EndpointKind, FlowRecord, FlowTuple, ServiceRef},
-    state::trace::TracedPacket,
     util::glob_match,
 };
 
@@ -308,57 +306,6 @@ impl FlowFilter {
         }
         q.join("&")
     }
-}
-
-impl FlowFilter {
-    /// Whether an enriched flow record passes; a Service filter also matches a flow
-    /// between the Service's backends' addresses on a node where no translation was seen.
-    pub fn matches_flow(&self, namer: &Namer<'_>, f: &FlowRecord) -> bool {
-        let interfaces: Vec<&str> = f.hops.iter().map(|h| h.interface.as_str()).collect();
-        let backed = backed_services(self, namer, f.service.is_some(), &f.tuple());
-        let mut s = Subject::of_record(f, &interfaces);
-        s.backed_services = &backed;
-        self.matches_subject(&s)
-    }
-
-    /// Whether a traced packet passes at any of its hooks (the packet is followed across
-    /// the NAT: a filter on the backend matches the hook that still had the Service address).
-    pub fn matches_traced(
-        &self,
-        namer: &Namer<'_>,
-        p: &TracedPacket,
-        service: Option<&ServiceRef>,
-    ) -> bool {
-        let interfaces: Vec<String> = p.hops.iter().map(|h| namer.interface(h.ifindex)).collect();
-        let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-        p.tuples().iter().any(|t| {
-            let (src, dst) = (namer.endpoint(&t.src), namer.endpoint(&t.dst));
-            let backed = backed_services(self, namer, service.is_some(), t);
-            self.matches_subject(&Subject {
-                tuple: *t,
-                src: src.as_deref(),
-                dst: dst.as_deref(),
-                service,
-                interfaces: &interfaces,
-                backed_services: &backed,
-            })
-        })
-    }
-}
-
-fn backed_services(
-    filter: &FlowFilter,
-    namer: &Namer<'_>,
-    has_service: bool,
-    t: &FlowTuple,
-) -> Vec<String> {
-    if has_service || !filter.needs_backends() {
-        return Vec::new();
-    }
-    let meta = namer.meta();
-    let mut v = meta.services_backed_by(&t.dst);
-    v.extend(meta.services_backed_by(&t.src));
-    v
 }
 
 /// Escapes what is not unreserved in a query value.

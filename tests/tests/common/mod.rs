@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowtrace::flows::{Direction, FlowRecord};
+use flowtrace::model::{Direction, FlowRecord};
 use flowtrace_tests::{
     apiserver, finish, flowtrace_program_ids, ftgen, ftgen_bg, Agent, ApiServer, Cluster,
     ClusterOptions, Node, Pod,
