@@ -15,12 +15,12 @@ use std::{
 
 use flowtrace::metrics::FAMILIES;
 use k8s_openapi::{
-    apimachinery::pkg::util::intstr::IntOrString,
-    model::wire::{
+    api::{
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Container, EnvVar, Namespace, PodSpec, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;

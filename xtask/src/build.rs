@@ -20,7 +20,8 @@ pub fn workspace_root() -> Result<PathBuf> {
 }
 
 /// `cargo build --release -p flowtrace -p flowtrace-tests --bins`, then points the agent harness
-/// at the release `flowtrace` (FLOWTRACE_BIN), so it does not pick a stale debug build.
+/// at the release `flowtrace` and `ftgen` (FLOWTRACE_BIN, FTGEN_BIN), so it does not pick a stale
+/// debug build.
 pub fn release_binaries() -> Result<Binaries> {
     let root = workspace_root()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -57,8 +58,10 @@ pub fn release_binaries() -> Result<Binaries> {
             bail!("cargo reported success but {} does not exist; is CARGO_TARGET_DIR set differently?", p.display());
         }
     }
-    // Single-threaded at this point; the agent harness reads it when starting agents.
+    // Single-threaded at this point; the agent harness reads them when starting agents and
+    // traffic (xtask itself is a debug build: the release binaries are not its siblings).
     std::env::set_var("FLOWTRACE_BIN", &bins.flowtrace);
+    std::env::set_var("FTGEN_BIN", &bins.ftgen);
     Ok(bins)
 }
 
