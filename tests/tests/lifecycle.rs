@@ -226,8 +226,8 @@ fn programs_after_flowtrace_on_the_same_hook_still_run() {
     let neighbour = std::thread::spawn(move || {
         in_netns(&netns, move || -> Result<u64, String> {
             use aya::programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType};
-            let mut ebpf =
-                aya::Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT).map_err(|e| e.to_string())?;
+            let mut ebpf = aya::Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT)
+                .map_err(|e| e.to_string())?;
             let prog: &mut SchedClassifier = ebpf
                 .program_mut("bench_counter")
                 .ok_or("no bench_counter")?

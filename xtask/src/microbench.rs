@@ -121,7 +121,8 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         flowtrace_common::DEFAULT_LATENCY_ENTRIES,
     )
     .context("loading flowtrace")?;
-    let mut base = Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT).context("loading baselines")?;
+    let mut base =
+        Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT).context("loading baselines")?;
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
     println!(
         "{:<28} {:>10} {:>14} {:>16} {:>10}",

@@ -315,6 +315,10 @@ fn remove_stale_filters(name: &str) {
     }
 }
 
+/// Reference programs (`bench_noop`, `bench_counter`) used only by `cargo xtask bench`.
+pub static BASELINES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace-baselines"));
+
 #[cfg(test)]
 mod tests {
     use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
@@ -345,7 +349,3 @@ mod tests {
         assert!(calls.is_empty(), "kernel programs call {calls:?}: find the struct copy/compare/zeroing that LLVM lowered to a libcall");
     }
 }
-
-/// Reference programs (`bench_noop`, `bench_counter`) used only by `cargo xtask bench`.
-pub static BASELINES_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace-baselines"));

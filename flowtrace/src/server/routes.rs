@@ -58,12 +58,12 @@ pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
 }
 
 /// The request's filter, its names checked against the agent's metadata.
-fn filter_of(agent: &Agent, query: Option<&str>) -> Result<FlowFilter, Response> {
+fn filter_of(agent: &Agent, query: Option<&str>) -> Result<FlowFilter, (StatusCode, String)> {
     let filter = FlowFilter::from_query(query.unwrap_or(""))
-        .map_err(|e| error_response(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     agent.check_names(&filter).map_err(|e| match e {
-        NameError::NoMetadata(m) => error_response(StatusCode::BAD_REQUEST, m),
-        NameError::Missing(m) => error_response(StatusCode::NOT_FOUND, m),
+        NameError::NoMetadata(m) => (StatusCode::BAD_REQUEST, m),
+        NameError::Missing(m) => (StatusCode::NOT_FOUND, m),
     })?;
     Ok(filter)
 }
@@ -78,7 +78,7 @@ fn json_or_500<T: Serialize>(r: crate::Result<T>) -> Response {
 async fn flows(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {
     match filter_of(&agent, query.as_deref()) {
         Ok(filter) => json_or_500(agent.flows(&filter).await),
-        Err(r) => r,
+        Err((status, msg)) => error_response(status, msg),
     }
 }
 
@@ -155,7 +155,7 @@ async fn trace(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Re
 
     let filter = match filter_of(&agent, query.as_deref()) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err((status, msg)) => return error_response(status, msg),
     };
     let rx = agent.subscribe();
     let tracer = Tracer {
