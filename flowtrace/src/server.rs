@@ -37,7 +37,7 @@ pub async fn run_until(
     if let Ok(addr) = listener.local_addr() {
         listening(addr);
     }
-    let api = tokio::spawn(routes::serve(listener, running.agent.clone()));
+    let api = tokio::spawn(routes::serve(listener, running.agent()));
     // Without the link watcher new pods would silently go untraced: exit instead, so the
     // DaemonSet restarts the agent (and the operator sees why in the log).
     let outcome = tokio::select! {

@@ -544,7 +544,7 @@ impl Agent {
             nat: tables.nat.counters(),
             tracers: self.trace.tracers(),
             kernel_tracing,
-            traced_packets: self.trace.packets.load(Ordering::Relaxed),
+            traced_packets: self.trace.packets(),
         })
     }
 

@@ -37,7 +37,7 @@ use crate::{
 
 /// A started agent: its state and the tasks that feed it.
 pub struct Running {
-    pub agent: Arc<Agent>,
+    agent: Arc<Agent>,
     /// The link watcher: if it ends, new pods would silently go untraced.
     watcher: JoinHandle<Result<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -147,6 +147,11 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
 }
 
 impl Running {
+    /// The agent, for the HTTP server.
+    pub fn agent(&self) -> Arc<Agent> {
+        self.agent.clone()
+    }
+
     /// Resolves when the link watcher stops: with its error, or `Ok` if it just ended.
     pub async fn watcher_stopped(&mut self) -> Result<()> {
         match (&mut self.watcher).await {
@@ -192,8 +197,7 @@ async fn read_trace_ring(ring: aya::maps::RingBuf<aya::maps::MapData>, hub: Arc<
                 return;
             }
         };
-        hub.bad_events
-            .fetch_add(batch.bad, std::sync::atomic::Ordering::Relaxed);
+        hub.count_bad_events(batch.bad);
         for event in &batch.events {
             if let Some(done) = asm.push(&event.id, Sighting::from_event(event)) {
                 hub.publish(done);

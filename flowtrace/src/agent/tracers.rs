@@ -17,9 +17,9 @@ pub struct TraceHub {
     tx: broadcast::Sender<Arc<TracedPacket>>,
     tracers: AtomicUsize,
     /// Events the ring buffer held that were too short to be events (never expected).
-    pub bad_events: AtomicU64,
+    bad_events: AtomicU64,
     /// Joined packets handed to the tracers.
-    pub packets: AtomicU64,
+    packets: AtomicU64,
 }
 
 impl Default for TraceHub {
@@ -36,6 +36,16 @@ impl TraceHub {
             bad_events: AtomicU64::new(0),
             packets: AtomicU64::new(0),
         }
+    }
+
+    /// Joined packets handed to the tracers since the agent started.
+    pub fn packets(&self) -> u64 {
+        self.packets.load(Ordering::Relaxed)
+    }
+
+    /// Counts ring records too short to be events.
+    pub fn count_bad_events(&self, n: u64) {
+        self.bad_events.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Attached tracers.
