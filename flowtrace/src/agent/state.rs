@@ -2,10 +2,11 @@
 //! HTTP server go through its methods, each of which answers one question.
 //!
 //! Locks: the tables the drain always updates together (flows, NAT, latency, metrics) sit
-//! behind one mutex, [`Tables`]. Naming needs the metadata too; [`Agent::with_namer`] is the
-//! only place that takes both, always metadata first, so the order is code, not a comment.
-//! The link names are copied out before either is taken. The kernel handles (drainer,
-//! attacher) have async mutexes of their own and are never held with the others.
+//! behind one mutex, [`Tables`]. Naming needs the links and the metadata too; the drain
+//! (`Agent::drain_now`) and `Agent::with_namer` are the only places that take more than one
+//! lock, and both take links, then metadata, then tables, so the order is code, not a
+//! comment. The kernel handles (drainer, attacher) have async mutexes of their own and are
+//! never held with the others.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -177,7 +178,7 @@ impl Agent {
     /// Runs `f` with a namer over the current metadata, NAT table and links, and the
     /// tables. The one place the metadata and the tables are locked together.
     fn with_namer<R>(&self, f: impl FnOnce(&Namer<'_>, &Tables) -> R) -> R {
-        let links = lock(&self.links).clone();
+        let links = lock(&self.links);
         let meta = self.meta_read();
         let tables = lock(&self.tables);
         let namer = Namer::new(&meta, &tables.nat, &links);
@@ -208,7 +209,7 @@ impl Agent {
         }
         let now = monotonic_ns();
         {
-            let links = lock(&self.links).clone();
+            let links = lock(&self.links);
             let meta = self.meta_read();
             let mut tables = lock(&self.tables);
             let Tables {
