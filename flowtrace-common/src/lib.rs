@@ -5,7 +5,19 @@
 //! silently about a layout.
 #![no_std]
 
+pub mod maps;
 pub mod parse;
+
+/// The names of the kernel programs (their function names in `flowtrace-ebpf`, which is
+/// what `Ebpf::program_mut` and the clsact filters know them by).
+pub mod programs {
+    /// The classifier on each traced interface's TC ingress hook.
+    pub const INGRESS: &str = "flowtrace_ingress";
+    /// The classifier on each traced interface's TC egress hook.
+    pub const EGRESS: &str = "flowtrace_egress";
+    /// Every program of the object.
+    pub const ALL: [&str; 2] = [INGRESS, EGRESS];
+}
 
 /// Hook direction: TC ingress of the device (packets the device received; on a pod's
 /// host-side veth these are the packets the pod sent).

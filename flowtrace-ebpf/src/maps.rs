@@ -1,5 +1,9 @@
 //! Every map of the programs, in one place: what user space reads and writes, and the per-CPU
 //! scratch slots the programs build keys and events in.
+//!
+//! The names user space opens them by are `flowtrace_common::maps`. `#[map(name = ...)]` takes
+//! only a string literal, so each static keeps its own name as the map's name, and
+//! `flowtrace/tests/kernel_object.rs` checks the built object's maps against that list.
 
 use aya_ebpf::{
     macros::map,
