@@ -1,6 +1,8 @@
-//! Builds the kernel programs (flowtrace-ebpf) with the nightly toolchain for
+//! Builds the agent's kernel programs (flowtrace-ebpf) with the nightly toolchain for
 //! bpfel-unknown-none and leaves the object in OUT_DIR, where the agent embeds it
-//! (`include_bytes_aligned!` of `OUT_DIR/flowtrace`).
+//! (`include_bytes_aligned!` of `OUT_DIR/flowtrace`). The benchmark's reference programs
+//! (flowtrace-ebpf-baselines) are not built here but by tests/build.rs: the agent does not
+//! carry them.
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest_dir
@@ -22,31 +24,13 @@ fn main() -> anyhow::Result<()> {
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
-    // Transitional: the reference programs moved to flowtrace-ebpf-baselines (built for xtask
-    // and the tests by tests/build.rs); they are built here too only until the agent's
-    // `BASELINES_OBJECT` static that embeds them is removed.
-    let baselines_dir = manifest_dir
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("flowtrace crate has no parent directory"))?
-        .join("flowtrace-ebpf-baselines");
-    let baselines_root = baselines_dir
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", baselines_dir.display()))?;
     aya_build::build_ebpf(
-        [
-            aya_build::Package {
-                name: "flowtrace-ebpf",
-                root_dir,
-                no_default_features: false,
-                features: &[],
-            },
-            aya_build::Package {
-                name: "flowtrace-ebpf-baselines",
-                root_dir: baselines_root,
-                no_default_features: false,
-                features: &[],
-            },
-        ],
+        [aya_build::Package {
+            name: "flowtrace-ebpf",
+            root_dir,
+            no_default_features: false,
+            features: &[],
+        }],
         aya_build::Toolchain::default(),
     )
 }
