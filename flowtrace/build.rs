@@ -1,5 +1,8 @@
-//! Builds the kernel programs (flowtrace-ebpf) with the nightly toolchain for
-//! bpfel-unknown-none and leaves the object in OUT_DIR, where `src/ebpf.rs` embeds it.
+//! Builds the agent's kernel programs (flowtrace-ebpf) with the nightly toolchain for
+//! bpfel-unknown-none and leaves the object in OUT_DIR, where the agent embeds it
+//! (`include_bytes_aligned!` of `OUT_DIR/flowtrace`). The benchmark's reference programs
+//! (flowtrace-ebpf-baselines) are not built here but by tests/build.rs: the agent does not
+//! carry them.
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest_dir

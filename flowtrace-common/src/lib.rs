@@ -5,7 +5,19 @@
 //! silently about a layout.
 #![no_std]
 
+pub mod maps;
 pub mod parse;
+
+/// The names of the kernel programs (their function names in `flowtrace-ebpf`, which is
+/// what `Ebpf::program_mut` and the clsact filters know them by).
+pub mod programs {
+    /// The classifier on each traced interface's TC ingress hook.
+    pub const INGRESS: &str = "flowtrace_ingress";
+    /// The classifier on each traced interface's TC egress hook.
+    pub const EGRESS: &str = "flowtrace_egress";
+    /// Every program of the object.
+    pub const ALL: [&str; 2] = [INGRESS, EGRESS];
+}
 
 /// Hook direction: TC ingress of the device (packets the device received; on a pod's
 /// host-side veth these are the packets the pod sent).
@@ -13,6 +25,44 @@ pub const DIR_INGRESS: u8 = 0;
 /// Hook direction: TC egress of the device (packets the device transmits; on a pod's
 /// host-side veth these are the packets delivered to the pod).
 pub const DIR_EGRESS: u8 = 1;
+
+/// The hook direction of a `direction` byte the programs wrote (`DIR_INGRESS`,
+/// `DIR_EGRESS`), decoded once for every user-side reader.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HookDirection {
+    Ingress = DIR_INGRESS,
+    Egress = DIR_EGRESS,
+}
+
+impl HookDirection {
+    /// The direction of a kernel `direction` byte; `None` for a value the programs never
+    /// write.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            DIR_INGRESS => Some(Self::Ingress),
+            DIR_EGRESS => Some(Self::Egress),
+            _ => None,
+        }
+    }
+
+    /// The byte the programs write for this direction.
+    pub const fn as_raw(self) -> u8 {
+        self as u8
+    }
+
+    pub const fn is_ingress(self) -> bool {
+        matches!(self, Self::Ingress)
+    }
+
+    /// `ingress` or `egress`, as the API and the metrics spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
 
 /// Number of flow-map buffers. The kernel writes into the active one while user space
 /// drains the other, so a drain never races a writer (see `CONTROL_ACTIVE_BUFFER`).
@@ -75,6 +125,50 @@ pub const LAT_HANDSHAKE: u8 = 1;
 /// At one interface: a data segment to the first data segment acknowledging it (round trip
 /// beyond this interface, including the peer application's time to answer).
 pub const LAT_RESPONSE: u8 = 2;
+
+/// The kind of a latency entry (`LatencyKey::kind`, `RttPending::kind`), decoded once for
+/// every user-side reader.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LatencyKind {
+    /// `LAT_HOP`: one packet from one hook to the next on this node.
+    Hop = LAT_HOP,
+    /// `LAT_HANDSHAKE`: a SYN to its SYN-ACK at one interface.
+    Handshake = LAT_HANDSHAKE,
+    /// `LAT_RESPONSE`: a data segment to the first data segment acknowledging it.
+    Response = LAT_RESPONSE,
+}
+
+impl LatencyKind {
+    /// The kind of a kernel `kind` byte; `None` for a value the programs never write.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            LAT_HOP => Some(Self::Hop),
+            LAT_HANDSHAKE => Some(Self::Handshake),
+            LAT_RESPONSE => Some(Self::Response),
+            _ => None,
+        }
+    }
+
+    /// The byte the programs write for this kind.
+    pub const fn as_raw(self) -> u8 {
+        self as u8
+    }
+
+    /// A round trip at one interface (handshake or response), not a hop.
+    pub const fn is_round_trip(self) -> bool {
+        !matches!(self, Self::Hop)
+    }
+
+    /// `hop`, `handshake` or `response`, as the API and the metrics spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hop => "hop",
+            Self::Handshake => "handshake",
+            Self::Response => "response",
+        }
+    }
+}
 
 /// log2 buckets of a latency histogram: bucket `i` holds [2^i, 2^(i+1)) ns, the last one
 /// everything from 2^31 ns (2.1 s) up.
@@ -688,4 +782,64 @@ mod user {
     unsafe impl aya::Pod for super::LatencyHist {}
     unsafe impl aya::Pod for super::RttKey {}
     unsafe impl aya::Pod for super::RttPending {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_direction_decodes_what_the_kernel_writes() {
+        assert_eq!(
+            HookDirection::from_raw(DIR_INGRESS),
+            Some(HookDirection::Ingress)
+        );
+        assert_eq!(
+            HookDirection::from_raw(DIR_EGRESS),
+            Some(HookDirection::Egress)
+        );
+        assert!(HookDirection::Ingress.is_ingress());
+        assert!(!HookDirection::Egress.is_ingress());
+        for d in [HookDirection::Ingress, HookDirection::Egress] {
+            assert_eq!(HookDirection::from_raw(d.as_raw()), Some(d));
+        }
+        for raw in 2..=u8::MAX {
+            assert_eq!(HookDirection::from_raw(raw), None, "{raw}");
+        }
+        assert_eq!(HookDirection::Ingress.name(), "ingress");
+        assert_eq!(HookDirection::Egress.name(), "egress");
+    }
+
+    #[test]
+    fn latency_kind_decodes_what_the_kernel_writes() {
+        assert_eq!(LatencyKind::from_raw(LAT_HOP), Some(LatencyKind::Hop));
+        assert_eq!(
+            LatencyKind::from_raw(LAT_HANDSHAKE),
+            Some(LatencyKind::Handshake)
+        );
+        assert_eq!(
+            LatencyKind::from_raw(LAT_RESPONSE),
+            Some(LatencyKind::Response)
+        );
+        for k in [
+            LatencyKind::Hop,
+            LatencyKind::Handshake,
+            LatencyKind::Response,
+        ] {
+            assert_eq!(LatencyKind::from_raw(k.as_raw()), Some(k));
+        }
+        for raw in 3..=u8::MAX {
+            assert_eq!(LatencyKind::from_raw(raw), None, "{raw}");
+        }
+        assert!(!LatencyKind::Hop.is_round_trip());
+        assert!(LatencyKind::Handshake.is_round_trip());
+        assert!(LatencyKind::Response.is_round_trip());
+        let names = [
+            LatencyKind::Hop,
+            LatencyKind::Handshake,
+            LatencyKind::Response,
+        ]
+        .map(LatencyKind::name);
+        assert_eq!(names, ["hop", "handshake", "response"]);
+    }
 }

@@ -66,7 +66,7 @@ impl DirectPacket<'_> {
 /// a scalar in r0, so no `Option` crosses the call.
 #[inline(never)]
 fn slow_read(skb: usize, offset: u32, len: u32) -> u64 {
-    crate::count(flowtrace_common::Counter::SlowHeaderReads);
+    crate::counters::count(flowtrace_common::Counter::SlowHeaderReads);
     let mut buf = [0u8; 4];
     let len = if len >= 4 {
         4

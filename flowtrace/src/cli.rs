@@ -345,10 +345,7 @@ fn render_leg(out: &mut String, name: &str, leg: &crate::query::path::Leg) {
                 let _ = writeln!(
                     out,
                     "    {node:<10} {interface} {}  {packets} packets {bytes} bytes",
-                    match direction {
-                        Direction::Ingress => "ingress",
-                        Direction::Egress => "egress",
-                    }
+                    direction.as_str()
                 );
                 if let Some(l) = from_previous {
                     let _ = writeln!(out, "{:15}from previous hop: {}", "", summary_text(l));

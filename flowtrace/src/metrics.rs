@@ -23,7 +23,7 @@ use prometheus::proto::{
 use crate::{
     enrich::Namer,
     kernel::drain::Drained,
-    model::{protocol_name, Direction, Endpoint, EndpointKind, FlowTuple},
+    model::{protocol_name, Direction, Endpoint, EndpointKind, FlowTuple, LatencyKind},
 };
 
 pub use families::FAMILIES;
@@ -263,17 +263,15 @@ impl Metrics {
                 )
             };
             let to = at(k.to_ifindex, k.to_direction);
-            if k.kind == flowtrace_common::LAT_HOP {
-                let labels = join(&n.peers, [at(k.from_ifindex, k.from_direction), to]);
-                self.hop_latency.get(labels, max, v.now_ns).add(&l.hist);
-            } else {
-                let kind = if k.kind == flowtrace_common::LAT_HANDSHAKE {
-                    "handshake"
-                } else {
-                    "response"
-                };
-                let labels = join(&n.peers, [kind.to_string(), to]);
-                self.rtt.get(labels, max, v.now_ns).add(&l.hist);
+            match LatencyKind::from_kernel(k.kind) {
+                LatencyKind::Hop => {
+                    let labels = join(&n.peers, [at(k.from_ifindex, k.from_direction), to]);
+                    self.hop_latency.get(labels, max, v.now_ns).add(&l.hist);
+                }
+                kind => {
+                    let labels = join(&n.peers, [kind.as_str().to_string(), to]);
+                    self.rtt.get(labels, max, v.now_ns).add(&l.hist);
+                }
             }
         }
         self.observe_drain_duration(v.duration_s);

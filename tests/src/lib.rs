@@ -25,6 +25,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod baselines;
 pub mod cluster;
 pub mod kubeproxy;
 pub mod netns;

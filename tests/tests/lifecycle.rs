@@ -226,10 +226,10 @@ fn programs_after_flowtrace_on_the_same_hook_still_run() {
     let neighbour = std::thread::spawn(move || {
         in_netns(&netns, move || -> Result<u64, String> {
             use aya::programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType};
-            let mut ebpf = aya::Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT)
-                .map_err(|e| e.to_string())?;
+            use flowtrace_tests::baselines;
+            let mut ebpf = aya::Ebpf::load(baselines::OBJECT).map_err(|e| e.to_string())?;
             let prog: &mut SchedClassifier = ebpf
-                .program_mut("bench_counter")
+                .program_mut(baselines::BENCH_COUNTER)
                 .ok_or("no bench_counter")?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| e.to_string())?;
@@ -243,8 +243,10 @@ fn programs_after_flowtrace_on_the_same_hook_still_run() {
             ready_tx.send(()).map_err(|e| e.to_string())?;
             read_rx.recv().map_err(|e| e.to_string())?;
             let map: aya::maps::PerCpuHashMap<_, [u8; 16], u64> =
-                aya::maps::PerCpuHashMap::try_from(ebpf.map("BASELINE_FLOWS").ok_or("no map")?)
-                    .map_err(|e| e.to_string())?;
+                aya::maps::PerCpuHashMap::try_from(
+                    ebpf.map(baselines::BASELINE_FLOWS).ok_or("no map")?,
+                )
+                .map_err(|e| e.to_string())?;
             let mut total = 0;
             for item in map.iter() {
                 let (k, v) = item.map_err(|e| e.to_string())?;

@@ -1,5 +1,5 @@
 //! The reference programs of the benchmark (`bench_noop`, `bench_counter` from
-//! `flowtrace::kernel::attach::BASELINES_OBJECT`), attached with TCX next to flowtrace's own programs.
+//! `flowtrace_tests::baselines::OBJECT`), attached with TCX next to flowtrace's own programs.
 //!
 //! Attaching happens in a helper process (`xtask hold-baselines`) started with
 //! `ip netns exec <node-ns>`, because interface names resolve in the caller's network namespace.
@@ -13,10 +13,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType};
 use aya::Ebpf;
-use flowtrace_tests::ChildGuard;
+use flowtrace_tests::{baselines, ChildGuard};
 
 /// The reference programs, in the order they are attached.
-pub const PROGRAMS: [&str; 2] = ["bench_noop", "bench_counter"];
+pub const PROGRAMS: [&str; 2] = baselines::PROGRAMS;
 
 /// The line the helper prints once everything is attached.
 const READY: &str = "baselines ready";
@@ -24,7 +24,7 @@ const READY: &str = "baselines ready";
 /// `xtask hold-baselines`: loads and attaches the named reference programs to every interface
 /// in `ifaces` (ingress and egress, appended to the TCX chain), then waits for stdin to close.
 pub fn hold(ifaces: &[String], programs: &[String]) -> Result<()> {
-    let mut ebpf = Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT)
+    let mut ebpf = Ebpf::load(baselines::OBJECT)
         .context("loading the baselines eBPF object (needs root / CAP_BPF)")?;
     for name in programs {
         let name = name.as_str();
@@ -37,7 +37,7 @@ pub fn hold(ifaces: &[String], programs: &[String]) -> Result<()> {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| {
-                format!("program {name} is not in the baselines object; rebuild flowtrace")
+                format!("program {name} is not in the baselines object; rebuild xtask")
             })?
             .try_into()
             .with_context(|| {

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use flowtrace_tests::{Agent, ChildGuard, Cluster, ClusterOptions, Pod};
+use flowtrace_tests::{baselines, Agent, ChildGuard, Cluster, ClusterOptions, Pod};
 use serde_json::json;
 
 use crate::baselines::Holder;
@@ -158,8 +158,8 @@ impl Arm {
             Arm::Absent => return Ok(Attached::Nothing),
             Arm::Flowtrace => return Ok(Attached::Agents(start_agents(cluster, &[])?)),
             Arm::NoLatency => return Ok(Attached::Agents(start_agents(cluster, NO_LATENCY)?)),
-            Arm::Noop => "bench_noop",
-            Arm::Counter => "bench_counter",
+            Arm::Noop => baselines::BENCH_NOOP,
+            Arm::Counter => baselines::BENCH_COUNTER,
         };
         let mut holders = Vec::new();
         for node in &cluster.nodes {
@@ -773,8 +773,8 @@ fn cost_round(
         .filter(|p| ours.contains(&p.id) && !before.contains(&p.id))
     {
         let slot = match p.name.as_str() {
-            "bench_noop" => &mut c.noop,
-            "bench_counter" => &mut c.counter,
+            n if n == baselines::BENCH_NOOP => &mut c.noop,
+            n if n == baselines::BENCH_COUNTER => &mut c.counter,
             n if n.starts_with("flowtrace_ingre") => &mut c.ingress,
             n if n.starts_with("flowtrace_egres") => &mut c.egress,
             _ => continue,

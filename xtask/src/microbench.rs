@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{bail, Context, Result};
 use aya::{programs::SchedClassifier, Ebpf};
+use flowtrace_tests::baselines;
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
@@ -121,8 +122,7 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         flowtrace_common::DEFAULT_LATENCY_ENTRIES,
     )
     .context("loading flowtrace")?;
-    let mut base =
-        Ebpf::load(flowtrace::kernel::attach::BASELINES_OBJECT).context("loading baselines")?;
+    let mut base = Ebpf::load(baselines::OBJECT).context("loading baselines")?;
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
     println!(
         "{:<28} {:>10} {:>14} {:>16} {:>10}",
@@ -147,14 +147,18 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
             .context("setting latency sampling")?;
         let mut figures = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..rounds {
-            figures[0].push(test_run(load_prog(&mut base, "bench_noop")?, &pkt, repeat)?);
+            figures[0].push(test_run(
+                load_prog(&mut base, baselines::BENCH_NOOP)?,
+                &pkt,
+                repeat,
+            )?);
             figures[1].push(test_run(
-                load_prog(&mut base, "bench_counter")?,
+                load_prog(&mut base, baselines::BENCH_COUNTER)?,
                 &pkt,
                 repeat,
             )?);
             figures[2].push(test_run(
-                load_prog(&mut ft, "flowtrace_ingress")?,
+                load_prog(&mut ft, flowtrace_common::programs::INGRESS)?,
                 &pkt,
                 repeat,
             )?);

@@ -210,10 +210,7 @@ pub fn render(p: &TracePacket) -> String {
             }
             s.push('\n');
         }
-        let direction = match h.direction {
-            crate::model::Direction::Ingress => "ingress",
-            crate::model::Direction::Egress => "egress",
-        };
+        let direction = h.direction.as_str();
         let _ = writeln!(
             s,
             "    {:<16} {:<8} +{}",

@@ -19,6 +19,8 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
+use flowtrace_common::{maps, programs};
+
 use crate::{
     error::{Error, Result},
     model::wire::AttachMode,
@@ -26,9 +28,6 @@ use crate::{
 
 /// The object built from `flowtrace-ebpf` by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace"));
-
-pub const PROG_INGRESS: &str = "flowtrace_ingress";
-pub const PROG_EGRESS: &str = "flowtrace_egress";
 
 /// Resolves `Auto` against the running kernel.
 pub fn resolve_mode(mode: AttachMode) -> AttachMode {
@@ -47,16 +46,16 @@ pub fn resolve_mode(mode: AttachMode) -> AttachMode {
 /// Loads the embedded object with the given flow- and NAT-buffer capacities.
 pub fn load(flow_entries: u32, nat_entries: u32, latency_entries: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries("FLOWS_0", flow_entries);
-    loader.map_max_entries("FLOWS_1", flow_entries);
-    loader.map_max_entries("NAT_0", nat_entries);
-    loader.map_max_entries("NAT_1", nat_entries);
-    loader.map_max_entries("LATENCY_0", latency_entries);
-    loader.map_max_entries("LATENCY_1", latency_entries);
+    loader.map_max_entries(maps::FLOWS_0, flow_entries);
+    loader.map_max_entries(maps::FLOWS_1, flow_entries);
+    loader.map_max_entries(maps::NAT_0, nat_entries);
+    loader.map_max_entries(maps::NAT_1, nat_entries);
+    loader.map_max_entries(maps::LATENCY_0, latency_entries);
+    loader.map_max_entries(maps::LATENCY_1, latency_entries);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|source| Error::Load { source })?;
-    for program in [PROG_INGRESS, PROG_EGRESS] {
+    for program in programs::ALL {
         classifier(&mut ebpf, program)?
             .load()
             .map_err(|e| Error::Program {
@@ -149,7 +148,7 @@ impl Attacher {
                 Err(e) => qdisc_error = Some(e.to_string()),
             }
         }
-        let ingress = match self.attach_one(PROG_INGRESS, name, TcAttachType::Ingress) {
+        let ingress = match self.attach_one(programs::INGRESS, name, TcAttachType::Ingress) {
             Ok(link) => link,
             Err(Error::Attach {
                 program,
@@ -167,10 +166,10 @@ impl Attacher {
             }
             Err(e) => return Err(e),
         };
-        let egress = match self.attach_one(PROG_EGRESS, name, TcAttachType::Egress) {
+        let egress = match self.attach_one(programs::EGRESS, name, TcAttachType::Egress) {
             Ok(link) => link,
             Err(e) => {
-                let _ = self.detach_one(PROG_INGRESS, ingress);
+                let _ = self.detach_one(programs::INGRESS, ingress);
                 return Err(e);
             }
         };
@@ -230,8 +229,8 @@ impl Attacher {
     pub fn forget(&mut self, ifindex: u32) {
         if let Some(a) = self.attached.remove(&ifindex) {
             // Detaching a link whose device vanished fails harmlessly; the fd is closed either way.
-            let _ = self.detach_one(PROG_INGRESS, a.ingress);
-            let _ = self.detach_one(PROG_EGRESS, a.egress);
+            let _ = self.detach_one(programs::INGRESS, a.ingress);
+            let _ = self.detach_one(programs::EGRESS, a.egress);
             debug!(interface = %a.name, ifindex, "forgotten");
         }
     }
@@ -239,7 +238,7 @@ impl Attacher {
     /// Kernel IDs of the loaded programs, as (program name, id), for `bpftool prog show id N`.
     pub fn program_ids(&mut self) -> Vec<(String, u32)> {
         let mut out = Vec::new();
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in programs::ALL {
             if let Ok(prog) = self.program(name) {
                 if let Ok(info) = prog.info() {
                     out.push((name.to_string(), info.id()));
@@ -254,7 +253,7 @@ impl Attacher {
     /// time programs otherwise).
     pub fn program_stats(&mut self) -> Vec<(String, u64, u64)> {
         let mut out = Vec::new();
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in programs::ALL {
             if let Ok(prog) = self.program(name) {
                 if let Ok(info) = prog.info() {
                     out.push((
@@ -284,10 +283,10 @@ impl Attacher {
     pub fn detach_all(&mut self) -> Vec<u32> {
         let mut qdiscs = Vec::new();
         for (ifindex, a) in std::mem::take(&mut self.attached) {
-            if let Err(e) = self.detach_one(PROG_INGRESS, a.ingress) {
+            if let Err(e) = self.detach_one(programs::INGRESS, a.ingress) {
                 warn!(interface = %a.name, error = %e, "detaching ingress");
             }
-            if let Err(e) = self.detach_one(PROG_EGRESS, a.egress) {
+            if let Err(e) = self.detach_one(programs::EGRESS, a.egress) {
                 warn!(interface = %a.name, error = %e, "detaching egress");
             }
             if a.created_qdisc {
@@ -302,8 +301,8 @@ impl Attacher {
 /// Removes cls_bpf filters left by an earlier flowtrace that was killed (clsact mode only).
 fn remove_stale_filters(name: &str) {
     for (program, attach_type) in [
-        (PROG_INGRESS, TcAttachType::Ingress),
-        (PROG_EGRESS, TcAttachType::Egress),
+        (programs::INGRESS, TcAttachType::Ingress),
+        (programs::EGRESS, TcAttachType::Egress),
     ] {
         match tc::qdisc_detach_program(name, attach_type, program) {
             Ok(()) => info!(
@@ -314,10 +313,6 @@ fn remove_stale_filters(name: &str) {
         }
     }
 }
-
-/// Reference programs (`bench_noop`, `bench_counter`) used only by `cargo xtask bench`.
-pub static BASELINES_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowtrace-baselines"));
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,8 @@ use flowtrace_common::{
     CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, CONTROL_TRACING, COUNTER_SLOTS,
 };
 
+use flowtrace_common::maps;
+
 use crate::error::{Error, Result};
 
 /// Default wait between flipping the active buffer and reading the old one.
@@ -146,18 +148,18 @@ where
 /// The trace ring buffer the programs write to while a tracer is attached (read by
 /// `trace::read_ring`, not by the drainer: it is a stream, not a table).
 pub fn take_trace_ring(ebpf: &mut aya::Ebpf) -> Result<aya::maps::RingBuf<MapData>> {
-    take(ebpf, "TRACE_EVENTS")
+    take(ebpf, maps::TRACE_EVENTS)
 }
 
 impl Drainer {
     pub fn new(ebpf: &mut aya::Ebpf, grace: Duration) -> Result<Self> {
         Ok(Self {
-            buffers: [take(ebpf, "FLOWS_0")?, take(ebpf, "FLOWS_1")?],
-            nat: [take(ebpf, "NAT_0")?, take(ebpf, "NAT_1")?],
-            latency: [take(ebpf, "LATENCY_0")?, take(ebpf, "LATENCY_1")?],
-            cache: take(ebpf, "CACHE")?,
-            control: take(ebpf, "CONTROL")?,
-            counters: take(ebpf, "COUNTERS")?,
+            buffers: [take(ebpf, maps::FLOWS_0)?, take(ebpf, maps::FLOWS_1)?],
+            nat: [take(ebpf, maps::NAT_0)?, take(ebpf, maps::NAT_1)?],
+            latency: [take(ebpf, maps::LATENCY_0)?, take(ebpf, maps::LATENCY_1)?],
+            cache: take(ebpf, maps::CACHE)?,
+            control: take(ebpf, maps::CONTROL)?,
+            counters: take(ebpf, maps::COUNTERS)?,
             grace,
         })
     }
@@ -166,13 +168,13 @@ impl Drainer {
     pub fn set_latency_sampling(&mut self, rate: u32) -> Result<()> {
         self.control
             .set(CONTROL_LATENCY_SAMPLE, rate, 0)
-            .map_err(map_io("CONTROL"))
+            .map_err(map_io(maps::CONTROL))
     }
 
     fn active(&self) -> Result<u32> {
         self.control
             .get(&CONTROL_ACTIVE_BUFFER, 0)
-            .map_err(map_io("CONTROL"))
+            .map_err(map_io(maps::CONTROL))
     }
 
     /// Whether the programs write trace events now.
@@ -191,7 +193,7 @@ impl Drainer {
         };
         self.control
             .set(CONTROL_ACTIVE_BUFFER, word, 0)
-            .map_err(map_io("CONTROL"))
+            .map_err(map_io(maps::CONTROL))
     }
 
     /// Flips the buffers and returns every flow of the one that was active.
@@ -204,12 +206,12 @@ impl Drainer {
                 (1 - old) | (word & CONTROL_TRACING),
                 0,
             )
-            .map_err(map_io("CONTROL"))?;
+            .map_err(map_io(maps::CONTROL))?;
         tokio::time::sleep(self.grace).await;
         let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();
         let mut problems = Vec::new();
         self.drain_cache(old, &mut merged, &mut problems);
-        let name = if old == 0 { "FLOWS_0" } else { "FLOWS_1" };
+        let name = maps::FLOWS[usize::from(old != 0)];
         for (key, per_cpu) in take_all(&mut self.buffers[old as usize], name, &mut problems) {
             let stats = merged.entry(key).or_default();
             for cpu in per_cpu.iter() {
@@ -217,7 +219,7 @@ impl Drainer {
             }
         }
         let nat = self.drain_nat(old, &mut problems);
-        let lname = if old == 0 { "LATENCY_0" } else { "LATENCY_1" };
+        let lname = maps::LATENCY[usize::from(old != 0)];
         let latency = take_all(&mut self.latency[old as usize], lname, &mut problems)
             .into_iter()
             .filter_map(|(key, per_cpu)| {
@@ -242,7 +244,7 @@ impl Drainer {
 
     /// Reads and clears the idle NAT buffer, key by key like the flow buffer.
     fn drain_nat(&mut self, half: u32, problems: &mut Vec<Error>) -> Vec<DrainedNat> {
-        let name = if half == 0 { "NAT_0" } else { "NAT_1" };
+        let name = maps::NAT[usize::from(half != 0)];
         let mut out = Vec::new();
         for (original, per_cpu) in take_all(&mut self.nat[half as usize], name, problems) {
             let mut record = NatRecord::default();
@@ -264,7 +266,7 @@ impl Drainer {
         into: &mut HashMap<FlowKey, FlowStats>,
         problems: &mut Vec<Error>,
     ) {
-        let io = map_io::<aya::maps::MapError>("CACHE");
+        let io = map_io::<aya::maps::MapError>(maps::CACHE);
         for index in half * CACHE_SLOTS..(half + 1) * CACHE_SLOTS {
             let per_cpu = match self.cache.get(&index, 0) {
                 Ok(v) => v,
@@ -277,7 +279,7 @@ impl Drainer {
                 continue;
             }
             let cleared = PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()])
-                .map_err(map_io("CACHE"))
+                .map_err(map_io(maps::CACHE))
                 .and_then(|zeros| self.cache.set(index, zeros, 0).map_err(&io));
             if let Err(e) = cleared {
                 problems.push(e);
@@ -296,7 +298,7 @@ impl Drainer {
             let per_cpu = self
                 .counters
                 .get(&(c as u32), 0)
-                .map_err(map_io("COUNTERS"))?;
+                .map_err(map_io(maps::COUNTERS))?;
             out[c as usize] = per_cpu.iter().sum();
         }
         Ok(out)

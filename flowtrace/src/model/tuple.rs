@@ -64,10 +64,10 @@ impl Direction {
     /// The direction byte of the kernel's records (`DIR_INGRESS`, else egress): the one
     /// place it is decoded.
     pub fn from_kernel(direction: u8) -> Self {
-        if direction == flowtrace_common::DIR_INGRESS {
-            Direction::Ingress
-        } else {
-            Direction::Egress
+        match flowtrace_common::HookDirection::from_raw(direction) {
+            Some(flowtrace_common::HookDirection::Ingress) => Direction::Ingress,
+            // The programs write only the two values; anything else is not ingress.
+            _ => Direction::Egress,
         }
     }
 

@@ -153,6 +153,27 @@ pub enum LatencyKind {
     Response,
 }
 
+impl LatencyKind {
+    /// The kind byte of the kernel's latency records: the one place it is decoded (a value
+    /// the programs never write reads as a response round trip, as it always has).
+    pub fn from_kernel(kind: u8) -> Self {
+        match flowtrace_common::LatencyKind::from_raw(kind) {
+            Some(flowtrace_common::LatencyKind::Hop) => LatencyKind::Hop,
+            Some(flowtrace_common::LatencyKind::Handshake) => LatencyKind::Handshake,
+            _ => LatencyKind::Response,
+        }
+    }
+
+    /// `hop`, `handshake` or `response`, as labels and JSON write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LatencyKind::Hop => "hop",
+            LatencyKind::Handshake => "handshake",
+            LatencyKind::Response => "response",
+        }
+    }
+}
+
 /// One histogram as the API serves it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencyRecord {

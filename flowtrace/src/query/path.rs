@@ -674,7 +674,7 @@ fn finish(r: &mut PathRecord, request: &[RawStep]) {
                 ..
             } => Some((
                 node,
-                format!("{node}/{interface}/{}", dir_name(*direction)),
+                format!("{node}/{interface}/{}", direction.as_str()),
                 handshake,
                 response,
             )),
@@ -701,13 +701,6 @@ fn finish(r: &mut PathRecord, request: &[RawStep]) {
                 _ => None,
             },
         };
-    }
-}
-
-fn dir_name(d: Direction) -> &'static str {
-    match d {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
     }
 }
 

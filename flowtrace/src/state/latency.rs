@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use flowtrace_common::{LatencyHist, LAT_HANDSHAKE, LAT_HOP};
+use flowtrace_common::LatencyHist;
 
 use crate::{
     kernel::drain::DrainedLatency,
@@ -50,11 +50,7 @@ impl LatencyTable {
     pub fn merge(&mut self, drained: &[DrainedLatency], now_ns: u64) {
         for d in drained {
             let k = &d.key;
-            let kind = match k.kind {
-                LAT_HOP => LatencyKind::Hop,
-                LAT_HANDSHAKE => LatencyKind::Handshake,
-                _ => LatencyKind::Response,
-            };
+            let kind = LatencyKind::from_kernel(k.kind);
             let key = Key {
                 tuple: FlowTuple::from_tuple(&k.tuple),
                 kind,
@@ -137,6 +133,8 @@ fn key(kind: u8, from: u32, to: u32) -> flowtrace_common::LatencyKey {
 
 #[cfg(test)]
 mod tests {
+    use flowtrace_common::LAT_HOP;
+
     use super::*;
 
     #[test]

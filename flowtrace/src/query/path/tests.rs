@@ -223,7 +223,7 @@ fn hops_of(leg: &Leg) -> Vec<String> {
                 interface,
                 direction,
                 ..
-            } => format!("{node} {interface} {}", dir_name(*direction)),
+            } => format!("{node} {interface} {}", direction.as_str()),
             Step::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
         })
         .collect()

@@ -1,10 +1,12 @@
-//! Reference programs for `cargo xtask bench` only; never loaded by the agent.
-#![no_std]
-#![no_main]
+//! Reference programs for `cargo xtask bench` and `cargo xtask microbench` (and a
+//! neighbour program in one integration test); never loaded by the agent, and not embedded
+//! in it: `tests/build.rs` builds this crate into `flowtrace_tests::baselines::OBJECT`.
 //!
 //! `bench_noop` measures the floor of a TC program run as bpf_stats sees it.
 //! `bench_counter` is a minimal IPv4 5-tuple counter written the plain way (per-field
 //! `bpf_skb_load_bytes`, lookup then update): the yardstick flowtrace's cost is held to.
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
