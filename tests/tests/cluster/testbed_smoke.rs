@@ -2,8 +2,7 @@
 //! across nodes (IPv4 and IPv6), translate Service traffic like kube-proxy, carry malformed frames
 //! unchanged across the bridge, and leave no namespace behind. Needs root.
 //!
-//! Run: `cargo test -p flowtrace-tests --test testbed_smoke -- --test-threads=1`
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+//! Run: `cargo test --release -p flowtrace-tests --test cluster testbed_smoke -- --test-threads=1`
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -12,21 +11,8 @@ use flowtrace_tests::{list_netns, sweep_stale, ChildGuard, Cluster, ClusterOptio
 use serde_json::Value;
 
 fn up() -> Cluster {
-    assert!(
-        is_root(),
-        "the test bed creates network namespaces: run these tests as root"
-    );
+    flowtrace_tests::require_root().unwrap();
     Cluster::up(&ClusterOptions::default()).expect("bringing the cluster up")
-}
-
-fn is_root() -> bool {
-    // /proc/self/status avoids an unsafe geteuid() call in test code.
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 /// `ftgen <args>` inside `pod`, waited for (the library's helper, failing the test on error).

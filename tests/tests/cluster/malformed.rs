@@ -8,12 +8,8 @@
 //! leave the bridge, which would hide whether flowtrace passed them. The test therefore turns
 //! `net.bridge.bridge-nf-call-iptables` off in its own node namespace: then the bridge forwards
 //! any frame and only flowtrace could alter or drop it.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::Bed;
-use flowtrace_tests::{finish, ftgen, ftgen_bg};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, Bed};
 
 fn mac_bytes(mac: &str) -> Vec<u8> {
     mac.split(':')
@@ -37,7 +33,7 @@ fn ipv4(ihl_words: u8, total_len: u16, frag: u16, proto: u8) -> Vec<u8> {
 
 #[test]
 fn malformed_frames_pass_unchanged_and_are_counted_as_unparsed() {
-    let bed = Bed::up();
+    let bed = Bed::up().unwrap();
     let node = bed.cluster.node(1).unwrap();
     node.sysctl("net.bridge.bridge-nf-call-iptables", "0")
         .unwrap();
