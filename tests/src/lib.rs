@@ -7,7 +7,8 @@
 //! docs): every node is a network namespace with an underlay `eth0`, a `cni0` bridge holding the pod
 //! gateway, a flannel-style VXLAN device `flannel.1`, and kube-proxy's iptables-mode `nat` chains for
 //! one Service. Every pod is its own namespace with `eth0` as one end of a veth pair whose other end is
-//! enslaved to the node's `cni0`.
+//! enslaved to the node's `cni0`. The interfaces are settled before [`Cluster::up`] returns: nothing in the
+//! cluster sends a frame (router solicitations, late MLD/IGMP reports) that a test did not ask for.
 //!
 //! Helpers return [`Result`]: the library is also used by `cargo xtask`, and a test turns an
 //! error into its failure with `unwrap()` (the error's `Debug` is its message).
