@@ -1,7 +1,7 @@
 //! Test bed for flowtrace's integration tests: an emulated Kubernetes cluster built from network
 //! namespaces on one machine, the `ftgen` traffic helper binary, and the helpers the tests and
 //! `cargo xtask` share (agents per node, lookups in the agents' JSON, ground truth from
-//! `conntrack`, `bpftool`, `tc` and `promtool`).
+//! `conntrack`, `bpftool`, `tc`, `promtool` and `iperf3`).
 //!
 //! The topology mirrors what flowtrace meets in production (see `docs/k8s-dataplane.md` in the shared
 //! docs): every node is a network namespace with an underlay `eth0`, a `cni0` bridge holding the pod
@@ -35,6 +35,7 @@ pub mod bed;
 pub mod cluster;
 pub mod conntrack;
 pub mod host;
+pub mod iperf;
 pub mod kubeproxy;
 pub mod lookup;
 pub mod netns;
@@ -52,10 +53,11 @@ pub use host::{
 };
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
 pub use lookup::{find, hop_names, hops};
-pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard};
+pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard, ReadyFile};
 pub use promtext::{parse_exposition, promtool, Sample};
 pub use traffic::{
-    finish, ftgen, ftgen_bg, ftgen_bg_in, ftgen_bin, service_connections, udp_all_received,
+    finish, ftgen, ftgen_bg, ftgen_bg_in, ftgen_bin, ftgen_json, service_connections,
+    udp_all_received,
 };
 
 /// Everything the test bed can fail with. Each variant's message names what failed and what to do.

@@ -1,22 +1,23 @@
 //! Driving `ftgen` inside pods from tests and tools, with structured (JSON) results, and the
 //! traffic several tests share, checked against the senders' and receivers' own counts.
 
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use serde_json::Value;
 
-use crate::{netns::ChildGuard, Cluster, Error, Pod, Result};
+use crate::{
+    netns::{ChildGuard, ReadyFile},
+    Cluster, Error, Pod, Result,
+};
 
 /// Path of the `ftgen` binary built beside the running test or tool, or `$FTGEN_BIN`.
 pub fn ftgen_bin() -> Result<PathBuf> {
     crate::agent::sibling_binary("ftgen", "FTGEN_BIN", "flowtrace-tests")
 }
 
-fn parse(stdout: &[u8], what: &str) -> Result<Value> {
+/// The one JSON object an `ftgen` command prints on stdout; `what` names the command in the
+/// error.
+pub fn ftgen_json(stdout: &[u8], what: &str) -> Result<Value> {
     serde_json::from_slice(stdout).map_err(|e| {
         Error::Invalid(format!(
             "ftgen {what} printed no JSON ({e}): {}",
@@ -32,7 +33,7 @@ pub fn ftgen(pod: &Pod, args: &[&str]) -> Result<Value> {
     let mut argv = vec![bin.as_str()];
     argv.extend_from_slice(args);
     let out = pod.exec(&argv)?;
-    parse(&out.stdout, args.first().copied().unwrap_or(""))
+    ftgen_json(&out.stdout, args.first().copied().unwrap_or(""))
 }
 
 /// Starts `ftgen <args> --ready-file F` in `pod` and returns once its socket is bound.
@@ -46,39 +47,26 @@ pub fn ftgen_bg_in(netns_name: &str, args: &[&str]) -> Result<ChildGuard> {
     let bin = ftgen_bin()?;
     let bin = bin.to_string_lossy().to_string();
     let what = args.first().copied().unwrap_or("ftgen");
-    let ready =
-        std::env::temp_dir().join(format!("{netns_name}-{what}-{}.ready", std::process::id()));
-    let _ = std::fs::remove_file(&ready);
-    let ready_s = ready.to_string_lossy().to_string();
+    let ready = ReadyFile::new(&format!("{netns_name}-{what}"));
     let mut argv = vec![bin.as_str()];
     argv.extend_from_slice(args);
-    argv.extend_from_slice(&["--ready-file", &ready_s]);
-    let mut guard = crate::netns::ChildGuard::new(
+    argv.extend_from_slice(&["--ready-file", ready.arg()?]);
+    let mut guard = ChildGuard::new(
         crate::netns::spawn(netns_name, &argv)?,
         format!("{} (in {netns_name})", crate::netns::display_cmd(&argv)),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready.exists() {
-        if guard.has_exited() {
-            return Err(Error::Invalid(format!(
-                "ftgen {args:?} in {netns_name} exited before becoming ready"
-            )));
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Invalid(format!(
-                "ftgen {args:?} in {netns_name} never became ready"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = std::fs::remove_file(&ready);
+    ready.wait(
+        &mut guard,
+        &format!("ftgen {args:?} in {netns_name}"),
+        Duration::from_secs(10),
+    )?;
     Ok(guard)
 }
 
 /// Waits for a background ftgen and returns its JSON result.
 pub fn finish(guard: ChildGuard) -> Result<Value> {
     let out = guard.wait_output(Duration::from_secs(60))?;
-    parse(&out.stdout, "background")
+    ftgen_json(&out.stdout, "background")
 }
 
 /// Sends `count` UDP datagrams of `payload` bytes from `from` to `to`:`port` (a sink there)
