@@ -3,11 +3,12 @@
 //! `cargo xtask` share (agents per node, lookups in the agents' JSON, ground truth from
 //! `conntrack`, `bpftool`, `tc`, `promtool` and `iperf3`).
 //!
-//! The topology mirrors what flowtrace meets in production (see `docs/k8s-dataplane.md` in the shared
-//! docs): every node is a network namespace with an underlay `eth0`, a `cni0` bridge holding the pod
-//! gateway, a flannel-style VXLAN device `flannel.1`, and kube-proxy's iptables-mode `nat` chains for
-//! one Service. Every pod is its own namespace with `eth0` as one end of a veth pair whose other end is
-//! enslaved to the node's `cni0`. The interfaces are settled before [`Cluster::up`] returns: nothing in the
+//! The topology mirrors what flowtrace meets in production (a flannel VXLAN cluster with
+//! kube-proxy in iptables mode; the addressing is tabled in [`cluster`]): every node is a network
+//! namespace with an underlay `eth0`, a `cni0` bridge holding the pod gateway, a flannel-style
+//! VXLAN device `flannel.1`, and kube-proxy's iptables-mode `nat` chains for one Service. Every pod
+//! is its own namespace with `eth0` as one end of a veth pair whose other end is enslaved to the
+//! node's `cni0`. The interfaces are settled before [`Cluster::up`] returns: nothing in the
 //! cluster sends a frame (router solicitations, late MLD/IGMP reports) that a test did not ask for.
 //!
 //! Helpers return [`Result`]: the library is also used by `cargo xtask`, and a test turns an
