@@ -313,31 +313,3 @@ exec "$@""#;
         Ok(())
     }
 }
-
-/// IDs of loaded kernel programs that belong to flowtrace. Program IDs are not reused soon,
-/// so comparing sets taken before and after an agent's run isolates that agent's programs
-/// even when another flowtrace runs elsewhere on the machine.
-pub fn flowtrace_program_ids() -> Result<Vec<u64>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .map_err(|e| {
-            Error::Invalid(format!(
-                "running bpftool (install it with scripts/setup.sh): {e}"
-            ))
-        })?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| Error::Invalid(format!("bpftool -j prog show: bad JSON: {e}")))?;
-    Ok(v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|p| {
-                    p.get("name")
-                        .and_then(|n| n.as_str())
-                        .is_some_and(|n| n.starts_with("flowtrace_"))
-                })
-                .filter_map(|p| p.get("id").and_then(|i| i.as_u64()))
-                .collect()
-        })
-        .unwrap_or_default())
-}

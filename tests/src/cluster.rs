@@ -16,6 +16,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Output};
+use std::time::Duration;
 
 use crate::kubeproxy::{Endpoint, ServiceSpec};
 use crate::netns::{self, ChildGuard};
@@ -30,6 +31,46 @@ pub const VXLAN_PORT: u16 = 8472;
 
 /// The pod that backs the demo Service on every node that has one.
 pub const SERVICE_BACKEND_POD: &str = "pod-b";
+
+/// Settings of every namespace the cluster creates, written before its interfaces exist (devices
+/// take the namespace's defaults when they appear), so that no interface sends a frame nobody
+/// asked for once the cluster is up: a test that counts or captures frames must see only its
+/// own. Without them, on this kernel, a freshly up pod interface sends router solicitations for
+/// as long as it is up (4 s, 8 s, 16 s, ... after link-up) and every interface repeats its MLD
+/// (and `cni0` its IGMP) reports at a random moment up to a second later (tcpdump in a node
+/// namespace shows them all; `testbed_smoke::a_settled_cluster_sends_nothing_unasked` checks).
+const QUIET: [&str; 10] = [
+    // DAD would keep fresh IPv6 addresses "tentative" (unusable) for a second or two, and
+    // sends neighbour solicitations for each.
+    "net.ipv6.conf.all.accept_dad=0",
+    "net.ipv6.conf.default.accept_dad=0",
+    // Addresses and routes are static: no router advertisements to learn, so no router
+    // solicitations either (nodes forward, which alone stops theirs).
+    "net.ipv6.conf.all.accept_ra=0",
+    "net.ipv6.conf.default.accept_ra=0",
+    "net.ipv6.conf.all.router_solicitations=0",
+    "net.ipv6.conf.default.router_solicitations=0",
+    // The reports for the groups an interface joins (the solicited-node groups of its IPv6
+    // addresses; a snooping bridge's all-snoopers groups 224.0.0.106 and ff02::6a) go out at
+    // link-up and are repeated after a random delay of up to this many milliseconds (defaults:
+    // 1 s for MLDv2 and IGMPv3, 10 s for MLDv1 and IGMPv2); at 10 ms they are all sent while
+    // the cluster is being built (see SETTLE).
+    "net.ipv6.conf.default.mldv1_unsolicited_report_interval=10",
+    "net.ipv6.conf.default.mldv2_unsolicited_report_interval=10",
+    "net.ipv4.conf.default.igmpv2_unsolicited_report_interval=10",
+    "net.ipv4.conf.default.igmpv3_unsolicited_report_interval=10",
+];
+
+/// How long [`Cluster::up`] and [`Cluster::add_pod`] wait after the last interface came up:
+/// well past the last repeated MLD/IGMP report (two repeats at most 10 ms apart, see QUIET).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Writes [`QUIET`] in namespace `ns`.
+fn quiet(ns: &str) -> Result<()> {
+    let mut argv = vec!["sysctl", "-q", "-w"];
+    argv.extend_from_slice(&QUIET);
+    netns::exec(ns, &argv).map(drop)
+}
 
 /// How many nodes and which pods to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,7 +283,7 @@ impl Cluster {
         }
         for i in 1..=opts.nodes {
             for pod in &opts.pods_per_node {
-                cluster.add_pod(i, pod)?;
+                cluster.add_pod_unsettled(i, pod)?;
             }
         }
         let endpoints = cluster
@@ -259,6 +300,7 @@ impl Cluster {
         for node in &cluster.nodes {
             cluster.service.install(&node.netns)?;
         }
+        std::thread::sleep(SETTLE);
         Ok(cluster)
     }
 
@@ -313,7 +355,15 @@ impl Cluster {
 
     /// Adds pod `name` to node `node` (also used after start-up, e.g. to check that flowtrace
     /// notices a pod created while it runs). It is not added to the Service's endpoints.
+    /// Returns once the new interfaces have settled (sent their last unasked MLD report).
     pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Pod> {
+        let pod = self.add_pod_unsettled(node, name)?;
+        std::thread::sleep(SETTLE);
+        Ok(pod)
+    }
+
+    /// [`Cluster::add_pod`] without the wait: [`Cluster::up`] settles once for all its pods.
+    fn add_pod_unsettled(&mut self, node: usize, name: &str) -> Result<Pod> {
         validate_name(name)?;
         let prefix = self.prefix.clone();
         let n = self.node_mut(node)?;
@@ -417,15 +467,13 @@ impl Cluster {
                 "-w",
                 "net.ipv4.ip_forward=1",
                 "net.ipv6.conf.all.forwarding=1",
-                // DAD would keep fresh IPv6 addresses "tentative" (unusable) for a second or two.
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
                 // New namespaces inherit rp_filter from the host; pin it so results do not depend
                 // on the machine the tests run on.
                 "net.ipv4.conf.all.rp_filter=0",
                 "net.ipv4.conf.default.rp_filter=0",
             ],
         )?;
+        quiet(&ns)?;
         // Kubernetes requires these: a Service reply from a backend on the same bridge as the
         // client is bridged, not routed, and only br_netfilter lets conntrack un-DNAT it.
         netns::exec(
@@ -474,6 +522,7 @@ impl Cluster {
         } else {
             let ul = format!("{}-underlay", self.prefix);
             self.create_netns(&ul)?;
+            quiet(&ul)?;
             ip(&ul, "link set lo up")?;
             if !relay {
                 ip(&ul, "link add br0 type bridge")?;
@@ -590,16 +639,7 @@ fn build_pod(pod: &Pod, node_index: usize) -> Result<()> {
         pod.host_veth.as_str(),
     );
     // Set before eth0 exists: devices take the namespace's defaults when they appear.
-    netns::exec(
-        pod_ns,
-        &[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ],
-    )?;
+    quiet(pod_ns)?;
     // The peer is created directly inside the pod namespace, so its name `eth0` does not clash with
     // the node's own `eth0`.
     ip(

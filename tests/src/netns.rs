@@ -1,11 +1,12 @@
 //! Network namespace plumbing: creating and deleting namespaces, running commands inside them,
-//! child-process guards, and sweeping namespaces left behind by killed runs.
+//! child-process guards and ready files, and sweeping namespaces left behind by killed runs.
 //!
 //! Everything shells out to iproute2 (`ip netns ...`). That is deliberate: this is test
 //! infrastructure, and the commands printed in error messages can be pasted into a shell to
 //! reproduce a failure by hand.
 
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -248,6 +249,82 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.reap();
+    }
+}
+
+/// Process-wide counter that keeps two ready files of one run apart even when their tags match
+/// (two sinks of the same kind in one pod).
+static NEXT_READY_FILE: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh path in the temporary directory that a server creates once it is ready (ftgen's
+/// `--ready-file`), so a caller can wait for it instead of sleeping. Removed on drop.
+#[derive(Debug)]
+pub struct ReadyFile(PathBuf);
+
+impl ReadyFile {
+    /// A path that does not exist yet; `tag` (e.g. the namespace and the command) makes it
+    /// recognisable.
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT_READY_FILE.fetch_add(1, Ordering::Relaxed);
+        let tag: String = tag
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let p = std::env::temp_dir().join(format!(
+            "flowtrace-tests-{}-{n}-{tag}.ready",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&p);
+        Self(p)
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The path as a command-line argument.
+    pub fn arg(&self) -> Result<&str> {
+        self.0.to_str().ok_or_else(|| {
+            Error::Invalid(format!(
+                "temporary path {} is not UTF-8; set TMPDIR to a UTF-8 path",
+                self.0.display()
+            ))
+        })
+    }
+
+    /// Waits until the file exists; fails as soon as `server` exits instead, or after
+    /// `timeout`. `what` names the server in the error.
+    pub fn wait(&self, server: &mut ChildGuard, what: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.0.exists() {
+            if server.has_exited() {
+                return Err(Error::Invalid(format!(
+                    "{what} exited before it was ready (port in use? its error shows when it is \
+                     reaped)"
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Invalid(format!(
+                    "{what} not ready after {timeout:?} (no {})",
+                    self.0.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -23,7 +23,6 @@
 use std::{
     fmt::Write as _,
     path::Path,
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -32,6 +31,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use flowtrace_tests::iperf::{iperf_client, IperfServer};
 use flowtrace_tests::{apiserver, http_get, Agent, ApiServer, Cluster, ClusterOptions, Pod};
 use serde_json::{json, Value};
 
@@ -223,35 +223,6 @@ fn synthetic_pods(len: usize) -> Vec<Value> {
         .collect()
 }
 
-/// Runs one iperf3 client for `seconds`: (Gbit/s received, client + server CPU in millicores).
-fn iperf(client: &Pod, server: &Pod, seconds: u64) -> Result<(f64, f64)> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &client.netns, "iperf3", "-J", "-c"])
-        .arg(server.ipv4.to_string())
-        .args(["-p", &IPERF_PORT.to_string(), "-t", &seconds.to_string()])
-        .stdin(Stdio::null())
-        .output()
-        .context("running iperf3 -c")?;
-    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "iperf3 -c printed no JSON: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    if let Some(e) = v.get("error").and_then(Value::as_str) {
-        bail!("iperf3 -c: {e}");
-    }
-    let gbps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9;
-    let cpu = &v["end"]["cpu_utilization_percent"];
-    let mcpu = (cpu["host_total"].as_f64().unwrap_or(0.0)
-        + cpu["remote_total"].as_f64().unwrap_or(0.0))
-        * 10.0;
-    Ok((gbps, mcpu))
-}
-
 /// CPU seconds of this process's reaped children (user + system).
 fn children_cpu_s() -> f64 {
     // SAFETY: getrusage fills the struct we pass.
@@ -294,7 +265,7 @@ fn daemonset_resources() -> Result<String> {
 }
 
 pub fn run(args: &AgentBenchArgs) -> Result<()> {
-    proc::require_root()?;
+    flowtrace_tests::require_root()?;
     proc::install_interrupt_handler();
     for tool in ["iperf3", "ip"] {
         proc::require_tool(tool)?;
@@ -350,8 +321,7 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
     // 2. bulk
     eprintln!("xtask: bulk, iperf3 {} s", args.seconds);
     let (client, server) = (cluster.pod(1, "pod-a")?, cluster.pod(2, "pod-a")?);
-    let _server = server.spawn_guarded(&["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?;
-    std::thread::sleep(Duration::from_millis(500));
+    let _server = IperfServer::start(server, IPERF_PORT, Duration::from_secs(10))?;
     let pkts = |pod: &Pod| -> Result<u64> {
         let out = pod.exec(&["cat", "/sys/class/net/eth0/statistics/tx_packets"])?;
         String::from_utf8_lossy(&out.stdout)
@@ -361,7 +331,8 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
     };
     let p0 = pkts(client)?;
     let s2 = sample(pid)?;
-    let (gbps, iperf_mcpu) = iperf(client, server, args.seconds)?;
+    let run = iperf_client(client, server.ipv4.into(), IPERF_PORT, args.seconds, None)?;
+    let (gbps, iperf_mcpu) = (run.gbps, run.cpu_mcpu);
     let s3 = sample(pid)?;
     let pps = (pkts(client)? - p0) as f64 / s3.at.duration_since(s2.at).as_secs_f64();
     let mut bulk = phase(

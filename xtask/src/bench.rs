@@ -14,11 +14,11 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use flowtrace_tests::{baselines, Agent, ChildGuard, Cluster, ClusterOptions, Pod};
+use flowtrace_tests::iperf::{iperf_client, IperfRun, IperfServer};
+use flowtrace_tests::{baselines, Agent, Cluster, ClusterOptions, Pod};
 use serde_json::json;
 
 use crate::baselines::Holder;
@@ -188,14 +188,8 @@ impl Attached {
     }
 }
 
-/// Result of one iperf3 client run.
-struct Iperf {
-    gbps: f64,
-    retransmits: u64,
-}
-
 pub fn run(args: &BenchArgs) -> Result<()> {
-    proc::require_root()?;
+    flowtrace_tests::require_root()?;
     proc::install_interrupt_handler();
     for tool in ["iperf3", "bpftool", "ss", "ip"] {
         proc::require_tool(tool)?;
@@ -226,8 +220,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let client = cluster.pod(1, "pod-a")?;
     let server_pod = cluster.pod(2, "pod-a")?;
     let server_ip = IpAddr::V4(server_pod.ipv4);
-    let mut server = start_iperf_server(server_pod)?;
-    proc::wait_listening(server_pod, IPERF_PORT, &mut server, Duration::from_secs(10))?;
+    let server = IperfServer::start(server_pod, IPERF_PORT, Duration::from_secs(10))?;
 
     // Warm-up (not counted): first-run effects such as neighbour resolution and page faults.
     eprintln!("xtask: warm-up run (1 s, not counted)");
@@ -600,93 +593,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `iperf3 -s` in `pod`, output discarded (a never-read pipe would eventually block it).
-fn start_iperf_server(pod: &Pod) -> Result<ChildGuard> {
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pod.netns,
-            "iperf3",
-            "-s",
-            "-p",
-            &IPERF_PORT.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting iperf3 -s in {}", pod.netns))?;
-    Ok(ChildGuard::new(
-        child,
-        format!("iperf3 -s (in {})", pod.netns),
-    ))
-}
-
-/// One `iperf3 -c` run from `client`; retries when the server is still busy with the last one.
-fn iperf(client: &Pod, server: IpAddr, seconds: u32, cpus: &str) -> Result<Iperf> {
-    let server_s = server.to_string();
-    let secs = seconds.to_string();
-    let port = IPERF_PORT.to_string();
-    let argv = [
-        "iperf3",
-        "-c",
-        server_s.as_str(),
-        "-p",
-        port.as_str(),
-        "-t",
-        secs.as_str(),
-        // Pinned (see `BenchArgs::cpus`): fewer scheduler-placement swings between runs.
-        "-A",
-        cpus,
-        "-J",
-    ];
-    let shown = format!("ip netns exec {} {}", client.netns, argv.join(" "));
-    let mut last_err = String::new();
-    for attempt in 1..=3 {
-        proc::check_interrupted()?;
-        let out = Command::new("ip")
-            .args(["netns", "exec", &client.netns])
-            .args(argv)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running `{shown}`"))?;
-        let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
-            Ok(v) => v,
-            Err(_) => {
-                last_err = format!(
-                    "no JSON (exit {}): {} {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout).trim(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
-        };
-        if let Some(e) = v.get("error").and_then(serde_json::Value::as_str) {
-            last_err = e.to_string();
-            if attempt < 3 {
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            continue;
-        }
-        let bps = v
-            .pointer("/end/sum_received/bits_per_second")
-            .and_then(serde_json::Value::as_f64)
-            .with_context(|| {
-                format!("`{shown}`: no end.sum_received.bits_per_second in its JSON")
-            })?;
-        let retransmits = v
-            .pointer("/end/sum_sent/retransmits")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0);
-        return Ok(Iperf {
-            gbps: bps / 1e9,
-            retransmits,
-        });
-    }
-    bail!("`{shown}` failed 3 times; last error: {last_err}")
+/// One `iperf3 -c` run from `client` to the bench's server, pinned to `cpus` (see
+/// `BenchArgs::cpus`: fewer scheduler-placement swings between runs).
+fn iperf(client: &Pod, server: IpAddr, seconds: u32, cpus: &str) -> Result<IperfRun> {
+    proc::check_interrupted()?;
+    Ok(iperf_client(
+        client,
+        server,
+        IPERF_PORT,
+        u64::from(seconds),
+        Some(cpus),
+    )?)
 }
 
 fn start_agents(cluster: &Cluster, extra: &[&str]) -> Result<Vec<Agent>> {
@@ -721,14 +638,18 @@ fn cost_round(
     flowtrace_first: bool,
     agent_extra: &[&str],
 ) -> Result<CostRound> {
-    let before: BTreeSet<u32> = proc::bpftool_progs()?.iter().map(|p| p.id).collect();
+    let before: BTreeSet<u32> = flowtrace_tests::bpftool_progs()?
+        .iter()
+        .map(|p| p.id)
+        .collect();
     let mut holders = Vec::new();
     if !flowtrace_first {
         // The devices the agent will trace: pod veths and the overlay (checked below).
         for node in &cluster.nodes {
-            let mut ifaces: Vec<String> = node.pods.iter().map(|p| p.host_veth.clone()).collect();
-            ifaces.push("flannel.1".into());
-            holders.push(Holder::start(&node.netns, &ifaces)?);
+            holders.push(Holder::start(
+                &node.netns,
+                &flowtrace_tests::traced_devices(node),
+            )?);
         }
     }
     let agents = start_agents(cluster, agent_extra)?;
@@ -763,7 +684,7 @@ fn cost_round(
     for h in &holders {
         ours.extend(proc::prog_ids_held_by(h.pid())?);
     }
-    let progs = proc::bpftool_progs()?;
+    let progs = flowtrace_tests::bpftool_progs()?;
     let mut c = CostRound {
         gbps: r.gbps,
         ..CostRound::default()

@@ -19,9 +19,9 @@ pub fn workspace_root() -> Result<PathBuf> {
         .context("xtask's manifest directory has no parent; run it from the flowtrace workspace")
 }
 
-/// `cargo build --release -p flowtrace -p flowtrace-tests --bins`, then points the agent harness
-/// at the release `flowtrace` and `ftgen` (FLOWTRACE_BIN, FTGEN_BIN), so it does not pick a stale
-/// debug build.
+/// `cargo build --release -p flowtrace -p flowtrace-tests --bins`, then points the test bed's
+/// agent harness and ftgen helpers at the release binaries (FLOWTRACE_BIN, FTGEN_BIN), so they
+/// do not pick a stale (or missing) debug build beside the xtask binary.
 pub fn release_binaries() -> Result<Binaries> {
     let root = workspace_root()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -58,8 +58,8 @@ pub fn release_binaries() -> Result<Binaries> {
             bail!("cargo reported success but {} does not exist; is CARGO_TARGET_DIR set differently?", p.display());
         }
     }
-    // Single-threaded at this point; the agent harness reads them when starting agents and
-    // traffic (xtask itself is a debug build: the release binaries are not its siblings).
+    // Single-threaded at this point; the agent harness and the ftgen helpers of the test bed
+    // read them when starting agents and traffic.
     std::env::set_var("FLOWTRACE_BIN", &bins.flowtrace);
     std::env::set_var("FTGEN_BIN", &bins.ftgen);
     Ok(bins)

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use flowtrace::model::{Direction, FlowRecord};
-use flowtrace_tests::{Agent, ChildGuard, Cluster, ClusterOptions, Pod};
+use flowtrace_tests::{ftgen_json, Agent, ChildGuard, Cluster, ClusterOptions, Pod};
 
-use crate::build::{path_str, Binaries};
-use crate::proc::{self, ftgen_json, ReadyFile};
+use crate::proc;
 
 const SAME_NODE_UDP_PORT: u16 = 7001;
 const CROSS_TCP_PORT: u16 = 7002;
@@ -30,7 +29,7 @@ const PINGS: u64 = 3;
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
-    proc::require_root()?;
+    flowtrace_tests::require_root()?;
     proc::install_interrupt_handler();
     for tool in ["ip", "iptables", "ping", "ethtool"] {
         proc::require_tool(tool)?;
@@ -64,10 +63,7 @@ pub fn run() -> Result<()> {
         );
     }
 
-    let traffic = Traffic {
-        cluster: &cluster,
-        ftgen: &bins,
-    };
+    let traffic = Traffic { cluster: &cluster };
     let results = traffic.drive()?;
 
     print_header(&cluster, &results);
@@ -204,44 +200,28 @@ struct Results {
     service_sent: u64,
 }
 
+/// The demo's traffic. ftgen is the release build (`build::release_binaries` points
+/// `FTGEN_BIN` at it).
 struct Traffic<'a> {
     cluster: &'a Cluster,
-    ftgen: &'a Binaries,
 }
 
 impl Traffic<'_> {
-    fn ftgen(&self) -> Result<&str> {
-        path_str(&self.ftgen.ftgen)
-    }
-
     /// Starts an ftgen sink in `pod` and waits until it is bound.
-    fn sink(&self, pod: &Pod, tag: &str, args: &[&str]) -> Result<(ChildGuard, ReadyFile)> {
-        let ready = ReadyFile::new(tag);
-        let mut argv = vec![self.ftgen()?];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--ready-file", ready.arg()?]);
-        let mut guard = pod.spawn_guarded(&argv)?;
-        ready.wait(
-            &mut guard,
-            &format!(
-                "ftgen {} in {}",
+    fn sink(&self, pod: &Pod, args: &[&str]) -> Result<ChildGuard> {
+        flowtrace_tests::ftgen_bg(pod, args).with_context(|| {
+            format!(
+                "starting ftgen {} in {}",
                 args.first().copied().unwrap_or(""),
                 pod.netns
-            ),
-            Duration::from_secs(10),
-        )?;
-        Ok((guard, ready))
+            )
+        })
     }
 
     fn send(&self, pod: &Pod, args: &[&str]) -> Result<serde_json::Value> {
         proc::check_interrupted()?;
-        let mut argv = vec![self.ftgen()?];
-        argv.extend_from_slice(args);
-        let out = pod.exec(&argv)?;
-        ftgen_json(
-            &out.stdout,
-            &format!("ftgen {} in {}", args.join(" "), pod.netns),
-        )
+        flowtrace_tests::ftgen(pod, args)
+            .with_context(|| format!("ftgen {} in {}", args.join(" "), pod.netns))
     }
 
     fn drive(&self) -> Result<Results> {
@@ -252,9 +232,8 @@ impl Traffic<'_> {
 
         // (a) Same node: UDP and ping, node1/pod-a -> node1/pod-b.
         eprintln!("xtask: (a) same node: {UDP_COUNT} UDP datagrams of {UDP_SIZE} B and {PINGS} pings, node1/pod-a -> node1/pod-b");
-        let (sink, _r) = self.sink(
+        let sink = self.sink(
             b1,
-            "udp-same",
             &[
                 "udp-sink",
                 "--bind",
@@ -299,9 +278,8 @@ impl Traffic<'_> {
 
         // (b) Across nodes: TCP 1 MiB, UDP over IPv4 and IPv6, node1/pod-a -> node2/pod-a.
         eprintln!("xtask: (b) across nodes: TCP {TCP_BYTES} B, UDP IPv4 and IPv6 ({CROSS_UDP_COUNT} x {UDP_SIZE} B each), node1/pod-a -> node2/pod-a");
-        let (sink, _r) = self.sink(
+        let sink = self.sink(
             a2,
-            "tcp-cross",
             &[
                 "tcp-sink",
                 "--bind",
@@ -339,9 +317,8 @@ impl Traffic<'_> {
                 format!("[{}]:{CROSS_UDP6_PORT}", a2.ipv6),
             ),
         ] {
-            let (sink, _r) = self.sink(
+            let sink = self.sink(
                 a2,
-                tag,
                 &[
                     "udp-sink",
                     "--bind",
@@ -377,10 +354,9 @@ impl Traffic<'_> {
         // them over pod-b on both nodes, port 8080.
         eprintln!("xtask: (c) Service: {SERVICE_CONNECTIONS} TCP connections node1/pod-a -> {SERVICE_IP}:{SERVICE_PORT} (backends: pod-b on both nodes, :{BACKEND_PORT})");
         let mut sinks = Vec::new();
-        for (tag, pod) in [("svc-b1", b1), ("svc-b2", b2)] {
-            let (g, r) = self.sink(
+        for pod in [b1, b2] {
+            let g = self.sink(
                 pod,
-                tag,
                 &[
                     "tcp-sink",
                     "--bind",
@@ -395,7 +371,7 @@ impl Traffic<'_> {
                     "64",
                 ],
             )?;
-            sinks.push((pod, g, r));
+            sinks.push((pod, g));
         }
         let sent = self.send(
             a1,
@@ -411,7 +387,7 @@ impl Traffic<'_> {
         )?;
         let service_sent = u64_field(&sent, "connections");
         let mut service_backends = Vec::new();
-        for (pod, g, _r) in sinks {
+        for (pod, g) in sinks {
             // A backend that got no connection at all only stops at its overall timeout; it is
             // given a few seconds after the other one finished and then killed.
             let accepted = match g.wait_output(Duration::from_secs(6)) {

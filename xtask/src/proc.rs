@@ -1,151 +1,14 @@
-//! Small process and system helpers shared by `demo` and `bench`: waiting for sinks, reading
-//! `bpftool`, finding which BPF programs a process holds, and a sysctl that restores itself.
+//! Small process and system helpers shared by `demo` and `bench`: finding which BPF programs a
+//! process holds, interrupt handling, and a sysctl that restores itself. What the test bed also
+//! needs (ready files, `bpftool` listings, the root check, iperf3) lives in `flowtrace_tests`.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowtrace_tests::{ChildGuard, Pod};
-
-/// A per-run path in the temp directory for a sink's `--ready-file`; removed on drop.
-pub struct ReadyFile(PathBuf);
-
-impl ReadyFile {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "flowtrace-xtask-{}-{tag}.ready",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&p);
-        Self(p)
-    }
-
-    pub fn arg(&self) -> Result<&str> {
-        crate::build::path_str(&self.0)
-    }
-
-    /// Waits until the sink created the file; fails early if the sink exited instead.
-    pub fn wait(&self, sink: &mut ChildGuard, what: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while !self.0.exists() {
-            if sink.has_exited() {
-                bail!("{what} exited before it was ready (port in use? see its error when it is reaped)");
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{what} not ready after {timeout:?} (no {})",
-                    self.0.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ReadyFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Waits until a TCP listener on `port` exists inside `pod` (checked with `ss`, which does not
-/// disturb the server the way a probe connection would).
-pub fn wait_listening(
-    pod: &Pod,
-    port: u16,
-    server: &mut ChildGuard,
-    timeout: Duration,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let filter = format!("sport = :{port}");
-    loop {
-        if server.has_exited() {
-            bail!(
-                "the server in {} exited before it listened on port {port}",
-                pod.netns
-            );
-        }
-        let out = pod.exec(&["ss", "-H", "-l", "-t", "-n", filter.as_str()])?;
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "nothing listens on TCP port {port} in {} after {timeout:?}",
-                pod.netns
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Parses the one JSON object an `ftgen` command prints.
-pub fn ftgen_json(stdout: &[u8], what: &str) -> Result<serde_json::Value> {
-    serde_json::from_slice(stdout).with_context(|| {
-        format!(
-            "{what}: ftgen printed no JSON: {:?}",
-            String::from_utf8_lossy(stdout)
-        )
-    })
-}
-
-/// One program as `bpftool -j prog show` lists it.
-#[derive(Clone, Debug)]
-pub struct ProgRecord {
-    pub id: u32,
-    pub name: String,
-    pub run_time_ns: u64,
-    pub run_cnt: u64,
-}
-
-/// Every loaded BPF program (`bpftool -j prog show`). run_time_ns/run_cnt are 0 unless
-/// kernel.bpf_stats_enabled was on while they ran (bpftool omits them then).
-pub fn bpftool_progs() -> Result<Vec<ProgRecord>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .context("running `bpftool -j prog show` (install bpftool with `bash scripts/setup.sh`)")?;
-    if !out.status.success() {
-        bail!(
-            "`bpftool -j prog show` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .context("`bpftool -j prog show` printed something that is not JSON")?;
-    let arr = v
-        .as_array()
-        .context("`bpftool -j prog show` did not print a JSON array")?;
-    let mut progs = Vec::with_capacity(arr.len());
-    for p in arr {
-        let id = p
-            .get("id")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|i| u32::try_from(i).ok())
-            .with_context(|| {
-                format!("a program in `bpftool -j prog show` has no numeric id: {p}")
-            })?;
-        let num = |k: &str| p.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-        progs.push(ProgRecord {
-            id,
-            name: p
-                .get("name")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            run_time_ns: num("run_time_ns"),
-            run_cnt: num("run_cnt"),
-        });
-    }
-    Ok(progs)
-}
 
 /// IDs of the BPF programs process `pid` holds open (from `/proc/<pid>/fdinfo`, whose entries
 /// for program fds carry a `prog_id:` line). This ties a program to the process that loaded
@@ -310,15 +173,6 @@ pub fn require_tool(tool: &str) -> Result<()> {
         .unwrap_or(false);
     if !found {
         bail!("`{tool}` is not installed (not on PATH); install it with `bash scripts/setup.sh`");
-    }
-    Ok(())
-}
-
-/// Fails unless running as root (network namespaces, eBPF and sysctls need it).
-pub fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("this command needs root (it creates network namespaces and loads eBPF programs); run it with sudo");
     }
     Ok(())
 }

@@ -132,10 +132,14 @@ enum Cmd {
         /// Only frames with this EtherType (e.g. 0x0800), read from the frame bytes.
         #[arg(long, value_parser = parse_ethertype)]
         ethertype: Option<u16>,
-        /// Only frames from this source MAC (aa:bb:cc:dd:ee:ff). Filters out the bridge's own
-        /// chatter (IGMP/MLD reports, router solicitations) that otherwise races a test's frame.
+        /// Only frames from this source MAC (aa:bb:cc:dd:ee:ff).
         #[arg(long, value_parser = parse_mac)]
         src_mac: Option<[u8; 6]>,
+        /// Only frames to this destination MAC. With --src-mac, a unicast pair: what the kernel
+        /// sends unasked (MLD reports, router solicitations) goes to multicast addresses, so
+        /// only the frames a test sent itself match.
+        #[arg(long, value_parser = parse_mac)]
+        dst_mac: Option<[u8; 6]>,
         /// Created once the capture socket is bound.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -223,9 +227,14 @@ fn main() -> Result<()> {
             timeout_ms,
             ethertype,
             src_mac,
+            dst_mac,
             ready_file,
         } => {
-            let filter = raw::Filter { ethertype, src_mac };
+            let filter = raw::Filter {
+                ethertype,
+                src_mac,
+                dst_mac,
+            };
             raw::capture(&iface, count, ms(timeout_ms), filter, ready_file.as_deref())?
         }
         Cmd::DelayLine {
@@ -696,18 +705,22 @@ mod raw {
     pub struct Filter {
         pub ethertype: Option<u16>,
         pub src_mac: Option<[u8; 6]>,
+        pub dst_mac: Option<[u8; 6]>,
     }
 
     impl Filter {
         pub fn matches(&self, frame: &[u8]) -> bool {
             if frame.len() < 14 {
-                return self.ethertype.is_none() && self.src_mac.is_none();
+                return self.ethertype.is_none()
+                    && self.src_mac.is_none()
+                    && self.dst_mac.is_none();
             }
             let et_ok = self
                 .ethertype
                 .is_none_or(|et| u16::from_be_bytes([frame[12], frame[13]]) == et);
-            let mac_ok = self.src_mac.is_none_or(|m| frame[6..12] == m);
-            et_ok && mac_ok
+            let src_ok = self.src_mac.is_none_or(|m| frame[6..12] == m);
+            let dst_ok = self.dst_mac.is_none_or(|m| frame[..6] == m);
+            et_ok && src_ok && dst_ok
         }
     }
 
@@ -970,15 +983,27 @@ mod tests {
     }
 
     #[test]
-    fn capture_filter_checks_ethertype_and_source() {
+    fn capture_filter_checks_ethertype_source_and_destination() {
         let mut frame = vec![0u8; 14];
         frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
         frame[12..14].copy_from_slice(&[0x08, 0x00]);
-        let f = |ethertype, src_mac| raw::Filter { ethertype, src_mac };
-        assert!(f(None, None).matches(&frame));
-        assert!(f(Some(0x0800), Some([2, 0, 0, 0, 0, 1])).matches(&frame));
-        assert!(!f(Some(0x86dd), None).matches(&frame));
-        assert!(!f(None, Some([2, 0, 0, 0, 0, 2])).matches(&frame));
-        assert!(!f(Some(0x0800), None).matches(&frame[..10]));
+        frame[..6].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+        let f = |ethertype, src_mac, dst_mac| raw::Filter {
+            ethertype,
+            src_mac,
+            dst_mac,
+        };
+        assert!(f(None, None, None).matches(&frame));
+        assert!(f(
+            Some(0x0800),
+            Some([2, 0, 0, 0, 0, 1]),
+            Some([2, 0, 0, 0, 0, 9])
+        )
+        .matches(&frame));
+        assert!(!f(Some(0x86dd), None, None).matches(&frame));
+        assert!(!f(None, Some([2, 0, 0, 0, 0, 2]), None).matches(&frame));
+        assert!(!f(None, None, Some([0x33, 0x33, 0, 0, 0, 0x16])).matches(&frame));
+        assert!(!f(Some(0x0800), None, None).matches(&frame[..10]));
+        assert!(!f(None, None, Some([2, 0, 0, 0, 0, 9])).matches(&frame[..10]));
     }
 }

@@ -1,14 +1,10 @@
 //! `flowtrace flows` against a live agent: filters select exactly the flows they describe,
 //! and a filter that cannot be parsed is rejected with the reason before anything is fetched.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::process::Command;
 
-use common::Bed;
 use flowtrace::model::wire::FlowsResponse;
-use flowtrace_tests::{finish, flowtrace_bin, ftgen, ftgen_bg};
+use flowtrace_tests::{finish, flowtrace_bin, ftgen, ftgen_bg, Bed};
 
 fn cli(netns: &str, args: &[&str]) -> std::process::Output {
     Command::new("ip")
@@ -63,7 +59,7 @@ fn bad_filters_are_rejected_with_the_reason() {
 
 #[test]
 fn filters_select_flows_and_the_table_shows_hops() {
-    let bed = Bed::up();
+    let bed = Bed::up().unwrap();
     let (a, b, c) = (
         bed.cluster.pod(1, "pod-a").unwrap(),
         bed.cluster.pod(1, "pod-b").unwrap(),

@@ -3,9 +3,6 @@
 //! cluster: Service connections (with the hook before kube-proxy's DNAT and the reply after
 //! the un-DNAT), a same-node flow and a cross-node flow. Ground truth for the Service's
 //! backends: `conntrack -L` on the client's node. Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,12 +13,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{conntrack_list, parse_exposition, Bed};
 use flowtrace::model::{
     wire::{InterfacesResponse, StatsResponse},
     Endpoint, EndpointKind, FlowRecord, TraceLine, TracePacket, TupleView,
 };
-use flowtrace_tests::{finish, flowtrace_bin, ftgen, ftgen_bg, http_get, ChildGuard};
+use flowtrace_tests::{
+    conntrack_list, finish, flowtrace_bin, ftgen, ftgen_bg, http_get, parse_exposition,
+    service_connections, Bed, ChildGuard,
+};
 
 const SERVICE: &str = "10.96.0.10";
 
@@ -143,7 +142,7 @@ fn hop_class(kind: Option<&str>, name: &str) -> String {
 
 #[test]
 fn flows_trace_and_metrics_name_every_flow_the_same() {
-    let bed = Bed::with_metadata_and(&["--metrics-level", "pod"]);
+    let bed = Bed::with_metadata_and(&["--metrics-level", "pod"]).unwrap();
     let cluster = &bed.cluster;
     let client = cluster.pod(1, "pod-a").unwrap();
     let local = cluster.pod(1, "pod-c").unwrap();
@@ -156,7 +155,7 @@ fn flows_trace_and_metrics_name_every_flow_the_same() {
     // Traffic: Service connections (backends pod-b on both nodes), pod-a -> pod-c on its
     // node, pod-a -> pod-c across the nodes.
     let connections = 12u64;
-    common::service_connections(cluster, client, connections);
+    service_connections(cluster, client, connections).unwrap();
     let sink_args = [
         "tcp-sink",
         "--bind",
@@ -199,6 +198,7 @@ fn flows_trace_and_metrics_name_every_flow_the_same() {
         cluster.node(1).unwrap(),
         &["-p", "tcp", "-d", SERVICE, "-s", &client.ipv4.to_string()],
     )
+    .unwrap()
     .iter()
     .map(|(orig, reply)| (orig.2, reply.1))
     .collect();
@@ -268,7 +268,7 @@ fn flows_trace_and_metrics_name_every_flow_the_same() {
             "protocol",
         ];
         let mut scraped: BTreeMap<Vec<String>, (f64, f64)> = BTreeMap::new();
-        for s in parse_exposition(&text) {
+        for s in parse_exposition(&text).unwrap() {
             let which = match s.name.as_str() {
                 "flowtrace_packets_total" => 0,
                 "flowtrace_bytes_total" => 1,

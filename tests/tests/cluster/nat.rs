@@ -2,33 +2,27 @@
 //! translate appears in the agent with its original and translated tuple, in both
 //! directions, and the set equals what `conntrack -L` (conntrack-tools, independent of
 //! flowtrace) lists for the node. Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
-use common::Bed;
 use flowtrace::model::FlowRecord;
 use flowtrace::{
     model::wire::NatResponse,
     model::{NatState, TupleView},
 };
-use flowtrace_tests::{finish, ftgen, ftgen_bg, ftgen_bin, Cluster};
+use flowtrace_tests::{conntrack_list, finish, ftgen, ftgen_bg, ftgen_bin, Bed, Cluster, Tuple};
 
-use common::{conntrack_list, T};
-
-fn view(t: &TupleView) -> T {
+fn view(t: &TupleView) -> Tuple {
     (t.protocol, t.src, t.src_port, t.dst, t.dst_port)
 }
 
-fn rev(t: T) -> T {
+fn rev(t: Tuple) -> Tuple {
     (t.0, t.3, t.4, t.1, t.2)
 }
 
 /// Translations (original, translated, state) from the agent; asks twice so that every
 /// translation went through at least two conntrack cross-checks.
-fn translations(bed: &Bed, node: usize) -> (NatResponse, Vec<(T, T, NatState, String)>) {
+fn translations(bed: &Bed, node: usize) -> (NatResponse, Vec<(Tuple, Tuple, NatState, String)>) {
     let _: NatResponse = bed.agent(node).get("/v1/nat").unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let r: NatResponse = bed.agent(node).get("/v1/nat").unwrap();
@@ -49,14 +43,14 @@ fn translations(bed: &Bed, node: usize) -> (NatResponse, Vec<(T, T, NatState, St
 
 /// What conntrack says the two rewrites of each connection are: original direction
 /// `orig -> reply reversed`, reply direction `reply -> orig reversed`.
-fn expected(ct: &[(T, T)]) -> BTreeSet<(T, T)> {
+fn expected(ct: &[(Tuple, Tuple)]) -> BTreeSet<(Tuple, Tuple)> {
     ct.iter()
         .flat_map(|&(o, r)| [(o, rev(r)), (r, rev(o))])
         .collect()
 }
 
 /// Every translation of `want` names the demo Service and its port.
-fn assert_service_named(list: &NatResponse, want: &BTreeSet<(T, T)>) {
+fn assert_service_named(list: &NatResponse, want: &BTreeSet<(Tuple, Tuple)>) {
     for t in &list.translations {
         if !want.contains(&(view(&t.original), view(&t.translated))) {
             continue;
@@ -84,7 +78,7 @@ fn assert_service_named(list: &NatResponse, want: &BTreeSet<(T, T)>) {
 
 #[test]
 fn clusterip_connections_match_conntrack_in_both_directions() {
-    let bed = Bed::with_metadata();
+    let bed = Bed::with_metadata().unwrap();
     let c = &bed.cluster;
     let a1 = c.pod(1, "pod-a").unwrap();
     let backends = [c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-b").unwrap()];
@@ -161,7 +155,7 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
 
     // Ground truth: node1's conntrack table, every connection to the ClusterIP.
     let node1 = c.node(1).unwrap();
-    let ct = conntrack_list(node1, &["-d", "10.96.0.10"]);
+    let ct = conntrack_list(node1, &["-d", "10.96.0.10"]).unwrap();
     let tcp = ct.iter().filter(|(o, _)| o.0 == 6).count();
     let udp = ct.iter().filter(|(o, _)| o.0 == 17).count();
     assert_eq!(
@@ -174,7 +168,7 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
 
     let (resp, list) = translations(&bed, 1);
     let vip: IpAddr = "10.96.0.10".parse().unwrap();
-    let got: BTreeSet<(T, T)> = list
+    let got: BTreeSet<(Tuple, Tuple)> = list
         .iter()
         .filter(|(o, t, _, _)| o.3 == vip || t.1 == vip)
         .map(|(o, t, _, _)| (*o, *t))
@@ -313,7 +307,7 @@ fn nodeport_from_node1(c: &Cluster, connections: u64) {
 }
 
 /// The flow with tuple `t` in `flows`.
-fn flow_with(flows: &[FlowRecord], t: T) -> Option<&FlowRecord> {
+fn flow_with(flows: &[FlowRecord], t: Tuple) -> Option<&FlowRecord> {
     flows
         .iter()
         .find(|f| (f.protocol_number, f.src, f.src_port, f.dst, f.dst_port) == t)
@@ -321,17 +315,17 @@ fn flow_with(flows: &[FlowRecord], t: T) -> Option<&FlowRecord> {
 
 #[test]
 fn nodeport_from_a_node_is_completed_from_conntrack() {
-    let bed = Bed::with_metadata();
+    let bed = Bed::with_metadata().unwrap();
     let c = &bed.cluster;
     nodeport_from_node1(c, 20);
     let node2 = c.node(2).unwrap();
 
     // node2 translated (DNAT to a backend + masquerade): its conntrack is the ground truth.
-    let ct = conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]);
+    let ct = conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]).unwrap();
     assert_eq!(ct.len(), 20, "conntrack on node2: {ct:?}");
     let want = expected(&ct);
     let (resp, list) = translations(&bed, 2);
-    let got: BTreeSet<(T, T)> = list
+    let got: BTreeSet<(Tuple, Tuple)> = list
         .iter()
         .filter(|(o, t, _, _)| want.contains(&(*o, *t)))
         .map(|(o, t, _, _)| (*o, *t))
@@ -371,7 +365,7 @@ fn nodeport_from_a_node_is_completed_from_conntrack() {
 
 #[test]
 fn connections_gone_before_any_dump_are_completed_from_conntrack_events() {
-    common::assert_root();
+    flowtrace_tests::require_root().unwrap();
     let cluster =
         flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions::default()).unwrap();
     let node2 = cluster.node(2).unwrap();
@@ -391,18 +385,22 @@ fn connections_gone_before_any_dump_are_completed_from_conntrack_events() {
 
     // Ground truth, then the connections are gone from conntrack before the agent's next
     // dump (there is none): a dump-only agent could not know them any more.
-    let ct = conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]);
+    let ct = conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]).unwrap();
     assert_eq!(ct.len(), 10, "conntrack on node2: {ct:?}");
     node2
         .exec(&["conntrack", "-D", "-p", "tcp", "--orig-port-dst", "30080"])
         .unwrap();
-    assert!(conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"]).is_empty());
+    assert!(
+        conntrack_list(node2, &["-p", "tcp", "--orig-port-dst", "30080"])
+            .unwrap()
+            .is_empty()
+    );
     std::thread::sleep(Duration::from_millis(300));
 
     let want = expected(&ct);
     let _: NatResponse = agent.get("/v1/nat").unwrap();
     let r: NatResponse = agent.get("/v1/nat").unwrap();
-    let got: BTreeSet<(T, T)> = r
+    let got: BTreeSet<(Tuple, Tuple)> = r
         .translations
         .iter()
         .map(|t| (view(&t.original), view(&t.translated)))

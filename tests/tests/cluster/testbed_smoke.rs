@@ -1,9 +1,9 @@
 //! Smoke tests of the test bed itself: the emulated cluster must forward pod traffic within and
 //! across nodes (IPv4 and IPv6), translate Service traffic like kube-proxy, carry malformed frames
-//! unchanged across the bridge, and leave no namespace behind. Needs root.
+//! unchanged across the bridge, send nothing nobody asked for, and leave no namespace behind.
+//! Needs root.
 //!
-//! Run: `cargo test -p flowtrace-tests --test testbed_smoke -- --test-threads=1`
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+//! Run: `cargo test --release -p flowtrace-tests --test cluster testbed_smoke -- --test-threads=1`
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -12,21 +12,8 @@ use flowtrace_tests::{list_netns, sweep_stale, ChildGuard, Cluster, ClusterOptio
 use serde_json::Value;
 
 fn up() -> Cluster {
-    assert!(
-        is_root(),
-        "the test bed creates network namespaces: run these tests as root"
-    );
+    flowtrace_tests::require_root().unwrap();
     Cluster::up(&ClusterOptions::default()).expect("bringing the cluster up")
-}
-
-fn is_root() -> bool {
-    // /proc/self/status avoids an unsafe geteuid() call in test code.
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 /// `ftgen <args>` inside `pod`, waited for (the library's helper, failing the test on error).
@@ -296,9 +283,10 @@ fn ipv4_checksum(h: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Sends `frame` on `a`'s eth0 and returns the IPv4 frames from `a` that `b` captured.
+/// Sends `frame` on `a`'s eth0 and returns the IPv4 frames from `a` to `b` that `b` captured.
 fn send_and_capture(a: &Pod, b: &Pod, frame: &str, timeout_ms: &str) -> Vec<String> {
-    // Filter on pod-a's MAC: cni0 itself sends IGMP/MLD reports to the pods now and then.
+    // Only the unicast pair the test's frame uses: anything the kernels send unasked goes to
+    // multicast addresses.
     let cap = ftgen_bg(
         b,
         &[
@@ -313,6 +301,8 @@ fn send_and_capture(a: &Pod, b: &Pod, frame: &str, timeout_ms: &str) -> Vec<Stri
             "0x0800",
             "--src-mac",
             &a.mac,
+            "--dst-mac",
+            &b.mac,
         ],
     );
     let sent = ftgen(a, &["raw-send", "--iface", "eth0", "--hex", frame]);
@@ -379,6 +369,51 @@ fn malformed_frames_cross_the_bridge_unchanged() {
     node1
         .sysctl("net.bridge.bridge-nf-call-iptables", "1")
         .unwrap();
+    c.down().unwrap();
+}
+
+/// Once `Cluster::up` (or `add_pod`) returned, no interface of the cluster sends anything by
+/// itself: no router solicitation, no late MLD or IGMP report. Ground truth: tcpdump on every
+/// interface of both node namespaces (the pods' veth peers, `cni0`, `flannel.1`, the underlay),
+/// for longer than an unsettled pod takes to send its second router solicitation (4 s after
+/// link-up).
+#[test]
+fn a_settled_cluster_sends_nothing_unasked() {
+    let mut c = up();
+    c.add_pod(1, "pod-late").unwrap();
+    // SIGINT after 6 s: tcpdump prints what it caught and exits 0 (so does timeout, with
+    // --preserve-status).
+    let dumps: Vec<ChildGuard> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            n.spawn_guarded(&[
+                "timeout",
+                "--preserve-status",
+                "-s",
+                "INT",
+                "6",
+                "tcpdump",
+                "-i",
+                "any",
+                "-n",
+                "-e",
+                "-l",
+            ])
+            .unwrap()
+        })
+        .collect();
+    for (node, dump) in c.nodes.iter().zip(dumps) {
+        let out = dump
+            .wait_output(std::time::Duration::from_secs(15))
+            .unwrap();
+        let frames = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            frames.trim().is_empty(),
+            "{} sent frames nobody asked for:\n{frames}",
+            node.name
+        );
+    }
     c.down().unwrap();
 }
 

@@ -2,9 +2,6 @@
 //! truth: the source ports the client used (from its own sockets), `conntrack -L` for the
 //! backend each Service connection went to, the topology the test built for the hooks, and
 //! `bpftool`/`tc` for what is attached. Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::{
     collections::BTreeSet,
@@ -14,15 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::Bed;
 use flowtrace::{
     model::wire::StatsResponse,
     model::Direction,
     model::{TraceLine, TracePacket},
 };
 use flowtrace_tests::{
-    finish, flowtrace_bin, flowtrace_program_ids, ftgen_bg, ftgen_bin, ChildGuard, Cluster,
-    ClusterOptions, Node, Pod,
+    conntrack_list, finish, flowtrace_bin, flowtrace_program_ids, ftgen_bg, ftgen_bin, Bed,
+    ChildGuard, Cluster, ClusterOptions, Node, Pod,
 };
 
 /// A `flowtrace trace` process and its output lines, each with the moment it arrived.
@@ -136,7 +132,8 @@ fn wait_tracers(bed: &Bed, node: usize, tracers: usize) -> StatsResponse {
 /// Client source port -> backend address, from `conntrack -L` of the client's node.
 fn conntrack_backends(node: &Node, client: &Pod) -> std::collections::HashMap<u16, String> {
     let client = std::net::IpAddr::from(client.ipv4);
-    common::conntrack_list(node, &["-p", "tcp", "-d", "10.96.0.10"])
+    conntrack_list(node, &["-p", "tcp", "-d", "10.96.0.10"])
+        .unwrap()
         .into_iter()
         .filter(|(original, _)| original.1 == client)
         // The reply's source is the backend.
@@ -185,7 +182,7 @@ fn steady_client(pod: &Pod, to: &str, connections: &str) -> ChildGuard {
 
 #[test]
 fn trace_shows_running_traffic_within_a_second_and_follows_the_service_across_the_nat() {
-    let bed = Bed::with_metadata();
+    let bed = Bed::with_metadata().unwrap();
     let c = &bed.cluster;
     let (c1, b1, b2) = (
         c.pod(1, "pod-c").unwrap(),
@@ -399,7 +396,7 @@ fn assert_detached(node: &Node, ids: &[u64]) {
 
 #[test]
 fn standalone_trace_attaches_while_it_runs_and_leaves_nothing_after_ctrl_c_or_count() {
-    common::assert_root();
+    flowtrace_tests::require_root().unwrap();
     let cluster = Cluster::up(&ClusterOptions::default()).unwrap();
     let (a1, b1) = (
         cluster.pod(1, "pod-a").unwrap(),

@@ -2,15 +2,11 @@
 //!
 //! Ground truth: ftgen's own count of datagrams/bytes sent and received, ping's count of
 //! replies, and the topology the test bed built (which interfaces a packet must cross).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::{net::IpAddr, time::Duration};
 
-use common::{find, hop_names, hops, Bed};
 use flowtrace::model::Direction::{Egress, Ingress};
-use flowtrace_tests::{finish, ftgen, ftgen_bg, Pod};
+use flowtrace_tests::{find, finish, ftgen, ftgen_bg, hop_names, hops, Bed, Pod};
 
 const N: u64 = 200;
 const PAYLOAD: u64 = 300;
@@ -72,7 +68,7 @@ fn send_udp(src: &Pod, dst: &Pod, v6: bool, port: u16) -> (IpAddr, IpAddr) {
 }
 
 fn check_udp(same_node: bool, v6: bool, port: u16) {
-    let bed = Bed::up();
+    let bed = Bed::up().unwrap();
     let c = &bed.cluster;
     let src = c.pod(1, "pod-a").unwrap();
     let dst = if same_node {
@@ -142,7 +138,7 @@ fn udp_across_nodes_ipv6() {
 /// the headers of the packets counted, equal the payload the client sent.
 #[test]
 fn tcp_transfer_bytes_match_what_the_client_sent() {
-    let bed = Bed::up();
+    let bed = Bed::up().unwrap();
     let c = &bed.cluster;
     let (src, dst) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-b").unwrap());
     const BYTES: u64 = 8 * 1024 * 1024;
@@ -249,7 +245,7 @@ fn tcp_transfer_bytes_match_what_the_client_sent() {
 /// Ping across nodes, IPv4 and IPv6: requests and replies counted on their own hops.
 #[test]
 fn icmp_echo_requests_and_replies() {
-    let bed = Bed::up();
+    let bed = Bed::up().unwrap();
     let c = &bed.cluster;
     let (src, dst) = (c.pod(1, "pod-b").unwrap(), c.pod(2, "pod-a").unwrap());
     const COUNT: u64 = 5;
@@ -377,7 +373,7 @@ fn send_interleaved_flows(
 /// counters move between cache and hash map and across drains; every flow must still be exact.
 #[test]
 fn many_interleaved_flows_are_each_counted_exactly() {
-    let bed = Bed::up();
+    let bed = Bed::up().unwrap();
     let c = &bed.cluster;
     let (src, dst) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-b").unwrap());
     const FLOWS: u64 = 600;
@@ -438,7 +434,7 @@ fn quiet_snapshot(
 /// lost to the full map, unparsed, or not IP.
 #[test]
 fn a_full_flow_map_counts_every_lost_packet() {
-    common::assert_root();
+    flowtrace_tests::require_root().unwrap();
     let cluster =
         flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions::default()).unwrap();
     let agent = flowtrace_tests::Agent::start(
@@ -499,7 +495,7 @@ fn a_full_flow_map_counts_every_lost_packet() {
 /// ends of the underlay count the same.
 #[test]
 fn vxlan_outer_flow_on_the_uplink_matches_the_inner_flow() {
-    common::assert_root();
+    flowtrace_tests::require_root().unwrap();
     let cluster =
         flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions::default()).unwrap();
     let a1 = flowtrace_tests::Agent::start(

@@ -7,14 +7,10 @@
 //! pod's interface, each registered as its own Pod object in the fixture API server (a real
 //! HTTP server speaking the API's list/watch protocol; the real API server cannot run here).
 //! Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{parse_exposition, promtool, Bed, Sample};
-use flowtrace_tests::{finish, ftgen, ftgen_bg, http_get};
+use flowtrace_tests::{finish, ftgen, ftgen_bg, http_get, parse_exposition, promtool, Bed, Sample};
 use serde_json::json;
 
 /// Distinct source pods.
@@ -38,7 +34,7 @@ fn flood_ip(i: usize) -> String {
 fn scrape(netns: &str) -> (String, Vec<Sample>) {
     let (status, text) = http_get(netns, "/metrics").unwrap();
     assert_eq!(status, 200, "{text}");
-    let samples = parse_exposition(&text);
+    let samples = parse_exposition(&text).unwrap();
     (text, samples)
 }
 
@@ -62,7 +58,8 @@ fn a_flood_of_pods_stays_under_the_series_cap_and_the_overflow_is_counted() {
         &cap,
         "--metrics-series-ttl-s",
         &ttl,
-    ]);
+    ])
+    .unwrap();
     let c = &bed.cluster;
     let (src, dst) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-c").unwrap());
 
@@ -72,7 +69,7 @@ fn a_flood_of_pods_stays_under_the_series_cap_and_the_overflow_is_counted() {
         let ip = flood_ip(i);
         src.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])
             .unwrap();
-        bed.api()
+        bed.api().unwrap()
             .apply(json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"namespace": "flood", "name": format!("flood-{i}"), "labels": {"app": "flood"}},
@@ -164,7 +161,7 @@ fn a_flood_of_pods_stays_under_the_series_cap_and_the_overflow_is_counted() {
             }
             std::thread::sleep(Duration::from_millis(300));
         };
-        let (ok, said) = promtool(&text);
+        let (ok, said) = promtool(&text).unwrap();
         assert!(ok, "promtool check metrics on {}: {said}", node.name);
 
         for family in [
@@ -264,6 +261,7 @@ fn a_flood_of_pods_stays_under_the_series_cap_and_the_overflow_is_counted() {
     for i in 0..PODS {
         assert!(bed
             .api()
+            .unwrap()
             .delete("Pod", "flood", &format!("flood-{i}"))
             .unwrap());
     }

@@ -9,9 +9,6 @@
 //! `bpftool`/`tc` for what is left attached. Names come from the fixture API server (a real
 //! HTTP server speaking the API's list/watch protocol; the real API server cannot run here).
 //! Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::{
     collections::BTreeSet,
@@ -19,12 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    assert_nothing_left, assert_root, find, parse_exposition, promtool, service_connections,
-    udp_all_received, Bed,
-};
 use flowtrace::model::Direction;
-use flowtrace_tests::{flowtrace_program_ids, http_get, Agent, Cluster, ClusterOptions};
+use flowtrace_tests::{
+    check_nothing_left, find, flowtrace_program_ids, http_get, parse_exposition, promtool,
+    require_root, service_connections, udp_all_received, Agent, Bed, Cluster, ClusterOptions,
+};
 use k8s_openapi::api::apps::v1::DaemonSet;
 
 const UDP_COUNT: u64 = 200;
@@ -102,7 +98,7 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
     let caps = daemonset_capabilities();
     let names: Vec<&str> = caps.iter().map(String::as_str).collect();
     let before = flowtrace_program_ids().unwrap();
-    let bed = Bed::with_metadata_confined(&names);
+    let bed = Bed::with_metadata_confined(&names).unwrap();
     let c = &bed.cluster;
     let (n1, n2) = (c.node(1).unwrap(), c.node(2).unwrap());
 
@@ -146,9 +142,9 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
 
     // UDP between two workloads across the nodes, as in the metrics test.
     let (a1, c2) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-c").unwrap());
-    udp_all_received(a1, c2, 7400, UDP_COUNT, UDP_PAYLOAD);
+    udp_all_received(a1, c2, 7400, UDP_COUNT, UDP_PAYLOAD).unwrap();
     // Connections through the Service: conntrack (netlink) under the confined capabilities.
-    let dnat = service_connections(c, a1, CONNECTIONS);
+    let dnat = service_connections(c, a1, CONNECTIONS).unwrap();
 
     // The UDP flow at the client's veth (node1) and the receiver's (node2), bytes and packets
     // as sent.
@@ -186,7 +182,7 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
     loop {
         let (status, text) = http_get(&n1.netns, "/metrics").unwrap();
         assert_eq!(status, 200, "{text}");
-        let samples = parse_exposition(&text);
+        let samples = parse_exposition(&text).unwrap();
         let translations: f64 = samples
             .iter()
             .filter(|s| {
@@ -197,7 +193,7 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
             .map(|s| s.value)
             .sum();
         if translations == dnat {
-            let (ok, said) = promtool(&text);
+            let (ok, said) = promtool(&text).unwrap();
             assert!(ok, "promtool check metrics: {said}");
             let lost: f64 = samples
                 .iter()
@@ -240,7 +236,7 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
         agent.stop().unwrap();
     }
     for node in &cluster.nodes {
-        assert_nothing_left(node, &mine);
+        check_nothing_left(node, &mine).unwrap();
     }
 }
 
@@ -248,7 +244,7 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
 /// says why, and leaves nothing loaded.
 #[test]
 fn each_capability_of_the_set_is_necessary() {
-    assert_root();
+    require_root().unwrap();
     let caps = daemonset_capabilities();
     let cluster =
         Cluster::up(&ClusterOptions::default()).expect("bringing the emulated cluster up");

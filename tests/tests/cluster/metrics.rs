@@ -5,17 +5,15 @@
 //! `conntrack -L` for the connections kube-proxy's DNAT sent to the Service's backends. The
 //! Kubernetes names come from the fixture API server (a real HTTP server speaking the API's
 //! list/watch protocol; the real API server cannot run here). Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{promtool, service_connections, udp_all_received, Bed};
-use flowtrace_tests::{http_get, in_netns, ChildGuard};
+use flowtrace_tests::{
+    http_get, in_netns, promtool, service_connections, udp_all_received, Bed, ChildGuard,
+};
 
 const PROM_PORT: u16 = 9091;
 const UDP_COUNT: u64 = 300;
@@ -126,7 +124,7 @@ impl Prometheus {
 
 #[test]
 fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
-    let bed = Bed::with_metadata_and(&["--listen", "0.0.0.0:9650"]);
+    let bed = Bed::with_metadata_and(&["--listen", "0.0.0.0:9650"]).unwrap();
     let c = &bed.cluster;
     let (n1, n2) = (c.node(1).unwrap(), c.node(2).unwrap());
     let prom = Prometheus::start(
@@ -153,16 +151,16 @@ fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
 
     // UDP between two workloads across the nodes: client (pod-a, node1) -> agent (pod-c, node2).
     let (a1, c2) = (c.pod(1, "pod-a").unwrap(), c.pod(2, "pod-c").unwrap());
-    udp_all_received(a1, c2, 7100, UDP_COUNT, UDP_PAYLOAD);
+    udp_all_received(a1, c2, 7100, UDP_COUNT, UDP_PAYLOAD).unwrap();
     // Connections through the Service, to its backends on both nodes; conntrack's count of
     // them DNATed from the Service address.
-    let through_service = service_connections(c, a1, CONNECTIONS);
+    let through_service = service_connections(c, a1, CONNECTIONS).unwrap();
 
     // promtool accepts both agents' output.
     for n in [n1, n2] {
         let (status, text) = http_get(&n.netns, "/metrics").unwrap();
         assert_eq!(status, 200, "{text}");
-        let (ok, said) = promtool(&text);
+        let (ok, said) = promtool(&text).unwrap();
         assert!(
             ok,
             "promtool check metrics refused {}'s output: {said}",

@@ -2,16 +2,12 @@
 //! watch over HTTP, real object JSON, reached by kube-rs through a kubeconfig): names on
 //! every flow between pods, renames, the API server going away and coming back, watch
 //! edges (dropped connection, bookmarks, 410 Gone), and bad metadata input. Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::{
     net::IpAddr,
     time::{Duration, Instant},
 };
 
-use common::Bed;
 use flowtrace::{
     model::wire::MetadataResponse,
     model::FlowRecord,
@@ -19,7 +15,7 @@ use flowtrace::{
 };
 use flowtrace_tests::{
     apiserver::{pod_object, Resource},
-    ftgen, ftgen_bg, http_get, Agent, Pod,
+    ftgen, ftgen_bg, http_get, Agent, Bed, Pod,
 };
 use serde_json::json;
 
@@ -117,7 +113,7 @@ fn assert_named(e: Option<&Endpoint>, p: &Pod) {
 
 #[test]
 fn every_pod_flow_is_named_and_a_reused_address_follows_the_api() {
-    let bed = Bed::with_metadata();
+    let bed = Bed::with_metadata().unwrap();
     let c = &bed.cluster;
     let pods: Vec<&Pod> = c.pods().collect();
     // Every pod sends to every other pod (same node and across nodes).
@@ -194,7 +190,7 @@ fn every_pod_flow_is_named_and_a_reused_address_follows_the_api() {
     );
 
     // Rename: pod-c on node1 is deleted and a new pod with another name takes its address.
-    let api = bed.api();
+    let api = bed.api().unwrap();
     assert!(api.delete("Pod", "monitoring", "pod-c-node1").unwrap());
     let mut renamed = pod_object(
         "renamed",
@@ -248,10 +244,10 @@ fn every_pod_flow_is_named_and_a_reused_address_follows_the_api() {
 
 #[test]
 fn the_api_server_going_away_and_back_loses_no_counts_and_fills_names_in() {
-    let mut bed = Bed::with_metadata();
+    let mut bed = Bed::with_metadata().unwrap();
     let a1 = bed.cluster.pod(1, "pod-a").unwrap().clone();
     let b2 = bed.cluster.pod(2, "pod-b").unwrap().clone();
-    let lists_before = bed.api().lists(Resource::Pods);
+    let lists_before = bed.api().unwrap().lists(Resource::Pods);
     bed.api.as_mut().unwrap().stop();
 
     // A new pod starts while the API server is away.
@@ -297,7 +293,7 @@ fn the_api_server_going_away_and_back_loses_no_counts_and_fills_names_in() {
     let (status, _) = http_get(&bed.agent(1).netns, "/readyz").unwrap();
     assert_eq!(status, 200);
     assert!(
-        bed.api().lists(Resource::Pods) > lists_before,
+        bed.api().unwrap().lists(Resource::Pods) > lists_before,
         "the agent listed pods again"
     );
     // Same counts, names filled in, no restart (same process).
@@ -311,8 +307,8 @@ fn the_api_server_going_away_and_back_loses_no_counts_and_fills_names_in() {
 
 #[test]
 fn watches_resume_after_a_cut_from_bookmarks_and_list_again_after_410() {
-    let bed = Bed::with_metadata();
-    let api = bed.api();
+    let bed = Bed::with_metadata().unwrap();
+    let api = bed.api().unwrap();
     let agent = bed.agent(1);
     let service = |name: &str, ip: &str| {
         json!({"apiVersion": "v1", "kind": "Service",
@@ -400,7 +396,7 @@ fn watches_resume_after_a_cut_from_bookmarks_and_list_again_after_410() {
 
 #[test]
 fn bad_metadata_input_is_refused_or_counted_never_a_crash() {
-    common::assert_root();
+    flowtrace_tests::require_root().unwrap();
     let cluster = flowtrace_tests::Cluster::up(&flowtrace_tests::ClusterOptions {
         nodes: 2,
         pods_per_node: vec!["pod-a".into()],

@@ -3,9 +3,6 @@
 //!
 //! Ground truth: the kernel's own view (`bpftool prog show`, `bpftool link show`,
 //! `tc filter show`, `tc qdisc show`), not flowtrace's.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::{
     net::IpAddr,
@@ -13,11 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    assert_nothing_left, assert_root, assert_unloaded, find, tc_show, traced_devices, Bed,
-};
 use flowtrace_tests::{
-    finish, flowtrace_program_ids, ftgen, ftgen_bg, in_netns, Agent, Cluster, ClusterOptions,
+    check_nothing_left, check_unloaded, find, finish, flowtrace_program_ids, ftgen, ftgen_bg,
+    in_netns, require_root, tc_show, traced_devices, Agent, Bed, Cluster, ClusterOptions,
 };
 
 /// The kernel program IDs the agent reports; checked against bpftool's list.
@@ -40,7 +35,7 @@ fn ids_of(agent: &Agent) -> Vec<u64> {
 
 #[test]
 fn nothing_is_left_after_sigterm_or_sigkill_with_tcx() {
-    assert_root();
+    require_root().unwrap();
     let cluster = Cluster::up(&ClusterOptions::default()).unwrap();
     let node = cluster.node(1).unwrap();
 
@@ -55,7 +50,7 @@ fn nothing_is_left_after_sigterm_or_sigkill_with_tcx() {
     );
     let log = agent.stop().unwrap();
     assert!(log.contains("detached from every interface"), "{log}");
-    assert_nothing_left(node, &ids);
+    check_nothing_left(node, &ids).unwrap();
 
     // Killed: TCX links belong to the process's file descriptors, so the kernel detaches.
     let agent = Agent::start(&node.netns, &[]).unwrap();
@@ -66,38 +61,38 @@ fn nothing_is_left_after_sigterm_or_sigkill_with_tcx() {
     let mut all = killed_ids.clone();
     all.extend(ids_of(&agent));
     agent.stop().unwrap();
-    assert_nothing_left(node, &all);
+    check_nothing_left(node, &all).unwrap();
     cluster.down().unwrap();
 }
 
 #[test]
 fn nothing_is_left_after_sigterm_or_sigkill_with_clsact() {
-    assert_root();
+    require_root().unwrap();
     let cluster = Cluster::up(&ClusterOptions::default()).unwrap();
     let node = cluster.node(1).unwrap();
 
     let agent = Agent::start(&node.netns, &["--attach-mode", "clsact"]).unwrap();
-    let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "ingress"]);
+    let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "ingress"]).unwrap();
     assert!(
         f.contains("flowtrace_ingress"),
         "clsact mode attaches a cls_bpf filter: {f}"
     );
     let ids = ids_of(&agent);
     agent.stop().unwrap();
-    assert_nothing_left(node, &ids);
+    check_nothing_left(node, &ids).unwrap();
 
     // A killed agent leaves its filters (cls_bpf does not belong to a process); the next start
     // removes them and attaches exactly one filter per hook.
     let agent = Agent::start(&node.netns, &["--attach-mode", "clsact"]).unwrap();
     let ids = ids_of(&agent);
     agent.kill().unwrap();
-    let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "egress"]);
+    let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "egress"]).unwrap();
     assert!(
         f.contains("flowtrace_egress"),
         "expected the killed agent's filter to remain: {f}"
     );
     let agent = Agent::start(&node.netns, &["--attach-mode", "clsact"]).unwrap();
-    let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "egress"]);
+    let f = tc_show(node, &["filter", "show", "dev", "flannel.1", "egress"]).unwrap();
     assert_eq!(
         f.matches("flowtrace_egress").count(),
         1,
@@ -108,10 +103,10 @@ fn nothing_is_left_after_sigterm_or_sigkill_with_clsact() {
     agent.stop().unwrap();
     // The qdisc the killed agent added cannot be told apart from an operator's; only the
     // filters and programs are checked here (see docs/design.md).
-    assert_unloaded(&all);
+    check_unloaded(&all).unwrap();
     for dev in traced_devices(node) {
         for dir in ["ingress", "egress"] {
-            let f = tc_show(node, &["filter", "show", "dev", &dev, dir]);
+            let f = tc_show(node, &["filter", "show", "dev", &dev, dir]).unwrap();
             assert!(!f.contains("flowtrace"), "{dev} {dir}: {f}");
         }
     }
@@ -120,7 +115,7 @@ fn nothing_is_left_after_sigterm_or_sigkill_with_clsact() {
 
 #[test]
 fn a_pod_created_later_is_counted_within_a_second_and_forgotten_when_removed() {
-    let mut bed = Bed::up();
+    let mut bed = Bed::up().unwrap();
     let late = bed.cluster.add_pod(1, "pod-late").unwrap();
     let target = bed.cluster.pod(1, "pod-a").unwrap().clone();
     let sink = ftgen_bg(
@@ -214,7 +209,7 @@ fn a_pod_created_later_is_counted_within_a_second_and_forgotten_when_removed() {
 /// flowtrace returns TCX_NEXT and never ends the chain.
 #[test]
 fn programs_after_flowtrace_on_the_same_hook_still_run() {
-    let bed = Bed::up();
+    let bed = Bed::up().unwrap();
     let (a, c) = (
         bed.cluster.pod(1, "pod-a").unwrap().clone(),
         bed.cluster.pod(1, "pod-c").unwrap().clone(),

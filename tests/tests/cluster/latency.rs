@@ -1,9 +1,6 @@
 //! Hop latency and TCP round trips measured by the kernel programs on the emulated
 //! cluster. Ground truth: the topology the test built (which hooks a packet crosses) and the
 //! delay the test's own server adds before answering. Needs root.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
-
-mod common;
 
 use std::net::IpAddr;
 
@@ -105,7 +102,7 @@ fn find(
 
 #[test]
 fn hops_are_microseconds_and_a_slow_server_is_server_time() {
-    common::assert_root();
+    flowtrace_tests::require_root().unwrap();
     let cluster = Cluster::up(&ClusterOptions::default()).unwrap();
     let agents: Vec<Agent> = cluster
         .nodes
@@ -292,7 +289,7 @@ impl DelayLine {
 /// trip of the segment between the two nodes' flannel.1, and in-node hops stay microseconds.
 #[test]
 fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
-    common::assert_root();
+    flowtrace_tests::require_root().unwrap();
     let cluster = Cluster::up(&ClusterOptions {
         underlay_relay: true,
         ..Default::default()
