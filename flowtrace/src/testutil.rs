@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::{
     k8s::{objects, MetaCache},
-    model::FlowTuple,
+    model::{Direction, FlowTuple},
+    state::trace::{Sighting, TracedPacket},
 };
 
 /// A TCP tuple from address strings.
@@ -86,4 +87,23 @@ pub fn shop_cache() -> MetaCache {
     .expect("a test object");
     c.apply_service(objects::service(&s).expect("a test object"));
     c
+}
+
+/// A SYN from 10.244.1.5:40000 traced at two hooks: to the Service address 10.96.0.10:80 at
+/// interface 3 (ingress, t = 100 ns), DNATed to 10.244.2.9:80 at interface 4 (egress, 2 600 ns).
+pub fn syn_through_dnat() -> TracedPacket {
+    let at = |ts_ns: u64, ifindex: u32, direction: Direction, dst: &str| Sighting {
+        ts_ns,
+        ifindex,
+        direction,
+        tuple: tcp("10.244.1.5", 40000, dst, 80),
+        tcp_flags: 0x02,
+        bytes: 60,
+    };
+    TracedPacket {
+        hops: vec![
+            at(100, 3, Direction::Ingress, "10.96.0.10"),
+            at(2_600, 4, Direction::Egress, "10.244.2.9"),
+        ],
+    }
 }

@@ -5,7 +5,7 @@ use crate::{
     kernel::drain::DrainedNat,
     model::Direction,
     state::trace::Sighting,
-    testutil::{kernel_tuple, shop_cache, tcp as ft},
+    testutil::{kernel_tuple, shop_cache, syn_through_dnat, tcp as ft},
 };
 
 fn nat_of(pairs: &[(FlowTuple, FlowTuple)]) -> NatTable {
@@ -172,20 +172,7 @@ fn describe_reports_hop_deltas_the_nat_step_and_applies_the_filter() {
     let nat = NatTable::new(1);
     let links = HashMap::new();
     let namer = Namer::new(&meta, &nat, &links);
-    let at = |ts_ns: u64, ifindex: u32, direction: Direction, dst: &str| Sighting {
-        ts_ns,
-        ifindex,
-        direction,
-        tuple: ft("10.244.1.5", 40000, dst, 80),
-        tcp_flags: 0x02,
-        bytes: 60,
-    };
-    let p = TracedPacket {
-        hops: vec![
-            at(100, 3, Direction::Ingress, "10.96.0.10"),
-            at(2_600, 4, Direction::Egress, "10.244.2.9"),
-        ],
-    };
+    let p = syn_through_dnat();
     let named = namer.trace_packet(&p, "node1", 1_000).expect("two hooks");
     assert_eq!(named.ts_unix_ns, 1_100);
     assert_eq!(named.node_time_ns, 2_500);

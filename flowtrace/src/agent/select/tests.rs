@@ -1,12 +1,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::{
-    k8s::MetaCache,
-    model::Direction,
-    state::{nat::NatTable, trace::Sighting},
-    testutil::tcp as ft,
-};
+use crate::{k8s::MetaCache, state::nat::NatTable, testutil::syn_through_dnat};
 
 #[test]
 fn a_traced_packet_is_selected_at_any_of_its_hooks() {
@@ -14,20 +9,7 @@ fn a_traced_packet_is_selected_at_any_of_its_hooks() {
     let nat = NatTable::new(1);
     let links = HashMap::new();
     let namer = Namer::new(&meta, &nat, &links);
-    let at = |ts_ns: u64, ifindex: u32, direction: Direction, dst: &str| Sighting {
-        ts_ns,
-        ifindex,
-        direction,
-        tuple: ft("10.244.1.5", 40000, dst, 80),
-        tcp_flags: 0x02,
-        bytes: 60,
-    };
-    let p = TracedPacket {
-        hops: vec![
-            at(100, 3, Direction::Ingress, "10.96.0.10"),
-            at(2_600, 4, Direction::Egress, "10.244.2.9"),
-        ],
-    };
+    let p = syn_through_dnat();
     let named = namer.trace_packet(&p, "node1", 0).expect("two hooks");
     let passes = |f: FlowFilter| packet_selected(&f, &namer, &p, named.service.as_ref());
     assert!(passes(FlowFilter::default()), "no filter passes everything");
