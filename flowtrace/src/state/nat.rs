@@ -127,10 +127,15 @@ impl NatTable {
                 e.state = NatState::Pending;
             }
         }
-        self.reindex();
+        // `new` holds exactly the entries added or re-pointed: the index changes only then.
+        if !new.is_empty() {
+            self.reindex();
+        }
         new
     }
 
+    /// Rebuilds `originals`; called after a change that added, re-pointed or removed
+    /// entries (not on every drain).
     fn reindex(&mut self) {
         self.originals = self
             .entries
@@ -190,6 +195,7 @@ impl NatTable {
                 _ => {}
             }
         }
+        let before_count = self.entries.len();
         for (before, after) in expected {
             if self.entries.contains_key(&before) {
                 continue;
@@ -219,7 +225,9 @@ impl NatTable {
                 },
             );
         }
-        self.reindex();
+        if self.entries.len() != before_count {
+            self.reindex();
+        }
     }
 
     /// A failed conntrack dump: counted; the entries stay pending for the next one.
@@ -230,9 +238,12 @@ impl NatTable {
     /// Forgets translations neither source reported for the idle timeout.
     pub fn expire(&mut self, now_ns: u64) {
         let idle = self.idle_timeout_ns;
+        let before_count = self.entries.len();
         self.entries
             .retain(|_, e| now_ns.saturating_sub(e.last_seen_ns) <= idle);
-        self.reindex();
+        if self.entries.len() != before_count {
+            self.reindex();
+        }
     }
 
     /// Every translation, ordered by original tuple.

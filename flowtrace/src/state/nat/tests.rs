@@ -120,3 +120,23 @@ fn untraced_pre_nat_side_is_completed_from_conntrack() {
     t.cross_check(&[ct], &|_| false, 1);
     assert!(t.is_empty());
 }
+
+#[test]
+fn the_translated_index_follows_new_repointed_and_expired_entries() {
+    let before = ft("10.244.1.10", 40000, "10.96.0.10", 80);
+    let a = ft("10.244.1.10", 40000, "10.244.1.11", 8080);
+    let b = ft("10.244.1.10", 40000, "10.244.2.11", 8080);
+    let mut t = NatTable::new(10);
+    assert_eq!(t.merge_kernel(&[drained(&before, &a)], 1).len(), 1);
+    assert_eq!(t.original_of(&a), Some(before));
+    // The same rewrite again changes nothing.
+    assert!(t.merge_kernel(&[drained(&before, &a)], 2).is_empty());
+    assert_eq!(t.original_of(&a), Some(before));
+    // The tuple reused by a connection to the other backend.
+    assert_eq!(t.merge_kernel(&[drained(&before, &b)], 3).len(), 1);
+    assert_eq!((t.original_of(&a), t.original_of(&b)), (None, Some(before)));
+    t.expire(5);
+    assert_eq!(t.original_of(&b), Some(before));
+    t.expire(100);
+    assert_eq!(t.original_of(&b), None);
+}
