@@ -372,7 +372,7 @@ fn absolute(
     in_use: bool,
 ) -> Option<Vec<String>> {
     let first = path.first()?;
-    let here = &module[..module.len().saturating_sub(0)];
+    let here = module;
     match first.as_str() {
         "crate" if !is_main => Some(path[1..].to_vec()),
         "flowtrace" if is_main => Some(path[1..].to_vec()),
@@ -445,8 +445,7 @@ fn rule_broken(from: &[String], to: &[String]) -> Option<String> {
     None
 }
 
-/// Every elementary cycle's first appearance in a depth-first search (enough to report;
-/// each is printed once by its smallest member).
+/// Every elementary cycle, each once, starting at its smallest member.
 fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     let mut found: BTreeSet<Vec<String>> = BTreeSet::new();
     for start in graph.keys() {
@@ -454,15 +453,9 @@ fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
         while let Some((node, path)) = stack.pop() {
             for next in graph.get(&node).into_iter().flatten() {
                 if next == start {
-                    let mut c = path.clone();
-                    // Normalise: rotate so the smallest member is first.
-                    let min = c
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, s)| *s)
-                        .map_or(0, |(i, _)| i);
-                    c.rotate_left(min);
-                    found.insert(c);
+                    // Only members after `start` are followed, so each cycle is found once,
+                    // from its smallest member.
+                    found.insert(path.clone());
                 } else if !path.contains(next) && next > start {
                     let mut p = path.clone();
                     p.push(next.clone());

@@ -121,16 +121,6 @@ fn ends_of_packet(p: &TracePacket) -> (Option<&Endpoint>, Option<&Endpoint>) {
     )
 }
 
-fn tuple_of(f: &FlowRecord) -> TupleView {
-    TupleView {
-        protocol: f.protocol_number,
-        src: f.src,
-        src_port: f.src_port,
-        dst: f.dst,
-        dst_port: f.dst_port,
-    }
-}
-
 /// The hop class `/metrics` labels an interface with.
 fn hop_class(kind: Option<&str>, name: &str) -> String {
     match kind {
@@ -344,7 +334,7 @@ fn flows_trace_and_metrics_name_every_flow_the_same() {
         //    are, and each hook it crossed is a hop of the flow with the tuple it had there.
         let by_tuple: HashMap<String, &FlowRecord> = flows
             .iter()
-            .map(|f| (format!("{:?}", tuple_of(f)), f))
+            .map(|f| (format!("{:?}", TupleView::from(f.tuple())), f))
             .collect();
         let ours: Vec<&TracePacket> = traced[i]
             .iter()
