@@ -147,8 +147,10 @@ enum Cmd {
     /// A delay line: relay every frame between --a and --b (AF_PACKET; the links need
     /// offloads off), holding frames from a to b for --delay-us and from b to a for
     /// --back-delay-us. Runs until --stop-file exists, then prints per direction
-    /// {"frames","mean_hold_ns","max_hold_ns","send_errors"}: the hold is measured from the
-    /// frame's arrival to its send, so it includes the relay's own lateness.
+    /// {"frames","mean_hold_ns","max_hold_ns","send_errors","syn_frames","syn_mean_hold_ns"}:
+    /// the hold is measured from the frame's arrival to its send, so it includes the relay's
+    /// own lateness; the `syn_` figures count only VXLAN frames carrying a TCP SYN (or
+    /// SYN-ACK), the frames a handshake round trip is made of.
     DelayLine {
         #[arg(long)]
         a: String,
@@ -797,18 +799,63 @@ mod raw {
     /// once it has been held `delay`, until `stop`. One thread per direction: the frame
     /// waits in a queue and ppoll(2) sleeps exactly until the next one is due or a frame
     /// arrives. Returns (frames, total hold ns, max hold ns, send errors).
+    /// What one direction of the delay line held: all frames, and the handshake's.
+    #[derive(Debug, Default)]
+    struct Holds {
+        frames: u64,
+        total: u128,
+        max: u128,
+        errors: u64,
+        syn_frames: u64,
+        syn_total: u128,
+    }
+
+    const TCP_SYN: u8 = 0x02;
+
+    /// The TCP flags of the inner packet of a VXLAN frame on the underlay (outer Ethernet,
+    /// IPv4, UDP to 4789 or 8472, VXLAN, inner Ethernet, IPv4 or IPv6 without extension
+    /// headers, TCP); `None` for any other frame.
+    pub fn vxlan_inner_tcp_flags(frame: &[u8]) -> Option<u8> {
+        let be16 = |at: usize| Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
+        if be16(12)? != 0x0800 {
+            return None;
+        }
+        let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
+        if *frame.get(14 + 9)? != 17 || ihl < 20 {
+            return None;
+        }
+        let udp = 14 + ihl;
+        if !matches!(be16(udp + 2)?, 4789 | 8472) {
+            return None;
+        }
+        let inner = udp + 8 + 8;
+        let (proto, l4) = match be16(inner + 12)? {
+            0x0800 => {
+                let ip = inner + 14;
+                let ihl = usize::from(*frame.get(ip)? & 0x0f) * 4;
+                (*frame.get(ip + 9)?, ip + ihl)
+            }
+            0x86dd => (*frame.get(inner + 14 + 6)?, inner + 14 + 40),
+            _ => return None,
+        };
+        if proto != 6 {
+            return None;
+        }
+        frame.get(l4 + 13).copied()
+    }
+
     fn relay(
         sock: OwnedFd,
         idx: i32,
         to: &str,
         delay: Duration,
         stop: &std::sync::atomic::AtomicBool,
-    ) -> Result<(u64, u128, u128, u64)> {
+    ) -> Result<Holds> {
         let out_idx = ifindex(to)?;
         let out = packet_socket(0)?;
         let mut held: std::collections::VecDeque<(Instant, Vec<u8>)> =
             std::collections::VecDeque::new();
-        let (mut frames, mut total, mut max, mut errors) = (0u64, 0u128, 0u128, 0u64);
+        let mut h = Holds::default();
         let mut buf = vec![0u8; 65536];
         loop {
             // Send everything due.
@@ -822,15 +869,19 @@ mod raw {
                 let sent = send_frame(&out, &frame_dest(out_idx, &frame), &frame);
                 let hold = at.elapsed().as_nanos();
                 if sent.is_err() {
-                    errors += 1;
+                    h.errors += 1;
                     continue;
                 }
-                frames += 1;
-                total += hold;
-                max = max.max(hold);
+                h.frames += 1;
+                h.total += hold;
+                h.max = h.max.max(hold);
+                if vxlan_inner_tcp_flags(&frame).is_some_and(|f| f & TCP_SYN != 0) {
+                    h.syn_frames += 1;
+                    h.syn_total += hold;
+                }
             }
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return Ok((frames, total, max, errors));
+                return Ok(h);
             }
             // Sleep until the next frame is due (at most 20 ms, to notice `stop`).
             let wait = held
@@ -899,16 +950,19 @@ mod raw {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut out = serde_json::Map::new();
         for (name, t) in ["a_to_b", "b_to_a"].into_iter().zip(relays) {
-            let (frames, total, max, errors) = t
+            let h = t
                 .join()
                 .map_err(|_| anyhow::anyhow!("relay sender panicked"))??;
+            let mean = |total: u128, n: u64| if n == 0 { 0 } else { (total / u128::from(n)) as u64 };
             out.insert(
                 name.to_string(),
                 json!({
-                    "frames": frames,
-                    "mean_hold_ns": if frames == 0 { 0 } else { (total / u128::from(frames)) as u64 },
-                    "max_hold_ns": max as u64,
-                    "send_errors": errors,
+                    "frames": h.frames,
+                    "mean_hold_ns": mean(h.total, h.frames),
+                    "max_hold_ns": h.max as u64,
+                    "send_errors": h.errors,
+                    "syn_frames": h.syn_frames,
+                    "syn_mean_hold_ns": mean(h.syn_total, h.syn_frames),
                 }),
             );
         }
@@ -980,6 +1034,31 @@ mod tests {
             [0x0a, 0x58, 0x0a, 0xf4, 1, 0x0a]
         );
         assert!(parse_mac("0a:58").is_err());
+    }
+
+    #[test]
+    fn vxlan_frames_give_their_inner_tcp_flags() {
+        // Outer Ethernet + IPv4 (IHL 5, UDP) + UDP to 8472 + VXLAN + inner Ethernet + IPv4 +
+        // TCP with SYN.
+        let mut f = vec![0u8; 14 + 20 + 8 + 8 + 14 + 20 + 20];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[14 + 9] = 17;
+        f[34 + 2..34 + 4].copy_from_slice(&8472u16.to_be_bytes());
+        let inner = 34 + 16;
+        f[inner + 12..inner + 14].copy_from_slice(&[0x08, 0x00]);
+        f[inner + 14] = 0x45;
+        f[inner + 14 + 9] = 6;
+        f[inner + 14 + 20 + 13] = 0x12;
+        assert_eq!(raw::vxlan_inner_tcp_flags(&f), Some(0x12));
+        // Not VXLAN's port, inner UDP, truncated: none.
+        let mut g = f.clone();
+        g[34 + 2..34 + 4].copy_from_slice(&53u16.to_be_bytes());
+        assert_eq!(raw::vxlan_inner_tcp_flags(&g), None);
+        let mut g = f.clone();
+        g[inner + 14 + 9] = 17;
+        assert_eq!(raw::vxlan_inner_tcp_flags(&g), None);
+        assert_eq!(raw::vxlan_inner_tcp_flags(&f[..f.len() - 10]), None);
     }
 
     #[test]

@@ -507,9 +507,20 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
     eprintln!("flowtrace path:\n{text}");
     let base = line.stop();
     eprintln!("baseline: segment between nodes {base_rtt} ns; delay line {base}");
+    // What flowtrace measures between the nodes is the handshake's round trip: the SYN's
+    // time node1 -> node2 plus the SYN-ACK's back. The line's account of the same frames is
+    // the hold of the SYN-carrying frames each way (its mean over every frame would weigh
+    // in data and ACK frames the handshake never waited for: one frame the relay woke late
+    // for moves that mean and not the handshake).
     let hold = |v: &serde_json::Value| {
-        v["a_to_b"]["mean_hold_ns"].as_i64().unwrap()
-            + v["b_to_a"]["mean_hold_ns"].as_i64().unwrap()
+        for dir in ["a_to_b", "b_to_a"] {
+            assert!(
+                v[dir]["syn_frames"].as_u64().unwrap() >= 10,
+                "the delay line relayed fewer handshake frames than connections: {v}"
+            );
+        }
+        v["a_to_b"]["syn_mean_hold_ns"].as_i64().unwrap()
+            + v["b_to_a"]["syn_mean_hold_ns"].as_i64().unwrap()
     };
 
     // Delays: each round from its own pair of pods, so each is its own path.
@@ -526,8 +537,8 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
         eprintln!(
             "delay {delay_us} µs: segment between nodes {seg} ns (baseline {base_rtt}); delay line {held}"
         );
-        // The delay line's own account of how long it held frames, both ways: the link's
-        // round trip as an independent clock saw it.
+        // The delay line's own account of how long it held the handshake's frames, both
+        // ways: the link's round trip as an independent clock saw it.
         let line_rtt = hold(&held);
         assert!(
             (seg - line_rtt).abs() <= tolerance,
