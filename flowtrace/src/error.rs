@@ -59,6 +59,12 @@ pub enum Error {
     AgentUnreachable { url: String, detail: String },
     #[error("the agent at {url} answered with something that is not flowtrace's API: {detail}")]
     AgentResponse { url: String, detail: String },
+    #[error("the TLS file {path} is unusable: {detail}. Make the data API's certificates with `flowtrace certs --out DIR` (or cert-manager, deploy/README.md) and point --tls-cert, --tls-key and the CA flag at them")]
+    Tls { path: String, detail: String },
+    #[error("setting up TLS failed: {detail}")]
+    TlsSetup { detail: String },
+    #[error("{0}")]
+    Usage(String),
     #[error(transparent)]
     Metadata(#[from] SourceError),
     #[error("invalid filter {flag} `{value}`: {reason}")]

@@ -27,6 +27,7 @@ pub mod model;
 pub mod query;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod util;
 
 pub use error::{Error, Result};

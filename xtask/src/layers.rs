@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 pub const LAYERS: &[(&str, &[&str])] = &[
     ("base", &["util", "error"]),
     ("model", &["model"]),
-    ("sources", &["kernel", "host", "k8s"]),
+    ("sources", &["kernel", "host", "k8s", "tls"]),
     ("state", &["state"]),
     ("enrich", &["enrich"]),
     ("queries", &["query", "metrics"]),
