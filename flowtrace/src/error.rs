@@ -49,9 +49,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("cannot listen on {addr}: {source}. Pick another address with --listen")]
+    #[error("cannot listen on {addr}: {source}. Pick another address with {flag}")]
     Listen {
         addr: String,
+        flag: &'static str,
         #[source]
         source: io::Error,
     },

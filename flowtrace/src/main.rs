@@ -35,6 +35,33 @@ enum Command {
     /// with the time between hooks, names and the NAT step. Runs until Ctrl-C, --count
     /// or --duration-s.
     Trace(Box<TraceArgs>),
+    /// Make the certificates of the data API: a CA, the agents' server certificate, the
+    /// relay's client certificate, and secrets.yaml with the two Secrets the manifests mount.
+    /// With --ca-cert/--ca-key, issue new certificates from an existing CA (rotation).
+    Certs(CertsArgs),
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Directory to write into (created if missing; files there are replaced).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Validity of the agent and relay certificates, in days (the CA: ten times as long).
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    days: u32,
+    /// Namespace of the Secrets in secrets.yaml.
+    #[arg(long, default_value = "flowtrace")]
+    namespace: String,
+    /// Issue from this CA certificate instead of making a new CA.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// The key of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<std::path::PathBuf>,
+    /// Also issue a client certificate for this name (NAME.crt, NAME.key; repeatable), for
+    /// another reader the agents then allow with --tls-client-name.
+    #[arg(long)]
+    client: Vec<String>,
 }
 
 #[derive(Args)]
@@ -93,11 +120,62 @@ struct PathArgs {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// Address of the HTTP API (JSON). Loopback by default: expose it deliberately.
+    /// Address of the whole HTTP API without authentication, for the CLI on this node: a
+    /// loopback address only (the agent refuses any other).
     #[arg(long, env = "FLOWTRACE_LISTEN", default_value = "127.0.0.1:9650")]
     listen: SocketAddr,
+    /// Also serve /metrics, /healthz and /readyz (nothing else) here, e.g. 0.0.0.0:9651 for
+    /// Prometheus and the kubelet's probes.
+    #[arg(long, env = "FLOWTRACE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Also serve the data API here over mutual TLS, to clients with a certificate from the
+    /// CA of --tls-client-ca naming a --tls-client-name (the relay), e.g. 0.0.0.0:9652.
+    #[arg(long, env = "FLOWTRACE_API_LISTEN", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    api_listen: Option<SocketAddr>,
+    /// The agent's certificate for --api-listen (PEM; `flowtrace certs` writes agent.crt).
+    /// Re-read when it changes.
+    #[arg(long, env = "FLOWTRACE_TLS_CERT", requires = "api_listen")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "FLOWTRACE_TLS_KEY", requires = "api_listen")]
+    tls_key: Option<std::path::PathBuf>,
+    /// CA certificates (PEM, one or more: old and new during a CA rotation) that client
+    /// certificates must chain to.
+    #[arg(long, env = "FLOWTRACE_TLS_CLIENT_CA", requires = "api_listen")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// DNS names (in the client certificate's subjectAltName) allowed to read the data API.
+    #[arg(
+        long,
+        env = "FLOWTRACE_TLS_CLIENT_NAME",
+        value_delimiter = ',',
+        default_value = flowtrace::tls::RELAY_NAME
+    )]
+    tls_client_name: Vec<String>,
     #[command(flatten)]
     settings: AgentSettings,
+}
+
+impl AgentArgs {
+    fn listeners(&self) -> server::Listeners {
+        let api = match (&self.api_listen, &self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (Some(addr), Some(cert), Some(key), Some(ca)) => Some(server::ApiListen {
+                addr: *addr,
+                tls: flowtrace::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                },
+                clients: self.tls_client_name.clone(),
+            }),
+            // clap's `requires` makes the four come together.
+            _ => None,
+        };
+        server::Listeners {
+            local: self.listen,
+            metrics: self.metrics_listen,
+            api,
+        }
+    }
 }
 
 /// Everything the agent needs but its listen address (shared by `agent` and
@@ -192,10 +270,9 @@ struct AgentSettings {
 }
 
 impl AgentSettings {
-    fn config(self, listen: SocketAddr) -> AgentConfig {
+    fn config(self) -> AgentConfig {
         let metadata = self.metadata_source();
         AgentConfig {
-            listen,
             drain_interval: Duration::from_millis(self.drain_interval_ms),
             flow_entries: self.flow_entries,
             nat_entries: self.nat_entries,
@@ -361,7 +438,12 @@ fn trace(t: TraceArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging("warn");
-    let cfg = t.settings.config(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let cfg = t.settings.config();
+    let listeners = server::Listeners {
+        local: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics: None,
+        api: None,
+    };
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -371,6 +453,7 @@ fn trace(t: TraceArgs) -> anyhow::Result<()> {
     let agent = std::thread::spawn(move || {
         let res = rt.block_on(server::run_until(
             cfg,
+            listeners,
             move |addr| {
                 let _ = addr_tx.send(addr);
             },
@@ -405,10 +488,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => {
             init_logging("info");
-            let cfg = a.settings.config(a.listen);
-            agent_runtime()?.block_on(server::run(cfg))?;
+            let listeners = a.listeners();
+            let cfg = a.settings.config();
+            agent_runtime()?.block_on(server::run(cfg, listeners))?;
         }
         Command::Trace(t) => trace(*t)?,
+        Command::Certs(c) => {
+            let issued = flowtrace::tls::issue::issue(&flowtrace::tls::issue::Request {
+                out: c.out.clone(),
+                days: c.days,
+                namespace: c.namespace,
+                ca: c.ca_cert.zip(c.ca_key),
+                clients: c.client,
+            })?;
+            for f in &issued.files {
+                println!("wrote {}", f.display());
+            }
+            println!(
+                "next: kubectl apply -f {}  (and keep {} out of the cluster)",
+                c.out.join("secrets.yaml").display(),
+                if issued.new_ca { "ca.key" } else { "the CA key" }
+            );
+        }
         Command::Flows(f) => {
             let filter = f.filter.into_filter();
             print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);

@@ -425,6 +425,20 @@ impl Metrics {
             if h.metadata_synced { 1.0 } else { 0.0 },
         ));
 
+        let mut refused = family("flowtrace_api_refused_total", MetricType::COUNTER);
+        // Every reason, zero included, so a rate() works from the first refusal.
+        for r in crate::tls::Refusal::ALL {
+            let n = h
+                .api_refused
+                .iter()
+                .find(|(name, _)| *name == r.name())
+                .map_or(0, |(_, n)| *n);
+            refused
+                .mut_metric()
+                .push(counter(&["reason"], &[r.name().to_string()], n as f64));
+        }
+        out.push(refused);
+
         let mut run_s = family(
             "flowtrace_bpf_program_run_seconds_total",
             MetricType::COUNTER,
@@ -500,6 +514,8 @@ pub struct Health {
     /// (program name, run time ns, runs).
     pub programs: Vec<(String, u64, u64)>,
     pub tracers: usize,
+    /// Refusals of the data API by reason (`tls::Refusal::name`).
+    pub api_refused: Vec<(&'static str, u64)>,
 }
 
 /// Renders families in the Prometheus text format.

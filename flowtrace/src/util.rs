@@ -28,6 +28,11 @@ pub fn mono_to_unix_offset_ns() -> i128 {
     clock_ns(libc::CLOCK_REALTIME) as i128 - monotonic_ns() as i128
 }
 
+/// Unix time now, in nanoseconds.
+pub fn unix_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())

@@ -1,6 +1,6 @@
 //! The agent's settings (flags, `FLOWTRACE_*` variables and the config file fill them).
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use crate::{
     host::links::Selector, k8s::source::MetaSource, metrics::MetricsConfig, model::wire::AttachMode,
@@ -9,7 +9,6 @@ use crate::{
 /// Agent settings (flags and `FLOWTRACE_*` environment variables fill it).
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub listen: SocketAddr,
     pub drain_interval: Duration,
     pub flow_entries: u32,
     pub nat_entries: u32,

@@ -37,6 +37,7 @@ use crate::{
     model::{
         wire::{
             AttachMode, FlowsResponse, InterfaceRecord, InterfacesResponse, LatencyResponse,
+            PathDataResponse,
             MetadataResponse, NatResponse, ProgramRecord, StatsResponse, TracePacket,
         },
         FlowRecord,
@@ -48,6 +49,7 @@ use crate::{
         nat::NatTable,
         trace::{TracedPacket, TRACE_SAMPLE_WHEN_OFF},
     },
+    tls::Refusal,
     util::{lock, mono_to_unix_offset_ns, monotonic_ns},
 };
 
@@ -88,6 +90,8 @@ struct Counters {
     attach_failures: AtomicU64,
     drains: AtomicU64,
     drain_errors: AtomicU64,
+    /// Refused at the data API, by [`Refusal::ALL`] order.
+    api_refused: [AtomicU64; 3],
 }
 
 /// Why a filter's names cannot be used.
@@ -434,6 +438,46 @@ impl Agent {
         })
     }
 
+    /// What the path builder needs from this node, from one drain (`/v1/pathdata`): the
+    /// flows seen within `window` (zero: all), the latency records and the tunnel devices.
+    pub async fn pathdata(&self, window: Duration) -> Result<PathDataResponse> {
+        self.drain_now().await?;
+        let now = crate::util::unix_now_ns();
+        let window_ns = window.as_nanos() as u64;
+        let (flows, latency) = self.with_namer(|namer, tables| {
+            let mut flows: Vec<FlowRecord> = tables
+                .flows
+                .snapshot(mono_to_unix_offset_ns(), &|ip| namer.endpoint(ip));
+            flows.retain(|f| {
+                window_ns == 0
+                    || f.hops
+                        .iter()
+                        .map(|h| h.last_seen_unix_ns)
+                        .max()
+                        .is_some_and(|l| now.saturating_sub(l) <= window_ns)
+            });
+            for f in &mut flows {
+                enrich_record(namer, f);
+            }
+            let latency = tables.latency.snapshot(&|i| namer.interface(i));
+            (flows, latency)
+        });
+        let tunnels = self
+            .interfaces()
+            .await
+            .interfaces
+            .into_iter()
+            .filter(|i| matches!(i.kind.as_deref(), Some("vxlan" | "geneve")))
+            .map(|i| i.name)
+            .collect();
+        Ok(PathDataResponse {
+            node: self.node().to_string(),
+            flows,
+            latency,
+            tunnels,
+        })
+    }
+
     /// Latency histograms, drained fresh (`/v1/latency`).
     pub async fn latency(&self) -> Result<LatencyResponse> {
         self.drain_now().await?;
@@ -569,6 +613,13 @@ impl Agent {
         Ok(())
     }
 
+    /// Counts a connection or request the data API refused.
+    pub fn count_refused(&self, why: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|r| *r == why) {
+            self.counters.api_refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The agent's own state for `/metrics`.
     async fn health(&self) -> Health {
         let (attached_interfaces, programs) = {
@@ -600,6 +651,11 @@ impl Agent {
             metadata_synced: lock(&self.meta_status).synced(),
             programs,
             tracers: self.trace.tracers(),
+            api_refused: Refusal::ALL
+                .iter()
+                .zip(&self.counters.api_refused)
+                .map(|(r, n)| (r.name(), n.load(Ordering::Relaxed)))
+                .collect(),
         }
     }
 

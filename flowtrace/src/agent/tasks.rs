@@ -87,7 +87,7 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
     drainer.set_latency_sampling(cfg.latency_sample)?;
     let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
     let (mode, program_ids) = (attacher.mode(), attacher.program_ids());
-    info!(?mode, listen = %cfg.listen, "flowtrace agent starting");
+    info!(?mode, "flowtrace agent starting");
 
     let agent = Arc::new(Agent::new(Parts {
         settings: Settings {

@@ -327,6 +327,16 @@ pub struct FlowsResponse {
     pub flows: Vec<FlowRecord>,
 }
 
+/// `GET /v1/pathdata`: what the path builder needs from one node, from one drain.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PathDataResponse {
+    pub node: String,
+    pub flows: Vec<FlowRecord>,
+    pub latency: Vec<LatencyRecord>,
+    /// The node's tunnel devices (VXLAN, Geneve): an ingress there came from another node.
+    pub tunnels: Vec<String>,
+}
+
 /// One entry of `GET /v1/interfaces`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct InterfaceRecord {

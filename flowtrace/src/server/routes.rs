@@ -7,6 +7,8 @@
 //! - `GET /v1/nat`: NAT translations (kernel programs vs conntrack) and the cross-check counters.
 //! - `GET /v1/metadata`: where names come from and whether each kind is synced.
 //! - `GET /v1/latency`: hop latency and TCP round-trip histograms of sampled packets.
+//! - `GET /v1/pathdata[?window_s=N]`: flows, latency and tunnels in one answer (one drain),
+//!   what `flowtrace path` and the relay's `/v1/path` join.
 //! - `GET /v1/trace[?same filters as /v1/flows]`: live tracing, a stream of JSON lines
 //!   (one per packet, hook by hook) for as long as the client reads.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
@@ -36,7 +38,14 @@ fn error_response(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiError { error: msg.into() })).into_response()
 }
 
+/// Everything: the loopback listener's routes (the local CLI, no credentials).
 pub fn router(agent: Arc<Agent>) -> Router {
+    data_router(agent.clone()).merge(ops_router(agent))
+}
+
+/// The data API: every connection of the node, live traces with names. Served on loopback
+/// and, to authenticated clients only, on the `--api-listen` address.
+pub fn data_router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/flows", get(flows))
         .route("/v1/interfaces", get(interfaces))
@@ -44,15 +53,23 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/metadata", get(metadata))
         .route("/v1/latency", get(latency))
+        .route("/v1/pathdata", get(pathdata))
         .route("/v1/trace", get(trace))
+        .with_state(agent)
+}
+
+/// What any exporter serves on the node address: `/metrics` and the probes.
+pub fn ops_router(agent: Arc<Agent>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(agent)
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
-    if let Err(e) = axum::serve(listener, router(agent)).await {
+/// Serves `app` on a plain-HTTP listener until the task is aborted.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    if let Err(e) = axum::serve(listener, app).await {
         error!(error = %e, "HTTP server stopped");
     }
 }
@@ -80,6 +97,31 @@ async fn flows(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Re
         Ok(filter) => json_or_500(agent.flows(&filter).await),
         Err((status, msg)) => error_response(status, msg),
     }
+}
+
+async fn pathdata(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {
+    let window = match window_of(query.as_deref().unwrap_or("")) {
+        Ok(w) => w,
+        Err(msg) => return error_response(StatusCode::BAD_REQUEST, msg),
+    };
+    json_or_500(agent.pathdata(window).await)
+}
+
+/// `window_s=N` of a query (0, the default: everything held).
+pub fn window_of(query: &str) -> Result<std::time::Duration, String> {
+    let mut window = std::time::Duration::ZERO;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("window_s", v)) => {
+                let s: u64 = v.parse().map_err(|_| {
+                    format!("window_s `{v}` is not a number of seconds (0: everything held)")
+                })?;
+                window = std::time::Duration::from_secs(s);
+            }
+            _ => return Err(format!("unknown parameter `{pair}`: /v1/pathdata takes window_s")),
+        }
+    }
+    Ok(window)
 }
 
 async fn metadata(State(agent): State<Arc<Agent>>) -> Response {

@@ -124,14 +124,15 @@ impl Prometheus {
 
 #[test]
 fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
-    let bed = Bed::with_metadata_and(&["--listen", "0.0.0.0:9650"]).unwrap();
+    // /metrics on the node address as the DaemonSet serves it; the data API stays on loopback.
+    let bed = Bed::with_metadata_and(&["--metrics-listen", "0.0.0.0:9651"]).unwrap();
     let c = &bed.cluster;
     let (n1, n2) = (c.node(1).unwrap(), c.node(2).unwrap());
     let prom = Prometheus::start(
         &n1.netns,
         &[
-            ("127.0.0.1:9650".to_string(), "node1"),
-            (format!("{}:9650", n2.underlay_ip), "node2"),
+            ("127.0.0.1:9651".to_string(), "node1"),
+            (format!("{}:9651", n2.underlay_ip), "node2"),
         ],
     );
     // Both agents scraped: `up` is 1 for each.
