@@ -8,7 +8,11 @@ pub mod trace;
 
 use crate::{
     error::{Error, Result},
-    model::{is_icmp, wire::FlowsResponse, Direction, FlowRecord},
+    model::{
+        is_icmp,
+        wire::{FlowsResponse, MissingNode, RelayFlowsResponse},
+        Direction, FlowRecord,
+    },
     query::filter::FlowFilter,
 };
 
@@ -163,15 +167,26 @@ fn nat_column(f: &FlowRecord) -> String {
 }
 
 pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
-    let rows: Vec<[String; 7]> = flows
+    let flows: Vec<(&str, &FlowRecord)> = flows.iter().map(|f| (node, f)).collect();
+    table(&format!("node {node}: {} flow(s)", flows.len()), &flows, false)
+}
+
+/// The flows table under `title`, with a NODE column first when `with_node`.
+fn table(title: &str, flows: &[(&str, &FlowRecord)], with_node: bool) -> String {
+    let rows: Vec<Vec<String>> = flows
         .iter()
-        .map(|f| {
+        .map(|(node, f)| {
             let proto = if is_icmp(f.protocol_number) {
                 format!("{} {}/{}", f.protocol, f.dst_port >> 8, f.dst_port & 0xff)
             } else {
                 f.protocol.clone()
             };
-            [
+            let mut row = if with_node {
+                vec![node.to_string()]
+            } else {
+                Vec::new()
+            };
+            row.extend([
                 proto,
                 named_endpoint(
                     f.src_endpoint.as_ref(),
@@ -189,10 +204,12 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
                 f.bytes.to_string(),
                 nat_column(f),
                 hops_column(f),
-            ]
+            ]);
+            row
         })
         .collect();
-    let headers = [
+    let mut headers: Vec<&str> = if with_node { vec!["NODE"] } else { Vec::new() };
+    headers.extend([
         "PROTO",
         "SOURCE",
         "DESTINATION",
@@ -200,15 +217,15 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
         "BYTES",
         "NAT",
         "HOPS (first seen first)",
-    ];
-    let mut widths = headers.map(str::len);
+    ]);
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
             *w = (*w).max(c.len());
         }
     }
     let mut out = String::new();
-    let _ = writeln!(out, "node {node}: {} flow(s)", flows.len());
+    let _ = writeln!(out, "{title}");
     let line = |cells: &[&str]| {
         let mut l = String::new();
         for (i, c) in cells.iter().enumerate() {
@@ -226,6 +243,65 @@ pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
         let _ = writeln!(out, "{}", line(&cells));
     }
     out
+}
+
+/// `flowtrace flows --relay`: every node's flows with a NODE column, and a warning line per
+/// node missing from the answer (on `warn`, stderr for the binary).
+pub fn relay_flows(
+    relay: &str,
+    filter: &FlowFilter,
+    json: bool,
+    warn: &mut dyn std::io::Write,
+) -> Result<String> {
+    let query = filter.to_query();
+    let path = if query.is_empty() {
+        "/v1/flows".to_string()
+    } else {
+        format!("/v1/flows?{query}")
+    };
+    let resp: RelayFlowsResponse = get_json(relay, &path)?;
+    warn_missing(&resp.missing, warn);
+    if resp.truncated {
+        let _ = writeln!(
+            warn,
+            "warning: more flows matched than one answer holds; these are the largest (narrow the filter)"
+        );
+    }
+    if json {
+        return serde_json::to_string_pretty(&resp)
+            .map(|s| s + "\n")
+            .map_err(|e| Error::Output {
+                detail: e.to_string(),
+            });
+    }
+    let nodes: Vec<&str> = resp.nodes.iter().map(|n| n.node.as_str()).collect();
+    let flows: Vec<(&str, &FlowRecord)> = resp
+        .flows
+        .iter()
+        .map(|f| (f.node.as_str(), &f.flow))
+        .collect();
+    Ok(table(
+        &format!(
+            "{} node(s) ({}): {} flow(s)",
+            nodes.len(),
+            nodes.join(", "),
+            flows.len()
+        ),
+        &flows,
+        true,
+    ))
+}
+
+/// One warning line per node missing from a relay answer.
+pub fn warn_missing(missing: &[MissingNode], warn: &mut dyn std::io::Write) {
+    for m in missing {
+        let _ = writeln!(
+            warn,
+            "warning: node {} is missing from this answer: {}",
+            m.node.as_deref().unwrap_or(&m.agent),
+            m.error
+        );
+    }
 }
 
 /// Runs `flowtrace flows`.
@@ -254,11 +330,11 @@ pub fn path(
 ) -> Result<String> {
     let mut views = Vec::new();
     for a in agents {
-        views.push(crate::query::path::NodeView::from_api(
-            get_json(a, "/v1/flows")?,
-            get_json(a, "/v1/latency")?,
-            get_json(a, "/v1/interfaces")?,
-        ));
+        // One request, one drain per agent (flows, latency and tunnels together).
+        views.push(crate::query::path::NodeView::from_pathdata(get_json(
+            a,
+            &format!("/v1/pathdata?window_s={}", window.as_secs()),
+        )?));
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -281,6 +357,44 @@ pub fn path(
         ));
     }
     Ok(paths.iter().map(render_path).collect())
+}
+
+/// `flowtrace path --relay`: the relay joins every node's view; missing nodes are warned
+/// about on `warn`.
+pub fn relay_path(
+    relay: &str,
+    src: &crate::query::path::PathEnd,
+    dst: &crate::query::path::PathEnd,
+    window: std::time::Duration,
+    json: bool,
+    warn: &mut dyn std::io::Write,
+) -> Result<String> {
+    use crate::query::filter::percent_encode;
+    let answer: crate::query::path::PathAnswer = get_json(
+        relay,
+        &format!(
+            "/v1/path?src={}&dst={}&window_s={}",
+            percent_encode(&src.to_string()),
+            percent_encode(&dst.to_string()),
+            window.as_secs()
+        ),
+    )?;
+    warn_missing(&answer.missing, warn);
+    if json {
+        return serde_json::to_string_pretty(&answer.paths)
+            .map(|s| s + "\n")
+            .map_err(|e| Error::Output {
+                detail: e.to_string(),
+            });
+    }
+    if answer.paths.is_empty() {
+        return Ok(format!(
+            "no connection from {src} to {dst} seen by {} in the last {} s\n",
+            answer.nodes.join(", "),
+            window.as_secs()
+        ));
+    }
+    Ok(answer.paths.iter().map(render_path).collect())
 }
 
 /// A duration in ns as people read it.

@@ -39,6 +39,78 @@ enum Command {
     /// relay's client certificate, and secrets.yaml with the two Secrets the manifests mount.
     /// With --ca-cert/--ca-key, issue new certificates from an existing CA (rotation).
     Certs(CertsArgs),
+    /// Run the relay: one API for every node's agent (flows, path, trace, nodes), finding
+    /// the agents through their EndpointSlices or taking a list.
+    Relay(RelayArgs),
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// Address of the relay's API (plain HTTP). Loopback by default: reach it with
+    /// `kubectl port-forward`.
+    #[arg(long, env = "FLOWTRACE_RELAY_LISTEN", default_value = "127.0.0.1:9660")]
+    listen: SocketAddr,
+    /// Also serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:9661).
+    #[arg(long, env = "FLOWTRACE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Agents to ask (e.g. https://10.0.0.1:9652 or, for an agent's loopback listener,
+    /// http://127.0.0.1:9650), instead of finding them through the Kubernetes API.
+    #[arg(long, env = "FLOWTRACE_RELAY_AGENTS", value_delimiter = ',')]
+    agents: Vec<String>,
+    /// Namespace of the agents' headless Service.
+    #[arg(long, env = "FLOWTRACE_RELAY_NAMESPACE", default_value = "flowtrace")]
+    namespace: String,
+    /// Name of the agents' headless Service (its EndpointSlices list the agents; their port
+    /// named `api` is the data API).
+    #[arg(long, env = "FLOWTRACE_RELAY_AGENT_SERVICE", default_value = "flowtrace")]
+    agent_service: String,
+    /// Kubeconfig for finding the agents (in-cluster credentials otherwise).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The relay's client certificate (PEM; `flowtrace certs` writes relay.crt).
+    #[arg(long, env = "FLOWTRACE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert.
+    #[arg(long, env = "FLOWTRACE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) the agents' certificates must chain to.
+    #[arg(long, env = "FLOWTRACE_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The DNS name every agent's certificate carries.
+    #[arg(long, env = "FLOWTRACE_AGENT_SERVER_NAME", default_value = flowtrace::tls::AGENT_NAME)]
+    agent_server_name: String,
+    /// Longest wait for one agent's answer, in milliseconds; a slower agent is reported
+    /// missing from that answer.
+    #[arg(long, env = "FLOWTRACE_AGENT_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=120_000))]
+    agent_timeout_ms: u64,
+}
+
+impl RelayArgs {
+    fn config(self) -> flowtrace::relay::RelayConfig {
+        let source = match &self.kubeconfig {
+            Some(k) => MetaSource::Kubeconfig {
+                path: k.clone(),
+                context: None,
+            },
+            None => MetaSource::InCluster,
+        };
+        flowtrace::relay::RelayConfig {
+            discover: Some(flowtrace::relay::Discover {
+                source,
+                namespace: self.namespace,
+                service: self.agent_service,
+            }),
+            agents: self.agents,
+            tls: match (self.tls_cert, self.tls_key, self.tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => {
+                    Some(flowtrace::tls::TlsFiles { cert, key, ca })
+                }
+                _ => None,
+            },
+            agent_server_name: self.agent_server_name,
+            agent_timeout: Duration::from_millis(self.agent_timeout_ms),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -49,9 +121,12 @@ struct CertsArgs {
     /// Validity of the agent and relay certificates, in days (the CA: ten times as long).
     #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
     days: u32,
-    /// Namespace of the Secrets in secrets.yaml.
+    /// Namespace of the agents' Secret (flowtrace-agent-tls) in secrets.yaml.
     #[arg(long, default_value = "flowtrace")]
     namespace: String,
+    /// Namespace of the relay's Secret (flowtrace-relay-tls) in secrets.yaml.
+    #[arg(long, default_value = "flowtrace-relay")]
+    relay_namespace: String,
     /// Issue from this CA certificate instead of making a new CA.
     #[arg(long, requires = "ca_key")]
     ca_cert: Option<std::path::PathBuf>,
@@ -74,6 +149,10 @@ struct TraceArgs {
         conflicts_with = "standalone"
     )]
     agent: String,
+    /// Follow every node at once through the relay at this URL (e.g. after `kubectl -n
+    /// flowtrace-relay port-forward deploy/flowtrace-relay 9660`: http://127.0.0.1:9660).
+    #[arg(long, env = "FLOWTRACE_RELAY", conflicts_with = "standalone")]
+    relay: Option<String>,
     /// No agent runs on this node: load and attach the programs in this process for the
     /// trace's duration (needs the agent's privileges), and detach them when it ends.
     #[arg(long)]
@@ -110,6 +189,9 @@ struct PathArgs {
         default_value = "http://127.0.0.1:9650"
     )]
     agent: Vec<String>,
+    /// Join every node through the relay at this URL instead of asking agents.
+    #[arg(long, env = "FLOWTRACE_RELAY")]
+    relay: Option<String>,
     /// Only connections seen in the last this many seconds (0: everything the agents hold).
     #[arg(long, default_value_t = 60)]
     window_s: u64,
@@ -319,6 +401,9 @@ struct FlowsArgs {
     /// Base URL of the agent's API.
     #[arg(long, env = "FLOWTRACE_AGENT", default_value = "http://127.0.0.1:9650")]
     agent: String,
+    /// Every node's flows through the relay at this URL (a NODE column is added).
+    #[arg(long, env = "FLOWTRACE_RELAY")]
+    relay: Option<String>,
     /// Print JSON (the API's `/v1/flows` body) instead of a table.
     #[arg(long)]
     json: bool,
@@ -434,7 +519,11 @@ fn trace(t: TraceArgs) -> anyhow::Result<()> {
     };
     let mut stdout = std::io::stdout();
     if !t.standalone {
-        flowtrace::cli::trace::follow(&t.agent, &filter, t.json, until, &mut stdout)?;
+        let (base, relay) = match &t.relay {
+            Some(r) => (r.as_str(), true),
+            None => (t.agent.as_str(), false),
+        };
+        flowtrace::cli::trace::follow(base, relay, &filter, t.json, until, &mut stdout)?;
         return Ok(());
     }
     init_logging("warn");
@@ -473,7 +562,7 @@ fn trace(t: TraceArgs) -> anyhow::Result<()> {
     let base = format!("http://{addr}");
     flowtrace::cli::trace::wait_ready(&base, Duration::from_secs(30))?;
     std::thread::spawn(move || {
-        let res = flowtrace::cli::trace::follow(&base, &filter, t.json, until, &mut stdout);
+        let res = flowtrace::cli::trace::follow(&base, false, &filter, t.json, until, &mut stdout);
         let _ = done_tx.send(res.map(|_| ()).map_err(anyhow::Error::from));
     });
     // Whichever ends first: the trace (count, duration, a broken pipe) or the agent (a
@@ -493,11 +582,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent_runtime()?.block_on(server::run(cfg, listeners))?;
         }
         Command::Trace(t) => trace(*t)?,
+        Command::Relay(r) => {
+            init_logging("info");
+            let (listen, metrics) = (r.listen, r.metrics_listen);
+            agent_runtime()?.block_on(server::relay::run(r.config(), listen, metrics))?;
+        }
         Command::Certs(c) => {
             let issued = flowtrace::tls::issue::issue(&flowtrace::tls::issue::Request {
                 out: c.out.clone(),
                 days: c.days,
                 namespace: c.namespace,
+                relay_namespace: c.relay_namespace,
                 ca: c.ca_cert.zip(c.ca_key),
                 clients: c.client,
             })?;
@@ -512,7 +607,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Flows(f) => {
             let filter = f.filter.into_filter();
-            print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?);
+            match &f.relay {
+                Some(r) => print!(
+                    "{}",
+                    flowtrace::cli::relay_flows(r, &filter, f.json, &mut std::io::stderr())?
+                ),
+                None => print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?),
+            }
+        }
+        Command::Path(p) if p.relay.is_some() => {
+            let relay = p.relay.as_deref().unwrap_or_default();
+            print!(
+                "{}",
+                flowtrace::cli::relay_path(
+                    relay,
+                    &p.src,
+                    &p.dst,
+                    Duration::from_secs(p.window_s),
+                    p.json,
+                    &mut std::io::stderr()
+                )?
+            );
         }
         Command::Path(p) => {
             print!(

@@ -9,6 +9,7 @@
 //!   flowtrace CA naming an allowed client (the relay).
 
 pub mod mtls;
+pub mod relay;
 pub mod routes;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};

@@ -107,3 +107,25 @@ pub fn syn_through_dnat() -> TracedPacket {
         ],
     }
 }
+
+/// A TCP flow record of `bytes` bytes (one packet) between two fixed pods, no hops.
+pub fn flow_record(bytes: u64) -> crate::model::FlowRecord {
+    crate::model::FlowRecord {
+        protocol: "tcp".into(),
+        protocol_number: 6,
+        ip_version: 4,
+        src: "10.244.1.10".parse().expect("addr"),
+        dst: "10.244.2.10".parse().expect("addr"),
+        src_port: 40000 + (bytes % 20000) as u16,
+        dst_port: 8080,
+        packets: 1,
+        bytes,
+        hops: Vec::new(),
+        src_endpoint: None,
+        dst_endpoint: None,
+        service: None,
+        nat: None,
+        src_peer: None,
+        dst_peer: None,
+    }
+}

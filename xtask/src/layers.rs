@@ -24,7 +24,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("state", &["state"]),
     ("enrich", &["enrich"]),
     ("queries", &["query", "metrics"]),
-    ("agent", &["agent"]),
+    ("agent", &["agent", "relay"]),
     ("server", &["server"]),
     ("edge", &["cli", "config"]),
     ("binary", &["main"]),

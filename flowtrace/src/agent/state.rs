@@ -37,7 +37,7 @@ use crate::{
     model::{
         wire::{
             AttachMode, FlowsResponse, InterfaceRecord, InterfacesResponse, LatencyResponse,
-            PathDataResponse,
+            PathDataResponse, StatusResponse,
             MetadataResponse, NatResponse, ProgramRecord, StatsResponse, TracePacket,
         },
         FlowRecord,
@@ -107,6 +107,12 @@ pub enum NameError {
 pub struct Agent {
     settings: Settings,
     drainer: tokio::sync::Mutex<Drainer>,
+    /// Held for a whole drain (maps to tables), so drains never overlap and a reader can
+    /// tell whether one began after it arrived.
+    drain_gate: tokio::sync::Mutex<()>,
+    /// Drains begun, and the number of the last one completed.
+    drains_begun: AtomicU64,
+    drains_completed: AtomicU64,
     /// The loaded programs and their attachments (the attached interfaces are read from it).
     attacher: tokio::sync::Mutex<Attacher>,
     tables: Mutex<Tables>,
@@ -146,6 +152,9 @@ impl Agent {
             }),
             settings: p.settings,
             drainer: tokio::sync::Mutex::new(p.drainer),
+            drain_gate: tokio::sync::Mutex::new(()),
+            drains_begun: AtomicU64::new(0),
+            drains_completed: AtomicU64::new(0),
             attacher: tokio::sync::Mutex::new(p.attacher),
             links: Mutex::new(HashMap::new()),
             meta: p.meta,
@@ -191,8 +200,34 @@ impl Agent {
 
     // ---- the pipeline ----
 
+    /// Drains for a reader of the API. A drain that began after the reader arrived serves
+    /// it as well as one of its own would, so readers arriving together cost one drain, and
+    /// no client can make the agent drain more often than drains take.
+    pub async fn drain_fresh(&self) -> Result<()> {
+        let arrived = self.drains_begun.load(Ordering::SeqCst);
+        let _gate = self.drain_gate.lock().await;
+        if self.drains_completed.load(Ordering::SeqCst) > arrived {
+            return Ok(());
+        }
+        self.drain_gated().await
+    }
+
     /// Drains the kernel buffers into the tables now, then cross-checks NAT with conntrack.
     pub async fn drain_now(&self) -> Result<()> {
+        let _gate = self.drain_gate.lock().await;
+        self.drain_gated().await
+    }
+
+    async fn drain_gated(&self) -> Result<()> {
+        let number = self.drains_begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let res = self.drain_unlocked().await;
+        if res.is_ok() {
+            self.drains_completed.store(number, Ordering::SeqCst);
+        }
+        res
+    }
+
+    async fn drain_unlocked(&self) -> Result<()> {
         let started = Instant::now();
         let drained = {
             let mut d = self.drainer.lock().await;
@@ -419,9 +454,10 @@ impl Agent {
         Ok(())
     }
 
-    /// The flow table, drained fresh, enriched and filtered (`/v1/flows`).
-    pub async fn flows(&self, filter: &FlowFilter) -> Result<FlowsResponse> {
-        self.drain_now().await?;
+    /// The flow table, drained fresh, enriched and filtered (`/v1/flows`): at most `limit`
+    /// flows, those with the most bytes.
+    pub async fn flows(&self, filter: &FlowFilter, limit: usize) -> Result<FlowsResponse> {
+        self.drain_fresh().await?;
         let flows = self.with_namer(|namer, tables| {
             let mut flows: Vec<FlowRecord> = tables
                 .flows
@@ -432,8 +468,11 @@ impl Agent {
             flows.retain(|f| flow_selected(filter, namer, f));
             flows
         });
+        let (flows, matched) = largest(flows, limit);
         Ok(FlowsResponse {
             node: self.node().to_string(),
+            truncated: matched > flows.len(),
+            matched,
             flows,
         })
     }
@@ -441,7 +480,7 @@ impl Agent {
     /// What the path builder needs from this node, from one drain (`/v1/pathdata`): the
     /// flows seen within `window` (zero: all), the latency records and the tunnel devices.
     pub async fn pathdata(&self, window: Duration) -> Result<PathDataResponse> {
-        self.drain_now().await?;
+        self.drain_fresh().await?;
         let now = crate::util::unix_now_ns();
         let window_ns = window.as_nanos() as u64;
         let (flows, latency) = self.with_namer(|namer, tables| {
@@ -480,7 +519,7 @@ impl Agent {
 
     /// Latency histograms, drained fresh (`/v1/latency`).
     pub async fn latency(&self) -> Result<LatencyResponse> {
-        self.drain_now().await?;
+        self.drain_fresh().await?;
         let latency =
             self.with_namer(|namer, tables| tables.latency.snapshot(&|i| namer.interface(i)));
         Ok(LatencyResponse {
@@ -492,7 +531,7 @@ impl Agent {
 
     /// Translations and the cross-check, drained fresh (`/v1/nat`).
     pub async fn nat(&self) -> Result<NatResponse> {
-        self.drain_now().await?;
+        self.drain_fresh().await?;
         let (counters, translations) =
             self.with_namer(|namer, tables| (tables.nat.counters(), namer.translations()));
         Ok(NatResponse {
@@ -601,6 +640,19 @@ impl Agent {
         crate::metrics::encode(&families)
     }
 
+    /// Who this agent is and whether it is ready (`/v1/status`).
+    pub fn status(&self) -> StatusResponse {
+        let ready = self.ready();
+        StatusResponse {
+            node: self.node().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: ready.is_ok(),
+            not_ready: ready.err().map(str::to_string),
+            interfaces_synced: self.counters.links_synced.load(Ordering::Relaxed),
+            metadata_synced: lock(&self.meta_status).synced(),
+        }
+    }
+
     /// Whether the agent is ready: the interfaces present at start are attached and the
     /// metadata, if any source is configured, is synced. The reason when not.
     pub fn ready(&self) -> std::result::Result<(), &'static str> {
@@ -673,4 +725,17 @@ fn enrich_record(namer: &Namer<'_>, f: &mut FlowRecord) {
     f.service = a.service;
     f.src_peer = a.src_peer.map(|e| (*e).clone());
     f.dst_peer = a.dst_peer.map(|e| (*e).clone());
+}
+
+/// The `limit` flows with the most bytes (then packets), and how many there were.
+pub fn largest(mut flows: Vec<FlowRecord>, limit: usize) -> (Vec<FlowRecord>, usize) {
+    let matched = flows.len();
+    if matched > limit {
+        flows.select_nth_unstable_by(limit, |a, b| {
+            (b.bytes, b.packets).cmp(&(a.bytes, a.packets))
+        });
+        flows.truncate(limit);
+        flows.sort_by(|a, b| (b.bytes, b.packets).cmp(&(a.bytes, a.packets)));
+    }
+    (flows, matched)
 }

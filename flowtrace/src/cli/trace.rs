@@ -10,7 +10,7 @@ use std::{
 use super::{call, human_ns, named_endpoint};
 use crate::{
     error::{Error, Result},
-    model::wire::{TraceLine, TracePacket},
+    model::wire::{RelayTraceLine, TraceLine, TracePacket},
     query::filter::FlowFilter,
 };
 
@@ -54,6 +54,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// it, writing each packet to `out`. Returns the number of packets printed.
 pub fn follow(
     base: &str,
+    relay: bool,
     filter: &FlowFilter,
     json: bool,
     until: Until,
@@ -107,10 +108,31 @@ pub fn follow(
         if text.is_empty() {
             continue; // keep-alive
         }
-        let parsed: TraceLine = serde_json::from_str(text).map_err(|e| Error::AgentResponse {
-            url: url.clone(),
-            detail: format!("a trace line is not flowtrace's: {e}: {text}"),
-        })?;
+        let parsed: TraceLine = if relay {
+            match serde_json::from_str::<RelayTraceLine>(text) {
+                Ok(RelayTraceLine::Packet(p)) => TraceLine::Packet(p),
+                Ok(other) => {
+                    if json {
+                        writeln!(out, "{text}").map_err(write_err)?;
+                    } else {
+                        writeln!(out, "{}", relay_note(&other)).map_err(write_err)?;
+                    }
+                    out.flush().map_err(write_err)?;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::AgentResponse {
+                        url: url.clone(),
+                        detail: format!("a trace line is not the relay's: {e}: {text}"),
+                    })
+                }
+            }
+        } else {
+            serde_json::from_str(text).map_err(|e| Error::AgentResponse {
+                url: url.clone(),
+                detail: format!("a trace line is not flowtrace's: {e}: {text}"),
+            })?
+        };
         match parsed {
             TraceLine::Start { node, sample } => {
                 if !json {
@@ -142,6 +164,27 @@ pub fn follow(
             }
         }
         out.flush().map_err(write_err)?;
+    }
+}
+
+/// The relay's news of nodes, as a comment line.
+fn relay_note(l: &RelayTraceLine) -> String {
+    match l {
+        RelayTraceLine::Start { agents } => format!(
+            "# tracing over {agents} node(s) through the relay: every TCP SYN and the sampled packets, hook by hook (Ctrl-C stops)"
+        ),
+        RelayTraceLine::Joined { node, sample, .. } => {
+            format!("# {node}: tracing (one packet in {sample}, and every SYN)")
+        }
+        RelayTraceLine::Missing(m) => format!(
+            "# {}: missing from the trace: {} (retrying)",
+            m.node.as_deref().unwrap_or(&m.agent),
+            m.error
+        ),
+        RelayTraceLine::Lost { node, packets } => format!(
+            "# {node}: {packets} packets skipped: this stream read more slowly than they came (narrow the filter)"
+        ),
+        RelayTraceLine::Packet(p) => render(p),
     }
 }
 

@@ -324,7 +324,14 @@ pub enum AttachMode {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FlowsResponse {
     pub node: String,
+    /// The flows (at most the request's `limit`, those with the most bytes).
     pub flows: Vec<FlowRecord>,
+    /// Flows that matched the filter, `flows` or more.
+    #[serde(default)]
+    pub matched: usize,
+    /// `matched` exceeded the limit: only the largest flows are in `flows`.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// `GET /v1/pathdata`: what the path builder needs from one node, from one drain.
@@ -429,4 +436,92 @@ pub struct NatResponse {
 #[derive(Debug, Serialize)]
 pub struct ApiError {
     pub error: String,
+}
+
+/// `GET /v1/status`: who this agent is and whether it is ready (what the relay's
+/// `/v1/nodes` reports for each node).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub node: String,
+    pub version: String,
+    pub ready: bool,
+    /// Why it is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
+    pub interfaces_synced: bool,
+    pub metadata_synced: bool,
+}
+
+/// A node the relay could not hear from for one answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingNode {
+    /// The agent's URL.
+    pub agent: String,
+    /// Its node, when the relay has heard from it before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub error: String,
+}
+
+/// One agent's share of a relay answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeAnswer {
+    pub node: String,
+    pub agent: String,
+    /// Flows it returned (after its own filter and limit).
+    pub flows: usize,
+    /// It had more matching flows than the limit.
+    #[serde(default)]
+    pub truncated: bool,
+    pub elapsed_ms: u64,
+}
+
+/// A flow of the relay's `/v1/flows`: an agent's flow record and the node it came from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeFlow {
+    pub node: String,
+    #[serde(flatten)]
+    pub flow: FlowRecord,
+}
+
+/// The relay's `GET /v1/flows`: every answering node's flows, and the nodes missing.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RelayFlowsResponse {
+    pub nodes: Vec<NodeAnswer>,
+    pub missing: Vec<MissingNode>,
+    pub flows: Vec<NodeFlow>,
+    /// Some node, or the relay's own limit, left flows out.
+    pub truncated: bool,
+}
+
+/// One entry of the relay's `GET /v1/nodes`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub agent: String,
+    /// How the relay knows this agent: `static` (--agents) or `endpointslice`.
+    pub source: String,
+    /// The agent answered its last status request.
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ok_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A line of the relay's `/v1/trace`: an agent's line with its node, or news of a node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum RelayTraceLine {
+    /// The stream started: these agents were asked.
+    Start { agents: usize },
+    /// An agent's stream is open (again).
+    Joined { agent: String, node: String, sample: u32 },
+    /// An agent's stream failed or could not open; retried.
+    Missing(MissingNode),
+    /// A packet, as the agent described it (its `node` says where).
+    Packet(Box<TracePacket>),
+    /// An agent dropped packets for this slow stream.
+    Lost { node: String, packets: u64 },
 }

@@ -277,6 +277,16 @@ impl FlowFilter {
     }
 
     /// The filter as `/v1/flows` query parameters.
+    pub fn to_query_with_limit(&self, limit: usize) -> String {
+        let q = self.to_query();
+        if q.is_empty() {
+            format!("limit={limit}")
+        } else {
+            format!("{q}&limit={limit}")
+        }
+    }
+
+    /// The filter as `/v1/flows` query parameters.
     pub fn to_query(&self) -> String {
         let mut q: Vec<String> = Vec::new();
         let mut add = |k: &str, v: String| q.push(format!("{k}={}", percent_encode(&v)));
@@ -309,7 +319,7 @@ impl FlowFilter {
 }
 
 /// Escapes what is not unreserved in a query value.
-fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -322,7 +332,7 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// Decodes `%XX` escapes and `+` (filter values are ASCII: addresses, numbers, names, globs).
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -476,5 +486,48 @@ mod tests {
         );
         assert!(FlowFilter::from_query("port=0").is_err());
         assert!(FlowFilter::from_query("").unwrap().ips.is_empty());
+    }
+}
+
+/// Flows one answer returns unless the client asks otherwise (`limit=`).
+pub const DEFAULT_FLOW_LIMIT: usize = 10_000;
+/// Most flows one answer returns (the agent's default table size).
+pub const MAX_FLOW_LIMIT: usize = 100_000;
+
+/// A `/v1/flows` request: the filter and how many flows at most (the largest first).
+#[derive(Clone, Debug)]
+pub struct FlowQuery {
+    pub filter: FlowFilter,
+    pub limit: usize,
+}
+
+impl FlowQuery {
+    /// Parses `limit=N` and the filter's parameters.
+    pub fn from_query(query: &str) -> Result<FlowQuery> {
+        let mut limit = DEFAULT_FLOW_LIMIT;
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("limit", v)) => {
+                    limit = match v.parse::<usize>() {
+                        Ok(n) if (1..=MAX_FLOW_LIMIT).contains(&n) => n,
+                        _ => {
+                            return Err(Error::Filter {
+                                flag: "limit",
+                                value: v.to_string(),
+                                reason: format!(
+                                    "not a number of flows from 1 to {MAX_FLOW_LIMIT}"
+                                ),
+                            })
+                        }
+                    }
+                }
+                _ => rest.push(pair),
+            }
+        }
+        Ok(FlowQuery {
+            filter: FlowFilter::from_query(&rest.join("&"))?,
+            limit,
+        })
     }
 }

@@ -64,6 +64,28 @@ impl NodeView {
     }
 }
 
+impl NodeView {
+    /// One agent's view from its `/v1/pathdata` answer.
+    pub fn from_pathdata(d: crate::model::wire::PathDataResponse) -> Self {
+        NodeView {
+            node: d.node,
+            flows: d.flows,
+            latency: d.latency,
+            tunnels: d.tunnels.into_iter().collect(),
+        }
+    }
+}
+
+/// The relay's `/v1/path`: the paths joined over the nodes that answered, and the nodes
+/// that did not (a path through a missing node lacks its hops there).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PathAnswer {
+    pub paths: Vec<PathRecord>,
+    /// The nodes whose views were joined.
+    pub nodes: Vec<String>,
+    pub missing: Vec<crate::model::wire::MissingNode>,
+}
+
 /// One end of `flowtrace path`: an address, a pod, a workload or a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathEnd {

@@ -7,6 +7,7 @@
 //! - `GET /v1/nat`: NAT translations (kernel programs vs conntrack) and the cross-check counters.
 //! - `GET /v1/metadata`: where names come from and whether each kind is synced.
 //! - `GET /v1/latency`: hop latency and TCP round-trip histograms of sampled packets.
+//! - `GET /v1/status`: node, version, readiness (what the relay's `/v1/nodes` shows).
 //! - `GET /v1/pathdata[?window_s=N]`: flows, latency and tunnels in one answer (one drain),
 //!   what `flowtrace path` and the relay's `/v1/path` join.
 //! - `GET /v1/trace[?same filters as /v1/flows]`: live tracing, a stream of JSON lines
@@ -31,7 +32,7 @@ use tracing::error;
 use crate::{
     agent::{state::NameError, Agent},
     model::wire::{ApiError, TraceLine},
-    query::filter::FlowFilter,
+    query::filter::{FlowFilter, FlowQuery},
 };
 
 fn error_response(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -54,6 +55,9 @@ pub fn data_router(agent: Arc<Agent>) -> Router {
         .route("/v1/metadata", get(metadata))
         .route("/v1/latency", get(latency))
         .route("/v1/pathdata", get(pathdata))
+        .route("/v1/status", get(|State(agent): State<Arc<Agent>>| async move {
+            Json(agent.status())
+        }))
         .route("/v1/trace", get(trace))
         .with_state(agent)
 }
@@ -78,11 +82,15 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
 fn filter_of(agent: &Agent, query: Option<&str>) -> Result<FlowFilter, (StatusCode, String)> {
     let filter = FlowFilter::from_query(query.unwrap_or(""))
         .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-    agent.check_names(&filter).map_err(|e| match e {
+    check_names(agent, &filter)?;
+    Ok(filter)
+}
+
+fn check_names(agent: &Agent, filter: &FlowFilter) -> Result<(), (StatusCode, String)> {
+    agent.check_names(filter).map_err(|e| match e {
         NameError::NoMetadata(m) => (StatusCode::BAD_REQUEST, m),
         NameError::Missing(m) => (StatusCode::NOT_FOUND, m),
-    })?;
-    Ok(filter)
+    })
 }
 
 fn json_or_500<T: Serialize>(r: crate::Result<T>) -> Response {
@@ -93,10 +101,14 @@ fn json_or_500<T: Serialize>(r: crate::Result<T>) -> Response {
 }
 
 async fn flows(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {
-    match filter_of(&agent, query.as_deref()) {
-        Ok(filter) => json_or_500(agent.flows(&filter).await),
-        Err((status, msg)) => error_response(status, msg),
+    let q = match FlowQuery::from_query(query.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Err((status, msg)) = check_names(&agent, &q.filter) {
+        return error_response(status, msg);
     }
+    json_or_500(agent.flows(&q.filter, q.limit).await)
 }
 
 async fn pathdata(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {

@@ -21,8 +21,11 @@ pub struct Request {
     pub out: PathBuf,
     /// Validity of the leaves (the CA gets ten times as long).
     pub days: u32,
-    /// Namespace of the Secrets in `secrets.yaml`.
+    /// Namespace of the agents' Secret in `secrets.yaml`.
     pub namespace: String,
+    /// Namespace of the relay's Secret (its own: who may port-forward to the relay need not
+    /// reach the hostNetwork agents' pods).
+    pub relay_namespace: String,
     /// An existing CA (certificate, key) to issue from instead of making one.
     pub ca: Option<(PathBuf, PathBuf)>,
     /// More client certificates, one per name (`NAME.crt`, `NAME.key`): for another reader
@@ -175,9 +178,14 @@ pub fn issue(req: &Request) -> Result<Issued> {
         "# The data API's certificates (flowtrace certs). Apply with kubectl apply -f; keep ca.key\n# out of the cluster: it is needed only to issue new certificates.\n",
     );
     for (file, crt, key) in &pems {
+        let namespace = if *file == "relay" {
+            &req.relay_namespace
+        } else {
+            &req.namespace
+        };
         yaml.push_str(&secret_yaml(
             &format!("flowtrace-{file}-tls"),
-            &req.namespace,
+            namespace,
             &ca_pem,
             crt,
             key,

@@ -9,6 +9,7 @@ fn issue_into(dir: &Path) -> issue::Issued {
         out: dir.to_path_buf(),
         days: 30,
         namespace: "flowtrace".into(),
+        relay_namespace: "flowtrace-relay".into(),
         ca: None,
         clients: vec!["intruder".into()],
     })
@@ -127,6 +128,7 @@ fn leaves_reissued_from_the_same_ca_are_picked_up_by_reload_and_garbage_is_not()
         out: dir.clone(),
         days: 30,
         namespace: "flowtrace".into(),
+        relay_namespace: "flowtrace-relay".into(),
         ca: Some((dir.join("ca.crt"), dir.join("ca.key"))),
         clients: vec![],
     })
