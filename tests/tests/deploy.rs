@@ -17,7 +17,10 @@ use flowtrace::metrics::FAMILIES;
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, EnvVar, Namespace, PodSpec, Service, ServiceAccount},
+        core::v1::{
+            ConfigMap, Container, EnvVar, Namespace, PodSpec, SecretVolumeSource, Service,
+            ServiceAccount, Volume,
+        },
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -42,6 +45,22 @@ const RBAC_RESOURCES: [(&str, &str); 6] = [
 ];
 /// The namespace every namespaced object lives in (and every kustomization sets).
 const NAMESPACE: &str = "flowtrace";
+/// Name of the agent's and the relay's container port for /metrics and the probes.
+const METRICS_PORT: &str = "metrics";
+/// Name of the agent's container port (and Service port) of the mTLS data API: the relay
+/// looks for this name in the EndpointSlices.
+const API_PORT: &str = "api";
+/// The agents' headless Service, whose EndpointSlices the relay reads (its default
+/// --agent-service).
+const AGENT_SERVICE: &str = "flowtrace";
+/// The agent's TLS Secret (what `flowtrace certs` and deploy/cert-manager/ produce).
+const AGENT_SECRET: &str = "flowtrace-agent-tls";
+/// Where both the agent and the relay mount their TLS Secret.
+const TLS_DIR: &str = "/etc/flowtrace/tls";
+/// The keys of the TLS Secrets (`flowtrace certs`, cert-manager's CA issuer).
+const TLS_KEYS: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
+/// DNS SAN of the relay's client certificate: the agent's default --tls-client-name.
+const RELAY_SAN: &str = "flowtrace-relay";
 const DASHBOARD: &str = "deploy/grafana/flowtrace-dashboard.json";
 const CONFIG_EXAMPLE: &str = "deploy/configmap.example.toml";
 
@@ -239,7 +258,11 @@ fn check_monitor(doc: &Doc, endpoints_key: &str) {
         .unwrap_or_else(|| panic!("{}: spec.{endpoints_key} must list an endpoint", doc.at()));
     for (i, ep) in endpoints.iter().enumerate() {
         let at = format!("{}: spec.{endpoints_key}[{i}]", doc.at());
-        assert_eq!(str_at(ep, "/port"), Some("http"), "{at}.port");
+        assert_eq!(
+            str_at(ep, "/port"),
+            Some(METRICS_PORT),
+            "{at}.port must be the metrics listener (the data port `api` is mTLS only)"
+        );
         assert_eq!(str_at(ep, "/path"), Some("/metrics"), "{at}.path");
         assert!(
             str_at(ep, "/interval").is_some(),
@@ -470,6 +493,21 @@ fn kustomizations_list_every_manifest_and_the_base_needs_no_crd() {
     }
 }
 
+/// The document of `kind` named `name`, read into its type.
+fn named<T: DeserializeOwned + Serialize>(docs: &[Doc], kind: &str, name: &str) -> (String, T) {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == kind && d.name() == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "deploy/ must hold exactly one {kind} named `{name}`, found {}",
+        found.len()
+    );
+    (found[0].at(), typed(found[0]))
+}
+
 /// The single document of `kind`, read into its type.
 fn one<T: DeserializeOwned + Serialize>(docs: &[Doc], kind: &str) -> (String, T) {
     let found: Vec<&Doc> = docs.iter().filter(|d| d.kind() == kind).collect();
@@ -659,6 +697,103 @@ fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
         .find(|e| e.name == name)
 }
 
+/// The number of the container port named `name`.
+fn named_port(at: &str, c: &Container, name: &str) -> i32 {
+    c.ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{at}: no container port named `{name}`"))
+        .container_port
+}
+
+/// The address:port that env `var` of `c` holds (it must be set).
+fn env_addr(at: &str, c: &Container, var: &str) -> SocketAddr {
+    let v = env_value(c, var)
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{at}: env {var} is missing"));
+    v.parse()
+        .unwrap_or_else(|e| panic!("{at}: env {var} `{v}` is not an address:port: {e}"))
+}
+
+/// The Secret volume whose read-only mount holds the file env `var` names (under TLS_DIR).
+fn secret_behind<'a>(
+    at: &str,
+    c: &Container,
+    volumes: &'a [Volume],
+    var: &str,
+) -> &'a SecretVolumeSource {
+    let file = env_value(c, var)
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{at}: env {var} is missing"));
+    let dir = Path::new(file)
+        .parent()
+        .unwrap_or_else(|| panic!("{at}: env {var} `{file}` is not a file path"));
+    assert_eq!(
+        dir,
+        Path::new(TLS_DIR),
+        "{at}: env {var} `{file}` must be a file of {TLS_DIR}, where the TLS Secret is mounted"
+    );
+    // The deepest mount holding the file is the one that serves it.
+    let mount = c
+        .volume_mounts
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| dir.starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .unwrap_or_else(|| panic!("{at}: nothing is mounted where env {var} points ({file})"));
+    assert_eq!(
+        Path::new(&mount.mount_path),
+        dir,
+        "{at}: env {var} `{file}` is not in the TLS mount but in the mount of `{}` at {}",
+        mount.name,
+        mount.mount_path
+    );
+    assert_eq!(
+        mount.read_only,
+        Some(true),
+        "{at}: the mount at {} must be readOnly",
+        mount.mount_path
+    );
+    assert!(
+        mount.sub_path.is_none() && mount.sub_path_expr.is_none(),
+        "{at}: the mount at {} must not use subPath: a subPath mount never sees a rotated Secret",
+        mount.mount_path
+    );
+    let volume = volumes
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("{at}: volume `{}` does not exist", mount.name));
+    let secret = volume.secret.as_ref().unwrap_or_else(|| {
+        panic!(
+            "{at}: volume `{}` (env {var}) must be a Secret volume",
+            volume.name
+        )
+    });
+    if let Some(items) = &secret.items {
+        let key = Path::new(file)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            items.iter().any(|i| i.path == key),
+            "{at}: Secret volume `{}` lists items but none at {key}",
+            volume.name
+        );
+    }
+    let key = Path::new(file)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    assert!(
+        TLS_KEYS.contains(&key),
+        "{at}: env {var} `{file}`: {key} is not a key of a kubernetes.io/tls Secret with a CA ({TLS_KEYS:?})"
+    );
+    secret
+}
+
 #[test]
 fn daemonset_probes_ports_env_and_resources_fit_together() {
     let docs = all_docs();
@@ -672,18 +807,13 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
         Some(&["agent".to_owned()][..]),
         "{at}: args must be [\"agent\"]"
     );
-    let http = agent
-        .ports
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|p| p.name.as_deref() == Some("http"))
-        .unwrap_or_else(|| panic!("{at}: no container port named `http`"))
-        .container_port;
+    let metrics = named_port(&at, agent, METRICS_PORT);
+    let api = named_port(&at, agent, API_PORT);
 
     for (probe, kind, path) in [
         (&agent.liveness_probe, "livenessProbe", "/healthz"),
         (&agent.readiness_probe, "readinessProbe", "/readyz"),
+        (&agent.startup_probe, "startupProbe", "/healthz"),
     ] {
         let get = probe
             .as_ref()
@@ -692,40 +822,80 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
         assert_eq!(get.path.as_deref(), Some(path), "{at}: {kind}.httpGet.path");
         assert_eq!(
             resolve_port(&format!("{at}: {kind}.httpGet.port"), agent, &get.port),
-            http,
-            "{at}: {kind}.httpGet.port must be the API's port `http`"
+            metrics,
+            "{at}: {kind}.httpGet.port must be the metrics listener's port `{METRICS_PORT}` (the kubelet has no client certificate for `{API_PORT}`)"
         );
-    }
-    if let Some(get) = agent
-        .startup_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-    {
-        resolve_port(
-            &format!("{at}: startupProbe.httpGet.port"),
-            agent,
-            &get.port,
+        assert_ne!(
+            get.scheme.as_deref(),
+            Some("HTTPS"),
+            "{at}: {kind}: the metrics listener is plain HTTP"
         );
     }
 
-    let listen = env_value(agent, "FLOWTRACE_LISTEN")
-        .and_then(|e| e.value.as_deref())
-        .unwrap_or_else(|| {
-            panic!("{at}: env FLOWTRACE_LISTEN is missing (the default listens on loopback only)")
+    // The whole API stays on loopback (the agent refuses anything else for --listen).
+    if let Some(listen) = env_value(agent, "FLOWTRACE_LISTEN") {
+        let v = listen.value.as_deref().unwrap_or_else(|| {
+            panic!("{at}: env FLOWTRACE_LISTEN must be a plain value (or absent)")
         });
-    let listen: SocketAddr = listen.parse().unwrap_or_else(|e| {
-        panic!("{at}: env FLOWTRACE_LISTEN `{listen}` is not an address:port: {e}")
-    });
-    assert!(
-        listen.ip().is_unspecified(),
-        "{at}: env FLOWTRACE_LISTEN must bind every address (0.0.0.0), not {}",
-        listen.ip()
-    );
-    assert_eq!(
-        i32::from(listen.port()),
-        http,
-        "{at}: env FLOWTRACE_LISTEN's port must be the container port `http`"
-    );
+        let addr: SocketAddr = v.parse().unwrap_or_else(|e| {
+            panic!("{at}: env FLOWTRACE_LISTEN `{v}` is not an address:port: {e}")
+        });
+        assert!(
+            addr.ip().is_loopback(),
+            "{at}: env FLOWTRACE_LISTEN `{v}` must be a loopback address (the unauthenticated API; the agent refuses to start otherwise)"
+        );
+    }
+    for p in agent.ports.as_deref().unwrap_or_default() {
+        assert!(
+            p.container_port == metrics || p.container_port == api,
+            "{at}: container port {} ({:?}) is neither `{METRICS_PORT}` nor `{API_PORT}`; the loopback API is not a port to publish",
+            p.container_port,
+            p.name
+        );
+    }
+    for (var, port, name) in [
+        ("FLOWTRACE_METRICS_LISTEN", metrics, METRICS_PORT),
+        ("FLOWTRACE_API_LISTEN", api, API_PORT),
+    ] {
+        let addr = env_addr(&at, agent, var);
+        assert!(
+            addr.ip().is_unspecified(),
+            "{at}: env {var} must bind every node address (0.0.0.0), not {}",
+            addr.ip()
+        );
+        assert_eq!(
+            i32::from(addr.port()),
+            port,
+            "{at}: env {var}'s port must be the container port `{name}`"
+        );
+    }
+
+    // The data API needs its certificate, key and client CA, all from the agent's Secret.
+    let pod_volumes = pod.volumes.as_deref().unwrap_or_default();
+    for var in [
+        "FLOWTRACE_TLS_CERT",
+        "FLOWTRACE_TLS_KEY",
+        "FLOWTRACE_TLS_CLIENT_CA",
+    ] {
+        let secret = secret_behind(&at, agent, pod_volumes, var);
+        assert_eq!(
+            secret.secret_name.as_deref(),
+            Some(AGENT_SECRET),
+            "{at}: env {var} must point into Secret {AGENT_SECRET}"
+        );
+        assert_eq!(
+            secret.optional,
+            Some(false),
+            "{at}: Secret volume {AGENT_SECRET} must say `optional: false`: the agent refuses to start without these files (deploy/daemonset.yaml says why)"
+        );
+    }
+    if let Some(names) = env_value(agent, "FLOWTRACE_TLS_CLIENT_NAME") {
+        assert_eq!(
+            names.value.as_deref(),
+            Some(RELAY_SAN),
+            "{at}: env FLOWTRACE_TLS_CLIENT_NAME must allow the relay's certificate name"
+        );
+    }
 
     let node = env_value(agent, "NODE_NAME")
         .and_then(|e| e.value_from.as_ref())
@@ -809,10 +979,10 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
         .as_ref()
         .and_then(|m| m.annotations.clone())
         .unwrap_or_default();
-    let http_s = http.to_string();
+    let metrics_s = metrics.to_string();
     for (key, want) in [
         ("prometheus.io/scrape", "true"),
-        ("prometheus.io/port", http_s.as_str()),
+        ("prometheus.io/port", metrics_s.as_str()),
         ("prometheus.io/path", "/metrics"),
     ] {
         assert_eq!(
@@ -1003,7 +1173,7 @@ fn service_and_monitors_select_the_agents() {
     }
     let agent = the_agent(&dat, pod_spec(&dat, &ds));
 
-    let (sat, svc) = one::<Service>(&docs, "Service");
+    let (sat, svc) = named::<Service>(&docs, "Service", AGENT_SERVICE);
     let sspec = svc
         .spec
         .as_ref()
@@ -1018,21 +1188,35 @@ fn service_and_monitors_select_the_agents() {
         selects(&svc_selector, &pod_labels),
         "{sat}: spec.selector {svc_selector:?} does not select the agents' labels {pod_labels:?}"
     );
-    let http = sspec
-        .ports
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|p| p.name.as_deref() == Some("http"))
-        .unwrap_or_else(|| panic!("{sat}: no port named `http` (the ServiceMonitor scrapes it)"));
-    let target = http
-        .target_port
-        .clone()
-        .unwrap_or(IntOrString::Int(http.port));
-    let container_port = resolve_port(&format!("{sat}: port http targetPort"), agent, &target);
+    let svc_ports = sspec.ports.as_deref().unwrap_or_default();
+    for (name, why) in [
+        (METRICS_PORT, "the ServiceMonitor scrapes it"),
+        (API_PORT, "the relay finds the agents' data API by this name"),
+    ] {
+        let port = svc_ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{sat}: no port named `{name}` ({why})"));
+        let target = port
+            .target_port
+            .clone()
+            .unwrap_or(IntOrString::Int(port.port));
+        let container_port =
+            resolve_port(&format!("{sat}: port {name} targetPort"), agent, &target);
+        assert_eq!(
+            container_port,
+            named_port(&dat, agent, name),
+            "{sat}: port `{name}` must target the agents' container port `{name}`"
+        );
+        assert_eq!(
+            port.port, container_port,
+            "{sat}: port `{name}` should be the agents' own port (host network)"
+        );
+    }
     assert_eq!(
-        http.port, container_port,
-        "{sat}: port `http` should be the agents' own port (host network)"
+        sspec.publish_not_ready_addresses,
+        Some(true),
+        "{sat}: publishNotReadyAddresses must be true: an unready agent is still scraped and asked by the relay"
     );
     let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
 
@@ -1063,11 +1247,11 @@ fn service_and_monitors_select_the_agents() {
             "{}: spec.selector.matchLabels {sel:?} does not select the agents' labels {pod_labels:?}",
             doc.at()
         );
-        // Endpoint ports ("http", checked in check_monitor) must be named container ports.
-        resolve_port(
+        // Endpoint ports (`metrics`, checked in check_monitor) must be named container ports.
+        named_port(
             &format!("{}: podMetricsEndpoints port", doc.at()),
             agent,
-            &IntOrString::String("http".to_owned()),
+            METRICS_PORT,
         );
     }
 }
@@ -1097,13 +1281,18 @@ fn daemonset_env_names_are_agent_settings() {
     let docs = all_docs();
     let (at, ds) = one::<DaemonSet>(&docs, "DaemonSet");
     let agent = the_agent(&at, pod_spec(&at, &ds));
-    for e in agent.env.as_deref().unwrap_or_default() {
-        assert!(
-            help.contains(&format!("[env: {}=", e.name)),
-            "{at}: env {} is not a variable `flowtrace agent` reads (see `flowtrace agent --help`)",
-            e.name
-        );
-    }
+    let unknown: Vec<&str> = agent
+        .env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|name| !help.contains(&format!("[env: {name}=")))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "{at}: env {unknown:?}: not variables `flowtrace agent` reads (see `flowtrace agent --help`)"
+    );
 }
 
 /// Runs `flowtrace trace` against a closed loopback port with `FLOWTRACE_CONFIG` set to
