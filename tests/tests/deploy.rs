@@ -16,12 +16,13 @@ use std::{
 use flowtrace::metrics::FAMILIES;
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, Deployment},
         core::v1::{
             ConfigMap, Container, EnvVar, Namespace, PodSpec, SecretVolumeSource, Service,
             ServiceAccount, Volume,
         },
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        networking::v1::{NetworkPolicy, NetworkPolicyPort},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -61,6 +62,17 @@ const TLS_DIR: &str = "/etc/flowtrace/tls";
 const TLS_KEYS: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 /// DNS SAN of the relay's client certificate: the agent's default --tls-client-name.
 const RELAY_SAN: &str = "flowtrace-relay";
+/// DNS SAN of the agents' certificate: the relay's default --agent-server-name.
+const AGENT_SAN: &str = "flowtrace-agent";
+/// Name of the relay's Deployment, ServiceAccount, Role, RoleBinding, Service and
+/// NetworkPolicy (and of the Deployment in the README's port-forward command).
+const RELAY: &str = "flowtrace-relay";
+/// The relay's TLS Secret.
+const RELAY_SECRET: &str = "flowtrace-relay-tls";
+/// (API group, resource) the relay's Role grants; README line "Relay Role resources:".
+const RELAY_RESOURCES: [(&str, &str); 1] = [("discovery.k8s.io", "endpointslices")];
+/// The verbs of the relay's Role; README line "Relay Role verbs:".
+const RELAY_VERBS: [&str; 3] = ["get", "list", "watch"];
 const DASHBOARD: &str = "deploy/grafana/flowtrace-dashboard.json";
 const CONFIG_EXAMPLE: &str = "deploy/configmap.example.toml";
 
@@ -372,6 +384,18 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             }
             "DaemonSet" => {
                 typed::<DaemonSet>(doc);
+            }
+            "Deployment" => {
+                typed::<Deployment>(doc);
+            }
+            "Role" => {
+                typed::<Role>(doc);
+            }
+            "RoleBinding" => {
+                typed::<RoleBinding>(doc);
+            }
+            "NetworkPolicy" => {
+                typed::<NetworkPolicy>(doc);
             }
             "Service" => {
                 typed::<Service>(doc);
@@ -993,6 +1017,531 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
     }
 }
 
+fn relay_pod<'a>(at: &str, d: &'a Deployment) -> &'a PodSpec {
+    d.spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no spec.template.spec"))
+}
+
+fn the_relay<'a>(at: &str, d: &'a Deployment) -> &'a Container {
+    let pod = relay_pod(at, d);
+    assert_eq!(
+        pod.containers.len(),
+        1,
+        "{at}: one container (the relay) expected, found {}",
+        pod.containers.len()
+    );
+    &pod.containers[0]
+}
+
+fn relay_pod_labels(d: &Deployment) -> BTreeMap<String, String> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn relay_runs_non_root_without_capabilities() {
+    let docs = all_docs();
+    let (at, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    assert_eq!(
+        d.spec.replicas,
+        Some(1),
+        "{at}: spec.replicas must be 1 (a second relay doubles every agent's load)"
+    );
+    let pod = relay_pod(&at, &d);
+    assert_ne!(
+        pod.host_network,
+        Some(true),
+        "{at}: the relay needs no host network"
+    );
+    assert_ne!(pod.host_pid, Some(true), "{at}: hostPID is not needed");
+    assert_ne!(pod.host_ipc, Some(true), "{at}: hostIPC is not needed");
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some(RELAY),
+        "{at}: serviceAccountName must be the relay's own account (not the agents')"
+    );
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(true),
+        "{at}: automountServiceAccountToken must be true: the relay lists and watches EndpointSlices"
+    );
+    for v in pod.volumes.as_deref().unwrap_or_default() {
+        assert!(
+            v.host_path.is_none(),
+            "{at}: volume `{}` is a host path; the relay needs none",
+            v.name
+        );
+    }
+    let psc = pod
+        .security_context
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no spec.template.spec.securityContext"));
+    let pod_uid = psc.run_as_user;
+    assert!(
+        pod_uid.is_some_and(|u| u > 0),
+        "{at}: securityContext.runAsUser must be a fixed non-zero uid (the image's user is root), found {pod_uid:?}"
+    );
+    assert!(
+        psc.run_as_group.is_some_and(|g| g > 0),
+        "{at}: securityContext.runAsGroup must be a fixed non-zero gid"
+    );
+    let pod_non_root = psc.run_as_non_root;
+    let pod_seccomp = psc.seccomp_profile.as_ref().map(|p| p.type_.clone());
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.as_deref().unwrap_or_default());
+    for c in containers {
+        let at = format!("{at}: container `{}`", c.name);
+        let sc = c
+            .security_context
+            .as_ref()
+            .unwrap_or_else(|| panic!("{at}: no securityContext"));
+        assert_ne!(
+            sc.privileged,
+            Some(true),
+            "{at}: privileged must not be true"
+        );
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{at}: allowPrivilegeEscalation must be false"
+        );
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{at}: readOnlyRootFilesystem must be true"
+        );
+        assert_eq!(
+            sc.run_as_non_root.or(pod_non_root),
+            Some(true),
+            "{at}: runAsNonRoot must be true"
+        );
+        let uid = sc.run_as_user.or(pod_uid);
+        assert!(
+            uid.is_some_and(|u| u > 0),
+            "{at}: runs as uid {uid:?}; it must be a fixed non-zero uid"
+        );
+        let caps = sc
+            .capabilities
+            .as_ref()
+            .unwrap_or_else(|| panic!("{at}: securityContext.capabilities is missing"));
+        assert_eq!(
+            caps.drop.as_deref(),
+            Some(&["ALL".to_owned()][..]),
+            "{at}: capabilities.drop must be exactly [\"ALL\"]"
+        );
+        assert!(
+            caps.add.as_deref().unwrap_or_default().is_empty(),
+            "{at}: capabilities.add must be empty, found {:?}",
+            caps.add
+        );
+        let seccomp = sc
+            .seccomp_profile
+            .as_ref()
+            .map(|p| p.type_.clone())
+            .or(pod_seccomp.clone());
+        assert_eq!(
+            seccomp.as_deref(),
+            Some("RuntimeDefault"),
+            "{at}: seccompProfile must be RuntimeDefault"
+        );
+    }
+}
+
+#[test]
+fn relay_probes_ports_env_and_tls_fit_together() {
+    let docs = all_docs();
+    let (at, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let pod = relay_pod(&at, &d);
+    let relay = the_relay(&at, &d);
+    let at = format!("{at}: container `{}`", relay.name);
+    assert_eq!(
+        relay.args.as_deref(),
+        Some(&["relay".to_owned()][..]),
+        "{at}: args must be [\"relay\"]"
+    );
+    let metrics = named_port(&at, relay, METRICS_PORT);
+    for (probe, kind, path) in [
+        (&relay.liveness_probe, "livenessProbe", "/healthz"),
+        (&relay.readiness_probe, "readinessProbe", "/readyz"),
+        (&relay.startup_probe, "startupProbe", "/healthz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{at}: {kind} must be an httpGet probe"));
+        assert_eq!(get.path.as_deref(), Some(path), "{at}: {kind}.httpGet.path");
+        assert_eq!(
+            resolve_port(&format!("{at}: {kind}.httpGet.port"), relay, &get.port),
+            metrics,
+            "{at}: {kind}.httpGet.port must be `{METRICS_PORT}` (the relay API is on loopback)"
+        );
+    }
+    let m = env_addr(&at, relay, "FLOWTRACE_METRICS_LISTEN");
+    assert!(
+        m.ip().is_unspecified(),
+        "{at}: env FLOWTRACE_METRICS_LISTEN must bind the pod's addresses (0.0.0.0), not {}",
+        m.ip()
+    );
+    assert_eq!(
+        i32::from(m.port()),
+        metrics,
+        "{at}: env FLOWTRACE_METRICS_LISTEN's port must be the container port `{METRICS_PORT}`"
+    );
+    // The relay API: loopback only (port-forward), never a container port.
+    let api = env_addr(&at, relay, "FLOWTRACE_RELAY_LISTEN");
+    assert!(
+        api.ip().is_loopback(),
+        "{at}: env FLOWTRACE_RELAY_LISTEN `{api}` must be loopback: the relay API has no authentication, port-forward's RBAC is its access control"
+    );
+    for p in relay.ports.as_deref().unwrap_or_default() {
+        assert_ne!(
+            p.container_port,
+            i32::from(api.port()),
+            "{at}: the relay API's port must not be a container port"
+        );
+    }
+    assert!(
+        env_value(relay, "FLOWTRACE_RELAY_AGENTS").is_none(),
+        "{at}: env FLOWTRACE_RELAY_AGENTS turns discovery off; the Deployment discovers the agents"
+    );
+    let annotations = d
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    let metrics_s = metrics.to_string();
+    for (key, want) in [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", metrics_s.as_str()),
+        ("prometheus.io/path", "/metrics"),
+    ] {
+        assert_eq!(
+            annotations.get(key).map(String::as_str),
+            Some(want),
+            "{at}: pod template annotation {key}"
+        );
+    }
+
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    for var in ["FLOWTRACE_TLS_CERT", "FLOWTRACE_TLS_KEY", "FLOWTRACE_TLS_CA"] {
+        let secret = secret_behind(&at, relay, volumes, var);
+        assert_eq!(
+            secret.secret_name.as_deref(),
+            Some(RELAY_SECRET),
+            "{at}: env {var} must point into Secret {RELAY_SECRET}"
+        );
+        assert_ne!(
+            secret.optional,
+            Some(true),
+            "{at}: Secret volume {RELAY_SECRET} must not be optional: the relay reaches no agent without it"
+        );
+        // A non-root relay reads tls.key only through the group (fsGroup) or the world bits,
+        // and the world bits must stay clear for a private key.
+        let mode = secret.default_mode.unwrap_or(0o644);
+        let fs_group = pod.security_context.as_ref().and_then(|s| s.fs_group);
+        assert!(
+            mode & 0o040 != 0 && fs_group.is_some(),
+            "{at}: Secret volume {RELAY_SECRET} mode {mode:o}, fsGroup {fs_group:?}: the non-root relay cannot read its key (set fsGroup and a group-readable mode)"
+        );
+        assert_eq!(
+            mode & 0o007,
+            0,
+            "{at}: Secret volume {RELAY_SECRET} mode {mode:o}: the private key must not be world-readable"
+        );
+    }
+    let res = relay
+        .resources
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no resources"));
+    let requests = res.requests.clone().unwrap_or_default();
+    let limits = res.limits.clone().unwrap_or_default();
+    for r in ["cpu", "memory"] {
+        assert!(
+            requests.contains_key(r),
+            "{at}: resources.requests.{r} is missing"
+        );
+    }
+    let limit = limits
+        .get("memory")
+        .unwrap_or_else(|| panic!("{at}: resources.limits.memory is missing"));
+    let mib = limit
+        .0
+        .strip_suffix("Mi")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{at}: resources.limits.memory `{}`: write it in Mi", limit.0));
+    assert!(
+        mib >= 200,
+        "{at}: resources.limits.memory {mib}Mi is below the issue's goal of 200 MiB RSS at 100 nodes"
+    );
+
+    // deploy/README.md gives the exact commands: they must name this Deployment and port.
+    let readme = read("deploy/README.md");
+    for cmd in [
+        format!(
+            "kubectl -n {NAMESPACE} port-forward deploy/{RELAY} {0}:{0}",
+            api.port()
+        ),
+        format!("flowtrace flows --relay http://127.0.0.1:{}", api.port()),
+        format!("FLOWTRACE_RELAY=http://127.0.0.1:{}", api.port()),
+    ] {
+        assert!(
+            readme.contains(&cmd),
+            "deploy/README.md must give `{cmd}` (the relay's Deployment and FLOWTRACE_RELAY_LISTEN's port)"
+        );
+    }
+}
+
+/// The (group, resource) pairs and the verbs `rules` grant, checking there is no wildcard,
+/// no resourceNames (they break list and watch) and no non-resource URL.
+fn grants(at: &str, rules: &[PolicyRule]) -> (BTreeSet<(String, String)>, BTreeSet<String>) {
+    assert!(!rules.is_empty(), "{at}: no rules");
+    let mut pairs = BTreeSet::new();
+    let mut verbs = BTreeSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{at}: rules[{i}]");
+        assert!(
+            rule.non_resource_urls.is_none(),
+            "{at}: nonResourceURLs are not needed"
+        );
+        assert!(
+            rule.resource_names.is_none(),
+            "{at}: resourceNames would break list and watch"
+        );
+        let groups = rule.api_groups.as_deref().unwrap_or_default();
+        let resources = rule.resources.as_deref().unwrap_or_default();
+        for (field, values) in [
+            ("verbs", &rule.verbs[..]),
+            ("apiGroups", groups),
+            ("resources", resources),
+        ] {
+            assert!(
+                !values.iter().any(|v| v.contains('*')),
+                "{at}.{field} has a wildcard: {values:?}"
+            );
+        }
+        assert!(
+            !groups.is_empty() && !resources.is_empty(),
+            "{at}: apiGroups and resources must be listed"
+        );
+        verbs.extend(rule.verbs.iter().cloned());
+        for g in groups {
+            for r in resources {
+                pairs.insert((g.clone(), r.clone()));
+            }
+        }
+    }
+    (pairs, verbs)
+}
+
+#[test]
+fn relay_role_reads_only_endpointslices_in_its_namespace() {
+    let want_resources: BTreeSet<(String, String)> = RELAY_RESOURCES
+        .iter()
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect();
+    let want_verbs: BTreeSet<String> = RELAY_VERBS.iter().map(|v| v.to_string()).collect();
+    let doc_resources: BTreeSet<(String, String)> = readme_list("Relay Role resources:")
+        .iter()
+        .map(|s| group_resource(s))
+        .collect();
+    assert_eq!(
+        doc_resources, want_resources,
+        "deploy/README.md's `Relay Role resources:` line lists another set than the one tested here"
+    );
+    let doc_verbs: BTreeSet<String> = readme_list("Relay Role verbs:").into_iter().collect();
+    assert_eq!(
+        doc_verbs, want_verbs,
+        "deploy/README.md's `Relay Role verbs:` line lists another set than the one tested here"
+    );
+
+    let docs = all_docs();
+    let (dat, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let sa = relay_pod(&dat, &d)
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| panic!("{dat}: no serviceAccountName"));
+    let ns = d.metadata.namespace.clone().unwrap_or_default();
+    named::<ServiceAccount>(&docs, "ServiceAccount", &sa);
+
+    // Every binding naming the relay's account: exactly one RoleBinding, nothing cluster-wide.
+    let is_relay = |s: &Subject| {
+        s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(ns.as_str())
+    };
+    for doc in docs.iter().filter(|d| d.kind() == "ClusterRoleBinding") {
+        let b: ClusterRoleBinding = typed(doc);
+        assert!(
+            !b.subjects.as_deref().unwrap_or_default().iter().any(is_relay),
+            "{}: binds the relay's account {ns}/{sa} cluster-wide; it may read its namespace's EndpointSlices only",
+            doc.at()
+        );
+    }
+    let bindings: Vec<(String, RoleBinding)> = docs
+        .iter()
+        .filter(|d| d.kind() == "RoleBinding")
+        .map(|d| (d.at(), typed::<RoleBinding>(d)))
+        .filter(|(_, b)| b.subjects.as_deref().unwrap_or_default().iter().any(is_relay))
+        .collect();
+    assert_eq!(
+        bindings.len(),
+        1,
+        "exactly one RoleBinding must bind the relay's account {ns}/{sa}, found {}",
+        bindings.len()
+    );
+    let (bat, binding) = &bindings[0];
+    assert_eq!(
+        binding.metadata.namespace.as_deref(),
+        Some(NAMESPACE),
+        "{bat}: the binding must be in namespace {NAMESPACE}, where the agents' EndpointSlices are"
+    );
+    assert_eq!(
+        binding.subjects.as_deref().unwrap_or_default().len(),
+        1,
+        "{bat}: only the relay's account is bound"
+    );
+    assert_eq!(
+        (
+            binding.role_ref.api_group.as_deref().unwrap_or_default(),
+            binding.role_ref.kind.as_str()
+        ),
+        ("rbac.authorization.k8s.io", "Role"),
+        "{bat}: roleRef must be a Role of this namespace, not a ClusterRole"
+    );
+    let (rat, role) = named::<Role>(&docs, "Role", &binding.role_ref.name);
+    assert_eq!(
+        role.metadata.namespace.as_deref(),
+        Some(NAMESPACE),
+        "{rat}: the Role must be in namespace {NAMESPACE}"
+    );
+    let (granted, verbs) = grants(&rat, role.rules.as_deref().unwrap_or_default());
+    assert_eq!(
+        granted, want_resources,
+        "{rat}: the relay must read exactly {RELAY_RESOURCES:?}"
+    );
+    assert_eq!(
+        verbs, want_verbs,
+        "{rat}: the relay's verbs must be exactly {RELAY_VERBS:?}"
+    );
+    // The EndpointSlices it reads are those of the agents' Service, in the same namespace.
+    let (sat, svc) = named::<Service>(&docs, "Service", AGENT_SERVICE);
+    assert_eq!(
+        svc.metadata.namespace.as_deref(),
+        role.metadata.namespace.as_deref(),
+        "{sat}: the agents' Service must be in the relay Role's namespace"
+    );
+}
+
+/// The (protocol, port) pairs of a NetworkPolicy rule's ports; every port must be a number
+/// (a named port is resolved on the far pod, and the agents' is the host).
+fn policy_ports(at: &str, ports: &[NetworkPolicyPort]) -> BTreeSet<(String, i32)> {
+    assert!(
+        !ports.is_empty(),
+        "{at}: a rule without ports allows every port"
+    );
+    ports
+        .iter()
+        .map(|p| {
+            assert!(p.end_port.is_none(), "{at}: no port ranges");
+            let n = match &p.port {
+                Some(IntOrString::Int(n)) => *n,
+                other => panic!("{at}: port {other:?} must be a number"),
+            };
+            (p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()), n)
+        })
+        .collect()
+}
+
+#[test]
+fn relay_network_policy_ports_match_the_containers() {
+    let docs = all_docs();
+    let (dat, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay = the_relay(&dat, &d);
+    let relay_labels = relay_pod_labels(&d);
+    let (aat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let agent = the_agent(&aat, pod_spec(&aat, &ds));
+    let agent_api = named_port(&aat, agent, API_PORT);
+
+    let (at, np) = named::<NetworkPolicy>(&docs, "NetworkPolicy", RELAY);
+    let spec = np.spec.as_ref().unwrap_or_else(|| panic!("{at}: no spec"));
+    let sel = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    assert!(
+        selects(&sel, &relay_labels),
+        "{at}: spec.podSelector {sel:?} does not select the relay's pods {relay_labels:?}"
+    );
+    let pod_types: BTreeSet<&str> = spec
+        .policy_types
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        pod_types,
+        BTreeSet::from(["Ingress", "Egress"]),
+        "{at}: policyTypes must be Ingress and Egress (without Egress every egress is allowed)"
+    );
+
+    let mut ingress = BTreeSet::new();
+    for (i, rule) in spec.ingress.as_deref().unwrap_or_default().iter().enumerate() {
+        ingress.extend(policy_ports(
+            &format!("{at}: ingress[{i}]"),
+            rule.ports.as_deref().unwrap_or_default(),
+        ));
+    }
+    let container: BTreeSet<(String, i32)> = relay
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+                p.container_port,
+            )
+        })
+        .collect();
+    assert_eq!(
+        ingress, container,
+        "{at}: ingress must allow exactly the relay's container ports (`{METRICS_PORT}`)"
+    );
+
+    let mut egress = BTreeSet::new();
+    for (i, rule) in spec.egress.as_deref().unwrap_or_default().iter().enumerate() {
+        egress.extend(policy_ports(
+            &format!("{at}: egress[{i}]"),
+            rule.ports.as_deref().unwrap_or_default(),
+        ));
+    }
+    let want: BTreeSet<(String, i32)> = [
+        ("TCP", agent_api),
+        ("TCP", 443),
+        ("TCP", 6443),
+        ("UDP", 53),
+        ("TCP", 53),
+    ]
+    .iter()
+    .map(|(p, n)| (p.to_string(), *n))
+    .collect();
+    assert_eq!(
+        egress, want,
+        "{at}: egress must allow exactly the agents' `{API_PORT}` ({agent_api}), the API server (443, 6443) and DNS (53 UDP and TCP)"
+    );
+}
+
 /// The `group/resource` pairs of a README list (`resource` alone for the core group).
 fn group_resource(s: &str) -> (String, String) {
     match s.rsplit_once('/') {
@@ -1120,7 +1669,7 @@ fn rbac_is_read_only_and_limited_to_the_documented_resources() {
         1,
         "{bat}: only the agents' ServiceAccount is bound"
     );
-    let (sat, account) = one::<ServiceAccount>(&docs, "ServiceAccount");
+    let (sat, account) = named::<ServiceAccount>(&docs, "ServiceAccount", &sa);
     assert_eq!(
         (
             account.metadata.name.as_deref(),
@@ -1218,54 +1767,108 @@ fn service_and_monitors_select_the_agents() {
         Some(true),
         "{sat}: publishNotReadyAddresses must be true: an unready agent is still scraped and asked by the relay"
     );
-    let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
 
-    for doc in docs.iter().filter(|d| d.kind() == "ServiceMonitor") {
-        let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
-        assert!(
-            selects(&sel, &svc_labels),
-            "{}: spec.selector.matchLabels {sel:?} does not select Service {}'s labels {svc_labels:?}",
-            doc.at(),
-            svc.metadata.name.as_deref().unwrap_or_default()
-        );
-        if let Some(names) = doc
-            .value
-            .pointer("/spec/namespaceSelector/matchNames")
-            .and_then(Value::as_array)
-        {
-            assert!(
-                names.iter().any(|n| n.as_str() == Some(NAMESPACE)),
-                "{}: spec.namespaceSelector.matchNames must include {NAMESPACE}",
+    // The relay's pods and Service, and which of the two components each selector picks:
+    // the agents' Service must not select the relay (the relay would ask itself for flows).
+    let (rat, relay) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay_pod_labels = relay_pod_labels(&relay);
+    assert!(
+        !selects(&svc_selector, &relay_pod_labels),
+        "{sat}: spec.selector {svc_selector:?} also selects the relay's pods ({rat}): the relay would count itself among the agents"
+    );
+    let relay_c = the_relay(&rat, &relay);
+    let (rsat, rsvc) = named::<Service>(&docs, "Service", RELAY);
+    let rspec = rsvc
+        .spec
+        .as_ref()
+        .unwrap_or_else(|| panic!("{rsat}: no spec"));
+    let rsel = rspec.selector.clone().unwrap_or_default();
+    assert!(
+        selects(&rsel, &relay_pod_labels) && !selects(&rsel, &pod_labels),
+        "{rsat}: spec.selector {rsel:?} must select the relay's pods {relay_pod_labels:?} and not the agents'"
+    );
+    let rport = rspec
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(METRICS_PORT))
+        .unwrap_or_else(|| panic!("{rsat}: no port named `{METRICS_PORT}`"));
+    let target = rport
+        .target_port
+        .clone()
+        .unwrap_or(IntOrString::Int(rport.port));
+    assert_eq!(
+        resolve_port(&format!("{rsat}: port metrics targetPort"), relay_c, &target),
+        named_port(&rat, relay_c, METRICS_PORT),
+        "{rsat}: port `{METRICS_PORT}` must target the relay's container port `{METRICS_PORT}`"
+    );
+    assert_eq!(
+        rspec.ports.as_deref().unwrap_or_default().len(),
+        1,
+        "{rsat}: only `{METRICS_PORT}`: the relay API is reached by port-forward, never through a Service"
+    );
+
+    let services = [
+        ("agent", svc.metadata.labels.clone().unwrap_or_default()),
+        ("relay", rsvc.metadata.labels.clone().unwrap_or_default()),
+    ];
+    let pods = [("agent", pod_labels.clone()), ("relay", relay_pod_labels)];
+    for (kind, targets) in [("ServiceMonitor", &services), ("PodMonitor", &pods)] {
+        let mut covered = BTreeSet::new();
+        for doc in docs.iter().filter(|d| d.kind() == kind) {
+            let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
+            let picked: Vec<&str> = targets
+                .iter()
+                .filter(|(_, labels)| selects(&sel, labels))
+                .map(|(what, _)| *what)
+                .collect();
+            assert_eq!(
+                picked.len(),
+                1,
+                "{}: spec.selector.matchLabels {sel:?} must select exactly one of the agents and the relay, selects {picked:?}",
                 doc.at()
             );
+            covered.insert(picked[0]);
+            if let Some(names) = doc
+                .value
+                .pointer("/spec/namespaceSelector/matchNames")
+                .and_then(Value::as_array)
+            {
+                assert!(
+                    names.iter().any(|n| n.as_str() == Some(NAMESPACE)),
+                    "{}: spec.namespaceSelector.matchNames must include {NAMESPACE}",
+                    doc.at()
+                );
+            }
+            if kind == "PodMonitor" {
+                // Endpoint ports (`metrics`, checked in check_monitor) are container ports.
+                let c = if picked[0] == "agent" { agent } else { relay_c };
+                named_port(
+                    &format!("{}: podMetricsEndpoints port", doc.at()),
+                    c,
+                    METRICS_PORT,
+                );
+            }
         }
-    }
-    for doc in docs.iter().filter(|d| d.kind() == "PodMonitor") {
-        let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
-        assert!(
-            selects(&sel, &pod_labels),
-            "{}: spec.selector.matchLabels {sel:?} does not select the agents' labels {pod_labels:?}",
-            doc.at()
-        );
-        // Endpoint ports (`metrics`, checked in check_monitor) must be named container ports.
-        named_port(
-            &format!("{}: podMetricsEndpoints port", doc.at()),
-            agent,
-            METRICS_PORT,
+        assert_eq!(
+            covered,
+            BTreeSet::from(["agent", "relay"]),
+            "deploy/prometheus-operator: the {kind}s must scrape both the agents and the relay"
         );
     }
 }
 
-/// `flowtrace agent --help`, whitespace collapsed (clap wraps long lines).
-fn agent_help() -> String {
+/// `flowtrace <sub> --help`, whitespace collapsed (clap wraps long lines).
+fn help_of(sub: &str) -> String {
     let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
     let out = Command::new(&bin)
-        .args(["agent", "--help"])
+        .args([sub, "--help"])
         .output()
-        .unwrap_or_else(|e| panic!("running {} agent --help: {e}", bin.display()));
+        .unwrap_or_else(|e| panic!("running {} {sub} --help: {e}", bin.display()));
     assert!(
         out.status.success(),
-        "{} agent --help failed: {}",
+        "{} {sub} --help failed: {}",
         bin.display(),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -1277,7 +1880,7 @@ fn agent_help() -> String {
 
 #[test]
 fn daemonset_env_names_are_agent_settings() {
-    let help = agent_help();
+    let help = help_of("agent");
     let docs = all_docs();
     let (at, ds) = one::<DaemonSet>(&docs, "DaemonSet");
     let agent = the_agent(&at, pod_spec(&at, &ds));
@@ -1292,6 +1895,26 @@ fn daemonset_env_names_are_agent_settings() {
     assert!(
         unknown.is_empty(),
         "{at}: env {unknown:?}: not variables `flowtrace agent` reads (see `flowtrace agent --help`)"
+    );
+}
+
+#[test]
+fn relay_env_names_are_relay_settings() {
+    let help = help_of("relay");
+    let docs = all_docs();
+    let (at, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay = the_relay(&at, &d);
+    let unknown: Vec<&str> = relay
+        .env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|name| !help.contains(&format!("[env: {name}=")))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "{at}: env {unknown:?}: not variables `flowtrace relay` reads (see `flowtrace relay --help`)"
     );
 }
 
