@@ -405,6 +405,7 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             }
             "ServiceMonitor" => check_monitor(doc, "endpoints"),
             "PodMonitor" => check_monitor(doc, "podMetricsEndpoints"),
+            "Issuer" | "Certificate" => check_cert_manager(doc),
             "Kustomization" | "Component" => check_kustomization_shape(doc),
             other => panic!(
                 "{}: kind `{other}` is not one tests/tests/deploy.rs knows: add its check there",
@@ -493,7 +494,8 @@ fn kustomizations_list_every_manifest_and_the_base_needs_no_crd() {
     }
 
     // The base is the whole install and works on a cluster without the Prometheus
-    // Operator's CRDs: every other object is in it, no monitor is.
+    // Operator's or cert-manager's CRDs: every other object is in it, no monitor and no
+    // cert-manager object is.
     let mut base = BTreeSet::new();
     kustomize_closure(&deploy, &mut base);
     for doc in all_docs() {
@@ -505,6 +507,12 @@ fn kustomizations_list_every_manifest_and_the_base_needs_no_crd() {
             assert!(
                 !in_base,
                 "{}: needs the Prometheus Operator's CRDs, so it must not be in deploy/kustomization.yaml (use deploy/prometheus-operator/)",
+                doc.at()
+            );
+        } else if doc.api_version().starts_with("cert-manager.io/") {
+            assert!(
+                !in_base,
+                "{}: needs cert-manager's CRDs, so it must not be in deploy/kustomization.yaml (use deploy/cert-manager/)",
                 doc.at()
             );
         } else {
@@ -1539,6 +1547,292 @@ fn relay_network_policy_ports_match_the_containers() {
     assert_eq!(
         egress, want,
         "{at}: egress must allow exactly the agents' `{API_PORT}` ({agent_api}), the API server (443, 6443) and DNS (53 UDP and TCP)"
+    );
+}
+
+/// cert-manager's Issuer and Certificate have no k8s-openapi type: their shape is checked
+/// here, with the fields these manifests may use.
+fn check_cert_manager(doc: &Doc) {
+    assert_eq!(
+        doc.api_version(),
+        "cert-manager.io/v1",
+        "{}: apiVersion",
+        doc.at()
+    );
+    let spec = doc.value["spec"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{}: no spec", doc.at()));
+    let known: &[&str] = match doc.kind() {
+        "Issuer" => &["selfSigned", "ca"],
+        _ => &[
+            "secretName",
+            "secretTemplate",
+            "isCA",
+            "commonName",
+            "dnsNames",
+            "ipAddresses",
+            "usages",
+            "duration",
+            "renewBefore",
+            "privateKey",
+            "issuerRef",
+            "subject",
+        ],
+    };
+    for key in spec.keys() {
+        assert!(
+            known.contains(&key.as_str()),
+            "{}: spec field `{key}` is not one this test knows (misspelt?)",
+            doc.at()
+        );
+    }
+    if doc.kind() == "Issuer" {
+        assert_eq!(
+            spec.len(),
+            1,
+            "{}: an Issuer has exactly one of selfSigned and ca",
+            doc.at()
+        );
+        return;
+    }
+    let issuer = &doc.value["spec"]["issuerRef"];
+    assert!(
+        str_at(issuer, "/name").is_some(),
+        "{}: spec.issuerRef.name is missing",
+        doc.at()
+    );
+    assert_eq!(
+        str_at(issuer, "/kind"),
+        Some("Issuer"),
+        "{}: spec.issuerRef.kind: a namespaced Issuer of deploy/cert-manager/",
+        doc.at()
+    );
+    for key in ["duration", "renewBefore"] {
+        let v = str_at(spec_value(doc), &format!("/{key}"))
+            .unwrap_or_else(|| panic!("{}: spec.{key} is missing", doc.at()));
+        assert!(
+            v.ends_with('h') && v[..v.len() - 1].parse::<u32>().is_ok(),
+            "{}: spec.{key} `{v}`: write it in hours (e.g. 2160h)",
+            doc.at()
+        );
+    }
+    for (key, allowed) in [
+        ("algorithm", &["ECDSA", "RSA", "Ed25519"][..]),
+        ("encoding", &["PKCS1", "PKCS8"][..]),
+        ("rotationPolicy", &["Never", "Always"][..]),
+    ] {
+        if let Some(v) = doc.value["spec"]["privateKey"].get(key) {
+            assert!(
+                v.as_str().is_some_and(|v| allowed.contains(&v)),
+                "{}: spec.privateKey.{key} {v} is not one of {allowed:?}",
+                doc.at()
+            );
+        }
+    }
+}
+
+fn spec_value(doc: &Doc) -> &Value {
+    &doc.value["spec"]
+}
+
+fn hours(doc: &Doc, key: &str) -> u32 {
+    str_at(spec_value(doc), &format!("/{key}"))
+        .and_then(|v| v.strip_suffix('h'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{}: spec.{key} in hours", doc.at()))
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn cert_manager_certificates_produce_the_mounted_secrets() {
+    let docs = all_docs();
+    let certs: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Certificate").collect();
+    let issuers: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Issuer").collect();
+    let issuer = |name: &str| -> &Doc {
+        issuers
+            .iter()
+            .find(|d| d.name() == name)
+            .copied()
+            .unwrap_or_else(|| panic!("deploy/cert-manager/: no Issuer named `{name}`"))
+    };
+    let by_secret = |secret: &str| -> &Doc {
+        let found: Vec<&&Doc> = certs
+            .iter()
+            .filter(|d| str_at(spec_value(d), "/secretName") == Some(secret))
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "deploy/cert-manager/: exactly one Certificate must write Secret {secret}, found {}",
+            found.len()
+        );
+        found[0]
+    };
+
+    // The Secrets the DaemonSet and the relay mount, each from one leaf Certificate with
+    // exactly the SAN the other side checks and the usage its side of the handshake needs.
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let agent_volumes = pod_spec(&dat, &ds).volumes.clone().unwrap_or_default();
+    let (rat, relay) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay_volumes = relay_pod(&rat, &relay).volumes.clone().unwrap_or_default();
+    let mut ca_issuers = BTreeSet::new();
+    for (at, volumes, secret, san, usage) in [
+        (&dat, &agent_volumes, AGENT_SECRET, AGENT_SAN, "server auth"),
+        (&rat, &relay_volumes, RELAY_SECRET, RELAY_SAN, "client auth"),
+    ] {
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret)),
+            "{at}: mounts no Secret {secret}"
+        );
+        let cert = by_secret(secret);
+        let at = cert.at();
+        assert_eq!(
+            strings(&cert.value["spec"]["dnsNames"]),
+            BTreeSet::from([san.to_owned()]),
+            "{at}: spec.dnsNames must be exactly [{san}]"
+        );
+        assert!(
+            strings(&cert.value["spec"]["usages"]).contains(usage),
+            "{at}: spec.usages must include `{usage}`"
+        );
+        assert_ne!(
+            cert.value["spec"]["isCA"].as_bool(),
+            Some(true),
+            "{at}: a leaf, not a CA"
+        );
+        assert!(
+            hours(cert, "renewBefore") < hours(cert, "duration"),
+            "{at}: renewBefore must be shorter than duration"
+        );
+        let iname = str_at(&cert.value, "/spec/issuerRef/name").unwrap_or_default();
+        let iss = issuer(iname);
+        assert!(
+            iss.value["spec"]["ca"].is_object(),
+            "{}: signs {secret}, so it must be a CA issuer (`ca`), for ca.crt in the Secret",
+            iss.at()
+        );
+        ca_issuers.insert(iname.to_owned());
+    }
+    assert_eq!(
+        ca_issuers.len(),
+        1,
+        "deploy/cert-manager/: the agent's and the relay's certificates must come from one CA issuer (each side checks the other against its ca.crt), found {ca_issuers:?}"
+    );
+
+    // That CA: a CA Certificate from a self-signed issuer, keeping its key on renewal.
+    let iname = ca_issuers.first().expect("one issuer");
+    let ca_secret = str_at(&issuer(iname).value, "/spec/ca/secretName")
+        .unwrap_or_else(|| panic!("Issuer {iname}: spec.ca.secretName is missing"));
+    let ca = by_secret(ca_secret);
+    assert_eq!(
+        ca.value["spec"]["isCA"].as_bool(),
+        Some(true),
+        "{}: spec.isCA must be true",
+        ca.at()
+    );
+    assert_eq!(
+        str_at(&ca.value, "/spec/privateKey/rotationPolicy"),
+        Some("Never"),
+        "{}: the CA must keep its key when renewed, or every leaf signed before stops verifying (deploy/README.md, Rotation)",
+        ca.at()
+    );
+    let root = str_at(&ca.value, "/spec/issuerRef/name").unwrap_or_default();
+    assert!(
+        issuer(root).value["spec"]["selfSigned"].is_object(),
+        "{}: spec.issuerRef must be the self-signed Issuer",
+        ca.at()
+    );
+    for c in &certs {
+        assert!(
+            hours(ca, "duration") > hours(c, "duration") || c.name() == ca.name(),
+            "{}: outlives the CA {}",
+            c.at(),
+            ca.at()
+        );
+    }
+}
+
+#[test]
+fn flowtrace_certs_writes_the_mounted_secrets() {
+    // `flowtrace certs` (no cluster, no root) must write the Secrets the manifests mount, with
+    // the keys they read.
+    let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
+    let dir =
+        std::env::temp_dir().join(format!("flowtrace-deploy-test-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(&bin)
+        .args(["certs", "--out"])
+        .arg(&dir)
+        .args(["--namespace", NAMESPACE])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} certs: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "{} certs --out {} failed: {}",
+        bin.display(),
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "agent.crt",
+        "agent.key",
+        "relay.crt",
+        "relay.key",
+    ] {
+        assert!(
+            dir.join(f).is_file(),
+            "flowtrace certs wrote no {f} in {}",
+            dir.display()
+        );
+    }
+    let secrets = read_docs(&dir.join("secrets.yaml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut names = BTreeSet::new();
+    for doc in &secrets {
+        assert_eq!(doc.kind(), "Secret", "{}: kind", doc.at());
+        let secret: k8s_openapi::api::core::v1::Secret = typed(doc);
+        assert_eq!(
+            secret.type_.as_deref(),
+            Some("kubernetes.io/tls"),
+            "{}: type",
+            doc.at()
+        );
+        assert_eq!(
+            secret.metadata.namespace.as_deref(),
+            Some(NAMESPACE),
+            "{}: namespace",
+            doc.at()
+        );
+        let keys: BTreeSet<&str> = secret
+            .data
+            .iter()
+            .flat_map(|d| d.keys())
+            .chain(secret.string_data.iter().flat_map(|d| d.keys()))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from(TLS_KEYS),
+            "{}: keys (the manifests read {TLS_KEYS:?})",
+            doc.at()
+        );
+        names.insert(doc.name().to_owned());
+    }
+    assert_eq!(
+        names,
+        BTreeSet::from([AGENT_SECRET.to_owned(), RELAY_SECRET.to_owned()]),
+        "flowtrace certs: secrets.yaml must hold the two Secrets the DaemonSet and the relay mount"
     );
 }
 
