@@ -1242,7 +1242,11 @@ fn relay_probes_ports_env_and_tls_fit_together() {
     }
 
     let volumes = pod.volumes.as_deref().unwrap_or_default();
-    for var in ["FLOWTRACE_TLS_CERT", "FLOWTRACE_TLS_KEY", "FLOWTRACE_TLS_CA"] {
+    for var in [
+        "FLOWTRACE_TLS_CERT",
+        "FLOWTRACE_TLS_KEY",
+        "FLOWTRACE_TLS_CA",
+    ] {
         let secret = secret_behind(&at, relay, volumes, var);
         assert_eq!(
             secret.secret_name.as_deref(),
@@ -1287,7 +1291,12 @@ fn relay_probes_ports_env_and_tls_fit_together() {
         .0
         .strip_suffix("Mi")
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("{at}: resources.limits.memory `{}`: write it in Mi", limit.0));
+        .unwrap_or_else(|| {
+            panic!(
+                "{at}: resources.limits.memory `{}`: write it in Mi",
+                limit.0
+            )
+        });
     assert!(
         mib >= 200,
         "{at}: resources.limits.memory {mib}Mi is below the issue's goal of 200 MiB RSS at 100 nodes"
@@ -1398,7 +1407,13 @@ fn relay_role_reads_only_endpointslices_in_its_namespace() {
         .iter()
         .filter(|d| d.kind() == "RoleBinding")
         .map(|d| (d.at(), typed::<RoleBinding>(d)))
-        .filter(|(_, b)| b.subjects.as_deref().unwrap_or_default().iter().any(is_relay))
+        .filter(|(_, b)| {
+            b.subjects
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(is_relay)
+        })
         .collect();
     assert_eq!(
         bindings.len(),
@@ -1504,7 +1519,13 @@ fn relay_network_policy_ports_match_the_containers() {
     );
 
     let mut ingress = BTreeSet::new();
-    for (i, rule) in spec.ingress.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, rule) in spec
+        .ingress
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         ingress.extend(policy_ports(
             &format!("{at}: ingress[{i}]"),
             rule.ports.as_deref().unwrap_or_default(),
@@ -1528,7 +1549,13 @@ fn relay_network_policy_ports_match_the_containers() {
     );
 
     let mut egress = BTreeSet::new();
-    for (i, rule) in spec.egress.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, rule) in spec
+        .egress
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         egress.extend(policy_ports(
             &format!("{at}: egress[{i}]"),
             rule.ports.as_deref().unwrap_or_default(),
@@ -1766,8 +1793,10 @@ fn flowtrace_certs_writes_the_mounted_secrets() {
     // `flowtrace certs` (no cluster, no root) must write the Secrets the manifests mount, with
     // the keys they read.
     let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
-    let dir =
-        std::env::temp_dir().join(format!("flowtrace-deploy-test-certs-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "flowtrace-deploy-test-certs-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let out = Command::new(&bin)
         .args(["certs", "--out"])
@@ -2034,7 +2063,10 @@ fn service_and_monitors_select_the_agents() {
     let svc_ports = sspec.ports.as_deref().unwrap_or_default();
     for (name, why) in [
         (METRICS_PORT, "the ServiceMonitor scrapes it"),
-        (API_PORT, "the relay finds the agents' data API by this name"),
+        (
+            API_PORT,
+            "the relay finds the agents' data API by this name",
+        ),
     ] {
         let port = svc_ports
             .iter()
@@ -2093,7 +2125,11 @@ fn service_and_monitors_select_the_agents() {
         .clone()
         .unwrap_or(IntOrString::Int(rport.port));
     assert_eq!(
-        resolve_port(&format!("{rsat}: port metrics targetPort"), relay_c, &target),
+        resolve_port(
+            &format!("{rsat}: port metrics targetPort"),
+            relay_c,
+            &target
+        ),
         named_port(&rat, relay_c, METRICS_PORT),
         "{rsat}: port `{METRICS_PORT}` must target the relay's container port `{METRICS_PORT}`"
     );
