@@ -44,8 +44,13 @@ const RBAC_RESOURCES: [(&str, &str); 6] = [
     ("apps", "replicasets"),
     ("batch", "jobs"),
 ];
-/// The namespace every namespaced object lives in (and every kustomization sets).
+/// The agents' namespace: every namespaced object but the relay's lives in it, and so do the
+/// relay's Role and RoleBinding (they grant the agents' EndpointSlices).
 const NAMESPACE: &str = "flowtrace";
+/// The relay's own namespace: its Namespace, ServiceAccount, Deployment, Service,
+/// NetworkPolicy, Secret, monitors and cert-manager Issuer and Certificate, nothing else (so
+/// `pods/portforward` there reaches the relay only, never a hostNetwork agent).
+const RELAY_NAMESPACE: &str = "flowtrace-relay";
 /// Name of the agent's and the relay's container port for /metrics and the probes.
 const METRICS_PORT: &str = "metrics";
 /// Name of the agent's container port (and Service port) of the mTLS data API: the relay
@@ -334,10 +339,9 @@ fn check_kustomization_shape(doc: &Doc) {
             doc.at()
         );
     }
-    assert_eq!(
-        str_at(&doc.value, "/namespace"),
-        Some(NAMESPACE),
-        "{}: namespace",
+    assert!(
+        doc.value.get("namespace").is_none(),
+        "{}: no `namespace:` here: kustomize would set it on every object below, moving the relay's objects out of {RELAY_NAMESPACE} (or its Role and RoleBinding out of {NAMESPACE}); every file names its own namespace",
         doc.at()
     );
     for key in ["resources", "components"] {
@@ -362,6 +366,26 @@ fn namespaced(kind: &str) -> bool {
         kind,
         "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "Kustomization" | "Component"
     )
+}
+
+/// Whether a document is the relay's (label app.kubernetes.io/component=relay).
+fn is_relay_doc(doc: &Doc) -> bool {
+    str_at(&doc.value, "/metadata/labels/app.kubernetes.io~1component") == Some("relay")
+}
+
+/// The namespace a namespaced document must be in: the relay's objects in the relay's
+/// namespace, but for its Role and RoleBinding (the agents' EndpointSlices, in the agents'
+/// namespace); everything else in the agents' namespace.
+fn expected_namespace(doc: &Doc) -> &'static str {
+    if is_relay_doc(doc) && !matches!(doc.kind(), "Role" | "RoleBinding") {
+        RELAY_NAMESPACE
+    } else {
+        NAMESPACE
+    }
+}
+
+fn namespace_of(doc: &Doc) -> &str {
+    str_at(&doc.value, "/metadata/namespace").unwrap_or("")
 }
 
 #[test]
@@ -406,6 +430,10 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             "ServiceMonitor" => check_monitor(doc, "endpoints"),
             "PodMonitor" => check_monitor(doc, "podMetricsEndpoints"),
             "Issuer" | "Certificate" => check_cert_manager(doc),
+            "ClusterIssuer" => panic!(
+                "{}: no ClusterIssuer: it signs Certificates of every namespace (cert-manager approves requests by default), so whoever may create a Certificate anywhere could get a flowtrace-relay certificate and read every node's flows (deploy/README.md, Install)",
+                doc.at()
+            ),
             "Kustomization" | "Component" => check_kustomization_shape(doc),
             other => panic!(
                 "{}: kind `{other}` is not one tests/tests/deploy.rs knows: add its check there",
@@ -414,9 +442,9 @@ fn every_manifest_parses_as_its_kubernetes_type() {
         }
         if namespaced(doc.kind()) {
             assert_eq!(
-                str_at(&doc.value, "/metadata/namespace"),
-                Some(NAMESPACE),
-                "{}: metadata.namespace",
+                namespace_of(doc),
+                expected_namespace(doc),
+                "{}: metadata.namespace (the relay's objects in {RELAY_NAMESPACE} but its Role and RoleBinding, everything else in {NAMESPACE})",
                 doc.at()
             );
         }
@@ -427,11 +455,16 @@ fn every_manifest_parses_as_its_kubernetes_type() {
         );
         if !doc.is_kustomize() {
             assert!(
-                seen.insert((doc.kind().to_owned(), doc.name().to_owned())),
-                "{}: a second {} named `{}`",
+                seen.insert((
+                    doc.kind().to_owned(),
+                    namespace_of(doc).to_owned(),
+                    doc.name().to_owned()
+                )),
+                "{}: a second {} named `{}` in namespace `{}`",
                 doc.at(),
                 doc.kind(),
-                doc.name()
+                doc.name(),
+                namespace_of(doc)
             );
         }
     }
@@ -1221,6 +1254,38 @@ fn relay_probes_ports_env_and_tls_fit_together() {
         env_value(relay, "FLOWTRACE_RELAY_AGENTS").is_none(),
         "{at}: env FLOWTRACE_RELAY_AGENTS turns discovery off; the Deployment discovers the agents"
     );
+    // Discovery looks in the agents' namespace for the agents' Service, not in the relay's own
+    // namespace: the variables, when set, must say so (unset, the defaults are these).
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let (sat, svc) = named::<Service>(&docs, "Service", AGENT_SERVICE);
+    let agents_ns = ds.metadata.namespace.clone().unwrap_or_default();
+    assert_eq!(
+        svc.metadata.namespace.as_deref(),
+        Some(agents_ns.as_str()),
+        "{sat}: the agents' Service must be in the DaemonSet's namespace ({dat})"
+    );
+    for (var, want, default) in [
+        ("FLOWTRACE_RELAY_NAMESPACE", agents_ns.as_str(), NAMESPACE),
+        (
+            "FLOWTRACE_RELAY_AGENT_SERVICE",
+            AGENT_SERVICE,
+            AGENT_SERVICE,
+        ),
+    ] {
+        let value = env_value(relay, var)
+            .map(|e| e.value.as_deref().unwrap_or_default())
+            .unwrap_or(default);
+        assert_eq!(
+            value,
+            want,
+            "{at}: env {var} (default {default}) must name the agents' {} `{want}`",
+            if var.ends_with("NAMESPACE") {
+                "namespace"
+            } else {
+                "headless Service"
+            }
+        );
+    }
     let annotations = d
         .spec
         .template
@@ -1306,7 +1371,7 @@ fn relay_probes_ports_env_and_tls_fit_together() {
     let readme = read("deploy/README.md");
     for cmd in [
         format!(
-            "kubectl -n {NAMESPACE} port-forward deploy/{RELAY} {0}:{0}",
+            "kubectl -n {RELAY_NAMESPACE} port-forward deploy/{RELAY} {0}:{0}",
             api.port()
         ),
         format!("flowtrace flows --relay http://127.0.0.1:{}", api.port()),
@@ -1317,6 +1382,15 @@ fn relay_probes_ports_env_and_tls_fit_together() {
             "deploy/README.md must give `{cmd}` (the relay's Deployment and FLOWTRACE_RELAY_LISTEN's port)"
         );
     }
+    assert_eq!(
+        d.metadata.namespace.as_deref(),
+        Some(RELAY_NAMESPACE),
+        "{at}: the relay's Deployment must be in {RELAY_NAMESPACE}"
+    );
+    assert!(
+        !readme.contains(&format!("-n {NAMESPACE} port-forward deploy/{RELAY}")),
+        "deploy/README.md still port-forwards to the relay in namespace {NAMESPACE}; it is in {RELAY_NAMESPACE}"
+    );
 }
 
 /// The (group, resource) pairs and the verbs `rules` grant, checking there is no wildcard,
@@ -1362,7 +1436,7 @@ fn grants(at: &str, rules: &[PolicyRule]) -> (BTreeSet<(String, String)>, BTreeS
 }
 
 #[test]
-fn relay_role_reads_only_endpointslices_in_its_namespace() {
+fn relay_role_reads_only_endpointslices_in_the_agents_namespace() {
     let want_resources: BTreeSet<(String, String)> = RELAY_RESOURCES
         .iter()
         .map(|(g, r)| (g.to_string(), r.to_string()))
@@ -1389,7 +1463,16 @@ fn relay_role_reads_only_endpointslices_in_its_namespace() {
         .clone()
         .unwrap_or_else(|| panic!("{dat}: no serviceAccountName"));
     let ns = d.metadata.namespace.clone().unwrap_or_default();
-    named::<ServiceAccount>(&docs, "ServiceAccount", &sa);
+    assert_eq!(
+        ns, RELAY_NAMESPACE,
+        "{dat}: the relay runs in its own namespace {RELAY_NAMESPACE}"
+    );
+    let (sat, account) = named::<ServiceAccount>(&docs, "ServiceAccount", &sa);
+    assert_eq!(
+        account.metadata.namespace.as_deref(),
+        Some(ns.as_str()),
+        "{sat}: the relay's ServiceAccount must be in the Deployment's namespace {ns}"
+    );
 
     // Every binding naming the relay's account: exactly one RoleBinding, nothing cluster-wide.
     let is_relay = |s: &Subject| {
@@ -1399,7 +1482,17 @@ fn relay_role_reads_only_endpointslices_in_its_namespace() {
         let b: ClusterRoleBinding = typed(doc);
         assert!(
             !b.subjects.as_deref().unwrap_or_default().iter().any(is_relay),
-            "{}: binds the relay's account {ns}/{sa} cluster-wide; it may read its namespace's EndpointSlices only",
+            "{}: binds the relay's account {ns}/{sa} cluster-wide; it may read the agents' EndpointSlices in {NAMESPACE} only",
+            doc.at()
+        );
+    }
+    // Nothing cluster-wide is the relay's at all (no ClusterRole for it to be bound to later).
+    for doc in docs
+        .iter()
+        .filter(|d| matches!(d.kind(), "ClusterRole" | "ClusterRoleBinding") && is_relay_doc(d))
+    {
+        panic!(
+            "{}: the relay has nothing cluster-wide, only a Role in {NAMESPACE}",
             doc.at()
         );
     }
@@ -1425,7 +1518,7 @@ fn relay_role_reads_only_endpointslices_in_its_namespace() {
     assert_eq!(
         binding.metadata.namespace.as_deref(),
         Some(NAMESPACE),
-        "{bat}: the binding must be in namespace {NAMESPACE}, where the agents' EndpointSlices are"
+        "{bat}: the binding must be in namespace {NAMESPACE}, where the agents' EndpointSlices are (not in the relay's {ns})"
     );
     assert_eq!(
         binding.subjects.as_deref().unwrap_or_default().len(),
@@ -1461,6 +1554,291 @@ fn relay_role_reads_only_endpointslices_in_its_namespace() {
         svc.metadata.namespace.as_deref(),
         role.metadata.namespace.as_deref(),
         "{sat}: the agents' Service must be in the relay Role's namespace"
+    );
+}
+
+/// `yaml` fenced blocks of deploy/README.md, each read as its documents.
+fn readme_yaml_blocks() -> Vec<(usize, Vec<Value>)> {
+    let text = read("deploy/README.md");
+    let mut out = Vec::new();
+    let mut rest = text.as_str();
+    let mut offset = 0;
+    while let Some(start) = rest.find("```yaml\n") {
+        let body = &rest[start + 8..];
+        let end = body
+            .find("```")
+            .expect("deploy/README.md: an unclosed ```yaml block");
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&body[..end]).unwrap_or_else(|e| {
+            panic!(
+                "deploy/README.md: the yaml block at byte {} is not valid YAML: {e}",
+                offset + start
+            )
+        });
+        out.push((offset + start, docs));
+        let consumed = start + 8 + end + 3;
+        offset += consumed;
+        rest = &rest[consumed..];
+    }
+    out
+}
+
+#[test]
+fn relay_lives_alone_in_its_own_namespace() {
+    let docs = all_docs();
+    let (nat, ns) = named::<Namespace>(&docs, "Namespace", RELAY_NAMESPACE);
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("restricted"),
+        "{nat}: Pod Security Admission must enforce `restricted`: the relay meets it, and nothing privileged belongs next to it"
+    );
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    assert_ne!(
+        ds.metadata.namespace.as_deref(),
+        Some(RELAY_NAMESPACE),
+        "{dat}: the agents must not be in the relay's namespace: port-forward there would reach every node's loopback"
+    );
+    // Whoever may port-forward in the relay's namespace reaches the relay and nothing else:
+    // the only pods there are the relay Deployment's, on the pod network.
+    for doc in docs.iter().filter(|d| namespace_of(d) == RELAY_NAMESPACE) {
+        assert!(
+            is_relay_doc(doc),
+            "{}: namespace {RELAY_NAMESPACE} holds only the relay's objects",
+            doc.at()
+        );
+        assert!(
+            !matches!(
+                doc.kind(),
+                "DaemonSet" | "StatefulSet" | "Job" | "CronJob" | "Pod" | "ReplicaSet"
+            ),
+            "{}: the relay's namespace holds no workload but the relay's Deployment",
+            doc.at()
+        );
+        if doc.kind() == "Deployment" {
+            assert_eq!(
+                doc.name(),
+                RELAY,
+                "{}: only the relay's Deployment",
+                doc.at()
+            );
+            assert!(
+                doc.value
+                    .pointer("/spec/template/spec/hostNetwork")
+                    .and_then(Value::as_bool)
+                    != Some(true),
+                "{}: a hostNetwork pod in {RELAY_NAMESPACE} would make its pods/portforward node access",
+                doc.at()
+            );
+        }
+    }
+
+    // The README's sample Role for the relay's users grants port-forward in the relay's
+    // namespace, and no README sample grants it in the agents'.
+    let mut samples = 0;
+    for (at, block) in readme_yaml_blocks() {
+        for v in block.iter().filter(|v| str_at(v, "/kind") == Some("Role")) {
+            let portforward = v["rules"].as_array().into_iter().flatten().any(|r| {
+                strings(&r["resources"]).contains("pods/portforward")
+                    && strings(&r["verbs"]).contains("create")
+            });
+            if !portforward {
+                continue;
+            }
+            samples += 1;
+            assert_eq!(
+                str_at(v, "/metadata/namespace"),
+                Some(RELAY_NAMESPACE),
+                "deploy/README.md (yaml block at byte {at}): a Role granting pods/portforward must be in {RELAY_NAMESPACE}; in {NAMESPACE} it reaches every node's loopback"
+            );
+        }
+    }
+    assert!(
+        samples > 0,
+        "deploy/README.md must give a sample Role for the relay's users (create pods/portforward in {RELAY_NAMESPACE})"
+    );
+}
+
+/// `kubectl kustomize DIR` (no cluster needed): the objects kustomize makes of `dir`.
+fn kustomize_build(dir: &Path) -> Vec<Value> {
+    let kubectl =
+        std::env::var_os("KUBECTL").map_or_else(|| PathBuf::from("kubectl"), PathBuf::from);
+    let out = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} kustomize {}: {e} (install kubectl, or set KUBECTL to it)",
+                kubectl.display(),
+                rel(dir)
+            )
+        });
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        rel(dir),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|e| panic!("kubectl kustomize {}: output is not YAML: {e}", rel(dir)))
+}
+
+fn object_key(v: &Value) -> (String, String, String) {
+    (
+        str_at(v, "/kind").unwrap_or_default().to_owned(),
+        str_at(v, "/metadata/namespace")
+            .unwrap_or_default()
+            .to_owned(),
+        str_at(v, "/metadata/name").unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn kustomize_builds_keep_every_objects_namespace() {
+    // What `kubectl apply -k` would apply, for every kustomization here: exactly the objects
+    // of the files it lists, each in the namespace its file names (a `namespace:` anywhere up
+    // the tree would move the relay's objects, or its Role and RoleBinding), and the relay's
+    // RoleBinding still naming the ServiceAccount in the relay's namespace.
+    let deploy = deploy_dir().canonicalize().expect("deploy/ exists");
+    let docs = all_docs();
+    for k in yaml_files(&deploy)
+        .into_iter()
+        .filter(|f| f.file_name().and_then(|n| n.to_str()) == Some("kustomization.yaml"))
+    {
+        let dir = k.parent().expect("a file's directory").to_path_buf();
+        let mut files = BTreeSet::new();
+        kustomize_closure(&dir, &mut files);
+        let want: BTreeMap<(String, String, String), &Doc> = docs
+            .iter()
+            .filter(|d| !d.is_kustomize() && files.contains(&d.path.canonicalize().expect("path")))
+            .map(|d| (object_key(&d.value), d))
+            .collect();
+        let built = kustomize_build(&dir);
+        let got: BTreeSet<(String, String, String)> = built.iter().map(object_key).collect();
+        assert_eq!(
+            got,
+            want.keys().cloned().collect::<BTreeSet<_>>(),
+            "kubectl kustomize {}: (kind, namespace, name) of the objects built differ from those of its files",
+            rel(&dir)
+        );
+        for v in &built {
+            if let Some(src) = want.get(&object_key(v)) {
+                assert_eq!(
+                    v.get("subjects"),
+                    src.value.get("subjects"),
+                    "kubectl kustomize {}: {}: subjects changed by kustomize",
+                    rel(&dir),
+                    src.at()
+                );
+            }
+        }
+    }
+    // The base: the agents in NAMESPACE, the relay in RELAY_NAMESPACE but its Role and binding.
+    let base = kustomize_build(&deploy);
+    let binding = base
+        .iter()
+        .find(|v| {
+            str_at(v, "/kind") == Some("RoleBinding") && str_at(v, "/metadata/name") == Some(RELAY)
+        })
+        .unwrap_or_else(|| panic!("kubectl kustomize deploy/: no RoleBinding {RELAY}"));
+    assert_eq!(
+        (
+            str_at(binding, "/metadata/namespace"),
+            str_at(binding, "/subjects/0/namespace")
+        ),
+        (Some(NAMESPACE), Some(RELAY_NAMESPACE)),
+        "kubectl kustomize deploy/: the relay's RoleBinding must be in {NAMESPACE} and name its ServiceAccount in {RELAY_NAMESPACE}"
+    );
+    for (kind, ns) in [
+        ("Namespace", ""),
+        ("ServiceAccount", RELAY_NAMESPACE),
+        ("Deployment", RELAY_NAMESPACE),
+        ("Service", RELAY_NAMESPACE),
+        ("NetworkPolicy", RELAY_NAMESPACE),
+        ("Role", NAMESPACE),
+    ] {
+        let name = if kind == "Namespace" {
+            RELAY_NAMESPACE
+        } else {
+            RELAY
+        };
+        assert!(
+            base.iter()
+                .any(|v| object_key(v) == (kind.to_owned(), ns.to_owned(), name.to_owned())),
+            "kubectl kustomize deploy/: no {kind} {name} in namespace `{ns}`"
+        );
+    }
+}
+
+#[test]
+fn readme_overlay_without_the_relay_builds_without_it() {
+    // deploy/README.md's "Without the relay" overlay, built against this deploy/: the relay's
+    // objects (its namespace included) and the agents' data API are gone, the rest is kept.
+    let text = read("deploy/README.md");
+    let at = text
+        .find("**Without the relay.**")
+        .expect("deploy/README.md: no **Without the relay.** paragraph");
+    let block = &text[at..];
+    let start = block
+        .find("```yaml\n")
+        .expect("Without the relay: no yaml block")
+        + 8;
+    let end = start + block[start..].find("```").expect("an unclosed yaml block");
+    let overlay = block[start..end].replace("<path to deploy/>", "deploy");
+    let dir = std::env::temp_dir().join(format!(
+        "flowtrace-deploy-test-overlay-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    // kustomize wants a relative path to a directory it may load: a link to deploy/.
+    std::os::unix::fs::symlink(deploy_dir(), dir.join("deploy")).expect("symlink");
+    std::fs::write(dir.join("kustomization.yaml"), overlay).expect("writing the overlay");
+    let built = kustomize_build(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = kustomize_build(&deploy_dir());
+    let got: BTreeSet<_> = built.iter().map(object_key).collect();
+    let want: BTreeSet<_> = base
+        .iter()
+        .filter(|v| str_at(v, "/metadata/labels/app.kubernetes.io~1component") != Some("relay"))
+        .map(object_key)
+        .collect();
+    assert_eq!(
+        got, want,
+        "deploy/README.md, Without the relay: the overlay must remove exactly the relay's objects"
+    );
+    let ds = built
+        .iter()
+        .find(|v| str_at(v, "/kind") == Some("DaemonSet"))
+        .expect("the overlay keeps the DaemonSet");
+    let text = serde_json::to_string(ds).expect("JSON");
+    for gone in [
+        "FLOWTRACE_API_LISTEN",
+        "FLOWTRACE_TLS_",
+        "9652",
+        AGENT_SECRET,
+    ] {
+        assert!(
+            !text.contains(gone),
+            "deploy/README.md, Without the relay: the DaemonSet still has `{gone}`"
+        );
+    }
+    let svc = built
+        .iter()
+        .find(|v| {
+            object_key(v)
+                == (
+                    "Service".to_owned(),
+                    NAMESPACE.to_owned(),
+                    AGENT_SERVICE.to_owned(),
+                )
+        })
+        .expect("the overlay keeps the agents' Service");
+    assert!(
+        !serde_json::to_string(svc).expect("JSON").contains("9652"),
+        "deploy/README.md, Without the relay: the agents' Service still has the data port 9652"
     );
 }
 
@@ -1682,22 +2060,31 @@ fn cert_manager_certificates_produce_the_mounted_secrets() {
     let docs = all_docs();
     let certs: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Certificate").collect();
     let issuers: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Issuer").collect();
-    let issuer = |name: &str| -> &Doc {
+    // An Issuer signs only Certificates of its own namespace: issuerRef is looked up there.
+    let issuer = |ns: &str, name: &str| -> &Doc {
         issuers
             .iter()
-            .find(|d| d.name() == name)
+            .find(|d| d.name() == name && namespace_of(d) == ns)
             .copied()
-            .unwrap_or_else(|| panic!("deploy/cert-manager/: no Issuer named `{name}`"))
+            .unwrap_or_else(|| {
+                panic!("deploy/cert-manager/: no Issuer named `{name}` in namespace {ns}")
+            })
     };
-    let by_secret = |secret: &str| -> &Doc {
-        let found: Vec<&&Doc> = certs
+    let writers = |ns: &str, secret: &str| -> Vec<&Doc> {
+        certs
             .iter()
-            .filter(|d| str_at(spec_value(d), "/secretName") == Some(secret))
-            .collect();
+            .filter(|d| {
+                namespace_of(d) == ns && str_at(spec_value(d), "/secretName") == Some(secret)
+            })
+            .copied()
+            .collect()
+    };
+    let by_secret = |ns: &str, secret: &str| -> &Doc {
+        let found = writers(ns, secret);
         assert_eq!(
             found.len(),
             1,
-            "deploy/cert-manager/: exactly one Certificate must write Secret {secret}, found {}",
+            "deploy/cert-manager/: exactly one Certificate must write Secret {ns}/{secret}, found {}",
             found.len()
         );
         found[0]
@@ -1709,10 +2096,27 @@ fn cert_manager_certificates_produce_the_mounted_secrets() {
     let agent_volumes = pod_spec(&dat, &ds).volumes.clone().unwrap_or_default();
     let (rat, relay) = named::<Deployment>(&docs, "Deployment", RELAY);
     let relay_volumes = relay_pod(&rat, &relay).volumes.clone().unwrap_or_default();
+    let agent_ns = ds.metadata.namespace.clone().unwrap_or_default();
+    let relay_ns = relay.metadata.namespace.clone().unwrap_or_default();
+    // (namespace, issuer name, CA Secret name) of each leaf's CA issuer.
     let mut ca_issuers = BTreeSet::new();
-    for (at, volumes, secret, san, usage) in [
-        (&dat, &agent_volumes, AGENT_SECRET, AGENT_SAN, "server auth"),
-        (&rat, &relay_volumes, RELAY_SECRET, RELAY_SAN, "client auth"),
+    for (at, ns, volumes, secret, san, usage) in [
+        (
+            &dat,
+            &agent_ns,
+            &agent_volumes,
+            AGENT_SECRET,
+            AGENT_SAN,
+            "server auth",
+        ),
+        (
+            &rat,
+            &relay_ns,
+            &relay_volumes,
+            RELAY_SECRET,
+            RELAY_SAN,
+            "client auth",
+        ),
     ] {
         assert!(
             volumes
@@ -1720,7 +2124,9 @@ fn cert_manager_certificates_produce_the_mounted_secrets() {
                 .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret)),
             "{at}: mounts no Secret {secret}"
         );
-        let cert = by_secret(secret);
+        // The Certificate is in the namespace of the pod that mounts its Secret: cert-manager
+        // writes the Secret in the Certificate's namespace.
+        let cert = by_secret(ns, secret);
         let at = cert.at();
         assert_eq!(
             strings(&cert.value["spec"]["dnsNames"]),
@@ -1741,25 +2147,39 @@ fn cert_manager_certificates_produce_the_mounted_secrets() {
             "{at}: renewBefore must be shorter than duration"
         );
         let iname = str_at(&cert.value, "/spec/issuerRef/name").unwrap_or_default();
-        let iss = issuer(iname);
-        assert!(
-            iss.value["spec"]["ca"].is_object(),
-            "{}: signs {secret}, so it must be a CA issuer (`ca`), for ca.crt in the Secret",
-            iss.at()
-        );
-        ca_issuers.insert(iname.to_owned());
+        let iss = issuer(ns, iname);
+        let ca_secret = str_at(&iss.value, "/spec/ca/secretName").unwrap_or_else(|| {
+            panic!(
+                "{}: signs {secret}, so it must be a CA issuer (`ca` with a secretName), for ca.crt in the Secret",
+                iss.at()
+            )
+        });
+        ca_issuers.insert((ns.clone(), iname.to_owned(), ca_secret.to_owned()));
     }
+    // Each side checks the other against its ca.crt, so both leaves come from one CA: the
+    // agents' namespace holds it (a CA Certificate writes its Secret there), the relay's
+    // namespace a copy of that Secret under the same name, which no Certificate writes (one
+    // would make a second CA, which the agents do not trust).
+    let ca_secrets: BTreeSet<&str> = ca_issuers.iter().map(|(_, _, s)| s.as_str()).collect();
     assert_eq!(
-        ca_issuers.len(),
+        ca_secrets.len(),
         1,
-        "deploy/cert-manager/: the agent's and the relay's certificates must come from one CA issuer (each side checks the other against its ca.crt), found {ca_issuers:?}"
+        "deploy/cert-manager/: the agent's and the relay's CA issuers must read one CA Secret name (the relay's namespace holds a copy of the agents'), found {ca_issuers:?}"
+    );
+    let ca_secret = *ca_secrets.first().expect("one CA Secret");
+    assert!(
+        writers(&relay_ns, ca_secret).is_empty(),
+        "deploy/cert-manager/: a Certificate writes {relay_ns}/{ca_secret}: that would be a second CA, which the agents do not trust; it must be a copy of {agent_ns}/{ca_secret} (deploy/README.md, Install)"
+    );
+    let readme = read("deploy/README.md");
+    let copy = format!("kubectl -n {agent_ns} get secret {ca_secret}");
+    assert!(
+        readme.contains(&copy) && readme.contains(&format!("namespace: {relay_ns}")),
+        "deploy/README.md must give the command that copies the CA Secret into {relay_ns} (`{copy} ...`)"
     );
 
     // That CA: a CA Certificate from a self-signed issuer, keeping its key on renewal.
-    let iname = ca_issuers.first().expect("one issuer");
-    let ca_secret = str_at(&issuer(iname).value, "/spec/ca/secretName")
-        .unwrap_or_else(|| panic!("Issuer {iname}: spec.ca.secretName is missing"));
-    let ca = by_secret(ca_secret);
+    let ca = by_secret(&agent_ns, ca_secret);
     assert_eq!(
         ca.value["spec"]["isCA"].as_bool(),
         Some(true),
@@ -1774,7 +2194,7 @@ fn cert_manager_certificates_produce_the_mounted_secrets() {
     );
     let root = str_at(&ca.value, "/spec/issuerRef/name").unwrap_or_default();
     assert!(
-        issuer(root).value["spec"]["selfSigned"].is_object(),
+        issuer(&agent_ns, root).value["spec"]["selfSigned"].is_object(),
         "{}: spec.issuerRef must be the self-signed Issuer",
         ca.at()
     );
@@ -1790,8 +2210,28 @@ fn cert_manager_certificates_produce_the_mounted_secrets() {
 
 #[test]
 fn flowtrace_certs_writes_the_mounted_secrets() {
-    // `flowtrace certs` (no cluster, no root) must write the Secrets the manifests mount, with
-    // the keys they read.
+    // `flowtrace certs` (no cluster, no root), as deploy/README.md runs it (its defaults:
+    // --namespace flowtrace, --relay-namespace flowtrace-relay), must write the Secrets the
+    // manifests mount, each in the namespace of the pods that mount it, with the keys they read.
+    let docs = all_docs();
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let (rat, relay) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let want_ns: BTreeMap<&str, String> = BTreeMap::from([
+        (
+            AGENT_SECRET,
+            ds.metadata.namespace.clone().unwrap_or_default(),
+        ),
+        (
+            RELAY_SECRET,
+            relay.metadata.namespace.clone().unwrap_or_default(),
+        ),
+    ]);
+    let readme = read("deploy/README.md");
+    assert!(
+        readme.contains("flowtrace certs --out DIR\n")
+            || readme.contains("flowtrace certs --out DIR "),
+        "deploy/README.md must give `flowtrace certs --out DIR` (the defaults this test runs)"
+    );
     let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
     let dir = std::env::temp_dir().join(format!(
         "flowtrace-deploy-test-certs-{}",
@@ -1801,7 +2241,6 @@ fn flowtrace_certs_writes_the_mounted_secrets() {
     let out = Command::new(&bin)
         .args(["certs", "--out"])
         .arg(&dir)
-        .args(["--namespace", NAMESPACE])
         .output()
         .unwrap_or_else(|e| panic!("running {} certs: {e}", bin.display()));
     assert!(
@@ -1837,12 +2276,14 @@ fn flowtrace_certs_writes_the_mounted_secrets() {
             "{}: type",
             doc.at()
         );
-        assert_eq!(
-            secret.metadata.namespace.as_deref(),
-            Some(NAMESPACE),
-            "{}: namespace",
-            doc.at()
-        );
+        if let Some(ns) = want_ns.get(doc.name()) {
+            assert_eq!(
+                secret.metadata.namespace.as_deref(),
+                Some(ns.as_str()),
+                "{}: namespace: the pods that mount it are there ({dat}, {rat})",
+                doc.at()
+            );
+        }
         let keys: BTreeSet<&str> = secret
             .data
             .iter()
@@ -2160,17 +2601,25 @@ fn service_and_monitors_select_the_agents() {
                 doc.at()
             );
             covered.insert(picked[0]);
-            if let Some(names) = doc
+            // Without a namespaceSelector a monitor looks in its own namespace.
+            let target_ns = if picked[0] == "agent" {
+                svc.metadata.namespace.clone()
+            } else {
+                rsvc.metadata.namespace.clone()
+            }
+            .unwrap_or_default();
+            let names: Vec<&str> = doc
                 .value
                 .pointer("/spec/namespaceSelector/matchNames")
                 .and_then(Value::as_array)
-            {
-                assert!(
-                    names.iter().any(|n| n.as_str() == Some(NAMESPACE)),
-                    "{}: spec.namespaceSelector.matchNames must include {NAMESPACE}",
-                    doc.at()
-                );
-            }
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_else(|| vec![namespace_of(doc)]);
+            assert!(
+                names.contains(&target_ns.as_str()),
+                "{}: looks in namespaces {names:?}, but the {} is in {target_ns}",
+                doc.at(),
+                picked[0]
+            );
             if kind == "PodMonitor" {
                 // Endpoint ports (`metrics`, checked in check_monitor) are container ports.
                 let c = if picked[0] == "agent" { agent } else { relay_c };
