@@ -1487,15 +1487,15 @@ fn relay_role_reads_only_endpointslices_in_the_agents_namespace() {
         );
     }
     // Nothing cluster-wide is the relay's at all (no ClusterRole for it to be bound to later).
-    for doc in docs
+    let cluster_wide: Vec<String> = docs
         .iter()
         .filter(|d| matches!(d.kind(), "ClusterRole" | "ClusterRoleBinding") && is_relay_doc(d))
-    {
-        panic!(
-            "{}: the relay has nothing cluster-wide, only a Role in {NAMESPACE}",
-            doc.at()
-        );
-    }
+        .map(Doc::at)
+        .collect();
+    assert!(
+        cluster_wide.is_empty(),
+        "{cluster_wide:?}: the relay has nothing cluster-wide, only a Role in {NAMESPACE}"
+    );
     let bindings: Vec<(String, RoleBinding)> = docs
         .iter()
         .filter(|d| d.kind() == "RoleBinding")
