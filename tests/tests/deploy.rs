@@ -16,9 +16,13 @@ use std::{
 use flowtrace::metrics::FAMILIES;
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, EnvVar, Namespace, PodSpec, Service, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{
+            ConfigMap, Container, EnvVar, Namespace, PodSpec, SecretVolumeSource, Service,
+            ServiceAccount, Volume,
+        },
+        networking::v1::{NetworkPolicy, NetworkPolicyPort},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -40,8 +44,40 @@ const RBAC_RESOURCES: [(&str, &str); 6] = [
     ("apps", "replicasets"),
     ("batch", "jobs"),
 ];
-/// The namespace every namespaced object lives in (and every kustomization sets).
+/// The agents' namespace: every namespaced object but the relay's lives in it, and so do the
+/// relay's Role and RoleBinding (they grant the agents' EndpointSlices).
 const NAMESPACE: &str = "flowtrace";
+/// The relay's own namespace: its Namespace, ServiceAccount, Deployment, Service,
+/// NetworkPolicy, Secret, monitors and cert-manager Issuer and Certificate, nothing else (so
+/// `pods/portforward` there reaches the relay only, never a hostNetwork agent).
+const RELAY_NAMESPACE: &str = "flowtrace-relay";
+/// Name of the agent's and the relay's container port for /metrics and the probes.
+const METRICS_PORT: &str = "metrics";
+/// Name of the agent's container port (and Service port) of the mTLS data API: the relay
+/// looks for this name in the EndpointSlices.
+const API_PORT: &str = "api";
+/// The agents' headless Service, whose EndpointSlices the relay reads (its default
+/// --agent-service).
+const AGENT_SERVICE: &str = "flowtrace";
+/// The agent's TLS Secret (what `flowtrace certs` and deploy/cert-manager/ produce).
+const AGENT_SECRET: &str = "flowtrace-agent-tls";
+/// Where both the agent and the relay mount their TLS Secret.
+const TLS_DIR: &str = "/etc/flowtrace/tls";
+/// The keys of the TLS Secrets (`flowtrace certs`, cert-manager's CA issuer).
+const TLS_KEYS: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
+/// DNS SAN of the relay's client certificate: the agent's default --tls-client-name.
+const RELAY_SAN: &str = "flowtrace-relay";
+/// DNS SAN of the agents' certificate: the relay's default --agent-server-name.
+const AGENT_SAN: &str = "flowtrace-agent";
+/// Name of the relay's Deployment, ServiceAccount, Role, RoleBinding, Service and
+/// NetworkPolicy (and of the Deployment in the README's port-forward command).
+const RELAY: &str = "flowtrace-relay";
+/// The relay's TLS Secret.
+const RELAY_SECRET: &str = "flowtrace-relay-tls";
+/// (API group, resource) the relay's Role grants; README line "Relay Role resources:".
+const RELAY_RESOURCES: [(&str, &str); 1] = [("discovery.k8s.io", "endpointslices")];
+/// The verbs of the relay's Role; README line "Relay Role verbs:".
+const RELAY_VERBS: [&str; 3] = ["get", "list", "watch"];
 const DASHBOARD: &str = "deploy/grafana/flowtrace-dashboard.json";
 const CONFIG_EXAMPLE: &str = "deploy/configmap.example.toml";
 
@@ -239,7 +275,11 @@ fn check_monitor(doc: &Doc, endpoints_key: &str) {
         .unwrap_or_else(|| panic!("{}: spec.{endpoints_key} must list an endpoint", doc.at()));
     for (i, ep) in endpoints.iter().enumerate() {
         let at = format!("{}: spec.{endpoints_key}[{i}]", doc.at());
-        assert_eq!(str_at(ep, "/port"), Some("http"), "{at}.port");
+        assert_eq!(
+            str_at(ep, "/port"),
+            Some(METRICS_PORT),
+            "{at}.port must be the metrics listener (the data port `api` is mTLS only)"
+        );
         assert_eq!(str_at(ep, "/path"), Some("/metrics"), "{at}.path");
         assert!(
             str_at(ep, "/interval").is_some(),
@@ -299,10 +339,9 @@ fn check_kustomization_shape(doc: &Doc) {
             doc.at()
         );
     }
-    assert_eq!(
-        str_at(&doc.value, "/namespace"),
-        Some(NAMESPACE),
-        "{}: namespace",
+    assert!(
+        doc.value.get("namespace").is_none(),
+        "{}: no `namespace:` here: kustomize would set it on every object below, moving the relay's objects out of {RELAY_NAMESPACE} (or its Role and RoleBinding out of {NAMESPACE}); every file names its own namespace",
         doc.at()
     );
     for key in ["resources", "components"] {
@@ -329,6 +368,26 @@ fn namespaced(kind: &str) -> bool {
     )
 }
 
+/// Whether a document is the relay's (label app.kubernetes.io/component=relay).
+fn is_relay_doc(doc: &Doc) -> bool {
+    str_at(&doc.value, "/metadata/labels/app.kubernetes.io~1component") == Some("relay")
+}
+
+/// The namespace a namespaced document must be in: the relay's objects in the relay's
+/// namespace, but for its Role and RoleBinding (the agents' EndpointSlices, in the agents'
+/// namespace); everything else in the agents' namespace.
+fn expected_namespace(doc: &Doc) -> &'static str {
+    if is_relay_doc(doc) && !matches!(doc.kind(), "Role" | "RoleBinding") {
+        RELAY_NAMESPACE
+    } else {
+        NAMESPACE
+    }
+}
+
+fn namespace_of(doc: &Doc) -> &str {
+    str_at(&doc.value, "/metadata/namespace").unwrap_or("")
+}
+
 #[test]
 fn every_manifest_parses_as_its_kubernetes_type() {
     let docs = all_docs();
@@ -350,6 +409,18 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             "DaemonSet" => {
                 typed::<DaemonSet>(doc);
             }
+            "Deployment" => {
+                typed::<Deployment>(doc);
+            }
+            "Role" => {
+                typed::<Role>(doc);
+            }
+            "RoleBinding" => {
+                typed::<RoleBinding>(doc);
+            }
+            "NetworkPolicy" => {
+                typed::<NetworkPolicy>(doc);
+            }
             "Service" => {
                 typed::<Service>(doc);
             }
@@ -358,6 +429,11 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             }
             "ServiceMonitor" => check_monitor(doc, "endpoints"),
             "PodMonitor" => check_monitor(doc, "podMetricsEndpoints"),
+            "Issuer" | "Certificate" => check_cert_manager(doc),
+            "ClusterIssuer" => panic!(
+                "{}: no ClusterIssuer: it signs Certificates of every namespace (cert-manager approves requests by default), so whoever may create a Certificate anywhere could get a flowtrace-relay certificate and read every node's flows (deploy/README.md, Install)",
+                doc.at()
+            ),
             "Kustomization" | "Component" => check_kustomization_shape(doc),
             other => panic!(
                 "{}: kind `{other}` is not one tests/tests/deploy.rs knows: add its check there",
@@ -366,9 +442,9 @@ fn every_manifest_parses_as_its_kubernetes_type() {
         }
         if namespaced(doc.kind()) {
             assert_eq!(
-                str_at(&doc.value, "/metadata/namespace"),
-                Some(NAMESPACE),
-                "{}: metadata.namespace",
+                namespace_of(doc),
+                expected_namespace(doc),
+                "{}: metadata.namespace (the relay's objects in {RELAY_NAMESPACE} but its Role and RoleBinding, everything else in {NAMESPACE})",
                 doc.at()
             );
         }
@@ -379,11 +455,16 @@ fn every_manifest_parses_as_its_kubernetes_type() {
         );
         if !doc.is_kustomize() {
             assert!(
-                seen.insert((doc.kind().to_owned(), doc.name().to_owned())),
-                "{}: a second {} named `{}`",
+                seen.insert((
+                    doc.kind().to_owned(),
+                    namespace_of(doc).to_owned(),
+                    doc.name().to_owned()
+                )),
+                "{}: a second {} named `{}` in namespace `{}`",
                 doc.at(),
                 doc.kind(),
-                doc.name()
+                doc.name(),
+                namespace_of(doc)
             );
         }
     }
@@ -446,7 +527,8 @@ fn kustomizations_list_every_manifest_and_the_base_needs_no_crd() {
     }
 
     // The base is the whole install and works on a cluster without the Prometheus
-    // Operator's CRDs: every other object is in it, no monitor is.
+    // Operator's or cert-manager's CRDs: every other object is in it, no monitor and no
+    // cert-manager object is.
     let mut base = BTreeSet::new();
     kustomize_closure(&deploy, &mut base);
     for doc in all_docs() {
@@ -460,6 +542,12 @@ fn kustomizations_list_every_manifest_and_the_base_needs_no_crd() {
                 "{}: needs the Prometheus Operator's CRDs, so it must not be in deploy/kustomization.yaml (use deploy/prometheus-operator/)",
                 doc.at()
             );
+        } else if doc.api_version().starts_with("cert-manager.io/") {
+            assert!(
+                !in_base,
+                "{}: needs cert-manager's CRDs, so it must not be in deploy/kustomization.yaml (use deploy/cert-manager/)",
+                doc.at()
+            );
         } else {
             assert!(
                 in_base,
@@ -468,6 +556,21 @@ fn kustomizations_list_every_manifest_and_the_base_needs_no_crd() {
             );
         }
     }
+}
+
+/// The document of `kind` named `name`, read into its type.
+fn named<T: DeserializeOwned + Serialize>(docs: &[Doc], kind: &str, name: &str) -> (String, T) {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == kind && d.name() == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "deploy/ must hold exactly one {kind} named `{name}`, found {}",
+        found.len()
+    );
+    (found[0].at(), typed(found[0]))
 }
 
 /// The single document of `kind`, read into its type.
@@ -659,6 +762,103 @@ fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
         .find(|e| e.name == name)
 }
 
+/// The number of the container port named `name`.
+fn named_port(at: &str, c: &Container, name: &str) -> i32 {
+    c.ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{at}: no container port named `{name}`"))
+        .container_port
+}
+
+/// The address:port that env `var` of `c` holds (it must be set).
+fn env_addr(at: &str, c: &Container, var: &str) -> SocketAddr {
+    let v = env_value(c, var)
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{at}: env {var} is missing"));
+    v.parse()
+        .unwrap_or_else(|e| panic!("{at}: env {var} `{v}` is not an address:port: {e}"))
+}
+
+/// The Secret volume whose read-only mount holds the file env `var` names (under TLS_DIR).
+fn secret_behind<'a>(
+    at: &str,
+    c: &Container,
+    volumes: &'a [Volume],
+    var: &str,
+) -> &'a SecretVolumeSource {
+    let file = env_value(c, var)
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{at}: env {var} is missing"));
+    let dir = Path::new(file)
+        .parent()
+        .unwrap_or_else(|| panic!("{at}: env {var} `{file}` is not a file path"));
+    assert_eq!(
+        dir,
+        Path::new(TLS_DIR),
+        "{at}: env {var} `{file}` must be a file of {TLS_DIR}, where the TLS Secret is mounted"
+    );
+    // The deepest mount holding the file is the one that serves it.
+    let mount = c
+        .volume_mounts
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| dir.starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .unwrap_or_else(|| panic!("{at}: nothing is mounted where env {var} points ({file})"));
+    assert_eq!(
+        Path::new(&mount.mount_path),
+        dir,
+        "{at}: env {var} `{file}` is not in the TLS mount but in the mount of `{}` at {}",
+        mount.name,
+        mount.mount_path
+    );
+    assert_eq!(
+        mount.read_only,
+        Some(true),
+        "{at}: the mount at {} must be readOnly",
+        mount.mount_path
+    );
+    assert!(
+        mount.sub_path.is_none() && mount.sub_path_expr.is_none(),
+        "{at}: the mount at {} must not use subPath: a subPath mount never sees a rotated Secret",
+        mount.mount_path
+    );
+    let volume = volumes
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("{at}: volume `{}` does not exist", mount.name));
+    let secret = volume.secret.as_ref().unwrap_or_else(|| {
+        panic!(
+            "{at}: volume `{}` (env {var}) must be a Secret volume",
+            volume.name
+        )
+    });
+    if let Some(items) = &secret.items {
+        let key = Path::new(file)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            items.iter().any(|i| i.path == key),
+            "{at}: Secret volume `{}` lists items but none at {key}",
+            volume.name
+        );
+    }
+    let key = Path::new(file)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    assert!(
+        TLS_KEYS.contains(&key),
+        "{at}: env {var} `{file}`: {key} is not a key of a kubernetes.io/tls Secret with a CA ({TLS_KEYS:?})"
+    );
+    secret
+}
+
 #[test]
 fn daemonset_probes_ports_env_and_resources_fit_together() {
     let docs = all_docs();
@@ -672,18 +872,13 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
         Some(&["agent".to_owned()][..]),
         "{at}: args must be [\"agent\"]"
     );
-    let http = agent
-        .ports
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|p| p.name.as_deref() == Some("http"))
-        .unwrap_or_else(|| panic!("{at}: no container port named `http`"))
-        .container_port;
+    let metrics = named_port(&at, agent, METRICS_PORT);
+    let api = named_port(&at, agent, API_PORT);
 
     for (probe, kind, path) in [
         (&agent.liveness_probe, "livenessProbe", "/healthz"),
         (&agent.readiness_probe, "readinessProbe", "/readyz"),
+        (&agent.startup_probe, "startupProbe", "/healthz"),
     ] {
         let get = probe
             .as_ref()
@@ -692,40 +887,80 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
         assert_eq!(get.path.as_deref(), Some(path), "{at}: {kind}.httpGet.path");
         assert_eq!(
             resolve_port(&format!("{at}: {kind}.httpGet.port"), agent, &get.port),
-            http,
-            "{at}: {kind}.httpGet.port must be the API's port `http`"
+            metrics,
+            "{at}: {kind}.httpGet.port must be the metrics listener's port `{METRICS_PORT}` (the kubelet has no client certificate for `{API_PORT}`)"
         );
-    }
-    if let Some(get) = agent
-        .startup_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-    {
-        resolve_port(
-            &format!("{at}: startupProbe.httpGet.port"),
-            agent,
-            &get.port,
+        assert_ne!(
+            get.scheme.as_deref(),
+            Some("HTTPS"),
+            "{at}: {kind}: the metrics listener is plain HTTP"
         );
     }
 
-    let listen = env_value(agent, "FLOWTRACE_LISTEN")
-        .and_then(|e| e.value.as_deref())
-        .unwrap_or_else(|| {
-            panic!("{at}: env FLOWTRACE_LISTEN is missing (the default listens on loopback only)")
+    // The whole API stays on loopback (the agent refuses anything else for --listen).
+    if let Some(listen) = env_value(agent, "FLOWTRACE_LISTEN") {
+        let v = listen.value.as_deref().unwrap_or_else(|| {
+            panic!("{at}: env FLOWTRACE_LISTEN must be a plain value (or absent)")
         });
-    let listen: SocketAddr = listen.parse().unwrap_or_else(|e| {
-        panic!("{at}: env FLOWTRACE_LISTEN `{listen}` is not an address:port: {e}")
-    });
-    assert!(
-        listen.ip().is_unspecified(),
-        "{at}: env FLOWTRACE_LISTEN must bind every address (0.0.0.0), not {}",
-        listen.ip()
-    );
-    assert_eq!(
-        i32::from(listen.port()),
-        http,
-        "{at}: env FLOWTRACE_LISTEN's port must be the container port `http`"
-    );
+        let addr: SocketAddr = v.parse().unwrap_or_else(|e| {
+            panic!("{at}: env FLOWTRACE_LISTEN `{v}` is not an address:port: {e}")
+        });
+        assert!(
+            addr.ip().is_loopback(),
+            "{at}: env FLOWTRACE_LISTEN `{v}` must be a loopback address (the unauthenticated API; the agent refuses to start otherwise)"
+        );
+    }
+    for p in agent.ports.as_deref().unwrap_or_default() {
+        assert!(
+            p.container_port == metrics || p.container_port == api,
+            "{at}: container port {} ({:?}) is neither `{METRICS_PORT}` nor `{API_PORT}`; the loopback API is not a port to publish",
+            p.container_port,
+            p.name
+        );
+    }
+    for (var, port, name) in [
+        ("FLOWTRACE_METRICS_LISTEN", metrics, METRICS_PORT),
+        ("FLOWTRACE_API_LISTEN", api, API_PORT),
+    ] {
+        let addr = env_addr(&at, agent, var);
+        assert!(
+            addr.ip().is_unspecified(),
+            "{at}: env {var} must bind every node address (0.0.0.0), not {}",
+            addr.ip()
+        );
+        assert_eq!(
+            i32::from(addr.port()),
+            port,
+            "{at}: env {var}'s port must be the container port `{name}`"
+        );
+    }
+
+    // The data API needs its certificate, key and client CA, all from the agent's Secret.
+    let pod_volumes = pod.volumes.as_deref().unwrap_or_default();
+    for var in [
+        "FLOWTRACE_TLS_CERT",
+        "FLOWTRACE_TLS_KEY",
+        "FLOWTRACE_TLS_CLIENT_CA",
+    ] {
+        let secret = secret_behind(&at, agent, pod_volumes, var);
+        assert_eq!(
+            secret.secret_name.as_deref(),
+            Some(AGENT_SECRET),
+            "{at}: env {var} must point into Secret {AGENT_SECRET}"
+        );
+        assert_eq!(
+            secret.optional,
+            Some(false),
+            "{at}: Secret volume {AGENT_SECRET} must say `optional: false`: the agent refuses to start without these files (deploy/daemonset.yaml says why)"
+        );
+    }
+    if let Some(names) = env_value(agent, "FLOWTRACE_TLS_CLIENT_NAME") {
+        assert_eq!(
+            names.value.as_deref(),
+            Some(RELAY_SAN),
+            "{at}: env FLOWTRACE_TLS_CLIENT_NAME must allow the relay's certificate name"
+        );
+    }
 
     let node = env_value(agent, "NODE_NAME")
         .and_then(|e| e.value_from.as_ref())
@@ -809,10 +1044,10 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
         .as_ref()
         .and_then(|m| m.annotations.clone())
         .unwrap_or_default();
-    let http_s = http.to_string();
+    let metrics_s = metrics.to_string();
     for (key, want) in [
         ("prometheus.io/scrape", "true"),
-        ("prometheus.io/port", http_s.as_str()),
+        ("prometheus.io/port", metrics_s.as_str()),
         ("prometheus.io/path", "/metrics"),
     ] {
         assert_eq!(
@@ -821,6 +1056,1254 @@ fn daemonset_probes_ports_env_and_resources_fit_together() {
             "{at}: pod template annotation {key}"
         );
     }
+}
+
+fn relay_pod<'a>(at: &str, d: &'a Deployment) -> &'a PodSpec {
+    d.spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no spec.template.spec"))
+}
+
+fn the_relay<'a>(at: &str, d: &'a Deployment) -> &'a Container {
+    let pod = relay_pod(at, d);
+    assert_eq!(
+        pod.containers.len(),
+        1,
+        "{at}: one container (the relay) expected, found {}",
+        pod.containers.len()
+    );
+    &pod.containers[0]
+}
+
+fn relay_pod_labels(d: &Deployment) -> BTreeMap<String, String> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn relay_runs_non_root_without_capabilities() {
+    let docs = all_docs();
+    let (at, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    assert_eq!(
+        d.spec.replicas,
+        Some(1),
+        "{at}: spec.replicas must be 1 (a second relay doubles every agent's load)"
+    );
+    let pod = relay_pod(&at, &d);
+    assert_ne!(
+        pod.host_network,
+        Some(true),
+        "{at}: the relay needs no host network"
+    );
+    assert_ne!(pod.host_pid, Some(true), "{at}: hostPID is not needed");
+    assert_ne!(pod.host_ipc, Some(true), "{at}: hostIPC is not needed");
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some(RELAY),
+        "{at}: serviceAccountName must be the relay's own account (not the agents')"
+    );
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(true),
+        "{at}: automountServiceAccountToken must be true: the relay lists and watches EndpointSlices"
+    );
+    for v in pod.volumes.as_deref().unwrap_or_default() {
+        assert!(
+            v.host_path.is_none(),
+            "{at}: volume `{}` is a host path; the relay needs none",
+            v.name
+        );
+    }
+    let psc = pod
+        .security_context
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no spec.template.spec.securityContext"));
+    let pod_uid = psc.run_as_user;
+    assert!(
+        pod_uid.is_some_and(|u| u > 0),
+        "{at}: securityContext.runAsUser must be a fixed non-zero uid (the image's user is root), found {pod_uid:?}"
+    );
+    assert!(
+        psc.run_as_group.is_some_and(|g| g > 0),
+        "{at}: securityContext.runAsGroup must be a fixed non-zero gid"
+    );
+    let pod_non_root = psc.run_as_non_root;
+    let pod_seccomp = psc.seccomp_profile.as_ref().map(|p| p.type_.clone());
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.as_deref().unwrap_or_default());
+    for c in containers {
+        let at = format!("{at}: container `{}`", c.name);
+        let sc = c
+            .security_context
+            .as_ref()
+            .unwrap_or_else(|| panic!("{at}: no securityContext"));
+        assert_ne!(
+            sc.privileged,
+            Some(true),
+            "{at}: privileged must not be true"
+        );
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{at}: allowPrivilegeEscalation must be false"
+        );
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{at}: readOnlyRootFilesystem must be true"
+        );
+        assert_eq!(
+            sc.run_as_non_root.or(pod_non_root),
+            Some(true),
+            "{at}: runAsNonRoot must be true"
+        );
+        let uid = sc.run_as_user.or(pod_uid);
+        assert!(
+            uid.is_some_and(|u| u > 0),
+            "{at}: runs as uid {uid:?}; it must be a fixed non-zero uid"
+        );
+        let caps = sc
+            .capabilities
+            .as_ref()
+            .unwrap_or_else(|| panic!("{at}: securityContext.capabilities is missing"));
+        assert_eq!(
+            caps.drop.as_deref(),
+            Some(&["ALL".to_owned()][..]),
+            "{at}: capabilities.drop must be exactly [\"ALL\"]"
+        );
+        assert!(
+            caps.add.as_deref().unwrap_or_default().is_empty(),
+            "{at}: capabilities.add must be empty, found {:?}",
+            caps.add
+        );
+        let seccomp = sc
+            .seccomp_profile
+            .as_ref()
+            .map(|p| p.type_.clone())
+            .or(pod_seccomp.clone());
+        assert_eq!(
+            seccomp.as_deref(),
+            Some("RuntimeDefault"),
+            "{at}: seccompProfile must be RuntimeDefault"
+        );
+    }
+}
+
+#[test]
+fn relay_probes_ports_env_and_tls_fit_together() {
+    let docs = all_docs();
+    let (at, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let pod = relay_pod(&at, &d);
+    let relay = the_relay(&at, &d);
+    let at = format!("{at}: container `{}`", relay.name);
+    assert_eq!(
+        relay.args.as_deref(),
+        Some(&["relay".to_owned()][..]),
+        "{at}: args must be [\"relay\"]"
+    );
+    let metrics = named_port(&at, relay, METRICS_PORT);
+    for (probe, kind, path) in [
+        (&relay.liveness_probe, "livenessProbe", "/healthz"),
+        (&relay.readiness_probe, "readinessProbe", "/readyz"),
+        (&relay.startup_probe, "startupProbe", "/healthz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{at}: {kind} must be an httpGet probe"));
+        assert_eq!(get.path.as_deref(), Some(path), "{at}: {kind}.httpGet.path");
+        assert_eq!(
+            resolve_port(&format!("{at}: {kind}.httpGet.port"), relay, &get.port),
+            metrics,
+            "{at}: {kind}.httpGet.port must be `{METRICS_PORT}` (the relay API is on loopback)"
+        );
+    }
+    let m = env_addr(&at, relay, "FLOWTRACE_METRICS_LISTEN");
+    assert!(
+        m.ip().is_unspecified(),
+        "{at}: env FLOWTRACE_METRICS_LISTEN must bind the pod's addresses (0.0.0.0), not {}",
+        m.ip()
+    );
+    assert_eq!(
+        i32::from(m.port()),
+        metrics,
+        "{at}: env FLOWTRACE_METRICS_LISTEN's port must be the container port `{METRICS_PORT}`"
+    );
+    // The relay API: loopback only (port-forward), never a container port.
+    let api = env_addr(&at, relay, "FLOWTRACE_RELAY_LISTEN");
+    assert!(
+        api.ip().is_loopback(),
+        "{at}: env FLOWTRACE_RELAY_LISTEN `{api}` must be loopback: the relay API has no authentication, port-forward's RBAC is its access control"
+    );
+    for p in relay.ports.as_deref().unwrap_or_default() {
+        assert_ne!(
+            p.container_port,
+            i32::from(api.port()),
+            "{at}: the relay API's port must not be a container port"
+        );
+    }
+    assert!(
+        env_value(relay, "FLOWTRACE_RELAY_AGENTS").is_none(),
+        "{at}: env FLOWTRACE_RELAY_AGENTS turns discovery off; the Deployment discovers the agents"
+    );
+    // Discovery looks in the agents' namespace for the agents' Service, not in the relay's own
+    // namespace: the variables, when set, must say so (unset, the defaults are these).
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let (sat, svc) = named::<Service>(&docs, "Service", AGENT_SERVICE);
+    let agents_ns = ds.metadata.namespace.clone().unwrap_or_default();
+    assert_eq!(
+        svc.metadata.namespace.as_deref(),
+        Some(agents_ns.as_str()),
+        "{sat}: the agents' Service must be in the DaemonSet's namespace ({dat})"
+    );
+    for (var, want, default) in [
+        ("FLOWTRACE_RELAY_NAMESPACE", agents_ns.as_str(), NAMESPACE),
+        (
+            "FLOWTRACE_RELAY_AGENT_SERVICE",
+            AGENT_SERVICE,
+            AGENT_SERVICE,
+        ),
+    ] {
+        let value = env_value(relay, var)
+            .map(|e| e.value.as_deref().unwrap_or_default())
+            .unwrap_or(default);
+        assert_eq!(
+            value,
+            want,
+            "{at}: env {var} (default {default}) must name the agents' {} `{want}`",
+            if var.ends_with("NAMESPACE") {
+                "namespace"
+            } else {
+                "headless Service"
+            }
+        );
+    }
+    let annotations = d
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    let metrics_s = metrics.to_string();
+    for (key, want) in [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", metrics_s.as_str()),
+        ("prometheus.io/path", "/metrics"),
+    ] {
+        assert_eq!(
+            annotations.get(key).map(String::as_str),
+            Some(want),
+            "{at}: pod template annotation {key}"
+        );
+    }
+
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    for var in [
+        "FLOWTRACE_TLS_CERT",
+        "FLOWTRACE_TLS_KEY",
+        "FLOWTRACE_TLS_CA",
+    ] {
+        let secret = secret_behind(&at, relay, volumes, var);
+        assert_eq!(
+            secret.secret_name.as_deref(),
+            Some(RELAY_SECRET),
+            "{at}: env {var} must point into Secret {RELAY_SECRET}"
+        );
+        assert_ne!(
+            secret.optional,
+            Some(true),
+            "{at}: Secret volume {RELAY_SECRET} must not be optional: the relay reaches no agent without it"
+        );
+        // A non-root relay reads tls.key only through the group (fsGroup) or the world bits,
+        // and the world bits must stay clear for a private key.
+        let mode = secret.default_mode.unwrap_or(0o644);
+        let fs_group = pod.security_context.as_ref().and_then(|s| s.fs_group);
+        assert!(
+            mode & 0o040 != 0 && fs_group.is_some(),
+            "{at}: Secret volume {RELAY_SECRET} mode {mode:o}, fsGroup {fs_group:?}: the non-root relay cannot read its key (set fsGroup and a group-readable mode)"
+        );
+        assert_eq!(
+            mode & 0o007,
+            0,
+            "{at}: Secret volume {RELAY_SECRET} mode {mode:o}: the private key must not be world-readable"
+        );
+    }
+    let res = relay
+        .resources
+        .as_ref()
+        .unwrap_or_else(|| panic!("{at}: no resources"));
+    let requests = res.requests.clone().unwrap_or_default();
+    let limits = res.limits.clone().unwrap_or_default();
+    for r in ["cpu", "memory"] {
+        assert!(
+            requests.contains_key(r),
+            "{at}: resources.requests.{r} is missing"
+        );
+    }
+    let limit = limits
+        .get("memory")
+        .unwrap_or_else(|| panic!("{at}: resources.limits.memory is missing"));
+    let mib = limit
+        .0
+        .strip_suffix("Mi")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{at}: resources.limits.memory `{}`: write it in Mi",
+                limit.0
+            )
+        });
+    assert!(
+        mib >= 200,
+        "{at}: resources.limits.memory {mib}Mi is below the issue's goal of 200 MiB RSS at 100 nodes"
+    );
+
+    // deploy/README.md gives the exact commands: they must name this Deployment and port.
+    let readme = read("deploy/README.md");
+    for cmd in [
+        format!(
+            "kubectl -n {RELAY_NAMESPACE} port-forward deploy/{RELAY} {0}:{0}",
+            api.port()
+        ),
+        format!("flowtrace flows --relay http://127.0.0.1:{}", api.port()),
+        format!("FLOWTRACE_RELAY=http://127.0.0.1:{}", api.port()),
+    ] {
+        assert!(
+            readme.contains(&cmd),
+            "deploy/README.md must give `{cmd}` (the relay's Deployment and FLOWTRACE_RELAY_LISTEN's port)"
+        );
+    }
+    assert_eq!(
+        d.metadata.namespace.as_deref(),
+        Some(RELAY_NAMESPACE),
+        "{at}: the relay's Deployment must be in {RELAY_NAMESPACE}"
+    );
+    assert!(
+        !readme.contains(&format!("-n {NAMESPACE} port-forward deploy/{RELAY}")),
+        "deploy/README.md still port-forwards to the relay in namespace {NAMESPACE}; it is in {RELAY_NAMESPACE}"
+    );
+}
+
+/// The (group, resource) pairs and the verbs `rules` grant, checking there is no wildcard,
+/// no resourceNames (they break list and watch) and no non-resource URL.
+fn grants(at: &str, rules: &[PolicyRule]) -> (BTreeSet<(String, String)>, BTreeSet<String>) {
+    assert!(!rules.is_empty(), "{at}: no rules");
+    let mut pairs = BTreeSet::new();
+    let mut verbs = BTreeSet::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{at}: rules[{i}]");
+        assert!(
+            rule.non_resource_urls.is_none(),
+            "{at}: nonResourceURLs are not needed"
+        );
+        assert!(
+            rule.resource_names.is_none(),
+            "{at}: resourceNames would break list and watch"
+        );
+        let groups = rule.api_groups.as_deref().unwrap_or_default();
+        let resources = rule.resources.as_deref().unwrap_or_default();
+        for (field, values) in [
+            ("verbs", &rule.verbs[..]),
+            ("apiGroups", groups),
+            ("resources", resources),
+        ] {
+            assert!(
+                !values.iter().any(|v| v.contains('*')),
+                "{at}.{field} has a wildcard: {values:?}"
+            );
+        }
+        assert!(
+            !groups.is_empty() && !resources.is_empty(),
+            "{at}: apiGroups and resources must be listed"
+        );
+        verbs.extend(rule.verbs.iter().cloned());
+        for g in groups {
+            for r in resources {
+                pairs.insert((g.clone(), r.clone()));
+            }
+        }
+    }
+    (pairs, verbs)
+}
+
+#[test]
+fn relay_role_reads_only_endpointslices_in_the_agents_namespace() {
+    let want_resources: BTreeSet<(String, String)> = RELAY_RESOURCES
+        .iter()
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect();
+    let want_verbs: BTreeSet<String> = RELAY_VERBS.iter().map(|v| v.to_string()).collect();
+    let doc_resources: BTreeSet<(String, String)> = readme_list("Relay Role resources:")
+        .iter()
+        .map(|s| group_resource(s))
+        .collect();
+    assert_eq!(
+        doc_resources, want_resources,
+        "deploy/README.md's `Relay Role resources:` line lists another set than the one tested here"
+    );
+    let doc_verbs: BTreeSet<String> = readme_list("Relay Role verbs:").into_iter().collect();
+    assert_eq!(
+        doc_verbs, want_verbs,
+        "deploy/README.md's `Relay Role verbs:` line lists another set than the one tested here"
+    );
+
+    let docs = all_docs();
+    let (dat, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let sa = relay_pod(&dat, &d)
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| panic!("{dat}: no serviceAccountName"));
+    let ns = d.metadata.namespace.clone().unwrap_or_default();
+    assert_eq!(
+        ns, RELAY_NAMESPACE,
+        "{dat}: the relay runs in its own namespace {RELAY_NAMESPACE}"
+    );
+    let (sat, account) = named::<ServiceAccount>(&docs, "ServiceAccount", &sa);
+    assert_eq!(
+        account.metadata.namespace.as_deref(),
+        Some(ns.as_str()),
+        "{sat}: the relay's ServiceAccount must be in the Deployment's namespace {ns}"
+    );
+
+    // Every binding naming the relay's account: exactly one RoleBinding, nothing cluster-wide.
+    let is_relay = |s: &Subject| {
+        s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(ns.as_str())
+    };
+    for doc in docs.iter().filter(|d| d.kind() == "ClusterRoleBinding") {
+        let b: ClusterRoleBinding = typed(doc);
+        assert!(
+            !b.subjects.as_deref().unwrap_or_default().iter().any(is_relay),
+            "{}: binds the relay's account {ns}/{sa} cluster-wide; it may read the agents' EndpointSlices in {NAMESPACE} only",
+            doc.at()
+        );
+    }
+    // Nothing cluster-wide is the relay's at all (no ClusterRole for it to be bound to later).
+    let cluster_wide: Vec<String> = docs
+        .iter()
+        .filter(|d| matches!(d.kind(), "ClusterRole" | "ClusterRoleBinding") && is_relay_doc(d))
+        .map(Doc::at)
+        .collect();
+    assert!(
+        cluster_wide.is_empty(),
+        "{cluster_wide:?}: the relay has nothing cluster-wide, only a Role in {NAMESPACE}"
+    );
+    let bindings: Vec<(String, RoleBinding)> = docs
+        .iter()
+        .filter(|d| d.kind() == "RoleBinding")
+        .map(|d| (d.at(), typed::<RoleBinding>(d)))
+        .filter(|(_, b)| {
+            b.subjects
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(is_relay)
+        })
+        .collect();
+    assert_eq!(
+        bindings.len(),
+        1,
+        "exactly one RoleBinding must bind the relay's account {ns}/{sa}, found {}",
+        bindings.len()
+    );
+    let (bat, binding) = &bindings[0];
+    assert_eq!(
+        binding.metadata.namespace.as_deref(),
+        Some(NAMESPACE),
+        "{bat}: the binding must be in namespace {NAMESPACE}, where the agents' EndpointSlices are (not in the relay's {ns})"
+    );
+    assert_eq!(
+        binding.subjects.as_deref().unwrap_or_default().len(),
+        1,
+        "{bat}: only the relay's account is bound"
+    );
+    assert_eq!(
+        (
+            binding.role_ref.api_group.as_deref().unwrap_or_default(),
+            binding.role_ref.kind.as_str()
+        ),
+        ("rbac.authorization.k8s.io", "Role"),
+        "{bat}: roleRef must be a Role of this namespace, not a ClusterRole"
+    );
+    let (rat, role) = named::<Role>(&docs, "Role", &binding.role_ref.name);
+    assert_eq!(
+        role.metadata.namespace.as_deref(),
+        Some(NAMESPACE),
+        "{rat}: the Role must be in namespace {NAMESPACE}"
+    );
+    let (granted, verbs) = grants(&rat, role.rules.as_deref().unwrap_or_default());
+    assert_eq!(
+        granted, want_resources,
+        "{rat}: the relay must read exactly {RELAY_RESOURCES:?}"
+    );
+    assert_eq!(
+        verbs, want_verbs,
+        "{rat}: the relay's verbs must be exactly {RELAY_VERBS:?}"
+    );
+    // The EndpointSlices it reads are those of the agents' Service, in the same namespace.
+    let (sat, svc) = named::<Service>(&docs, "Service", AGENT_SERVICE);
+    assert_eq!(
+        svc.metadata.namespace.as_deref(),
+        role.metadata.namespace.as_deref(),
+        "{sat}: the agents' Service must be in the relay Role's namespace"
+    );
+}
+
+/// `yaml` fenced blocks of deploy/README.md, each read as its documents.
+fn readme_yaml_blocks() -> Vec<(usize, Vec<Value>)> {
+    let text = read("deploy/README.md");
+    let mut out = Vec::new();
+    let mut rest = text.as_str();
+    let mut offset = 0;
+    while let Some(start) = rest.find("```yaml\n") {
+        let body = &rest[start + 8..];
+        let end = body
+            .find("```")
+            .expect("deploy/README.md: an unclosed ```yaml block");
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&body[..end]).unwrap_or_else(|e| {
+            panic!(
+                "deploy/README.md: the yaml block at byte {} is not valid YAML: {e}",
+                offset + start
+            )
+        });
+        out.push((offset + start, docs));
+        let consumed = start + 8 + end + 3;
+        offset += consumed;
+        rest = &rest[consumed..];
+    }
+    out
+}
+
+#[test]
+fn relay_lives_alone_in_its_own_namespace() {
+    let docs = all_docs();
+    let (nat, ns) = named::<Namespace>(&docs, "Namespace", RELAY_NAMESPACE);
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("restricted"),
+        "{nat}: Pod Security Admission must enforce `restricted`: the relay meets it, and nothing privileged belongs next to it"
+    );
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    assert_ne!(
+        ds.metadata.namespace.as_deref(),
+        Some(RELAY_NAMESPACE),
+        "{dat}: the agents must not be in the relay's namespace: port-forward there would reach every node's loopback"
+    );
+    // Whoever may port-forward in the relay's namespace reaches the relay and nothing else:
+    // the only pods there are the relay Deployment's, on the pod network.
+    for doc in docs.iter().filter(|d| namespace_of(d) == RELAY_NAMESPACE) {
+        assert!(
+            is_relay_doc(doc),
+            "{}: namespace {RELAY_NAMESPACE} holds only the relay's objects",
+            doc.at()
+        );
+        assert!(
+            !matches!(
+                doc.kind(),
+                "DaemonSet" | "StatefulSet" | "Job" | "CronJob" | "Pod" | "ReplicaSet"
+            ),
+            "{}: the relay's namespace holds no workload but the relay's Deployment",
+            doc.at()
+        );
+        if doc.kind() == "Deployment" {
+            assert_eq!(
+                doc.name(),
+                RELAY,
+                "{}: only the relay's Deployment",
+                doc.at()
+            );
+            assert!(
+                doc.value
+                    .pointer("/spec/template/spec/hostNetwork")
+                    .and_then(Value::as_bool)
+                    != Some(true),
+                "{}: a hostNetwork pod in {RELAY_NAMESPACE} would make its pods/portforward node access",
+                doc.at()
+            );
+        }
+    }
+
+    // The README's sample Role for the relay's users grants port-forward in the relay's
+    // namespace, and no README sample grants it in the agents'.
+    let mut samples = 0;
+    for (at, block) in readme_yaml_blocks() {
+        for v in block.iter().filter(|v| str_at(v, "/kind") == Some("Role")) {
+            let portforward = v["rules"].as_array().into_iter().flatten().any(|r| {
+                strings(&r["resources"]).contains("pods/portforward")
+                    && strings(&r["verbs"]).contains("create")
+            });
+            if !portforward {
+                continue;
+            }
+            samples += 1;
+            assert_eq!(
+                str_at(v, "/metadata/namespace"),
+                Some(RELAY_NAMESPACE),
+                "deploy/README.md (yaml block at byte {at}): a Role granting pods/portforward must be in {RELAY_NAMESPACE}; in {NAMESPACE} it reaches every node's loopback"
+            );
+        }
+    }
+    assert!(
+        samples > 0,
+        "deploy/README.md must give a sample Role for the relay's users (create pods/portforward in {RELAY_NAMESPACE})"
+    );
+}
+
+/// `kubectl kustomize DIR` (no cluster needed): the objects kustomize makes of `dir`.
+fn kustomize_build(dir: &Path) -> Vec<Value> {
+    let kubectl =
+        std::env::var_os("KUBECTL").map_or_else(|| PathBuf::from("kubectl"), PathBuf::from);
+    let out = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} kustomize {}: {e} (install kubectl, or set KUBECTL to it)",
+                kubectl.display(),
+                rel(dir)
+            )
+        });
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        rel(dir),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|e| panic!("kubectl kustomize {}: output is not YAML: {e}", rel(dir)))
+}
+
+fn object_key(v: &Value) -> (String, String, String) {
+    (
+        str_at(v, "/kind").unwrap_or_default().to_owned(),
+        str_at(v, "/metadata/namespace")
+            .unwrap_or_default()
+            .to_owned(),
+        str_at(v, "/metadata/name").unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn kustomize_builds_keep_every_objects_namespace() {
+    // What `kubectl apply -k` would apply, for every kustomization here: exactly the objects
+    // of the files it lists, each in the namespace its file names (a `namespace:` anywhere up
+    // the tree would move the relay's objects, or its Role and RoleBinding), and the relay's
+    // RoleBinding still naming the ServiceAccount in the relay's namespace.
+    let deploy = deploy_dir().canonicalize().expect("deploy/ exists");
+    let docs = all_docs();
+    for k in yaml_files(&deploy)
+        .into_iter()
+        .filter(|f| f.file_name().and_then(|n| n.to_str()) == Some("kustomization.yaml"))
+    {
+        let dir = k.parent().expect("a file's directory").to_path_buf();
+        let mut files = BTreeSet::new();
+        kustomize_closure(&dir, &mut files);
+        let want: BTreeMap<(String, String, String), &Doc> = docs
+            .iter()
+            .filter(|d| !d.is_kustomize() && files.contains(&d.path.canonicalize().expect("path")))
+            .map(|d| (object_key(&d.value), d))
+            .collect();
+        let built = kustomize_build(&dir);
+        let got: BTreeSet<(String, String, String)> = built.iter().map(object_key).collect();
+        assert_eq!(
+            got,
+            want.keys().cloned().collect::<BTreeSet<_>>(),
+            "kubectl kustomize {}: (kind, namespace, name) of the objects built differ from those of its files",
+            rel(&dir)
+        );
+        for v in &built {
+            if let Some(src) = want.get(&object_key(v)) {
+                assert_eq!(
+                    v.get("subjects"),
+                    src.value.get("subjects"),
+                    "kubectl kustomize {}: {}: subjects changed by kustomize",
+                    rel(&dir),
+                    src.at()
+                );
+            }
+        }
+    }
+    // The base: the agents in NAMESPACE, the relay in RELAY_NAMESPACE but its Role and binding.
+    let base = kustomize_build(&deploy);
+    let binding = base
+        .iter()
+        .find(|v| {
+            str_at(v, "/kind") == Some("RoleBinding") && str_at(v, "/metadata/name") == Some(RELAY)
+        })
+        .unwrap_or_else(|| panic!("kubectl kustomize deploy/: no RoleBinding {RELAY}"));
+    assert_eq!(
+        (
+            str_at(binding, "/metadata/namespace"),
+            str_at(binding, "/subjects/0/namespace")
+        ),
+        (Some(NAMESPACE), Some(RELAY_NAMESPACE)),
+        "kubectl kustomize deploy/: the relay's RoleBinding must be in {NAMESPACE} and name its ServiceAccount in {RELAY_NAMESPACE}"
+    );
+    for (kind, ns) in [
+        ("Namespace", ""),
+        ("ServiceAccount", RELAY_NAMESPACE),
+        ("Deployment", RELAY_NAMESPACE),
+        ("Service", RELAY_NAMESPACE),
+        ("NetworkPolicy", RELAY_NAMESPACE),
+        ("Role", NAMESPACE),
+    ] {
+        let name = if kind == "Namespace" {
+            RELAY_NAMESPACE
+        } else {
+            RELAY
+        };
+        assert!(
+            base.iter()
+                .any(|v| object_key(v) == (kind.to_owned(), ns.to_owned(), name.to_owned())),
+            "kubectl kustomize deploy/: no {kind} {name} in namespace `{ns}`"
+        );
+    }
+}
+
+#[test]
+fn readme_overlay_without_the_relay_builds_without_it() {
+    // deploy/README.md's "Without the relay" overlay, built against this deploy/: the relay's
+    // objects (its namespace included) and the agents' data API are gone, the rest is kept.
+    let text = read("deploy/README.md");
+    let at = text
+        .find("**Without the relay.**")
+        .expect("deploy/README.md: no **Without the relay.** paragraph");
+    let block = &text[at..];
+    let start = block
+        .find("```yaml\n")
+        .expect("Without the relay: no yaml block")
+        + 8;
+    let end = start + block[start..].find("```").expect("an unclosed yaml block");
+    let overlay = block[start..end].replace("<path to deploy/>", "deploy");
+    let dir = std::env::temp_dir().join(format!(
+        "flowtrace-deploy-test-overlay-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    // kustomize wants a relative path to a directory it may load: a link to deploy/.
+    std::os::unix::fs::symlink(deploy_dir(), dir.join("deploy")).expect("symlink");
+    std::fs::write(dir.join("kustomization.yaml"), overlay).expect("writing the overlay");
+    let built = kustomize_build(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = kustomize_build(&deploy_dir());
+    let got: BTreeSet<_> = built.iter().map(object_key).collect();
+    let want: BTreeSet<_> = base
+        .iter()
+        .filter(|v| str_at(v, "/metadata/labels/app.kubernetes.io~1component") != Some("relay"))
+        .map(object_key)
+        .collect();
+    assert_eq!(
+        got, want,
+        "deploy/README.md, Without the relay: the overlay must remove exactly the relay's objects"
+    );
+    let ds = built
+        .iter()
+        .find(|v| str_at(v, "/kind") == Some("DaemonSet"))
+        .expect("the overlay keeps the DaemonSet");
+    let text = serde_json::to_string(ds).expect("JSON");
+    for gone in [
+        "FLOWTRACE_API_LISTEN",
+        "FLOWTRACE_TLS_",
+        "9652",
+        AGENT_SECRET,
+    ] {
+        assert!(
+            !text.contains(gone),
+            "deploy/README.md, Without the relay: the DaemonSet still has `{gone}`"
+        );
+    }
+    let svc = built
+        .iter()
+        .find(|v| {
+            object_key(v)
+                == (
+                    "Service".to_owned(),
+                    NAMESPACE.to_owned(),
+                    AGENT_SERVICE.to_owned(),
+                )
+        })
+        .expect("the overlay keeps the agents' Service");
+    assert!(
+        !serde_json::to_string(svc).expect("JSON").contains("9652"),
+        "deploy/README.md, Without the relay: the agents' Service still has the data port 9652"
+    );
+}
+
+/// The (protocol, port) pairs of a NetworkPolicy rule's ports; every port must be a number
+/// (a named port is resolved on the far pod, and the agents' is the host).
+fn policy_ports(at: &str, ports: &[NetworkPolicyPort]) -> BTreeSet<(String, i32)> {
+    assert!(
+        !ports.is_empty(),
+        "{at}: a rule without ports allows every port"
+    );
+    ports
+        .iter()
+        .map(|p| {
+            assert!(p.end_port.is_none(), "{at}: no port ranges");
+            let n = match &p.port {
+                Some(IntOrString::Int(n)) => *n,
+                other => panic!("{at}: port {other:?} must be a number"),
+            };
+            (p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()), n)
+        })
+        .collect()
+}
+
+#[test]
+fn relay_network_policy_ports_match_the_containers() {
+    let docs = all_docs();
+    let (dat, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay = the_relay(&dat, &d);
+    let relay_labels = relay_pod_labels(&d);
+    let (aat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let agent = the_agent(&aat, pod_spec(&aat, &ds));
+    let agent_api = named_port(&aat, agent, API_PORT);
+
+    let (at, np) = named::<NetworkPolicy>(&docs, "NetworkPolicy", RELAY);
+    let spec = np.spec.as_ref().unwrap_or_else(|| panic!("{at}: no spec"));
+    let sel = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    assert!(
+        selects(&sel, &relay_labels),
+        "{at}: spec.podSelector {sel:?} does not select the relay's pods {relay_labels:?}"
+    );
+    let pod_types: BTreeSet<&str> = spec
+        .policy_types
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        pod_types,
+        BTreeSet::from(["Ingress", "Egress"]),
+        "{at}: policyTypes must be Ingress and Egress (without Egress every egress is allowed)"
+    );
+
+    let mut ingress = BTreeSet::new();
+    for (i, rule) in spec
+        .ingress
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        ingress.extend(policy_ports(
+            &format!("{at}: ingress[{i}]"),
+            rule.ports.as_deref().unwrap_or_default(),
+        ));
+    }
+    let container: BTreeSet<(String, i32)> = relay
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+                p.container_port,
+            )
+        })
+        .collect();
+    assert_eq!(
+        ingress, container,
+        "{at}: ingress must allow exactly the relay's container ports (`{METRICS_PORT}`)"
+    );
+
+    let mut egress = BTreeSet::new();
+    for (i, rule) in spec
+        .egress
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        egress.extend(policy_ports(
+            &format!("{at}: egress[{i}]"),
+            rule.ports.as_deref().unwrap_or_default(),
+        ));
+    }
+    let want: BTreeSet<(String, i32)> = [
+        ("TCP", agent_api),
+        ("TCP", 443),
+        ("TCP", 6443),
+        ("UDP", 53),
+        ("TCP", 53),
+    ]
+    .iter()
+    .map(|(p, n)| (p.to_string(), *n))
+    .collect();
+    assert_eq!(
+        egress, want,
+        "{at}: egress must allow exactly the agents' `{API_PORT}` ({agent_api}), the API server (443, 6443) and DNS (53 UDP and TCP)"
+    );
+}
+
+/// cert-manager's Issuer and Certificate have no k8s-openapi type: their shape is checked
+/// here, with the fields these manifests may use.
+fn check_cert_manager(doc: &Doc) {
+    assert_eq!(
+        doc.api_version(),
+        "cert-manager.io/v1",
+        "{}: apiVersion",
+        doc.at()
+    );
+    let spec = doc.value["spec"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{}: no spec", doc.at()));
+    let known: &[&str] = match doc.kind() {
+        "Issuer" => &["selfSigned", "ca"],
+        _ => &[
+            "secretName",
+            "secretTemplate",
+            "isCA",
+            "commonName",
+            "dnsNames",
+            "ipAddresses",
+            "usages",
+            "duration",
+            "renewBefore",
+            "privateKey",
+            "issuerRef",
+            "subject",
+        ],
+    };
+    for key in spec.keys() {
+        assert!(
+            known.contains(&key.as_str()),
+            "{}: spec field `{key}` is not one this test knows (misspelt?)",
+            doc.at()
+        );
+    }
+    if doc.kind() == "Issuer" {
+        assert_eq!(
+            spec.len(),
+            1,
+            "{}: an Issuer has exactly one of selfSigned and ca",
+            doc.at()
+        );
+        return;
+    }
+    let issuer = &doc.value["spec"]["issuerRef"];
+    assert!(
+        str_at(issuer, "/name").is_some(),
+        "{}: spec.issuerRef.name is missing",
+        doc.at()
+    );
+    assert_eq!(
+        str_at(issuer, "/kind"),
+        Some("Issuer"),
+        "{}: spec.issuerRef.kind: a namespaced Issuer of deploy/cert-manager/",
+        doc.at()
+    );
+    for key in ["duration", "renewBefore"] {
+        let v = str_at(spec_value(doc), &format!("/{key}"))
+            .unwrap_or_else(|| panic!("{}: spec.{key} is missing", doc.at()));
+        assert!(
+            v.ends_with('h') && v[..v.len() - 1].parse::<u32>().is_ok(),
+            "{}: spec.{key} `{v}`: write it in hours (e.g. 2160h)",
+            doc.at()
+        );
+    }
+    for (key, allowed) in [
+        ("algorithm", &["ECDSA", "RSA", "Ed25519"][..]),
+        ("encoding", &["PKCS1", "PKCS8"][..]),
+        ("rotationPolicy", &["Never", "Always"][..]),
+    ] {
+        if let Some(v) = doc.value["spec"]["privateKey"].get(key) {
+            assert!(
+                v.as_str().is_some_and(|v| allowed.contains(&v)),
+                "{}: spec.privateKey.{key} {v} is not one of {allowed:?}",
+                doc.at()
+            );
+        }
+    }
+}
+
+fn spec_value(doc: &Doc) -> &Value {
+    &doc.value["spec"]
+}
+
+fn hours(doc: &Doc, key: &str) -> u32 {
+    str_at(spec_value(doc), &format!("/{key}"))
+        .and_then(|v| v.strip_suffix('h'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{}: spec.{key} in hours", doc.at()))
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn cert_manager_certificates_produce_the_mounted_secrets() {
+    let docs = all_docs();
+    let certs: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Certificate").collect();
+    let issuers: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Issuer").collect();
+    // An Issuer signs only Certificates of its own namespace: issuerRef is looked up there.
+    let issuer = |ns: &str, name: &str| -> &Doc {
+        issuers
+            .iter()
+            .find(|d| d.name() == name && namespace_of(d) == ns)
+            .copied()
+            .unwrap_or_else(|| {
+                panic!("deploy/cert-manager/: no Issuer named `{name}` in namespace {ns}")
+            })
+    };
+    let writers = |ns: &str, secret: &str| -> Vec<&Doc> {
+        certs
+            .iter()
+            .filter(|d| {
+                namespace_of(d) == ns && str_at(spec_value(d), "/secretName") == Some(secret)
+            })
+            .copied()
+            .collect()
+    };
+    let by_secret = |ns: &str, secret: &str| -> &Doc {
+        let found = writers(ns, secret);
+        assert_eq!(
+            found.len(),
+            1,
+            "deploy/cert-manager/: exactly one Certificate must write Secret {ns}/{secret}, found {}",
+            found.len()
+        );
+        found[0]
+    };
+
+    // The Secrets the DaemonSet and the relay mount, each from one leaf Certificate with
+    // exactly the SAN the other side checks and the usage its side of the handshake needs.
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let agent_volumes = pod_spec(&dat, &ds).volumes.clone().unwrap_or_default();
+    let (rat, relay) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay_volumes = relay_pod(&rat, &relay).volumes.clone().unwrap_or_default();
+    let agent_ns = ds.metadata.namespace.clone().unwrap_or_default();
+    let relay_ns = relay.metadata.namespace.clone().unwrap_or_default();
+    // (namespace, issuer name, CA Secret name) of each leaf's CA issuer.
+    let mut ca_issuers = BTreeSet::new();
+    for (at, ns, volumes, secret, san, usage) in [
+        (
+            &dat,
+            &agent_ns,
+            &agent_volumes,
+            AGENT_SECRET,
+            AGENT_SAN,
+            "server auth",
+        ),
+        (
+            &rat,
+            &relay_ns,
+            &relay_volumes,
+            RELAY_SECRET,
+            RELAY_SAN,
+            "client auth",
+        ),
+    ] {
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret)),
+            "{at}: mounts no Secret {secret}"
+        );
+        // The Certificate is in the namespace of the pod that mounts its Secret: cert-manager
+        // writes the Secret in the Certificate's namespace.
+        let cert = by_secret(ns, secret);
+        let at = cert.at();
+        assert_eq!(
+            strings(&cert.value["spec"]["dnsNames"]),
+            BTreeSet::from([san.to_owned()]),
+            "{at}: spec.dnsNames must be exactly [{san}]"
+        );
+        assert!(
+            strings(&cert.value["spec"]["usages"]).contains(usage),
+            "{at}: spec.usages must include `{usage}`"
+        );
+        assert_ne!(
+            cert.value["spec"]["isCA"].as_bool(),
+            Some(true),
+            "{at}: a leaf, not a CA"
+        );
+        assert!(
+            hours(cert, "renewBefore") < hours(cert, "duration"),
+            "{at}: renewBefore must be shorter than duration"
+        );
+        let iname = str_at(&cert.value, "/spec/issuerRef/name").unwrap_or_default();
+        let iss = issuer(ns, iname);
+        let ca_secret = str_at(&iss.value, "/spec/ca/secretName").unwrap_or_else(|| {
+            panic!(
+                "{}: signs {secret}, so it must be a CA issuer (`ca` with a secretName), for ca.crt in the Secret",
+                iss.at()
+            )
+        });
+        ca_issuers.insert((ns.clone(), iname.to_owned(), ca_secret.to_owned()));
+    }
+    // Each side checks the other against its ca.crt, so both leaves come from one CA: the
+    // agents' namespace holds it (a CA Certificate writes its Secret there), the relay's
+    // namespace a copy of that Secret under the same name, which no Certificate writes (one
+    // would make a second CA, which the agents do not trust).
+    let ca_secrets: BTreeSet<&str> = ca_issuers.iter().map(|(_, _, s)| s.as_str()).collect();
+    assert_eq!(
+        ca_secrets.len(),
+        1,
+        "deploy/cert-manager/: the agent's and the relay's CA issuers must read one CA Secret name (the relay's namespace holds a copy of the agents'), found {ca_issuers:?}"
+    );
+    let ca_secret = *ca_secrets.first().expect("one CA Secret");
+    assert!(
+        writers(&relay_ns, ca_secret).is_empty(),
+        "deploy/cert-manager/: a Certificate writes {relay_ns}/{ca_secret}: that would be a second CA, which the agents do not trust; it must be a copy of {agent_ns}/{ca_secret} (deploy/README.md, Install)"
+    );
+    let readme = read("deploy/README.md");
+    let copy = format!("kubectl -n {agent_ns} get secret {ca_secret}");
+    assert!(
+        readme.contains(&copy) && readme.contains(&format!("namespace: {relay_ns}")),
+        "deploy/README.md must give the command that copies the CA Secret into {relay_ns} (`{copy} ...`)"
+    );
+
+    // That CA: a CA Certificate from a self-signed issuer, keeping its key on renewal.
+    let ca = by_secret(&agent_ns, ca_secret);
+    assert_eq!(
+        ca.value["spec"]["isCA"].as_bool(),
+        Some(true),
+        "{}: spec.isCA must be true",
+        ca.at()
+    );
+    assert_eq!(
+        str_at(&ca.value, "/spec/privateKey/rotationPolicy"),
+        Some("Never"),
+        "{}: the CA must keep its key when renewed, or every leaf signed before stops verifying (deploy/README.md, Rotation)",
+        ca.at()
+    );
+    let root = str_at(&ca.value, "/spec/issuerRef/name").unwrap_or_default();
+    assert!(
+        issuer(&agent_ns, root).value["spec"]["selfSigned"].is_object(),
+        "{}: spec.issuerRef must be the self-signed Issuer",
+        ca.at()
+    );
+    for c in &certs {
+        assert!(
+            hours(ca, "duration") > hours(c, "duration") || c.name() == ca.name(),
+            "{}: outlives the CA {}",
+            c.at(),
+            ca.at()
+        );
+    }
+}
+
+#[test]
+fn flowtrace_certs_writes_the_mounted_secrets() {
+    // `flowtrace certs` (no cluster, no root), as deploy/README.md runs it (its defaults:
+    // --namespace flowtrace, --relay-namespace flowtrace-relay), must write the Secrets the
+    // manifests mount, each in the namespace of the pods that mount it, with the keys they read.
+    let docs = all_docs();
+    let (dat, ds) = one::<DaemonSet>(&docs, "DaemonSet");
+    let (rat, relay) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let want_ns: BTreeMap<&str, String> = BTreeMap::from([
+        (
+            AGENT_SECRET,
+            ds.metadata.namespace.clone().unwrap_or_default(),
+        ),
+        (
+            RELAY_SECRET,
+            relay.metadata.namespace.clone().unwrap_or_default(),
+        ),
+    ]);
+    let readme = read("deploy/README.md");
+    assert!(
+        readme.contains("flowtrace certs --out DIR\n")
+            || readme.contains("flowtrace certs --out DIR "),
+        "deploy/README.md must give `flowtrace certs --out DIR` (the defaults this test runs)"
+    );
+    let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir().join(format!(
+        "flowtrace-deploy-test-certs-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(&bin)
+        .args(["certs", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running {} certs: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "{} certs --out {} failed: {}",
+        bin.display(),
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "agent.crt",
+        "agent.key",
+        "relay.crt",
+        "relay.key",
+    ] {
+        assert!(
+            dir.join(f).is_file(),
+            "flowtrace certs wrote no {f} in {}",
+            dir.display()
+        );
+    }
+    let secrets = read_docs(&dir.join("secrets.yaml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut names = BTreeSet::new();
+    for doc in &secrets {
+        assert_eq!(doc.kind(), "Secret", "{}: kind", doc.at());
+        let secret: k8s_openapi::api::core::v1::Secret = typed(doc);
+        assert_eq!(
+            secret.type_.as_deref(),
+            Some("kubernetes.io/tls"),
+            "{}: type",
+            doc.at()
+        );
+        if let Some(ns) = want_ns.get(doc.name()) {
+            assert_eq!(
+                secret.metadata.namespace.as_deref(),
+                Some(ns.as_str()),
+                "{}: namespace: the pods that mount it are there ({dat}, {rat})",
+                doc.at()
+            );
+        }
+        let keys: BTreeSet<&str> = secret
+            .data
+            .iter()
+            .flat_map(|d| d.keys())
+            .chain(secret.string_data.iter().flat_map(|d| d.keys()))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from(TLS_KEYS),
+            "{}: keys (the manifests read {TLS_KEYS:?})",
+            doc.at()
+        );
+        names.insert(doc.name().to_owned());
+    }
+    assert_eq!(
+        names,
+        BTreeSet::from([AGENT_SECRET.to_owned(), RELAY_SECRET.to_owned()]),
+        "flowtrace certs: secrets.yaml must hold the two Secrets the DaemonSet and the relay mount"
+    );
 }
 
 /// The `group/resource` pairs of a README list (`resource` alone for the core group).
@@ -950,7 +2433,7 @@ fn rbac_is_read_only_and_limited_to_the_documented_resources() {
         1,
         "{bat}: only the agents' ServiceAccount is bound"
     );
-    let (sat, account) = one::<ServiceAccount>(&docs, "ServiceAccount");
+    let (sat, account) = named::<ServiceAccount>(&docs, "ServiceAccount", &sa);
     assert_eq!(
         (
             account.metadata.name.as_deref(),
@@ -1003,7 +2486,7 @@ fn service_and_monitors_select_the_agents() {
     }
     let agent = the_agent(&dat, pod_spec(&dat, &ds));
 
-    let (sat, svc) = one::<Service>(&docs, "Service");
+    let (sat, svc) = named::<Service>(&docs, "Service", AGENT_SERVICE);
     let sspec = svc
         .spec
         .as_ref()
@@ -1018,70 +2501,153 @@ fn service_and_monitors_select_the_agents() {
         selects(&svc_selector, &pod_labels),
         "{sat}: spec.selector {svc_selector:?} does not select the agents' labels {pod_labels:?}"
     );
-    let http = sspec
+    let svc_ports = sspec.ports.as_deref().unwrap_or_default();
+    for (name, why) in [
+        (METRICS_PORT, "the ServiceMonitor scrapes it"),
+        (
+            API_PORT,
+            "the relay finds the agents' data API by this name",
+        ),
+    ] {
+        let port = svc_ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{sat}: no port named `{name}` ({why})"));
+        let target = port
+            .target_port
+            .clone()
+            .unwrap_or(IntOrString::Int(port.port));
+        let container_port =
+            resolve_port(&format!("{sat}: port {name} targetPort"), agent, &target);
+        assert_eq!(
+            container_port,
+            named_port(&dat, agent, name),
+            "{sat}: port `{name}` must target the agents' container port `{name}`"
+        );
+        assert_eq!(
+            port.port, container_port,
+            "{sat}: port `{name}` should be the agents' own port (host network)"
+        );
+    }
+    assert_eq!(
+        sspec.publish_not_ready_addresses,
+        Some(true),
+        "{sat}: publishNotReadyAddresses must be true: an unready agent is still scraped and asked by the relay"
+    );
+
+    // The relay's pods and Service, and which of the two components each selector picks:
+    // the agents' Service must not select the relay (the relay would ask itself for flows).
+    let (rat, relay) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay_pod_labels = relay_pod_labels(&relay);
+    assert!(
+        !selects(&svc_selector, &relay_pod_labels),
+        "{sat}: spec.selector {svc_selector:?} also selects the relay's pods ({rat}): the relay would count itself among the agents"
+    );
+    let relay_c = the_relay(&rat, &relay);
+    let (rsat, rsvc) = named::<Service>(&docs, "Service", RELAY);
+    let rspec = rsvc
+        .spec
+        .as_ref()
+        .unwrap_or_else(|| panic!("{rsat}: no spec"));
+    let rsel = rspec.selector.clone().unwrap_or_default();
+    assert!(
+        selects(&rsel, &relay_pod_labels) && !selects(&rsel, &pod_labels),
+        "{rsat}: spec.selector {rsel:?} must select the relay's pods {relay_pod_labels:?} and not the agents'"
+    );
+    let rport = rspec
         .ports
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .find(|p| p.name.as_deref() == Some("http"))
-        .unwrap_or_else(|| panic!("{sat}: no port named `http` (the ServiceMonitor scrapes it)"));
-    let target = http
+        .find(|p| p.name.as_deref() == Some(METRICS_PORT))
+        .unwrap_or_else(|| panic!("{rsat}: no port named `{METRICS_PORT}`"));
+    let target = rport
         .target_port
         .clone()
-        .unwrap_or(IntOrString::Int(http.port));
-    let container_port = resolve_port(&format!("{sat}: port http targetPort"), agent, &target);
+        .unwrap_or(IntOrString::Int(rport.port));
     assert_eq!(
-        http.port, container_port,
-        "{sat}: port `http` should be the agents' own port (host network)"
+        resolve_port(
+            &format!("{rsat}: port metrics targetPort"),
+            relay_c,
+            &target
+        ),
+        named_port(&rat, relay_c, METRICS_PORT),
+        "{rsat}: port `{METRICS_PORT}` must target the relay's container port `{METRICS_PORT}`"
     );
-    let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        rspec.ports.as_deref().unwrap_or_default().len(),
+        1,
+        "{rsat}: only `{METRICS_PORT}`: the relay API is reached by port-forward, never through a Service"
+    );
 
-    for doc in docs.iter().filter(|d| d.kind() == "ServiceMonitor") {
-        let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
-        assert!(
-            selects(&sel, &svc_labels),
-            "{}: spec.selector.matchLabels {sel:?} does not select Service {}'s labels {svc_labels:?}",
-            doc.at(),
-            svc.metadata.name.as_deref().unwrap_or_default()
-        );
-        if let Some(names) = doc
-            .value
-            .pointer("/spec/namespaceSelector/matchNames")
-            .and_then(Value::as_array)
-        {
-            assert!(
-                names.iter().any(|n| n.as_str() == Some(NAMESPACE)),
-                "{}: spec.namespaceSelector.matchNames must include {NAMESPACE}",
+    let services = [
+        ("agent", svc.metadata.labels.clone().unwrap_or_default()),
+        ("relay", rsvc.metadata.labels.clone().unwrap_or_default()),
+    ];
+    let pods = [("agent", pod_labels.clone()), ("relay", relay_pod_labels)];
+    for (kind, targets) in [("ServiceMonitor", &services), ("PodMonitor", &pods)] {
+        let mut covered = BTreeSet::new();
+        for doc in docs.iter().filter(|d| d.kind() == kind) {
+            let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
+            let picked: Vec<&str> = targets
+                .iter()
+                .filter(|(_, labels)| selects(&sel, labels))
+                .map(|(what, _)| *what)
+                .collect();
+            assert_eq!(
+                picked.len(),
+                1,
+                "{}: spec.selector.matchLabels {sel:?} must select exactly one of the agents and the relay, selects {picked:?}",
                 doc.at()
             );
+            covered.insert(picked[0]);
+            // Without a namespaceSelector a monitor looks in its own namespace.
+            let target_ns = if picked[0] == "agent" {
+                svc.metadata.namespace.clone()
+            } else {
+                rsvc.metadata.namespace.clone()
+            }
+            .unwrap_or_default();
+            let names: Vec<&str> = doc
+                .value
+                .pointer("/spec/namespaceSelector/matchNames")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_else(|| vec![namespace_of(doc)]);
+            assert!(
+                names.contains(&target_ns.as_str()),
+                "{}: looks in namespaces {names:?}, but the {} is in {target_ns}",
+                doc.at(),
+                picked[0]
+            );
+            if kind == "PodMonitor" {
+                // Endpoint ports (`metrics`, checked in check_monitor) are container ports.
+                let c = if picked[0] == "agent" { agent } else { relay_c };
+                named_port(
+                    &format!("{}: podMetricsEndpoints port", doc.at()),
+                    c,
+                    METRICS_PORT,
+                );
+            }
         }
-    }
-    for doc in docs.iter().filter(|d| d.kind() == "PodMonitor") {
-        let sel = json_labels(doc.value.pointer("/spec/selector/matchLabels"));
-        assert!(
-            selects(&sel, &pod_labels),
-            "{}: spec.selector.matchLabels {sel:?} does not select the agents' labels {pod_labels:?}",
-            doc.at()
-        );
-        // Endpoint ports ("http", checked in check_monitor) must be named container ports.
-        resolve_port(
-            &format!("{}: podMetricsEndpoints port", doc.at()),
-            agent,
-            &IntOrString::String("http".to_owned()),
+        assert_eq!(
+            covered,
+            BTreeSet::from(["agent", "relay"]),
+            "deploy/prometheus-operator: the {kind}s must scrape both the agents and the relay"
         );
     }
 }
 
-/// `flowtrace agent --help`, whitespace collapsed (clap wraps long lines).
-fn agent_help() -> String {
+/// `flowtrace <sub> --help`, whitespace collapsed (clap wraps long lines).
+fn help_of(sub: &str) -> String {
     let bin = flowtrace_tests::flowtrace_bin().unwrap_or_else(|e| panic!("{e}"));
     let out = Command::new(&bin)
-        .args(["agent", "--help"])
+        .args([sub, "--help"])
         .output()
-        .unwrap_or_else(|e| panic!("running {} agent --help: {e}", bin.display()));
+        .unwrap_or_else(|e| panic!("running {} {sub} --help: {e}", bin.display()));
     assert!(
         out.status.success(),
-        "{} agent --help failed: {}",
+        "{} {sub} --help failed: {}",
         bin.display(),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -1093,17 +2659,42 @@ fn agent_help() -> String {
 
 #[test]
 fn daemonset_env_names_are_agent_settings() {
-    let help = agent_help();
+    let help = help_of("agent");
     let docs = all_docs();
     let (at, ds) = one::<DaemonSet>(&docs, "DaemonSet");
     let agent = the_agent(&at, pod_spec(&at, &ds));
-    for e in agent.env.as_deref().unwrap_or_default() {
-        assert!(
-            help.contains(&format!("[env: {}=", e.name)),
-            "{at}: env {} is not a variable `flowtrace agent` reads (see `flowtrace agent --help`)",
-            e.name
-        );
-    }
+    let unknown: Vec<&str> = agent
+        .env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|name| !help.contains(&format!("[env: {name}=")))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "{at}: env {unknown:?}: not variables `flowtrace agent` reads (see `flowtrace agent --help`)"
+    );
+}
+
+#[test]
+fn relay_env_names_are_relay_settings() {
+    let help = help_of("relay");
+    let docs = all_docs();
+    let (at, d) = named::<Deployment>(&docs, "Deployment", RELAY);
+    let relay = the_relay(&at, &d);
+    let unknown: Vec<&str> = relay
+        .env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|name| !help.contains(&format!("[env: {name}=")))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "{at}: env {unknown:?}: not variables `flowtrace relay` reads (see `flowtrace relay --help`)"
+    );
 }
 
 /// Runs `flowtrace trace` against a closed loopback port with `FLOWTRACE_CONFIG` set to
