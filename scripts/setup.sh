@@ -25,6 +25,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubectl builds the kustomizations the deploy tests check (`kubectl kustomize`); this
+# machine image ships it, and Debian's package of it is kubernetes-client.
+if ! command -v kubectl >/dev/null 2>&1; then
+  log "installing kubectl (kubernetes-client)"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+
 if ! rustup toolchain list | grep -q '^nightly'; then
   log "installing the nightly toolchain (eBPF side)"
   rustup toolchain install nightly --profile minimal
