@@ -348,13 +348,31 @@ mod tests {
 
     /// A CA made by the openssl CLI in `dir`: (ca.crt, ca.key).
     fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        let (crt, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
         netns::run(&[
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-subj", &format!("/CN={name}"), "-days", "1",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign",
-            "-keyout", &key.display().to_string(), "-out", &crt.display().to_string(),
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-days",
+            "1",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-keyout",
+            &key.display().to_string(),
+            "-out",
+            &crt.display().to_string(),
         ])
         .unwrap();
         (crt, key)
@@ -368,11 +386,13 @@ mod tests {
         for c in CertificateDer::pem_file_iter(client_ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
         let chain = CertificateDer::pem_file_iter(&server.cert)
             .unwrap()
             .collect::<std::result::Result<Vec<_>, _>>()
@@ -408,7 +428,11 @@ mod tests {
                 while !head.ends_with(b"\r\n\r\n") && tls.read(&mut byte).is_ok_and(|n| n == 1) {
                     head.push(byte[0]);
                 }
-                let (code, body) = if authenticated { (200, "hello") } else { (401, "{}") };
+                let (code, body) = if authenticated {
+                    (200, "hello")
+                } else {
+                    (401, "{}")
+                };
                 let _ = write!(
                     tls,
                     "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -440,21 +464,40 @@ mod tests {
             identity,
         };
         assert_eq!(
-            client(None, "flowtrace-agent").get_here(addr, "/v1/flows").unwrap(),
-            Outcome::Http { status: 401, body: "{}".into() }
+            client(None, "flowtrace-agent")
+                .get_here(addr, "/v1/flows")
+                .unwrap(),
+            Outcome::Http {
+                status: 401,
+                body: "{}".into()
+            }
         );
         assert_eq!(
-            client(Some(good.clone()), "flowtrace-agent").get_here(addr, "/v1/flows").unwrap(),
-            Outcome::Http { status: 200, body: "hello".into() }
+            client(Some(good.clone()), "flowtrace-agent")
+                .get_here(addr, "/v1/flows")
+                .unwrap(),
+            Outcome::Http {
+                status: 200,
+                body: "hello".into()
+            }
         );
-        let o = client(Some(stranger), "flowtrace-agent").get_here(addr, "/").unwrap();
+        let o = client(Some(stranger), "flowtrace-agent")
+            .get_here(addr, "/")
+            .unwrap();
         assert!(matches!(o, Outcome::Refused(_)), "{o:?}");
         // The server's certificate does not carry the name the client expects.
-        let o = client(Some(good), "flowtrace-other").get_here(addr, "/").unwrap();
+        let o = client(Some(good), "flowtrace-other")
+            .get_here(addr, "/")
+            .unwrap();
         assert!(matches!(o, Outcome::Refused(_)), "{o:?}");
-        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         assert_eq!(
-            client(None, "flowtrace-agent").get_here(closed, "/").unwrap(),
+            client(None, "flowtrace-agent")
+                .get_here(closed, "/")
+                .unwrap(),
             Outcome::ConnectionRefused
         );
         let _ = std::fs::remove_dir_all(&dir);

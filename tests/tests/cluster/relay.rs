@@ -93,6 +93,10 @@ fn send_udp(src: &Pod, dst: &Pod, port: u16) -> Sent {
     }
 }
 
+/// A flow as the check compares it: its node, its hops (interface, direction) in order, and
+/// the packets at each hop.
+type NodeHops = (String, Vec<(String, Direction)>, Vec<u64>);
+
 /// Whether `flows` hold each sent flow exactly on its two nodes, with the topology's hops and
 /// `COUNT` packets at every hop; `Err` says what is not (yet) so.
 fn check_flows(flows: &[NodeFlow], sent: &[Sent]) -> Result<(), String> {
@@ -102,7 +106,7 @@ fn check_flows(flows: &[NodeFlow], sent: &[Sent]) -> Result<(), String> {
             .iter()
             .filter(|f| f.flow.src == src && f.flow.dst == dst && f.flow.dst_port == s.port)
             .collect();
-        let mut got: Vec<(String, Vec<(String, Direction)>, Vec<u64>)> = mine
+        let mut got: Vec<NodeHops> = mine
             .iter()
             .map(|f| {
                 (
@@ -117,11 +121,10 @@ fn check_flows(flows: &[NodeFlow], sent: &[Sent]) -> Result<(), String> {
             })
             .collect();
         got.sort();
-        let mut want: Vec<(String, Vec<(String, Direction)>, Vec<u64>)> =
-            expected_hops(&s.src, &s.dst)
-                .into_iter()
-                .map(|(n, h)| (n, h, vec![COUNT, COUNT]))
-                .collect();
+        let mut want: Vec<NodeHops> = expected_hops(&s.src, &s.dst)
+            .into_iter()
+            .map(|(n, h)| (n, h, vec![COUNT, COUNT]))
+            .collect();
         want.sort();
         if got != want {
             return Err(format!(
@@ -685,21 +688,39 @@ fn node_entry<'a>(nodes: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{name} not in {nodes:#}"))
 }
 
-/// The relay's answers while node `name`'s agent does not answer: it is missing from
-/// `/v1/flows` (the others answered) and not ok in `/v1/nodes`, each answer within the agent
-/// timeout plus `margin`.
-fn assert_missing(bed: &RelayBed, name: &str, timeout: Duration, margin: Duration) {
+/// The relay's answers once node `name`'s agent stopped answering at `since`: `/v1/nodes` says
+/// it is not ok within the agent timeout plus `margin` of that moment, and a `/v1/flows`
+/// answered within the timeout plus `margin` names it missing while the others answered.
+fn assert_missing(bed: &RelayBed, name: &str, since: Instant, timeout: Duration, margin: Duration) {
+    let relay = bed.relay().unwrap();
+    let nodes = relay
+        .wait_for("/v1/nodes", timeout + margin, |v| {
+            v.as_array()
+                .and_then(|a| a.iter().find(|n| n["node"] == name))
+                .is_some_and(|n| n["ok"] == false)
+        })
+        .unwrap();
+    eprintln!(
+        "{name} not ok in /v1/nodes {:?} after it stopped answering",
+        since.elapsed()
+    );
+    let n = node_entry(&nodes, name);
+    assert!(n["error"].as_str().is_some_and(|e| !e.is_empty()), "{n}");
+    let others: BTreeSet<String> = ALL
+        .iter()
+        .filter(|n| **n != name)
+        .map(|n| n.to_string())
+        .collect();
+    for o in &others {
+        assert_eq!(node_entry(&nodes, o)["ok"], true, "{nodes:#}");
+    }
+
     let (flows, took) = timed(bed, "/v1/flows");
     assert!(
         took <= timeout + margin,
         "/v1/flows took {took:?}: {flows:#}"
     );
     let (answered, missing) = answered_and_missing(&flows);
-    let others: BTreeSet<String> = ALL
-        .iter()
-        .filter(|n| **n != name)
-        .map(|n| n.to_string())
-        .collect();
     assert_eq!(answered, others, "{flows:#}");
     assert_eq!(missing, set(&[name]), "{flows:#}");
     let m = &flows["missing"][0];
@@ -708,14 +729,6 @@ fn assert_missing(bed: &RelayBed, name: &str, timeout: Duration, margin: Duratio
         node_flows(&flows).iter().all(|f| f.node != name),
         "flows of a missing node: {flows:#}"
     );
-    let (nodes, took) = timed(bed, "/v1/nodes");
-    assert!(
-        took <= timeout + margin,
-        "/v1/nodes took {took:?}: {nodes:#}"
-    );
-    let n = node_entry(&nodes, name);
-    assert_eq!(n["ok"], false, "{n}");
-    assert!(n["error"].as_str().is_some_and(|e| !e.is_empty()), "{n}");
 }
 
 #[test]
@@ -730,7 +743,7 @@ fn relay_says_which_node_is_missing_within_the_timeout_and_follows_it_back() {
     // A hung agent (SIGSTOP: its socket still accepts, nothing answers): the relay waits no
     // longer than its timeout and says who is missing.
     bed.agent(2).pause().unwrap();
-    assert_missing(&bed, "node2", timeout, margin);
+    assert_missing(&bed, "node2", Instant::now(), timeout, margin);
     bed.agent(2).resume().unwrap();
     bed.relay()
         .unwrap()
@@ -740,7 +753,7 @@ fn relay_says_which_node_is_missing_within_the_timeout_and_follows_it_back() {
     // A stopped agent: missing at once, back when it is restarted, and queried again: the
     // new agent's flows (traffic after its restart) come through with the senders' counts.
     bed.stop_agent(3).unwrap();
-    assert_missing(&bed, "node3", timeout, margin);
+    assert_missing(&bed, "node3", Instant::now(), timeout, margin);
     bed.start_agent(3).unwrap();
     bed.relay()
         .unwrap()
