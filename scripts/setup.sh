@@ -14,7 +14,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export DEBIAN_FRONTEND=noninteractive
 
 DEB_PKGS=(util-linux iproute2 iptables conntrack iperf3 tcpdump iputils-ping bpftool ethtool libcap2-bin
-          llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev prometheus)
+          llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev prometheus openssl)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

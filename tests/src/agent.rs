@@ -76,8 +76,12 @@ pub fn in_netns<T: Send + 'static>(
 
 /// `GET http://127.0.0.1:9650{path}` inside `netns`: (status, body).
 pub fn http_get(netns: &str, path: &str) -> Result<(u16, String)> {
-    let url = format!("http://127.0.0.1:{API_PORT}{path}");
-    let u = url.clone();
+    http_get_url(netns, &format!("http://127.0.0.1:{API_PORT}{path}"))
+}
+
+/// `GET url` (plain HTTP) from inside `netns`: (status, body).
+pub fn http_get_url(netns: &str, url: &str) -> Result<(u16, String)> {
+    let u = url.to_string();
     let res = in_netns(netns, move || {
         match ureq::get(&u).timeout(Duration::from_secs(10)).call() {
             Ok(r) => Ok((r.status(), r.into_string().unwrap_or_default())),
@@ -272,6 +276,37 @@ exec "$@""#;
 
     pub fn interfaces(&self) -> Result<InterfacesResponse> {
         self.get("/v1/interfaces")
+    }
+
+    /// SIGSTOP: the agent hangs (its sockets still accept connections, nothing answers), as
+    /// an overloaded or wedged agent would.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Agent::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// Waits up to `timeout` for an agent expected to exit by itself (e.g. refusing its
+    /// configuration); returns its exit code (`None` if a signal ended it) and its log. An
+    /// agent still running after `timeout` is killed and that is an error.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<(Option<i32>, String)> {
+        let guard = self
+            .guard
+            .take()
+            .ok_or_else(|| Error::Invalid("agent already reaped".into()))?;
+        let status = guard.wait_status(timeout);
+        let log = self.log_text();
+        let status = status.map_err(|e| {
+            Error::Invalid(format!(
+                "agent in {} did not exit: {e}
+{log}",
+                self.netns
+            ))
+        })?;
+        Ok((status.code(), log))
     }
 
     fn signal(&self, sig: libc::c_int) -> Result<()> {

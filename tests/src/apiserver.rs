@@ -5,6 +5,11 @@
 //!   `/apis/apps/v1/replicasets`, `/apis/batch/v1/jobs`: a list with the collection's
 //!   `resourceVersion` (metadata-only `PartialObjectMetadataList` when the client asks for it
 //!   in `Accept`, as kube-rs does for owners);
+//! - the same collections of one namespace (`/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`,
+//!   as the relay watches its agents' EndpointSlices), and `labelSelector` (`key=value`,
+//!   `key!=value`, `key`, `!key`, comma-separated, URL-encoded as kube-rs sends it) on lists
+//!   and watches alike: an object that stops matching leaves a watch as `DELETED`, one that
+//!   starts matching joins it as `ADDED`, as the real API server does;
 //! - `?watch=true&resourceVersion=N`: a chunked stream of `ADDED`/`MODIFIED`/`DELETED` events
 //!   after N, `BOOKMARK`s every second when `allowWatchBookmarks=true`, ended after
 //!   `timeoutSeconds`; an `ERROR` event with a 410 `Status` when N is older than the kept
@@ -14,7 +19,13 @@
 //! [`ApiServer::drop_watches`] cuts every watch connection mid-stream, [`ApiServer::stop`] /
 //! [`ApiServer::start`] take the server away and bring it back. It listens on
 //! `127.0.0.1:API_SERVER_PORT` inside each node namespace it is given, so an agent there reaches
-//! it through an ordinary kubeconfig ([`ApiServer::kubeconfig`]).
+//! it through an ordinary kubeconfig ([`ApiServer::kubeconfig`]); [`ApiServer::start_local`]
+//! serves on an ephemeral loopback port of the caller's own namespace instead (no root needed:
+//! the fixture's own unit tests).
+//!
+//! [`agents_endpointslice`] and [`ApiServer::add_agent_endpoint`] /
+//! [`ApiServer::remove_agent_endpoint`] describe the agents' headless Service, through which the
+//! relay finds them, and make a node's agent join or leave it.
 
 use std::{
     collections::BTreeMap,
@@ -28,6 +39,8 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+
+use std::net::Ipv4Addr;
 
 use serde_json::{json, Value};
 
@@ -92,12 +105,20 @@ struct Change {
     resource: Resource,
     kind: &'static str,
     object: Value,
+    /// The object before a `MODIFIED` change: a watch with a label selector needs it to tell an
+    /// object that left the selection from one that never was in it.
+    previous: Option<Value>,
 }
 
 /// A request the fixture served (for assertions such as "the client listed again").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub resource: Resource,
+    /// The namespace of a namespaced path (`/api/v1/namespaces/{ns}/pods`), `None` for the
+    /// cluster-wide one.
+    pub namespace: Option<String>,
+    /// `labelSelector`, decoded.
+    pub label_selector: Option<String>,
     pub watch: bool,
     pub resource_version: Option<String>,
 }
@@ -124,6 +145,9 @@ struct Inner {
 pub struct ApiServer {
     inner: Arc<Inner>,
     netns: Vec<String>,
+    /// Serving on this loopback port of the caller's own namespace instead of in `netns`
+    /// ([`ApiServer::start_local`]); 0 until first bound.
+    local_port: Option<u16>,
     /// Listener threads' stop flags, one per namespace while running.
     listeners: Vec<Arc<AtomicBool>>,
     kubeconfig: PathBuf,
@@ -136,6 +160,22 @@ fn lock(m: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
 impl ApiServer {
     /// Starts serving `objects` inside each of `netns`.
     pub fn start_in(netns: &[&str], objects: Vec<Value>) -> Result<Self> {
+        Self::start_at(netns, None, objects)
+    }
+
+    /// Starts serving `objects` on an ephemeral port of 127.0.0.1 in the caller's own network
+    /// namespace ([`ApiServer::local_port`]); needs no root. Its kubeconfig points at
+    /// [`API_SERVER_PORT`], not at that port: this is for clients in the test process.
+    pub fn start_local(objects: Vec<Value>) -> Result<Self> {
+        Self::start_at(&[], Some(0), objects)
+    }
+
+    /// The port [`ApiServer::start_local`] serves on.
+    pub fn local_port(&self) -> Option<u16> {
+        self.local_port
+    }
+
+    fn start_at(netns: &[&str], local_port: Option<u16>, objects: Vec<Value>) -> Result<Self> {
         let inner = Arc::new(Inner {
             store: Mutex::new(Store {
                 rv: 1000,
@@ -156,6 +196,7 @@ impl ApiServer {
         let mut server = ApiServer {
             inner,
             netns: netns.iter().map(|s| s.to_string()).collect(),
+            local_port,
             listeners: Vec::new(),
             kubeconfig,
         };
@@ -176,18 +217,45 @@ impl ApiServer {
         if self.inner.running.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        let mut bound = Vec::new();
+        if let Some(port) = self.local_port {
+            let listener = bind_loopback(port).map_err(|e| {
+                Error::Invalid(format!("fixture API server: binding 127.0.0.1:{port}: {e}"))
+            })?;
+            let addr = listener.local_addr().map_err(|e| {
+                Error::Invalid(format!("fixture API server: its local address: {e}"))
+            })?;
+            self.local_port = Some(addr.port());
+            bound.push(listener);
+        }
         for ns in &self.netns {
-            let listener = in_netns(ns, || {
-                TcpListener::bind(("127.0.0.1", API_SERVER_PORT))
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            })?
-            .map_err(|e| Error::Invalid(format!("fixture API server: binding in {ns}: {e}")))?;
-            let stop = Arc::new(AtomicBool::new(false));
-            self.listeners.push(stop.clone());
-            let inner = self.inner.clone();
-            thread::spawn(move || accept_loop(listener, inner, stop));
+            bound.push(bind_in(ns)?);
+        }
+        for listener in bound {
+            self.serve_on(listener);
         }
         Ok(())
+    }
+
+    /// Also serves inside `netns` from now on (and after every [`ApiServer::start`]), e.g. in
+    /// a namespace created after the server.
+    pub fn listen_in(&mut self, netns: &str) -> Result<()> {
+        if self.netns.iter().any(|n| n == netns) {
+            return Ok(());
+        }
+        if self.inner.running.load(Ordering::SeqCst) {
+            let listener = bind_in(netns)?;
+            self.serve_on(listener);
+        }
+        self.netns.push(netns.to_string());
+        Ok(())
+    }
+
+    fn serve_on(&mut self, listener: TcpListener) {
+        let stop = Arc::new(AtomicBool::new(false));
+        self.listeners.push(stop.clone());
+        let inner = self.inner.clone();
+        thread::spawn(move || accept_loop(listener, inner, stop));
     }
 
     /// Takes the server away: closes the listeners and every open connection.
@@ -244,15 +312,17 @@ impl ApiServer {
         if object["metadata"]["uid"].is_null() {
             object["metadata"]["uid"] = json!(format!("uid-{rv}"));
         }
-        let existed = s
-            .objects
-            .insert((resource, ns, name), object.clone())
-            .is_some();
+        let previous = s.objects.insert((resource, ns, name), object.clone());
         s.history.push(Change {
             rv,
             resource,
-            kind: if existed { "MODIFIED" } else { "ADDED" },
+            kind: if previous.is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            },
             object,
+            previous,
         });
         drop(s);
         self.inner.changed.notify_all();
@@ -281,10 +351,52 @@ impl ApiServer {
             resource,
             kind: "DELETED",
             object,
+            previous: None,
         });
         drop(s);
         self.inner.changed.notify_all();
         Ok(true)
+    }
+
+    /// The stored object (with the resourceVersion it got), if it exists.
+    pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Result<Option<Value>> {
+        let resource = Resource::of_kind(kind).ok_or_else(|| {
+            Error::Invalid(format!(
+                "fixture API server: no collection for kind `{kind}`"
+            ))
+        })?;
+        Ok(lock(&self.inner.store)
+            .objects
+            .get(&(resource, namespace.to_string(), name.to_string()))
+            .cloned())
+    }
+
+    /// Puts node `node`'s agent (underlay address `ip`) into the agents' EndpointSlice
+    /// ([`agents_endpointslice`]), replacing an endpoint of that node it already lists; creates
+    /// the slice if it does not exist. The change reaches watchers as `MODIFIED` (`ADDED`).
+    pub fn add_agent_endpoint(&self, node: &str, ip: Ipv4Addr) -> Result<()> {
+        let mut slice = self
+            .object("EndpointSlice", AGENTS_NAMESPACE, AGENTS_SLICE)?
+            .unwrap_or_else(|| agents_endpointslice(&[]));
+        let mut endpoints = endpoints_without(&slice, node);
+        endpoints.push(agent_endpoint(node, ip));
+        slice["endpoints"] = Value::Array(endpoints);
+        self.apply(slice)
+    }
+
+    /// Takes node `node`'s agent out of the agents' EndpointSlice (as when its pod is deleted);
+    /// returns whether it was listed.
+    pub fn remove_agent_endpoint(&self, node: &str) -> Result<bool> {
+        let Some(mut slice) = self.object("EndpointSlice", AGENTS_NAMESPACE, AGENTS_SLICE)? else {
+            return Ok(false);
+        };
+        let endpoints = endpoints_without(&slice, node);
+        let listed = endpoints.len() != slice["endpoints"].as_array().map_or(0, Vec::len);
+        if listed {
+            slice["endpoints"] = Value::Array(endpoints);
+            self.apply(slice)?;
+        }
+        Ok(listed)
     }
 
     /// Requests served so far.
@@ -331,6 +443,18 @@ current-context: fixture
     )
 }
 
+fn bind_loopback(port: u16) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// A listener on `127.0.0.1:API_SERVER_PORT` inside `netns`.
+fn bind_in(netns: &str) -> Result<TcpListener> {
+    in_netns(netns, || bind_loopback(API_SERVER_PORT))?
+        .map_err(|e| Error::Invalid(format!("fixture API server: binding in {netns}: {e}")))
+}
+
 fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -372,33 +496,41 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
     }
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let params: BTreeMap<String, String> = query
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%2C", ",")))
-        .collect();
-    let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
+    let params = query_params(query);
+    let Some((resource, namespace)) = route(path) else {
         return respond(
             &mut stream,
             404,
             &status_json(404, "NotFound", &format!("no such path {path}")),
         );
     };
+    let selector = match params.get("labelSelector").map(|s| Selector::parse(s)) {
+        None => Selector::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return respond(&mut stream, 400, &status_json(400, "BadRequest", &e)),
+    };
     let meta_only = accept.contains("as=PartialObjectMetadata");
     let watch = params.get("watch").is_some_and(|w| w == "true" || w == "1");
     lock(&inner.store).requests.push(Request {
         resource,
+        namespace: namespace.clone(),
+        label_selector: params.get("labelSelector").cloned(),
         watch,
         resource_version: params.get("resourceVersion").cloned(),
     });
+    let scope = Scope {
+        resource,
+        namespace,
+        selector,
+    };
     if watch {
-        serve_watch(&mut stream, inner, resource, &params, meta_only)
+        serve_watch(&mut stream, inner, &scope, &params, meta_only)
     } else {
         let s = lock(&inner.store);
         let items: Vec<Value> = s
             .objects
             .iter()
-            .filter(|((r, _, _), _)| *r == resource)
+            .filter(|((r, ns, _), o)| *r == resource && scope.holds(ns, o))
             .map(|(_, o)| shape(o, meta_only))
             .collect();
         let (api_version, kind) = if meta_only {
@@ -434,7 +566,11 @@ fn status_json(code: u16, reason: &str, message: &str) -> String {
 }
 
 fn respond(stream: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
-    let reason = if code == 200 { "OK" } else { "Not Found" };
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        _ => "Not Found",
+    };
     write!(
         stream,
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -452,7 +588,7 @@ fn chunk(stream: &mut TcpStream, event: &Value) -> std::io::Result<()> {
 fn serve_watch(
     stream: &mut TcpStream,
     inner: &Inner,
-    resource: Resource,
+    scope: &Scope,
     params: &BTreeMap<String, String>,
     meta_only: bool,
 ) -> std::io::Result<()> {
@@ -489,7 +625,7 @@ fn serve_watch(
         write!(stream, "0\r\n\r\n")?;
         return stream.flush();
     }
-    let (api_version, kind) = resource.type_meta();
+    let (api_version, kind) = scope.resource.type_meta();
     let started = Instant::now();
     let mut sent = from;
     let mut last_bookmark = Instant::now();
@@ -499,7 +635,7 @@ fn serve_watch(
             let s = if s
                 .history
                 .iter()
-                .any(|c| c.rv > sent && c.resource == resource)
+                .any(|c| c.rv > sent && c.resource == scope.resource)
             {
                 s
             } else {
@@ -512,7 +648,7 @@ fn serve_watch(
             let events: Vec<Change> = s
                 .history
                 .iter()
-                .filter(|c| c.rv > sent && c.resource == resource)
+                .filter(|c| c.rv > sent && c.resource == scope.resource)
                 .cloned()
                 .collect();
             (events, s.rv)
@@ -522,10 +658,12 @@ fn serve_watch(
             return stream.shutdown(Shutdown::Both);
         }
         for c in &events {
-            chunk(
-                stream,
-                &json!({"type": c.kind, "object": shape(&c.object, meta_only)}),
-            )?;
+            if let Some(kind) = scope.event(c) {
+                chunk(
+                    stream,
+                    &json!({"type": kind, "object": shape(&c.object, meta_only)}),
+                )?;
+            }
             sent = c.rv;
         }
         if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
@@ -543,6 +681,222 @@ fn serve_watch(
             return stream.flush();
         }
     }
+}
+
+/// What one request asks for: a collection, maybe one namespace of it, maybe a label selection.
+struct Scope {
+    resource: Resource,
+    namespace: Option<String>,
+    selector: Selector,
+}
+
+impl Scope {
+    /// Whether an object stored under namespace `ns` is in this scope.
+    fn holds(&self, ns: &str, object: &Value) -> bool {
+        self.namespace.as_deref().is_none_or(|want| want == ns)
+            && self.selector.matches(&object["metadata"]["labels"])
+    }
+
+    fn holds_object(&self, object: &Value) -> bool {
+        let ns = object["metadata"]["namespace"].as_str().unwrap_or_default();
+        self.holds(ns, object)
+    }
+
+    /// The event a watch of this scope sends for change `c`, if any: a modification that
+    /// takes an object out of the selection is its deletion for this watch, one that brings
+    /// it in its addition.
+    fn event(&self, c: &Change) -> Option<&'static str> {
+        if c.resource != self.resource {
+            return None;
+        }
+        let now = self.holds_object(&c.object);
+        match (c.kind, c.previous.as_ref().map(|p| self.holds_object(p))) {
+            ("MODIFIED", Some(true)) if !now => Some("DELETED"),
+            ("MODIFIED", Some(false)) if now => Some("ADDED"),
+            (kind, _) if now => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+/// One requirement of a label selector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+/// A label selector in the API's string form; the empty one selects everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Selector(Vec<Requirement>);
+
+impl Selector {
+    /// Parses `key=value`, `key==value`, `key!=value`, `key` and `!key`, comma-separated
+    /// (set-based `in`/`notin` are not served: an error says so).
+    fn parse(text: &str) -> std::result::Result<Selector, String> {
+        let mut out = Vec::new();
+        for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let req = if let Some((k, v)) = term.split_once("!=") {
+                Requirement::NotEquals(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                Requirement::Equals(k.trim().to_string(), v.trim().to_string())
+            } else if let Some(k) = term.strip_prefix('!') {
+                Requirement::NotExists(k.trim().to_string())
+            } else if term.contains(' ') || term.contains('(') {
+                return Err(format!(
+                    "the fixture API server does not serve set-based selectors: {term:?}"
+                ));
+            } else {
+                Requirement::Exists(term.to_string())
+            };
+            out.push(req);
+        }
+        Ok(Selector(out))
+    }
+
+    /// Whether an object with `labels` (its `metadata.labels`, maybe null) is selected.
+    fn matches(&self, labels: &Value) -> bool {
+        let get = |k: &str| labels.get(k).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Requirement::Equals(k, v) => get(k) == Some(v.as_str()),
+            Requirement::NotEquals(k, v) => get(k) != Some(v.as_str()),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// The collection and namespace a request path names: `/api/v1/pods` or
+/// `/api/v1/namespaces/{ns}/pods` (Nodes have no namespaced form).
+fn route(path: &str) -> Option<(Resource, Option<String>)> {
+    Resource::ALL.into_iter().find_map(|r| {
+        if r.path() == path {
+            return Some((r, None));
+        }
+        if r == Resource::Nodes {
+            return None;
+        }
+        let (group, plural) = r.path().rsplit_once('/')?;
+        let rest = path.strip_prefix(group)?.strip_prefix("/namespaces/")?;
+        let (ns, tail) = rest.split_once('/')?;
+        (tail == plural && !ns.is_empty()).then(|| (r, Some(ns.to_string())))
+    })
+}
+
+/// A query string's parameters, `%XX` and `+` decoded as a form-encoded query is (kube-rs
+/// encodes `labelSelector=kubernetes.io%2Fservice-name%3Dflowtrace`).
+fn query_params(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                if let Some(b) = hex {
+                    out.push(b);
+                    i += 2;
+                } else {
+                    out.push(b'%');
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Namespace of the agents' DaemonSet and of their headless Service.
+pub const AGENTS_NAMESPACE: &str = "flowtrace";
+/// The agents' headless Service (deploy/service.yaml), whose EndpointSlices the relay follows.
+pub const AGENTS_SERVICE: &str = "flowtrace";
+/// The name of its EndpointSlice, as the EndpointSlice controller generates one (the relay
+/// must find it by its label, not by name).
+pub const AGENTS_SLICE: &str = "flowtrace-7kq2x";
+/// The agents' metrics port (`metrics`), listed first in the slice: the relay must pick the
+/// port by its name.
+pub const AGENT_METRICS_PORT: u16 = 9651;
+/// The agents' mTLS data API port (`api`).
+pub const AGENT_DATA_PORT: u16 = 9652;
+
+/// The EndpointSlice of the agents' headless Service as the EndpointSlice controller writes it
+/// (`flowtrace/flowtrace-7kq2x`, label `kubernetes.io/service-name=flowtrace`, ports `metrics`
+/// 9651 and `api` 9652): one endpoint per `(node name, underlay address)` of `nodes`, each with
+/// its `nodeName` and the agent pod as `targetRef` (hostNetwork pods have the node's address).
+pub fn agents_endpointslice(nodes: &[(&str, Ipv4Addr)]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": AGENTS_NAMESPACE, "name": AGENTS_SLICE,
+            "labels": {
+                "kubernetes.io/service-name": AGENTS_SERVICE,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                "service.kubernetes.io/headless": ""
+            },
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": AGENTS_SERVICE,
+                                 "uid": "uid-service-flowtrace", "controller": true,
+                                 "blockOwnerDeletion": true}]
+        },
+        "addressType": "IPv4",
+        "endpoints": nodes.iter().map(|(n, ip)| agent_endpoint(n, *ip)).collect::<Vec<_>>(),
+        "ports": [
+            {"name": "metrics", "port": AGENT_METRICS_PORT, "protocol": "TCP"},
+            {"name": "api", "port": AGENT_DATA_PORT, "protocol": "TCP"}
+        ]
+    })
+}
+
+/// The agents' headless Service itself (deploy/service.yaml's shape).
+pub fn agents_service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": AGENTS_NAMESPACE, "name": AGENTS_SERVICE},
+        "spec": {
+            "clusterIP": "None", "clusterIPs": ["None"],
+            "selector": {"app.kubernetes.io/name": "flowtrace"},
+            "ports": [
+                {"name": "metrics", "port": AGENT_METRICS_PORT, "targetPort": AGENT_METRICS_PORT, "protocol": "TCP"},
+                {"name": "api", "port": AGENT_DATA_PORT, "targetPort": AGENT_DATA_PORT, "protocol": "TCP"}
+            ]
+        }
+    })
+}
+
+fn agent_endpoint(node: &str, ip: Ipv4Addr) -> Value {
+    json!({
+        "addresses": [ip.to_string()],
+        "conditions": {"ready": true, "serving": true, "terminating": false},
+        "nodeName": node,
+        "targetRef": {"kind": "Pod", "namespace": AGENTS_NAMESPACE, "name": format!("flowtrace-{node}")}
+    })
+}
+
+/// The slice's endpoints less node `node`'s.
+fn endpoints_without(slice: &Value, node: &str) -> Vec<Value> {
+    slice["endpoints"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|e| e["nodeName"].as_str() != Some(node))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Real Kubernetes objects describing the emulated cluster: a Node per node (InternalIP on the
@@ -647,4 +1001,285 @@ pub fn pod_object(pod: &str, node: &str, ipv4: &str, ipv6: &str) -> Value {
             "uid": format!("uid-{name}"), "controller": true, "blockOwnerDeletion": true}]);
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+
+    use super::*;
+
+    /// The agents' slice with node1 and node2, the demo Service's slice (another namespace,
+    /// another service name) and a decoy with the agents' label in another namespace.
+    fn objects() -> Vec<Value> {
+        let mut decoy = agents_endpointslice(&[("node9", Ipv4Addr::new(10, 9, 9, 9))]);
+        decoy["metadata"]["namespace"] = json!("elsewhere");
+        vec![
+            agents_endpointslice(&[
+                ("node1", Ipv4Addr::new(192, 168, 50, 1)),
+                ("node2", Ipv4Addr::new(192, 168, 50, 2)),
+            ]),
+            decoy,
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"namespace": "default", "name": "svc-demo-x7k2p",
+                                "labels": {"kubernetes.io/service-name": "svc-demo"}},
+                   "addressType": "IPv4", "endpoints": [], "ports": []}),
+        ]
+    }
+
+    /// The agents' EndpointSlices path with the selector as kube-rs encodes it.
+    fn agents_url(port: u16, extra: &str) -> String {
+        format!(
+            "http://127.0.0.1:{port}/apis/discovery.k8s.io/v1/namespaces/flowtrace/endpointslices\
+             ?labelSelector=kubernetes.io%2Fservice-name%3Dflowtrace{extra}"
+        )
+    }
+
+    fn get(url: &str) -> Value {
+        ureq::get(url)
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+
+    /// The events of a watch at `url` (which must end by itself: `timeoutSeconds`), read on a
+    /// thread while `during` runs.
+    fn watch_events(url: String, during: impl FnOnce()) -> Vec<Value> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = thread::spawn(move || {
+            let resp = ureq::get(&url)
+                .timeout(Duration::from_secs(20))
+                .call()
+                .unwrap();
+            tx.send(()).unwrap();
+            BufReader::new(resp.into_reader())
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+                .collect::<Vec<_>>()
+        });
+        // The watch has its answer's head: changes after this are the watch's to send.
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        during();
+        reader.join().unwrap()
+    }
+
+    fn names(v: &Value) -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["metadata"]["namespace"].as_str().unwrap(),
+                    o["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    fn nodes(slice: &Value) -> Vec<&str> {
+        slice["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["nodeName"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_namespaced_list_serves_only_the_selected_objects_of_its_namespace() {
+        let api = ApiServer::start_local(objects()).unwrap();
+        let port = api.local_port().unwrap();
+        let list = get(&agents_url(port, ""));
+        assert_eq!(list["kind"], "EndpointSliceList");
+        assert_eq!(names(&list["items"]), ["flowtrace/flowtrace-7kq2x"]);
+        let slice = &list["items"][0];
+        assert_eq!(nodes(slice), ["node1", "node2"]);
+        assert_eq!(slice["endpoints"][1]["addresses"][0], "192.168.50.2");
+        assert_eq!(slice["ports"][1]["name"], "api");
+        assert_eq!(slice["ports"][1]["port"], 9652);
+        // The list's revision is the collection's, so a watch from it misses nothing.
+        let rv: u64 = list["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            rv >= slice["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        );
+
+        // Without the selector: the namespace's every slice; cluster-wide: all three.
+        let base = format!("http://127.0.0.1:{port}/apis/discovery.k8s.io/v1");
+        let all_ns = get(&format!("{base}/namespaces/flowtrace/endpointslices"));
+        assert_eq!(names(&all_ns["items"]), ["flowtrace/flowtrace-7kq2x"]);
+        assert_eq!(
+            get(&format!("{base}/endpointslices"))["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        let other = get(&format!(
+            "{base}/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3Dsvc-demo"
+        ));
+        assert_eq!(names(&other["items"]), ["default/svc-demo-x7k2p"]);
+        // != and !key select the complement.
+        let not = get(&format!(
+            "{base}/endpointslices?labelSelector=kubernetes.io%2Fservice-name%21%3Dflowtrace"
+        ));
+        assert_eq!(names(&not["items"]), ["default/svc-demo-x7k2p"]);
+        let headless = get(&format!(
+            "{base}/endpointslices?labelSelector=%21service.kubernetes.io%2Fheadless"
+        ));
+        assert_eq!(names(&headless["items"]), ["default/svc-demo-x7k2p"]);
+
+        let requests = api.requests();
+        assert_eq!(requests[0].namespace.as_deref(), Some("flowtrace"));
+        assert_eq!(
+            requests[0].label_selector.as_deref(),
+            Some("kubernetes.io/service-name=flowtrace")
+        );
+        assert!(!requests[0].watch);
+    }
+
+    #[test]
+    fn a_namespaced_watch_sends_the_selected_changes_after_its_revision() {
+        let mut objects = objects();
+        objects.push(agents_service());
+        let api = ApiServer::start_local(objects).unwrap();
+        let port = api.local_port().unwrap();
+        let rv = get(&agents_url(port, ""))["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let url = agents_url(
+            port,
+            &format!("&watch=true&resourceVersion={rv}&timeoutSeconds=2&allowWatchBookmarks=true"),
+        );
+        let events = watch_events(url, || {
+            api.add_agent_endpoint("node3", Ipv4Addr::new(192, 168, 50, 3))
+                .unwrap();
+            // Not in the watch's scope: the agents' label in another namespace, another
+            // service's slice.
+            for (ns, name) in [("elsewhere", AGENTS_SLICE), ("default", "svc-demo-x7k2p")] {
+                let mut other = api.object("EndpointSlice", ns, name).unwrap().unwrap();
+                other["endpoints"] = json!([]);
+                api.apply(other).unwrap();
+            }
+            assert!(api.remove_agent_endpoint("node1").unwrap());
+            assert!(!api.remove_agent_endpoint("node1").unwrap());
+            // Relabelled away from the selection: gone for this watch.
+            let mut slice = api
+                .object("EndpointSlice", "flowtrace", "flowtrace-7kq2x")
+                .unwrap()
+                .unwrap();
+            slice["metadata"]["labels"]["kubernetes.io/service-name"] = json!("other");
+            api.apply(slice.clone()).unwrap();
+            // And back: a new addition.
+            slice["metadata"]["labels"]["kubernetes.io/service-name"] = json!("flowtrace");
+            api.apply(slice).unwrap();
+            assert!(api
+                .delete("EndpointSlice", "flowtrace", "flowtrace-7kq2x")
+                .unwrap());
+        });
+        let changes: Vec<(String, Vec<&str>)> = events
+            .iter()
+            .filter(|e| e["type"] != "BOOKMARK")
+            .map(|e| (e["type"].as_str().unwrap().to_string(), nodes(&e["object"])))
+            .collect();
+        let want: Vec<(String, Vec<&str>)> = [
+            ("MODIFIED", vec!["node1", "node2", "node3"]),
+            ("MODIFIED", vec!["node2", "node3"]),
+            ("DELETED", vec!["node2", "node3"]),
+            ("ADDED", vec!["node2", "node3"]),
+            ("DELETED", vec!["node2", "node3"]),
+        ]
+        .into_iter()
+        .map(|(k, n)| (k.to_string(), n))
+        .collect();
+        assert_eq!(changes, want, "{events:#?}");
+        // Every event carries a revision newer than the one watched from, in order.
+        let revs: Vec<u64> = events
+            .iter()
+            .map(|e| {
+                e["object"]["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert!(revs.iter().all(|r| *r > rv.parse().unwrap()), "{revs:?}");
+        assert!(revs.windows(2).all(|w| w[0] <= w[1]), "{revs:?}");
+        let watch = api.requests().into_iter().find(|r| r.watch).unwrap();
+        assert_eq!(watch.resource_version.as_deref(), Some(rv.as_str()));
+        assert_eq!(watch.namespace.as_deref(), Some("flowtrace"));
+    }
+
+    #[test]
+    fn a_namespaced_watch_from_a_compacted_revision_is_told_to_list_again() {
+        let api = ApiServer::start_local(objects()).unwrap();
+        let port = api.local_port().unwrap();
+        let rv = get(&agents_url(port, ""))["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        api.compact();
+        let events = watch_events(
+            agents_url(
+                port,
+                &format!("&watch=true&resourceVersion={rv}&timeoutSeconds=2"),
+            ),
+            || {},
+        );
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert_eq!(events[0]["type"], "ERROR");
+        assert_eq!(events[0]["object"]["code"], 410);
+    }
+
+    #[test]
+    fn paths_name_their_collection_and_namespace() {
+        assert_eq!(
+            route("/apis/discovery.k8s.io/v1/namespaces/flowtrace/endpointslices"),
+            Some((Resource::EndpointSlices, Some("flowtrace".into())))
+        );
+        assert_eq!(route("/api/v1/pods"), Some((Resource::Pods, None)));
+        assert_eq!(
+            route("/api/v1/namespaces/default/pods"),
+            Some((Resource::Pods, Some("default".into())))
+        );
+        assert_eq!(route("/api/v1/namespaces/x/nodes"), None);
+        assert_eq!(route("/api/v1/namespaces//pods"), None);
+        assert_eq!(
+            route("/apis/discovery.k8s.io/v1/namespaces/a/b/endpointslices"),
+            None
+        );
+        assert_eq!(route("/api/v1/endpointslices"), None);
+    }
+
+    #[test]
+    fn selectors_and_query_values_decode_as_the_api_server_does() {
+        let q = query_params(
+            "labelSelector=kubernetes.io%2Fservice-name%3Dflowtrace%2Capp+x%21%3Dy&watch=true",
+        );
+        assert_eq!(
+            q["labelSelector"],
+            "kubernetes.io/service-name=flowtrace,app x!=y"
+        );
+        assert_eq!(q["watch"], "true");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        let s = Selector::parse("a=1, b==2,c!=3,d,!e").unwrap();
+        assert!(s.matches(&json!({"a": "1", "b": "2", "d": ""})));
+        assert!(!s.matches(&json!({"a": "1", "b": "2", "d": "", "e": "x"})));
+        assert!(!s.matches(&json!({"a": "1", "b": "2", "c": "3", "d": ""})));
+        assert!(!s.matches(&Value::Null));
+        assert!(Selector::default().matches(&Value::Null));
+        assert!(Selector::parse("env in (a,b)").is_err());
+    }
 }

@@ -66,7 +66,7 @@ const QUIET: [&str; 10] = [
 const SETTLE: Duration = Duration::from_millis(100);
 
 /// Writes [`QUIET`] in namespace `ns`.
-fn quiet(ns: &str) -> Result<()> {
+pub(crate) fn quiet(ns: &str) -> Result<()> {
     let mut argv = vec!["sysctl", "-q", "-w"];
     argv.extend_from_slice(&QUIET);
     netns::exec(ns, &argv).map(drop)

@@ -42,9 +42,11 @@ pub mod kubeproxy;
 pub mod lookup;
 pub mod netns;
 pub mod promtext;
+pub mod relay;
+pub mod tls;
 pub mod traffic;
 
-pub use agent::{flowtrace_bin, http_get, in_netns, Agent};
+pub use agent::{flowtrace_bin, http_get, http_get_url, in_netns, Agent};
 pub use apiserver::ApiServer;
 pub use bed::Bed;
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
@@ -57,6 +59,8 @@ pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
 pub use lookup::{find, hop_names, hops};
 pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard, ReadyFile};
 pub use promtext::{parse_exposition, promtool, Sample};
+pub use relay::{Discovery, PortForward, Relay, RelayBed, RelayOptions};
+pub use tls::{Certs, Client, Identity, Outcome};
 pub use traffic::{
     finish, ftgen, ftgen_bg, ftgen_bg_in, ftgen_bin, ftgen_json, service_connections,
     udp_all_received,

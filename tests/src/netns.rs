@@ -233,6 +233,39 @@ impl ChildGuard {
         })
     }
 
+    /// Waits up to `timeout` for the child to exit by itself and returns its status, whatever
+    /// it is; on timeout it is killed and that is the error. Its pipes are not read: for
+    /// children whose output goes elsewhere (a log file).
+    pub fn wait_status(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return Err(Error::Invalid(format!(
+                "`{}` was already waited for",
+                self.what
+            )));
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Invalid(format!(
+                        "`{}` still ran after {timeout:?}; killed",
+                        self.what
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: format!("waiting for `{}`", self.what),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
     /// Kills the child (if still running) and reaps it.
     pub fn kill(mut self) {
         self.reap();

@@ -14,6 +14,7 @@
 //! `bash scripts/test.sh` does exactly that after the tests that need no root.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
+mod api_auth;
 mod attribution;
 mod cli;
 mod hops;
@@ -25,5 +26,6 @@ mod malformed;
 mod metrics;
 mod metrics_flood;
 mod nat;
+mod relay;
 mod testbed_smoke;
 mod trace;
