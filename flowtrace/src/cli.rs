@@ -168,7 +168,11 @@ fn nat_column(f: &FlowRecord) -> String {
 
 pub fn render_table(node: &str, flows: &[FlowRecord]) -> String {
     let flows: Vec<(&str, &FlowRecord)> = flows.iter().map(|f| (node, f)).collect();
-    table(&format!("node {node}: {} flow(s)", flows.len()), &flows, false)
+    table(
+        &format!("node {node}: {} flow(s)", flows.len()),
+        &flows,
+        false,
+    )
 }
 
 /// The flows table under `title`, with a NODE column first when `with_node`.

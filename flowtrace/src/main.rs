@@ -62,7 +62,11 @@ struct RelayArgs {
     namespace: String,
     /// Name of the agents' headless Service (its EndpointSlices list the agents; their port
     /// named `api` is the data API).
-    #[arg(long, env = "FLOWTRACE_RELAY_AGENT_SERVICE", default_value = "flowtrace")]
+    #[arg(
+        long,
+        env = "FLOWTRACE_RELAY_AGENT_SERVICE",
+        default_value = "flowtrace"
+    )]
     agent_service: String,
     /// Kubeconfig for finding the agents (in-cluster credentials otherwise).
     #[arg(long, env = "KUBECONFIG")]
@@ -239,7 +243,12 @@ struct AgentArgs {
 
 impl AgentArgs {
     fn listeners(&self) -> server::Listeners {
-        let api = match (&self.api_listen, &self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+        let api = match (
+            &self.api_listen,
+            &self.tls_cert,
+            &self.tls_key,
+            &self.tls_client_ca,
+        ) {
             (Some(addr), Some(cert), Some(key), Some(ca)) => Some(server::ApiListen {
                 addr: *addr,
                 tls: flowtrace::tls::TlsFiles {
@@ -602,7 +611,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "next: kubectl apply -f {}  (and keep {} out of the cluster)",
                 c.out.join("secrets.yaml").display(),
-                if issued.new_ca { "ca.key" } else { "the CA key" }
+                if issued.new_ca {
+                    "ca.key"
+                } else {
+                    "the CA key"
+                }
             );
         }
         Command::Flows(f) => {

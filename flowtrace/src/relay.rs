@@ -153,7 +153,8 @@ impl Relay {
             set,
             fanout: Fanout::new(tls),
             timeout: cfg.agent_timeout,
-            metrics: RelayMetrics::new().map_err(|e| Error::Usage(format!("relay metrics: {e}")))?,
+            metrics: RelayMetrics::new()
+                .map_err(|e| Error::Usage(format!("relay metrics: {e}")))?,
         });
         let r = relay.clone();
         tasks.push(tokio::spawn(async move {
@@ -264,8 +265,7 @@ impl Relay {
             .collect();
         views.sort_by(|a, b| a.node.cmp(&b.node));
         let now = crate::util::unix_now_ns();
-        let paths =
-            crate::query::path::paths(&views, src, dst, window.as_nanos() as u64, now);
+        let paths = crate::query::path::paths(&views, src, dst, window.as_nanos() as u64, now);
         PathAnswer {
             nodes: views.iter().map(|v| v.node.clone()).collect(),
             paths,
@@ -292,27 +292,36 @@ impl Relay {
         let mut out: Vec<NodeStatus> = answers
             .into_iter()
             .map(|a| NodeStatus {
+                node: Some(a.value.node),
                 agent: a.agent.url,
                 source: a.agent.source.to_string(),
                 ok: true,
-                status: Some(a.value),
+                version: Some(a.value.version),
+                ready: Some(a.value.ready),
+                not_ready: a.value.not_ready,
+                interfaces_synced: Some(a.value.interfaces_synced),
+                metadata_synced: Some(a.value.metadata_synced),
                 last_ok_unix_ms: Some(now_ms),
                 error: None,
             })
-            .chain(missing.into_iter().map(|m| NodeStatus {
-                source: known
-                    .iter()
-                    .find(|k| k.url == m.agent)
-                    .map_or("static", |k| k.source)
-                    .to_string(),
-                agent: m.agent,
-                ok: false,
-                status: m.node.map(|node| StatusResponse {
-                    node,
-                    ..StatusResponse::default()
-                }),
-                last_ok_unix_ms: None,
-                error: Some(m.error),
+            .chain(missing.into_iter().map(|m| {
+                NodeStatus {
+                    source: known
+                        .iter()
+                        .find(|k| k.url == m.agent)
+                        .map_or("static", |k| k.source)
+                        .to_string(),
+                    agent: m.agent,
+                    ok: false,
+                    node: m.node,
+                    version: None,
+                    ready: None,
+                    not_ready: None,
+                    interfaces_synced: None,
+                    metadata_synced: None,
+                    last_ok_unix_ms: None,
+                    error: Some(m.error),
+                }
             }))
             .collect();
         out.sort_by(|a, b| a.agent.cmp(&b.agent));
@@ -353,7 +362,12 @@ fn merge_flows(
             flow,
         }));
     }
-    let key = |f: &NodeFlow| (std::cmp::Reverse(f.flow.bytes), std::cmp::Reverse(f.flow.packets));
+    let key = |f: &NodeFlow| {
+        (
+            std::cmp::Reverse(f.flow.bytes),
+            std::cmp::Reverse(f.flow.packets),
+        )
+    };
     if flows.len() > limit {
         flows.select_nth_unstable_by_key(limit, key);
         flows.truncate(limit);

@@ -134,14 +134,12 @@ pub fn client_config(m: &Material, server_name: &str) -> Result<ClientConfig> {
     let name = ServerName::try_from(server_name.to_string()).map_err(|e| Error::TlsSetup {
         detail: format!("`{server_name}` is not a DNS name for the agents' certificates: {e}"),
     })?;
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        m.roots.clone(),
-        p.clone(),
-    )
-    .build()
-    .map_err(|e| Error::TlsSetup {
-        detail: format!("agent certificate verifier: {e}"),
-    })?;
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(m.roots.clone(), p.clone())
+            .build()
+            .map_err(|e| Error::TlsSetup {
+                detail: format!("agent certificate verifier: {e}"),
+            })?;
     let mut cfg = ClientConfig::builder_with_provider(p)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::TlsSetup {
@@ -200,12 +198,15 @@ impl ServerCertVerifier for FixedName {
     }
 }
 
+/// How a configuration is built from the files.
+type Build<T> = Box<dyn Fn(&Material) -> Result<T> + Send + Sync>;
+
 /// A TLS configuration built from files, rebuilt when they change (a rotated Secret): new
 /// connections use the new one, open ones keep theirs. A change that does not parse is
 /// logged and the last good configuration kept.
 pub struct Reloading<T> {
     files: TlsFiles,
-    build: Box<dyn Fn(&Material) -> Result<T> + Send + Sync>,
+    build: Build<T>,
     current: RwLock<(Arc<T>, Vec<u8>)>,
 }
 

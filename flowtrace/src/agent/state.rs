@@ -37,8 +37,8 @@ use crate::{
     model::{
         wire::{
             AttachMode, FlowsResponse, InterfaceRecord, InterfacesResponse, LatencyResponse,
-            PathDataResponse, StatusResponse,
-            MetadataResponse, NatResponse, ProgramRecord, StatsResponse, TracePacket,
+            MetadataResponse, NatResponse, PathDataResponse, ProgramRecord, StatsResponse,
+            StatusResponse, TracePacket,
         },
         FlowRecord,
     },
@@ -735,7 +735,7 @@ pub fn largest(mut flows: Vec<FlowRecord>, limit: usize) -> (Vec<FlowRecord>, us
             (b.bytes, b.packets).cmp(&(a.bytes, a.packets))
         });
         flows.truncate(limit);
-        flows.sort_by(|a, b| (b.bytes, b.packets).cmp(&(a.bytes, a.packets)));
+        flows.sort_by_key(|f| std::cmp::Reverse((f.bytes, f.packets)));
     }
     (flows, matched)
 }

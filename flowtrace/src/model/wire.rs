@@ -497,13 +497,26 @@ pub struct RelayFlowsResponse {
 /// One entry of the relay's `GET /v1/nodes`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NodeStatus {
+    /// The node, from the agent's answer or its EndpointSlice (absent for a static agent
+    /// never heard from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub agent: String,
     /// How the relay knows this agent: `static` (--agents) or `endpointslice`.
     pub source: String,
-    /// The agent answered its last status request.
+    /// The agent answered its status request.
     pub ok: bool,
+    /// The rest of its `/v1/status` answer (absent when it did not answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<StatusResponse>,
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interfaces_synced: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_synced: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ok_unix_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -517,7 +530,11 @@ pub enum RelayTraceLine {
     /// The stream started: these agents were asked.
     Start { agents: usize },
     /// An agent's stream is open (again).
-    Joined { agent: String, node: String, sample: u32 },
+    Joined {
+        agent: String,
+        node: String,
+        sample: u32,
+    },
     /// An agent's stream failed or could not open; retried.
     Missing(MissingNode),
     /// A packet, as the agent described it (its `node` says where).

@@ -515,9 +515,7 @@ impl FlowQuery {
                             return Err(Error::Filter {
                                 flag: "limit",
                                 value: v.to_string(),
-                                reason: format!(
-                                    "not a number of flows from 1 to {MAX_FLOW_LIMIT}"
-                                ),
+                                reason: format!("not a number of flows from 1 to {MAX_FLOW_LIMIT}"),
                             })
                         }
                     }

@@ -18,10 +18,13 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 /// Most bytes one agent's answer may take (100 000 flows with names is ~60 MB).
 pub const MAX_ANSWER_BYTES: usize = 256 << 20;
 
+/// The client and the TLS configuration it was built with.
+type Pooled = (Arc<rustls::ClientConfig>, Client<Https, Empty<Bytes>>);
+
 /// The pooled client, rebuilt when the relay's certificate files change.
 pub struct Fanout {
     tls: Option<Arc<Reloading<rustls::ClientConfig>>>,
-    client: std::sync::RwLock<(Arc<rustls::ClientConfig>, Client<Https, Empty<Bytes>>)>,
+    client: std::sync::RwLock<Pooled>,
 }
 
 fn build(cfg: Arc<rustls::ClientConfig>) -> Client<Https, Empty<Bytes>> {
@@ -29,8 +32,11 @@ fn build(cfg: Arc<rustls::ClientConfig>) -> Client<Https, Empty<Bytes>> {
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(3)));
     http.set_nodelay(true);
+    // The connector sets ALPN itself (http/1.1 here) and refuses a config that has it.
+    let mut tls = (*cfg).clone();
+    tls.alpn_protocols.clear();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*cfg).clone())
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

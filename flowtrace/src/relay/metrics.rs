@@ -73,13 +73,13 @@ impl RelayMetrics {
             Box::new(m.cpu.clone()),
             Box::new(
                 GaugeVec::new(
-                    opts("flowtrace_relay_build_info", "Always 1; the version label says which flowtrace runs."),
+                    opts(
+                        "flowtrace_relay_build_info",
+                        "Always 1; the version label says which flowtrace runs.",
+                    ),
                     &["version"],
                 )
-                .and_then(|g| {
-                    g.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
-                    Ok(g)
-                })?,
+                .inspect(|g| g.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0))?,
             ),
         ];
         for c in all {

@@ -26,11 +26,18 @@ fn merged_flows_say_their_node_and_keep_the_largest_up_to_the_limit() {
         error: "no answer within the agent timeout".into(),
     }];
     let r = merge_flows(
-        vec![answer("n2", &[5, 500], false), answer("n1", &[50, 1], false)],
+        vec![
+            answer("n2", &[5, 500], false),
+            answer("n1", &[50, 1], false),
+        ],
         missing.clone(),
         3,
     );
-    let got: Vec<(&str, u64)> = r.flows.iter().map(|f| (f.node.as_str(), f.flow.bytes)).collect();
+    let got: Vec<(&str, u64)> = r
+        .flows
+        .iter()
+        .map(|f| (f.node.as_str(), f.flow.bytes))
+        .collect();
     assert_eq!(got, [("n2", 500), ("n1", 50), ("n2", 5)]);
     assert!(r.truncated, "4 flows, limit 3");
     assert_eq!(r.missing, missing);
@@ -38,7 +45,10 @@ fn merged_flows_say_their_node_and_keep_the_largest_up_to_the_limit() {
     assert_eq!(nodes, ["n1", "n2"]);
 
     let r = merge_flows(vec![answer("n1", &[1], true)], vec![], 10);
-    assert!(r.truncated, "a node that truncated its own answer makes the whole truncated");
+    assert!(
+        r.truncated,
+        "a node that truncated its own answer makes the whole truncated"
+    );
     let r = merge_flows(vec![answer("n1", &[1, 2], false)], vec![], 10);
     assert!(!r.truncated);
 }

@@ -57,8 +57,7 @@ pub async fn serve(
         let (allowed, app, count) = (allowed.clone(), app.clone(), count.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     count(Refusal::TlsHandshake);

@@ -51,9 +51,15 @@ pub async fn run(cfg: RelayConfig, listen: SocketAddr, metrics: Option<SocketAdd
     };
     let (relay, _tasks) = Relay::start(&cfg).await?;
     info!(%listen, agents = cfg.agents.len(), discover = cfg.agents.is_empty(), "flowtrace relay serving");
-    let mut servers = vec![tokio::spawn(super::routes::serve(api, router(relay.clone())))];
+    let mut servers = vec![tokio::spawn(super::routes::serve(
+        api,
+        router(relay.clone()),
+    ))];
     if let Some(l) = ops {
-        servers.push(tokio::spawn(super::routes::serve(l, ops_router(relay.clone()))));
+        servers.push(tokio::spawn(super::routes::serve(
+            l,
+            ops_router(relay.clone()),
+        )));
     }
     super::wait_for_signal().await;
     info!("relay shutting down");
@@ -170,7 +176,10 @@ async fn metrics(State(relay): State<Arc<Relay>>) -> Response {
 
 async fn ready(State(relay): State<Arc<Relay>>) -> Response {
     match relay.discovery() {
-        Discovery::Following { synced: false, error } => error_response(
+        Discovery::Following {
+            synced: false,
+            error,
+        } => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the agents' EndpointSlices are not listed yet{}",
@@ -227,7 +236,12 @@ async fn trace(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
         tasks: HashMap::new(),
     };
     for a in agents {
-        let task = tokio::spawn(follow_agent(relay.clone(), a.url.clone(), query.clone(), tx.clone()));
+        let task = tokio::spawn(follow_agent(
+            relay.clone(),
+            a.url.clone(),
+            query.clone(),
+            tx.clone(),
+        ));
         followers.tasks.insert(a.url, task);
     }
     struct Stream {
@@ -255,10 +269,10 @@ async fn trace(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
         if let Some(first) = s.first.take() {
             return Some((Ok::<_, Infallible>(line(&first)), s));
         }
-        loop {
+        {
             match tokio::time::timeout(TRACE_REDISCOVER, s.rx.recv()).await {
-                Ok(Some(l)) => return Some((Ok(line(&l)), s)),
-                Ok(None) => return None,
+                Ok(Some(l)) => Some((Ok(line(&l)), s)),
+                Ok(None) => None,
                 Err(_) => {
                     // Nodes that joined since: follow them too; nodes that left: stop.
                     let now: Vec<String> = s.relay.agents().into_iter().map(|a| a.url).collect();
@@ -281,7 +295,7 @@ async fn trace(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
                         }
                     }
                     // Keep-alive: a client that went away is noticed.
-                    return Some((Ok("\n".to_string()), s));
+                    Some((Ok("\n".to_string()), s))
                 }
             }
         }
@@ -302,7 +316,12 @@ fn line<T: Serialize>(v: &T) -> String {
 
 /// Follows one agent's `/v1/trace` for the merged stream, reopening it (1 s, then up to
 /// 10 s apart) when it fails, and says so in the stream each time.
-async fn follow_agent(relay: Arc<Relay>, url: String, query: String, tx: mpsc::Sender<RelayTraceLine>) {
+async fn follow_agent(
+    relay: Arc<Relay>,
+    url: String,
+    query: String,
+    tx: mpsc::Sender<RelayTraceLine>,
+) {
     let target = if query.is_empty() {
         format!("{url}/v1/trace")
     } else {
@@ -351,7 +370,12 @@ async fn pump(
     let mut lost = 0u64;
     loop {
         let frame = match tokio::time::timeout(TRACE_SILENCE, body.frame()).await {
-            Err(_) => return Pumped::Ended(format!("its trace stream went silent for {} s", TRACE_SILENCE.as_secs())),
+            Err(_) => {
+                return Pumped::Ended(format!(
+                    "its trace stream went silent for {} s",
+                    TRACE_SILENCE.as_secs()
+                ))
+            }
             Ok(None) => return Pumped::Ended("its trace stream ended (agent restarting?)".into()),
             Ok(Some(Err(e))) => return Pumped::Ended(format!("reading its trace stream: {e}")),
             Ok(Some(Ok(f))) => f,

@@ -55,9 +55,10 @@ pub fn data_router(agent: Arc<Agent>) -> Router {
         .route("/v1/metadata", get(metadata))
         .route("/v1/latency", get(latency))
         .route("/v1/pathdata", get(pathdata))
-        .route("/v1/status", get(|State(agent): State<Arc<Agent>>| async move {
-            Json(agent.status())
-        }))
+        .route(
+            "/v1/status",
+            get(|State(agent): State<Arc<Agent>>| async move { Json(agent.status()) }),
+        )
         .route("/v1/trace", get(trace))
         .with_state(agent)
 }
@@ -130,7 +131,11 @@ pub fn window_of(query: &str) -> Result<std::time::Duration, String> {
                 })?;
                 window = std::time::Duration::from_secs(s);
             }
-            _ => return Err(format!("unknown parameter `{pair}`: /v1/pathdata takes window_s")),
+            _ => {
+                return Err(format!(
+                    "unknown parameter `{pair}`: /v1/pathdata takes window_s"
+                ))
+            }
         }
     }
     Ok(window)

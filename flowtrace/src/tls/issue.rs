@@ -9,8 +9,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 use super::{AGENT_NAME, RELAY_NAME};
@@ -208,7 +208,10 @@ fn valid_client_name(name: &str) -> bool {
 /// A `kubernetes.io/tls` Secret with `ca.crt` beside the pair, as cert-manager writes them.
 fn secret_yaml(name: &str, namespace: &str, ca: &str, crt: &str, key: &str) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "---\napiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls");
+    let _ = writeln!(
+        s,
+        "---\napiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls"
+    );
     let _ = writeln!(s, "metadata:\n  name: {name}\n  namespace: {namespace}");
     let _ = writeln!(s, "  labels:\n    app.kubernetes.io/name: flowtrace");
     s.push_str("stringData:\n");

@@ -74,8 +74,11 @@ async fn the_relay_certificate_is_accepted_by_name_and_the_agent_is_checked_by_i
     let issued = issue_into(&dir);
     assert!(issued.new_ca);
     let server = server_config(&files(&dir, "agent").load().expect("agent files")).expect("srv");
-    let client = client_config(&files(&dir, "relay").load().expect("relay files"), AGENT_NAME)
-        .expect("client");
+    let client = client_config(
+        &files(&dir, "relay").load().expect("relay files"),
+        AGENT_NAME,
+    )
+    .expect("client");
     assert_eq!(
         handshake(server, client).await,
         Ok(Peer::Allowed(RELAY_NAME.to_string()))
@@ -99,8 +102,8 @@ async fn a_certificate_of_another_ca_fails_the_handshake_and_a_wrong_name_is_not
         .expect("client");
     assert_eq!(handshake(server(), client).await, Ok(Peer::NotAllowed));
     // Our agent's certificate used as a client certificate: it is for servers only.
-    let client = client_config(&files(&ours, "agent").load().expect("files"), AGENT_NAME)
-        .expect("client");
+    let client =
+        client_config(&files(&ours, "agent").load().expect("files"), AGENT_NAME).expect("client");
     assert!(handshake(server(), client).await.is_err());
     // The relay expecting another name for the agents refuses our agent.
     let client =
@@ -113,7 +116,10 @@ async fn a_certificate_of_another_ca_fails_the_handshake_and_a_wrong_name_is_not
 #[test]
 fn no_certificate_is_anonymous() {
     assert_eq!(identify(None, &[RELAY_NAME.to_string()]), Peer::Anonymous);
-    assert_eq!(identify(Some(&[]), &[RELAY_NAME.to_string()]), Peer::Anonymous);
+    assert_eq!(
+        identify(Some(&[]), &[RELAY_NAME.to_string()]),
+        Peer::Anonymous
+    );
 }
 
 #[test]
@@ -137,7 +143,10 @@ fn leaves_reissued_from_the_same_ca_are_picked_up_by_reload_and_garbage_is_not()
     assert!(!Arc::ptr_eq(&before, &r.current()));
     let good = r.current();
     std::fs::write(dir.join("agent.crt"), "not a certificate").expect("write");
-    assert!(!r.reload(), "an unusable file keeps the last good configuration");
+    assert!(
+        !r.reload(),
+        "an unusable file keeps the last good configuration"
+    );
     assert!(Arc::ptr_eq(&good, &r.current()));
     let _ = std::fs::remove_dir_all(&dir);
 }

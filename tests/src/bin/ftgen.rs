@@ -953,7 +953,13 @@ mod raw {
             let h = t
                 .join()
                 .map_err(|_| anyhow::anyhow!("relay sender panicked"))??;
-            let mean = |total: u128, n: u64| if n == 0 { 0 } else { (total / u128::from(n)) as u64 };
+            let mean = |total: u128, n: u64| {
+                if n == 0 {
+                    0
+                } else {
+                    (total / u128::from(n)) as u64
+                }
+            };
             out.insert(
                 name.to_string(),
                 json!({

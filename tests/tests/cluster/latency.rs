@@ -299,13 +299,7 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
     let agents: Vec<Agent> = cluster
         .nodes
         .iter()
-        .map(|n| {
-            Agent::start(
-                &n.netns,
-                &["--latency-sample", "1", "--listen", "0.0.0.0:9650"],
-            )
-            .unwrap()
-        })
+        .map(|n| Agent::start(&n.netns, &["--latency-sample", "1"]).unwrap())
         .collect();
     let ip = |p: &Pod| PathEnd::Ip(p.ipv4.into());
     let (a1, b1, c1) = (
@@ -481,7 +475,16 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
     };
     let base_rtt = between(&p[0]);
 
-    // The same through `flowtrace path` over both agents, from node1.
+    // The same through `flowtrace path` over both agents, from node1; node2's agent serves
+    // its data API on its own loopback only, reached as an operator would with a port
+    // forward (kubectl port-forward), here from node1's 127.0.0.1:19650.
+    let forward = flowtrace_tests::relay::PortForward::start(
+        &cluster.node(1).unwrap().netns,
+        19650,
+        &cluster.node(2).unwrap().netns,
+        "127.0.0.1:9650".parse().unwrap(),
+    )
+    .unwrap();
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &cluster.node(1).unwrap().netns])
         .arg(flowtrace_tests::flowtrace_bin().unwrap())
@@ -490,10 +493,11 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
             &a1.ipv4.to_string(),
             &a2.ipv4.to_string(),
             "--agent",
-            "http://127.0.0.1:9650,http://192.168.50.2:9650",
+            "http://127.0.0.1:9650,http://127.0.0.1:19650",
         ])
         .output()
         .unwrap();
+    drop(forward);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
