@@ -427,7 +427,7 @@ impl Bed {
             Query::Nodes => "status",
         };
         let url = match q {
-            Query::Flows(p) if p.is_empty() => format!("http://{}/v1/flows", self.api),
+            Query::Flows("") => format!("http://{}/v1/flows", self.api),
             Query::Flows(p) => format!("http://{}/v1/flows?{p}", self.api),
             Query::Nodes => format!("http://{}/v1/nodes", self.api),
         };
