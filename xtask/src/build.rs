@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 pub struct Binaries {
     pub flowtrace: PathBuf,
     pub ftgen: PathBuf,
+    /// `bench-relay`'s simulated agents.
+    pub ftagents: PathBuf,
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -52,8 +54,9 @@ pub fn release_binaries() -> Result<Binaries> {
     let bins = Binaries {
         flowtrace: target.join("release").join("flowtrace"),
         ftgen: target.join("release").join("ftgen"),
+        ftagents: target.join("release").join("ftagents"),
     };
-    for p in [&bins.flowtrace, &bins.ftgen] {
+    for p in [&bins.flowtrace, &bins.ftgen, &bins.ftagents] {
         if !p.is_file() {
             bail!("cargo reported success but {} does not exist; is CARGO_TARGET_DIR set differently?", p.display());
         }

@@ -8,8 +8,11 @@
 //! - `layers`: checks that flowtrace/src imports follow the layer order, without cycles.
 //! - `bench-agent`: the agent's own CPU and memory at idle, under a packet load and under flow
 //!   churn, against the DaemonSet's requests and limits.
+//! - `bench-relay`: the relay at scale: 100 simulated agents (mTLS, 10 000 named flows each)
+//!   on loopback, the real relay binary in front; answer time of a filtered cluster-wide
+//!   `/v1/flows` (p50/p99), the relay's memory and CPU, the fan-out cost per agent.
 //!
-//! All but `bench-metadata` need root (network namespaces, eBPF) and the tools
+//! All but `bench-metadata` and `bench-relay` need root (network namespaces, eBPF) and the tools
 //! `scripts/setup.sh` installs.
 
 mod agentbench;
@@ -21,6 +24,7 @@ mod layers;
 mod metabench;
 mod microbench;
 mod proc;
+mod relaybench;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +47,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The agent's CPU and memory (idle, bulk traffic, flow churn): the DaemonSet's resources.
     BenchAgent(agentbench::AgentBenchArgs),
+    /// The relay at scale: simulated mTLS agents on loopback, the real relay binary; answer
+    /// time, memory and fan-out cost (no root needed).
+    BenchRelay(relaybench::RelayBenchArgs),
     /// Memory of the Kubernetes metadata cache for N pods and the cost of naming an address,
     /// against the same pods kept as whole objects.
     BenchMetadata {
@@ -82,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
         Command::BenchAgent(args) => agentbench::run(&args),
+        Command::BenchRelay(args) => relaybench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Layers => layers::run(),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
