@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod fanout;
+pub mod merge;
 pub mod metrics;
 
 use std::{
@@ -13,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::future::join_all;
+use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 use self::{
@@ -24,10 +25,7 @@ use self::{
 use crate::{
     error::{Error, Result},
     k8s::source::MetaSource,
-    model::wire::{
-        FlowsResponse, MissingNode, NodeAnswer, NodeFlow, NodeStatus, PathDataResponse,
-        RelayFlowsResponse, StatusResponse,
-    },
+    model::wire::{MissingNode, NodeStatus, PathDataResponse, StatusResponse},
     query::{
         filter::FlowQuery,
         path::{NodeView, PathAnswer, PathEnd},
@@ -82,7 +80,7 @@ impl Drop for RelayTasks {
 trait FromNode {
     fn node(&self) -> &str;
 }
-impl FromNode for FlowsResponse {
+impl FromNode for merge::RawFlows {
     fn node(&self) -> &str {
         &self.node
     }
@@ -104,6 +102,9 @@ struct Answer<T> {
     value: T,
     elapsed: Duration,
 }
+
+/// Agents asked at once for `/v1/flows` (each answer is up to tens of MB until folded in).
+pub const FLOWS_AT_ONCE: usize = 16;
 
 /// How often the relay asks every agent for its status (for `/metrics`; `/v1/nodes` asks
 /// afresh).
@@ -195,7 +196,27 @@ impl Relay {
         route: &'static str,
         path: &str,
     ) -> (Vec<Answer<T>>, Vec<MissingNode>) {
-        let asks = self.set.agents().into_iter().map(|agent| async move {
+        let mut answers = Vec::new();
+        let mut missing = Vec::new();
+        let mut each = self.ask_each::<T>(route, path, usize::MAX);
+        while let Some(r) = each.next().await {
+            match r {
+                Ok(a) => answers.push(a),
+                Err(m) => missing.push(m),
+            }
+        }
+        (answers, missing)
+    }
+
+    /// Asks every agent `path`, at most `at_once` at a time, yielding each answer (or why
+    /// it is missing) as it comes, so a caller can fold answers in and let them go.
+    fn ask_each<'a, T: DeserializeOwned + FromNode + 'a>(
+        &'a self,
+        route: &'static str,
+        path: &'a str,
+        at_once: usize,
+    ) -> impl futures::Stream<Item = std::result::Result<Answer<T>, MissingNode>> + 'a {
+        let asks = self.set.agents().into_iter().map(move |agent| async move {
             let started = Instant::now();
             let url = format!("{}{path}", agent.url);
             let res = match self.fanout.get(&url, self.timeout).await {
@@ -236,23 +257,26 @@ impl Relay {
                 }),
             }
         });
-        let mut answers = Vec::new();
-        let mut missing = Vec::new();
-        for r in join_all(asks).await {
-            match r {
-                Ok(a) => answers.push(a),
-                Err(m) => missing.push(m),
-            }
-        }
-        (answers, missing)
+        futures::stream::iter(asks).buffer_unordered(at_once.max(1))
     }
 
     /// `/v1/flows` over every node: each node filters and limits its own, the relay keeps
-    /// the `q.limit` largest of all.
-    pub async fn flows(&self, q: &FlowQuery) -> RelayFlowsResponse {
+    /// the `q.limit` largest of all (the JSON body of a [`RelayFlowsResponse`]). Answers
+    /// are folded in as they come, [`FLOWS_AT_ONCE`] agents at a time, and each flow is
+    /// kept as the agent wrote it: only its size is decoded, so the relay's cost and memory
+    /// follow the limit, not the sum of every node's answers.
+    pub async fn flows(&self, q: &FlowQuery) -> String {
         let path = format!("/v1/flows?{}", q.filter.to_query_with_limit(q.limit));
-        let (answers, missing) = self.ask_all::<FlowsResponse>("flows", &path).await;
-        merge_flows(answers, missing, q.limit)
+        let mut merge = merge::TopFlows::new(q.limit);
+        let mut missing = Vec::new();
+        let mut each = self.ask_each::<merge::RawFlows>("flows", &path, FLOWS_AT_ONCE);
+        while let Some(r) = each.next().await {
+            match r {
+                Ok(a) => merge.add(a.agent.url, a.value, a.elapsed),
+                Err(m) => missing.push(m),
+            }
+        }
+        merge.into_json(missing)
     }
 
     /// `/v1/path`: every node's flows, latency and tunnels, joined.
@@ -335,51 +359,6 @@ fn failure_text(f: &Failure) -> String {
             "{f} (the agent refused the relay's certificate: is it from the agents' CA, and does the agent allow its name with --tls-client-name?)"
         ),
         _ => f.to_string(),
-    }
-}
-
-/// The nodes' flows as one list: each flow with its node, the `limit` largest kept.
-fn merge_flows(
-    answers: Vec<Answer<FlowsResponse>>,
-    missing: Vec<MissingNode>,
-    limit: usize,
-) -> RelayFlowsResponse {
-    let mut nodes = Vec::new();
-    let mut flows = Vec::new();
-    let mut truncated = false;
-    for a in answers {
-        truncated |= a.value.truncated;
-        nodes.push(NodeAnswer {
-            node: a.value.node.clone(),
-            agent: a.agent.url,
-            flows: a.value.flows.len(),
-            truncated: a.value.truncated,
-            elapsed_ms: a.elapsed.as_millis() as u64,
-        });
-        let node = a.value.node;
-        flows.extend(a.value.flows.into_iter().map(|flow| NodeFlow {
-            node: node.clone(),
-            flow,
-        }));
-    }
-    let key = |f: &NodeFlow| {
-        (
-            std::cmp::Reverse(f.flow.bytes),
-            std::cmp::Reverse(f.flow.packets),
-        )
-    };
-    if flows.len() > limit {
-        flows.select_nth_unstable_by_key(limit, key);
-        flows.truncate(limit);
-        truncated = true;
-    }
-    flows.sort_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.node.cmp(&b.node)));
-    nodes.sort_by(|a, b| a.node.cmp(&b.node));
-    RelayFlowsResponse {
-        nodes,
-        missing,
-        flows,
-        truncated,
     }
 }
 

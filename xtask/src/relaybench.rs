@@ -411,10 +411,16 @@ impl Bed {
     }
 
     fn sim_stats(&self, reset: bool) -> Result<SimStats> {
-        let (body, _) = get(&self.client, &format!("http://{}/stats", self.ready.control))?;
+        let (body, _) = get(
+            &self.client,
+            &format!("http://{}/stats", self.ready.control),
+        )?;
         let s = serde_json::from_slice(&body).context("ftagents' /stats")?;
         if reset {
-            get(&self.client, &format!("http://{}/reset", self.ready.control))?;
+            get(
+                &self.client,
+                &format!("http://{}/reset", self.ready.control),
+            )?;
         }
         Ok(s)
     }
@@ -484,7 +490,11 @@ impl Bed {
         p.rss_peak_kib = self.poller.take().max(r1.rss_kib);
         p.rss_end_kib = r1.rss_kib;
         let stats = self.sim_stats(true)?;
-        p.sim = Some(if route == "flows" { stats.flows } else { stats.status });
+        p.sim = Some(if route == "flows" {
+            stats.flows
+        } else {
+            stats.status
+        });
         Ok(p)
     }
 }
@@ -500,9 +510,19 @@ fn run_point(bins: &Bins, certs: &Path, agents: usize, args: &RelayBenchArgs) ->
     let sim_rss = proc_sample(bed.sim.pid())?.rss_kib;
     let mut costs = Vec::new();
     for q in [args.filter.as_str(), ""] {
-        let (body, _) = get(&bed.client, &format!("http://{}/cost?{q}", bed.ready.control))?;
+        let (body, _) = get(
+            &bed.client,
+            &format!("http://{}/cost?{q}", bed.ready.control),
+        )?;
         let c: Cost = serde_json::from_slice(&body).context("ftagents' /cost")?;
-        costs.push((if q.is_empty() { "unfiltered".to_string() } else { q.to_string() }, c));
+        costs.push((
+            if q.is_empty() {
+                "unfiltered".to_string()
+            } else {
+                q.to_string()
+            },
+            c,
+        ));
     }
     let warm_url = format!("http://{}/v1/flows?{}", bed.api, args.filter);
     for _ in 0..args.warmup {
@@ -515,7 +535,11 @@ fn run_point(bins: &Bins, certs: &Path, agents: usize, args: &RelayBenchArgs) ->
     )?];
     phases.push(bed.phase("nodes", &Query::Nodes, args.rounds)?);
     if args.unfiltered_rounds > 0 {
-        phases.push(bed.phase("flows (unfiltered)", &Query::Flows(""), args.unfiltered_rounds)?);
+        phases.push(bed.phase(
+            "flows (unfiltered)",
+            &Query::Flows(""),
+            args.unfiltered_rounds,
+        )?);
     }
     let end = proc_sample(bed.relay.pid())?;
     let refused = bed.sim_stats(false)?.refused;
@@ -556,7 +580,8 @@ pub fn run(args: &RelayBenchArgs) -> Result<()> {
         ftagents: built.ftagents,
         flowtrace: args.relay_bin.clone().unwrap_or(built.flowtrace),
     };
-    let dir = TempDir(std::env::temp_dir().join(format!("flowtrace-bench-relay-{}", std::process::id())));
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("flowtrace-bench-relay-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
     let status = Command::new(&bins.flowtrace)
         .args(["certs", "--out", build::path_str(&dir.0)?])
@@ -564,14 +589,18 @@ pub fn run(args: &RelayBenchArgs) -> Result<()> {
         .status()
         .context("running flowtrace certs")?;
     if !status.success() {
-        bail!("flowtrace certs --out {} failed ({status})", dir.0.display());
+        bail!(
+            "flowtrace certs --out {} failed ({status})",
+            dir.0.display()
+        );
     }
     let mut points = Vec::new();
     for &n in &args.agents {
         match run_point(&bins, &dir.0, n, args) {
             Ok(p) => points.push(p),
             Err(e) => {
-                let log = std::fs::read_to_string(dir.0.join(format!("relay-{n}.log"))).unwrap_or_default();
+                let log = std::fs::read_to_string(dir.0.join(format!("relay-{n}.log")))
+                    .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 eprintln!("xtask: the relay's last log lines:");
                 for l in tail.iter().rev() {
@@ -622,7 +651,9 @@ fn report(args: &RelayBenchArgs, points: &[Point]) -> String {
         for ph in &p.phases {
             let sim = ph.sim.as_ref();
             let sim_s = sim.map(|s| s.server_s.clone()).unwrap_or_default();
-            let sim_bytes = sim.map_or(0.0, |s| mean(&s.bytes.iter().map(|b| *b as f64).collect::<Vec<_>>()));
+            let sim_bytes = sim.map_or(0.0, |s| {
+                mean(&s.bytes.iter().map(|b| *b as f64).collect::<Vec<_>>())
+            });
             let r = ph.rounds.max(1) as f64;
             let _ = writeln!(
                 out,

@@ -1,21 +1,31 @@
 use super::*;
+use crate::model::wire::{FlowsResponse, RelayFlowsResponse};
 use crate::testutil::flow_record;
 
-fn answer(node: &str, bytes: &[u64], truncated: bool) -> Answer<FlowsResponse> {
-    Answer {
-        agent: AgentRef {
-            url: format!("https://{node}:9652"),
-            node: Some(node.into()),
-            source: "static",
-        },
-        value: FlowsResponse {
-            node: node.into(),
-            flows: bytes.iter().map(|b| flow_record(*b)).collect(),
-            matched: bytes.len() + usize::from(truncated),
-            truncated,
-        },
-        elapsed: Duration::from_millis(3),
+fn answer(node: &str, bytes: &[u64], truncated: bool) -> merge::RawFlows {
+    let flows: Vec<_> = bytes.iter().map(|b| flow_record(*b)).collect();
+    let json = serde_json::to_string(&FlowsResponse {
+        node: node.into(),
+        flows,
+        matched: bytes.len() + usize::from(truncated),
+        truncated,
+    })
+    .expect("encode");
+    serde_json::from_str(&json).expect("raw decode")
+}
+
+fn merged(
+    answers: Vec<merge::RawFlows>,
+    missing: Vec<MissingNode>,
+    limit: usize,
+) -> RelayFlowsResponse {
+    let mut m = merge::TopFlows::new(limit);
+    for a in answers {
+        let url = format!("https://{}:9652", a.node);
+        m.add(url, a, Duration::from_millis(3));
     }
+    let body = m.into_json(missing);
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
 #[test]
@@ -25,7 +35,7 @@ fn merged_flows_say_their_node_and_keep_the_largest_up_to_the_limit() {
         node: Some("n3".into()),
         error: "no answer within the agent timeout".into(),
     }];
-    let r = merge_flows(
+    let r = merged(
         vec![
             answer("n2", &[5, 500], false),
             answer("n1", &[50, 1], false),
@@ -39,18 +49,23 @@ fn merged_flows_say_their_node_and_keep_the_largest_up_to_the_limit() {
         .map(|f| (f.node.as_str(), f.flow.bytes))
         .collect();
     assert_eq!(got, [("n2", 500), ("n1", 50), ("n2", 5)]);
+    // The agent's record passes through whole.
+    assert_eq!(r.flows[0].flow, flow_record(500));
     assert!(r.truncated, "4 flows, limit 3");
     assert_eq!(r.missing, missing);
     let nodes: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
     assert_eq!(nodes, ["n1", "n2"]);
 
-    let r = merge_flows(vec![answer("n1", &[1], true)], vec![], 10);
+    let r = merged(vec![answer("n1", &[1], true)], vec![], 10);
     assert!(
         r.truncated,
         "a node that truncated its own answer makes the whole truncated"
     );
-    let r = merge_flows(vec![answer("n1", &[1, 2], false)], vec![], 10);
+    let r = merged(vec![answer("n1", &[1, 2], false)], vec![], 10);
     assert!(!r.truncated);
+    assert_eq!(r.flows.len(), 2);
+    let r = merged(vec![], vec![], 10);
+    assert!(r.flows.is_empty() && r.nodes.is_empty());
 }
 
 #[test]

@@ -109,7 +109,11 @@ fn json<T: Serialize>(v: &T) -> Response {
 async fn flows(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Response {
     let started = Instant::now();
     let r = match FlowQuery::from_query(query.as_deref().unwrap_or("")) {
-        Ok(q) => json(&relay.flows(&q).await),
+        Ok(q) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            relay.flows(&q).await,
+        )
+            .into_response(),
         Err(e) => error_response(StatusCode::BAD_REQUEST, e.to_string()),
     };
     served(&relay, "flows", started, r)

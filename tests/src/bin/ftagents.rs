@@ -45,8 +45,8 @@ use flowtrace::{
     model::{
         protocol_name,
         wire::{FlowsResponse, NodeFlow, RelayFlowsResponse},
-        Direction, Endpoint, EndpointKind, FlowRecord, HookView, HopRecord, NatState,
-        ServiceRef, Translation, TupleView, Workload,
+        Direction, Endpoint, EndpointKind, FlowRecord, HookView, HopRecord, NatState, ServiceRef,
+        Translation, TupleView, Workload,
     },
     query::filter::FlowQuery,
     server::mtls,
@@ -56,7 +56,10 @@ use serde::Serialize;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "ftagents", about = "Simulated flowtrace agents (mTLS data API) for bench-relay")]
+#[command(
+    name = "ftagents",
+    about = "Simulated flowtrace agents (mTLS data API) for bench-relay"
+)]
 struct Cli {
     /// Directory written by `flowtrace certs --out` (agent.crt, agent.key, ca.crt).
     #[arg(long)]
@@ -80,8 +83,16 @@ struct Cli {
 
 /// The namespaces of the simulated cluster; flows stay within theirs four times in five.
 const NAMESPACES: [&str; 10] = [
-    "default", "kube-system", "monitoring", "payments", "checkout", "catalog", "search", "auth",
-    "ingress", "batch",
+    "default",
+    "kube-system",
+    "monitoring",
+    "payments",
+    "checkout",
+    "catalog",
+    "search",
+    "auth",
+    "ingress",
+    "batch",
 ];
 /// Workloads of each namespace.
 const APPS: [&str; 4] = ["api", "web", "worker", "db"];
@@ -127,7 +138,12 @@ fn pod(m: u32, j: u32) -> Pod {
     let ns = ((m * 3 + j) % NAMESPACES.len() as u32) as usize;
     let app = APPS[(j % APPS.len() as u32) as usize];
     let deploy = app.to_string();
-    let ip = IpAddr::V4(Ipv4Addr::new(10, 244 + (m / 256) as u8, (m % 256) as u8, 10 + j as u8));
+    let ip = IpAddr::V4(Ipv4Addr::new(
+        10,
+        244 + (m / 256) as u8,
+        (m % 256) as u8,
+        10 + j as u8,
+    ));
     Pod {
         ip,
         ns,
@@ -167,7 +183,15 @@ fn service(ns: usize, k: usize) -> (IpAddr, u16, Endpoint, ServiceRef) {
     )
 }
 
-fn hop((iface, ifindex): (&str, u32), dir: Direction, packets: u64, bytes: u64, t0: u64, t1: u64, flags: &str) -> HopRecord {
+fn hop(
+    (iface, ifindex): (&str, u32),
+    dir: Direction,
+    packets: u64,
+    bytes: u64,
+    t0: u64,
+    t1: u64,
+    flags: &str,
+) -> HopRecord {
     HopRecord {
         interface: iface.to_string(),
         ifindex,
@@ -188,7 +212,11 @@ fn table(n: u32, nodes: u32, count: usize, seed: u64, now_ns: u64) -> Vec<FlowRe
     for _ in 0..count {
         let local = pod(n, rng.below(u64::from(PODS_PER_NODE)) as u32);
         // The other end: a pod of the same namespace four times in five.
-        let other_node = if rng.below(3) == 0 { n } else { rng.below(u64::from(nodes)) as u32 };
+        let other_node = if rng.below(3) == 0 {
+            n
+        } else {
+            rng.below(u64::from(nodes)) as u32
+        };
         let peer_j = if rng.below(5) == 0 {
             rng.below(u64::from(PODS_PER_NODE)) as u32
         } else {
@@ -200,7 +228,11 @@ fn table(n: u32, nodes: u32, count: usize, seed: u64, now_ns: u64) -> Vec<FlowRe
         let kind = rng.below(10);
         let udp = rng.below(12) == 0;
         let proto: u8 = if udp { 17 } else { 6 };
-        let flags = if udp { "" } else { ["SA", "SPA", "FSPA", "FSPA", "RSPA"][rng.below(5) as usize] };
+        let flags = if udp {
+            ""
+        } else {
+            ["SA", "SPA", "FSPA", "FSPA", "RSPA"][rng.below(5) as usize]
+        };
         // Heavy tail: most flows are small, a few carry most bytes.
         let bytes = ((180.0 / rng.unit().powf(1.1)) as u64).min(50_000_000_000);
         let packets = bytes / 900 + 1;
@@ -248,47 +280,149 @@ fn table(n: u32, nodes: u32, count: usize, seed: u64, now_ns: u64) -> Vec<FlowRe
                 f.dst_endpoint = Some(svc_ep);
                 f.dst_peer = Some(peer.endpoint.clone());
                 f.service = Some(svc.clone());
-                let out = if remote { FLANNEL } else { (peer.veth.as_str(), peer.ifindex) };
+                let out = if remote {
+                    FLANNEL
+                } else {
+                    (peer.veth.as_str(), peer.ifindex)
+                };
                 f.nat = Some(Translation {
                     original,
                     translated,
                     rewrote: "dst".into(),
                     between: Some([
-                        HookView { interface: local.veth.clone(), direction: Direction::Ingress },
-                        HookView { interface: out.0.to_string(), direction: Direction::Egress },
+                        HookView {
+                            interface: local.veth.clone(),
+                            direction: Direction::Ingress,
+                        },
+                        HookView {
+                            interface: out.0.to_string(),
+                            direction: Direction::Egress,
+                        },
                     ]),
                     state: NatState::Confirmed,
                     source: "kernel+conntrack".into(),
                     kernel_sightings: 1 + rng.below(40),
                     service: Some(svc),
                 });
-                f.hops.push(hop((&local.veth, local.ifindex), Direction::Ingress, packets, bytes, t0, t1, flags));
-                f.hops.push(hop(out, Direction::Egress, packets, bytes, t0 + 20_000, t1, flags));
-                f.hops.push(hop((&local.veth, local.ifindex), Direction::Egress, packets / 2 + 1, bytes / 3 + 60, t0 + 90_000, t1, flags));
+                f.hops.push(hop(
+                    (&local.veth, local.ifindex),
+                    Direction::Ingress,
+                    packets,
+                    bytes,
+                    t0,
+                    t1,
+                    flags,
+                ));
+                f.hops.push(hop(
+                    out,
+                    Direction::Egress,
+                    packets,
+                    bytes,
+                    t0 + 20_000,
+                    t1,
+                    flags,
+                ));
+                f.hops.push(hop(
+                    (&local.veth, local.ifindex),
+                    Direction::Egress,
+                    packets / 2 + 1,
+                    bytes / 3 + 60,
+                    t0 + 90_000,
+                    t1,
+                    flags,
+                ));
                 if kind == 1 {
-                    f.hops.push(hop(out, Direction::Ingress, packets / 2 + 1, bytes / 3 + 60, t0 + 80_000, t1, flags));
+                    f.hops.push(hop(
+                        out,
+                        Direction::Ingress,
+                        packets / 2 + 1,
+                        bytes / 3 + 60,
+                        t0 + 80_000,
+                        t1,
+                        flags,
+                    ));
                 }
             }
             // Coming in from another node's pod.
             2 | 3 if remote => {
                 std::mem::swap(&mut f.src, &mut f.dst);
                 std::mem::swap(&mut f.src_endpoint, &mut f.dst_endpoint);
-                f.hops.push(hop(FLANNEL, Direction::Ingress, packets, bytes, t0, t1, flags));
-                f.hops.push(hop((&local.veth, local.ifindex), Direction::Egress, packets, bytes, t0 + 15_000, t1, flags));
+                f.hops.push(hop(
+                    FLANNEL,
+                    Direction::Ingress,
+                    packets,
+                    bytes,
+                    t0,
+                    t1,
+                    flags,
+                ));
+                f.hops.push(hop(
+                    (&local.veth, local.ifindex),
+                    Direction::Egress,
+                    packets,
+                    bytes,
+                    t0 + 15_000,
+                    t1,
+                    flags,
+                ));
                 if kind == 3 {
-                    f.hops.push(hop((&local.veth, local.ifindex), Direction::Ingress, packets / 2 + 1, bytes / 4 + 60, t0 + 50_000, t1, flags));
+                    f.hops.push(hop(
+                        (&local.veth, local.ifindex),
+                        Direction::Ingress,
+                        packets / 2 + 1,
+                        bytes / 4 + 60,
+                        t0 + 50_000,
+                        t1,
+                        flags,
+                    ));
                 }
             }
             // To a pod, on this node or across the overlay.
             _ => {
-                let out = if remote { FLANNEL } else { (peer.veth.as_str(), peer.ifindex) };
-                f.hops.push(hop((&local.veth, local.ifindex), Direction::Ingress, packets, bytes, t0, t1, flags));
-                f.hops.push(hop(out, Direction::Egress, packets, bytes, t0 + 12_000, t1, flags));
+                let out = if remote {
+                    FLANNEL
+                } else {
+                    (peer.veth.as_str(), peer.ifindex)
+                };
+                f.hops.push(hop(
+                    (&local.veth, local.ifindex),
+                    Direction::Ingress,
+                    packets,
+                    bytes,
+                    t0,
+                    t1,
+                    flags,
+                ));
+                f.hops.push(hop(
+                    out,
+                    Direction::Egress,
+                    packets,
+                    bytes,
+                    t0 + 12_000,
+                    t1,
+                    flags,
+                ));
                 if kind >= 8 {
-                    f.hops.push(hop(out, Direction::Ingress, packets / 2 + 1, bytes / 4 + 60, t0 + 70_000, t1, flags));
+                    f.hops.push(hop(
+                        out,
+                        Direction::Ingress,
+                        packets / 2 + 1,
+                        bytes / 4 + 60,
+                        t0 + 70_000,
+                        t1,
+                        flags,
+                    ));
                 }
                 if kind == 9 {
-                    f.hops.push(hop((&local.veth, local.ifindex), Direction::Egress, packets / 2 + 1, bytes / 4 + 60, t0 + 80_000, t1, flags));
+                    f.hops.push(hop(
+                        (&local.veth, local.ifindex),
+                        Direction::Egress,
+                        packets / 2 + 1,
+                        bytes / 4 + 60,
+                        t0 + 80_000,
+                        t1,
+                        flags,
+                    ));
                 }
             }
         }
@@ -342,7 +476,8 @@ async fn flows(State(a): State<Arc<SimAgent>>, RawQuery(query): RawQuery) -> Res
     let matched = flows.len();
     // The agent's `largest`: the `limit` largest by (bytes, packets), sorted when cut.
     if matched > q.limit {
-        let key = |a: &&FlowRecord, b: &&FlowRecord| (b.bytes, b.packets).cmp(&(a.bytes, a.packets));
+        let key =
+            |a: &&FlowRecord, b: &&FlowRecord| (b.bytes, b.packets).cmp(&(a.bytes, a.packets));
         flows.select_nth_unstable_by(q.limit, key);
         flows.truncate(q.limit);
         flows.sort_by(key);
@@ -400,11 +535,17 @@ fn cost(a: &SimAgent, query: &str) -> Result<serde_json::Value> {
         let mut flows: Vec<&FlowRecord> = a.table.iter().filter(|f| q.filter.matches(f)).collect();
         let matched = flows.len();
         if matched > q.limit {
-            let key = |a: &&FlowRecord, b: &&FlowRecord| (b.bytes, b.packets).cmp(&(a.bytes, a.packets));
+            let key =
+                |a: &&FlowRecord, b: &&FlowRecord| (b.bytes, b.packets).cmp(&(a.bytes, a.packets));
             flows.select_nth_unstable_by(q.limit, key);
             flows.truncate(q.limit);
         }
-        let body = serde_json::to_vec(&FlowsAnswer { node: &a.node, truncated: false, matched, flows })?;
+        let body = serde_json::to_vec(&FlowsAnswer {
+            node: &a.node,
+            truncated: false,
+            matched,
+            flows,
+        })?;
         enc.push(t.elapsed().as_secs_f64());
         size = body.len();
         let t = Instant::now();
@@ -413,7 +554,14 @@ fn cost(a: &SimAgent, query: &str) -> Result<serde_json::Value> {
         let t = Instant::now();
         let node = r.node.clone();
         let merged = RelayFlowsResponse {
-            flows: r.flows.into_iter().map(|flow| NodeFlow { node: node.clone(), flow }).collect(),
+            flows: r
+                .flows
+                .into_iter()
+                .map(|flow| NodeFlow {
+                    node: node.clone(),
+                    flow,
+                })
+                .collect(),
             ..RelayFlowsResponse::default()
         };
         let out = serde_json::to_vec(&merged)?;
@@ -473,8 +621,12 @@ async fn main() -> Result<()> {
         key: cli.certs.join("agent.key"),
         ca: cli.certs.join("ca.crt"),
     };
-    let tls = Reloading::load(files, server_config)
-        .with_context(|| format!("loading the agents' certificates from {}", cli.certs.display()))?;
+    let tls = Reloading::load(files, server_config).with_context(|| {
+        format!(
+            "loading the agents' certificates from {}",
+            cli.certs.display()
+        )
+    })?;
     let allowed = Arc::new(vec![RELAY_NAME.to_string()]);
     let stats = Arc::new(Stats::default());
     let now_ns = std::time::SystemTime::now()
@@ -512,7 +664,13 @@ async fn main() -> Result<()> {
         let count: mtls::Count = Arc::new(move |_| {
             s.refused.fetch_add(1, Ordering::Relaxed);
         });
-        tokio::spawn(mtls::serve(listener, tls.clone(), allowed.clone(), app, count));
+        tokio::spawn(mtls::serve(
+            listener,
+            tls.clone(),
+            allowed.clone(),
+            app,
+            count,
+        ));
         urls.push(format!("https://{addr}"));
     }
     let ctl = tokio::net::TcpListener::bind(cli.control)
