@@ -144,3 +144,85 @@ fn filters_select_flows_and_the_table_shows_hops() {
         "10 packets: {row}"
     );
 }
+
+/// Sixteen clients asking `/v1/flows` at once cost the agent a drain or two, not sixteen,
+/// and every one of them still sees the datagrams sent just before it asked; `limit` keeps
+/// the largest flows and says the answer was cut.
+#[test]
+fn concurrent_readers_share_drains_and_see_fresh_flows() {
+    // A slow periodic drain, so the drains counted are the readers'.
+    let bed = Bed::with_metadata_and(&["--drain-interval-ms", "600000"]).unwrap();
+    let (a, b) = (
+        bed.cluster.pod(1, "pod-a").unwrap(),
+        bed.cluster.pod(1, "pod-b").unwrap(),
+    );
+    let agent = bed.agent(1);
+    let send = |port: u16, count: u32, size: u32| {
+        let sink = ftgen_bg(
+            b,
+            &[
+                "udp-sink",
+                "--bind",
+                &format!("0.0.0.0:{port}"),
+                "--count",
+                &count.to_string(),
+                "--timeout-ms",
+                "10000",
+            ],
+        )
+        .unwrap();
+        ftgen(
+            a,
+            &[
+                "udp-send",
+                "--to",
+                &format!("{}:{port}", b.ipv4),
+                "--count",
+                &count.to_string(),
+                "--size",
+                &size.to_string(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(finish(sink).unwrap()["received"], count);
+    };
+    send(24101, 7, 10);
+    send(24102, 3, 500);
+    let before = agent.stats().unwrap().drains;
+    let netns = agent.netns.clone();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (netns, barrier) = (netns.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                flowtrace_tests::agent::http_get(&netns, "/v1/flows?proto=udp&port=24101")
+            })
+        })
+        .collect();
+    for r in readers {
+        let (status, body) = r.join().unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let resp: FlowsResponse = serde_json::from_str(&body).unwrap();
+        let pod_b_in = resp
+            .flows
+            .iter()
+            .find(|f| f.dst_port == 24101)
+            .unwrap_or_else(|| panic!("the flow sent before the burst is missing: {body}"));
+        assert_eq!(pod_b_in.packets, 7, "{body}");
+    }
+    let drains = agent.stats().unwrap().drains - before;
+    // /v1/stats does not drain; the sixteen readers: the first drains, those that arrived
+    // during its drain share the next one.
+    assert!(
+        (1..=3).contains(&drains),
+        "16 concurrent readers cost {drains} drains"
+    );
+    // limit: of the two UDP flows out of pod-a, the one with more bytes.
+    let resp: FlowsResponse = agent
+        .get(&format!("/v1/flows?proto=udp&ip={}&limit=1", a.ipv4))
+        .unwrap();
+    assert_eq!(resp.flows.len(), 1);
+    assert!(resp.truncated && resp.matched >= 2, "{resp:?}");
+    assert_eq!(resp.flows[0].dst_port, 24102, "{resp:?}");
+}
