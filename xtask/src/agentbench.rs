@@ -75,38 +75,12 @@ struct Sample {
 }
 
 fn sample(pid: u32) -> Result<Sample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat (did the agent exit?)"))?;
-    // Fields after the command name, which ends with the last ')': state is field 3, utime 14,
-    // stime 15 (proc(5)).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("/proc/<pid>/stat without a command name")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<f64>().ok())
-            .with_context(|| format!("/proc/{pid}/stat field {i}"))
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu_s = (ticks(14)? + ticks(15)?) / hz;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let u = proc::usage(pid).context("sampling the agent")?;
     Ok(Sample {
         at: Instant::now(),
-        cpu_s,
-        rss_kib: kib("VmRSS:"),
-        hwm_kib: kib("VmHWM:"),
+        cpu_s: u.cpu_s,
+        rss_kib: u.rss_kib,
+        hwm_kib: u.hwm_kib,
         maps_kib: map_memory(pid)?.0,
     })
 }

@@ -1,5 +1,6 @@
-//! Small process and system helpers shared by `demo` and `bench`: finding which BPF programs a
-//! process holds, interrupt handling, and a sysctl that restores itself. What the test bed also
+//! Small process and system helpers shared by `demo` and the benches: finding which BPF
+//! programs a process holds, a process's CPU time and memory, interrupt handling, and a sysctl
+//! that restores itself. What the test bed also
 //! needs (ready files, `bpftool` listings, the root check, iperf3) lives in `flowtrace_tests`.
 
 use std::collections::BTreeSet;
@@ -200,4 +201,51 @@ mod tests {
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
     }
+}
+
+/// A process's CPU time and memory at one moment, from /proc.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    /// utime + stime, seconds.
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+    /// Peak resident memory so far (VmHWM).
+    pub hwm_kib: u64,
+}
+
+/// Reads [`Usage`] of process `pid`.
+pub fn usage(pid: u32) -> Result<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (did the process exit?)"))?;
+    // Fields after the command name, which ends with the last ')': utime is field 14,
+    // stime 15 (proc(5)).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/<pid>/stat without a command name")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("/proc/{pid}/stat field {i}"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    Ok(Usage {
+        cpu_s: (ticks(14)? + ticks(15)?) / hz,
+        rss_kib: status_kib(&status, "VmRSS:"),
+        hwm_kib: status_kib(&status, "VmHWM:"),
+    })
+}
+
+/// The KiB figure of line `key` (e.g. `VmRSS:`) of a /proc/<pid>/status text; 0 if absent.
+pub fn status_kib(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

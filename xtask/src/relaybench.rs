@@ -102,47 +102,6 @@ impl Drop for Proc {
 }
 
 /// A process's CPU and memory from /proc at one moment.
-#[derive(Clone, Copy)]
-struct ProcSample {
-    cpu_s: f64,
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-fn proc_sample(pid: u32) -> Result<ProcSample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat (did the process exit?)"))?;
-    // After the command name (ends at the last ')'): utime is field 14, stime 15 (proc(5)).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("/proc/<pid>/stat without a command name")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<f64>().ok())
-            .with_context(|| format!("/proc/{pid}/stat field {i}"))
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    Ok(ProcSample {
-        cpu_s: (ticks(14)? + ticks(15)?) / hz,
-        rss_kib: status_kib(&status, "VmRSS:"),
-        hwm_kib: status_kib(&status, "VmHWM:"),
-    })
-}
-
-fn status_kib(status: &str, key: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Polls a process's VmRSS every 10 ms; the largest seen since the last `take`.
 struct RssPoller {
     max_kib: Arc<AtomicU64>,
@@ -159,7 +118,7 @@ impl RssPoller {
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 if let Ok(text) = std::fs::read_to_string(&path) {
-                    m.fetch_max(status_kib(&text, "VmRSS:"), Ordering::Relaxed);
+                    m.fetch_max(proc::status_kib(&text, "VmRSS:"), Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -439,7 +398,7 @@ impl Bed {
         };
         self.sim_stats(true)?;
         let hist0 = agent_histogram(&self.client, &self.metrics, route)?;
-        let (r0, s0) = (proc_sample(self.relay.pid())?, proc_sample(self.sim.pid())?);
+        let (r0, s0) = (proc::usage(self.relay.pid())?, proc::usage(self.sim.pid())?);
         self.poller.take();
         let mut p = Phase {
             name: name.to_string(),
@@ -482,7 +441,7 @@ impl Bed {
                 }
             }
         }
-        let (r1, s1) = (proc_sample(self.relay.pid())?, proc_sample(self.sim.pid())?);
+        let (r1, s1) = (proc::usage(self.relay.pid())?, proc::usage(self.sim.pid())?);
         let hist1 = agent_histogram(&self.client, &self.metrics, route)?;
         p.relay_cpu_s = r1.cpu_s - r0.cpu_s;
         p.sim_cpu_s = s1.cpu_s - s0.cpu_s;
@@ -506,8 +465,8 @@ struct Bins {
 
 fn run_point(bins: &Bins, certs: &Path, agents: usize, args: &RelayBenchArgs) -> Result<Point> {
     let mut bed = Bed::start(bins, certs, agents, args)?;
-    let idle = proc_sample(bed.relay.pid())?;
-    let sim_rss = proc_sample(bed.sim.pid())?.rss_kib;
+    let idle = proc::usage(bed.relay.pid())?;
+    let sim_rss = proc::usage(bed.sim.pid())?.rss_kib;
     let mut costs = Vec::new();
     for q in [args.filter.as_str(), ""] {
         let (body, _) = get(
@@ -541,7 +500,7 @@ fn run_point(bins: &Bins, certs: &Path, agents: usize, args: &RelayBenchArgs) ->
             args.unfiltered_rounds,
         )?);
     }
-    let end = proc_sample(bed.relay.pid())?;
+    let end = proc::usage(bed.relay.pid())?;
     let refused = bed.sim_stats(false)?.refused;
     bed.sim.check_alive()?;
     bed.relay.check_alive()?;
