@@ -27,20 +27,19 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
-use super::bind;
+use super::{
+    bind,
+    routes::{error_response, json_line, metrics_response},
+};
 use crate::{
     error::Result,
-    model::wire::{ApiError, MissingNode, RelayTraceLine, TraceLine},
+    model::wire::{MissingNode, RelayTraceLine, TraceLine},
     query::{
         filter::{percent_decode, FlowFilter, FlowQuery},
         path::PathEnd,
     },
     relay::{agents::Discovery, Relay, RelayConfig},
 };
-
-fn error_response(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ApiError { error: msg.into() })).into_response()
-}
 
 /// Runs the relay until SIGINT or SIGTERM.
 pub async fn run(cfg: RelayConfig, listen: SocketAddr, metrics: Option<SocketAddr>) -> Result<()> {
@@ -162,20 +161,7 @@ async fn nodes(State(relay): State<Arc<Relay>>) -> Response {
 }
 
 async fn metrics(State(relay): State<Arc<Relay>>) -> Response {
-    match relay.metrics.text() {
-        Ok(text) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(e) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding the metrics: {e}"),
-        ),
-    }
+    metrics_response(relay.metrics.text())
 }
 
 async fn ready(State(relay): State<Arc<Relay>>) -> Response {
@@ -207,6 +193,32 @@ struct Followers {
     tasks: HashMap<String, tokio::task::JoinHandle<()>>,
 }
 
+impl Followers {
+    /// Follows every agent known now that is not followed yet; stops following those no
+    /// longer known.
+    fn sync(&mut self, relay: &Arc<Relay>, query: &str, tx: &mpsc::Sender<RelayTraceLine>) {
+        let now: Vec<String> = relay.agents().into_iter().map(|a| a.url).collect();
+        self.tasks.retain(|url, t| {
+            let keep = now.contains(url);
+            if !keep {
+                t.abort();
+            }
+            keep
+        });
+        for url in now {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.tasks.entry(url) {
+                let url = slot.key().clone();
+                slot.insert(tokio::spawn(follow_agent(
+                    relay.clone(),
+                    url,
+                    query.to_string(),
+                    tx.clone(),
+                )));
+            }
+        }
+    }
+}
+
 impl Drop for Followers {
     fn drop(&mut self) {
         for t in self.tasks.values() {
@@ -232,22 +244,13 @@ async fn trace(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
         .with_label_values(&["trace", "200"])
         .inc();
     let (tx, rx) = mpsc::channel::<RelayTraceLine>(TRACE_QUEUE);
-    let agents = relay.agents();
     let start = RelayTraceLine::Start {
-        agents: agents.len(),
+        agents: relay.agents().len(),
     };
     let mut followers = Followers {
         tasks: HashMap::new(),
     };
-    for a in agents {
-        let task = tokio::spawn(follow_agent(
-            relay.clone(),
-            a.url.clone(),
-            query.clone(),
-            tx.clone(),
-        ));
-        followers.tasks.insert(a.url, task);
-    }
+    followers.sync(&relay, &query, &tx);
     struct Stream {
         relay: Arc<Relay>,
         rx: mpsc::Receiver<RelayTraceLine>,
@@ -255,6 +258,8 @@ async fn trace(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
         followers: Followers,
         query: String,
         first: Option<RelayTraceLine>,
+        /// When the followers were last matched to the agents known.
+        synced: Instant,
     }
     impl Drop for Stream {
         fn drop(&mut self) {
@@ -268,40 +273,23 @@ async fn trace(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
         followers,
         query,
         first: Some(start),
+        synced: Instant::now(),
     };
     let stream = futures::stream::unfold(state, |mut s| async move {
         if let Some(first) = s.first.take() {
-            return Some((Ok::<_, Infallible>(line(&first)), s));
+            return Some((Ok::<_, Infallible>(json_line(&first)), s));
         }
-        {
-            match tokio::time::timeout(TRACE_REDISCOVER, s.rx.recv()).await {
-                Ok(Some(l)) => Some((Ok(line(&l)), s)),
-                Ok(None) => None,
-                Err(_) => {
-                    // Nodes that joined since: follow them too; nodes that left: stop.
-                    let now: Vec<String> = s.relay.agents().into_iter().map(|a| a.url).collect();
-                    s.followers.tasks.retain(|url, t| {
-                        let keep = now.contains(url);
-                        if !keep {
-                            t.abort();
-                        }
-                        keep
-                    });
-                    for url in now {
-                        if !s.followers.tasks.contains_key(&url) {
-                            let task = tokio::spawn(follow_agent(
-                                s.relay.clone(),
-                                url.clone(),
-                                s.query.clone(),
-                                s.tx.clone(),
-                            ));
-                            s.followers.tasks.insert(url, task);
-                        }
-                    }
-                    // Keep-alive: a client that went away is noticed.
-                    Some((Ok("\n".to_string()), s))
-                }
-            }
+        // Nodes that joined since the last look are followed, those that left dropped, at
+        // least every TRACE_REDISCOVER whether or not packets keep coming.
+        if s.synced.elapsed() >= TRACE_REDISCOVER {
+            s.followers.sync(&s.relay, &s.query, &s.tx);
+            s.synced = Instant::now();
+        }
+        match tokio::time::timeout(TRACE_REDISCOVER, s.rx.recv()).await {
+            Ok(Some(l)) => Some((Ok(json_line(&l)), s)),
+            Ok(None) => None,
+            // Keep-alive: a client that went away is noticed.
+            Err(_) => Some((Ok("\n".to_string()), s)),
         }
     });
     (
@@ -309,13 +297,6 @@ async fn trace(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
         axum::body::Body::from_stream(stream),
     )
         .into_response()
-}
-
-fn line<T: Serialize>(v: &T) -> String {
-    // Serialising these types cannot fail (string keys only).
-    let mut s = serde_json::to_string(v).unwrap_or_default();
-    s.push('\n');
-    s
 }
 
 /// Follows one agent's `/v1/trace` for the merged stream, reopening it (1 s, then up to

@@ -35,7 +35,7 @@ use crate::{
     query::filter::{FlowFilter, FlowQuery},
 };
 
-fn error_response(status: StatusCode, msg: impl Into<String>) -> Response {
+pub(super) fn error_response(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiError { error: msg.into() })).into_response()
 }
 
@@ -162,7 +162,12 @@ async fn nat(State(agent): State<Arc<Agent>>) -> Response {
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
-    match agent.metrics_text().await {
+    metrics_response(agent.metrics_text().await)
+}
+
+/// A Prometheus text-format answer, or 500 saying the encoding failed.
+pub(super) fn metrics_response(text: Result<String, prometheus::Error>) -> Response {
+    match text {
         Ok(text) => (
             [(
                 axum::http::header::CONTENT_TYPE,
@@ -257,7 +262,7 @@ async fn trace(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Re
         .into_response()
 }
 
-fn json_line<T: Serialize>(v: &T) -> String {
+pub(super) fn json_line<T: Serialize>(v: &T) -> String {
     // Serialising these types cannot fail (string keys, no maps with other keys).
     let mut s = serde_json::to_string(v).unwrap_or_default();
     s.push('\n');
