@@ -5,6 +5,7 @@
 //! silently about a layout.
 #![no_std]
 
+pub mod drops;
 pub mod maps;
 pub mod parse;
 
@@ -15,8 +16,17 @@ pub mod programs {
     pub const INGRESS: &str = "flowtrace_ingress";
     /// The classifier on each traced interface's TC egress hook.
     pub const EGRESS: &str = "flowtrace_egress";
-    /// Every program of the object.
+    /// The TC classifiers, attached per interface.
     pub const ALL: [&str; 2] = [INGRESS, EGRESS];
+    /// The raw tracepoint program on `skb:kfree_skb` (packets freed with a drop reason).
+    pub const KFREE_SKB: &str = "flowtrace_kfree_skb";
+    /// The raw tracepoint program on `tcp:tcp_retransmit_skb`.
+    pub const TCP_RETRANSMIT: &str = "flowtrace_tcp_retransmit";
+    /// The tracepoint programs with the tracepoint each is attached to, once per agent.
+    pub const TRACEPOINTS: [(&str, &str); 2] = [
+        (KFREE_SKB, "kfree_skb"),
+        (TCP_RETRANSMIT, "tcp_retransmit_skb"),
+    ];
 }
 
 /// Hook direction: TC ingress of the device (packets the device received; on a pod's
@@ -98,8 +108,15 @@ pub struct TraceEvent {
     pub _pad: u16,
     /// Bytes at layer 3 (the whole aggregate for GSO/GRO packets).
     pub bytes: u32,
-    pub _pad2: u32,
+    /// `DIR_DROPPED` events: the kernel's `enum skb_drop_reason`; 0 for every other event.
+    pub reason: u32,
 }
+
+/// `TraceEvent::direction` of a packet the kernel freed with a drop reason (written by the
+/// `kfree_skb` program; `ifindex` is the device it was freed at, `id` is zero).
+pub const DIR_DROPPED: u8 = 2;
+/// `TraceEvent::direction` of a TCP segment the kernel retransmitted (`ifindex` 0).
+pub const DIR_RETRANSMITTED: u8 = 3;
 
 /// `CONTROL` slot for latency sampling: 0 = off (the programs then do nothing for latency);
 /// N, a power of two, = one packet in N. The choice hashes the packet id, which NAT does not
@@ -689,10 +706,16 @@ pub enum Counter {
     /// Trace events lost because the trace ring buffer was full (the tracer reads too
     /// slowly); only counted while a tracer is attached.
     TraceRingFull = 14,
+    /// Drops and retransmissions the kernel saw but could not record because the drop
+    /// buffer was full (raise `--drop-entries` or drain more often).
+    DropMapFull = 15,
+    /// Drops and retransmissions the tracepoint programs saw (recorded or not), so that
+    /// seen = recorded + `DropMapFull` can be checked.
+    DropEventsSeen = 16,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 15;
+pub const COUNTER_SLOTS: u32 = 17;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -712,6 +735,8 @@ impl Counter {
         Counter::NatMapFull,
         Counter::LatencyMapFull,
         Counter::TraceRingFull,
+        Counter::DropMapFull,
+        Counter::DropEventsSeen,
     ];
 
     /// Stable snake_case name used in the API and metrics.
@@ -732,6 +757,8 @@ impl Counter {
             Counter::NatMapFull => "nat_map_full",
             Counter::LatencyMapFull => "latency_map_full",
             Counter::TraceRingFull => "trace_ring_full",
+            Counter::DropMapFull => "drop_map_full",
+            Counter::DropEventsSeen => "drop_events_seen",
         }
     }
 
@@ -782,6 +809,9 @@ mod user {
     unsafe impl aya::Pod for super::LatencyHist {}
     unsafe impl aya::Pod for super::RttKey {}
     unsafe impl aya::Pod for super::RttPending {}
+    unsafe impl aya::Pod for super::drops::DropKey {}
+    unsafe impl aya::Pod for super::drops::DropStats {}
+    unsafe impl aya::Pod for super::drops::DropLayout {}
 }
 
 #[cfg(test)]

@@ -46,8 +46,16 @@ pub const RTT_SCRATCH: &str = "RTT_SCRATCH";
 /// The per-CPU counters, one slot per `Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
+/// Drop buffers (`DropKey` -> `DropStats`), indexed like `FLOWS`.
+pub const DROPS_0: &str = "DROPS_0";
+pub const DROPS_1: &str = "DROPS_1";
+pub const DROPS: [&str; 2] = [DROPS_0, DROPS_1];
+
+/// The kernel struct offsets the tracepoint programs read (`DropLayout`, one slot).
+pub const DROP_LAYOUT: &str = "DROP_LAYOUT";
+
 /// Every map of the object, in the kernel's declaration order.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 19] = [
     FLOWS_0,
     FLOWS_1,
     CONTROL,
@@ -64,11 +72,15 @@ pub const ALL: [&str; 16] = [
     LAT_SCRATCH,
     RTT_SCRATCH,
     COUNTERS,
+    DROPS_0,
+    DROPS_1,
+    DROP_LAYOUT,
 ];
 
 const _: () = assert!(FLOWS.len() == crate::FLOW_BUFFERS as usize);
 const _: () = assert!(NAT.len() == crate::FLOW_BUFFERS as usize);
 const _: () = assert!(LATENCY.len() == crate::FLOW_BUFFERS as usize);
+const _: () = assert!(DROPS.len() == crate::FLOW_BUFFERS as usize);
 
 #[cfg(test)]
 mod tests {

@@ -7,11 +7,17 @@
 //! Where things live: `maps` (every map), `counters` (the loss counters), `packet` (header
 //! reads), `flows` (flow cache and flow buffers, and which packets go further), `nat`
 //! (sightings across hooks: NAT rewrites, hop latency), `latency` (histograms, TCP round
-//! trips), `trace` (the tracers' ring).
+//! trips), `trace` (the tracers' ring), `drops` (the raw tracepoint programs on
+//! `kfree_skb` and `tcp_retransmit_skb`: drops with their reasons, and retransmissions).
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so core offers no atomic read-modify-write;
+// `drops` uses the intrinsic that lowers to BPF's atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod counters;
+mod drops;
 mod flows;
 mod latency;
 mod maps;

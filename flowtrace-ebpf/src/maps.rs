@@ -7,8 +7,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+use flowtrace_common::drops::{DropKey, DropLayout, DropStats, DEFAULT_DROP_ENTRIES};
 use flowtrace_common::{
     CacheSlot, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, RttKey, RttPending,
     Sighting, TraceEvent, Tuple, CACHE_SLOTS, CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES,
@@ -98,3 +99,19 @@ pub(crate) static RTT_SCRATCH: PerCpuArray<RttKey> = PerCpuArray::with_max_entri
 /// Per-CPU counters indexed by `Counter`: packets seen and every way an update was lost.
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Drop buffer 0: drops and retransmissions per (tuple, place, reason), double-buffered with
+/// the flow buffers (same `CONTROL_ACTIVE_BUFFER`). Shared by all CPUs, updated atomically:
+/// only packets that die pay for it, and its size does not grow with the CPU count.
+#[map]
+pub(crate) static DROPS_0: HashMap<DropKey, DropStats> =
+    HashMap::with_max_entries(DEFAULT_DROP_ENTRIES, 0);
+
+/// Drop buffer 1 (see `DROPS_0`).
+#[map]
+pub(crate) static DROPS_1: HashMap<DropKey, DropStats> =
+    HashMap::with_max_entries(DEFAULT_DROP_ENTRIES, 0);
+
+/// The running kernel's struct offsets, written once by user space from its BTF.
+#[map]
+pub(crate) static DROP_LAYOUT: Array<DropLayout> = Array::with_max_entries(1, 0);

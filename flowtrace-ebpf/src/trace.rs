@@ -29,7 +29,7 @@ pub(crate) fn trace(id: &PacketId, key: &FlowKey, now: u64, tcp_flags: u8, bytes
         (*e).tcp_flags = tcp_flags;
         (*e)._pad = 0;
         (*e).bytes = bytes.min(u64::from(u32::MAX)) as u32;
-        (*e)._pad2 = 0;
+        (*e).reason = 0;
         if TRACE_EVENTS.output::<TraceEvent>(&*e, 0).is_err() {
             count(Counter::TraceRingFull);
         }

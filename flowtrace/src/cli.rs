@@ -565,6 +565,7 @@ mod tests {
             first_seen_unix_ns: 0,
             last_seen_unix_ns: 0,
             tcp_flags: String::new(),
+            dropped_after: 0,
         };
         let f = FlowRecord {
             protocol: "udp".into(),
@@ -586,6 +587,9 @@ mod tests {
             nat: None,
             src_peer: None,
             dst_peer: None,
+            drops: Vec::new(),
+            dropped: 0,
+            retransmits: 0,
         };
         let t = render_table("node1", &[f]);
         let lines: Vec<&str> = t.lines().collect();

@@ -4,3 +4,4 @@
 
 pub mod conntrack;
 pub mod links;
+pub mod netns;

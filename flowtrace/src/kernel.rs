@@ -1,7 +1,8 @@
 //! The kernel side, seen from user space: loading and attaching the programs (`attach`),
 //! draining their maps without loss and driving their control word (`drain`), and reading
-//! the trace ring buffer (`ring`). Map and program names come from `flowtrace-common`.
+//! the trace ring buffer (`ring`), and the running kernel's BTF for the drop programs (`btf`). Map and program names come from `flowtrace-common`.
 
 pub mod attach;
+pub mod btf;
 pub mod drain;
 pub mod ring;

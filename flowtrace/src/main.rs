@@ -285,6 +285,14 @@ struct AgentSettings {
     /// Capacity of each of the two kernel latency buffers, in (flow, segment) entries.
     #[arg(long, env = "FLOWTRACE_LATENCY_ENTRIES", default_value_t = flowtrace_common::DEFAULT_LATENCY_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     latency_entries: u32,
+    /// Capacity of each of the two kernel drop buffers, in (tuple, reason, place) entries;
+    /// drops beyond it are counted (flowtrace_kernel_lost_total{reason="drop_map_full"}).
+    #[arg(long, env = "FLOWTRACE_DROP_ENTRIES", default_value_t = flowtrace_common::drops::DEFAULT_DROP_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    drop_entries: u32,
+    /// Where the container runtime bind-mounts pod network namespaces; drops inside pods
+    /// are placed on their pod through it (mount it read-only into the agent).
+    #[arg(long, env = "FLOWTRACE_NETNS_DIR", default_value = flowtrace::host::netns::DEFAULT_NETNS_DIR)]
+    netns_dir: std::path::PathBuf,
     /// Measure hop latency and TCP round trips on one packet in N (a power of two; the
     /// choice hashes fields NAT does not change, so a packet is sampled at every hook);
     /// 0 turns latency tracking off.
@@ -368,6 +376,8 @@ impl AgentSettings {
             flow_entries: self.flow_entries,
             nat_entries: self.nat_entries,
             latency_entries: self.latency_entries,
+            drop_entries: self.drop_entries,
+            netns_dir: self.netns_dir,
             latency_sample: self.latency_sample,
             conntrack: !self.no_conntrack,
             conntrack_resync: Duration::from_secs(self.conntrack_resync_s),

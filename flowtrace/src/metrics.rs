@@ -22,8 +22,13 @@ use prometheus::proto::{
 
 use crate::{
     enrich::Namer,
+    host::netns::NsPlace,
     kernel::drain::Drained,
-    model::{protocol_name, Direction, Endpoint, EndpointKind, FlowTuple, LatencyKind},
+    model::{
+        drop_reason_name, protocol_name, Direction, Endpoint, EndpointKind, FlowTuple,
+        LatencyKind,
+    },
+    state::drops::PlacedDrop,
 };
 
 pub use families::FAMILIES;
@@ -154,6 +159,10 @@ const DRAIN_BUCKETS: [f64; 12] = [
 /// Everything one drain contributes, with what is needed to name it.
 pub struct DrainView<'a> {
     pub drained: &'a Drained,
+    /// The drain's drops and retransmissions placed on this node.
+    pub drops: &'a [PlacedDrop],
+    /// The kernel's drop reasons by code.
+    pub reasons: &'a HashMap<u32, String>,
     /// Translations seen for the first time in this drain, as (original, translated).
     pub new_translations: &'a [(FlowTuple, FlowTuple)],
     /// Names the flows, hops and Services (the same namer as every other view).
@@ -170,6 +179,9 @@ pub struct Metrics {
     translations: SeriesSet<u64>,
     hop_latency: SeriesSet<Hist>,
     rtt: SeriesSet<Hist>,
+    /// Dropped packets by `DROP_EXTRA`; retransmitted segments by the peers.
+    drops: SeriesSet<u64>,
+    retransmits: SeriesSet<u64>,
     drain_buckets: [u64; DRAIN_BUCKETS.len()],
     drain_count: u64,
     drain_sum_s: f64,
@@ -181,6 +193,8 @@ const TRAFFIC_EXTRA: [&str; 4] = ["service", "hop", "direction", "protocol"];
 const NAT_EXTRA: [&str; 2] = ["service", "protocol"];
 const HOP_LATENCY_EXTRA: [&str; 2] = ["from_hop", "to_hop"];
 const RTT_EXTRA: [&str; 2] = ["kind", "hop"];
+const DROP_EXTRA: [&str; 2] = ["reason", "hop"];
+const RETRANSMIT_EXTRA: [&str; 1] = ["protocol"];
 
 /// The peer labels of a flow (source then destination) and its Service, named once per
 /// drain per tuple.
@@ -198,6 +212,8 @@ impl Metrics {
             translations: SeriesSet::new(),
             hop_latency: SeriesSet::new(),
             rtt: SeriesSet::new(),
+            drops: SeriesSet::new(),
+            retransmits: SeriesSet::new(),
             drain_buckets: [0; DRAIN_BUCKETS.len()],
             drain_count: 0,
             drain_sum_s: 0.0,
@@ -213,6 +229,8 @@ impl Metrics {
         self.translations.expire(v.now_ns, ttl);
         self.hop_latency.expire(v.now_ns, ttl);
         self.rtt.expire(v.now_ns, ttl);
+        self.drops.expire(v.now_ns, ttl);
+        self.retransmits.expire(v.now_ns, ttl);
         let max = self.cfg.max_series;
         let level = self.cfg.level;
         let mut named: HashMap<FlowTuple, Named> = HashMap::new();
@@ -274,6 +292,26 @@ impl Metrics {
                 }
             }
         }
+        for d in v.drops {
+            // A drop whose headers could not be read has no peers: its labels are empty.
+            let n = d.tuple.map(|t| name(&t));
+            let peers = n.map(|n| n.peers).unwrap_or_default();
+            if d.retransmit {
+                let labels = join(&peers, [protocol_name(6)]);
+                *self.retransmits.get(labels, max, v.now_ns) += d.packets;
+                continue;
+            }
+            let hop = match d.site.netns {
+                NsPlace::Node if d.site.ifindex == 0 => "none".to_string(),
+                NsPlace::Node => v.namer.hop_class(d.site.ifindex),
+                NsPlace::Pod { .. } => "in_pod".to_string(),
+            };
+            let labels = join(
+                &peers,
+                [drop_reason_name(v.reasons, d.site.reason), hop],
+            );
+            *self.drops.get(labels, max, v.now_ns) += d.packets;
+        }
         self.observe_drain_duration(v.duration_s);
         self.map_entries = [
             v.drained.flows.len(),
@@ -333,6 +371,25 @@ impl Metrics {
             out.push(f);
         }
 
+        for (name, names, set) in [
+            (
+                "flowtrace_drops_total",
+                label_names(&DROP_EXTRA),
+                &self.drops,
+            ),
+            (
+                "flowtrace_tcp_retransmits_total",
+                label_names(&RETRANSMIT_EXTRA),
+                &self.retransmits,
+            ),
+        ] {
+            let mut f = family(name, MetricType::COUNTER);
+            for (labels, n) in sorted(set) {
+                f.mut_metric().push(counter(&names, labels, *n as f64));
+            }
+            out.push(f);
+        }
+
         let mut d = family("flowtrace_drain_duration_seconds", MetricType::HISTOGRAM);
         let mut hist = Histogram::default();
         hist.set_sample_count(self.drain_count);
@@ -375,7 +432,9 @@ impl Metrics {
         for c in flowtrace_common::Counter::ALL {
             if matches!(
                 c,
-                flowtrace_common::Counter::PacketsSeen | flowtrace_common::Counter::SlowHeaderReads
+                flowtrace_common::Counter::PacketsSeen
+                    | flowtrace_common::Counter::SlowHeaderReads
+                    | flowtrace_common::Counter::DropEventsSeen
             ) {
                 continue;
             }
@@ -469,6 +528,8 @@ impl Metrics {
                 "flowtrace_nat_translations_total",
                 self.translations.counts(),
             ),
+            ("flowtrace_drops_total", self.drops.counts()),
+            ("flowtrace_tcp_retransmits_total", self.retransmits.counts()),
             ("flowtrace_hop_latency_seconds", self.hop_latency.counts()),
             ("flowtrace_tcp_rtt_seconds", self.rtt.counts()),
         ] {

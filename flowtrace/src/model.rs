@@ -9,7 +9,7 @@ pub mod tuple;
 pub mod wire;
 
 pub use cidr::IpFilter;
-pub use names::{Endpoint, EndpointKind, ServiceRef, Workload};
+pub use names::{drop_reason_name, Endpoint, EndpointKind, ServiceRef, Workload};
 pub use tuple::{
     is_icmp, protocol_name, tcp_flags_string, Direction, FlowTuple, HookView, Hop, TupleView,
 };

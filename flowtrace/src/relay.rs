@@ -25,7 +25,10 @@ use self::{
 use crate::{
     error::{Error, Result},
     k8s::source::MetaSource,
-    model::wire::{MissingNode, NodeStatus, PathDataResponse, StatusResponse},
+    model::wire::{
+        DropsResponse, MissingNode, NodeStatus, PathDataResponse, RelayDropsResponse,
+        StatusResponse,
+    },
     query::{
         filter::FlowQuery,
         path::{NodeView, PathAnswer, PathEnd},
@@ -86,6 +89,11 @@ impl FromNode for merge::RawFlows {
     }
 }
 impl FromNode for PathDataResponse {
+    fn node(&self) -> &str {
+        &self.node
+    }
+}
+impl FromNode for DropsResponse {
     fn node(&self) -> &str {
         &self.node
     }
@@ -295,6 +303,16 @@ impl Relay {
             paths,
             missing,
         }
+    }
+
+    /// `/v1/drops` over every node: each node's answer as it gave it (drops are placed on
+    /// the node they happened on, so nothing is joined across nodes).
+    pub async fn drops(&self, filter: &crate::query::filter::FlowFilter) -> RelayDropsResponse {
+        let path = format!("/v1/drops?{}", filter.to_query());
+        let (answers, missing) = self.ask_all::<DropsResponse>("drops", &path).await;
+        let mut nodes: Vec<DropsResponse> = answers.into_iter().map(|a| a.value).collect();
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        RelayDropsResponse { nodes, missing }
     }
 
     /// `/v1/nodes`: every agent known, asked for its status now.

@@ -3,6 +3,7 @@
 //! latency histograms (`latency`), and traced packets being joined (`trace`). The agent owns
 //! them behind one lock; naming is `enrich`'s.
 
+pub mod drops;
 pub mod flows;
 pub mod latency;
 pub mod nat;

@@ -127,5 +127,8 @@ pub fn flow_record(bytes: u64) -> crate::model::FlowRecord {
         nat: None,
         src_peer: None,
         dst_peer: None,
+        drops: Vec::new(),
+        dropped: 0,
+        retransmits: 0,
     }
 }

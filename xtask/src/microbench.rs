@@ -120,6 +120,7 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         flowtrace_common::DEFAULT_FLOW_ENTRIES,
         flowtrace_common::DEFAULT_NAT_ENTRIES,
         flowtrace_common::DEFAULT_LATENCY_ENTRIES,
+        flowtrace_common::drops::DEFAULT_DROP_ENTRIES,
     )
     .context("loading flowtrace")?;
     let mut base = Ebpf::load(baselines::OBJECT).context("loading baselines")?;

@@ -14,6 +14,10 @@ pub struct AgentConfig {
     pub nat_entries: u32,
     /// Capacity of each kernel latency buffer.
     pub latency_entries: u32,
+    /// Capacity of each kernel drop buffer.
+    pub drop_entries: u32,
+    /// Where the runtime mounts pod network namespaces.
+    pub netns_dir: std::path::PathBuf,
     /// Latency sampling: one packet in N (a power of two), 0 = off.
     pub latency_sample: u32,
     /// Cross-check NAT translations with the conntrack table after each drain.

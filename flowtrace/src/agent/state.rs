@@ -21,6 +21,7 @@ use flowtrace_common::{Counter, COUNTER_SLOTS};
 use tracing::warn;
 
 use super::{
+    drops::{bare_record, join, DropNames},
     select::{flow_selected, packet_selected},
     tracers::TraceHub,
 };
@@ -30,24 +31,27 @@ use crate::{
     host::{
         conntrack::{self, CtMirror},
         links::Link,
+        netns::{self, NsMap},
     },
     k8s::{source::MetaStatus, MetaCache},
     kernel::{attach::Attacher, drain::Drainer},
     metrics::{DrainView, Health, Metrics},
     model::{
         wire::{
-            AttachMode, FlowsResponse, InterfaceRecord, InterfacesResponse, LatencyResponse,
-            MetadataResponse, NatResponse, PathDataResponse, ProgramRecord, StatsResponse,
-            StatusResponse, TracePacket,
+            AttachMode, DropEntry, DropFlow, DropLoss, DropsResponse, FlowsResponse,
+            InterfaceRecord, InterfacesResponse, LatencyResponse, MetadataResponse, NatResponse,
+            PathDataResponse, ProgramRecord, RetransmitEntry, StatsResponse, StatusResponse,
+            TraceLine,
         },
         FlowRecord,
     },
     query::filter::FlowFilter,
     state::{
+        drops::DropTable,
         flows::FlowTable,
         latency::LatencyTable,
         nat::NatTable,
-        trace::{TracedPacket, TRACE_SAMPLE_WHEN_OFF},
+        trace::{Traced, TRACE_SAMPLE_WHEN_OFF},
     },
     tls::Refusal,
     util::{lock, mono_to_unix_offset_ns, monotonic_ns},
@@ -65,6 +69,12 @@ pub(super) struct Settings {
     pub program_ids: Vec<(String, u32)>,
     pub capacity: MapCapacity,
     pub max_flows: usize,
+    /// The running kernel's drop reasons by code, when the drop programs are attached.
+    pub drop_reasons: HashMap<u32, String>,
+    /// Why the drop programs are not attached, when they are not.
+    pub drops_unavailable: Option<String>,
+    /// Where the runtime mounts pod network namespaces (`--netns-dir`).
+    pub netns_dir: std::path::PathBuf,
 }
 
 /// Capacity of each kernel buffer, in entries.
@@ -80,6 +90,7 @@ struct Tables {
     flows: FlowTable,
     nat: NatTable,
     latency: LatencyTable,
+    drops: DropTable,
     metrics: Metrics,
 }
 
@@ -127,7 +138,13 @@ pub struct Agent {
     last_dump: Mutex<Option<Instant>>,
     trace: Arc<TraceHub>,
     counters: Counters,
+    /// This node's network namespaces (to place drops), and when they were last listed.
+    namespaces: Mutex<(NsMap, Option<Instant>)>,
 }
+
+/// Namespaces are listed again when a drop comes from an unknown one, at most this often
+/// (an emulated cluster's other nodes keep sending unknown ones).
+const NETNS_RESCAN: Duration = Duration::from_secs(1);
 
 /// What [`Agent::new`] is built from.
 pub(super) struct Parts {
@@ -148,6 +165,7 @@ impl Agent {
                 flows: FlowTable::new(p.settings.max_flows, idle),
                 nat: NatTable::new(idle),
                 latency: LatencyTable::new(idle),
+                drops: DropTable::new(idle),
                 metrics: Metrics::new(p.metrics),
             }),
             settings: p.settings,
@@ -163,6 +181,7 @@ impl Agent {
             last_dump: Mutex::new(None),
             trace: Arc::new(TraceHub::new()),
             counters: Counters::default(),
+            namespaces: Mutex::new((NsMap::default(), None)),
         }
     }
 
@@ -247,6 +266,8 @@ impl Agent {
             warn!(errors = drained.problems.len(), first = %first, "drain met map errors; the entries stay for the next drain");
         }
         let now = monotonic_ns();
+        self.follow_namespaces(&drained.drops);
+        let namespaces = lock(&self.namespaces).0.clone();
         {
             let links = lock(&self.links);
             let meta = self.meta_read();
@@ -255,6 +276,7 @@ impl Agent {
                 flows,
                 nat,
                 latency,
+                drops,
                 metrics,
             } = &mut *tables;
             flows.merge(
@@ -266,9 +288,13 @@ impl Agent {
             let new_translations = nat.merge_kernel(&drained.nat, now);
             latency.merge(&drained.latency, now);
             latency.expire(now);
+            let placed = drops.merge(&drained.drops, &|ino| namespaces.place(ino));
+            drops.expire(now);
             let namer = Namer::new(&meta, nat, &links);
             metrics.observe_drain(&DrainView {
                 drained: &drained,
+                drops: &placed,
+                reasons: &self.settings.drop_reasons,
                 new_translations: &new_translations,
                 namer: &namer,
                 now_ns: now,
@@ -281,6 +307,22 @@ impl Agent {
         lock(&self.tables).nat.expire(now);
         self.counters.drains.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Lists this node's namespaces again when a drop came from one not known yet (a new
+    /// pod), at most every `NETNS_RESCAN`.
+    fn follow_namespaces(&self, drained: &[crate::kernel::drain::DrainedDrop]) {
+        let mut ns = lock(&self.namespaces);
+        let unknown = drained
+            .iter()
+            .any(|d| d.key.netns != 0 && ns.0.place(d.key.netns).is_none());
+        let due = ns.1.is_none_or(|t| t.elapsed() >= NETNS_RESCAN);
+        if !(due && (unknown || ns.1.is_none())) {
+            return;
+        }
+        let links: Vec<Link> = lock(&self.links).values().cloned().collect();
+        ns.0 = netns::scan(&self.settings.netns_dir, &links);
+        ns.1 = Some(Instant::now());
     }
 
     /// Settles the translations against conntrack (a dump when due, else what events said).
@@ -379,7 +421,7 @@ impl Agent {
 
     /// Registers a tracer (then call [`Agent::apply_tracing`]; and again after
     /// [`Agent::unsubscribe`]).
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<TracedPacket>> {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Traced>> {
         self.trace.subscribe()
     }
 
@@ -396,11 +438,40 @@ impl Agent {
         }
     }
 
-    /// A traced packet named, if it passes `filter` at any of its hooks.
-    pub fn describe(&self, p: &TracedPacket, filter: &FlowFilter) -> Option<TracePacket> {
+    /// A traced packet, drop or retransmission named, if it passes `filter` (a packet at
+    /// any of its hooks).
+    pub fn describe(&self, t: &Traced, filter: &FlowFilter) -> Option<TraceLine> {
+        let d = match t {
+            Traced::Packet(p) => {
+                return self.with_namer(|namer, _| {
+                    let named = namer.trace_packet(p, self.node(), mono_to_unix_offset_ns())?;
+                    packet_selected(filter, namer, p, named.service.as_ref())
+                        .then(|| TraceLine::Packet(Box::new(named)))
+                })
+            }
+            Traced::Drop(d) => d,
+        };
+        let place = lock(&self.namespaces).0.place(d.netns);
         self.with_namer(|namer, _| {
-            let named = namer.trace_packet(p, self.node(), mono_to_unix_offset_ns())?;
-            packet_selected(filter, namer, p, named.service.as_ref()).then_some(named)
+            let names = DropNames {
+                namer,
+                reasons: &self.settings.drop_reasons,
+                offset: mono_to_unix_offset_ns(),
+            };
+            let named = names.trace(d, self.node(), place)?;
+            if !filter.is_empty() {
+                let t = d.tuple?;
+                let mut f = bare_record(&t, namer);
+                enrich_record(namer, &mut f);
+                if !flow_selected(filter, namer, &f) {
+                    return None;
+                }
+            }
+            Some(if d.retransmit {
+                TraceLine::Retransmit(Box::new(named))
+            } else {
+                TraceLine::Drop(Box::new(named))
+            })
         })
     }
 
@@ -462,8 +533,10 @@ impl Agent {
             let mut flows: Vec<FlowRecord> = tables
                 .flows
                 .snapshot(mono_to_unix_offset_ns(), &|ip| namer.endpoint(ip));
+            let names = self.drop_names(namer);
             for f in &mut flows {
                 enrich_record(namer, f);
+                join(f, &tables.drops, &names);
             }
             flows.retain(|f| flow_selected(filter, namer, f));
             flows
@@ -495,8 +568,10 @@ impl Agent {
                         .max()
                         .is_some_and(|l| now.saturating_sub(l) <= window_ns)
             });
+            let names = self.drop_names(namer);
             for f in &mut flows {
                 enrich_record(namer, f);
+                join(f, &tables.drops, &names);
             }
             let latency = tables.latency.snapshot(&|i| namer.interface(i));
             (flows, latency)
@@ -515,6 +590,79 @@ impl Agent {
             latency,
             tunnels,
         })
+    }
+
+    fn drop_names<'a>(&'a self, namer: &'a Namer<'a>) -> DropNames<'a> {
+        DropNames {
+            namer,
+            reasons: &self.settings.drop_reasons,
+            offset: mono_to_unix_offset_ns(),
+        }
+    }
+
+    /// Drops and retransmissions per flow, drained fresh and filtered like the flows
+    /// (`/v1/drops`).
+    pub async fn drops(&self, filter: &FlowFilter) -> Result<DropsResponse> {
+        self.drain_fresh().await?;
+        let map_full = self.kernel_counters().await?[Counter::DropMapFull as usize];
+        let netns_problem = lock(&self.namespaces).0.problem.clone();
+        let mut out = self.with_namer(|namer, tables| {
+            let names = self.drop_names(namer);
+            let mut seen: HashMap<crate::model::FlowTuple, FlowRecord> = tables
+                .flows
+                .snapshot(names.offset, &|ip| namer.endpoint(ip))
+                .into_iter()
+                .map(|f| (f.tuple(), f))
+                .collect();
+            let mut drops = Vec::new();
+            let mut retransmits = Vec::new();
+            for (t, d) in tables.drops.iter() {
+                let mut f = seen.remove(t).unwrap_or_else(|| bare_record(t, namer));
+                enrich_record(namer, &mut f);
+                join(&mut f, &tables.drops, &names);
+                if !flow_selected(filter, namer, &f) {
+                    continue;
+                }
+                let flow = DropFlow::of(&f);
+                if f.retransmits > 0 {
+                    retransmits.push(RetransmitEntry {
+                        flow: flow.clone(),
+                        segments: f.retransmits,
+                        last_seen_unix_ns: (i128::from(d.retransmits.last_seen_ns)
+                            + names.offset)
+                            .max(0) as u64,
+                    });
+                }
+                drops.extend(f.drops.into_iter().map(|drop| DropEntry {
+                    flow: flow.clone(),
+                    drop,
+                }));
+            }
+            drops.sort_by_key(|e| std::cmp::Reverse(e.drop.packets));
+            retransmits.sort_by_key(|e| std::cmp::Reverse(e.segments));
+            let totals = tables.drops.totals();
+            DropsResponse {
+                node: self.node().to_string(),
+                available: self.settings.drops_unavailable.is_none(),
+                unavailable: self.settings.drops_unavailable.clone(),
+                drops,
+                retransmits,
+                by_reason: totals
+                    .by_reason
+                    .iter()
+                    .map(|(code, n)| (names.reason(*code), *n))
+                    .collect(),
+                retransmitted_segments: totals.retransmits,
+                lost: DropLoss {
+                    map_full: 0,
+                    unplaced: totals.unplaced,
+                },
+                netns_problem: None,
+            }
+        });
+        out.lost.map_full = map_full;
+        out.netns_problem = netns_problem;
+        Ok(out)
     }
 
     /// Latency histograms, drained fresh (`/v1/latency`).

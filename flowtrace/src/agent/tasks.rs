@@ -31,7 +31,7 @@ use crate::{
         drain::{self, Drainer},
         ring::TraceRing,
     },
-    state::trace::{Assembler, Sighting, JOIN_WINDOW_NS},
+    state::trace::{Assembler, Sighting, Traced, TracedDrop, JOIN_WINDOW_NS},
     util::{hostname, lock, monotonic_ns},
 };
 
@@ -81,7 +81,19 @@ enum MetadataStart {
 /// caller's: see `server::run_until`).
 pub async fn start(cfg: &AgentConfig) -> Result<Running> {
     let (sink, meta_start) = prepare_metadata(cfg).await?;
-    let mut ebpf = attach::load(cfg.flow_entries, cfg.nat_entries, cfg.latency_entries)?;
+    let mut ebpf = attach::load(
+        cfg.flow_entries,
+        cfg.nat_entries,
+        cfg.latency_entries,
+        cfg.drop_entries,
+    )?;
+    let (drop_reasons, drops_unavailable) = match attach::attach_tracepoints(&mut ebpf) {
+        Ok(r) => (r, None),
+        Err(e) => {
+            warn!(error = %e, "drops and retransmissions are not recorded; flows are");
+            (Default::default(), Some(e))
+        }
+    };
     let mut drainer = Drainer::new(&mut ebpf, drain::DEFAULT_GRACE)?;
     let trace_ring = drain::take_trace_ring(&mut ebpf)?;
     drainer.set_latency_sampling(cfg.latency_sample)?;
@@ -103,6 +115,9 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
                 latency: cfg.latency_entries,
             },
             max_flows: cfg.max_flows,
+            drop_reasons,
+            drops_unavailable,
+            netns_dir: cfg.netns_dir.clone(),
         },
         drainer,
         attacher,
@@ -199,12 +214,14 @@ async fn read_trace_ring(ring: aya::maps::RingBuf<aya::maps::MapData>, hub: Arc<
         };
         hub.count_bad_events(batch.bad);
         for event in &batch.events {
-            if let Some(done) = asm.push(&event.id, Sighting::from_event(event)) {
-                hub.publish(done);
+            if let Some(d) = TracedDrop::from_event(event) {
+                hub.publish(Traced::Drop(d));
+            } else if let Some(done) = asm.push(&event.id, Sighting::from_event(event)) {
+                hub.publish(Traced::Packet(done));
             }
         }
         for p in asm.flush(monotonic_ns()) {
-            hub.publish(p);
+            hub.publish(Traced::Packet(p));
         }
     }
 }

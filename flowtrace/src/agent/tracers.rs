@@ -7,18 +7,18 @@ use std::sync::{
 
 use tokio::sync::broadcast;
 
-use crate::state::trace::TracedPacket;
+use crate::state::trace::Traced;
 
 /// Joined packets waiting in a tracer's queue; a slower tracer loses the oldest and is told.
 const TRACER_QUEUE: usize = 4096;
 
 /// The agent's tracers: how many are attached and the channel joined packets go out on.
 pub struct TraceHub {
-    tx: broadcast::Sender<Arc<TracedPacket>>,
+    tx: broadcast::Sender<Arc<Traced>>,
     tracers: AtomicUsize,
     /// Events the ring buffer held that were too short to be events (never expected).
     bad_events: AtomicU64,
-    /// Joined packets handed to the tracers.
+    /// Joined packets, drops and retransmissions handed to the tracers.
     packets: AtomicU64,
 }
 
@@ -56,7 +56,7 @@ impl TraceHub {
     /// Registers a tracer. The caller then makes the kernel state follow
     /// [`TraceHub::tracers`] (the agent's `apply_tracing`), and again once the
     /// returned guard is dropped.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TracedPacket>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Traced>> {
         self.tracers.fetch_add(1, Ordering::SeqCst);
         self.tx.subscribe()
     }
@@ -68,7 +68,7 @@ impl TraceHub {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 
-    pub fn publish(&self, p: TracedPacket) {
+    pub fn publish(&self, p: Traced) {
         self.packets.fetch_add(1, Ordering::Relaxed);
         // No receiver: the last tracer left while packets were in flight.
         let _ = self.tx.send(Arc::new(p));

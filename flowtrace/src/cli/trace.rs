@@ -10,7 +10,10 @@ use std::{
 use super::{call, human_ns, named_endpoint};
 use crate::{
     error::{Error, Result},
-    model::wire::{RelayTraceLine, TraceLine, TracePacket},
+    model::{
+        protocol_name,
+        wire::{RelayTraceLine, TraceDrop, TraceLine, TracePacket},
+    },
     query::filter::FlowFilter,
 };
 
@@ -111,6 +114,8 @@ pub fn follow(
         let parsed: TraceLine = if relay {
             match serde_json::from_str::<RelayTraceLine>(text) {
                 Ok(RelayTraceLine::Packet(p)) => TraceLine::Packet(p),
+                Ok(RelayTraceLine::Drop(d)) => TraceLine::Drop(d),
+                Ok(RelayTraceLine::Retransmit(d)) => TraceLine::Retransmit(d),
                 Ok(other) => {
                     if json {
                         writeln!(out, "{text}").map_err(write_err)?;
@@ -151,6 +156,15 @@ pub fn follow(
                 }
                 printed += 1;
             }
+            TraceLine::Drop(d) | TraceLine::Retransmit(d) => {
+                if json {
+                    writeln!(out, "{text}").map_err(write_err)?;
+                } else {
+                    out.write_all(render_drop(&d).as_bytes())
+                        .map_err(write_err)?;
+                }
+                printed += 1;
+            }
             TraceLine::Lost { packets } => {
                 if json {
                     writeln!(out, "{text}").map_err(write_err)?;
@@ -185,7 +199,40 @@ fn relay_note(l: &RelayTraceLine) -> String {
             "# {node}: {packets} packets skipped: this stream read more slowly than they came (narrow the filter)"
         ),
         RelayTraceLine::Packet(p) => render(p),
+        RelayTraceLine::Drop(d) | RelayTraceLine::Retransmit(d) => render_drop(d),
     }
+}
+
+/// One drop or retransmission, as one line:
+/// `12:00:01.000001 node2 DROP NETFILTER_DROP udp 10.1.1.2:4000 -> 10.1.2.2:9000 at flannel.1`.
+fn render_drop(d: &TraceDrop) -> String {
+    let what = match &d.reason {
+        Some(r) => format!("DROP {r}"),
+        None => "RETRANSMIT".to_string(),
+    };
+    let tuple = d.tuple.as_ref().map_or_else(
+        || "(headers unreadable)".to_string(),
+        |t| {
+            format!(
+                "{} {}:{} -> {}:{}",
+                protocol_name(t.protocol),
+                t.src,
+                t.src_port,
+                t.dst,
+                t.dst_port
+            )
+        },
+    );
+    let at = match (&d.pod_veth, d.device.is_empty()) {
+        (Some(v), _) => format!(" inside the pod behind {v}"),
+        (None, false) => format!(" at {}", d.device),
+        (None, true) => String::new(),
+    };
+    format!(
+        "{} {} {what} {tuple}{at}\n",
+        clock(d.ts_unix_ns),
+        d.node
+    )
 }
 
 /// `HH:MM:SS.uuuuuu` (UTC) of a Unix time in nanoseconds.

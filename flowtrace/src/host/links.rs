@@ -28,8 +28,9 @@ pub struct Link {
     pub name: String,
     /// rtnetlink `IFLA_INFO_KIND` ("veth", "vxlan", "geneve", ...), if any.
     pub kind: Option<String>,
-    /// The link's peer is in another network namespace (`IFLA_LINK_NETNSID` present).
-    pub peer_in_other_netns: bool,
+    /// The id, in this namespace, of the network namespace the link's peer lives in
+    /// (`IFLA_LINK_NETNSID`); `None` when the peer is here or the link has none.
+    pub peer_netnsid: Option<i32>,
     /// Frames start with an Ethernet header (ARPHRD_ETHER). flowtrace parses from an Ethernet
     /// header, so L3 devices (wireguard, ipip, netkit in L3 mode) are never traced.
     pub ethernet: bool,
@@ -50,7 +51,7 @@ impl Link {
     pub fn role(&self) -> LinkRole {
         match self.kind.as_deref() {
             Some("vxlan") | Some("geneve") => LinkRole::Overlay,
-            Some("veth") if self.peer_in_other_netns => LinkRole::PodVeth,
+            Some("veth") if self.peer_netnsid.is_some() => LinkRole::PodVeth,
             _ => LinkRole::Other,
         }
     }
@@ -105,11 +106,11 @@ fn kind_name(kind: &InfoKind) -> String {
 pub fn link_from_message(msg: &LinkMessage) -> Option<Link> {
     let mut name = None;
     let mut kind = None;
-    let mut peer_in_other_netns = false;
+    let mut peer_netnsid = None;
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
-            LinkAttribute::LinkNetNsId(_) => peer_in_other_netns = true,
+            LinkAttribute::LinkNetNsId(id) => peer_netnsid = Some(*id),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let NlLinkInfo::Kind(k) = i {
@@ -124,7 +125,7 @@ pub fn link_from_message(msg: &LinkMessage) -> Option<Link> {
         ifindex: msg.header.index,
         name: name?,
         kind,
-        peer_in_other_netns,
+        peer_netnsid,
         ethernet: msg.header.link_layer_type == netlink_packet_route::link::LinkLayerType::Ether,
     })
 }
@@ -235,7 +236,7 @@ mod tests {
             ifindex: 1,
             name: name.into(),
             kind: Some(kind.into()),
-            peer_in_other_netns: other_ns,
+            peer_netnsid: other_ns.then_some(0),
             ethernet: true,
         }
     }
@@ -268,7 +269,7 @@ mod tests {
             ifindex: 2,
             name: "eth0".into(),
             kind: None,
-            peer_in_other_netns: false,
+            peer_netnsid: None,
             ethernet: true,
         }));
     }
@@ -283,7 +284,7 @@ mod tests {
             ifindex: 2,
             name: "eth0".into(),
             kind: None,
-            peer_in_other_netns: false,
+            peer_netnsid: None,
             ethernet: true,
         }));
         assert!(!s.selects(&link("veth9abc", "veth", true)));

@@ -10,17 +10,19 @@
 use std::collections::HashMap;
 
 use aya::{
+    maps::Array,
     programs::{
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info, warn};
 
-use flowtrace_common::{maps, programs};
+use flowtrace_common::{drops::DropLayout, maps, programs};
 
+use super::btf::Btf;
 use crate::{
     error::{Error, Result},
     model::wire::AttachMode,
@@ -43,8 +45,13 @@ pub fn resolve_mode(mode: AttachMode) -> AttachMode {
     }
 }
 
-/// Loads the embedded object with the given flow- and NAT-buffer capacities.
-pub fn load(flow_entries: u32, nat_entries: u32, latency_entries: u32) -> Result<Ebpf> {
+/// Loads the embedded object with the given buffer capacities.
+pub fn load(
+    flow_entries: u32,
+    nat_entries: u32,
+    latency_entries: u32,
+    drop_entries: u32,
+) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(maps::FLOWS_0, flow_entries);
     loader.map_max_entries(maps::FLOWS_1, flow_entries);
@@ -52,6 +59,8 @@ pub fn load(flow_entries: u32, nat_entries: u32, latency_entries: u32) -> Result
     loader.map_max_entries(maps::NAT_1, nat_entries);
     loader.map_max_entries(maps::LATENCY_0, latency_entries);
     loader.map_max_entries(maps::LATENCY_1, latency_entries);
+    loader.map_max_entries(maps::DROPS_0, drop_entries);
+    loader.map_max_entries(maps::DROPS_1, drop_entries);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|source| Error::Load { source })?;
@@ -65,6 +74,63 @@ pub fn load(flow_entries: u32, nat_entries: u32, latency_entries: u32) -> Result
             })?;
     }
     Ok(ebpf)
+}
+
+/// The drop programs attached: the names of this kernel's drop reasons by code.
+pub type DropReasons = HashMap<u32, String>;
+
+/// Hands the drop programs this kernel's struct layout, loads them and attaches them to
+/// their raw tracepoints (once per agent; the links go with the agent's file descriptors,
+/// so nothing stays attached after it exits, even when killed). On failure flowtrace still
+/// counts flows; the error says why drops are not recorded and what to change.
+pub fn attach_tracepoints(ebpf: &mut Ebpf) -> std::result::Result<DropReasons, String> {
+    let btf = Btf::from_kernel().map_err(|e| {
+        format!("{e}: drop reasons need the kernel's BTF (CONFIG_DEBUG_INFO_BTF, /sys/kernel/btf/vmlinux readable by the agent)")
+    })?;
+    let layout = btf
+        .drop_layout()
+        .map_err(|e| format!("{e}: this kernel does not have what the drop programs read (kfree_skb with a reason needs Linux >= 5.17)"))?;
+    let reasons = btf.drop_reasons().map_err(|e| e.to_string())?;
+    write_layout(ebpf, layout)?;
+    for (program, tracepoint) in programs::TRACEPOINTS {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("program `{program}` is not in the embedded object: rebuild flowtrace"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| format!("program `{program}`: {e}"))?;
+        prog.load().map_err(|e| {
+            format!(
+                "loading `{program}` failed: {e}. {}",
+                tracepoint_hint(&e)
+            )
+        })?;
+        prog.attach(tracepoint).map_err(|e| {
+            format!("attaching `{program}` to the raw tracepoint {tracepoint} failed: {e}. {}", tracepoint_hint(&e))
+        })?;
+    }
+    info!(reasons = reasons.len(), "drop and retransmission programs attached");
+    Ok(reasons)
+}
+
+fn write_layout(ebpf: &mut Ebpf, layout: DropLayout) -> std::result::Result<(), String> {
+    let map = ebpf
+        .map_mut(maps::DROP_LAYOUT)
+        .ok_or_else(|| format!("map {} is not in the embedded object: rebuild flowtrace", maps::DROP_LAYOUT))?;
+    let mut array: Array<_, DropLayout> = Array::try_from(map)
+        .map_err(|e| format!("map {}: {e}", maps::DROP_LAYOUT))?;
+    array
+        .set(0, layout, 0)
+        .map_err(|e| format!("writing map {}: {e}", maps::DROP_LAYOUT))
+}
+
+/// What to do when the kernel refuses a tracepoint program.
+fn tracepoint_hint(e: &aya::programs::ProgramError) -> &'static str {
+    let text = format!("{e:?}");
+    if text.contains("PermissionDenied") || text.contains("Operation not permitted") {
+        "Raw tracepoint programs need CAP_BPF and CAP_PERFMON; under a container runtime a seccomp profile that refuses bpf() or perf_event_open() also gives this error (see deploy/README.md)"
+    } else {
+        "The kernel needs raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT, Linux >= 4.17) and BTF"
+    }
 }
 
 /// What to do about a program the kernel refused, told apart by how it refused.
@@ -235,36 +301,39 @@ impl Attacher {
         }
     }
 
+    /// The kernel's view of each loaded program, classifiers and tracepoint programs.
+    fn program_infos(&self) -> Vec<(&'static str, aya::programs::ProgramInfo)> {
+        let tracepoints = programs::TRACEPOINTS.iter().map(|(p, _)| *p);
+        programs::ALL
+            .iter()
+            .copied()
+            .chain(tracepoints)
+            .filter_map(|name| Some((name, self.ebpf.program(name)?.info().ok()?)))
+            .collect()
+    }
+
     /// Kernel IDs of the loaded programs, as (program name, id), for `bpftool prog show id N`.
     pub fn program_ids(&mut self) -> Vec<(String, u32)> {
-        let mut out = Vec::new();
-        for name in programs::ALL {
-            if let Ok(prog) = self.program(name) {
-                if let Ok(info) = prog.info() {
-                    out.push((name.to_string(), info.id()));
-                }
-            }
-        }
-        out
+        self.program_infos()
+            .into_iter()
+            .map(|(name, info)| (name.to_string(), info.id()))
+            .collect()
     }
 
     /// The kernel's run statistics of each loaded program: (name, total run time in ns,
     /// runs). Both stay 0 unless `kernel.bpf_stats_enabled` is 1 (the kernel does not
     /// time programs otherwise).
     pub fn program_stats(&mut self) -> Vec<(String, u64, u64)> {
-        let mut out = Vec::new();
-        for name in programs::ALL {
-            if let Ok(prog) = self.program(name) {
-                if let Ok(info) = prog.info() {
-                    out.push((
-                        name.to_string(),
-                        info.run_time().as_nanos() as u64,
-                        info.run_count(),
-                    ));
-                }
-            }
-        }
-        out
+        self.program_infos()
+            .into_iter()
+            .map(|(name, info)| {
+                (
+                    name.to_string(),
+                    info.run_time().as_nanos() as u64,
+                    info.run_count(),
+                )
+            })
+            .collect()
     }
 
     /// The interfaces currently attached, as (ifindex, name).

@@ -12,8 +12,9 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap as KernelHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use flowtrace_common::{
+    drops::{DropKey, DropStats},
     CacheSlot, Counter, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, Tuple, CACHE_SLOTS,
     CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, CONTROL_TRACING, COUNTER_SLOTS,
 };
@@ -46,13 +47,21 @@ pub struct DrainedLatency {
     pub hist: LatencyHist,
 }
 
-/// What one drain produced: the flows, the rewrites, the latency samples, and the map
-/// errors met on the way (each left its entry in place for the next drain).
+/// One drop or retransmission aggregate (the drop buffers are shared by all CPUs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainedDrop {
+    pub key: DropKey,
+    pub stats: DropStats,
+}
+
+/// What one drain produced: the flows, the rewrites, the latency samples, the drops, and
+/// the map errors met on the way (each left its entry in place for the next drain).
 #[derive(Debug, Default)]
 pub struct Drained {
     pub flows: Vec<DrainedFlow>,
     pub nat: Vec<DrainedNat>,
     pub latency: Vec<DrainedLatency>,
+    pub drops: Vec<DrainedDrop>,
     pub problems: Vec<Error>,
 }
 
@@ -79,6 +88,7 @@ pub struct Drainer {
     buffers: [PerCpuHashMap<MapData, FlowKey, FlowStats>; 2],
     nat: [PerCpuHashMap<MapData, Tuple, NatRecord>; 2],
     latency: [PerCpuHashMap<MapData, LatencyKey, LatencyHist>; 2],
+    drops: [KernelHashMap<MapData, DropKey, DropStats>; 2],
     cache: PerCpuArray<MapData, CacheSlot>,
     control: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -123,6 +133,46 @@ fn take_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     out
 }
 
+/// Reads and deletes every entry of an idle shared drop buffer, like `take_all`. The
+/// tracepoint programs may run in process context, where they can be preempted past the
+/// grace period; reading and deleting key by key keeps the window in which such a late
+/// update is lost to one syscall.
+fn take_drops(
+    map: &mut KernelHashMap<MapData, DropKey, DropStats>,
+    name: &'static str,
+    problems: &mut Vec<Error>,
+) -> Vec<DrainedDrop> {
+    let mut keys = Vec::new();
+    for key in map.keys() {
+        match key {
+            Ok(k) => keys.push(k),
+            Err(e) => {
+                problems.push(map_io(name)(e));
+                break;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let stats = match map.get(&key, 0) {
+            Ok(v) => v,
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => {
+                problems.push(map_io(name)(e));
+                continue;
+            }
+        };
+        if let Err(e) = map.remove(&key) {
+            problems.push(map_io(name)(e));
+            continue;
+        }
+        if stats.packets > 0 {
+            out.push(DrainedDrop { key, stats });
+        }
+    }
+    out
+}
+
 /// The error for a failed operation on map `map`.
 fn map_io<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> Error {
     move |e| Error::MapIo {
@@ -157,6 +207,7 @@ impl Drainer {
             buffers: [take(ebpf, maps::FLOWS_0)?, take(ebpf, maps::FLOWS_1)?],
             nat: [take(ebpf, maps::NAT_0)?, take(ebpf, maps::NAT_1)?],
             latency: [take(ebpf, maps::LATENCY_0)?, take(ebpf, maps::LATENCY_1)?],
+            drops: [take(ebpf, maps::DROPS_0)?, take(ebpf, maps::DROPS_1)?],
             cache: take(ebpf, maps::CACHE)?,
             control: take(ebpf, maps::CONTROL)?,
             counters: take(ebpf, maps::COUNTERS)?,
@@ -230,7 +281,10 @@ impl Drainer {
                 (hist.count > 0).then_some(DrainedLatency { key, hist })
             })
             .collect();
+        let dname = maps::DROPS[usize::from(old != 0)];
+        let drops = take_drops(&mut self.drops[old as usize], dname, &mut problems);
         Ok(Drained {
+            drops,
             flows: merged
                 .into_iter()
                 .filter(|(_, stats)| stats.packets > 0)

@@ -8,6 +8,8 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
     ("flowtrace_nat_translations_total", "counter", "Connections seen rewritten by a Service's DNAT, per Service, client and backend."),
     ("flowtrace_hop_latency_seconds", "histogram", "Time a sampled packet took from one hook of this node to the next (from_hop, to_hop: interface class/direction)."),
     ("flowtrace_tcp_rtt_seconds", "histogram", "TCP round trips seen at one hook: SYN to SYN-ACK (kind=handshake) or a sampled data segment to the data acknowledging it (kind=response)."),
+    ("flowtrace_drops_total", "counter", "Packets the kernel dropped on this node (skb:kfree_skb with a drop reason), per source/destination peer, reason (the kernel's skb_drop_reason without SKB_DROP_REASON_) and where (hop: the interface class of the device it died at, in_pod inside a pod's namespace, none without a device)."),
+    ("flowtrace_tcp_retransmits_total", "counter", "TCP segments retransmitted by sockets on this node (tcp:tcp_retransmit_skb), per source/destination peer."),
     ("flowtrace_drain_duration_seconds", "histogram", "Time one drain of the kernel buffers took, naming and merging included."),
     ("flowtrace_attached_interfaces", "gauge", "Interfaces the programs are attached to."),
     ("flowtrace_interface_attach_failures_total", "counter", "Attachments that failed (the interface is not traced)."),

@@ -53,7 +53,7 @@ fn links() -> HashMap<u32, Link> {
         ifindex,
         name: name.into(),
         kind: Some(kind.into()),
-        peer_in_other_netns: peer,
+        peer_netnsid: peer.then_some(0),
         ethernet: true,
     };
     let mut links = HashMap::from([

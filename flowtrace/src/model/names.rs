@@ -54,3 +54,12 @@ impl std::fmt::Display for ServiceRef {
         write!(f, "{}/{}", self.namespace, self.name)
     }
 }
+
+/// The kernel's name of a drop reason (`NETFILTER_DROP`, from its BTF), or `REASON_<code>`
+/// for a code the kernel's BTF did not list.
+pub fn drop_reason_name(reasons: &std::collections::HashMap<u32, String>, code: u32) -> String {
+    reasons
+        .get(&code)
+        .cloned()
+        .unwrap_or_else(|| format!("REASON_{code}"))
+}

@@ -51,6 +51,63 @@ pub struct FlowRecord {
     /// `dst_endpoint` itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst_peer: Option<Endpoint>,
+    /// Packets of this tuple the kernel dropped on this node, by where and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drops: Vec<DropRecord>,
+    /// Their total, in packets.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped: u64,
+    /// TCP segments the sender on this node retransmitted on this tuple.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retransmits: u64,
+}
+
+/// For `skip_serializing_if`: counters that are zero are left out.
+pub fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Which network namespace of the node a packet died in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropNetns {
+    /// The node's own (forwarding, routing, the overlay, the host's sockets).
+    Node,
+    /// A pod's (its sockets, its own routing and filtering).
+    Pod,
+}
+
+/// A hook of a flow, named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopRef {
+    pub interface: String,
+    pub direction: Direction,
+}
+
+/// Packets of one flow that died at one place for one reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropRecord {
+    /// The kernel's `enum skb_drop_reason`, without `SKB_DROP_REASON_` (`NETFILTER_DROP`).
+    pub reason: String,
+    pub reason_code: u32,
+    pub packets: u64,
+    /// Bytes of those packets where they died (`skb->len`).
+    pub bytes: u64,
+    /// The device the packet was at when it was freed ("" when it had none).
+    pub device: String,
+    pub ifindex: u32,
+    pub netns: DropNetns,
+    /// For a drop inside a pod: the host side of that pod's veth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_veth: Option<String>,
+    /// The flow's last hop on this node before it died (absent when no hook saw the flow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<HopRef>,
+    /// The kernel function that freed it (`symbol+0xoff`) when /proc/kallsyms shows
+    /// addresses to the agent, else the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    pub last_seen_unix_ns: u64,
 }
 
 impl FlowRecord {
@@ -80,6 +137,9 @@ pub struct HopRecord {
     pub last_seen_unix_ns: u64,
     /// Union of TCP flags seen, e.g. "SA.F" style letters: F S R P A U E C.
     pub tcp_flags: String,
+    /// Packets of the flow that died after this hop and before the next.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_after: u64,
 }
 
 /// Where a translation stands after the last cross-check (see the module documentation).
@@ -209,10 +269,136 @@ pub enum TraceLine {
         sample: u32,
     },
     Packet(Box<TracePacket>),
+    /// A packet the kernel dropped on this node, live.
+    Drop(Box<TraceDrop>),
+    /// A TCP segment a socket on this node retransmitted, live.
+    Retransmit(Box<TraceDrop>),
     /// The tracer read too slowly and this many packets were skipped.
     Lost {
         packets: u64,
     },
+}
+
+/// One drop or retransmission as it happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceDrop {
+    pub node: String,
+    pub ts_unix_ns: u64,
+    /// Drops: the kernel's reason (`NETFILTER_DROP`); absent for retransmissions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub reason_code: u32,
+    /// Absent when the packet's headers could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuple: Option<TupleView>,
+    /// Drops: the device it was at ("" when none or inside a pod).
+    #[serde(default)]
+    pub device: String,
+    pub netns: DropNetns,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_veth: Option<String>,
+    /// Bytes of the dropped skb (of the retransmitted one).
+    pub bytes: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_endpoint: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_endpoint: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+}
+
+/// The flow a drop belongs to, as `/v1/drops` names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropFlow {
+    pub protocol: String,
+    pub protocol_number: u8,
+    pub ip_version: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_endpoint: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_endpoint: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+}
+
+impl DropFlow {
+    pub fn of(f: &FlowRecord) -> Self {
+        Self {
+            protocol: f.protocol.clone(),
+            protocol_number: f.protocol_number,
+            ip_version: f.ip_version,
+            src: f.src,
+            dst: f.dst,
+            src_port: f.src_port,
+            dst_port: f.dst_port,
+            src_endpoint: f.src_endpoint.clone(),
+            dst_endpoint: f.dst_endpoint.clone(),
+            service: f.service.clone(),
+        }
+    }
+}
+
+/// One line of `/v1/drops`' `drops`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropEntry {
+    #[serde(flatten)]
+    pub flow: DropFlow,
+    #[serde(flatten)]
+    pub drop: DropRecord,
+}
+
+/// One line of `/v1/drops`' `retransmits`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetransmitEntry {
+    #[serde(flatten)]
+    pub flow: DropFlow,
+    pub segments: u64,
+    pub last_seen_unix_ns: u64,
+}
+
+/// What the kernel saw but flowtrace could not keep or place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropLoss {
+    /// Drops and retransmissions the kernel could not record (its drop buffer was full).
+    pub map_full: u64,
+    /// Drops and retransmissions in network namespaces this agent could not place on its
+    /// node (on a real node: a pod namespace not yet mounted where --netns-dir points; in an
+    /// emulated cluster sharing one kernel: the other nodes').
+    pub unplaced: u64,
+}
+
+/// The relay's `/v1/drops`: every node's answer, and the nodes that did not answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayDropsResponse {
+    pub nodes: Vec<DropsResponse>,
+    pub missing: Vec<MissingNode>,
+}
+
+/// `/v1/drops`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropsResponse {
+    pub node: String,
+    /// Whether the drop programs are attached on this node.
+    pub available: bool,
+    /// Why not, when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+    pub drops: Vec<DropEntry>,
+    pub retransmits: Vec<RetransmitEntry>,
+    /// Packets dropped on this node since the agent started, by reason (also those whose
+    /// headers could not be read).
+    pub by_reason: BTreeMap<String, u64>,
+    /// Segments retransmitted on this node since the agent started.
+    pub retransmitted_segments: u64,
+    pub lost: DropLoss,
+    /// Why pod namespaces could not be listed, if they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_problem: Option<String>,
 }
 
 /// A packet across this node's hooks, named.
@@ -539,6 +725,10 @@ pub enum RelayTraceLine {
     Missing(MissingNode),
     /// A packet, as the agent described it (its `node` says where).
     Packet(Box<TracePacket>),
+    /// A drop, as the agent described it.
+    Drop(Box<TraceDrop>),
+    /// A retransmission, as the agent described it.
+    Retransmit(Box<TraceDrop>),
     /// An agent dropped packets for this slow stream.
     Lost { node: String, packets: u64 },
 }

@@ -168,6 +168,18 @@ pub struct FlowFilter {
 }
 
 impl FlowFilter {
+    /// No filter given: everything passes.
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty()
+            && self.ports.is_empty()
+            && self.protos.is_empty()
+            && self.ifaces.is_empty()
+            && self.pods.is_empty()
+            && self.namespaces.is_empty()
+            && self.workloads.is_empty()
+            && self.services.is_empty()
+    }
+
     /// Whether a flow record passes (its interfaces are its hops').
     pub fn matches(&self, f: &FlowRecord) -> bool {
         let interfaces: Vec<&str> = f.hops.iter().map(|h| h.interface.as_str()).collect();
@@ -384,6 +396,7 @@ mod tests {
                 first_seen_unix_ns: 0,
                 last_seen_unix_ns: 0,
                 tcp_flags: String::new(),
+                dropped_after: 0,
             }],
             src_endpoint: None,
             dst_endpoint: None,
@@ -391,6 +404,9 @@ mod tests {
             nat: None,
             src_peer: None,
             dst_peer: None,
+            drops: Vec::new(),
+            dropped: 0,
+            retransmits: 0,
         }
     }
 

@@ -71,6 +71,7 @@ pub async fn run(cfg: RelayConfig, listen: SocketAddr, metrics: Option<SocketAdd
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
         .route("/v1/flows", get(flows))
+        .route("/v1/drops", get(drops))
         .route("/v1/path", get(path))
         .route("/v1/trace", get(trace))
         .route("/v1/nodes", get(nodes))
@@ -116,6 +117,15 @@ async fn flows(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
         Err(e) => error_response(StatusCode::BAD_REQUEST, e.to_string()),
     };
     served(&relay, "flows", started, r)
+}
+
+async fn drops(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Response {
+    let started = Instant::now();
+    let r = match FlowFilter::from_query(query.as_deref().unwrap_or("")) {
+        Ok(f) => json(&relay.drops(&f).await),
+        Err(e) => error_response(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    served(&relay, "drops", started, r)
 }
 
 /// `src=`, `dst=` and `window_s=` of `/v1/path`.
@@ -387,6 +397,8 @@ async fn pump(
                     }
                 }
                 Ok(TraceLine::Packet(p)) => RelayTraceLine::Packet(p),
+                Ok(TraceLine::Drop(d)) => RelayTraceLine::Drop(d),
+                Ok(TraceLine::Retransmit(d)) => RelayTraceLine::Retransmit(d),
                 Ok(TraceLine::Lost { packets }) => RelayTraceLine::Lost {
                     node: node.clone().unwrap_or_else(|| url.to_string()),
                     packets,
@@ -399,7 +411,9 @@ async fn pump(
             // Packets are dropped (and counted) rather than slowing every node's stream
             // for one slow client; news of nodes always waits for room.
             match out {
-                RelayTraceLine::Packet(_) => match tx.try_send(out) {
+                RelayTraceLine::Packet(_)
+                | RelayTraceLine::Drop(_)
+                | RelayTraceLine::Retransmit(_) => match tx.try_send(out) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => lost += 1,
                     Err(mpsc::error::TrySendError::Closed(_)) => return Pumped::ClientGone,

@@ -3,6 +3,8 @@
 //!
 //! - `GET /v1/flows[?ip=&port=&proto=&iface=&pod=&namespace=&workload=&service=]`: the flow
 //!   table, drained fresh for the request, with names and Service translations.
+//! - `GET /v1/drops[?same filters as /v1/flows]`: packets the kernel dropped on this node per
+//!   flow, where and why, and TCP retransmissions.
 //! - `GET /v1/interfaces`: what flowtrace is attached to.
 //! - `GET /v1/nat`: NAT translations (kernel programs vs conntrack) and the cross-check counters.
 //! - `GET /v1/metadata`: where names come from and whether each kind is synced.
@@ -49,6 +51,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
 pub fn data_router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/flows", get(flows))
+        .route("/v1/drops", get(drops))
         .route("/v1/interfaces", get(interfaces))
         .route("/v1/nat", get(nat))
         .route("/v1/stats", get(stats))
@@ -110,6 +113,14 @@ async fn flows(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Re
         return error_response(status, msg);
     }
     json_or_500(agent.flows(&q.filter, q.limit).await)
+}
+
+async fn drops(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {
+    let filter = match filter_of(&agent, query.as_deref()) {
+        Ok(f) => f,
+        Err((status, msg)) => return error_response(status, msg),
+    };
+    json_or_500(agent.drops(&filter).await)
 }
 
 async fn pathdata(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {
@@ -246,7 +257,7 @@ async fn trace(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Re
             let line = match tokio::time::timeout(TRACE_KEEPALIVE, rx.recv()).await {
                 Err(_) => "\n".to_string(),
                 Ok(Ok(p)) => match tracer.agent.describe(&p, &filter) {
-                    Some(named) => json_line(&TraceLine::Packet(Box::new(named))),
+                    Some(line) => json_line(&line),
                     None => continue,
                 },
                 Ok(Err(RecvError::Lagged(n))) => json_line(&TraceLine::Lost { packets: n }),

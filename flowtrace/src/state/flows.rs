@@ -160,6 +160,7 @@ impl FlowTable {
                         first_seen_unix_ns: unix(c.stats.first_seen_ns),
                         last_seen_unix_ns: unix(c.stats.last_seen_ns),
                         tcp_flags: tcp_flags_string(c.stats.tcp_flags),
+                        dropped_after: 0,
                     })
                     .collect();
                 // Order of first sighting is the order the packets met the hops.
@@ -189,6 +190,9 @@ impl FlowTable {
                     nat: None,
                     src_peer: None,
                     dst_peer: None,
+                    drops: Vec::new(),
+                    dropped: 0,
+                    retransmits: 0,
                 }
             })
             .collect();

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use flowtrace_common::{PacketId, TraceEvent};
+use flowtrace_common::{PacketId, TraceEvent, DIR_DROPPED, DIR_RETRANSMITTED};
 
 use crate::model::{Direction, FlowTuple};
 
@@ -48,6 +48,49 @@ impl Sighting {
             tcp_flags: e.tcp_flags,
             bytes: e.bytes,
         }
+    }
+}
+
+/// What goes out to the tracers: a packet joined across hooks, or a drop or
+/// retransmission as the kernel reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Traced {
+    Packet(TracedPacket),
+    Drop(TracedDrop),
+}
+
+/// One drop (`DIR_DROPPED`) or retransmission (`DIR_RETRANSMITTED`) from the trace ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracedDrop {
+    pub ts_ns: u64,
+    /// `None` when the kernel could not read the packet's headers.
+    pub tuple: Option<FlowTuple>,
+    /// Network namespace inode (the kernel puts it in the event's packet id, which drops
+    /// do not need).
+    pub netns: u32,
+    pub ifindex: u32,
+    pub reason: u32,
+    pub bytes: u32,
+    pub retransmit: bool,
+}
+
+impl TracedDrop {
+    /// The drop an event describes, or `None` for a packet event.
+    pub fn from_event(e: &TraceEvent) -> Option<Self> {
+        let retransmit = match e.direction {
+            DIR_DROPPED => false,
+            DIR_RETRANSMITTED => true,
+            _ => return None,
+        };
+        Some(Self {
+            ts_ns: e.ts_ns,
+            tuple: (e.tuple.ip_version != 0).then(|| FlowTuple::from_tuple(&e.tuple)),
+            netns: e.id.ident,
+            ifindex: e.ifindex,
+            reason: e.reason,
+            bytes: e.bytes,
+            retransmit,
+        })
     }
 }
 

@@ -201,6 +201,7 @@ fn hop(
         first_seen_unix_ns: t0,
         last_seen_unix_ns: t1,
         tcp_flags: flags.to_string(),
+        dropped_after: 0,
     }
 }
 
@@ -257,6 +258,9 @@ fn table(n: u32, nodes: u32, count: usize, seed: u64, now_ns: u64) -> Vec<FlowRe
             nat: None,
             src_peer: None,
             dst_peer: None,
+            drops: Vec::new(),
+            dropped: 0,
+            retransmits: 0,
         };
         let remote = other_node != n;
         match kind {

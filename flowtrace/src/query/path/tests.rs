@@ -51,6 +51,7 @@ fn flow(
                 first_seen_unix_ns: *first,
                 last_seen_unix_ns: 1_000_000_000,
                 tcp_flags: "SAF".into(),
+                dropped_after: 0,
             })
             .collect(),
         src_endpoint: ends(tuple.src),
@@ -72,6 +73,9 @@ fn flow(
         }),
         src_peer: None,
         dst_peer: None,
+        drops: Vec::new(),
+        dropped: 0,
+        retransmits: 0,
     }
 }
 
