@@ -206,6 +206,7 @@ fn table(title: &str, flows: &[(&str, &FlowRecord)], with_node: bool) -> String 
                 ),
                 f.packets.to_string(),
                 f.bytes.to_string(),
+                drops_column(f),
                 nat_column(f),
                 hops_column(f),
             ]);
@@ -219,6 +220,7 @@ fn table(title: &str, flows: &[(&str, &FlowRecord)], with_node: bool) -> String 
         "DESTINATION",
         "PACKETS",
         "BYTES",
+        "DROPS",
         "NAT",
         "HOPS (first seen first)",
     ]);
@@ -247,6 +249,31 @@ fn table(title: &str, flows: &[(&str, &FlowRecord)], with_node: bool) -> String 
         let _ = writeln!(out, "{}", line(&cells));
     }
     out
+}
+
+/// What died of a flow and why, and its retransmissions: `3 NETFILTER_DROP@flannel.1`,
+/// `5 SOCKET_RCVBUFF@pod(veth1a2b)`, `7 retx`; `-` for none.
+fn drops_column(f: &FlowRecord) -> String {
+    let mut parts: Vec<String> = f
+        .drops
+        .iter()
+        .map(|d| {
+            let at = match (&d.pod_veth, d.device.as_str()) {
+                (Some(v), _) => format!("@pod({v})"),
+                (None, "") => String::new(),
+                (None, dev) => format!("@{dev}"),
+            };
+            format!("{} {}{at}", d.packets, d.reason)
+        })
+        .collect();
+    if f.retransmits > 0 {
+        parts.push(format!("{} retx", f.retransmits));
+    }
+    if parts.is_empty() {
+        "-".to_string()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// `flowtrace flows --relay`: every node's flows with a NODE column, and a warning line per
@@ -480,6 +507,24 @@ fn render_leg(out: &mut String, name: &str, leg: &crate::query::path::Leg) {
             } => {
                 let _ = writeln!(out, "    {node:<10} NAT ({rewrote}) -> {}", tuple_text(to));
             }
+            Step::Drop {
+                node,
+                reason,
+                device,
+                pod_veth,
+                packets,
+                ..
+            } => {
+                let at = match (pod_veth, device.as_str()) {
+                    (Some(v), _) => format!(" inside the pod behind {v}"),
+                    (None, "") => String::new(),
+                    (None, dev) => format!(" at {dev}"),
+                };
+                let _ = writeln!(
+                    out,
+                    "    {node:<10} DROPPED {packets} packets: {reason}{at}"
+                );
+            }
         }
     }
 }
@@ -498,7 +543,7 @@ fn render_path(p: &crate::query::path::PathRecord) -> String {
         .rev()
         .find_map(|s| match s {
             crate::query::path::Step::Hop { tuple, .. } => Some(*tuple),
-            crate::query::path::Step::Nat { .. } => None,
+            crate::query::path::Step::Nat { .. } | crate::query::path::Step::Drop { .. } => None,
         })
         .unwrap_or(p.request.tuple);
     let _ = writeln!(

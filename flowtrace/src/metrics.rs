@@ -25,8 +25,7 @@ use crate::{
     host::netns::NsPlace,
     kernel::drain::Drained,
     model::{
-        drop_reason_name, protocol_name, Direction, Endpoint, EndpointKind, FlowTuple,
-        LatencyKind,
+        drop_reason_name, protocol_name, Direction, Endpoint, EndpointKind, FlowTuple, LatencyKind,
     },
     state::drops::PlacedDrop,
 };
@@ -306,10 +305,7 @@ impl Metrics {
                 NsPlace::Node => v.namer.hop_class(d.site.ifindex),
                 NsPlace::Pod { .. } => "in_pod".to_string(),
             };
-            let labels = join(
-                &peers,
-                [drop_reason_name(v.reasons, d.site.reason), hop],
-            );
+            let labels = join(&peers, [drop_reason_name(v.reasons, d.site.reason), hop]);
             *self.drops.get(labels, max, v.now_ns) += d.packets;
         }
         self.observe_drain_duration(v.duration_s);

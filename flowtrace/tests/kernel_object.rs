@@ -48,3 +48,15 @@ fn every_program_name_is_a_program_of_the_object_and_back() {
         "the kernel's #[classifier] functions and flowtrace_common::programs differ"
     );
 }
+
+#[test]
+fn every_tracepoint_program_is_in_its_raw_tracepoint_section() {
+    let obj = object::File::parse(EBPF_OBJECT).expect("the built object is ELF");
+    for (program, tracepoint) in flowtrace_common::programs::TRACEPOINTS {
+        assert_eq!(
+            symbols_in(&obj, &format!("raw_tp/{tracepoint}")),
+            vec![program.to_string()],
+            "the kernel's #[raw_tracepoint] functions and flowtrace_common::programs::TRACEPOINTS differ"
+        );
+    }
+}

@@ -628,8 +628,7 @@ impl Agent {
                     retransmits.push(RetransmitEntry {
                         flow: flow.clone(),
                         segments: f.retransmits,
-                        last_seen_unix_ns: (i128::from(d.retransmits.last_seen_ns)
-                            + names.offset)
+                        last_seen_unix_ns: (i128::from(d.retransmits.last_seen_ns) + names.offset)
                             .max(0) as u64,
                     });
                 }

@@ -228,11 +228,7 @@ fn render_drop(d: &TraceDrop) -> String {
         (None, false) => format!(" at {}", d.device),
         (None, true) => String::new(),
     };
-    format!(
-        "{} {} {what} {tuple}{at}\n",
-        clock(d.ts_unix_ns),
-        d.node
-    )
+    format!("{} {} {what} {tuple}{at}\n", clock(d.ts_unix_ns), d.node)
 }
 
 /// `HH:MM:SS.uuuuuu` (UTC) of a Unix time in nanoseconds.

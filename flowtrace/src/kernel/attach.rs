@@ -95,29 +95,36 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> std::result::Result<DropReasons, S
     for (program, tracepoint) in programs::TRACEPOINTS {
         let prog: &mut RawTracePoint = ebpf
             .program_mut(program)
-            .ok_or_else(|| format!("program `{program}` is not in the embedded object: rebuild flowtrace"))?
+            .ok_or_else(|| {
+                format!("program `{program}` is not in the embedded object: rebuild flowtrace")
+            })?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| format!("program `{program}`: {e}"))?;
-        prog.load().map_err(|e| {
+        prog.load()
+            .map_err(|e| format!("loading `{program}` failed: {e}. {}", tracepoint_hint(&e)))?;
+        prog.attach(tracepoint).map_err(|e| {
             format!(
-                "loading `{program}` failed: {e}. {}",
+                "attaching `{program}` to the raw tracepoint {tracepoint} failed: {e}. {}",
                 tracepoint_hint(&e)
             )
         })?;
-        prog.attach(tracepoint).map_err(|e| {
-            format!("attaching `{program}` to the raw tracepoint {tracepoint} failed: {e}. {}", tracepoint_hint(&e))
-        })?;
     }
-    info!(reasons = reasons.len(), "drop and retransmission programs attached");
+    info!(
+        reasons = reasons.len(),
+        "drop and retransmission programs attached"
+    );
     Ok(reasons)
 }
 
 fn write_layout(ebpf: &mut Ebpf, layout: DropLayout) -> std::result::Result<(), String> {
-    let map = ebpf
-        .map_mut(maps::DROP_LAYOUT)
-        .ok_or_else(|| format!("map {} is not in the embedded object: rebuild flowtrace", maps::DROP_LAYOUT))?;
-    let mut array: Array<_, DropLayout> = Array::try_from(map)
-        .map_err(|e| format!("map {}: {e}", maps::DROP_LAYOUT))?;
+    let map = ebpf.map_mut(maps::DROP_LAYOUT).ok_or_else(|| {
+        format!(
+            "map {} is not in the embedded object: rebuild flowtrace",
+            maps::DROP_LAYOUT
+        )
+    })?;
+    let mut array: Array<_, DropLayout> =
+        Array::try_from(map).map_err(|e| format!("map {}: {e}", maps::DROP_LAYOUT))?;
     array
         .set(0, layout, 0)
         .map_err(|e| format!("writing map {}: {e}", maps::DROP_LAYOUT))

@@ -46,12 +46,18 @@ struct Member {
 #[derive(Clone, Debug)]
 enum Type {
     /// Struct or union.
-    Composite { members: Vec<Member> },
-    Enum { values: Vec<(u32, i64)> },
+    Composite {
+        members: Vec<Member>,
+    },
+    Enum {
+        values: Vec<(u32, i64)>,
+    },
     /// Typedef, const, volatile, restrict, type tag: the type they wrap.
     Alias(u32),
     Ptr(u32),
-    FuncProto { params: usize },
+    FuncProto {
+        params: usize,
+    },
     Other,
 }
 
@@ -213,7 +219,9 @@ impl Btf {
             let name = btf.string(btf.names[id]).to_string();
             if !name.is_empty() {
                 // The first of a name wins: vmlinux has one definition per name and kind.
-                btf.by_name.entry((btf.kinds[id], name)).or_insert(id as u32);
+                btf.by_name
+                    .entry((btf.kinds[id], name))
+                    .or_insert(id as u32);
             }
         }
         Ok(btf)
@@ -399,7 +407,13 @@ mod tests {
         let mut out = Vec::new();
         out.extend(MAGIC.to_le_bytes());
         out.extend([1u8, 0]);
-        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend(w.to_le_bytes());
         }
         out.extend(types);
@@ -442,7 +456,12 @@ mod tests {
         assert_ne!(l.skb_network_header, 0);
         let reasons = btf.drop_reasons().expect("reasons");
         let names: Vec<&str> = reasons.values().map(String::as_str).collect();
-        for want in ["NETFILTER_DROP", "NO_SOCKET", "SOCKET_RCVBUFF", "NOT_DROPPED_YET"] {
+        for want in [
+            "NETFILTER_DROP",
+            "NO_SOCKET",
+            "SOCKET_RCVBUFF",
+            "NOT_DROPPED_YET",
+        ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
     }

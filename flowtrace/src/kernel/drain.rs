@@ -12,7 +12,9 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use aya::maps::{Array, HashMap as KernelHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{
+    Array, HashMap as KernelHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use flowtrace_common::{
     drops::{DropKey, DropStats},
     CacheSlot, Counter, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, Tuple, CACHE_SLOTS,

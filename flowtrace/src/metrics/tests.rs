@@ -43,6 +43,7 @@ fn drained(flows: Vec<DrainedFlow>, nat: Vec<DrainedNat>) -> Drained {
         flows,
         nat,
         latency: Vec::new(),
+        drops: Vec::new(),
         problems: Vec::new(),
     }
 }
@@ -72,11 +73,99 @@ fn observe(m: &mut Metrics, meta: &MetaCache, nat: &mut NatTable, d: &Drained, n
     let namer = Namer::new(meta, nat, &links);
     m.observe_drain(&DrainView {
         drained: d,
+        drops: &[],
+        reasons: &HashMap::new(),
         new_translations: &new,
         namer: &namer,
         now_ns,
         duration_s: 0.002,
     });
+}
+
+/// Feeds `m` one drain of drops: 3 + 4 NETFILTER_DROP at the overlay device, 5 inside the
+/// pod behind veth1, and 6 retransmitted segments.
+fn observe_drops(m: &mut Metrics) {
+    use crate::{
+        host::netns::NsPlace,
+        state::drops::{DropSite, PlacedDrop},
+    };
+    let meta = MetaCache::new();
+    let nat = NatTable::new(u64::MAX);
+    let links = links();
+    let namer = Namer::new(&meta, &nat, &links);
+    let tuple = Some(crate::model::FlowTuple {
+        protocol: 17,
+        src: "10.0.0.1".parse().unwrap(),
+        dst: "10.0.0.2".parse().unwrap(),
+        src_port: 1,
+        dst_port: 2,
+    });
+    let site = |netns, ifindex| DropSite {
+        reason: 12,
+        netns,
+        ifindex,
+        location: 0,
+    };
+    let placed = [
+        PlacedDrop {
+            tuple,
+            retransmit: false,
+            site: site(NsPlace::Node, 2),
+            packets: 3,
+        },
+        PlacedDrop {
+            tuple,
+            retransmit: false,
+            site: site(NsPlace::Node, 2),
+            packets: 4,
+        },
+        PlacedDrop {
+            tuple,
+            retransmit: false,
+            site: site(NsPlace::Pod { veth: 1 }, 2),
+            packets: 5,
+        },
+        PlacedDrop {
+            tuple,
+            retransmit: true,
+            site: site(NsPlace::Node, 0),
+            packets: 6,
+        },
+    ];
+    let reasons = HashMap::from([(12, "NETFILTER_DROP".to_string())]);
+    m.observe_drain(&DrainView {
+        drained: &drained(Vec::new(), Vec::new()),
+        drops: &placed,
+        reasons: &reasons,
+        new_translations: &[],
+        namer: &namer,
+        now_ns: 1,
+        duration_s: 0.001,
+    });
+}
+
+/// Drops count per reason (named from the kernel's list) and place; retransmissions apart.
+#[test]
+fn drops_and_retransmissions_are_counted_by_reason_and_place() {
+    let mut m = Metrics::new(cfg(Level::Pod, 100));
+    observe_drops(&mut m);
+    let t = text(&m);
+    let series = |name: &str, needle: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with(name) && l.contains(needle))
+            .map(String::from)
+            .collect()
+    };
+    let overlay = series("flowtrace_drops_total{", "hop=\"overlay\"");
+    assert_eq!(overlay.len(), 1, "{t}");
+    assert!(
+        overlay[0].contains("reason=\"NETFILTER_DROP\"") && overlay[0].ends_with(" 7"),
+        "{t}"
+    );
+    let in_pod = series("flowtrace_drops_total{", "hop=\"in_pod\"");
+    assert!(in_pod.len() == 1 && in_pod[0].ends_with(" 5"), "{t}");
+    let retx = series("flowtrace_tcp_retransmits_total{", "");
+    assert!(retx.len() == 1 && retx[0].ends_with(" 6"), "{t}");
 }
 
 fn text(m: &Metrics) -> String {
@@ -446,6 +535,7 @@ fn every_family_served_is_listed_with_its_type_and_help() {
         },
     });
     observe(&mut m, &cache(), &mut NatTable::new(u64::MAX), &d, 1);
+    observe_drops(&mut m);
     let fams = m.families(&Health {
         programs: vec![("flowtrace_ingress".into(), 1_000, 10)],
         ..Health::default()

@@ -203,6 +203,18 @@ pub enum Step {
         /// "dst", "src" or "src+dst".
         rewrote: String,
     },
+    /// Packets that died after the previous hop: where and why (the kernel's reason).
+    Drop {
+        node: String,
+        reason: String,
+        /// The device they were at ("" inside a pod or without one).
+        device: String,
+        /// Inside a pod: the host side of its veth.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod_veth: Option<String>,
+        packets: u64,
+        bytes: u64,
+    },
 }
 
 /// Round trip spent between two consecutive hops of the request path: the mean round trip
@@ -275,6 +287,14 @@ enum RawStep {
         to: FlowTuple,
         rewrote: String,
     },
+    Drop {
+        node: String,
+        reason: String,
+        device: String,
+        pod_veth: Option<String>,
+        packets: u64,
+        bytes: u64,
+    },
 }
 
 impl RawStep {
@@ -288,10 +308,37 @@ impl RawStep {
                 ..
             } => (node.clone(), interface.clone(), Some(*direction)),
             RawStep::Nat { node, rewrote, .. } => (node.clone(), format!("nat {rewrote}"), None),
+            RawStep::Drop {
+                node,
+                reason,
+                device,
+                pod_veth,
+                ..
+            } => (
+                node.clone(),
+                format!(
+                    "drop {reason} {device} {}",
+                    pod_veth.as_deref().unwrap_or("")
+                ),
+                None,
+            ),
         }
     }
 
     fn merge(&mut self, other: &RawStep) {
+        if let (
+            RawStep::Drop { packets, bytes, .. },
+            RawStep::Drop {
+                packets: p2,
+                bytes: b2,
+                ..
+            },
+        ) = (&mut *self, other)
+        {
+            *packets += p2;
+            *bytes += b2;
+            return;
+        }
         if let (
             RawStep::Hop {
                 packets,
@@ -498,6 +545,16 @@ impl<'a> Indexed<'a> {
                     });
                     prev = Some(here);
                 }
+                for d in &f.drops {
+                    out.push(RawStep::Drop {
+                        node: self.view.node.clone(),
+                        reason: d.reason.clone(),
+                        device: d.device.clone(),
+                        pod_veth: d.pod_veth.clone(),
+                        packets: d.packets,
+                        bytes: d.bytes,
+                    });
+                }
             }
             match self.nat.get(&t) {
                 Some((next, rewrote)) => {
@@ -700,7 +757,7 @@ fn finish(r: &mut PathRecord, request: &[RawStep]) {
                 handshake,
                 response,
             )),
-            RawStep::Nat { .. } => None,
+            RawStep::Nat { .. } | RawStep::Drop { .. } => None,
         })
         .collect();
     for w in hops.windows(2) {
@@ -759,6 +816,21 @@ fn render(s: &RawStep) -> Step {
             from: (*from).into(),
             to: (*to).into(),
             rewrote: rewrote.clone(),
+        },
+        RawStep::Drop {
+            node,
+            reason,
+            device,
+            pod_veth,
+            packets,
+            bytes,
+        } => Step::Drop {
+            node: node.clone(),
+            reason: reason.clone(),
+            device: device.clone(),
+            pod_veth: pod_veth.clone(),
+            packets: *packets,
+            bytes: *bytes,
         },
     }
 }

@@ -222,6 +222,10 @@ mod tests {
         assert_eq!(t.iter().count(), 1);
         t.expire(2_021);
         assert_eq!(t.iter().count(), 0);
-        assert_eq!(t.totals().by_reason.get(&12), Some(&5), "totals outlive the tuples");
+        assert_eq!(
+            t.totals().by_reason.get(&12),
+            Some(&5),
+            "totals outlive the tuples"
+        );
     }
 }

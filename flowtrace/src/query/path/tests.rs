@@ -229,8 +229,64 @@ fn hops_of(leg: &Leg) -> Vec<String> {
                 ..
             } => format!("{node} {interface} {}", direction.as_str()),
             Step::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
+            Step::Drop {
+                node,
+                reason,
+                device,
+                packets,
+                ..
+            } => format!("{node} drop {packets} {reason} at {device}"),
         })
         .collect()
+}
+
+/// Packets dropped on node2 after the overlay (a FORWARD rule) show where the path ends
+/// and why, after the last hop that saw them; two connections dropped alike add up.
+#[test]
+fn a_drop_is_a_step_after_the_last_hop_that_saw_the_packets() {
+    let mut flows1 = Vec::new();
+    let mut flows2 = Vec::new();
+    for sport in [40001, 40002] {
+        let (n1, mut n2, _, _) = service_across_nodes(sport);
+        let req2 = n2[0].clone();
+        n2[0].hops.truncate(1);
+        n2[0].drops = vec![crate::model::wire::DropRecord {
+            reason: "NETFILTER_DROP".into(),
+            reason_code: 12,
+            packets: 3,
+            bytes: 300,
+            device: "flannel.1".into(),
+            ifindex: 7,
+            netns: crate::model::wire::DropNetns::Node,
+            pod_veth: None,
+            after: None,
+            location: None,
+            last_seen_unix_ns: req2.hops[0].last_seen_unix_ns,
+        }];
+        n2.truncate(1);
+        flows1.extend(n1.into_iter().take(2));
+        flows2.extend(n2);
+    }
+    let v = views(flows1, flows2, Vec::new(), Vec::new());
+    let ps = paths(
+        &v,
+        &PathEnd::parse("workload/default/client").unwrap(),
+        &PathEnd::parse("svc/default/svc-demo").unwrap(),
+        0,
+        0,
+    );
+    assert_eq!(ps.len(), 1, "{ps:#?}");
+    assert_eq!(ps[0].connections, 2);
+    assert_eq!(
+        hops_of(&ps[0].request),
+        [
+            "node1 veth-a ingress",
+            "node1 nat dst",
+            "node1 flannel.1 egress",
+            "node2 flannel.1 ingress",
+            "node2 drop 6 NETFILTER_DROP at flannel.1"
+        ]
+    );
 }
 
 #[test]
