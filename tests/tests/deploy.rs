@@ -663,14 +663,30 @@ fn daemonset_runs_unprivileged_with_exactly_the_documented_capabilities() {
         );
     }
 
-    // The agent needs no host path: it pins nothing in bpffs and reads no tracefs
-    // (tests/tests/least_privilege.rs runs it with neither mounted).
+    // One host path only: the directory of pod network namespaces, read-only, to place drops
+    // inside pods. The agent pins nothing in bpffs and reads no tracefs (the least-privilege
+    // test runs it with neither mounted).
     for v in pod.volumes.as_deref().unwrap_or_default() {
         if let Some(hp) = &v.host_path {
-            panic!(
-                "{at}: volume `{}` mounts host path {}; the agent needs none (deploy/README.md, Security)",
-                v.name, hp.path
+            assert!(
+                v.name == "netns" && hp.path == "/var/run/netns",
+                "{at}: volume `{}` mounts host path {}; the agent needs none but /var/run/netns (deploy/README.md, Security)",
+                v.name,
+                hp.path
             );
+            for c in &pod.containers {
+                for m in c.volume_mounts.as_deref().unwrap_or_default() {
+                    if m.name == v.name {
+                        assert_eq!(
+                            m.read_only,
+                            Some(true),
+                            "{at}: container `{}` must mount {} read-only",
+                            c.name,
+                            hp.path
+                        );
+                    }
+                }
+            }
         }
     }
 
