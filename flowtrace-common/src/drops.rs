@@ -20,6 +20,10 @@ pub const KIND_RETRANSMIT: u8 = 1;
 pub const REASON_NOT_DROPPED_YET: u32 = 0;
 pub const REASON_CONSUMED: u32 = 1;
 
+/// Slots of `DROPS_LOST`, one per drop reason; the last also holds every larger reason
+/// (subsystem reasons carry high bits).
+pub const LOST_REASON_SLOTS: u32 = 256;
+
 /// Default capacity of each drop buffer, in (tuple, reason, place) entries.
 pub const DEFAULT_DROP_ENTRIES: u32 = 4_096;
 

@@ -51,11 +51,14 @@ pub const DROPS_0: &str = "DROPS_0";
 pub const DROPS_1: &str = "DROPS_1";
 pub const DROPS: [&str; 2] = [DROPS_0, DROPS_1];
 
+/// Drops that found the drop buffer full, per reason (`LOST_REASON_SLOTS` u64s).
+pub const DROPS_LOST: &str = "DROPS_LOST";
+
 /// The kernel struct offsets the tracepoint programs read (`DropLayout`, one slot).
 pub const DROP_LAYOUT: &str = "DROP_LAYOUT";
 
 /// Every map of the object, in the kernel's declaration order.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     FLOWS_0,
     FLOWS_1,
     CONTROL,
@@ -75,6 +78,7 @@ pub const ALL: [&str; 19] = [
     DROPS_0,
     DROPS_1,
     DROP_LAYOUT,
+    DROPS_LOST,
 ];
 
 const _: () = assert!(FLOWS.len() == crate::FLOW_BUFFERS as usize);

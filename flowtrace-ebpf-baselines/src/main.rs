@@ -3,6 +3,9 @@
 //! in it: `tests/build.rs` builds this crate into `flowtrace_tests::baselines::OBJECT`.
 //!
 //! `bench_noop` measures the floor of a TC program run as bpf_stats sees it.
+//! `bench_kfree_noop` and `bench_kfree_count` do the same for a raw tracepoint program on
+//! `skb:kfree_skb`: nothing, and the least a drop counter can do (count per reason in a
+//! per-CPU array), the yardsticks of flowtrace's cost per recorded drop.
 //! `bench_counter` is a minimal IPv4 5-tuple counter written the plain way (per-field
 //! `bpf_skb_load_bytes`, lookup then update): the yardstick flowtrace's cost is held to.
 #![no_std]
@@ -10,9 +13,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
-    macros::{classifier, map},
-    maps::PerCpuHashMap,
-    programs::TcContext,
+    macros::{classifier, map, raw_tracepoint},
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::{RawTracePointContext, TcContext},
 };
 
 #[repr(C)]
@@ -70,6 +73,29 @@ fn try_count(ctx: &TcContext) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// Drops per `enum skb_drop_reason` (the low 8 bits), per CPU.
+#[map]
+static BASELINE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(256, 0);
+
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn bench_kfree_noop(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn bench_kfree_count(ctx: RawTracePointContext) -> i32 {
+    let reason = ctx.arg::<u64>(2) as u32;
+    // 0 and 1 (not dropped yet, consumed) are not drops.
+    if reason > 1 {
+        if let Some(v) = BASELINE_DROPS.get_ptr_mut(reason & 0xff) {
+            // SAFETY: per-CPU value; a nested run on this CPU is refused by the kernel's
+            // recursion guard, so nothing else writes it meanwhile.
+            unsafe { *v += 1 };
+        }
+    }
+    0
 }
 
 #[cfg(not(test))]

@@ -22,14 +22,14 @@ use aya_ebpf::{
 };
 use flowtrace_common::{
     drops::{
-        DropKey, DropLayout, DropStats, KIND_DROP, KIND_RETRANSMIT, REASON_CONSUMED,
-        REASON_NOT_DROPPED_YET,
+        DropKey, DropLayout, DropStats, KIND_DROP, KIND_RETRANSMIT, LOST_REASON_SLOTS,
+        REASON_CONSUMED, REASON_NOT_DROPPED_YET,
     },
     Counter, PacketId, TraceEvent, Tuple, CONTROL_ACTIVE_BUFFER, CONTROL_TRACING, DIR_DROPPED,
     DIR_RETRANSMITTED,
 };
 
-use crate::maps::{CONTROL, COUNTERS, DROPS_0, DROPS_1, DROP_LAYOUT, TRACE_EVENTS};
+use crate::maps::{CONTROL, COUNTERS, DROPS_0, DROPS_1, DROPS_LOST, DROP_LAYOUT, TRACE_EVENTS};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -148,15 +148,21 @@ fn on_kfree_skb(ctx: &RawTracePointContext) {
     let head = read::<u64>(skb, l.skb_head).unwrap_or(0);
     let nh = read::<u16>(skb, l.skb_network_header).unwrap_or(NO_HEADER);
     let proto = u16::from_be(read::<u16>(skb, l.skb_protocol).unwrap_or(0));
+    let mut l3_bytes = None;
     if head != 0 && nh != NO_HEADER {
         let ip = head + u64::from(nh);
-        match proto {
+        l3_bytes = match proto {
             ETH_P_IP => ipv4_tuple(ip, &mut key.tuple),
             ETH_P_IPV6 => ipv6_tuple(ip, &mut key.tuple),
-            _ => {}
-        }
+            _ => None,
+        };
     }
-    let bytes = read::<u32>(skb, l.skb_len).unwrap_or(0);
+    // Layer-3 bytes, as the hops count them (skb->len depends on the layer it died at:
+    // payload only in a socket's queue); skb->len when the IP header cannot be read.
+    let bytes = match l3_bytes {
+        Some(b) => b,
+        None => read::<u32>(skb, l.skb_len).unwrap_or(0),
+    };
     record(&key, 1, u64::from(bytes), DIR_DROPPED);
 }
 
@@ -215,41 +221,42 @@ fn on_retransmit(ctx: &RawTracePointContext) {
     record(&key, segs, u64::from(bytes), DIR_RETRANSMITTED);
 }
 
-/// The addresses, protocol and ports of an IPv4 header at kernel address `ip`.
+/// The addresses, protocol and ports of an IPv4 header at kernel address `ip`; returns
+/// the packet's total length.
 #[inline(always)]
-fn ipv4_tuple(ip: u64, t: &mut Tuple) {
-    let Some(h) = read::<[u8; 20]>(ip, 0) else {
-        return;
-    };
+fn ipv4_tuple(ip: u64, t: &mut Tuple) -> Option<u32> {
+    let h = read::<[u8; 20]>(ip, 0)?;
     if h[0] >> 4 != 4 {
-        return;
+        return None;
     }
+    let total = Some(u32::from(u16::from_be_bytes([h[2], h[3]])));
     t.ip_version = 4;
     t.protocol = h[9];
     t.src_addr[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
     t.dst_addr[0] = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
     // Only the first fragment has ports.
     if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
-        return;
+        return total;
     }
     let l4 = ip + u64::from(h[0] & 0x0f) * 4;
     ports(l4, t, PROTO_ICMP);
+    total
 }
 
 /// The same for an IPv6 header, past up to four extension headers.
 #[inline(always)]
-fn ipv6_tuple(ip: u64, t: &mut Tuple) {
-    let Some(h) = read::<[u32; 10]>(ip, 0) else {
-        return;
-    };
+fn ipv6_tuple(ip: u64, t: &mut Tuple) -> Option<u32> {
+    let h = read::<[u32; 10]>(ip, 0)?;
     let first = h[0].to_ne_bytes();
     if first[0] >> 4 != 6 {
-        return;
+        return None;
     }
+    let second = h[1].to_ne_bytes();
+    let total = Some(u32::from(u16::from_be_bytes([second[0], second[1]])) + 40);
     t.ip_version = 6;
     t.src_addr = [h[2], h[3], h[4], h[5]];
     t.dst_addr = [h[6], h[7], h[8], h[9]];
-    let mut next = h[1].to_ne_bytes()[2];
+    let mut next = second[2];
     let mut at = ip + 40;
     let mut i = 0;
     while i < 4 {
@@ -258,7 +265,7 @@ fn ipv6_tuple(ip: u64, t: &mut Tuple) {
             0 | 43 | 60 => {
                 let Some(e) = read::<[u8; 2]>(at, 0) else {
                     t.protocol = next;
-                    return;
+                    return total;
                 };
                 next = e[0];
                 at += (u64::from(e[1]) + 1) * 8;
@@ -267,13 +274,13 @@ fn ipv6_tuple(ip: u64, t: &mut Tuple) {
             44 => {
                 let Some(e) = read::<[u8; 4]>(at, 0) else {
                     t.protocol = next;
-                    return;
+                    return total;
                 };
                 next = e[0];
                 at += 8;
                 if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
                     t.protocol = next;
-                    return;
+                    return total;
                 }
             }
             _ => break,
@@ -282,6 +289,7 @@ fn ipv6_tuple(ip: u64, t: &mut Tuple) {
     }
     t.protocol = next;
     ports(at, t, PROTO_ICMPV6);
+    total
 }
 
 /// Ports as the flows keep them: TCP/UDP/SCTP ports; for ICMP the echo identifier and
@@ -339,7 +347,20 @@ fn record(key: &DropKey, packets: u64, bytes: u64, direction: u8) {
                 (*v).last_ns = now;
             }
         }
-        None => count_atomic(Counter::DropMapFull, packets),
+        None => {
+            count_atomic(Counter::DropMapFull, packets);
+            if key.kind == KIND_DROP {
+                let slot = if key.reason < LOST_REASON_SLOTS {
+                    key.reason
+                } else {
+                    LOST_REASON_SLOTS - 1
+                };
+                if let Some(v) = DROPS_LOST.get_ptr_mut(slot) {
+                    // SAFETY: a valid map value pointer.
+                    unsafe { atomic_add(v, packets) };
+                }
+            }
+        }
     }
     if control & CONTROL_TRACING != 0 {
         trace(key, now, bytes, direction);

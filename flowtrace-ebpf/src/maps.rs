@@ -9,7 +9,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use flowtrace_common::drops::{DropKey, DropLayout, DropStats, DEFAULT_DROP_ENTRIES};
+use flowtrace_common::drops::{
+    DropKey, DropLayout, DropStats, DEFAULT_DROP_ENTRIES, LOST_REASON_SLOTS,
+};
 use flowtrace_common::{
     CacheSlot, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, RttKey, RttPending,
     Sighting, TraceEvent, Tuple, CACHE_SLOTS, CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES,
@@ -115,3 +117,9 @@ pub(crate) static DROPS_1: HashMap<DropKey, DropStats> =
 /// The running kernel's struct offsets, written once by user space from its BTF.
 #[map]
 pub(crate) static DROP_LAYOUT: Array<DropLayout> = Array::with_max_entries(1, 0);
+
+/// Drops that found the drop buffer full, by reason (the last slot holds every reason from
+/// it up): counted whole since the start, shared by all CPUs, so the totals per reason stay
+/// exact in a flood of fresh tuples even where the flows are lost.
+#[map]
+pub(crate) static DROPS_LOST: Array<u64> = Array::with_max_entries(LOST_REASON_SLOTS, 0);

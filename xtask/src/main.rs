@@ -8,6 +8,9 @@
 //! - `layers`: checks that flowtrace/src imports follow the layer order, without cycles.
 //! - `bench-agent`: the agent's own CPU and memory at idle, under a packet load and under flow
 //!   churn, against the DaemonSet's requests and limits.
+//! - `bench-drops`: the cost per recorded drop against a no-op and a minimal per-reason
+//!   counter on the same tracepoint, and a flood of drops: recorded or counted lost (against
+//!   the DROP rule's own counter), the agent's CPU and memory, the node's forwarding (ping).
 //! - `bench-relay`: the relay at scale: 100 simulated agents (mTLS, 10 000 named flows each)
 //!   on loopback, the real relay binary in front; answer time of a filtered cluster-wide
 //!   `/v1/flows` (p50/p99), the relay's memory and CPU, the fan-out cost per agent.
@@ -20,6 +23,7 @@ mod baselines;
 mod bench;
 mod build;
 mod demo;
+mod dropbench;
 mod layers;
 mod metabench;
 mod microbench;
@@ -47,6 +51,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The agent's CPU and memory (idle, bulk traffic, flow churn): the DaemonSet's resources.
     BenchAgent(agentbench::AgentBenchArgs),
+    /// Cost per recorded drop and a flood of drops (recorded or counted lost, node forwarding).
+    BenchDrops(dropbench::DropBenchArgs),
     /// The relay at scale: simulated mTLS agents on loopback, the real relay binary; answer
     /// time, memory and fan-out cost (no root needed).
     BenchRelay(relaybench::RelayBenchArgs),
@@ -90,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::BenchAgent(args) => agentbench::run(&args),
         Command::BenchRelay(args) => relaybench::run(&args),
+        Command::BenchDrops(args) => dropbench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Layers => layers::run(),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),

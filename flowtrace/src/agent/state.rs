@@ -605,6 +605,7 @@ impl Agent {
     pub async fn drops(&self, filter: &FlowFilter) -> Result<DropsResponse> {
         self.drain_fresh().await?;
         let map_full = self.kernel_counters().await?[Counter::DropMapFull as usize];
+        let lost_by_reason = self.drainer.lock().await.drops_lost()?;
         let netns_problem = lock(&self.namespaces).0.problem.clone();
         let mut out = self.with_namer(|namer, tables| {
             let names = self.drop_names(namer);
@@ -654,6 +655,10 @@ impl Agent {
                 retransmitted_segments: totals.retransmits,
                 lost: DropLoss {
                     map_full: 0,
+                    map_full_by_reason: lost_by_reason
+                        .iter()
+                        .map(|(code, n)| (names.reason(*code), *n))
+                        .collect(),
                     unplaced: totals.unplaced,
                 },
                 netns_problem: None,

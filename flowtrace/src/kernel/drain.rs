@@ -91,6 +91,7 @@ pub struct Drainer {
     nat: [PerCpuHashMap<MapData, Tuple, NatRecord>; 2],
     latency: [PerCpuHashMap<MapData, LatencyKey, LatencyHist>; 2],
     drops: [KernelHashMap<MapData, DropKey, DropStats>; 2],
+    drops_lost: Array<MapData, u64>,
     cache: PerCpuArray<MapData, CacheSlot>,
     control: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -210,6 +211,7 @@ impl Drainer {
             nat: [take(ebpf, maps::NAT_0)?, take(ebpf, maps::NAT_1)?],
             latency: [take(ebpf, maps::LATENCY_0)?, take(ebpf, maps::LATENCY_1)?],
             drops: [take(ebpf, maps::DROPS_0)?, take(ebpf, maps::DROPS_1)?],
+            drops_lost: take(ebpf, maps::DROPS_LOST)?,
             cache: take(ebpf, maps::CACHE)?,
             control: take(ebpf, maps::CONTROL)?,
             counters: take(ebpf, maps::COUNTERS)?,
@@ -345,6 +347,22 @@ impl Drainer {
                 into.entry(slot.key).or_default().merge(&slot.stats);
             }
         }
+    }
+
+    /// Drops the kernel could not record because the drop buffer was full, by reason code
+    /// (the last slot: that code and every larger one), since the programs were loaded.
+    pub fn drops_lost(&self) -> Result<Vec<(u32, u64)>> {
+        let mut out = Vec::new();
+        for reason in 0..flowtrace_common::drops::LOST_REASON_SLOTS {
+            let n = self
+                .drops_lost
+                .get(&reason, 0)
+                .map_err(map_io(maps::DROPS_LOST))?;
+            if n > 0 {
+                out.push((reason, n));
+            }
+        }
+        Ok(out)
     }
 
     /// Kernel-side counters (packets seen and every loss), summed over CPUs.

@@ -362,10 +362,14 @@ pub struct RetransmitEntry {
 }
 
 /// What the kernel saw but flowtrace could not keep or place.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropLoss {
     /// Drops and retransmissions the kernel could not record (its drop buffer was full).
     pub map_full: u64,
+    /// Those drops by reason: what the per-flow records miss, so the reasons' totals stay
+    /// exact in a flood (in every namespace the kernel saw: they could not be placed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub map_full_by_reason: BTreeMap<String, u64>,
     /// Drops and retransmissions in network namespaces this agent could not place on its
     /// node (on a real node: a pod namespace not yet mounted where --netns-dir points; in an
     /// emulated cluster sharing one kernel: the other nodes').
