@@ -198,6 +198,11 @@ enum Cmd {
         /// Which directions --drop-every applies to.
         #[arg(long, value_enum, default_value_t = DropDirection::Both)]
         drop_direction: DropDirection,
+        /// Receive buffer of each direction's socket, in bytes (SO_RCVBUFFORCE, past
+        /// net.core.rmem_max), so that bursts queue instead of overflowing it (see
+        /// `socket_drops`); default: the kernel's.
+        #[arg(long)]
+        socket_buffer: Option<usize>,
         #[arg(long)]
         stop_file: PathBuf,
         #[arg(long)]
@@ -311,6 +316,7 @@ fn main() -> Result<()> {
             back_delay_us,
             drop_every,
             drop_direction,
+            socket_buffer,
             stop_file,
             ready_file,
         } => {
@@ -325,6 +331,7 @@ fn main() -> Result<()> {
                     every(drop_direction != DropDirection::BToA),
                     every(drop_direction != DropDirection::AToB),
                 ],
+                socket_buffer,
                 &stop_file,
                 ready_file.as_deref(),
             )?
@@ -1031,6 +1038,28 @@ mod raw {
     /// (linux/if_packet.h): frames queued and frames dropped for a full queue.
     const PACKET_STATISTICS: libc::c_int = 6;
 
+    /// Sets the receive buffer of `sock` to `bytes`, past `net.core.rmem_max`
+    /// (SO_RCVBUFFORCE, CAP_NET_ADMIN).
+    fn force_rcvbuf(sock: &OwnedFd, bytes: usize) -> Result<()> {
+        let val = libc::c_int::try_from(bytes).context("--socket-buffer does not fit a C int")?;
+        // SAFETY: a valid socket and a c_int option value of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                std::ptr::from_ref(&val).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!("setsockopt(SO_RCVBUFFORCE, {bytes}) (needs CAP_NET_ADMIN)")
+            });
+        }
+        Ok(())
+    }
+
     /// Frames the kernel dropped on packet socket `sock` because its queue was full.
     fn packet_socket_drops(sock: &OwnedFd) -> Result<u64> {
         let mut stats = [0u32; 2];
@@ -1193,6 +1222,7 @@ mod raw {
         ifaces: [&str; 2],
         delays: [Duration; 2],
         drop_every: [u64; 2],
+        socket_buffer: Option<usize>,
         stop_file: &Path,
         ready: Option<&Path>,
     ) -> Result<serde_json::Value> {
@@ -1202,9 +1232,17 @@ mod raw {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut relays = Vec::new();
         for k in 0..2 {
-            let (from, to, delay, every) =
-                (ifaces[k], ifaces[1 - k].to_string(), delays[k], drop_every[k]);
+            let (from, to, delay, every) = (
+                ifaces[k],
+                ifaces[1 - k].to_string(),
+                delays[k],
+                drop_every[k],
+            );
             let (sock, idx) = bound_socket(from)?;
+            if let Some(bytes) = socket_buffer {
+                force_rcvbuf(&sock, bytes)
+                    .with_context(|| format!("the relay socket on {from}"))?;
+            }
             let stop = stop.clone();
             relays.push(std::thread::spawn(move || {
                 let dir = Leg {
