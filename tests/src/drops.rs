@@ -156,8 +156,7 @@ fn parse_drop_reasons(dump: &str) -> BTreeMap<String, u32> {
                 continue;
             };
             let name = name.trim_matches('\'');
-            let (Some(name), Ok(val)) = (name.strip_prefix("SKB_DROP_REASON_"), val.parse())
-            else {
+            let (Some(name), Ok(val)) = (name.strip_prefix("SKB_DROP_REASON_"), val.parse()) else {
                 continue;
             };
             codes.insert(name.to_string(), val);
@@ -345,11 +344,7 @@ IpExt: 25 0
         .unwrap();
         assert!(t.matches(&flow));
         assert!(t.matches(&line));
-        assert!(!JsonTuple {
-            dst_port: 1,
-            ..t
-        }
-        .matches(&flow));
+        assert!(!JsonTuple { dst_port: 1, ..t }.matches(&flow));
         assert_eq!(count(&flow, "src_port"), 4000);
         assert_eq!(count(&flow, "dropped"), 0);
     }
