@@ -1,7 +1,8 @@
 //! Test bed for flowtrace's integration tests: an emulated Kubernetes cluster built from network
 //! namespaces on one machine, the `ftgen` traffic helper binary, and the helpers the tests and
 //! `cargo xtask` share (agents per node, lookups in the agents' JSON, ground truth from
-//! `conntrack`, `bpftool`, `tc`, `promtool` and `iperf3`).
+//! `conntrack`, `bpftool`, `tc`, `promtool`, `iperf3`, iptables counters and the kernel's SNMP
+//! counters).
 //!
 //! The topology mirrors what flowtrace meets in production (a flannel VXLAN cluster with
 //! kube-proxy in iptables mode; the addressing is tabled in [`cluster`]): every node is a network
@@ -36,6 +37,7 @@ pub mod baselines;
 pub mod bed;
 pub mod cluster;
 pub mod conntrack;
+pub mod drops;
 pub mod host;
 pub mod iperf;
 pub mod kubeproxy;
@@ -51,6 +53,7 @@ pub use apiserver::ApiServer;
 pub use bed::Bed;
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use conntrack::{conntrack_list, Tuple};
+pub use drops::{DropRule, JsonTuple};
 pub use host::{
     bpftool_progs, check_nothing_left, check_unloaded, flowtrace_program_ids, require_root,
     tc_show, traced_devices, ProgRecord,

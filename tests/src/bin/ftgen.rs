@@ -31,7 +31,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Receive UDP datagrams until --count arrived or --timeout-ms passed.
-    /// Prints {"received","bytes","echoed","peers"}.
+    /// Prints {"received","bytes","echoed","peers","rcvbuf","socket_drops"}: `rcvbuf` is the
+    /// receive buffer the kernel granted (SO_RCVBUF read back), `socket_drops` the kernel's
+    /// own count of datagrams it dropped on this socket (the `drops` column of
+    /// /proc/net/udp[6], read just before the socket closes).
+    ///
+    /// With --hold-until or --hold-ms the sink reads nothing until the hold ends (datagrams
+    /// queue, and what does not fit --rcvbuf is dropped by the kernel, reason
+    /// SOCKET_RCVBUFF), then reads what is queued (at most --count) without waiting and
+    /// stops: `received` is what survived the hold, so drops = sent - received.
     UdpSink {
         /// Address to bind, e.g. `0.0.0.0:8080` or `[::]:8080`.
         #[arg(long)]
@@ -43,11 +51,23 @@ enum Cmd {
         /// Send every datagram back to its sender.
         #[arg(long)]
         echo: bool,
+        /// SO_RCVBUF to ask for, in bytes, before the socket is ready (the kernel doubles
+        /// it and grants at least its minimum, about 4 KiB: see `rcvbuf` in the result).
+        #[arg(long)]
+        rcvbuf: Option<usize>,
+        /// Do not read until this file exists (checked every 5 ms; fails after --timeout-ms).
+        #[arg(long, conflicts_with = "hold_ms")]
+        hold_until: Option<PathBuf>,
+        /// Do not read for this long after the socket is ready.
+        #[arg(long)]
+        hold_ms: Option<u64>,
         /// Created once the socket is bound.
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
-    /// Send --count datagrams of --size payload bytes. Prints {"sent","bytes","local","echoed"}.
+    /// Send --count datagrams of --size payload bytes. Prints {"sent","bytes","local",
+    /// "local_ports","echoed"}: `sent` counts the datagrams the kernel accepted (send_to
+    /// returned); the first failed send ends the command with an error instead.
     UdpSend {
         /// Destination, e.g. `10.244.2.10:8080` or `[fd00:10:244:2::10]:8080`.
         #[arg(long)]
@@ -97,7 +117,11 @@ enum Cmd {
     },
     /// Open --connections sequential TCP connections, each sending --bytes then shutdown(Write)
     /// and reading to EOF. Prints {"sent_bytes","received_bytes","connections","local_ports",
-    /// "retransmitted_bytes"} (the last summed from each socket's TCP_INFO before it closes).
+    /// "retransmitted_bytes","total_retrans","total_retrans_per_connection"}: from each
+    /// socket's TCP_INFO, read once the peer's EOF arrived and before the socket closes,
+    /// `tcpi_bytes_retrans` summed, and `tcpi_total_retrans` (segments the kernel
+    /// retransmitted, loss probes and SYN retransmissions included) summed and per
+    /// connection, in the order of `local_ports`.
     TcpSend {
         #[arg(long)]
         to: SocketAddr,
@@ -151,6 +175,14 @@ enum Cmd {
     /// the hold is measured from the frame's arrival to its send, so it includes the relay's
     /// own lateness; the `syn_` figures count only VXLAN frames carrying a TCP SYN (or
     /// SYN-ACK), the frames a handshake round trip is made of.
+    ///
+    /// With --drop-every N the line also loses frames: of the VXLAN frames (outer IPv4 UDP to
+    /// 4789 or 8472) arriving in a direction --drop-direction names, the Nth, 2Nth, ... of
+    /// that direction (each direction counts its own) are not relayed. Other frames (ARP) are
+    /// never dropped. Each direction also reports {"vxlan_frames","dropped","socket_drops"}:
+    /// `frames` counts only what was relayed, `socket_drops` the frames the kernel dropped
+    /// before the relay read them because its socket queue was full (bursts of a bulk
+    /// transfer), lost on the line as well.
     DelayLine {
         #[arg(long)]
         a: String,
@@ -160,6 +192,17 @@ enum Cmd {
         delay_us: u64,
         #[arg(long, default_value_t = 0)]
         back_delay_us: u64,
+        /// Drop every Nth VXLAN frame (0: none).
+        #[arg(long, default_value_t = 0)]
+        drop_every: u64,
+        /// Which directions --drop-every applies to.
+        #[arg(long, value_enum, default_value_t = DropDirection::Both)]
+        drop_direction: DropDirection,
+        /// Receive buffer of each direction's socket, in bytes (SO_RCVBUFFORCE, past
+        /// net.core.rmem_max), so that bursts queue instead of overflowing it (see
+        /// `socket_drops`); default: the kernel's.
+        #[arg(long)]
+        socket_buffer: Option<usize>,
         #[arg(long)]
         stop_file: PathBuf,
         #[arg(long)]
@@ -172,6 +215,16 @@ enum Cmd {
     },
 }
 
+/// The directions of a delay line that `--drop-every` loses frames in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DropDirection {
+    Both,
+    /// Frames arriving on --a, relayed to --b.
+    AToB,
+    /// Frames arriving on --b, relayed to --a.
+    BToA,
+}
+
 fn main() -> Result<()> {
     let result = match Cli::parse().cmd {
         Cmd::UdpSink {
@@ -179,8 +232,25 @@ fn main() -> Result<()> {
             count,
             timeout_ms,
             echo,
+            rcvbuf,
+            hold_until,
+            hold_ms,
             ready_file,
-        } => udp_sink(bind, count, ms(timeout_ms), echo, ready_file.as_deref())?,
+        } => {
+            let hold = match (hold_until, hold_ms) {
+                (Some(path), _) => Some(Hold::UntilFile(path)),
+                (None, Some(t)) => Some(Hold::For(ms(t))),
+                (None, None) => None,
+            };
+            let opts = SinkOptions {
+                count,
+                timeout: ms(timeout_ms),
+                echo,
+                rcvbuf,
+                hold,
+            };
+            udp_sink(bind, &opts, ready_file.as_deref())?
+        }
         Cmd::UdpSend {
             to,
             count,
@@ -244,17 +314,28 @@ fn main() -> Result<()> {
             b,
             delay_us,
             back_delay_us,
+            drop_every,
+            drop_direction,
+            socket_buffer,
             stop_file,
             ready_file,
-        } => raw::delay_line(
-            [&a, &b],
-            [
-                Duration::from_micros(delay_us),
-                Duration::from_micros(back_delay_us),
-            ],
-            &stop_file,
-            ready_file.as_deref(),
-        )?,
+        } => {
+            let every = |on: bool| if on { drop_every } else { 0 };
+            raw::delay_line(
+                [&a, &b],
+                [
+                    Duration::from_micros(delay_us),
+                    Duration::from_micros(back_delay_us),
+                ],
+                [
+                    every(drop_direction != DropDirection::BToA),
+                    every(drop_direction != DropDirection::AToB),
+                ],
+                socket_buffer,
+                &stop_file,
+                ready_file.as_deref(),
+            )?
+        }
         Cmd::Mac { iface } => json!({ "mac": raw::mac(&iface)? }),
     };
     println!("{result}");
@@ -337,31 +418,69 @@ fn payload(size: usize) -> Vec<u8> {
     (0..size).map(|i| i as u8).collect()
 }
 
-fn udp_sink(
-    bind: SocketAddr,
+/// When a holding sink starts reading.
+enum Hold {
+    /// Once this file exists.
+    UntilFile(PathBuf),
+    /// After this long.
+    For(Duration),
+}
+
+struct SinkOptions {
     count: u64,
     timeout: Duration,
     echo: bool,
-    ready: Option<&Path>,
-) -> Result<serde_json::Value> {
+    rcvbuf: Option<usize>,
+    hold: Option<Hold>,
+}
+
+fn udp_sink(bind: SocketAddr, o: &SinkOptions, ready: Option<&Path>) -> Result<serde_json::Value> {
     let sock = UdpSocket::bind(bind).with_context(|| format!("binding UDP {bind}"))?;
+    if let Some(bytes) = o.rcvbuf {
+        set_rcvbuf(&sock, bytes)?;
+    }
+    let rcvbuf = get_rcvbuf(&sock)?;
     touch(ready)?;
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + o.timeout;
     let (mut received, mut bytes, mut echoed) = (0u64, 0u64, 0u64);
     let mut peers = BTreeSet::new();
     let mut buf = vec![0u8; 65536];
-    while received < count {
-        let Some(left) = remaining(deadline) else {
-            break;
-        };
-        sock.set_read_timeout(Some(left))
-            .context("setting UDP read timeout")?;
+    let mut drain_only = false;
+    if let Some(hold) = &o.hold {
+        match hold {
+            Hold::UntilFile(path) => {
+                while !path.exists() {
+                    if remaining(deadline).is_none() {
+                        bail!(
+                            "--hold-until {} did not appear within --timeout-ms {}",
+                            path.display(),
+                            o.timeout.as_millis()
+                        );
+                    }
+                    std::thread::sleep(ms(5));
+                }
+            }
+            Hold::For(t) => std::thread::sleep(*t),
+        }
+        // Only what is queued now: nothing more is waited for.
+        sock.set_nonblocking(true)
+            .context("making the UDP socket non-blocking")?;
+        drain_only = true;
+    }
+    while received < o.count {
+        if !drain_only {
+            let Some(left) = remaining(deadline) else {
+                break;
+            };
+            sock.set_read_timeout(Some(left))
+                .context("setting UDP read timeout")?;
+        }
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => {
                 received += 1;
                 bytes += n as u64;
                 peers.insert(from.to_string());
-                if echo {
+                if o.echo {
                     sock.send_to(&buf[..n], from)
                         .with_context(|| format!("echoing to {from}"))?;
                     echoed += 1;
@@ -371,7 +490,87 @@ fn udp_sink(
             Err(e) => return Err(e).context("receiving UDP"),
         }
     }
-    Ok(json!({ "received": received, "bytes": bytes, "echoed": echoed, "peers": peers }))
+    let local = sock.local_addr().context("reading the sink's address")?;
+    let socket_drops = udp_socket_drops(&sock, local)?;
+    Ok(json!({
+        "received": received,
+        "bytes": bytes,
+        "echoed": echoed,
+        "peers": peers,
+        "rcvbuf": rcvbuf,
+        "socket_drops": socket_drops,
+    }))
+}
+
+fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> Result<()> {
+    let val = libc::c_int::try_from(bytes).context("--rcvbuf does not fit a C int")?;
+    // SAFETY: a valid socket and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::from_ref(&val).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setsockopt(SO_RCVBUF, {bytes})"));
+    }
+    Ok(())
+}
+
+/// The receive buffer the kernel granted, in bytes (what SO_RCVBUF reads back).
+fn get_rcvbuf(sock: &UdpSocket) -> Result<u64> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` is writable for `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::addr_of_mut!(val).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_RCVBUF)");
+    }
+    u64::try_from(val).context("SO_RCVBUF read back negative")
+}
+
+/// The kernel's count of datagrams dropped on `sock` (`sk_drops`): the `drops` column of its
+/// line in /proc/net/udp (udp6 for an IPv6 socket) of this network namespace, found by the
+/// socket's inode.
+fn udp_socket_drops(sock: &UdpSocket, local: SocketAddr) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let fd_path = format!("/proc/self/fd/{}", sock.as_raw_fd());
+    let inode = std::fs::metadata(&fd_path)
+        .with_context(|| format!("stat {fd_path}"))?
+        .ino();
+    let table = if local.is_ipv4() {
+        "/proc/net/udp"
+    } else {
+        "/proc/net/udp6"
+    };
+    let text = std::fs::read_to_string(table).with_context(|| format!("reading {table}"))?;
+    parse_udp_drops(&text, inode).with_context(|| {
+        format!("{table} has no line for the sink's socket (inode {inode}, {local})")
+    })
+}
+
+/// The `drops` column (the last) of the /proc/net/udp line whose `inode` column (the tenth)
+/// is `inode`.
+fn parse_udp_drops(table: &str, inode: u64) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.get(9)?.parse::<u64>().ok()? != inode {
+            return None;
+        }
+        cols.last()?.parse().ok()
+    })
 }
 
 fn udp_send(
@@ -522,6 +721,7 @@ fn tcp_send(
     let (mut sent, mut received) = (0u64, 0u64);
     let mut ports = Vec::new();
     let mut retransmitted = 0u64;
+    let mut total_retrans: Vec<u32> = Vec::new();
     for k in 0..connections {
         if k > 0 {
             std::thread::sleep(interval);
@@ -547,8 +747,9 @@ fn tcp_send(
         s.read_to_end(&mut back)
             .with_context(|| format!("{}: reading reply to EOF", what()))?;
         received += back.len() as u64;
-        retransmitted +=
-            tcp_bytes_retransmitted(&s).with_context(|| format!("{}: TCP_INFO", what()))?;
+        let info = tcp_retransmissions(&s).with_context(|| format!("{}: TCP_INFO", what()))?;
+        retransmitted += info.bytes;
+        total_retrans.push(info.segments);
     }
     Ok(json!({
         "sent_bytes": sent,
@@ -556,14 +757,26 @@ fn tcp_send(
         "connections": connections,
         "local_ports": ports,
         "retransmitted_bytes": retransmitted,
+        "total_retrans": total_retrans.iter().map(|&n| u64::from(n)).sum::<u64>(),
+        "total_retrans_per_connection": total_retrans,
     }))
 }
 
-/// `tcpi_bytes_retrans` of a connected socket: the payload bytes the kernel sent more than
-/// once (retransmissions and loss probes). Read by offset from `struct tcp_info`
-/// (linux/tcp.h, where the field sits at byte 208 since Linux 4.19) because the libc
-/// crate's struct stops before it.
-fn tcp_bytes_retransmitted(s: &TcpStream) -> Result<u64> {
+/// What a connected socket's TCP_INFO says it retransmitted.
+struct Retransmissions {
+    /// `tcpi_bytes_retrans`: payload bytes sent more than once (retransmissions and loss
+    /// probes).
+    bytes: u64,
+    /// `tcpi_total_retrans`: segments retransmitted over the connection's life (a
+    /// retransmitted GSO packet counts as its segments).
+    segments: u32,
+}
+
+/// Reads [`Retransmissions`] by offset from `struct tcp_info` (linux/tcp.h): `tcpi_total_retrans`
+/// at byte 100, `tcpi_bytes_retrans` at byte 208 (since Linux 4.19; the libc crate's struct
+/// stops before it).
+fn tcp_retransmissions(s: &TcpStream) -> Result<Retransmissions> {
+    const TOTAL_RETRANS_AT: usize = std::mem::offset_of!(libc::tcp_info, tcpi_total_retrans);
     const BYTES_RETRANS_AT: usize = 208;
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
@@ -580,15 +793,19 @@ fn tcp_bytes_retransmitted(s: &TcpStream) -> Result<u64> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("getsockopt(TCP_INFO)");
     }
-    let field = info
-        .get(BYTES_RETRANS_AT..BYTES_RETRANS_AT + 8)
-        .filter(|_| len as usize >= BYTES_RETRANS_AT + 8)
-        .with_context(|| {
-            format!("TCP_INFO is {len} bytes: this kernel has no tcpi_bytes_retrans")
-        })?;
-    let mut raw = [0u8; 8];
-    raw.copy_from_slice(field);
-    Ok(u64::from_ne_bytes(raw))
+    let field = |at: usize, size: usize, name: &str| {
+        info.get(at..at + size)
+            .filter(|_| len as usize >= at + size)
+            .with_context(|| format!("TCP_INFO is {len} bytes: this kernel has no {name}"))
+    };
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(field(BYTES_RETRANS_AT, 8, "tcpi_bytes_retrans")?);
+    let mut segments = [0u8; 4];
+    segments.copy_from_slice(field(TOTAL_RETRANS_AT, 4, "tcpi_total_retrans")?);
+    Ok(Retransmissions {
+        bytes: u64::from_ne_bytes(bytes),
+        segments: u32::from_ne_bytes(segments),
+    })
 }
 
 /// AF_PACKET helpers (raw frames in and out, MAC lookup) on top of libc.
@@ -808,6 +1025,60 @@ mod raw {
         errors: u64,
         syn_frames: u64,
         syn_total: u128,
+        /// VXLAN frames that arrived (relayed or dropped).
+        vxlan_frames: u64,
+        /// VXLAN frames dropped on purpose (`--drop-every`).
+        dropped: u64,
+        /// Frames the kernel dropped because the relay's socket queue was full (lost on the
+        /// line too, without the relay ever seeing them).
+        socket_drops: u64,
+    }
+
+    /// `SOL_PACKET` option reading (and resetting) a packet socket's `struct tpacket_stats`
+    /// (linux/if_packet.h): frames queued and frames dropped for a full queue.
+    const PACKET_STATISTICS: libc::c_int = 6;
+
+    /// Sets the receive buffer of `sock` to `bytes`, past `net.core.rmem_max`
+    /// (SO_RCVBUFFORCE, CAP_NET_ADMIN).
+    fn force_rcvbuf(sock: &OwnedFd, bytes: usize) -> Result<()> {
+        let val = libc::c_int::try_from(bytes).context("--socket-buffer does not fit a C int")?;
+        // SAFETY: a valid socket and a c_int option value of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                std::ptr::from_ref(&val).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!("setsockopt(SO_RCVBUFFORCE, {bytes}) (needs CAP_NET_ADMIN)")
+            });
+        }
+        Ok(())
+    }
+
+    /// Frames the kernel dropped on packet socket `sock` because its queue was full.
+    fn packet_socket_drops(sock: &OwnedFd) -> Result<u64> {
+        let mut stats = [0u32; 2];
+        let mut len = std::mem::size_of_val(&stats) as libc::socklen_t;
+        // SAFETY: `stats` is writable for `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_STATISTICS,
+                stats.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("getsockopt(PACKET_STATISTICS) on the relay socket");
+        }
+        Ok(u64::from(stats[1]))
     }
 
     const TCP_SYN: u8 = 0x02;
@@ -817,18 +1088,7 @@ mod raw {
     /// headers, TCP); `None` for any other frame.
     pub fn vxlan_inner_tcp_flags(frame: &[u8]) -> Option<u8> {
         let be16 = |at: usize| Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
-        if be16(12)? != 0x0800 {
-            return None;
-        }
-        let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
-        if *frame.get(14 + 9)? != 17 || ihl < 20 {
-            return None;
-        }
-        let udp = 14 + ihl;
-        if !matches!(be16(udp + 2)?, 4789 | 8472) {
-            return None;
-        }
-        let inner = udp + 8 + 8;
+        let inner = vxlan_inner(frame)?;
         let (proto, l4) = match be16(inner + 12)? {
             0x0800 => {
                 let ip = inner + 14;
@@ -844,13 +1104,39 @@ mod raw {
         frame.get(l4 + 13).copied()
     }
 
+    /// Where the inner Ethernet frame of a VXLAN frame on the underlay starts (outer Ethernet,
+    /// IPv4, UDP to 4789 or 8472, VXLAN header); `None` for any other frame.
+    pub fn vxlan_inner(frame: &[u8]) -> Option<usize> {
+        let be16 = |at: usize| Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
+        if be16(12)? != 0x0800 {
+            return None;
+        }
+        let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
+        if *frame.get(14 + 9)? != 17 || ihl < 20 {
+            return None;
+        }
+        let udp = 14 + ihl;
+        if !matches!(be16(udp + 2)?, 4789 | 8472) {
+            return None;
+        }
+        Some(udp + 8 + 8)
+    }
+
+    /// One direction of the delay line: frames from `sock` (ifindex `idx`) to `to`, each held
+    /// `delay`; every `drop_every`th VXLAN frame (0: none) is dropped instead.
+    struct Leg<'a> {
+        to: &'a str,
+        delay: Duration,
+        drop_every: u64,
+    }
+
     fn relay(
         sock: OwnedFd,
         idx: i32,
-        to: &str,
-        delay: Duration,
+        dir: &Leg<'_>,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<Holds> {
+        let (to, delay) = (dir.to, dir.delay);
         let out_idx = ifindex(to)?;
         let out = packet_socket(0)?;
         let mut held: std::collections::VecDeque<(Instant, Vec<u8>)> =
@@ -881,6 +1167,7 @@ mod raw {
                 }
             }
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                h.socket_drops = packet_socket_drops(&sock)?;
                 return Ok(h);
             }
             // Sleep until the next frame is due (at most 20 ms, to notice `stop`).
@@ -920,6 +1207,13 @@ mod raw {
             if n < 14 || from.sll_ifindex != idx || from.sll_pkttype == PACKET_OUTGOING {
                 continue;
             }
+            if vxlan_inner(&buf[..n]).is_some() {
+                h.vxlan_frames += 1;
+                if dir.drop_every > 0 && h.vxlan_frames % dir.drop_every == 0 {
+                    h.dropped += 1;
+                    continue;
+                }
+            }
             held.push_back((at, buf[..n].to_vec()));
         }
     }
@@ -927,6 +1221,8 @@ mod raw {
     pub fn delay_line(
         ifaces: [&str; 2],
         delays: [Duration; 2],
+        drop_every: [u64; 2],
+        socket_buffer: Option<usize>,
         stop_file: &Path,
         ready: Option<&Path>,
     ) -> Result<serde_json::Value> {
@@ -936,11 +1232,25 @@ mod raw {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut relays = Vec::new();
         for k in 0..2 {
-            let (from, to, delay) = (ifaces[k], ifaces[1 - k].to_string(), delays[k]);
+            let (from, to, delay, every) = (
+                ifaces[k],
+                ifaces[1 - k].to_string(),
+                delays[k],
+                drop_every[k],
+            );
             let (sock, idx) = bound_socket(from)?;
+            if let Some(bytes) = socket_buffer {
+                force_rcvbuf(&sock, bytes)
+                    .with_context(|| format!("the relay socket on {from}"))?;
+            }
             let stop = stop.clone();
             relays.push(std::thread::spawn(move || {
-                relay(sock, idx, &to, delay, &stop)
+                let dir = Leg {
+                    to: &to,
+                    delay,
+                    drop_every: every,
+                };
+                relay(sock, idx, &dir, &stop)
             }));
         }
         touch(ready)?;
@@ -969,6 +1279,9 @@ mod raw {
                     "send_errors": h.errors,
                     "syn_frames": h.syn_frames,
                     "syn_mean_hold_ns": mean(h.syn_total, h.syn_frames),
+                    "vxlan_frames": h.vxlan_frames,
+                    "dropped": h.dropped,
+                    "socket_drops": h.socket_drops,
                 }),
             );
         }
@@ -1065,6 +1378,34 @@ mod tests {
         g[inner + 14 + 9] = 17;
         assert_eq!(raw::vxlan_inner_tcp_flags(&g), None);
         assert_eq!(raw::vxlan_inner_tcp_flags(&f[..f.len() - 10]), None);
+    }
+
+    #[test]
+    fn udp_drops_are_read_from_the_sockets_line() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  152: 00000000:B79C 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 2758406 2 00000000518e0e63 17
+  153: 00000000:B79D 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 2758407 2 00000000518e0e64 0
+";
+        assert_eq!(parse_udp_drops(table, 2758406), Some(17));
+        assert_eq!(parse_udp_drops(table, 2758407), Some(0));
+        assert_eq!(parse_udp_drops(table, 1), None);
+    }
+
+    #[test]
+    fn vxlan_frames_are_recognised_by_their_outer_udp_port() {
+        let mut f = vec![0u8; 14 + 20 + 8 + 8 + 14];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[14 + 9] = 17;
+        f[34 + 2..34 + 4].copy_from_slice(&8472u16.to_be_bytes());
+        assert_eq!(raw::vxlan_inner(&f), Some(50));
+        f[34 + 2..34 + 4].copy_from_slice(&4789u16.to_be_bytes());
+        assert_eq!(raw::vxlan_inner(&f), Some(50));
+        f[34 + 2..34 + 4].copy_from_slice(&53u16.to_be_bytes());
+        assert_eq!(raw::vxlan_inner(&f), None);
+        // ARP.
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(raw::vxlan_inner(&f), None);
     }
 
     #[test]

@@ -240,6 +240,18 @@ fn the_agent_works_with_only_the_daemonsets_capabilities_and_read_only_filesyste
     }
 }
 
+/// Drops under the same confinement: the agents, holding only the DaemonSet's capabilities,
+/// with read-only filesystems and no tracefs mounted, record the datagrams an iptables rule
+/// drops on node2 with the kernel's reason, device and last hop, exactly as the unconfined
+/// agents do (the acceptance case of the drops tests, `drops::netfilter_drop_is_counted`).
+#[test]
+fn the_confined_agent_records_drops_with_their_reason() {
+    let caps = daemonset_capabilities();
+    let names: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let bed = Bed::with_metadata_confined(&names).unwrap();
+    crate::drops::netfilter_drop_is_counted(&bed, 47601);
+}
+
 /// Each capability of the set is needed: without any one of them the agent refuses to start,
 /// says why, and leaves nothing loaded.
 #[test]

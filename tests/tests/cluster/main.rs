@@ -17,6 +17,7 @@
 mod api_auth;
 mod attribution;
 mod cli;
+mod drops;
 mod hops;
 mod k8s;
 mod latency;
