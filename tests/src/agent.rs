@@ -191,7 +191,10 @@ exec "$@""#;
             })
             .args(["--node-name", netns.rsplit('-').next().unwrap_or(netns)])
             .args(extra)
-            .env("FLOWTRACE_LOG", "info")
+            .env(
+                "FLOWTRACE_LOG",
+                std::env::var("FLOWTRACE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logfile);

@@ -9,7 +9,7 @@
 //! never held with the others.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock, RwLockReadGuard,
@@ -18,7 +18,7 @@ use std::{
 };
 
 use flowtrace_common::{Counter, COUNTER_SLOTS};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     drops::{bare_record, join, DropNames},
@@ -138,8 +138,17 @@ pub struct Agent {
     last_dump: Mutex<Option<Instant>>,
     trace: Arc<TraceHub>,
     counters: Counters,
-    /// This node's network namespaces (to place drops), and when they were last listed.
-    namespaces: Mutex<(NsMap, Option<Instant>)>,
+    /// This node's network namespaces (to place drops).
+    namespaces: Mutex<Namespaces>,
+}
+
+/// This node's network namespaces, when they were last listed, and the namespaces a listing
+/// looked for and did not find on this node.
+#[derive(Default)]
+struct Namespaces {
+    map: NsMap,
+    scanned_at: Option<Instant>,
+    looked_for: HashSet<u32>,
 }
 
 /// Namespaces are listed again when a drop comes from an unknown one, at most this often
@@ -181,7 +190,7 @@ impl Agent {
             last_dump: Mutex::new(None),
             trace: Arc::new(TraceHub::new()),
             counters: Counters::default(),
-            namespaces: Mutex::new((NsMap::default(), None)),
+            namespaces: Mutex::new(Namespaces::default()),
         }
     }
 
@@ -267,7 +276,7 @@ impl Agent {
         }
         let now = monotonic_ns();
         self.follow_namespaces(&drained.drops);
-        let namespaces = lock(&self.namespaces).0.clone();
+        let namespaces = lock(&self.namespaces).map.clone();
         {
             let links = lock(&self.links);
             let meta = self.meta_read();
@@ -309,20 +318,32 @@ impl Agent {
         Ok(())
     }
 
-    /// Lists this node's namespaces again when a drop came from one not known yet (a new
-    /// pod), at most every `NETNS_RESCAN`.
+    /// Lists this node's namespaces again when a drop comes from a namespace no listing
+    /// has looked for yet (a new pod: listed before its drops are placed, so none is lost),
+    /// and at most every `NETNS_RESCAN` while drops keep coming from namespaces that were
+    /// looked for and are not this node's (an emulated cluster's other nodes).
     fn follow_namespaces(&self, drained: &[crate::kernel::drain::DrainedDrop]) {
         let mut ns = lock(&self.namespaces);
-        let unknown = drained
+        let unknown: HashSet<u32> = drained
             .iter()
-            .any(|d| d.key.netns != 0 && ns.0.place(d.key.netns).is_none());
-        let due = ns.1.is_none_or(|t| t.elapsed() >= NETNS_RESCAN);
-        if !(due && (unknown || ns.1.is_none())) {
+            .map(|d| d.key.netns)
+            .filter(|n| *n != 0 && ns.map.place(*n).is_none())
+            .collect();
+        let never = ns.scanned_at.is_none();
+        let new = unknown.iter().any(|n| !ns.looked_for.contains(n));
+        let due = ns.scanned_at.is_none_or(|t| t.elapsed() >= NETNS_RESCAN);
+        if !(never || new || (due && !unknown.is_empty())) {
             return;
         }
         let links: Vec<Link> = lock(&self.links).values().cloned().collect();
-        ns.0 = netns::scan(&self.settings.netns_dir, &links);
-        ns.1 = Some(Instant::now());
+        ns.map = netns::scan(&self.settings.netns_dir, &links);
+        ns.scanned_at = Some(Instant::now());
+        let still: HashSet<u32> = unknown
+            .into_iter()
+            .filter(|n| ns.map.place(*n).is_none())
+            .collect();
+        ns.looked_for.extend(still.iter().copied());
+        debug!(namespaces = ns.map.len(), not_this_nodes = ?still, "listed this node's network namespaces");
     }
 
     /// Settles the translations against conntrack (a dump when due, else what events said).
@@ -451,7 +472,7 @@ impl Agent {
             }
             Traced::Drop(d) => d,
         };
-        let place = lock(&self.namespaces).0.place(d.netns);
+        let place = lock(&self.namespaces).map.place(d.netns);
         self.with_namer(|namer, _| {
             let names = DropNames {
                 namer,
@@ -606,7 +627,7 @@ impl Agent {
         self.drain_fresh().await?;
         let map_full = self.kernel_counters().await?[Counter::DropMapFull as usize];
         let lost_by_reason = self.drainer.lock().await.drops_lost()?;
-        let netns_problem = lock(&self.namespaces).0.problem.clone();
+        let netns_problem = lock(&self.namespaces).map.problem.clone();
         let mut out = self.with_namer(|namer, tables| {
             let names = self.drop_names(namer);
             let mut seen: HashMap<crate::model::FlowTuple, FlowRecord> = tables

@@ -116,7 +116,7 @@ fn wait_flow(agent: &Agent, t: &JsonTuple, field: &str, want: u64) -> Value {
         if Instant::now() > deadline {
             panic!(
                 "{}: after {SETTLE:?} the flow {t} has {field} {} where the test caused {want}; \
-                 the agent's flows on port {}: {:#}\nagent log:\n{}",
+                 the agent's flows on port {}: {:#}\nits /v1/drops: {}\nagent log:\n{}",
                 agent.netns,
                 all.iter()
                     .find(|f| t.matches(f))
@@ -124,6 +124,10 @@ fn wait_flow(agent: &Agent, t: &JsonTuple, field: &str, want: u64) -> Value {
                     .unwrap_or_else(|| "(no such flow)".into()),
                 t.dst_port,
                 Value::from(all.clone()),
+                agent
+                    .get::<Value>("/v1/drops")
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
                 agent.log_text()
             );
         }
@@ -509,7 +513,9 @@ fn a_full_receive_buffer_is_socket_rcvbuff_in_the_pods_namespace() {
             node: "node2",
             reason: "SOCKET_RCVBUFF",
             packets: lost,
-            device: "eth0",
+            // Inside a pod the agent cannot read the device's name (that needs entering the
+            // pod's namespace); it says which pod through pod_veth, and the ifindex is eth0's.
+            device: "",
             ifindex: dst.ifindex().unwrap(),
             netns: "pod",
             pod_veth: Some(dst.host_veth.as_str()),
@@ -553,7 +559,9 @@ fn datagrams_to_a_closed_port_are_no_socket_in_the_pods_namespace() {
             node: "node2",
             reason: "NO_SOCKET",
             packets: N,
-            device: "eth0",
+            // Inside a pod the agent cannot read the device's name (that needs entering the
+            // pod's namespace); it says which pod through pod_veth, and the ifindex is eth0's.
+            device: "",
             ifindex: dst.ifindex().unwrap(),
             netns: "pod",
             pod_veth: Some(dst.host_veth.as_str()),

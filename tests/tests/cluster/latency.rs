@@ -239,6 +239,7 @@ fn steps(leg: &Leg) -> Vec<String> {
                 ..
             } => format!("{node} {interface} {direction:?}"),
             Step::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
+            Step::Drop { node, reason, .. } => format!("{node} drop {reason}"),
         })
         .collect()
 }

@@ -431,7 +431,8 @@ fn path_hops(leg: &flowtrace::query::path::Leg) -> Vec<Hop> {
                 direction,
                 ..
             } => Some((node.clone(), interface.clone(), *direction)),
-            flowtrace::query::path::Step::Nat { .. } => None,
+            flowtrace::query::path::Step::Nat { .. }
+            | flowtrace::query::path::Step::Drop { .. } => None,
         })
         .collect()
 }
