@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: the emulated cluster, one agent per node, a little traffic of every kind,
-//! and what `flowtrace flows` shows on each node afterwards.
+//! `cargo xtask demo`: the emulated cluster, one agent per node, a little traffic of every kind
+//! (and some that a firewall rule drops), and what `flowtrace flows` shows on each node
+//! afterwards.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -26,6 +27,8 @@ const CROSS_UDP_COUNT: u64 = 50;
 const TCP_BYTES: u64 = 1 << 20;
 const SERVICE_CONNECTIONS: u64 = 20;
 const PINGS: u64 = 3;
+const DROPPED_UDP_PORT: u16 = 7005;
+const DROPPED_UDP_COUNT: u64 = 30;
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
@@ -156,6 +159,52 @@ pub fn run() -> Result<()> {
         );
     }
 
+    println!("\nDrops (GET /v1/drops: packets the kernel dropped, with its reason and where on the path):");
+    println!(
+        "  (d) {} datagrams sent to node2/pod-a:{DROPPED_UDP_PORT}; node2's DROP rule counted {}",
+        results.dropped_sent, results.dropped_by_rule
+    );
+    let node2_drops: flowtrace::model::wire::DropsResponse = agents[1]
+        .get(&format!("/v1/drops?port={DROPPED_UDP_PORT}"))
+        .context("reading drops from the agent in node2")?;
+    let mut seen = 0;
+    for d in &node2_drops.drops {
+        seen += d.drop.packets;
+        let after = d
+            .drop
+            .after
+            .as_ref()
+            .map(|h| format!(", after {} {}", h.interface, h.direction.as_str()))
+            .unwrap_or_default();
+        println!(
+            "  node2: {} packets {} at {} ({}{after}): {}:{} -> {}:{}",
+            d.drop.packets,
+            d.drop.reason,
+            if d.drop.device.is_empty() {
+                "-"
+            } else {
+                &d.drop.device
+            },
+            if d.drop.netns == flowtrace::model::wire::DropNetns::Node {
+                "node namespace"
+            } else {
+                "pod namespace"
+            },
+            d.flow.src,
+            d.flow.src_port,
+            d.flow.dst,
+            d.flow.dst_port
+        );
+    }
+    if seen != results.dropped_by_rule || results.dropped_by_rule != results.dropped_sent {
+        anyhow::bail!(
+            "drops: {} sent, the rule counted {}, flowtrace on node2 recorded {seen}",
+            results.dropped_sent,
+            results.dropped_by_rule
+        );
+    }
+    println!("  node2's agent recorded every one ({seen}), with the rule's reason and place");
+
     let unnamed: usize = cluster
         .nodes
         .iter()
@@ -198,6 +247,9 @@ struct Results {
     /// (backend pod's IPv4, connections it accepted)
     service_backends: Vec<(IpAddr, u64)>,
     service_sent: u64,
+    /// (d) datagrams sent into the DROP rule, and what the rule's own counter says.
+    dropped_sent: u64,
+    dropped_by_rule: u64,
 }
 
 /// The demo's traffic. ftgen is the release build (`build::release_binaries` points
@@ -402,7 +454,62 @@ impl Traffic<'_> {
             };
             service_backends.push((IpAddr::V4(pod.ipv4), accepted));
         }
+        // (d) A firewall: an iptables DROP rule on node2's FORWARD chain for one UDP port, as a
+        // NetworkPolicy would put there; the datagrams die after node2's overlay device.
+        eprintln!("xtask: (d) drops: {DROPPED_UDP_COUNT} UDP datagrams node1/pod-a -> node2/pod-a:{DROPPED_UDP_PORT}, dropped by an iptables rule on node2's FORWARD chain");
+        let node2 = c.node(2)?;
+        let comment = format!("ftdemo-drop-{}", std::process::id());
+        let rule = |op: &str| -> Vec<String> {
+            [
+                "iptables",
+                "-w",
+                op,
+                "FORWARD",
+                "-p",
+                "udp",
+                "--dport",
+                &DROPPED_UDP_PORT.to_string(),
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-j",
+                "DROP",
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        node2
+            .exec(&rule("-I"))
+            .context("adding the demo's DROP rule on node2")?;
+        let sent = self.send(
+            a1,
+            &[
+                "udp-send",
+                "--to",
+                &format!("{}:{DROPPED_UDP_PORT}", a2.ipv4),
+                "--count",
+                &n(DROPPED_UDP_COUNT),
+                "--size",
+                &n(UDP_SIZE),
+                "--interval-us",
+                "200",
+            ],
+        );
+        let counted = node2.exec(&["iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n"]);
+        node2
+            .exec(&rule("-D"))
+            .context("removing the demo's DROP rule on node2")?;
+        let dropped_sent = u64_field(&sent?, "sent");
+        let dropped_by_rule = String::from_utf8_lossy(&counted?.stdout)
+            .lines()
+            .find(|l| l.contains(&comment))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         Ok(Results {
+            dropped_sent,
+            dropped_by_rule,
             udp_received,
             ping_ok,
             tcp_received,
@@ -462,6 +569,7 @@ fn print_header(cluster: &Cluster, r: &Results) {
         })
         .collect();
     println!("  (c) Service     -> {SERVICE_IP}:{SERVICE_PORT}: {} TCP connections of 100 B each, 64 B answers ({})", r.service_sent, split.join(", "));
+    println!("  (d) drops       -> node2/pod-a: {DROPPED_UDP_COUNT} UDP datagrams x {UDP_SIZE} B to :{DROPPED_UDP_PORT}, dropped by an iptables DROP rule on node2's FORWARD chain (rule counted {})", r.dropped_by_rule);
 }
 
 /// One line per traffic kind: how many matching flows each node saw and their hops.

@@ -15,7 +15,8 @@ use flowtrace_tests::{
     in_netns, require_root, tc_show, traced_devices, Agent, Bed, Cluster, ClusterOptions,
 };
 
-/// The kernel program IDs the agent reports; checked against bpftool's list.
+/// The kernel program IDs the agent reports (its TC programs and its raw tracepoint
+/// programs, whose links must go with it too); checked against bpftool's list.
 fn ids_of(agent: &Agent) -> Vec<u64> {
     let ids: Vec<u64> = agent
         .interfaces()
@@ -25,7 +26,24 @@ fn ids_of(agent: &Agent) -> Vec<u64> {
         .map(|p| p.id as u64)
         .collect();
     let loaded = flowtrace_program_ids().unwrap();
-    assert_eq!(ids.len(), 2, "one ingress and one egress program: {ids:?}");
+    let mut names: Vec<String> = agent
+        .interfaces()
+        .unwrap()
+        .programs
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "flowtrace_egress",
+            "flowtrace_ingress",
+            "flowtrace_kfree_skb",
+            "flowtrace_tcp_retransmit"
+        ],
+        "the TC programs and the two raw tracepoint programs (drops, retransmissions): {ids:?}"
+    );
     assert!(
         ids.iter().all(|i| loaded.contains(i)),
         "bpftool does not list {ids:?}: {loaded:?}"

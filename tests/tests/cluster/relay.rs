@@ -415,6 +415,69 @@ fn relay_with_a_static_agent_list_answers_for_every_node() {
         .filter(|r| r.namespace.as_deref() == Some("flowtrace"))
         .collect();
     assert!(asked.is_empty(), "{asked:?}");
+    relay_drops_name_the_node_they_happened_on(&bed);
+}
+
+/// Datagrams an iptables DROP rule kills on node3 are reported by the relay's `/v1/drops` under
+/// node3, as many as the rule's own counter says, with the kernel's reason; the other nodes
+/// answer with none on that port.
+fn relay_drops_name_the_node_they_happened_on(bed: &RelayBed) {
+    const PORT: u16 = 24_900;
+    const N: u64 = 20;
+    let (src, dst) = (pod(bed, 1, "pod-a"), pod(bed, 3, "pod-a"));
+    let node3 = bed.cluster.node(3).unwrap();
+    let rule = flowtrace_tests::drops::DropRule::insert(
+        &node3.netns,
+        "FORWARD",
+        &["-p", "udp", "--dport", &PORT.to_string()],
+        &format!("{}-relay-drop", bed.cluster.prefix),
+    )
+    .unwrap();
+    let sent = ftgen(
+        &src,
+        &[
+            "udp-send",
+            "--to",
+            &format!("{}:{PORT}", dst.ipv4),
+            "--count",
+            &N.to_string(),
+            "--size",
+            "64",
+        ],
+    )
+    .unwrap();
+    assert_eq!(sent["sent"], N, "{sent}");
+    assert_eq!(rule.packets().unwrap(), N, "the rule's own counter");
+    let relay = bed.relay().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let resp = relay.get_json(&format!("/v1/drops?port={PORT}")).unwrap();
+        let nodes = resp["nodes"].as_array().cloned().unwrap_or_default();
+        let dropped = |node: &str, reason: Option<&str>| -> u64 {
+            nodes
+                .iter()
+                .filter(|n| n["node"] == node)
+                .flat_map(|n| n["drops"].as_array().cloned().unwrap_or_default())
+                .filter(|d| reason.is_none_or(|r| d["reason"] == r))
+                .map(|d| d["packets"].as_u64().unwrap_or(0))
+                .sum()
+        };
+        let answered: BTreeSet<String> = nodes
+            .iter()
+            .filter_map(|n| n["node"].as_str().map(String::from))
+            .collect();
+        let done = answered == set(&ALL) && dropped("node3", Some("NETFILTER_DROP")) == N;
+        if done || Instant::now() > deadline {
+            assert_eq!(answered, set(&ALL), "{resp:#}");
+            assert_eq!(dropped("node3", Some("NETFILTER_DROP")), N, "{resp:#}");
+            assert_eq!(dropped("node3", None), N, "{resp:#}");
+            for other in ["node1", "node2"] {
+                assert_eq!(dropped(other, None), 0, "{other}: {resp:#}");
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// What the topology says a pod-b -> pod-b path crosses, node by node: (node, interface,
