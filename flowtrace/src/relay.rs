@@ -307,8 +307,8 @@ impl Relay {
 
     /// `/v1/drops` over every node: each node's answer as it gave it (drops are placed on
     /// the node they happened on, so nothing is joined across nodes).
-    pub async fn drops(&self, filter: &crate::query::filter::FlowFilter) -> RelayDropsResponse {
-        let path = format!("/v1/drops?{}", filter.to_query());
+    pub async fn drops(&self, q: &crate::query::filter::FlowQuery) -> RelayDropsResponse {
+        let path = format!("/v1/drops?{}", q.filter.to_query_with_limit(q.limit));
         let (answers, missing) = self.ask_all::<DropsResponse>("drops", &path).await;
         let mut nodes: Vec<DropsResponse> = answers.into_iter().map(|a| a.value).collect();
         nodes.sort_by(|a, b| a.node.cmp(&b.node));

@@ -360,7 +360,7 @@ impl FtCounters {
         let Some(a) = agent else {
             return Ok(Self::default());
         };
-        let (status, body) = http_get(&a.netns, "/v1/drops")?;
+        let (status, body) = http_get(&a.netns, "/v1/drops?limit=1")?;
         if status != 200 {
             bail!("/v1/drops answered {status}: {body}");
         }

@@ -174,7 +174,8 @@ impl Agent {
                 flows: FlowTable::new(p.settings.max_flows, idle),
                 nat: NatTable::new(idle),
                 latency: LatencyTable::new(idle),
-                drops: DropTable::new(idle),
+                // The flow table's cap bounds the drop table too.
+                drops: DropTable::new(idle, p.settings.max_flows),
                 metrics: Metrics::new(p.metrics),
             }),
             settings: p.settings,
@@ -623,7 +624,7 @@ impl Agent {
 
     /// Drops and retransmissions per flow, drained fresh and filtered like the flows
     /// (`/v1/drops`).
-    pub async fn drops(&self, filter: &FlowFilter) -> Result<DropsResponse> {
+    pub async fn drops(&self, filter: &FlowFilter, limit: usize) -> Result<DropsResponse> {
         self.drain_fresh().await?;
         let map_full = self.kernel_counters().await?[Counter::DropMapFull as usize];
         let lost_by_reason = self.drainer.lock().await.drops_lost()?;
@@ -661,6 +662,9 @@ impl Agent {
             }
             drops.sort_by_key(|e| std::cmp::Reverse(e.drop.packets));
             retransmits.sort_by_key(|e| std::cmp::Reverse(e.segments));
+            let truncated = drops.len() > limit || retransmits.len() > limit;
+            drops.truncate(limit);
+            retransmits.truncate(limit);
             let totals = tables.drops.totals();
             DropsResponse {
                 node: self.node().to_string(),
@@ -674,7 +678,9 @@ impl Agent {
                     .map(|(code, n)| (names.reason(*code), *n))
                     .collect(),
                 retransmitted_segments: totals.retransmits,
+                truncated,
                 lost: DropLoss {
+                    table_full: totals.table_full,
                     map_full: 0,
                     map_full_by_reason: lost_by_reason
                         .iter()

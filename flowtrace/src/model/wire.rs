@@ -370,6 +370,10 @@ pub struct DropLoss {
     /// exact in a flood (in every namespace the kernel saw: they could not be placed).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub map_full_by_reason: BTreeMap<String, u64>,
+    /// Drops and retransmissions of new tuples the agent's table (as large as `--max-flows`)
+    /// had no room for: in `by_reason`, not listed per flow.
+    #[serde(default)]
+    pub table_full: u64,
     /// Drops and retransmissions in network namespaces this agent could not place on its
     /// node (on a real node: a pod namespace not yet mounted where --netns-dir points; in an
     /// emulated cluster sharing one kernel: the other nodes').
@@ -399,6 +403,9 @@ pub struct DropsResponse {
     pub by_reason: BTreeMap<String, u64>,
     /// Segments retransmitted on this node since the agent started.
     pub retransmitted_segments: u64,
+    /// More drops (or retransmissions) matched than `limit`: these are the largest.
+    #[serde(default)]
+    pub truncated: bool,
     pub lost: DropLoss,
     /// Why pod namespaces could not be listed, if they could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]

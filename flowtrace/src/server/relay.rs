@@ -121,8 +121,8 @@ async fn flows(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Re
 
 async fn drops(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Response {
     let started = Instant::now();
-    let r = match FlowFilter::from_query(query.as_deref().unwrap_or("")) {
-        Ok(f) => json(&relay.drops(&f).await),
+    let r = match FlowQuery::from_query(query.as_deref().unwrap_or("")) {
+        Ok(q) => json(&relay.drops(&q).await),
         Err(e) => error_response(StatusCode::BAD_REQUEST, e.to_string()),
     };
     served(&relay, "drops", started, r)

@@ -116,11 +116,14 @@ async fn flows(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Re
 }
 
 async fn drops(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {
-    let filter = match filter_of(&agent, query.as_deref()) {
-        Ok(f) => f,
-        Err((status, msg)) => return error_response(status, msg),
+    let q = match FlowQuery::from_query(query.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    json_or_500(agent.drops(&filter).await)
+    if let Err((status, msg)) = check_names(&agent, &q.filter) {
+        return error_response(status, msg);
+    }
+    json_or_500(agent.drops(&q.filter, q.limit).await)
 }
 
 async fn pathdata(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {

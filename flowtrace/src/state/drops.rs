@@ -76,6 +76,9 @@ pub struct DropTotals {
     pub unplaced: u64,
     /// Segments retransmitted on this node.
     pub retransmits: u64,
+    /// Drops and retransmissions of new tuples the table had no room for (counted by
+    /// reason above, but not per tuple).
+    pub table_full: u64,
 }
 
 /// The drops of every tuple on this node.
@@ -84,12 +87,15 @@ pub struct DropTable {
     tuples: HashMap<FlowTuple, TupleDrops>,
     totals: DropTotals,
     idle_ns: u64,
+    /// Most tuples held: a flood of fresh tuples being dropped is counted, not stored.
+    max_tuples: usize,
 }
 
 impl DropTable {
-    pub fn new(idle_ns: u64) -> Self {
+    pub fn new(idle_ns: u64, max_tuples: usize) -> Self {
         Self {
             idle_ns,
+            max_tuples,
             ..Default::default()
         }
     }
@@ -124,6 +130,16 @@ impl DropTable {
                 *self.totals.by_reason.entry(k.reason).or_default() += d.stats.packets;
             }
             if let Some(t) = tuple {
+                if !self.tuples.contains_key(&t) && self.tuples.len() >= self.max_tuples {
+                    self.totals.table_full += d.stats.packets;
+                    placed.push(PlacedDrop {
+                        tuple: Some(t),
+                        retransmit,
+                        site,
+                        packets: d.stats.packets,
+                    });
+                    continue;
+                }
                 let e = self.tuples.entry(t).or_default();
                 let c = if retransmit {
                     &mut e.retransmits
@@ -200,7 +216,7 @@ mod tests {
 
     #[test]
     fn drops_are_placed_summed_and_other_namespaces_counted_apart() {
-        let mut t = DropTable::new(1_000);
+        let mut t = DropTable::new(1_000, 10);
         let place = |ns: u32| (ns == 7).then_some(NsPlace::Node);
         let placed = t.merge(
             &[
