@@ -168,10 +168,10 @@ fn addressed_links(socket: &mut Socket) -> std::io::Result<std::collections::Has
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(out),
                 NetlinkPayload::Error(e) => return Err(e.to_io()),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a)) => {
-                    if !matches!(a.header.scope, AddressScope::Link | AddressScope::Host) {
-                        out.insert(a.header.index);
-                    }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a))
+                    if !matches!(a.header.scope, AddressScope::Link | AddressScope::Host) =>
+                {
+                    out.insert(a.header.index);
                 }
                 _ => {}
             }
