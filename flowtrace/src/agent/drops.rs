@@ -7,7 +7,7 @@ use crate::{
     enrich::Namer,
     host::netns::NsPlace,
     model::{
-        drop_reason_name, protocol_name,
+        drop_reason_name,
         wire::{DropNetns, DropRecord, HopRef, TraceDrop},
         FlowRecord, FlowTuple, TupleView,
     },
@@ -124,25 +124,10 @@ pub(super) fn join(f: &mut FlowRecord, table: &DropTable, n: &DropNames<'_>) {
 /// A flow record for a tuple no hook saw (its packets died before reaching one, or it is a
 /// retransmitting socket's), so the drops have a flow to hang on.
 pub(super) fn bare_record(t: &FlowTuple, namer: &Namer<'_>) -> FlowRecord {
-    FlowRecord {
-        protocol: protocol_name(t.protocol),
-        protocol_number: t.protocol,
-        ip_version: if t.src.is_ipv4() { 4 } else { 6 },
-        src: t.src,
-        dst: t.dst,
-        src_port: t.src_port,
-        dst_port: t.dst_port,
-        packets: 0,
-        bytes: 0,
-        hops: Vec::new(),
-        src_endpoint: namer.endpoint(&t.src).map(|e| (*e).clone()),
-        dst_endpoint: namer.endpoint(&t.dst).map(|e| (*e).clone()),
-        service: None,
-        nat: None,
-        src_peer: None,
-        dst_peer: None,
-        drops: Vec::new(),
-        dropped: 0,
-        retransmits: 0,
-    }
+    FlowRecord::new(
+        t,
+        Vec::new(),
+        namer.endpoint(&t.src).map(|e| (*e).clone()),
+        namer.endpoint(&t.dst).map(|e| (*e).clone()),
+    )
 }

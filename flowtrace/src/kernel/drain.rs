@@ -98,16 +98,54 @@ pub struct Drainer {
     grace: Duration,
 }
 
-/// Reads and deletes every entry of an idle per-CPU hash buffer. Read, then delete, then
-/// hand out: if either step fails the entry stays in the buffer and is drained the next time
-/// this buffer is idle, never lost nor counted twice.
-fn take_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
-    map: &mut PerCpuHashMap<MapData, K, V>,
+/// What a drain does to an idle buffer, per-CPU or shared: list its keys, read an entry,
+/// delete it.
+trait IdleBuffer<K> {
+    type Value;
+    fn key_list(&self) -> impl Iterator<Item = std::result::Result<K, aya::maps::MapError>>;
+    fn read(&self, key: &K) -> std::result::Result<Self::Value, aya::maps::MapError>;
+    fn delete(&mut self, key: &K) -> std::result::Result<(), aya::maps::MapError>;
+}
+
+impl<K: aya::Pod, V: aya::Pod> IdleBuffer<K> for PerCpuHashMap<MapData, K, V> {
+    type Value = PerCpuValues<V>;
+    fn key_list(&self) -> impl Iterator<Item = std::result::Result<K, aya::maps::MapError>> {
+        self.keys()
+    }
+    fn read(&self, key: &K) -> std::result::Result<Self::Value, aya::maps::MapError> {
+        self.get(key, 0)
+    }
+    fn delete(&mut self, key: &K) -> std::result::Result<(), aya::maps::MapError> {
+        self.remove(key)
+    }
+}
+
+/// The drop buffers are shared by all CPUs. The tracepoint programs may run in process
+/// context, where they can be preempted past the grace period; reading and deleting key by
+/// key keeps the window in which such a late update is lost to one syscall.
+impl<K: aya::Pod, V: aya::Pod> IdleBuffer<K> for KernelHashMap<MapData, K, V> {
+    type Value = V;
+    fn key_list(&self) -> impl Iterator<Item = std::result::Result<K, aya::maps::MapError>> {
+        self.keys()
+    }
+    fn read(&self, key: &K) -> std::result::Result<Self::Value, aya::maps::MapError> {
+        self.get(key, 0)
+    }
+    fn delete(&mut self, key: &K) -> std::result::Result<(), aya::maps::MapError> {
+        self.remove(key)
+    }
+}
+
+/// Reads and deletes every entry of an idle buffer. Read, then delete, then hand out: if
+/// either step fails the entry stays in the buffer and is drained the next time this buffer
+/// is idle, never lost nor counted twice.
+fn take_all<K, B: IdleBuffer<K>>(
+    map: &mut B,
     name: &'static str,
     problems: &mut Vec<Error>,
-) -> Vec<(K, PerCpuValues<V>)> {
+) -> Vec<(K, B::Value)> {
     let mut keys = Vec::new();
-    for key in map.keys() {
+    for key in map.key_list() {
         match key {
             Ok(k) => keys.push(k),
             Err(e) => {
@@ -118,7 +156,7 @@ fn take_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     }
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
-        let per_cpu = match map.get(&key, 0) {
+        let value = match map.read(&key) {
             Ok(v) => v,
             // Deleted under us cannot happen (we are the only deleter); skip defensively.
             Err(aya::maps::MapError::KeyNotFound) => continue,
@@ -127,51 +165,11 @@ fn take_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
                 continue;
             }
         };
-        if let Err(e) = map.remove(&key) {
+        if let Err(e) = map.delete(&key) {
             problems.push(map_io(name)(e));
             continue;
         }
-        out.push((key, per_cpu));
-    }
-    out
-}
-
-/// Reads and deletes every entry of an idle shared drop buffer, like `take_all`. The
-/// tracepoint programs may run in process context, where they can be preempted past the
-/// grace period; reading and deleting key by key keeps the window in which such a late
-/// update is lost to one syscall.
-fn take_drops(
-    map: &mut KernelHashMap<MapData, DropKey, DropStats>,
-    name: &'static str,
-    problems: &mut Vec<Error>,
-) -> Vec<DrainedDrop> {
-    let mut keys = Vec::new();
-    for key in map.keys() {
-        match key {
-            Ok(k) => keys.push(k),
-            Err(e) => {
-                problems.push(map_io(name)(e));
-                break;
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
-        let stats = match map.get(&key, 0) {
-            Ok(v) => v,
-            Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(e) => {
-                problems.push(map_io(name)(e));
-                continue;
-            }
-        };
-        if let Err(e) = map.remove(&key) {
-            problems.push(map_io(name)(e));
-            continue;
-        }
-        if stats.packets > 0 {
-            out.push(DrainedDrop { key, stats });
-        }
+        out.push((key, value));
     }
     out
 }
@@ -286,7 +284,11 @@ impl Drainer {
             })
             .collect();
         let dname = maps::DROPS[usize::from(old != 0)];
-        let drops = take_drops(&mut self.drops[old as usize], dname, &mut problems);
+        let drops = take_all(&mut self.drops[old as usize], dname, &mut problems)
+            .into_iter()
+            .filter(|(_, stats)| stats.packets > 0)
+            .map(|(key, stats)| DrainedDrop { key, stats })
+            .collect();
         Ok(Drained {
             drops,
             flows: merged

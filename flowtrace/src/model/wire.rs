@@ -111,6 +111,37 @@ pub struct DropRecord {
 }
 
 impl FlowRecord {
+    /// The record of tuple `t` with these hops (in order) and ends, and nothing named or
+    /// joined yet: the flow's packets and bytes are the largest over its hops.
+    pub fn new(
+        t: &FlowTuple,
+        hops: Vec<HopRecord>,
+        src_endpoint: Option<Endpoint>,
+        dst_endpoint: Option<Endpoint>,
+    ) -> Self {
+        Self {
+            protocol: super::tuple::protocol_name(t.protocol),
+            protocol_number: t.protocol,
+            ip_version: if t.src.is_ipv4() { 4 } else { 6 },
+            src: t.src,
+            dst: t.dst,
+            src_port: t.src_port,
+            dst_port: t.dst_port,
+            packets: hops.iter().map(|h| h.packets).max().unwrap_or(0),
+            bytes: hops.iter().map(|h| h.bytes).max().unwrap_or(0),
+            hops,
+            src_endpoint,
+            dst_endpoint,
+            service: None,
+            nat: None,
+            src_peer: None,
+            dst_peer: None,
+            drops: Vec::new(),
+            dropped: 0,
+            retransmits: 0,
+        }
+    }
+
     /// The flow's 5-tuple.
     pub fn tuple(&self) -> FlowTuple {
         FlowTuple {

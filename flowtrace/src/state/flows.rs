@@ -15,8 +15,7 @@ use flowtrace_common::FlowStats;
 use crate::{
     kernel::drain::DrainedFlow,
     model::{
-        protocol_name, tcp_flags_string, Direction, Endpoint, EndpointKind, FlowRecord, FlowTuple,
-        Hop, HopRecord,
+        tcp_flags_string, Direction, Endpoint, EndpointKind, FlowRecord, FlowTuple, Hop, HopRecord,
     },
 };
 
@@ -165,35 +164,18 @@ impl FlowTable {
                     .collect();
                 // Order of first sighting is the order the packets met the hops.
                 hops.sort_by_key(|h| (h.first_seen_unix_ns, h.ifindex, h.direction));
-                FlowRecord {
-                    protocol: protocol_name(t.protocol),
-                    protocol_number: t.protocol,
-                    ip_version: if t.src.is_ipv4() { 4 } else { 6 },
-                    src: t.src,
-                    dst: t.dst,
-                    src_port: t.src_port,
-                    dst_port: t.dst_port,
-                    packets: hops.iter().map(|h| h.packets).max().unwrap_or(0),
-                    bytes: hops.iter().map(|h| h.bytes).max().unwrap_or(0),
+                FlowRecord::new(
+                    t,
                     hops,
-                    src_endpoint: f
-                        .src_name
+                    f.src_name
                         .clone()
                         .or_else(|| resolve(&t.src))
                         .map(|e| (*e).clone()),
-                    dst_endpoint: f
-                        .dst_name
+                    f.dst_name
                         .clone()
                         .or_else(|| resolve(&t.dst))
                         .map(|e| (*e).clone()),
-                    service: None,
-                    nat: None,
-                    src_peer: None,
-                    dst_peer: None,
-                    drops: Vec::new(),
-                    dropped: 0,
-                    retransmits: 0,
-                }
+                )
             })
             .collect();
         out.sort_by_key(|f| (f.src, f.dst, f.protocol_number, f.src_port, f.dst_port));
