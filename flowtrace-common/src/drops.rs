@@ -14,11 +14,8 @@ pub const KIND_DROP: u8 = 0;
 /// `DropKey::kind`: a TCP segment retransmitted (`tcp:tcp_retransmit_skb`).
 pub const KIND_RETRANSMIT: u8 = 1;
 
-/// The kernel's `SKB_NOT_DROPPED_YET` and `SKB_CONSUMED`: frees that are not drops. The
-/// kernel sends `SKB_CONSUMED` to `consume_skb` in current versions; older ones passed it
-/// through `kfree_skb`, so the program checks for both.
-pub const REASON_NOT_DROPPED_YET: u32 = 0;
-pub const REASON_CONSUMED: u32 = 1;
+/// `DropLayout::not_dropped`/`consumed` when the kernel has no such reason.
+pub const NO_REASON: u32 = u32::MAX;
 
 /// Slots of `DROPS_LOST`, one per drop reason; the last also holds every larger reason
 /// (subsystem reasons carry high bits).
@@ -58,7 +55,8 @@ pub struct DropKey {
 pub struct DropStats {
     /// Packets (segments for a retransmission).
     pub packets: u64,
-    /// Bytes of those packets (`skb->len` where they died).
+    /// Layer-3 bytes of those packets (the IP header's length; `skb->len` where it could
+    /// not be read; for a retransmission `skb->len`).
     pub bytes: u64,
     /// Monotonic time of the latest one.
     pub last_ns: u64,
@@ -71,9 +69,12 @@ pub struct DropStats {
 pub struct DropLayout {
     /// 1 once user space wrote the offsets; the programs record nothing while 0.
     pub ready: u32,
-    /// `kfree_skb`'s arguments after the skb: 1 when `reason` is the third (kernel >= 5.17).
-    pub kfree_has_reason: u32,
-    pub _pad: u32,
+    /// The codes of `SKB_NOT_DROPPED_YET` and `SKB_CONSUMED` in this kernel's
+    /// `enum skb_drop_reason` (their values moved between versions), or `NO_REASON`: frees
+    /// that are not drops. Current kernels send `SKB_CONSUMED` to `consume_skb`; older ones
+    /// passed it through `kfree_skb`, so the program checks both.
+    pub not_dropped: u32,
+    pub consumed: u32,
     /// `struct sk_buff`: `head` (pointer), `network_header` (u16 from head), `len` (u32),
     /// `dev` (pointer), `protocol` (be16), `cb` (48 bytes).
     pub skb_head: u32,
@@ -82,6 +83,8 @@ pub struct DropLayout {
     pub skb_dev: u32,
     pub skb_protocol: u32,
     pub skb_cb: u32,
+    /// `sk` (pointer): the socket's namespace places a drop whose skb has no device.
+    pub skb_sk: u32,
     /// `struct net_device`: `ifindex` (int), `nd_net.net` (pointer).
     pub dev_ifindex: u32,
     pub dev_net: u32,
@@ -104,4 +107,4 @@ pub struct DropLayout {
 
 const _: () = assert!(core::mem::size_of::<DropKey>() == 64);
 const _: () = assert!(core::mem::size_of::<DropStats>() == 24);
-const _: () = assert!(core::mem::size_of::<DropLayout>() == 84);
+const _: () = assert!(core::mem::size_of::<DropLayout>() == 88);

@@ -709,8 +709,8 @@ pub enum Counter {
     /// Drops and retransmissions the kernel saw but could not record because the drop
     /// buffer was full (raise `--drop-entries` or drain more often).
     DropMapFull = 15,
-    /// Drops and retransmissions the tracepoint programs saw (recorded or not), so that
-    /// seen = recorded + `DropMapFull` can be checked.
+    /// Events the tracepoint programs saw: one per dropped packet, one per retransmitted skb
+    /// (which may carry several segments; `DropMapFull` counts segments).
     DropEventsSeen = 16,
 }
 

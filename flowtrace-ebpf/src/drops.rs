@@ -21,10 +21,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use flowtrace_common::{
-    drops::{
-        DropKey, DropLayout, DropStats, KIND_DROP, KIND_RETRANSMIT, LOST_REASON_SLOTS,
-        REASON_CONSUMED, REASON_NOT_DROPPED_YET,
-    },
+    drops::{DropKey, DropLayout, DropStats, KIND_DROP, KIND_RETRANSMIT, LOST_REASON_SLOTS},
     Counter, PacketId, TraceEvent, Tuple, CONTROL_ACTIVE_BUFFER, CONTROL_TRACING, DIR_DROPPED,
     DIR_RETRANSMITTED,
 };
@@ -116,17 +113,23 @@ fn on_kfree_skb(ctx: &RawTracePointContext) {
     let Some(l) = layout() else {
         return;
     };
-    if l.kfree_has_reason == 0 {
-        return;
-    }
     let reason = ctx.arg::<u64>(2) as u32;
-    if reason == REASON_NOT_DROPPED_YET || reason == REASON_CONSUMED {
+    if reason == l.not_dropped || reason == l.consumed {
         return;
     }
     count_atomic(Counter::DropEventsSeen, 1);
     let skb: u64 = ctx.arg(0);
     let dev = read::<u64>(skb, l.skb_dev).unwrap_or(0);
-    let (netns, ifindex) = device_place(l, dev);
+    let (mut netns, mut ifindex) = device_place(l, dev);
+    if netns == 0 {
+        // No device (a locally sent packet dropped before one was set), or `dev` reused for
+        // something else (UDP's dev_scratch, the rb-tree node of TCP's out-of-order queue):
+        // the socket's namespace, no device.
+        let sk = read::<u64>(skb, l.skb_sk).unwrap_or(0);
+        let net = read::<u64>(sk, l.sk_net).unwrap_or(0);
+        netns = read::<u32>(net, l.net_inum).unwrap_or(0);
+        ifindex = 0;
+    }
     let mut key = DropKey {
         tuple: Tuple {
             src_addr: [0; 4],

@@ -28,7 +28,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{programs::RawTracePoint, Ebpf};
-use flowtrace_tests::{baselines, http_get, netns, Agent, Cluster, ClusterOptions};
+use flowtrace_tests::{
+    baselines, drops::DropRule, http_get, netns, Agent, Cluster, ClusterOptions,
+};
 use serde_json::Value;
 
 use crate::proc;
@@ -112,7 +114,13 @@ pub fn run(args: &DropBenchArgs) -> Result<()> {
     let client = cluster.pod(1, "pod-a")?.clone();
     let server = cluster.pod(2, "pod-c")?.clone();
     let comment = format!("ftbench-drops-{}", std::process::id());
-    let rule = Rule::add(&node2.netns, &comment)?;
+    let ports = format!("{PORT_FIRST}:{PORT_LAST}");
+    let rule = DropRule::insert(
+        &node2.netns,
+        "FORWARD",
+        &["-p", "udp", "--dport", &ports],
+        &comment,
+    )?;
     let _stats = proc::SysctlGuard::set("kernel.bpf_stats_enabled", "1")?;
     let (cpus, cpu_model) = proc::cpus();
     println!(
@@ -156,7 +164,7 @@ pub fn run(args: &DropBenchArgs) -> Result<()> {
         }
     }
     report(&results);
-    rule.remove()?;
+    drop(rule);
     Ok(())
 }
 
@@ -221,7 +229,7 @@ fn measure(
     node_netns: &str,
     client: &flowtrace_tests::Pod,
     server: &flowtrace_tests::Pod,
-    rule: &Rule,
+    rule: &DropRule,
 ) -> Result<Run> {
     let mut run = Run::default();
     let mut agent = None;
@@ -392,77 +400,6 @@ fn prog_stats(arm: Arm, agent: Option<&Agent>, held: Option<&(Ebpf, &str)>) -> R
             let (ebpf, name) = held.context("no baseline")?;
             let info = ebpf.program(name).context("baseline program")?.info()?;
             Ok((info.run_time().as_nanos() as u64, info.run_count()))
-        }
-    }
-}
-
-/// The DROP rule, removed when dropped.
-struct Rule {
-    netns: String,
-    comment: String,
-    removed: bool,
-}
-
-impl Rule {
-    fn spec(&self) -> Vec<String> {
-        [
-            "FORWARD",
-            "-p",
-            "udp",
-            "--dport",
-            &format!("{PORT_FIRST}:{PORT_LAST}"),
-            "-m",
-            "comment",
-            "--comment",
-            &self.comment,
-            "-j",
-            "DROP",
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-
-    fn add(netns: &str, comment: &str) -> Result<Self> {
-        let r = Self {
-            netns: netns.into(),
-            comment: comment.into(),
-            removed: false,
-        };
-        let mut args = vec!["iptables".to_string(), "-w".into(), "-I".into()];
-        args.extend(r.spec());
-        netns::exec(&r.netns, &args)?;
-        Ok(r)
-    }
-
-    /// The rule's packet counter.
-    fn packets(&self) -> Result<u64> {
-        let out = netns::exec(
-            &self.netns,
-            &["iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n"],
-        )?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find(|l| l.contains(&self.comment))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("the DROP rule {} is gone from FORWARD", self.comment))
-    }
-
-    fn remove(mut self) -> Result<()> {
-        self.removed = true;
-        let mut args = vec!["iptables".to_string(), "-w".into(), "-D".into()];
-        args.extend(self.spec());
-        netns::exec(&self.netns, &args)?;
-        Ok(())
-    }
-}
-
-impl Drop for Rule {
-    fn drop(&mut self) {
-        if !self.removed {
-            let mut args = vec!["iptables".to_string(), "-w".into(), "-D".into()];
-            args.extend(self.spec());
-            let _ = netns::exec(&self.netns, &args);
         }
     }
 }

@@ -33,7 +33,8 @@ impl DropNames<'_> {
         drop_reason_name(self.reasons, code)
     }
 
-    fn unix(&self, mono: u64) -> u64 {
+    /// A kernel (monotonic) time as Unix time.
+    pub fn unix(&self, mono: u64) -> u64 {
         (i128::from(mono) + self.offset).max(0) as u64
     }
 

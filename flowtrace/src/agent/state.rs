@@ -5,11 +5,11 @@
 //! behind one mutex, [`Tables`]. Naming needs the links and the metadata too; the drain
 //! (`Agent::drain_now`) and `Agent::with_namer` are the only places that take more than one
 //! lock, and both take links, then metadata, then tables, so the order is code, not a
-//! comment. The kernel handles (drainer, attacher) have async mutexes of their own and are
+//! comment. The map of network namespaces (`namespaces`) is only ever locked alone. The kernel handles (drainer, attacher) have async mutexes of their own and are
 //! never held with the others.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock, RwLockReadGuard,
@@ -142,18 +142,14 @@ pub struct Agent {
     namespaces: Mutex<Namespaces>,
 }
 
-/// This node's network namespaces, when they were last listed, and the namespaces a listing
-/// looked for and did not find on this node.
+/// This node's network namespaces, when they were last listed, and the links (ifindex, peer
+/// namespace id) they were listed for.
 #[derive(Default)]
 struct Namespaces {
     map: NsMap,
     scanned_at: Option<Instant>,
-    looked_for: HashSet<u32>,
+    links: Vec<(u32, Option<i32>)>,
 }
-
-/// Namespaces are listed again when a drop comes from an unknown one, at most this often
-/// (an emulated cluster's other nodes keep sending unknown ones).
-const NETNS_RESCAN: Duration = Duration::from_secs(1);
 
 /// What [`Agent::new`] is built from.
 pub(super) struct Parts {
@@ -319,32 +315,33 @@ impl Agent {
         Ok(())
     }
 
-    /// Lists this node's namespaces again when a drop comes from a namespace no listing
-    /// has looked for yet (a new pod: listed before its drops are placed, so none is lost),
-    /// and at most every `NETNS_RESCAN` while drops keep coming from namespaces that were
-    /// looked for and are not this node's (an emulated cluster's other nodes).
+    /// Lists this node's namespaces again, before this drain's drops are placed, when a drop
+    /// comes from a namespace the last listing did not place (a new pod: none of its drops
+    /// is lost to a stale list) or the links changed since (a pod deleted, and its
+    /// namespace's inode number free for the next one). Listing is a directory read and one
+    /// netlink request per file; it runs with no lock held.
     fn follow_namespaces(&self, drained: &[crate::kernel::drain::DrainedDrop]) {
-        let mut ns = lock(&self.namespaces);
-        let unknown: HashSet<u32> = drained
-            .iter()
-            .map(|d| d.key.netns)
-            .filter(|n| *n != 0 && ns.map.place(*n).is_none())
-            .collect();
-        let never = ns.scanned_at.is_none();
-        let new = unknown.iter().any(|n| !ns.looked_for.contains(n));
-        let due = ns.scanned_at.is_none_or(|t| t.elapsed() >= NETNS_RESCAN);
-        if !(never || new || (due && !unknown.is_empty())) {
+        let links: Vec<Link> = lock(&self.links).values().cloned().collect();
+        let mut shape: Vec<(u32, Option<i32>)> =
+            links.iter().map(|l| (l.ifindex, l.peer_netnsid)).collect();
+        shape.sort_unstable();
+        let due = {
+            let ns = lock(&self.namespaces);
+            ns.scanned_at.is_none()
+                || ns.links != shape
+                || drained
+                    .iter()
+                    .any(|d| d.key.netns != 0 && ns.map.place(d.key.netns).is_none())
+        };
+        if !due {
             return;
         }
-        let links: Vec<Link> = lock(&self.links).values().cloned().collect();
-        ns.map = netns::scan(&self.settings.netns_dir, &links);
+        let map = netns::scan(&self.settings.netns_dir, &links);
+        debug!(namespaces = map.len(), problem = ?map.problem, "listed this node's network namespaces");
+        let mut ns = lock(&self.namespaces);
+        ns.map = map;
         ns.scanned_at = Some(Instant::now());
-        let still: HashSet<u32> = unknown
-            .into_iter()
-            .filter(|n| ns.map.place(*n).is_none())
-            .collect();
-        ns.looked_for.extend(still.iter().copied());
-        debug!(namespaces = ns.map.len(), not_this_nodes = ?still, "listed this node's network namespaces");
+        ns.links = shape;
     }
 
     /// Settles the translations against conntrack (a dump when due, else what events said).
@@ -475,12 +472,7 @@ impl Agent {
         };
         let place = lock(&self.namespaces).map.place(d.netns);
         self.with_namer(|namer, _| {
-            let names = DropNames {
-                namer,
-                reasons: &self.settings.drop_reasons,
-                offset: mono_to_unix_offset_ns(),
-            };
-            let named = names.trace(d, self.node(), place)?;
+            let named = self.drop_names(namer).trace(d, self.node(), place)?;
             if !filter.is_empty() {
                 let t = d.tuple?;
                 let mut f = bare_record(&t, namer);
@@ -629,7 +621,7 @@ impl Agent {
         let map_full = self.kernel_counters().await?[Counter::DropMapFull as usize];
         let lost_by_reason = self.drainer.lock().await.drops_lost()?;
         let netns_problem = lock(&self.namespaces).map.problem.clone();
-        let mut out = self.with_namer(|namer, tables| {
+        let out = self.with_namer(|namer, tables| {
             let names = self.drop_names(namer);
             let mut seen: HashMap<crate::model::FlowTuple, FlowRecord> = tables
                 .flows
@@ -651,8 +643,7 @@ impl Agent {
                     retransmits.push(RetransmitEntry {
                         flow: flow.clone(),
                         segments: f.retransmits,
-                        last_seen_unix_ns: (i128::from(d.retransmits.last_seen_ns) + names.offset)
-                            .max(0) as u64,
+                        last_seen_unix_ns: names.unix(d.retransmits.last_seen_ns),
                     });
                 }
                 drops.extend(f.drops.into_iter().map(|drop| DropEntry {
@@ -681,18 +672,16 @@ impl Agent {
                 truncated,
                 lost: DropLoss {
                     table_full: totals.table_full,
-                    map_full: 0,
+                    map_full,
                     map_full_by_reason: lost_by_reason
                         .iter()
                         .map(|(code, n)| (names.reason(*code), *n))
                         .collect(),
                     unplaced: totals.unplaced,
                 },
-                netns_problem: None,
+                netns_problem,
             }
         });
-        out.lost.map_full = map_full;
-        out.netns_problem = netns_problem;
         Ok(out)
     }
 

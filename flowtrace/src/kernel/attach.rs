@@ -90,8 +90,30 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> std::result::Result<DropReasons, S
     let layout = btf
         .drop_layout()
         .map_err(|e| format!("{e}: this kernel does not have what the drop programs read (kfree_skb with a reason needs Linux >= 5.17)"))?;
-    let reasons = btf.drop_reasons().map_err(|e| e.to_string())?;
+    let reasons = btf
+        .drop_reasons()
+        .map_err(|e| format!("{e}: drop reasons need Linux >= 5.17 with BTF"))?;
     write_layout(ebpf, layout)?;
+    if let Err(e) = load_tracepoints(ebpf) {
+        // All or nothing: a program attached before the failure would keep recording what
+        // the API then says is not recorded.
+        for (program, _) in programs::TRACEPOINTS {
+            let prog: Option<&mut RawTracePoint> =
+                ebpf.program_mut(program).and_then(|p| p.try_into().ok());
+            if let Some(p) = prog {
+                let _ = p.unload();
+            }
+        }
+        return Err(e);
+    }
+    info!(
+        reasons = reasons.len(),
+        "drop and retransmission programs attached"
+    );
+    Ok(reasons)
+}
+
+fn load_tracepoints(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
     for (program, tracepoint) in programs::TRACEPOINTS {
         let prog: &mut RawTracePoint = ebpf
             .program_mut(program)
@@ -109,11 +131,7 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> std::result::Result<DropReasons, S
             )
         })?;
     }
-    info!(
-        reasons = reasons.len(),
-        "drop and retransmission programs attached"
-    );
-    Ok(reasons)
+    Ok(())
 }
 
 fn write_layout(ebpf: &mut Ebpf, layout: DropLayout) -> std::result::Result<(), String> {

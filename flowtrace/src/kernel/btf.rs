@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use flowtrace_common::drops::DropLayout;
+use flowtrace_common::drops::{DropLayout, NO_REASON};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -199,7 +199,7 @@ impl Btf {
                 KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
                 other => {
                     return Err(BtfError::Malformed(format!(
-                        "unknown BTF kind {other} at type {}",
+                        "BTF kind {other} at type {} is newer than this flowtrace reads: upgrade flowtrace",
                         types.len()
                     )))
                 }
@@ -323,19 +323,32 @@ impl Btf {
 
     /// The layout the drop programs read, or what this kernel lacks for it.
     pub fn drop_layout(&self) -> Result<DropLayout, BtfError> {
-        let kfree_args = self.tracepoint_args("kfree_skb")?;
+        if self.tracepoint_args("kfree_skb")? < 3 {
+            return Err(BtfError::Missing(
+                "kfree_skb tracepoint with a drop reason (Linux >= 5.17)".into(),
+            ));
+        }
         self.tracepoint_args("tcp_retransmit_skb")?;
+        let reasons = self.enum_values("skb_drop_reason")?;
+        let code = |name: &str| {
+            reasons
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| u32::try_from(*v).ok())
+                .unwrap_or(NO_REASON)
+        };
         let sk = |f: &str| self.offset("sock", &format!("__sk_common.{f}"));
         Ok(DropLayout {
             ready: 1,
-            kfree_has_reason: u32::from(kfree_args >= 3),
-            _pad: 0,
+            not_dropped: code("SKB_NOT_DROPPED_YET"),
+            consumed: code("SKB_CONSUMED"),
             skb_head: self.offset("sk_buff", "head")?,
             skb_network_header: self.offset("sk_buff", "network_header")?,
             skb_len: self.offset("sk_buff", "len")?,
             skb_dev: self.offset("sk_buff", "dev")?,
             skb_protocol: self.offset("sk_buff", "protocol")?,
             skb_cb: self.offset("sk_buff", "cb")?,
+            skb_sk: self.offset("sk_buff", "sk")?,
             dev_ifindex: self.offset("net_device", "ifindex")?,
             dev_net: self.offset("net_device", "nd_net.net")?,
             net_inum: self.offset("net", "ns.inum")?,
@@ -452,7 +465,7 @@ mod tests {
         let btf = Btf::from_kernel().expect("vmlinux BTF");
         let l = btf.drop_layout().expect("layout");
         assert_eq!(l.ready, 1);
-        assert_eq!(l.kfree_has_reason, 1);
+        assert_ne!(l.not_dropped, NO_REASON, "SKB_NOT_DROPPED_YET");
         assert_ne!(l.skb_network_header, 0);
         let reasons = btf.drop_reasons().expect("reasons");
         let names: Vec<&str> = reasons.values().map(String::as_str).collect();

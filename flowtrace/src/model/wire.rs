@@ -91,7 +91,7 @@ pub struct DropRecord {
     pub reason: String,
     pub reason_code: u32,
     pub packets: u64,
-    /// Bytes of those packets where they died (`skb->len`).
+    /// Layer-3 bytes of those packets, as the hops count them.
     pub bytes: u64,
     /// The device the packet was at when it was freed ("" when it had none).
     pub device: String,
@@ -103,8 +103,8 @@ pub struct DropRecord {
     /// The flow's last hop on this node before it died (absent when no hook saw the flow).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<HopRef>,
-    /// The kernel function that freed it (`symbol+0xoff`) when /proc/kallsyms shows
-    /// addresses to the agent, else the address.
+    /// The address of the kernel code that freed it (`kfree_skb`'s caller), for
+    /// `/proc/kallsyms` on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
     pub last_seen_unix_ns: u64,

@@ -244,4 +244,20 @@ mod tests {
             "totals outlive the tuples"
         );
     }
+
+    #[test]
+    fn a_full_table_counts_new_tuples_instead_of_keeping_them() {
+        let mut t = DropTable::new(1_000, 1);
+        let place = |_: u32| Some(NsPlace::Node);
+        let mut other = drained(7, KIND_DROP, 12, 4, 10);
+        other.key.tuple.src_port = 2000;
+        t.merge(&[drained(7, KIND_DROP, 12, 3, 10), other], &place);
+        assert_eq!(t.iter().count(), 1);
+        assert_eq!(t.totals().table_full, 4);
+        assert_eq!(
+            t.totals().by_reason.get(&12),
+            Some(&7),
+            "both count by reason"
+        );
+    }
 }
