@@ -172,7 +172,7 @@ enum Cmd {
     /// offloads off), holding frames from a to b for --delay-us and from b to a for
     /// --back-delay-us. Runs until --stop-file exists, then prints per direction
     /// {"frames","mean_hold_ns","max_hold_ns","send_errors","syn_frames","syn_mean_hold_ns"}:
-    /// the hold is measured from the frame's arrival to its send, so it includes the relay's
+    /// the hold is measured from the frame's arrival to the start of its send, so it includes the relay's
     /// own lateness; the `syn_` figures count only VXLAN frames carrying a TCP SYN (or
     /// SYN-ACK), the frames a handshake round trip is made of.
     ///
@@ -902,6 +902,54 @@ mod raw {
         Ok((n as usize, from))
     }
 
+    /// Like `recv_frame`, on a socket with SO_TIMESTAMPNS set: also how long ago the kernel
+    /// received the frame (its skb timestamp against the clock now), so a relay that woke
+    /// late still knows when the frame arrived.
+    fn recv_frame_aged(
+        sock: &OwnedFd,
+        buf: &mut [u8],
+        flags: i32,
+    ) -> std::io::Result<(usize, libc::sockaddr_ll, Duration)> {
+        // SAFETY: zeroed sockaddr_ll, iovec, msghdr and control buffer are valid values.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut control = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: see above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = std::ptr::addr_of_mut!(from).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: every pointer in `msg` is valid for the lengths it gives.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut age = Duration::ZERO;
+        // SAFETY: the CMSG macros walk the control buffer the kernel filled, within
+        // msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    let at = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+                    age = now.saturating_sub(at).min(Duration::from_secs(1));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        Ok((n as usize, from, age))
+    }
+
     pub fn send(iface: &str, frame: &[u8], count: u64) -> Result<serde_json::Value> {
         if frame.len() < 14 {
             bail!(
@@ -1139,6 +1187,21 @@ mod raw {
         let (to, delay) = (dir.to, dir.delay);
         let out_idx = ifindex(to)?;
         let out = packet_socket(0)?;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and an int option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                std::ptr::addr_of!(on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("SO_TIMESTAMPNS on the relay's receive socket");
+        }
         let mut held: std::collections::VecDeque<(Instant, Vec<u8>)> =
             std::collections::VecDeque::new();
         let mut h = Holds::default();
@@ -1152,8 +1215,13 @@ mod raw {
                 let Some((at, frame)) = held.pop_front() else {
                     break;
                 };
-                let sent = send_frame(&out, &frame_dest(out_idx, &frame), &frame);
+                // The hold ends when the send begins: sending on a veth delivers the frame
+                // to the peer's stack inside the same call (the far node's processing, even
+                // its answer, can run before it returns), which is the far node's time, not
+                // the line's. Measured after the call, the hold overstated the line under
+                // load by up to a millisecond (the latency test's old flake).
                 let hold = at.elapsed().as_nanos();
+                let sent = send_frame(&out, &frame_dest(out_idx, &frame), &frame);
                 if sent.is_err() {
                     h.errors += 1;
                     continue;
@@ -1189,9 +1257,8 @@ mod raw {
             if unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) } <= 0 {
                 continue;
             }
-            let received = recv_frame(&sock, &mut buf, libc::MSG_DONTWAIT);
-            let at = Instant::now();
-            let (n, from) = match received {
+            let received = recv_frame_aged(&sock, &mut buf, libc::MSG_DONTWAIT);
+            let (n, from, age) = match received {
                 Ok(r) => r,
                 Err(e)
                     if matches!(
@@ -1214,6 +1281,8 @@ mod raw {
                     continue;
                 }
             }
+            // Held from when the kernel received it, not from when this thread got to it.
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
             held.push_back((at, buf[..n].to_vec()));
         }
     }
