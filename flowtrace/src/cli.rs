@@ -463,6 +463,16 @@ fn end_text(e: Option<&crate::model::Endpoint>, t: &crate::model::TupleView, src
     named_endpoint(e, &ip, port, t.protocol)
 }
 
+/// Where packets died, as the text views say it: ` inside the pod behind VETH`, ` at DEV`,
+/// or nothing without a device.
+fn drop_place(pod_veth: Option<&str>, device: &str) -> String {
+    match (pod_veth, device) {
+        (Some(v), _) => format!(" inside the pod behind {v}"),
+        (None, "") => String::new(),
+        (None, dev) => format!(" at {dev}"),
+    }
+}
+
 fn tuple_text(t: &crate::model::TupleView) -> String {
     format!(
         "{} -> {}",
@@ -515,11 +525,7 @@ fn render_leg(out: &mut String, name: &str, leg: &crate::query::path::Leg) {
                 packets,
                 ..
             } => {
-                let at = match (pod_veth, device.as_str()) {
-                    (Some(v), _) => format!(" inside the pod behind {v}"),
-                    (None, "") => String::new(),
-                    (None, dev) => format!(" at {dev}"),
-                };
+                let at = drop_place(pod_veth.as_deref(), device);
                 let _ = writeln!(
                     out,
                     "    {node:<10} DROPPED {packets} packets: {reason}{at}"

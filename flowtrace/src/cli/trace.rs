@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{call, human_ns, named_endpoint};
+use super::{call, drop_place, human_ns, named_endpoint, tuple_text};
 use crate::{
     error::{Error, Result},
     model::{
@@ -212,22 +212,9 @@ fn render_drop(d: &TraceDrop) -> String {
     };
     let tuple = d.tuple.as_ref().map_or_else(
         || "(headers unreadable)".to_string(),
-        |t| {
-            format!(
-                "{} {}:{} -> {}:{}",
-                protocol_name(t.protocol),
-                t.src,
-                t.src_port,
-                t.dst,
-                t.dst_port
-            )
-        },
+        |t| format!("{} {}", protocol_name(t.protocol), tuple_text(t)),
     );
-    let at = match (&d.pod_veth, d.device.is_empty()) {
-        (Some(v), _) => format!(" inside the pod behind {v}"),
-        (None, false) => format!(" at {}", d.device),
-        (None, true) => String::new(),
-    };
+    let at = drop_place(d.pod_veth.as_deref(), &d.device);
     format!("{} {} {what} {tuple}{at}\n", clock(d.ts_unix_ns), d.node)
 }
 
