@@ -64,8 +64,7 @@ impl Attribution {
     }
 }
 
-/// The hop label of an interface: `pod` for a veth whose peer is in another namespace (a
-/// pod's host side), `overlay` for VXLAN and Geneve devices, else the interface's name
+/// The hop label of an interface: `pod` for a pod's host side (`host::roles`), `overlay` for VXLAN and Geneve devices, else the interface's name
 /// (`cni0`, `eth0`: a handful per node, so the label stays bounded).
 pub fn hop_class(link: Option<&Link>) -> String {
     match link {
@@ -73,7 +72,7 @@ pub fn hop_class(link: Option<&Link>) -> String {
         Some(l) => match l.role() {
             LinkRole::PodVeth => "pod".into(),
             LinkRole::Overlay => "overlay".into(),
-            LinkRole::Other => l.name.clone(),
+            LinkRole::Uplink | LinkRole::Other => l.name.clone(),
         },
     }
 }

@@ -88,7 +88,47 @@ pub struct ClusterOptions {
     /// no bridge: nothing crosses until a relay (`ftgen delay-line`) runs there. Implies
     /// offloads off.
     pub underlay_relay: bool,
+    /// How pods are wired to their node and nodes to each other. Every shape's `eth0` is a
+    /// veth into another namespace with the node's address, as on kind, k3d and
+    /// minikube-with-docker nodes.
+    pub cni: Cni,
 }
+
+/// The node shapes of the CNIs people try a tool on first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cni {
+    /// flannel: pod veths are ports of the `cni0` bridge (the pod gateway's address is on
+    /// it); nodes reach each other's pods through the `flannel.1` VXLAN device.
+    #[default]
+    Flannel,
+    /// Calico (VXLAN mode), Cilium with endpoint routes: no bridge; each `cali*` veth has no
+    /// address, the node routes the pod's /32 and /128 to it, and the pod's gateway is a
+    /// link-local address answered by the veth (Calico's 169.254.1.1 with the veth's fixed
+    /// MAC); nodes reach each other's pods through `vxlan.calico`.
+    Calico,
+    /// kind's kindnet (the ptp plugin): no bridge and no overlay; each host veth carries the
+    /// pod gateway as a /32 address of its own and a /32 route to its pod; nodes route each
+    /// other's pod ranges via their `eth0` addresses.
+    Kindnet,
+}
+
+impl Cni {
+    /// The overlay device the shape has, if any.
+    pub fn overlay(self) -> Option<&'static str> {
+        match self {
+            Cni::Flannel => Some("flannel.1"),
+            Cni::Calico => Some("vxlan.calico"),
+            Cni::Kindnet => None,
+        }
+    }
+}
+
+/// The MAC Calico gives every host-side veth.
+const CALICO_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The pods' IPv4 next hop on routed shapes (Calico's).
+const CALICO_GATEWAY_V4: &str = "169.254.1.1";
+/// The pods' IPv6 next hop on routed shapes: a link-local address on the host veth.
+const ROUTED_GATEWAY_V6: &str = "fe80::1";
 
 impl Default for ClusterOptions {
     fn default() -> Self {
@@ -97,6 +137,7 @@ impl Default for ClusterOptions {
             pods_per_node: vec!["pod-a".into(), "pod-b".into(), "pod-c".into()],
             underlay_offloads_off: false,
             underlay_relay: false,
+            cni: Cni::Flannel,
         }
     }
 }
@@ -246,6 +287,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The kube-proxy Service installed on every node.
     pub service: ServiceSpec,
+    /// How pods and nodes are wired.
+    pub cni: Cni,
     /// Every namespace created, in creation order (teardown goes in reverse: pods before nodes).
     created: Vec<String>,
 }
@@ -269,6 +312,7 @@ impl Cluster {
             prefix: prefix.clone(),
             nodes: Vec::new(),
             service: ServiceSpec::demo(Vec::new()),
+            cni: opts.cni,
             created: Vec::new(),
         };
         for i in 1..=opts.nodes {
@@ -279,7 +323,14 @@ impl Cluster {
             opts.underlay_relay,
         )?;
         for i in 1..=opts.nodes {
-            cluster.setup_overlay(i)?;
+            match opts.cni {
+                Cni::Flannel => {
+                    cluster.setup_bridge(i)?;
+                    cluster.setup_overlay(i, "flannel.1")?;
+                }
+                Cni::Calico => cluster.setup_overlay(i, "vxlan.calico")?,
+                Cni::Kindnet => cluster.setup_node_routes(i)?,
+            }
         }
         for i in 1..=opts.nodes {
             for pod in &opts.pods_per_node {
@@ -366,6 +417,7 @@ impl Cluster {
     fn add_pod_unsettled(&mut self, node: usize, name: &str) -> Result<Pod> {
         validate_name(name)?;
         let prefix = self.prefix.clone();
+        let cni = self.cni;
         let n = self.node_mut(node)?;
         if n.pods.iter().any(|p| p.name == name) {
             return Err(Error::Invalid(format!(
@@ -380,7 +432,10 @@ impl Cluster {
                 n.name
             )));
         }
-        let host_veth = host_veth_name(&n.name, name);
+        let host_veth = match cni {
+            Cni::Calico => format!("cali{}", &host_veth_name(&n.name, name)["veth".len()..]),
+            Cni::Flannel | Cni::Kindnet => host_veth_name(&n.name, name),
+        };
         if n.pods.iter().any(|p| p.host_veth == host_veth) {
             return Err(Error::Invalid(format!(
                 "host veth name {host_veth} of pod {name:?} collides with another pod on {}; pick another name",
@@ -400,7 +455,7 @@ impl Cluster {
         };
         n.next_host += 1;
         self.create_netns(&pod.netns)?;
-        if let Err(e) = build_pod(&pod, i) {
+        if let Err(e) = build_pod(&pod, i, cni) {
             // Do not leave a half-built pod behind in a cluster that lives on.
             if netns::del_netns(&pod.netns).is_ok() {
                 self.created.retain(|c| c != &pod.netns);
@@ -552,9 +607,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Creates `cni0` and `flannel.1` on node `i`, and the static routes/neighbours/FDB entries
-    /// flannel's VXLAN backend installs for every other node.
-    fn setup_overlay(&mut self, i: usize) -> Result<()> {
+    /// Creates `cni0` on node `i`, with the pod gateway's addresses (flannel, bridge plugin).
+    fn setup_bridge(&mut self, i: usize) -> Result<()> {
         let ns = self.node(i)?.netns.clone();
         // A fixed bridge MAC: otherwise the bridge takes the lowest port MAC, which changes when a
         // pod is added and leaves the other pods' neighbour entries for the gateway stale.
@@ -565,21 +619,27 @@ impl Cluster {
         ip(&ns, &format!("addr add {}/24 dev cni0", gateway_v4(i)))?;
         ip(&ns, &format!("addr add {}/64 dev cni0 nodad", pod_v6(i, 1)))?;
         ip(&ns, "link set cni0 up")?;
+        Ok(())
+    }
 
+    /// Creates the VXLAN device `dev` on node `i`, and the static routes/neighbours/FDB entries
+    /// flannel's VXLAN backend (and Calico's) installs for every other node.
+    fn setup_overlay(&mut self, i: usize, dev: &str) -> Result<()> {
+        let ns = self.node(i)?.netns.clone();
         let (mac, local) = (vtep_mac(i), underlay_ip(i)?);
         ip(
             &ns,
             &format!(
-                "link add flannel.1 address {mac} type vxlan id 1 local {local} dev eth0 \
+                "link add {dev} address {mac} type vxlan id 1 local {local} dev eth0 \
                  dstport {VXLAN_PORT} nolearning"
             ),
         )?;
-        ip(&ns, &format!("addr add {}/32 dev flannel.1", vtep_v4(i)))?;
+        ip(&ns, &format!("addr add {}/32 dev {dev}", vtep_v4(i)))?;
         ip(
             &ns,
-            &format!("addr add {}/128 dev flannel.1 nodad", pod_v6(i, 0)),
+            &format!("addr add {}/128 dev {dev} nodad", pod_v6(i, 0)),
         )?;
-        ip(&ns, "link set flannel.1 up")?;
+        ip(&ns, &format!("link set {dev} up"))?;
 
         let remotes: Vec<usize> = self
             .nodes
@@ -591,33 +651,55 @@ impl Cluster {
             let (vtep4, vtep6, mac) = (vtep_v4(j), pod_v6(j, 0), vtep_mac(j));
             ip(
                 &ns,
-                &format!("route add 10.244.{j}.0/24 via {vtep4} dev flannel.1 onlink"),
+                &format!("route add 10.244.{j}.0/24 via {vtep4} dev {dev} onlink"),
             )?;
             ip(
                 &ns,
-                &format!("neigh add {vtep4} lladdr {mac} dev flannel.1 nud permanent"),
+                &format!("neigh add {vtep4} lladdr {mac} dev {dev} nud permanent"),
             )?;
             ip(
                 &ns,
-                &format!("-6 route add {vtep6}/64 via {vtep6} dev flannel.1 onlink"),
+                &format!("-6 route add {vtep6}/64 via {vtep6} dev {dev} onlink"),
             )?;
             ip(
                 &ns,
-                &format!("-6 neigh add {vtep6} lladdr {mac} dev flannel.1 nud permanent"),
+                &format!("-6 neigh add {vtep6} lladdr {mac} dev {dev} nud permanent"),
             )?;
             let dst = underlay_ip(j)?.to_string();
             netns::run(&[
-                "bridge",
-                "-n",
-                &ns,
-                "fdb",
-                "append",
-                &mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                &dst,
+                "bridge", "-n", &ns, "fdb", "append", &mac, "dev", dev, "dst", &dst,
             ])?;
+        }
+        Ok(())
+    }
+
+    /// kindnet: node `i` routes every other node's pod ranges via that node's `eth0` address
+    /// (IPv6 over an IPv6 underlay address, added here).
+    fn setup_node_routes(&mut self, i: usize) -> Result<()> {
+        let ns = self.node(i)?.netns.clone();
+        ip(
+            &ns,
+            &format!("-6 addr add {}/64 dev eth0 nodad", underlay_v6(i)),
+        )?;
+        let remotes: Vec<usize> = self
+            .nodes
+            .iter()
+            .map(|n| n.index)
+            .filter(|&j| j != i)
+            .collect();
+        for j in remotes {
+            ip(
+                &ns,
+                &format!("route add 10.244.{j}.0/24 via {} dev eth0", underlay_ip(j)?),
+            )?;
+            ip(
+                &ns,
+                &format!(
+                    "-6 route add {}/64 via {} dev eth0",
+                    pod_v6(j, 0),
+                    underlay_v6(j)
+                ),
+            )?;
         }
         Ok(())
     }
@@ -631,8 +713,8 @@ impl Drop for Cluster {
     }
 }
 
-/// Creates pod `pod`'s veth, addresses and routes; its namespace exists already.
-fn build_pod(pod: &Pod, node_index: usize) -> Result<()> {
+/// Creates pod `pod`'s veth, addresses and routes as `cni` would; its namespace exists already.
+fn build_pod(pod: &Pod, node_index: usize, cni: Cni) -> Result<()> {
     let (node_ns, pod_ns, veth) = (
         pod.node_netns.as_str(),
         pod.netns.as_str(),
@@ -642,37 +724,90 @@ fn build_pod(pod: &Pod, node_index: usize) -> Result<()> {
     quiet(pod_ns)?;
     // The peer is created directly inside the pod namespace, so its name `eth0` does not clash with
     // the node's own `eth0`.
+    let host_mac = match cni {
+        Cni::Calico => format!(" address {CALICO_VETH_MAC}"),
+        Cni::Flannel | Cni::Kindnet => String::new(),
+    };
     ip(
         node_ns,
         &format!(
-            "link add {veth} mtu {POD_MTU} type veth peer name eth0 mtu {POD_MTU} address {} netns {pod_ns}",
+            "link add {veth} mtu {POD_MTU}{host_mac} type veth peer name eth0 mtu {POD_MTU} address {} netns {pod_ns}",
             pod.mac
         ),
     )?;
-    ip(node_ns, &format!("link set {veth} master cni0"))?;
-    // Like the CNI bridge plugin with hairpinMode (flannel's default): a pod reaching itself via
-    // the Service VIP gets its own packets back out of the same bridge port.
-    ip(
-        node_ns,
-        &format!("link set {veth} type bridge_slave hairpin on"),
-    )?;
-    ip(node_ns, &format!("link set {veth} up"))?;
-
     ip(pod_ns, "link set lo up")?;
-    ip(pod_ns, &format!("addr add {}/24 dev eth0", pod.ipv4))?;
-    ip(pod_ns, &format!("addr add {}/64 dev eth0 nodad", pod.ipv6))?;
-    ip(pod_ns, "link set eth0 up")?;
-    ip(
-        pod_ns,
-        &format!("route add default via {}", gateway_v4(node_index)),
-    )?;
-    ip(
-        pod_ns,
-        &format!(
-            "-6 route add default via {} dev eth0",
-            pod_v6(node_index, 1)
-        ),
-    )?;
+    match cni {
+        Cni::Flannel => {
+            ip(node_ns, &format!("link set {veth} master cni0"))?;
+            // Like the CNI bridge plugin with hairpinMode (flannel's default): a pod reaching
+            // itself via the Service VIP gets its own packets back out of the same bridge port.
+            ip(
+                node_ns,
+                &format!("link set {veth} type bridge_slave hairpin on"),
+            )?;
+            ip(node_ns, &format!("link set {veth} up"))?;
+            ip(pod_ns, &format!("addr add {}/24 dev eth0", pod.ipv4))?;
+            ip(pod_ns, &format!("addr add {}/64 dev eth0 nodad", pod.ipv6))?;
+            ip(pod_ns, "link set eth0 up")?;
+            ip(
+                pod_ns,
+                &format!("route add default via {}", gateway_v4(node_index)),
+            )?;
+            ip(
+                pod_ns,
+                &format!(
+                    "-6 route add default via {} dev eth0",
+                    pod_v6(node_index, 1)
+                ),
+            )?;
+        }
+        Cni::Calico | Cni::Kindnet => {
+            let gateway_v4 = match cni {
+                // kindnet's ptp: the pod gateway is an address of the host veth itself.
+                Cni::Kindnet => {
+                    let gw = gateway_v4(node_index);
+                    ip(node_ns, &format!("addr add {gw}/32 dev {veth}"))?;
+                    gw.to_string()
+                }
+                _ => CALICO_GATEWAY_V4.to_string(),
+            };
+            ip(
+                node_ns,
+                &format!("-6 addr add {ROUTED_GATEWAY_V6}/64 dev {veth} nodad"),
+            )?;
+            ip(node_ns, &format!("link set {veth} up"))?;
+            ip(node_ns, &format!("route add {}/32 dev {veth}", pod.ipv4))?;
+            ip(
+                node_ns,
+                &format!("-6 route add {}/128 dev {veth}", pod.ipv6),
+            )?;
+            ip(pod_ns, &format!("addr add {}/32 dev eth0", pod.ipv4))?;
+            ip(pod_ns, &format!("addr add {}/128 dev eth0 nodad", pod.ipv6))?;
+            ip(pod_ns, "link set eth0 up")?;
+            ip(
+                pod_ns,
+                &format!("route add {gateway_v4} dev eth0 scope link"),
+            )?;
+            ip(
+                pod_ns,
+                &format!("route add default via {gateway_v4} dev eth0"),
+            )?;
+            if cni == Cni::Calico {
+                // Calico answers for 169.254.1.1 with proxy ARP from a node that has a default
+                // route; this node has none, so the pod learns the veth's MAC up front.
+                ip(
+                    pod_ns,
+                    &format!(
+                        "neigh add {gateway_v4} lladdr {CALICO_VETH_MAC} dev eth0 nud permanent"
+                    ),
+                )?;
+            }
+            ip(
+                pod_ns,
+                &format!("-6 route add default via {ROUTED_GATEWAY_V6} dev eth0"),
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -753,6 +888,11 @@ fn dec_as_hex(n: usize) -> u16 {
 
 fn underlay_ip(i: usize) -> Result<Ipv4Addr> {
     Ok(Ipv4Addr::new(192, 168, 50, octet(i)?))
+}
+
+/// kindnet shapes: `eth0`'s IPv6 address on the underlay.
+fn underlay_v6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, u16::try_from(i).unwrap_or(0))
 }
 
 fn gateway_v4(i: usize) -> Ipv4Addr {

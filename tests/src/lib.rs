@@ -51,7 +51,7 @@ pub mod traffic;
 pub use agent::{flowtrace_bin, http_get, http_get_url, in_netns, Agent};
 pub use apiserver::ApiServer;
 pub use bed::Bed;
-pub use cluster::{Cluster, ClusterOptions, Node, Pod};
+pub use cluster::{Cluster, ClusterOptions, Cni, Node, Pod};
 pub use conntrack::{conntrack_list, Tuple};
 pub use drops::{DropRule, JsonTuple};
 pub use host::{

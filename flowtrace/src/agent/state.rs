@@ -18,7 +18,7 @@ use std::{
 };
 
 use flowtrace_common::{Counter, COUNTER_SLOTS};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     drops::{bare_record, join, DropNames},
@@ -30,7 +30,7 @@ use crate::{
     error::Result,
     host::{
         conntrack::{self, CtMirror},
-        links::Link,
+        links::{Link, LinkRole},
         netns::{self, NsMap},
     },
     k8s::{source::MetaStatus, MetaCache},
@@ -148,7 +148,7 @@ pub struct Agent {
 struct Namespaces {
     map: NsMap,
     scanned_at: Option<Instant>,
-    links: Vec<(u32, Option<i32>)>,
+    links: Vec<(u32, Option<i32>, LinkRole)>,
 }
 
 /// What [`Agent::new`] is built from.
@@ -322,8 +322,10 @@ impl Agent {
     /// netlink request per file; it runs with no lock held.
     fn follow_namespaces(&self, drained: &[crate::kernel::drain::DrainedDrop]) {
         let links: Vec<Link> = lock(&self.links).values().cloned().collect();
-        let mut shape: Vec<(u32, Option<i32>)> =
-            links.iter().map(|l| (l.ifindex, l.peer_netnsid)).collect();
+        let mut shape: Vec<(u32, Option<i32>, LinkRole)> = links
+            .iter()
+            .map(|l| (l.ifindex, l.peer_netnsid, l.role))
+            .collect();
         shape.sort_unstable();
         let due = {
             let ns = lock(&self.namespaces);
@@ -382,9 +384,23 @@ impl Agent {
 
     /// A link exists: remember its name, and attach if `selected` (attaching an interface
     /// already attached does nothing).
+    /// A link exists, or changed: attached when `selected`, detached when it no longer is
+    /// (a veth that stopped being a pod's, an interface excluded by its new name).
     pub(super) async fn link_present(&self, link: &Link, selected: bool) {
-        lock(&self.links).insert(link.ifindex, link.clone());
+        let before = lock(&self.links).insert(link.ifindex, link.clone());
+        if before.as_ref().is_some_and(|b| b.role != link.role) {
+            info!(interface = %link.name, role = %link.role, why = %link.why, "interface role changed");
+        }
         if !selected {
+            let detached = self.attacher.lock().await.detach(link.ifindex);
+            if let Some(created_qdisc) = detached {
+                info!(interface = %link.name, role = %link.role, why = %link.why, "no longer traced");
+                if created_qdisc {
+                    if let Err(e) = crate::host::links::delete_clsact(link.ifindex).await {
+                        warn!(interface = %link.name, error = %e, "removing the clsact qdisc flowtrace added");
+                    }
+                }
+            }
             return;
         }
         if let Err(e) = self.attacher.lock().await.attach(link.ifindex, &link.name) {
@@ -759,13 +775,21 @@ impl Agent {
                 })
                 .collect(),
             synced: self.counters.links_synced.load(Ordering::Relaxed),
+            not_traced: {
+                let mut v: Vec<InterfaceRecord> = links
+                    .values()
+                    .filter(|l| {
+                        !attached.iter().any(|(i, _)| *i == l.ifindex)
+                            && (l.peer_netnsid.is_some() || l.role != LinkRole::Other)
+                    })
+                    .map(|l| interface_record(l.ifindex, l.name.clone(), Some(l)))
+                    .collect();
+                v.sort_by_key(|r| r.ifindex);
+                v
+            },
             interfaces: attached
                 .into_iter()
-                .map(|(ifindex, name)| InterfaceRecord {
-                    kind: links.get(&ifindex).and_then(|l| l.kind.clone()),
-                    ifindex,
-                    name,
-                })
+                .map(|(ifindex, name)| interface_record(ifindex, name, links.get(&ifindex)))
                 .collect(),
         }
     }
@@ -906,4 +930,15 @@ pub fn largest(mut flows: Vec<FlowRecord>, limit: usize) -> (Vec<FlowRecord>, us
         flows.sort_by_key(|f| std::cmp::Reverse((f.bytes, f.packets)));
     }
     (flows, matched)
+}
+
+/// One entry of `/v1/interfaces`, with the link's role and the evidence for it.
+fn interface_record(ifindex: u32, name: String, link: Option<&Link>) -> InterfaceRecord {
+    InterfaceRecord {
+        ifindex,
+        name,
+        kind: link.and_then(|l| l.kind.clone()),
+        role: link.map_or("other", |l| l.role.as_str()).to_string(),
+        why: link.map(|l| l.why.clone()).unwrap_or_default(),
+    }
 }

@@ -6,11 +6,9 @@
 //! containerd, CRI-O and `ip netns`); for each file there the kernel tells, through
 //! RTM_GETNSID, the id this namespace knows it by, which is the `IFLA_LINK_NETNSID` of the
 //! pod veth whose peer lives there. Inode and veth are then joined exactly, with no guess
-//! from names. A veth that carries an address of its own (not link-local) is the node's
-//! uplink or a link to another machine, never a pod's host side (those carry none: the bridge
-//! or the /32 routes hold the addresses), so the namespace behind it is not placed: in a
-//! kind-style or two-node emulated cluster it is another node's. Opening the files needs
-//! only read permission on them (0444), no capability.
+//! from names. Only pod veths count (`host::roles`): the namespace behind a node's uplink
+//! veth (kind-style nodes, the two-node emulated cluster) is another machine's, never
+//! placed. Opening the files needs only read permission on them (0444), no capability.
 
 use std::{
     collections::HashMap,
@@ -18,17 +16,14 @@ use std::{
     path::Path,
 };
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::{
-    address::{AddressMessage, AddressScope},
     nsid::{NsidAttribute, NsidMessage},
     RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-use super::links::Link;
+use super::links::{Link, LinkRole};
 
 /// Where runtimes bind-mount pod network namespaces by default.
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
@@ -88,16 +83,9 @@ pub fn scan(dir: &Path, links: &[Link]) -> NsMap {
             return map;
         }
     };
-    let addressed = match addressed_links(&mut socket) {
-        Ok(a) => a,
-        Err(e) => {
-            map.problem = Some(format!("listing this namespace's addresses: {e}"));
-            return map;
-        }
-    };
     let by_nsid: HashMap<i32, u32> = links
         .iter()
-        .filter(|l| !addressed.contains(&l.ifindex))
+        .filter(|l| l.role == LinkRole::PodVeth)
         .filter_map(|l| Some((l.peer_netnsid?, l.ifindex)))
         .collect();
     if by_nsid.is_empty() {
@@ -141,46 +129,6 @@ fn route_socket() -> std::result::Result<Socket, String> {
         .connect(&SocketAddr::new(0, 0))
         .map_err(|e| format!("connecting a route socket: {e}"))?;
     Ok(socket)
-}
-
-/// The links of this namespace that carry an address beyond link scope (RTM_GETADDR dump).
-fn addressed_links(socket: &mut Socket) -> std::io::Result<std::collections::HashSet<u32>> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut request = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::GetAddress(AddressMessage::default())),
-    );
-    request.finalize();
-    let mut buf = vec![0u8; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-    let mut out = std::collections::HashSet::new();
-    let mut rx = Vec::with_capacity(1 << 16);
-    loop {
-        rx.clear();
-        let n = socket.recv(&mut rx, 0)?;
-        let mut at = 0;
-        while at < n {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[at..n])
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => return Err(e.to_io()),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a))
-                    if !matches!(a.header.scope, AddressScope::Link | AddressScope::Host) =>
-                {
-                    out.insert(a.header.index);
-                }
-                _ => {}
-            }
-            if len == 0 {
-                break;
-            }
-            at += len;
-        }
-    }
 }
 
 /// The id this namespace has for the namespace open at `fd` (RTM_GETNSID with NETNSA_FD);

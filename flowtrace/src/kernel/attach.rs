@@ -326,6 +326,19 @@ impl Attacher {
         }
     }
 
+    /// Detaches both programs from a link that is still there but no longer to be traced;
+    /// `Some(created_qdisc)` when it was attached (clsact mode: whether flowtrace added the
+    /// qdisc, which the caller then removes), `None` when it was not.
+    pub fn detach(&mut self, ifindex: u32) -> Option<bool> {
+        let a = self.attached.remove(&ifindex)?;
+        for (program, link) in [(programs::INGRESS, a.ingress), (programs::EGRESS, a.egress)] {
+            if let Err(e) = self.detach_one(program, link) {
+                warn!(interface = %a.name, error = %e, "detaching");
+            }
+        }
+        Some(a.created_qdisc)
+    }
+
     /// The kernel's view of each loaded program, classifiers and tracepoint programs.
     fn program_infos(&self) -> Vec<(&'static str, aya::programs::ProgramInfo)> {
         let tracepoints = programs::TRACEPOINTS.iter().map(|(p, _)| *p);

@@ -2,7 +2,7 @@ use flowtrace_common::{FlowKey, FlowStats, NatRecord, DIR_EGRESS, DIR_INGRESS};
 
 use super::*;
 use crate::{
-    host::links::Link,
+    host::links::{Link, LinkRole},
     k8s::MetaCache,
     kernel::drain::{DrainedFlow, DrainedNat},
     state::nat::NatTable,
@@ -56,6 +56,13 @@ fn links() -> HashMap<u32, Link> {
         kind: Some(kind.into()),
         peer_netnsid: peer.then_some(0),
         ethernet: true,
+        master: None,
+        role: match kind {
+            "vxlan" => LinkRole::Overlay,
+            "veth" if peer => LinkRole::PodVeth,
+            _ => LinkRole::Other,
+        },
+        why: String::new(),
     };
     let mut links = HashMap::from([
         (1, link(1, "veth1", "veth", true)),

@@ -578,6 +578,12 @@ pub struct InterfaceRecord {
     pub ifindex: u32,
     pub name: String,
     pub kind: Option<String>,
+    /// `pod`, `overlay`, `uplink` or `other` (`host::roles`).
+    #[serde(default)]
+    pub role: String,
+    /// The evidence for the role (a bridge, a route, an address), as `ip` would show it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub why: String,
 }
 
 /// A loaded kernel program.
@@ -595,6 +601,10 @@ pub struct InterfacesResponse {
     pub programs: Vec<ProgramRecord>,
     pub synced: bool,
     pub interfaces: Vec<InterfaceRecord>,
+    /// Links that are not traced but could be mistaken for ones that should be: veths to
+    /// another namespace that nothing ties to a pod, the uplink, each with its evidence.
+    #[serde(default)]
+    pub not_traced: Vec<InterfaceRecord>,
 }
 
 /// Body of `GET /v1/stats`.
