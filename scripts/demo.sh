@@ -4,6 +4,7 @@
 # per node, traffic pod to pod and to a Service, and what flowtrace saw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/as-root.sh
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo xtask demo "$@"

@@ -4,6 +4,7 @@
 # load flowtrace into the real kernel inside network namespaces they create, one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/as-root.sh
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 # The integration and deploy tests run the flowtrace and ftgen binaries: build them first.
