@@ -86,6 +86,8 @@ const ALERTS_DIR: &str = "deploy/alerts";
 const RULES: &str = "deploy/alerts/flowtrace-rules.yaml";
 /// `promtool test rules` unit tests of RULES.
 const RULES_TEST: &str = "deploy/alerts/flowtrace-rules.test.yaml";
+/// The Prometheus Operator's copy of RULES: its `spec:` is generated from RULES.
+const PROMETHEUS_RULE: &str = "deploy/prometheus-operator/rules/prometheusrule.yaml";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -314,6 +316,25 @@ fn check_monitor(doc: &Doc, endpoints_key: &str) {
     }
 }
 
+/// A PrometheusRule has no k8s-openapi type either: its shape here, its content in
+/// `prometheusrule_is_generated_from_the_rules_file`.
+fn check_prometheus_rule(doc: &Doc) {
+    assert_eq!(
+        doc.api_version(),
+        "monitoring.coreos.com/v1",
+        "{}: apiVersion",
+        doc.at()
+    );
+    assert_eq!(
+        doc.value["spec"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["groups".to_owned()]),
+        "{}: spec holds `groups` only (those of {RULES})",
+        doc.at()
+    );
+}
+
 const KUSTOMIZE_KEYS: [&str; 12] = [
     "apiVersion",
     "kind",
@@ -439,6 +460,7 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             }
             "ServiceMonitor" => check_monitor(doc, "endpoints"),
             "PodMonitor" => check_monitor(doc, "podMetricsEndpoints"),
+            "PrometheusRule" => check_prometheus_rule(doc),
             "Issuer" | "Certificate" => check_cert_manager(doc),
             "ClusterIssuer" => panic!(
                 "{}: no ClusterIssuer: it signs Certificates of every namespace (cert-manager approves requests by default), so whoever may create a Certificate anywhere could get a flowtrace-relay certificate and read every node's flows (deploy/README.md, Install)",
@@ -3324,6 +3346,89 @@ fn alert_rules_use_exported_metrics_and_carry_severity_and_runbook() {
             ann["runbook_url"].as_str(),
             Some(format!("deploy/README.md#{}", name.to_lowercase()).as_str()),
             "{at}: runbook_url must point at the alert's paragraph (### {name}) in deploy/README.md, Alerts"
+        );
+    }
+}
+
+/// PROMETHEUS_RULE as it must be: its own text up to its `spec:` line (comments, metadata),
+/// then RULES from its `groups:` line on, indented under `spec:`.
+fn rendered_prometheus_rule() -> String {
+    let current = read(PROMETHEUS_RULE);
+    let head_end = current
+        .find("\nspec:\n")
+        .map(|i| i + "\nspec:\n".len())
+        .unwrap_or_else(|| panic!("{PROMETHEUS_RULE}: no `spec:` line to put the groups under"));
+    let rules = read(RULES);
+    let body_start = rules
+        .find("\ngroups:\n")
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{RULES}: no top-level `groups:` line"));
+    let mut out = current[..head_end].to_owned();
+    for line in rules[body_start..].lines() {
+        if !line.is_empty() {
+            out.push_str("  ");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn prometheusrule_is_generated_from_the_rules_file() {
+    // One source of truth: RULES. FLOWTRACE_WRITE_RULES=1 writes PROMETHEUS_RULE from it.
+    let want = rendered_prometheus_rule();
+    if std::env::var_os("FLOWTRACE_WRITE_RULES").is_some() {
+        let path = repo_root().join(PROMETHEUS_RULE);
+        std::fs::write(&path, &want)
+            .unwrap_or_else(|e| panic!("{PROMETHEUS_RULE}: cannot write: {e}"));
+    }
+    assert!(
+        read(PROMETHEUS_RULE) == want,
+        "{PROMETHEUS_RULE}: its spec is not {RULES}'s groups: edit {RULES} only, then run `FLOWTRACE_WRITE_RULES=1 cargo test --release --test deploy prometheusrule_is_generated`"
+    );
+    // The same content read as YAML: the operator's groups are the rules file's.
+    let docs = read_docs(&repo_root().join(PROMETHEUS_RULE));
+    assert_eq!(docs.len(), 1, "{PROMETHEUS_RULE}: one document");
+    let groups = &yaml_value(RULES)["groups"];
+    assert_eq!(
+        &docs[0].value["spec"]["groups"], groups,
+        "{PROMETHEUS_RULE}: spec.groups differ from {RULES}'s groups"
+    );
+    assert_eq!(
+        alert_rules(&docs[0].value["spec"]["groups"], PROMETHEUS_RULE).len(),
+        alert_names().len()
+    );
+}
+
+#[test]
+fn prometheusrule_renders_in_both_operator_kustomizations() {
+    // Whichever way of scraping is applied (ServiceMonitors or PodMonitors), the alerts come
+    // with it, as kustomize renders them, in the agents' namespace.
+    let groups = yaml_value(RULES)["groups"].clone();
+    for dir in ["prometheus-operator", "prometheus-operator/podmonitor"] {
+        let built = kustomize_build(&deploy_dir().join(dir));
+        let rules: Vec<&Value> = built
+            .iter()
+            .filter(|v| str_at(v, "/kind") == Some("PrometheusRule"))
+            .collect();
+        assert_eq!(
+            rules.len(),
+            1,
+            "kubectl kustomize deploy/{dir}: one PrometheusRule, found {}",
+            rules.len()
+        );
+        assert_eq!(
+            (
+                str_at(rules[0], "/metadata/namespace"),
+                str_at(rules[0], "/metadata/name")
+            ),
+            (Some(NAMESPACE), Some("flowtrace")),
+            "kubectl kustomize deploy/{dir}: the PrometheusRule's namespace and name"
+        );
+        assert_eq!(
+            rules[0]["spec"]["groups"], groups,
+            "kubectl kustomize deploy/{dir}: the PrometheusRule's groups differ from {RULES}'s"
         );
     }
 }
