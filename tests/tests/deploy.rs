@@ -3432,3 +3432,46 @@ fn prometheusrule_renders_in_both_operator_kustomizations() {
         );
     }
 }
+
+#[test]
+fn every_alert_has_a_runbook_in_the_readme() {
+    // deploy/README.md's `## Alerts`: one `### <alert>` paragraph per alert (the runbook_url
+    // anchors, checked above, are these headings in lower case), none for an alert not shipped.
+    let text = read("deploy/README.md");
+    let start = text
+        .find("\n## Alerts\n")
+        .unwrap_or_else(|| panic!("deploy/README.md: no `## Alerts` section"));
+    let section = &text[start + 1..];
+    let section = section[3..]
+        .find("\n## ")
+        .map_or(section, |end| &section[..end + 3]);
+    let mut headings = Vec::new();
+    for line in section.lines() {
+        if let Some(h) = line.strip_prefix("### ") {
+            headings.push(h.trim().to_owned());
+        }
+    }
+    let names = alert_names();
+    for name in &names {
+        let at = headings.iter().position(|h| h == name);
+        let at = at.unwrap_or_else(|| {
+            panic!("deploy/README.md, Alerts: no `### {name}` runbook paragraph")
+        });
+        let body_start = section
+            .find(&format!("\n### {name}\n"))
+            .map(|i| i + name.len() + 6)
+            .unwrap_or_default();
+        let body = &section[body_start..];
+        let body = body.find("\n### ").map_or(body, |end| &body[..end]);
+        assert!(
+            body.split_whitespace().count() >= 30,
+            "deploy/README.md, Alerts: `### {name}` (heading {}) must say what it means, what to check and what to change",
+            at + 1
+        );
+    }
+    let extra: Vec<&String> = headings.iter().filter(|h| !names.contains(h)).collect();
+    assert!(
+        extra.is_empty(),
+        "deploy/README.md, Alerts: runbooks {extra:?} are for no alert of {RULES}"
+    );
+}
