@@ -43,6 +43,7 @@ pub mod iperf;
 pub mod kubeproxy;
 pub mod lookup;
 pub mod netns;
+pub mod prometheus;
 pub mod promtext;
 pub mod relay;
 pub mod tls;
@@ -61,6 +62,7 @@ pub use host::{
 pub use kubeproxy::{Endpoint, Protocol, ServicePort, ServiceSpec};
 pub use lookup::{find, hop_names, hops};
 pub use netns::{exec, list_netns, spawn, sweep_stale, ChildGuard, ReadyFile};
+pub use prometheus::Prometheus;
 pub use promtext::{parse_exposition, promtool, Sample};
 pub use relay::{Discovery, PortForward, Relay, RelayBed, RelayOptions};
 pub use tls::{Certs, Client, Identity, Outcome};

@@ -80,6 +80,14 @@ const RELAY_RESOURCES: [(&str, &str); 1] = [("discovery.k8s.io", "endpointslices
 const RELAY_VERBS: [&str; 3] = ["get", "list", "watch"];
 const DASHBOARD: &str = "deploy/grafana/flowtrace-dashboard.json";
 const CONFIG_EXAMPLE: &str = "deploy/configmap.example.toml";
+/// Prometheus rule files (not Kubernetes objects: the manifest checks skip this directory).
+const ALERTS_DIR: &str = "deploy/alerts";
+/// The alerting rules, the one source of truth for the PrometheusRule's groups.
+const RULES: &str = "deploy/alerts/flowtrace-rules.yaml";
+/// `promtool test rules` unit tests of RULES.
+const RULES_TEST: &str = "deploy/alerts/flowtrace-rules.test.yaml";
+/// The Prometheus Operator's copy of RULES: its `spec:` is generated from RULES.
+const PROMETHEUS_RULE: &str = "deploy/prometheus-operator/rules/prometheusrule.yaml";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -143,7 +151,8 @@ impl Doc {
     }
 }
 
-/// Every `*.yaml` / `*.yml` under `dir`, recursively, sorted.
+/// Every `*.yaml` / `*.yml` under `dir`, recursively, sorted; not those of ALERTS_DIR, which
+/// Prometheus reads and no `kubectl apply` does (checked by the alert tests at the end).
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -151,6 +160,9 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
         for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", rel(&d))) {
             let path = entry.expect("directory entry").path();
             if path.is_dir() {
+                if path.ends_with(ALERTS_DIR) {
+                    continue;
+                }
                 stack.push(path);
             } else if matches!(
                 path.extension().and_then(|e| e.to_str()),
@@ -304,6 +316,25 @@ fn check_monitor(doc: &Doc, endpoints_key: &str) {
     }
 }
 
+/// A PrometheusRule has no k8s-openapi type either: its shape here, its content in
+/// `prometheusrule_is_generated_from_the_rules_file`.
+fn check_prometheus_rule(doc: &Doc) {
+    assert_eq!(
+        doc.api_version(),
+        "monitoring.coreos.com/v1",
+        "{}: apiVersion",
+        doc.at()
+    );
+    assert_eq!(
+        doc.value["spec"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["groups".to_owned()]),
+        "{}: spec holds `groups` only (those of {RULES})",
+        doc.at()
+    );
+}
+
 const KUSTOMIZE_KEYS: [&str; 12] = [
     "apiVersion",
     "kind",
@@ -429,6 +460,7 @@ fn every_manifest_parses_as_its_kubernetes_type() {
             }
             "ServiceMonitor" => check_monitor(doc, "endpoints"),
             "PodMonitor" => check_monitor(doc, "podMetricsEndpoints"),
+            "PrometheusRule" => check_prometheus_rule(doc),
             "Issuer" | "Certificate" => check_cert_manager(doc),
             "ClusterIssuer" => panic!(
                 "{}: no ClusterIssuer: it signs Certificates of every namespace (cert-manager approves requests by default), so whoever may create a Certificate anywhere could get a flowtrace-relay certificate and read every node's flows (deploy/README.md, Install)",
@@ -3087,4 +3119,359 @@ fn grafana_dashboard_panels_use_the_datasource_variable() {
             );
         }
     }
+}
+
+/// `promtool ARGS...` from the repository root: (passed, what it printed).
+fn promtool(args: &[&str]) -> (bool, String) {
+    let bin = std::env::var_os("PROMTOOL").map_or_else(|| PathBuf::from("promtool"), PathBuf::from);
+    let out = Command::new(&bin)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} {}: {e} (Debian package `prometheus`; scripts/setup.sh installs it, or set PROMTOOL)",
+                bin.display(),
+                args.join(" ")
+            )
+        });
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn yaml_value(rel_path: &str) -> Value {
+    serde_saphyr::from_str(&read(rel_path))
+        .unwrap_or_else(|e| panic!("{rel_path}: not valid YAML: {e}"))
+}
+
+/// Every alerting rule of a rules document (`groups[].rules[]` with an `alert`), with where it is.
+fn alert_rules(groups: &Value, file: &str) -> Vec<(String, Value)> {
+    let groups = groups
+        .as_array()
+        .filter(|g| !g.is_empty())
+        .unwrap_or_else(|| panic!("{file}: `groups` must be a non-empty list"));
+    let mut out = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let rules = g["rules"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{file}: groups[{i}] has no `rules` list"));
+        for (j, r) in rules.iter().enumerate() {
+            if r.get("alert").is_some() {
+                out.push((format!("{file}: groups[{i}].rules[{j}]"), r.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The names of the alerts of RULES, in file order.
+fn alert_names() -> Vec<String> {
+    alert_rules(&yaml_value(RULES)["groups"], RULES)
+        .iter()
+        .map(|(at, r)| {
+            r["alert"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{at}: `alert` is not a string"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// (family, type) of every family the relay serves, read from its own registry with one
+/// series in each labelled family (an empty family serves nothing).
+fn relay_families() -> Vec<(String, String)> {
+    let m = flowtrace::relay::metrics::RelayMetrics::new().expect("the relay's registry");
+    m.agents.with_label_values(&["static"]).set(0.0);
+    m.agent_requests.with_label_values(&["status", "ok"]).inc();
+    m.agent_seconds.with_label_values(&["status"]).observe(0.0);
+    m.requests.with_label_values(&["/v1/flows", "200"]).inc();
+    m.request_seconds
+        .with_label_values(&["/v1/flows"])
+        .observe(0.0);
+    let text = m.text().expect("the relay's /metrics text");
+    let families: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, k)| (n.to_owned(), k.to_owned()))
+        .collect();
+    assert!(
+        families.iter().any(|(n, _)| n == "flowtrace_relay_agents"),
+        "the relay's /metrics has no flowtrace_relay_agents: {text}"
+    );
+    families
+}
+
+#[test]
+fn alert_rules_pass_promtool_check() {
+    let (ok, said) = promtool(&["check", "rules", RULES]);
+    assert!(ok, "promtool check rules {RULES} failed:\n{said}");
+}
+
+#[test]
+fn alert_rules_unit_tests_fire_and_stay_quiet_for_every_alert() {
+    // Every alert has a case where it fires and one where it does not, in the unit tests...
+    let tests = yaml_value(RULES_TEST);
+    let rule_files: Vec<&str> = tests["rule_files"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let rules_name = Path::new(RULES).file_name().and_then(|n| n.to_str());
+    assert_eq!(
+        rule_files,
+        rules_name.into_iter().collect::<Vec<_>>(),
+        "{RULES_TEST}: rule_files must be exactly the shipped rules file"
+    );
+    let mut firing = BTreeSet::new();
+    let mut quiet = BTreeSet::new();
+    for (i, case) in tests["tests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{RULES_TEST}: no `tests` list"))
+        .iter()
+        .enumerate()
+    {
+        for (j, a) in case["alert_rule_test"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let name = a["alertname"]
+                .as_str()
+                .unwrap_or_else(|| {
+                    panic!("{RULES_TEST}: tests[{i}].alert_rule_test[{j}] has no alertname")
+                })
+                .to_owned();
+            match a["exp_alerts"].as_array() {
+                Some(e) if !e.is_empty() => firing.insert(name),
+                _ => quiet.insert(name),
+            };
+        }
+    }
+    let names: BTreeSet<String> = alert_names().into_iter().collect();
+    for (what, set) in [("fires", &firing), ("stays quiet", &quiet)] {
+        let missing: Vec<&String> = names.difference(set).collect();
+        assert!(
+            missing.is_empty(),
+            "{RULES_TEST}: no case where {missing:?} {what}"
+        );
+        let unknown: Vec<&String> = set.difference(&names).collect();
+        assert!(
+            unknown.is_empty(),
+            "{RULES_TEST}: tests alerts {unknown:?}, which {RULES} does not have"
+        );
+    }
+    // ... and promtool says each case holds.
+    let (ok, said) = promtool(&["test", "rules", RULES_TEST]);
+    assert!(ok, "promtool test rules {RULES_TEST} failed:\n{said}");
+}
+
+#[test]
+fn alert_rules_use_exported_metrics_and_carry_severity_and_runbook() {
+    let relay = relay_families();
+    let relay_exports = |name: &str| {
+        relay.iter().any(|(family, kind)| {
+            name == family
+                || (kind == "histogram"
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| name.strip_suffix(s) == Some(family.as_str())))
+        })
+    };
+    let doc = yaml_value(RULES);
+    assert_eq!(
+        doc.as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["groups".to_owned()]),
+        "{RULES}: a rules file has `groups` only"
+    );
+    let rules = alert_rules(&doc["groups"], RULES);
+    assert!(!rules.is_empty(), "{RULES}: no alerting rule");
+    let mut seen = BTreeSet::new();
+    for (at, r) in &rules {
+        let name = r["alert"].as_str().unwrap_or_default();
+        let at = format!("{at} ({name})");
+        assert!(
+            name.starts_with("Flowtrace") && name.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{at}: alert names are FlowtraceCamelCase (the runbook anchor is the name in lower case)"
+        );
+        assert!(
+            seen.insert(name.to_owned()),
+            "{at}: a second alert named {name}"
+        );
+        let expr = r["expr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{at}: no expr"));
+        let names = metric_names(expr);
+        assert!(
+            !names.is_empty() || expr.contains("up{"),
+            "{at}: uses neither a flowtrace metric nor `up`: {expr}"
+        );
+        for m in names {
+            assert!(
+                exported(&m) || relay_exports(&m),
+                "{at}: uses `{m}`, which neither the agent (flowtrace::metrics::FAMILIES) nor the relay (flowtrace::relay::metrics) exports: {expr}"
+            );
+        }
+        assert!(
+            matches!(
+                r["labels"]["severity"].as_str(),
+                Some("critical" | "warning" | "info")
+            ),
+            "{at}: labels.severity must be critical, warning or info"
+        );
+        let ann = &r["annotations"];
+        for key in ["summary", "description", "runbook_url"] {
+            assert!(
+                ann[key].as_str().is_some_and(|s| !s.trim().is_empty()),
+                "{at}: no annotations.{key}"
+            );
+        }
+        // Which agent or relay: every alert but the one on a missing job (absent() has no
+        // labels to name) names its instance or node.
+        if !expr.trim_start().starts_with("absent(") {
+            let d = ann["description"].as_str().unwrap_or_default();
+            assert!(
+                d.contains("{{ $labels.instance }}") || d.contains("{{ $labels.node }}"),
+                "{at}: the description must name {{{{ $labels.instance }}}} or {{{{ $labels.node }}}}"
+            );
+        }
+        assert_eq!(
+            ann["runbook_url"].as_str(),
+            Some(format!("deploy/README.md#{}", name.to_lowercase()).as_str()),
+            "{at}: runbook_url must point at the alert's paragraph (### {name}) in deploy/README.md, Alerts"
+        );
+    }
+}
+
+/// PROMETHEUS_RULE as it must be: its own text up to its `spec:` line (comments, metadata),
+/// then RULES from its `groups:` line on, indented under `spec:`.
+fn rendered_prometheus_rule() -> String {
+    let current = read(PROMETHEUS_RULE);
+    let head_end = current
+        .find("\nspec:\n")
+        .map(|i| i + "\nspec:\n".len())
+        .unwrap_or_else(|| panic!("{PROMETHEUS_RULE}: no `spec:` line to put the groups under"));
+    let rules = read(RULES);
+    let body_start = rules
+        .find("\ngroups:\n")
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{RULES}: no top-level `groups:` line"));
+    let mut out = current[..head_end].to_owned();
+    for line in rules[body_start..].lines() {
+        if !line.is_empty() {
+            out.push_str("  ");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn prometheusrule_is_generated_from_the_rules_file() {
+    // One source of truth: RULES. FLOWTRACE_WRITE_RULES=1 writes PROMETHEUS_RULE from it.
+    let want = rendered_prometheus_rule();
+    if std::env::var_os("FLOWTRACE_WRITE_RULES").is_some() {
+        let path = repo_root().join(PROMETHEUS_RULE);
+        std::fs::write(&path, &want)
+            .unwrap_or_else(|e| panic!("{PROMETHEUS_RULE}: cannot write: {e}"));
+    }
+    assert!(
+        read(PROMETHEUS_RULE) == want,
+        "{PROMETHEUS_RULE}: its spec is not {RULES}'s groups: edit {RULES} only, then run `FLOWTRACE_WRITE_RULES=1 cargo test --release --test deploy prometheusrule_is_generated`"
+    );
+    // The same content read as YAML: the operator's groups are the rules file's.
+    let docs = read_docs(&repo_root().join(PROMETHEUS_RULE));
+    assert_eq!(docs.len(), 1, "{PROMETHEUS_RULE}: one document");
+    let groups = &yaml_value(RULES)["groups"];
+    assert_eq!(
+        &docs[0].value["spec"]["groups"], groups,
+        "{PROMETHEUS_RULE}: spec.groups differ from {RULES}'s groups"
+    );
+    assert_eq!(
+        alert_rules(&docs[0].value["spec"]["groups"], PROMETHEUS_RULE).len(),
+        alert_names().len()
+    );
+}
+
+#[test]
+fn prometheusrule_renders_in_both_operator_kustomizations() {
+    // Whichever way of scraping is applied (ServiceMonitors or PodMonitors), the alerts come
+    // with it, as kustomize renders them, in the agents' namespace.
+    let groups = yaml_value(RULES)["groups"].clone();
+    for dir in ["prometheus-operator", "prometheus-operator/podmonitor"] {
+        let built = kustomize_build(&deploy_dir().join(dir));
+        let rules: Vec<&Value> = built
+            .iter()
+            .filter(|v| str_at(v, "/kind") == Some("PrometheusRule"))
+            .collect();
+        assert_eq!(
+            rules.len(),
+            1,
+            "kubectl kustomize deploy/{dir}: one PrometheusRule, found {}",
+            rules.len()
+        );
+        assert_eq!(
+            (
+                str_at(rules[0], "/metadata/namespace"),
+                str_at(rules[0], "/metadata/name")
+            ),
+            (Some(NAMESPACE), Some("flowtrace")),
+            "kubectl kustomize deploy/{dir}: the PrometheusRule's namespace and name"
+        );
+        assert_eq!(
+            rules[0]["spec"]["groups"], groups,
+            "kubectl kustomize deploy/{dir}: the PrometheusRule's groups differ from {RULES}'s"
+        );
+    }
+}
+
+#[test]
+fn every_alert_has_a_runbook_in_the_readme() {
+    // deploy/README.md's `## Alerts`: one `### <alert>` paragraph per alert (the runbook_url
+    // anchors, checked above, are these headings in lower case), none for an alert not shipped.
+    let text = read("deploy/README.md");
+    let start = text
+        .find("\n## Alerts\n")
+        .unwrap_or_else(|| panic!("deploy/README.md: no `## Alerts` section"));
+    let section = &text[start + 1..];
+    let section = section[3..]
+        .find("\n## ")
+        .map_or(section, |end| &section[..end + 3]);
+    let mut headings = Vec::new();
+    for line in section.lines() {
+        if let Some(h) = line.strip_prefix("### ") {
+            headings.push(h.trim().to_owned());
+        }
+    }
+    let names = alert_names();
+    for name in &names {
+        let at = headings.iter().position(|h| h == name);
+        let at = at.unwrap_or_else(|| {
+            panic!("deploy/README.md, Alerts: no `### {name}` runbook paragraph")
+        });
+        let body_start = section
+            .find(&format!("\n### {name}\n"))
+            .map(|i| i + name.len() + 6)
+            .unwrap_or_default();
+        let body = &section[body_start..];
+        let body = body.find("\n### ").map_or(body, |end| &body[..end]);
+        assert!(
+            body.split_whitespace().count() >= 30,
+            "deploy/README.md, Alerts: `### {name}` (heading {}) must say what it means, what to check and what to change",
+            at + 1
+        );
+    }
+    let extra: Vec<&String> = headings.iter().filter(|h| !names.contains(h)).collect();
+    assert!(
+        extra.is_empty(),
+        "deploy/README.md, Alerts: runbooks {extra:?} are for no alert of {RULES}"
+    );
 }

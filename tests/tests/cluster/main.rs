@@ -14,6 +14,7 @@
 //! `bash scripts/test.sh` does exactly that after the tests that need no root.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
+mod alerts;
 mod api_auth;
 mod attribution;
 mod cli;

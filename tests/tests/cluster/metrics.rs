@@ -6,121 +6,13 @@
 //! Kubernetes names come from the fixture API server (a real HTTP server speaking the API's
 //! list/watch protocol; the real API server cannot run here). Needs root.
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use flowtrace_tests::{
-    http_get, in_netns, promtool, service_connections, udp_all_received, Bed, ChildGuard,
-};
+use flowtrace_tests::{http_get, promtool, service_connections, udp_all_received, Bed, Prometheus};
 
-const PROM_PORT: u16 = 9091;
 const UDP_COUNT: u64 = 300;
 const UDP_PAYLOAD: u64 = 100;
 const CONNECTIONS: u64 = 40;
-
-/// A Prometheus server in `netns` scraping `targets` (address, node label) every second,
-/// its data in a fresh temporary directory removed on drop.
-struct Prometheus {
-    _guard: ChildGuard,
-    dir: std::path::PathBuf,
-    netns: String,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Prometheus {
-    fn start(netns: &str, targets: &[(String, &str)]) -> Prometheus {
-        let dir = std::env::temp_dir().join(format!("flowtrace-prom-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        let mut cfg = String::from(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: flowtrace\n    static_configs:\n",
-        );
-        for (addr, node) in targets {
-            cfg +=
-                &format!("      - targets: ['{addr}']\n        labels:\n          node: {node}\n");
-        }
-        std::fs::write(dir.join("prometheus.yml"), cfg).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, "prometheus"])
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{PROM_PORT}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("log")).unwrap())
-            .spawn()
-            .expect(
-                "starting prometheus (Debian package `prometheus`; scripts/setup.sh installs it)",
-            );
-        Prometheus {
-            _guard: ChildGuard::new(child, "prometheus"),
-            dir,
-            netns: netns.to_string(),
-        }
-    }
-
-    /// The instant-query result vector of `q`: (labels, value) per series.
-    fn query(&self, q: &str) -> Vec<(serde_json::Value, f64)> {
-        let url = format!("http://127.0.0.1:{PROM_PORT}/api/v1/query");
-        let q = q.to_string();
-        let body: Result<serde_json::Value, String> = in_netns(&self.netns, move || {
-            ureq::get(&url)
-                .query("query", &q)
-                .timeout(Duration::from_secs(5))
-                .call()
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.into_json().map_err(|e| e.to_string()))
-        })
-        .unwrap();
-        let Ok(body) = body else {
-            return Vec::new();
-        };
-        body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| {
-                let v = s["value"][1]
-                    .as_str()
-                    .unwrap_or("NaN")
-                    .parse()
-                    .unwrap_or(f64::NAN);
-                (s["metric"].clone(), v)
-            })
-            .collect()
-    }
-
-    /// The single value of `q` once it equals `want`, or the last value seen after 30 s.
-    fn wait_for(&self, q: &str, want: f64) -> Option<f64> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last = None;
-        while Instant::now() < deadline {
-            last = self.query(q).first().map(|s| s.1);
-            if last == Some(want) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        last
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-    }
-}
 
 #[test]
 fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
@@ -134,11 +26,12 @@ fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
             ("127.0.0.1:9651".to_string(), "node1"),
             (format!("{}:9651", n2.underlay_ip), "node2"),
         ],
-    );
+    )
+    .unwrap();
     // Both agents scraped: `up` is 1 for each.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let up = prom.query("up == 1");
+        let up = prom.query("up == 1").unwrap();
         if up.len() == 2 {
             break;
         }
@@ -176,10 +69,10 @@ fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
         let q = format!(
             r#"sum(flowtrace_bytes_total{{node="{node}",src_namespace="default",src_workload="client",dst_namespace="monitoring",dst_workload="agent",protocol="udp",hop="pod",direction="{direction}"}})"#
         );
-        assert_eq!(prom.wait_for(&q, bytes), Some(bytes), "{q}");
+        assert_eq!(prom.wait_for(&q, bytes).unwrap(), Some(bytes), "{q}");
         let q = q.replace("flowtrace_bytes_total", "flowtrace_packets_total");
         assert_eq!(
-            prom.wait_for(&q, UDP_COUNT as f64),
+            prom.wait_for(&q, UDP_COUNT as f64).unwrap(),
             Some(UDP_COUNT as f64),
             "{q}"
         );
@@ -188,22 +81,22 @@ fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
     // client's node, where the DNAT happens), split between the two backends.
     let q = r#"sum(flowtrace_nat_translations_total{node="node1",service="default/svc-demo",src_workload="client",dst_workload="backend"})"#;
     assert_eq!(
-        prom.wait_for(q, through_service),
+        prom.wait_for(q, through_service).unwrap(),
         Some(through_service),
         "{q}"
     );
     let per_node = prom.query(
         r#"sum by (dst_pod) (flowtrace_nat_translations_total{node="node1",service="default/svc-demo"})"#,
-    );
+    ).unwrap();
     assert_eq!(
         per_node.len(),
         1,
         "workload level: no pod label values: {per_node:?}"
     );
     // The agent's own health is there too.
-    let attached = prom.query("flowtrace_attached_interfaces");
+    let attached = prom.query("flowtrace_attached_interfaces").unwrap();
     assert_eq!(attached.len(), 2, "{attached:?}");
     assert!(attached.iter().all(|(_, v)| *v >= 4.0), "{attached:?}");
-    let synced = prom.query("flowtrace_metadata_synced == 1");
+    let synced = prom.query("flowtrace_metadata_synced == 1").unwrap();
     assert_eq!(synced.len(), 2, "{synced:?}");
 }
