@@ -480,6 +480,25 @@ impl Metrics {
             if h.metadata_synced { 1.0 } else { 0.0 },
         ));
 
+        // The NAT cross-check's outcomes, every one present from the start (a rate() works
+        // from the first): agreement, and the three kinds of disagreement.
+        let mut nat = family("flowtrace_nat_checks_total", MetricType::COUNTER);
+        for (result, n) in [
+            ("confirmed", h.nat.confirmed),
+            ("conntrack_only", h.nat.conntrack_only),
+            ("mismatch", h.nat.mismatch),
+            ("not_in_conntrack", h.nat.not_in_conntrack),
+            ("missed", h.nat.missed),
+        ] {
+            nat.mut_metric()
+                .push(counter(&["result"], &[result.to_string()], n as f64));
+        }
+        out.push(nat);
+        out.push(single_counter(
+            "flowtrace_conntrack_errors_total",
+            h.nat.conntrack_errors as f64,
+        ));
+
         let mut refused = family("flowtrace_api_refused_total", MetricType::COUNTER);
         // Every reason, zero included, so a rate() works from the first refusal.
         for r in crate::tls::Refusal::ALL {
@@ -573,6 +592,8 @@ pub struct Health {
     pub tracers: usize,
     /// Refusals of the data API by reason (`tls::Refusal::name`).
     pub api_refused: Vec<(&'static str, u64)>,
+    /// The NAT table's cross-check against conntrack.
+    pub nat: crate::model::wire::NatCounters,
 }
 
 /// Renders families in the Prometheus text format.

@@ -182,13 +182,8 @@ exec "$@""#;
             } else {
                 &["--drain-interval-ms", "500"][..]
             })
-            // The emulated node's `eth0` stands for its physical NIC, which flowtrace does not
-            // trace by default; it is a veth here only because the nodes are namespaces.
-            .args(if extra.contains(&"--include-iface") {
-                &[][..]
-            } else {
-                &["--exclude-iface", "eth0"][..]
-            })
+            // No interface flags: the emulated node's `eth0` is a veth into another namespace
+            // (as on kind nodes), and the agent must tell by itself that it is the uplink.
             .args(["--node-name", netns.rsplit('-').next().unwrap_or(netns)])
             .args(extra)
             .env(

@@ -877,9 +877,9 @@ impl Agent {
                 Vec::new()
             }
         };
-        let (flow_table_entries, flow_table_evicted) = {
+        let (flow_table_entries, flow_table_evicted, nat) = {
             let t = lock(&self.tables);
-            (t.flows.len(), t.flows.evicted())
+            (t.flows.len(), t.flows.evicted(), t.nat.counters())
         };
         let c = self.settings.capacity;
         Health {
@@ -900,6 +900,7 @@ impl Agent {
                 .zip(&self.counters.api_refused)
                 .map(|(r, n)| (r.name(), n.load(Ordering::Relaxed)))
                 .collect(),
+            nat,
         }
     }
 

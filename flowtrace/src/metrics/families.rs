@@ -29,6 +29,8 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
     ("flowtrace_metrics_series_limit", "gauge", "Most series any one family may hold (--metrics-max-series); beyond, updates go to the series labelled other."),
     ("flowtrace_metrics_folded_total", "counter", "Updates folded into a family's other series because the family was at its series limit."),
     ("flowtrace_metrics_series_expired_total", "counter", "Series dropped after --metrics-series-ttl-s without updates (deleted pods and workloads go this way)."),
+    ("flowtrace_nat_checks_total", "counter", "Outcomes of the cross-check of the NAT rewrites the kernel programs saw against conntrack, by result: confirmed, conntrack_only (conntrack translated, the programs saw neither tuple), and the disagreements mismatch (conntrack translates the tuple differently), not_in_conntrack (a rewrite conntrack does not know), missed (both tuples traced, no rewrite seen)."),
+    ("flowtrace_conntrack_errors_total", "counter", "Conntrack dumps that failed (the NAT cross-check waits for the next)."),
     ("flowtrace_api_refused_total", "counter", "Connections and requests the authenticated data API (--api-listen) refused, by reason: no_client_certificate (401), client_not_allowed (403), tls_handshake."),
     ("flowtrace_tracers", "gauge", "Live tracing clients attached (/v1/trace)."),
     ("flowtrace_build_info", "gauge", "Always 1; the version label says which flowtrace runs."),

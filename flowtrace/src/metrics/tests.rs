@@ -545,6 +545,12 @@ fn every_family_served_is_listed_with_its_type_and_help() {
     observe_drops(&mut m);
     let fams = m.families(&Health {
         programs: vec![("flowtrace_ingress".into(), 1_000, 10)],
+        nat: crate::model::wire::NatCounters {
+            confirmed: 7,
+            not_in_conntrack: 2,
+            conntrack_errors: 1,
+            ..Default::default()
+        },
         ..Health::default()
     });
     let listed: Vec<&str> = FAMILIES.iter().map(|f| f.0).collect();
@@ -589,5 +595,15 @@ fn every_family_served_is_listed_with_its_type_and_help() {
             &[("program", "flowtrace_ingress")]
         ),
         Some(0.000001)
+    );
+    let nat = |r: &str| sample(&t, "flowtrace_nat_checks_total", &[("result", r)]);
+    assert_eq!(
+        (nat("confirmed"), nat("not_in_conntrack"), nat("mismatch")),
+        (Some(7.0), Some(2.0), Some(0.0)),
+        "{t}"
+    );
+    assert_eq!(
+        sample(&t, "flowtrace_conntrack_errors_total", &[]),
+        Some(1.0)
     );
 }
