@@ -28,5 +28,6 @@ mod metrics;
 mod metrics_flood;
 mod nat;
 mod relay;
+mod runtime;
 mod testbed_smoke;
 mod trace;
