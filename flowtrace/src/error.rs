@@ -5,10 +5,13 @@ use std::io;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("loading flowtrace's eBPF object failed: {source}. Is this Linux >= 5.15 with BTF, and are we root or holding CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON?")]
+    #[error("loading flowtrace's eBPF object failed: {source}. {hint}")]
     Load {
         #[source]
         source: aya::EbpfError,
+        /// What the operator can do about it: the kernel and capability checklist, or the
+        /// seccomp profile when a filter is the likely refuser (`kernel::seccomp`).
+        hint: &'static str,
     },
     #[error("eBPF program `{program}` could not be loaded: {detail}. {hint}")]
     Program {

@@ -39,6 +39,7 @@ pub mod cluster;
 pub mod conntrack;
 pub mod drops;
 pub mod host;
+pub mod image;
 pub mod iperf;
 pub mod kubeproxy;
 pub mod lookup;

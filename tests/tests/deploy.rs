@@ -3473,5 +3473,398 @@ fn every_alert_has_a_runbook_in_the_readme() {
     assert!(
         extra.is_empty(),
         "deploy/README.md, Alerts: runbooks {extra:?} are for no alert of {RULES}"
+
+/// Every container (and init container) of an object with a pod template: (where, image).
+fn container_images(v: &Value) -> Vec<(String, String)> {
+    let spec = match str_at(v, "/kind") {
+        Some("Pod") => v.pointer("/spec"),
+        Some("CronJob") => v.pointer("/spec/jobTemplate/spec/template/spec"),
+        _ => v.pointer("/spec/template/spec"),
+    };
+    let mut out = Vec::new();
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        for c in spec
+            .and_then(|s| s.get(list))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            out.push((
+                format!(
+                    "{} {}/{} {list} `{}`",
+                    str_at(v, "/kind").unwrap_or_default(),
+                    str_at(v, "/metadata/namespace").unwrap_or_default(),
+                    str_at(v, "/metadata/name").unwrap_or_default(),
+                    str_at(c, "/name").unwrap_or_default()
+                ),
+                str_at(c, "/image").unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+/// The workspace version flowtrace is built with (flowtrace/Cargo.toml inherits it).
+fn flowtrace_version() -> String {
+    let crate_toml: toml::Table = read("flowtrace/Cargo.toml")
+        .parse()
+        .expect("flowtrace/Cargo.toml");
+    match &crate_toml["package"]["version"] {
+        toml::Value::String(v) => v.clone(),
+        _ => {
+            let root: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml");
+            root["workspace"]["package"]["version"]
+                .as_str()
+                .expect("Cargo.toml: workspace.package.version")
+                .to_owned()
+        }
+    }
+}
+
+/// `kubectl kustomize` of a throw-away overlay of deploy/ (reached through a symlink, as
+/// kustomize wants a relative path).
+fn build_overlay(tag: &str, kustomization: &str) -> Vec<Value> {
+    let dir = std::env::temp_dir().join(format!(
+        "flowtrace-deploy-test-{tag}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    std::os::unix::fs::symlink(deploy_dir(), dir.join("deploy")).expect("symlink");
+    std::fs::write(dir.join("kustomization.yaml"), kustomization).expect("writing the overlay");
+    let built = kustomize_build(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    built
+}
+
+#[test]
+fn the_image_is_set_once_in_the_kustomization_for_every_container() {
+    // One `images:` entry, in deploy/kustomization.yaml only, naming what the manifests name.
+    let docs = all_docs();
+    let with_images: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.is_kustomize() && d.value.get("images").is_some())
+        .collect();
+    assert_eq!(
+        with_images.iter().map(|d| rel(&d.path)).collect::<Vec<_>>(),
+        ["deploy/kustomization.yaml"],
+        "the image must be set in exactly one place: deploy/kustomization.yaml's `images:`"
+    );
+    let images = with_images[0].value["images"]
+        .as_array()
+        .expect("deploy/kustomization.yaml: images must be a list");
+    assert_eq!(
+        images.len(),
+        1,
+        "deploy/kustomization.yaml: one image entry, found {images:?}"
+    );
+    let entry = &images[0];
+    let name = str_at(entry, "/name").expect("images[0].name");
+    let (new_name, new_tag) = (
+        str_at(entry, "/newName").expect("images[0].newName"),
+        str_at(entry, "/newTag").expect("images[0].newTag (a string: quote a numeric tag)"),
+    );
+    let version = flowtrace_version();
+    let want = format!("{}:{version}", flowtrace_tests::image::REPOSITORY);
+    assert_eq!(
+        format!("{new_name}:{new_tag}"),
+        want,
+        "deploy/kustomization.yaml: the image must be what `cargo xtask image` tags (version of flowtrace/Cargo.toml)"
+    );
+    // The sources name the image by the entry's name alone, so nothing there pins a registry.
+    let mut sources = 0;
+    for d in docs.iter().filter(|d| !d.is_kustomize()) {
+        for (at, image) in container_images(&d.value) {
+            sources += 1;
+            assert_eq!(
+                image,
+                name,
+                "{}: {at}: name the image `{name}` and let deploy/kustomization.yaml set it",
+                rel(&d.path)
+            );
+        }
+    }
+    assert!(
+        sources >= 2,
+        "the agent's and the relay's containers expected"
+    );
+
+    // What `kubectl apply -k deploy/` applies: every container runs the kustomization's image.
+    let base = kustomize_build(&deploy_dir());
+    let rendered: Vec<(String, String)> = base.iter().flat_map(container_images).collect();
+    assert_eq!(
+        rendered.len(),
+        sources,
+        "kubectl kustomize deploy/: {rendered:?}"
+    );
+    for (at, image) in &rendered {
+        assert_eq!(image, &want, "kubectl kustomize deploy/: {at}");
+    }
+
+    // An overlay retargets all of them with one entry on the name set here (what
+    // `kustomize edit set image localhost/flowtrace=...` writes in an overlay).
+    let overlay = build_overlay(
+        "image",
+        &format!(
+            "resources:\n  - deploy\nimages:\n  - name: {new_name}\n    newName: registry.example/flowtrace\n    newTag: \"9.9.9\"\n"
+        ),
+    );
+    let rendered: Vec<(String, String)> = overlay.iter().flat_map(container_images).collect();
+    assert_eq!(rendered.len(), sources, "the overlay: {rendered:?}");
+    for (at, image) in &rendered {
+        assert_eq!(
+            image, "registry.example/flowtrace:9.9.9",
+            "the overlay: {at}"
+        );
+    }
+}
+
+#[test]
+fn the_rendered_install_reads_back_as_its_kubernetes_types() {
+    // In place of `kubectl apply -k deploy/ --dry-run=client`, which needs an API server even
+    // in client mode (it downloads the OpenAPI schema, and with --validate=false still asks
+    // for API discovery: "unable to recognize ...: connection refused" here): what kustomize
+    // renders, every object read into its k8s-openapi type and written back unchanged.
+    let base = kustomize_build(&deploy_dir());
+    assert!(
+        !base.is_empty(),
+        "kubectl kustomize deploy/ rendered nothing"
+    );
+    let path = deploy_dir().join("kustomization.yaml");
+    for (i, value) in base.into_iter().enumerate() {
+        let doc = Doc {
+            path: path.clone(),
+            index: i + 1,
+            value,
+        };
+        match doc.kind() {
+            "Namespace" => drop(typed::<Namespace>(&doc)),
+            "ServiceAccount" => drop(typed::<ServiceAccount>(&doc)),
+            "ClusterRole" => drop(typed::<ClusterRole>(&doc)),
+            "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&doc)),
+            "Role" => drop(typed::<Role>(&doc)),
+            "RoleBinding" => drop(typed::<RoleBinding>(&doc)),
+            "DaemonSet" => drop(typed::<DaemonSet>(&doc)),
+            "Deployment" => drop(typed::<Deployment>(&doc)),
+            "Service" => drop(typed::<Service>(&doc)),
+            "NetworkPolicy" => drop(typed::<NetworkPolicy>(&doc)),
+            "ConfigMap" => drop(typed::<ConfigMap>(&doc)),
+            other => panic!(
+                "kubectl kustomize deploy/: {}: add the type of {other}",
+                doc.at()
+            ),
+        }
+    }
+}
+
+/// The instructions of the Dockerfile's last stage: (instruction, arguments), continuation
+/// lines joined, comments dropped.
+fn dockerfile_final_stage() -> Vec<(String, String)> {
+    let text = read("deploy/Dockerfile");
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && current.is_empty()) {
+            continue;
+        }
+        if let Some(cont) = t.strip_suffix('\\') {
+            current.push_str(cont);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(t);
+        lines.push(std::mem::take(&mut current));
+    }
+    let start = lines
+        .iter()
+        .rposition(|l| l.to_uppercase().starts_with("FROM "))
+        .expect("deploy/Dockerfile: no FROM");
+    let stage = lines[start..]
+        .iter()
+        .map(|l| {
+            let (i, rest) = l.split_once(' ').unwrap_or((l, ""));
+            (i.to_uppercase(), rest.trim().to_owned())
+        })
+        .collect();
+    stage
+}
+
+#[test]
+fn the_dockerfile_builds_the_same_image_as_cargo_xtask_image() {
+    use flowtrace_tests::image;
+    let stage = dockerfile_final_stage();
+    let get = |instr: &str| -> Vec<&str> {
+        stage
+            .iter()
+            .filter(|(i, _)| i == instr)
+            .map(|(_, a)| a.as_str())
+            .collect()
+    };
+    assert_eq!(
+        get("FROM"),
+        ["scratch"],
+        "deploy/Dockerfile: the image is FROM scratch, like `cargo xtask image`'s"
+    );
+    let json = |s: &str| -> Vec<String> {
+        serde_json::from_str(s)
+            .unwrap_or_else(|e| panic!("deploy/Dockerfile: `{s}` is not the JSON (exec) form: {e}"))
+    };
+    assert_eq!(
+        get("ENTRYPOINT")
+            .iter()
+            .map(|s| json(s))
+            .collect::<Vec<_>>(),
+        [image::ENTRYPOINT.map(String::from).to_vec()],
+        "deploy/Dockerfile: ENTRYPOINT (tests/src/image.rs)"
+    );
+    assert_eq!(
+        get("CMD").iter().map(|s| json(s)).collect::<Vec<_>>(),
+        [image::CMD.map(String::from).to_vec()],
+        "deploy/Dockerfile: CMD (tests/src/image.rs)"
+    );
+    assert_eq!(
+        get("USER"),
+        [image::USER],
+        "deploy/Dockerfile: USER (tests/src/image.rs)"
+    );
+    let exposed: Vec<u16> = get("EXPOSE")
+        .iter()
+        .flat_map(|a| a.split_whitespace())
+        .map(|p| p.trim_end_matches("/tcp").parse().expect("EXPOSE port"))
+        .collect();
+    assert_eq!(
+        exposed,
+        image::PORTS,
+        "deploy/Dockerfile: EXPOSE (tests/src/image.rs)"
+    );
+    // The layout: one COPY of the builder's root, where the binary sits at the same path, and
+    // the libraries at ldd's paths (as tests/src/image.rs stages them).
+    assert_eq!(
+        get("COPY"),
+        ["--from=builder /out/rootfs/ /"],
+        "deploy/Dockerfile: the final stage copies the staged root only"
+    );
+    let text = read("deploy/Dockerfile");
+    assert!(
+        text.contains(&format!("/out/rootfs{}", image::BINARY_PATH)),
+        "deploy/Dockerfile: the binary must be staged at /out/rootfs{}",
+        image::BINARY_PATH
+    );
+    assert!(
+        text.contains("ldd /out/rootfs"),
+        "deploy/Dockerfile: the libraries come from ldd, as in tests/src/image.rs"
+    );
+    assert!(
+        text.contains("cargo xtask image"),
+        "deploy/Dockerfile: say that `cargo xtask image` builds offline"
+    );
+}
+
+#[test]
+fn the_shipped_seccomp_profile_adds_only_bpf_in_the_oci_format() {
+    // deploy/seccomp/flowtrace.json: podman's default profile as it applies to the agent's
+    // capabilities, plus bpf(2) (tests/tests/cluster/runtime.rs compares it with podman's own
+    // and runs the agent under it). The OCI runtime-spec format, which containerd, CRI-O and
+    // podman all read: no `includes`/`excludes` (containerd reads the file as the OCI type
+    // and would drop those conditions, allowing every conditional rule outright).
+    let text = read("deploy/seccomp/flowtrace.json");
+    let p: Value = serde_json::from_str(&text).expect("deploy/seccomp/flowtrace.json: JSON");
+    let top: BTreeSet<&str> = p
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert!(
+        top.is_subset(
+            &[
+                "defaultAction",
+                "defaultErrnoRet",
+                "architectures",
+                "syscalls"
+            ]
+            .into()
+        ),
+        "deploy/seccomp/flowtrace.json: fields outside the OCI profile: {top:?}"
+    );
+    assert_eq!(
+        str_at(&p, "/defaultAction"),
+        Some("SCMP_ACT_ERRNO"),
+        "deny by default"
+    );
+    let mut allowed = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    for rule in p["syscalls"].as_array().expect("syscalls") {
+        let keys: BTreeSet<&str> = rule
+            .as_object()
+            .expect("a rule")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert!(
+            keys.is_subset(&["names", "action", "errnoRet", "args"].into()),
+            "deploy/seccomp/flowtrace.json: {rule}: only OCI fields (no includes/excludes)"
+        );
+        let names = strings(&rule["names"]);
+        let unconditional = rule
+            .get("args")
+            .is_none_or(|a| a.as_array().is_some_and(Vec::is_empty));
+        match str_at(rule, "/action") {
+            Some("SCMP_ACT_ALLOW") if unconditional => allowed.extend(names),
+            Some("SCMP_ACT_ALLOW") => {}
+            _ => refused.extend(names),
+        }
+    }
+    assert!(allowed.contains("bpf"), "bpf(2) must be allowed outright");
+    assert!(!refused.contains("bpf"), "bpf(2) must not also be refused");
+    for not_needed in ["perf_event_open", "init_module", "kexec_load", "open_by_handle_at"] {
+        assert!(
+            !allowed.contains(not_needed),
+            "{not_needed} is allowed; the agent does not need it (tests/tests/cluster/runtime.rs)"
+        );
+    }
+}
+
+#[test]
+fn readme_seccomp_overlay_puts_the_agent_on_the_shipped_profile() {
+    // deploy/README.md's "Container runtimes and seccomp" overlay, built against this deploy/:
+    // the agent's container (only it) gets the Localhost profile flowtrace.json.
+    let text = read("deploy/README.md");
+    let at = text
+        .find("## Container runtimes and seccomp")
+        .expect("deploy/README.md: no `## Container runtimes and seccomp` section");
+    let block = &text[at..];
+    let start = block
+        .find("```yaml\n")
+        .expect("the section has no yaml block")
+        + 8;
+    let end = start + block[start..].find("```").expect("an unclosed yaml block");
+    let overlay = block[start..end].replace("<path to deploy/>", "deploy");
+    let built = build_overlay("seccomp", &overlay);
+    let ds = built
+        .iter()
+        .find(|v| str_at(v, "/kind") == Some("DaemonSet"))
+        .expect("the overlay keeps the DaemonSet");
+    let profile = ds
+        .pointer("/spec/template/spec/containers/0/securityContext/seccompProfile")
+        .expect("the agent's seccompProfile");
+    assert_eq!(str_at(profile, "/type"), Some("Localhost"), "{profile}");
+    assert_eq!(
+        str_at(profile, "/localhostProfile").map(|p| p.rsplit('/').next().unwrap_or(p)),
+        Some("flowtrace.json"),
+        "{profile}"
+    );
+    let relay = built
+        .iter()
+        .find(|v| str_at(v, "/kind") == Some("Deployment"))
+        .expect("the relay's Deployment");
+    assert_eq!(
+        str_at(
+            relay,
+            "/spec/template/spec/containers/0/securityContext/seccompProfile/type"
+        ),
+        Some("RuntimeDefault"),
+        "the relay makes no bpf() call: it keeps RuntimeDefault"
     );
 }

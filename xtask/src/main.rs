@@ -14,6 +14,8 @@
 //! - `bench-relay`: the relay at scale: 100 simulated agents (mTLS, 10 000 named flows each)
 //!   on loopback, the real relay binary in front; answer time of a filtered cluster-wide
 //!   `/v1/flows` (p50/p99), the relay's memory and CPU, the fan-out cost per agent.
+//! - `image`: the OCI image `localhost/flowtrace:<version>` built with buildah from the release
+//!   binary on `FROM scratch` (no registry needed), optionally saved as an OCI archive.
 //!
 //! All but `bench-metadata` and `bench-relay` need root (network namespaces, eBPF) and the tools
 //! `scripts/setup.sh` installs.
@@ -24,6 +26,7 @@ mod bench;
 mod build;
 mod demo;
 mod dropbench;
+mod image;
 mod layers;
 mod metabench;
 mod microbench;
@@ -66,6 +69,9 @@ enum Command {
         #[arg(long, default_value_t = 2_000_000)]
         lookups: usize,
     },
+    /// The OCI image localhost/flowtrace:<version>, built with buildah from the release binary
+    /// and the libraries it links, on `FROM scratch` (no registry); prints its size.
+    Image(image::ImageArgs),
     /// Checks flowtrace/src's layer order and that no import cycle exists (run by CI).
     Layers,
     /// CPU cost per run of each TC program on fixed packets (BPF_PROG_TEST_RUN), no network.
@@ -98,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchRelay(args) => relaybench::run(&args),
         Command::BenchDrops(args) => dropbench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
+        Command::Image(args) => image::run(&args),
         Command::Layers => layers::run(),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
         Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use flowtrace_common::{drops::DropLayout, maps, programs};
 
-use super::btf::Btf;
+use super::{btf::Btf, seccomp};
 use crate::{
     error::{Error, Result},
     model::wire::AttachMode,
@@ -61,9 +61,14 @@ pub fn load(
     loader.map_max_entries(maps::LATENCY_1, latency_entries);
     loader.map_max_entries(maps::DROPS_0, drop_entries);
     loader.map_max_entries(maps::DROPS_1, drop_entries);
-    let mut ebpf = loader
-        .load(EBPF_OBJECT)
-        .map_err(|source| Error::Load { source })?;
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
+        hint: seccomp::refusal_hint(
+            seccomp::Mode::current(),
+            seccomp::errno_of(&source),
+            seccomp::LOAD_HINT,
+        ),
+        source,
+    })?;
     for program in programs::ALL {
         classifier(&mut ebpf, program)?
             .load()
@@ -152,7 +157,11 @@ fn write_layout(ebpf: &mut Ebpf, layout: DropLayout) -> std::result::Result<(), 
 fn tracepoint_hint(e: &aya::programs::ProgramError) -> &'static str {
     let text = format!("{e:?}");
     if text.contains("PermissionDenied") || text.contains("Operation not permitted") {
-        "Raw tracepoint programs need CAP_BPF and CAP_PERFMON; under a container runtime a seccomp profile that refuses bpf() or perf_event_open() also gives this error (see deploy/README.md)"
+        seccomp::refusal_hint(
+            seccomp::Mode::current(),
+            Some(libc::EPERM),
+            "Raw tracepoint programs need CAP_BPF and CAP_PERFMON",
+        )
     } else {
         "The kernel needs raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT, Linux >= 4.17) and BTF"
     }
@@ -169,7 +178,11 @@ fn load_hint(e: &aya::programs::ProgramError) -> &'static str {
     };
     let log = verifier_log.to_string();
     if io_error.kind() == std::io::ErrorKind::PermissionDenied && log.trim().is_empty() {
-        "The kernel refused before verifying: loading a TC program needs CAP_NET_ADMIN as well as CAP_BPF (the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+        seccomp::refusal_hint(
+            seccomp::Mode::current(),
+            io_error.raw_os_error(),
+            "The kernel refused before verifying: loading a TC program needs CAP_NET_ADMIN as well as CAP_BPF (the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
+        )
     } else if log.contains("!root") {
         "The verifier treats the agent as unprivileged: it needs CAP_PERFMON (with CAP_BPF and CAP_NET_ADMIN)"
     } else {

@@ -29,6 +29,7 @@ mod metrics;
 mod metrics_flood;
 mod nat;
 mod relay;
+mod runtime;
 mod shapes;
 mod testbed_smoke;
 mod trace;
