@@ -3473,6 +3473,8 @@ fn every_alert_has_a_runbook_in_the_readme() {
     assert!(
         extra.is_empty(),
         "deploy/README.md, Alerts: runbooks {extra:?} are for no alert of {RULES}"
+    );
+}
 
 /// Every container (and init container) of an object with a pod template: (where, image).
 fn container_images(v: &Value) -> Vec<(String, String)> {
