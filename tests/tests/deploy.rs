@@ -3820,7 +3820,12 @@ fn the_shipped_seccomp_profile_adds_only_bpf_in_the_oci_format() {
     }
     assert!(allowed.contains("bpf"), "bpf(2) must be allowed outright");
     assert!(!refused.contains("bpf"), "bpf(2) must not also be refused");
-    for not_needed in ["perf_event_open", "init_module", "kexec_load", "open_by_handle_at"] {
+    for not_needed in [
+        "perf_event_open",
+        "init_module",
+        "kexec_load",
+        "open_by_handle_at",
+    ] {
         assert!(
             !allowed.contains(not_needed),
             "{not_needed} is allowed; the agent does not need it (tests/tests/cluster/runtime.rs)"

@@ -617,7 +617,7 @@ struct CtrTask<'a> {
 impl CtrTask<'_> {
     /// (pid, status) from `ctr task ls`, None once the task is gone.
     fn state(&self) -> Option<(u32, String)> {
-        let out = checked(&mut self.cd.ctr().args(["task", "ls"]));
+        let out = checked(self.cd.ctr().args(["task", "ls"]));
         out.lines().skip(1).find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.first() == Some(&self.id.as_str()))
