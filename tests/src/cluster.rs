@@ -641,13 +641,7 @@ impl Cluster {
         )?;
         ip(&ns, &format!("link set {dev} up"))?;
 
-        let remotes: Vec<usize> = self
-            .nodes
-            .iter()
-            .map(|n| n.index)
-            .filter(|&j| j != i)
-            .collect();
-        for j in remotes {
+        for j in self.others(i) {
             let (vtep4, vtep6, mac) = (vtep_v4(j), pod_v6(j, 0), vtep_mac(j));
             ip(
                 &ns,
@@ -673,6 +667,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// The numbers of every node but `i`.
+    fn others(&self, i: usize) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|n| n.index)
+            .filter(|&j| j != i)
+            .collect()
+    }
+
     /// kindnet: node `i` routes every other node's pod ranges via that node's `eth0` address
     /// (IPv6 over an IPv6 underlay address, added here).
     fn setup_node_routes(&mut self, i: usize) -> Result<()> {
@@ -681,13 +684,7 @@ impl Cluster {
             &ns,
             &format!("-6 addr add {}/64 dev eth0 nodad", underlay_v6(i)),
         )?;
-        let remotes: Vec<usize> = self
-            .nodes
-            .iter()
-            .map(|n| n.index)
-            .filter(|&j| j != i)
-            .collect();
-        for j in remotes {
+        for j in self.others(i) {
             ip(
                 &ns,
                 &format!("route add 10.244.{j}.0/24 via {} dev eth0", underlay_ip(j)?),

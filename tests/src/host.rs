@@ -93,6 +93,29 @@ pub fn flowtrace_program_ids() -> Result<Vec<u64>> {
         .collect())
 }
 
+/// Waits until no flowtrace program but those in `before` is loaded (the kernel frees a
+/// program after an RCU grace period); the ones still loaded after `timeout` otherwise.
+pub fn wait_programs_gone(
+    before: &[u64],
+    timeout: std::time::Duration,
+) -> std::result::Result<(), Vec<u64>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left: Vec<u64> = flowtrace_program_ids()
+            .map_err(|_| Vec::new())?
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(left);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Every device in a node that flowtrace traces by default: the pods' host veths and
 /// `flannel.1` (not the node's `eth0`, which stands for its NIC).
 pub fn traced_devices(node: &Node) -> Vec<String> {

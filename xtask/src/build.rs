@@ -21,36 +21,37 @@ pub fn workspace_root() -> Result<PathBuf> {
         .context("xtask's manifest directory has no parent; run it from the flowtrace workspace")
 }
 
-/// `cargo build --release -p flowtrace -p flowtrace-tests --bins`, then points the test bed's
-/// agent harness and ftgen helpers at the release binaries (FLOWTRACE_BIN, FTGEN_BIN), so they
-/// do not pick a stale (or missing) debug build beside the xtask binary.
-pub fn release_binaries() -> Result<Binaries> {
+/// `cargo build --release <args>` in the workspace; returns the target directory (honouring
+/// CARGO_TARGET_DIR).
+pub fn cargo_release_build(args: &[&str]) -> Result<PathBuf> {
     let root = workspace_root()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("xtask: cargo build --release -p flowtrace -p flowtrace-tests --bins");
+    eprintln!("xtask: cargo build --release {}", args.join(" "));
     let status = Command::new(&cargo)
         .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "flowtrace",
-            "-p",
-            "flowtrace-tests",
-            "--bins",
-        ])
+        .arg("build")
+        .arg("--release")
+        .args(args)
         .status()
         .with_context(|| format!("starting {cargo:?} build (is cargo on PATH?)"))?;
     if !status.success() {
         bail!(
-            "building the release binaries failed ({status}); see cargo's messages above \
-             (missing eBPF toolchain? run `bash scripts/setup.sh`)"
+            "cargo build --release {} failed ({status}); see cargo's messages above \
+             (missing eBPF toolchain? run `bash scripts/setup.sh`)",
+            args.join(" ")
         );
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|d| if d.is_absolute() { d } else { root.join(d) })
-        .unwrap_or_else(|| root.join("target"));
+        .unwrap_or_else(|| root.join("target")))
+}
+
+/// `cargo build --release -p flowtrace -p flowtrace-tests --bins`, then points the test bed's
+/// agent harness and ftgen helpers at the release binaries (FLOWTRACE_BIN, FTGEN_BIN), so they
+/// do not pick a stale (or missing) debug build beside the xtask binary.
+pub fn release_binaries() -> Result<Binaries> {
+    let target = cargo_release_build(&["-p", "flowtrace", "-p", "flowtrace-tests", "--bins"])?;
     let bins = Binaries {
         flowtrace: target.join("release").join("flowtrace"),
         ftgen: target.join("release").join("ftgen"),

@@ -2,13 +2,10 @@
 //! (`flowtrace_tests::image::build`, the code the real-runtime test runs too).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use flowtrace_tests::image::{self, BuildOptions};
-
-use crate::build::workspace_root;
 
 #[derive(Args)]
 pub struct ImageArgs {
@@ -72,31 +69,7 @@ pub fn run(args: &ImageArgs) -> Result<()> {
 /// `cargo build --release -p flowtrace` (a no-op when fresh, so the image never ships a
 /// binary older than the sources), then `target/release/flowtrace`.
 fn release_binary() -> Result<PathBuf> {
-    let root = workspace_root()?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("xtask: cargo build --release -p flowtrace");
-    let status = Command::new(&cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "flowtrace",
-            "--bin",
-            "flowtrace",
-        ])
-        .status()
-        .with_context(|| format!("starting {cargo:?} build (is cargo on PATH?)"))?;
-    if !status.success() {
-        bail!(
-            "building the release binary failed ({status}); see cargo's messages above \
-             (missing eBPF toolchain? run `bash scripts/setup.sh`)"
-        );
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|d| if d.is_absolute() { d } else { root.join(d) })
-        .unwrap_or_else(|| root.join("target"));
+    let target = crate::build::cargo_release_build(&["-p", "flowtrace", "--bin", "flowtrace"])?;
     let bin = target.join("release").join("flowtrace");
     if !bin.is_file() {
         bail!(

@@ -297,21 +297,11 @@ fn each_capability_of_the_set_is_necessary() {
             "the agent without {missing} did not say {want:?}:\n{log}"
         );
         // The kernel frees programs after an RCU grace period: allow it a moment.
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let left: Vec<u64> = flowtrace_program_ids()
-                .unwrap()
-                .into_iter()
-                .filter(|id| !before.contains(id))
-                .collect();
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "programs {left:?} still loaded after the agent without {missing} exited"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let before: Vec<u64> = before.iter().copied().collect();
+        if let Err(left) =
+            flowtrace_tests::host::wait_programs_gone(&before, Duration::from_secs(3))
+        {
+            panic!("programs {left:?} still loaded after the agent without {missing} exited");
         }
         drop(agent);
     }

@@ -823,21 +823,8 @@ fn check_counts(
 
 /// Nothing of flowtrace newer than `before` is loaded (a refused start left nothing either).
 fn check_none_loaded_since(before: &[u64]) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let left: Vec<u64> = flowtrace_program_ids()
-            .unwrap()
-            .into_iter()
-            .filter(|i| !before.contains(i))
-            .collect();
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "programs {left:?} still loaded after a refused start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    if let Err(left) = flowtrace_tests::host::wait_programs_gone(before, Duration::from_secs(3)) {
+        panic!("programs {left:?} still loaded after a refused start");
     }
 }
 
