@@ -18,6 +18,9 @@ pub mod programs {
     pub const EGRESS: &str = "flowtrace_egress";
     /// The TC classifiers, attached per interface.
     pub const ALL: [&str; 2] = [INGRESS, EGRESS];
+    /// The classifier both tail-call for the packets that go further than their flow's
+    /// counters (sightings, round trips, tracers); never attached itself.
+    pub const SLOW: &str = "flowtrace_slow";
     /// The raw tracepoint program on `skb:kfree_skb` (packets freed with a drop reason).
     pub const KFREE_SKB: &str = "flowtrace_kfree_skb";
     /// The raw tracepoint program on `tcp:tcp_retransmit_skb`.
@@ -78,9 +81,6 @@ impl HookDirection {
 /// drains the other, so a drain never races a writer (see `CONTROL_ACTIVE_BUFFER`).
 pub const FLOW_BUFFERS: u32 = 2;
 
-/// Slots of the per-CPU flow cache per buffer (a power of two). See `CacheSlot`.
-pub const CACHE_SLOTS: u32 = 256;
-
 /// Index in the `CONTROL` array map of the buffer the kernel currently writes to (0 or 1).
 pub const CONTROL_ACTIVE_BUFFER: u32 = 0;
 /// Number of `u32` slots in the `CONTROL` array map.
@@ -122,9 +122,6 @@ pub const DIR_RETRANSMITTED: u8 = 3;
 /// N, a power of two, = one packet in N. The choice hashes the packet id, which NAT does not
 /// change, so a sampled packet is sampled at every hook it crosses.
 pub const CONTROL_LATENCY_SAMPLE: u32 = 1;
-
-/// Default capacity of each latency buffer, in (tuple, segment) entries.
-pub const DEFAULT_LATENCY_ENTRIES: u32 = 4_096;
 
 /// Capacity of the table of TCP segments waiting for their acknowledgement (LRU).
 pub const RTT_PENDING_ENTRIES: u32 = 16_384;
@@ -191,18 +188,12 @@ impl LatencyKind {
 /// everything from 2^31 ns (2.1 s) up.
 pub const LATENCY_BUCKETS: usize = 32;
 
-/// Default capacity of each flow buffer (entries). User space may override it at load time.
-pub const DEFAULT_FLOW_ENTRIES: u32 = 16_384;
-
 /// Slots of the per-CPU sighting table (a power of two), see `Sighting`.
 pub const SIGHTING_SLOTS: u32 = 256;
 
 /// Two sightings of one packet id further apart than this are not the same packet. The
 /// hooks of one node see a packet microseconds apart on one CPU.
 pub const SIGHTING_MAX_AGE_NS: u64 = 2_000_000;
-
-/// Default capacity of each NAT buffer (entries).
-pub const DEFAULT_NAT_ENTRIES: u32 = 4_096;
 
 /// An IP address as the kernel side keeps it: the 16 address bytes in network order, held
 /// as four native-endian words so that copying and comparing keys is word-sized work. An
@@ -311,6 +302,31 @@ impl Tuple {
         words_differ::<9, 10, 11>(&self.words(), &key.words()) == 0
             && self.ip_version == key.ip_version
             && self.protocol == key.protocol
+    }
+
+    /// Whether `key`'s tuple, seen for the same packet id at a later hook, looks like a NAT
+    /// rewrite of this one: some side changed, and each side that changed (source: address
+    /// and port; destination: address and port) changed its address. DNAT rewrites the
+    /// destination's address (and maybe port), SNAT and masquerade the source's, the reply's
+    /// un-DNAT its source; kube-proxy never rewrites a port alone. Ports changed with both
+    /// addresses kept are what two different packets with equal ids look like (a flood of
+    /// identical datagrams from fresh source ports), so they are no rewrite.
+    ///
+    /// Branch-free (bit arithmetic, one comparison at the end): every branch in the sighting
+    /// path multiplies the states the verifier walks.
+    #[inline(always)]
+    pub fn plausible_rewrite_to(&self, key: &FlowKey) -> bool {
+        /// 1 if `x` is not zero, else 0.
+        #[inline(always)]
+        fn nz(x: u32) -> u32 {
+            (x | x.wrapping_neg()) >> 31
+        }
+        let (a, b) = (self.words(), key.words());
+        let src_addr = nz((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]));
+        let dst_addr = nz((a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]));
+        let src_port = nz(u32::from(self.src_port ^ key.src_port));
+        let dst_port = nz(u32::from(self.dst_port ^ key.dst_port));
+        (src_addr | dst_addr) & (src_addr | (src_port ^ 1)) & (dst_addr | (dst_port ^ 1)) != 0
     }
 
     /// Overwrites this tuple with `key`'s, field by field.
@@ -472,31 +488,117 @@ impl FlowStats {
     }
 }
 
-/// One entry of the per-CPU, direct-mapped flow cache that sits in front of the flow hash.
+/// One entry of the per-CPU, direct-mapped flow cache: the only place a packet's counts go.
 ///
 /// A packet whose flow (key, including the hop) occupies its slot on this CPU is counted in
-/// the slot: no hash-map operation at all, which is what bulk transfers hit. A different
-/// flow evicts the slot's counters into the hash map and takes the slot. The cache is split
-/// in two halves like the flow buffers: user space drains the half that is not active.
+/// the slot: an array access, no hash map, no helper call. A packet of another flow hands
+/// the slot's counters to user space through the event ring (the slot itself is the
+/// record: `kind` is `EVENT_FLOW`) and takes the slot. The cache is split in two halves
+/// like the other buffers: user space reads and clears the half that is not active.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CacheSlot {
+    /// `EVENT_FLOW` when the slot holds counters, 0 when it is empty.
+    pub kind: u32,
     pub key: FlowKey,
-    /// Non-zero when the slot holds counters.
-    pub valid: u32,
     pub stats: FlowStats,
 }
 
+/// What a hook hands its slow path (`programs::SLOW`, tail-called) in a per-CPU scratch
+/// slot: the packet's flow key and id, what to do, and the TCP facts a round trip needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SlowInput {
+    pub key: FlowKey,
+    /// `SLOW_*` bits.
+    pub ctl: u32,
+    pub id: PacketId,
+    /// Layer-3 bytes (for the tracers).
+    pub bytes: u64,
+    pub tcp_flags: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    /// TCP payload bytes of this segment.
+    pub payload: u32,
+}
+
+/// `SlowInput::ctl` bits: compare the packet across hooks (`nat::sight`); it is sampled for
+/// latency; time a TCP round trip at this interface (`latency::rtt`).
+pub const SLOW_SIGHT: u32 = 1;
+pub const SLOW_SAMPLED: u32 = 2;
+pub const SLOW_RTT: u32 = 4;
+
+/// `kind` of the records in the event ring (`maps::EVENTS`): a flow's counters handed over
+/// from the cache (`CacheSlot`), a NAT rewrite seen (`NatEvent`), a latency sample
+/// (`LatencyEvent`).
+pub const EVENT_FLOW: u32 = 1;
+pub const EVENT_NAT: u32 = 2;
+pub const EVENT_LATENCY: u32 = 3;
+
+/// A rewrite seen between two hooks of this node: the same packet (by `PacketId`) with
+/// `original`'s tuple at the earlier hook and `translated` at the later one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatEvent {
+    /// `EVENT_NAT`.
+    pub kind: u32,
+    pub from_ifindex: u32,
+    pub original: Tuple,
+    pub translated: Tuple,
+    pub to_ifindex: u32,
+    pub from_direction: u8,
+    pub to_direction: u8,
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` at the later hook.
+    pub seen_ns: u64,
+}
+
+/// One latency sample (see `LatencyKey` for what it measures).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LatencyEvent {
+    /// `EVENT_LATENCY`.
+    pub kind: u32,
+    pub key: LatencyKey,
+    pub ns: u64,
+}
+
+/// Default size of the event ring, in bytes (a power of two, a multiple of the page size):
+/// at 88 bytes per flow record (plus the ring's 8-byte header), 4 MiB hold about 43 000
+/// hand-overs, 0.2 s of a flood of 200 000 new (tuple, hop) pairs per second.
+pub const DEFAULT_EVENT_RING_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Bytes of per-CPU flow cache the agent spends at most, over all CPUs, when it sizes the
+/// cache from the number of possible CPUs (see `cache_slots_for`).
+pub const CACHE_BUDGET_BYTES: u64 = 8 * 1024 * 1024;
+/// Fewest and most slots per cache half.
+pub const MIN_CACHE_SLOTS: u32 = 128;
+pub const MAX_CACHE_SLOTS: u32 = 4096;
+
+/// Slots per cache half for `cpus` possible CPUs: the largest power of two that keeps both
+/// halves on every CPU within `CACHE_BUDGET_BYTES`, within [`MIN_CACHE_SLOTS`,
+/// `MAX_CACHE_SLOTS`]. Memory stays flat in the CPU count; each CPU gets fewer slots.
+pub fn cache_slots_for(cpus: u32) -> u32 {
+    let per_slot = (FLOW_BUFFERS as u64) * core::mem::size_of::<CacheSlot>() as u64;
+    let fit = CACHE_BUDGET_BYTES / (per_slot * cpus.max(1) as u64);
+    let mut slots = MIN_CACHE_SLOTS;
+    while slots < MAX_CACHE_SLOTS && (slots as u64) * 2 <= fit {
+        slots *= 2;
+    }
+    slots
+}
+
 impl CacheSlot {
-    /// Index of `key`'s slot within one half of the cache.
+    /// Index of `key`'s slot within one half of the cache, for a half of `1 << (32 - shift)`
+    /// slots.
     #[inline(always)]
-    pub fn index(key: &FlowKey) -> u32 {
-        // XOR-fold the words, then one multiplicative hash: cheap on the per-packet path and
-        // good enough to spread flows over a direct-mapped cache.
+    pub fn index(key: &FlowKey, shift: u32) -> u32 {
+        // XOR-fold the words, then one multiplicative hash whose high bits pick the slot:
+        // cheap on the per-packet path and good enough to spread flows over the cache.
         let w = key.words();
         let folded = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7] ^ w[8] ^ w[9] ^ w[10];
         let mixed = (folded ^ (folded >> 16)).wrapping_mul(0x9E37_79B1);
-        mixed >> (32 - CACHE_SLOTS.trailing_zeros())
+        mixed >> (shift & 31)
     }
 }
 
@@ -687,8 +789,8 @@ pub enum Counter {
     Ipv6ExtensionChain = 6,
     /// Frame shorter than the TCP/UDP/ICMP/SCTP header its IP header announces.
     TruncatedL4 = 7,
-    /// Packets whose counts were lost because a new flow could not be inserted into the
-    /// full flow map (raise `--flow-entries` or drain more often).
+    /// Packets whose counts were lost because the event ring was full when their flow's
+    /// cache slot was handed over (user space reads too slowly; raise `--event-ring-mib`).
     FlowMapFull = 8,
     /// The control map could not be read (should never happen; counted to be sure).
     ControlMissing = 9,
@@ -697,11 +799,9 @@ pub enum Counter {
     /// Not a loss: header reads that fell outside the skb's linear part and needed a helper
     /// call (paged skbs, e.g. some GRO aggregates). Shows where the slow path is taken.
     SlowHeaderReads = 11,
-    /// NAT rewrites the kernel saw but could not record because the NAT buffer was full
-    /// (raise `--nat-entries` or drain more often).
+    /// NAT rewrites the kernel saw but could not hand over because the event ring was full.
     NatMapFull = 12,
-    /// Latency samples lost because the latency buffer was full (raise
-    /// `--latency-entries` or drain more often).
+    /// Latency samples lost because the event ring was full.
     LatencyMapFull = 13,
     /// Trace events lost because the trace ring buffer was full (the tracer reads too
     /// slowly); only counted while a tracer is attached.
@@ -712,10 +812,14 @@ pub enum Counter {
     /// Events the tracepoint programs saw: one per dropped packet, one per retransmitted skb
     /// (which may carry several segments; `DropMapFull` counts segments).
     DropEventsSeen = 16,
+    /// Not a loss: pairs of sightings of one packet id at two hooks whose tuples differ but
+    /// not the way a rewrite changes them (`Tuple::plausible_rewrite_to`): two different
+    /// packets with equal ids, so neither a NAT rewrite nor a hop latency sample.
+    NatNotRewrite = 17,
 }
 
 /// Number of `Counter` slots.
-pub const COUNTER_SLOTS: u32 = 17;
+pub const COUNTER_SLOTS: u32 = 18;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -737,6 +841,7 @@ impl Counter {
         Counter::TraceRingFull,
         Counter::DropMapFull,
         Counter::DropEventsSeen,
+        Counter::NatNotRewrite,
     ];
 
     /// Stable snake_case name used in the API and metrics.
@@ -759,6 +864,7 @@ impl Counter {
             Counter::TraceRingFull => "trace_ring_full",
             Counter::DropMapFull => "drop_map_full",
             Counter::DropEventsSeen => "drop_events_seen",
+            Counter::NatNotRewrite => "nat_not_rewrite",
         }
     }
 
@@ -784,7 +890,10 @@ const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
 const _: () = assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
 const _: () = assert!(core::mem::size_of::<TraceEvent>() == 80);
 const _: () = assert!(core::mem::size_of::<CacheSlot>() == 88);
-const _: () = assert!(CACHE_SLOTS.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<NatEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<SlowInput>() == 80);
+const _: () = assert!(core::mem::size_of::<LatencyEvent>() == 64);
+const _: () = assert!(MIN_CACHE_SLOTS.is_power_of_two() && MAX_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(SIGHTING_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
 const _: () = assert!(core::mem::size_of::<PacketId>() == 16);
@@ -817,6 +926,77 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v4(a: [u8; 4]) -> Addr {
+        [u32::from_ne_bytes(a), 0, 0, 0]
+    }
+
+    fn tuple(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Tuple {
+        Tuple {
+            src_addr: v4(src),
+            dst_addr: v4(dst),
+            src_port: sport,
+            dst_port: dport,
+            ip_version: 4,
+            protocol: 17,
+            _pad: 0,
+        }
+    }
+
+    fn key_of(t: Tuple) -> FlowKey {
+        FlowKey {
+            src_addr: t.src_addr,
+            dst_addr: t.dst_addr,
+            src_port: t.src_port,
+            dst_port: t.dst_port,
+            ip_version: t.ip_version,
+            protocol: t.protocol,
+            ..FlowKey::default()
+        }
+    }
+
+    #[test]
+    fn a_rewrite_changes_an_address_on_every_side_it_changes() {
+        let pod = [10, 244, 1, 10];
+        let (vip, backend, node) = ([10, 96, 0, 10], [10, 244, 2, 10], [192, 168, 50, 1]);
+        let before = tuple(pod, 40000, vip, 80);
+        let plausible = |after: Tuple| before.plausible_rewrite_to(&key_of(after));
+        // kube-proxy's DNAT: the destination's address and port.
+        assert!(plausible(tuple(pod, 40000, backend, 8080)));
+        // DNAT to the same port, and DNAT plus masquerade (hairpin, external traffic).
+        assert!(plausible(tuple(pod, 40000, backend, 80)));
+        assert!(plausible(tuple(node, 61000, backend, 8080)));
+        // The reply's un-DNAT: the source's address and port.
+        let reply = tuple(backend, 8080, pod, 40000);
+        assert!(reply.plausible_rewrite_to(&key_of(tuple(vip, 80, pod, 40000))));
+        // SNAT keeping the port.
+        assert!(plausible(tuple(node, 40000, vip, 80)));
+        // Ports alone: another packet with the same id, not a rewrite.
+        assert!(!plausible(tuple(pod, 40001, vip, 80)));
+        assert!(!plausible(tuple(pod, 40000, vip, 81)));
+        assert!(!plausible(tuple(pod, 40001, vip, 81)));
+        // A new destination address, but the source port changed without its address.
+        assert!(!plausible(tuple(pod, 40001, backend, 8080)));
+        assert!(!plausible(before));
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_budget_at_any_cpu_count() {
+        let slot = core::mem::size_of::<CacheSlot>() as u64 * FLOW_BUFFERS as u64;
+        for cpus in [1u32, 2, 16, 64, 256, 1024] {
+            let slots = cache_slots_for(cpus);
+            assert!(slots.is_power_of_two());
+            assert!((MIN_CACHE_SLOTS..=MAX_CACHE_SLOTS).contains(&slots));
+            if slots > MIN_CACHE_SLOTS {
+                assert!(
+                    slots as u64 * slot * cpus as u64 <= CACHE_BUDGET_BYTES,
+                    "{cpus} CPUs"
+                );
+            }
+        }
+        assert_eq!(cache_slots_for(2), MAX_CACHE_SLOTS);
+        assert_eq!(cache_slots_for(256), MIN_CACHE_SLOTS);
+    }
 
     #[test]
     fn hook_direction_decodes_what_the_kernel_writes() {

@@ -6,29 +6,19 @@
 //! `flowtrace/tests/kernel_object.rs` checks that the built object has exactly the maps of
 //! `ALL`.
 
-/// Flow buffers, indexed by the active-buffer bit (`CONTROL_ACTIVE_BUFFER`).
-pub const FLOWS_0: &str = "FLOWS_0";
-pub const FLOWS_1: &str = "FLOWS_1";
-pub const FLOWS: [&str; 2] = [FLOWS_0, FLOWS_1];
-
 /// The control block user space writes (`CONTROL_*` slots).
 pub const CONTROL: &str = "CONTROL";
 
-/// The per-CPU flow cache in front of the flow buffers (`CacheSlot`s).
+/// The per-CPU flow cache (`CacheSlot`s), two halves indexed by the active-buffer bit
+/// (`CONTROL_ACTIVE_BUFFER`).
 pub const CACHE: &str = "CACHE";
 
-/// NAT buffers, indexed like `FLOWS`.
-pub const NAT_0: &str = "NAT_0";
-pub const NAT_1: &str = "NAT_1";
-pub const NAT: [&str; 2] = [NAT_0, NAT_1];
+/// The event ring: flow counters handed over from the cache, NAT rewrites, latency samples
+/// (`EVENT_*` records).
+pub const EVENTS: &str = "EVENTS";
 
 /// The per-CPU table of recent sightings (kernel only).
 pub const SIGHTINGS: &str = "SIGHTINGS";
-
-/// Latency buffers, indexed like `FLOWS`.
-pub const LATENCY_0: &str = "LATENCY_0";
-pub const LATENCY_1: &str = "LATENCY_1";
-pub const LATENCY: [&str; 2] = [LATENCY_0, LATENCY_1];
 
 /// TCP segments waiting for their acknowledgement, and the hint array in front of them
 /// (kernel only).
@@ -42,11 +32,16 @@ pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
 pub const TRACE_SCRATCH: &str = "TRACE_SCRATCH";
 pub const LAT_SCRATCH: &str = "LAT_SCRATCH";
 pub const RTT_SCRATCH: &str = "RTT_SCRATCH";
+pub const NAT_SCRATCH: &str = "NAT_SCRATCH";
+/// What a hook hands its slow path (`SlowInput`, per CPU), and the program array holding
+/// the slow path (`programs::SLOW` at index 0; kernel only but for the loader's write).
+pub const SLOW_SCRATCH: &str = "SLOW_SCRATCH";
+pub const SLOW_PATH: &str = "SLOW_PATH";
 
 /// The per-CPU counters, one slot per `Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
-/// Drop buffers (`DropKey` -> `DropStats`), indexed like `FLOWS`.
+/// Drop buffers (`DropKey` -> `DropStats`), indexed like the cache halves.
 pub const DROPS_0: &str = "DROPS_0";
 pub const DROPS_1: &str = "DROPS_1";
 pub const DROPS: [&str; 2] = [DROPS_0, DROPS_1];
@@ -58,22 +53,20 @@ pub const DROPS_LOST: &str = "DROPS_LOST";
 pub const DROP_LAYOUT: &str = "DROP_LAYOUT";
 
 /// Every map of the object, in the kernel's declaration order.
-pub const ALL: [&str; 20] = [
-    FLOWS_0,
-    FLOWS_1,
+pub const ALL: [&str; 18] = [
     CONTROL,
     CACHE,
-    NAT_0,
-    NAT_1,
+    EVENTS,
     SIGHTINGS,
-    LATENCY_0,
-    LATENCY_1,
     RTT_PENDING,
     RTT_HINT,
     TRACE_EVENTS,
     TRACE_SCRATCH,
     LAT_SCRATCH,
     RTT_SCRATCH,
+    NAT_SCRATCH,
+    SLOW_SCRATCH,
+    SLOW_PATH,
     COUNTERS,
     DROPS_0,
     DROPS_1,
@@ -81,10 +74,11 @@ pub const ALL: [&str; 20] = [
     DROPS_LOST,
 ];
 
-const _: () = assert!(FLOWS.len() == crate::FLOW_BUFFERS as usize);
-const _: () = assert!(NAT.len() == crate::FLOW_BUFFERS as usize);
-const _: () = assert!(LATENCY.len() == crate::FLOW_BUFFERS as usize);
 const _: () = assert!(DROPS.len() == crate::FLOW_BUFFERS as usize);
+
+/// The global (`.rodata`) user space sets at load time: the shift that turns a flow's hash
+/// into its slot in one half of the cache (`CacheSlot::index`), `32 - log2(slots)`.
+pub const CACHE_SHIFT: &str = "CACHE_SHIFT";
 
 #[cfg(test)]
 mod tests {

@@ -1,27 +1,30 @@
-//! Flow counting: the per-CPU flow cache (`CACHE`) in front of the flow buffers
-//! (`FLOWS_0`/`FLOWS_1`), and the choice of which packets go on to the sightings
-//! (`nat::sight`) and the round trips (`latency::rtt`).
+//! Flow counting: the per-CPU flow cache (`CACHE`), whose slots go to user space through the
+//! event ring (`EVENTS`) when another flow takes them, and the choice of which packets go on
+//! to the slow path (`slow`: the sightings and the round trips).
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::PerCpuHashMap, programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use flowtrace_common::{
     parse::{packet_id, PacketInfo, SkbMeta, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
-    CacheSlot, Counter, FlowKey, FlowStats, CACHE_SLOTS, CONTROL_ACTIVE_BUFFER,
-    CONTROL_LATENCY_SAMPLE,
+    CacheSlot, Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE,
+    EVENT_FLOW, SLOW_RTT, SLOW_SAMPLED, SLOW_SIGHT,
 };
 
 use crate::{
     counters::{count, count_n},
-    latency::rtt,
-    maps::{CACHE, CONTROL, FLOWS_0, FLOWS_1},
-    nat::sight,
+    latency::rtt_wanted,
+    maps::{cache_shift, CACHE, CONTROL, EVENTS, SLOW_PATH, SLOW_SCRATCH},
     packet::DirectPacket,
-    CTL_SAMPLED, TCP_SYN,
+    TCP_SYN,
 };
 
-/// Counts one parsed packet in its flow at this hook (the cache slot, or the active flow
-/// buffer), then sends the packets that need it to the sightings and the round trips.
+/// Counts one parsed packet in its flow's cache slot at this hook, then hands the packets
+/// that need it to the slow path (a tail call).
+///
+/// The common case (the flow owns its slot) is an array access, a comparison of the key and
+/// four adds: no hash map, no helper call but the coarse clock. Flow timestamps come from
+/// `bpf_ktime_get_coarse_ns` (the same clock as `bpf_ktime_get_ns`, at tick resolution):
+/// first and last seen need no better, and reading the fine clock costs more than the rest
+/// of a cache hit. Sightings and round trips read the fine clock themselves.
 #[inline(always)]
 pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, direction: u8) {
     // SAFETY: the context pointer is valid for the whole program run.
@@ -45,41 +48,44 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
             0
         }
     };
-    let flows = if active == 0 { &FLOWS_0 } else { &FLOWS_1 };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let packet = FlowStats {
-        packets,
-        bytes,
-        first_seen_ns: now,
-        last_seen_ns: now,
-        tcp_flags: info.tcp_flags,
-        _pad0: 0,
-        _pad1: 0,
-        _pad2: 0,
+    let shift = cache_shift();
+    let index = (active << (32 - (shift & 31))) + CacheSlot::index(&key, shift);
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let Some(slot) = CACHE.get_ptr_mut(index) else {
+        // Out of the array: cannot happen with the shift user space sets; counted anyway.
+        count_n(Counter::FlowMapFull, packets);
+        return;
     };
-    let miss = match CACHE.get_ptr_mut(active * CACHE_SLOTS + CacheSlot::index(&key)) {
-        None => {
-            add_to_map(flows, &key, &packet);
+    // SAFETY: per-CPU slot, only this CPU touches it while this program runs (user space
+    // reads a half only after it stopped being active).
+    let miss = unsafe {
+        if (*slot).kind != 0 && (*slot).key.same_as(&key) {
+            let s = &mut (*slot).stats;
+            s.packets += packets;
+            s.bytes += bytes;
+            s.last_seen_ns = now;
+            s.tcp_flags |= info.tcp_flags;
+            false
+        } else {
+            if (*slot).kind != 0 {
+                // Another flow owns the slot: its counters go to user space first.
+                hand_over(slot);
+            }
+            (*slot).kind = EVENT_FLOW;
+            (*slot).key = key;
+            (*slot).stats = FlowStats {
+                packets,
+                bytes,
+                first_seen_ns: now,
+                last_seen_ns: now,
+                tcp_flags: info.tcp_flags,
+                _pad0: 0,
+                _pad1: 0,
+                _pad2: 0,
+            };
             true
         }
-        // SAFETY: per-CPU slot, only this CPU touches it while this program runs (user space
-        // reads a half only after it stopped being active).
-        Some(slot) => unsafe {
-            if (*slot).valid != 0 && (*slot).key.same_as(&key) {
-                merge_into(&mut (*slot).stats, &packet);
-                false
-            } else {
-                if (*slot).valid != 0 {
-                    // Another flow owns the slot: move its counters to the map, then take it.
-                    add_to_map(flows, &(*slot).key, &(*slot).stats);
-                }
-                (*slot).key = key;
-                (*slot).stats = packet;
-                (*slot).valid = 1;
-                true
-            }
-        },
     };
     if !matches!(key.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         // Only what Services carry. ICMP has too little per-packet identity: neighbour
@@ -97,49 +103,54 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
     }
     let id = packet_id(&DirectPacket::new(ctx), info);
     let sampled = id.sampled(rate);
-    let ctl = active | if sampled { CTL_SAMPLED } else { 0 };
-    if miss || syn || sampled {
-        // The packet's counts go along for the tracers (see `sight`), through memory: what
-        // the verifier knows of values kept in registers differs between the paths that
-        // reach here (TCP or not, SYN or not), and those differences multiply its work on
-        // everything `sight` and `rtt` do.
-        sight(&id, &key, now, ctl, &packet);
+    let mut ctl = if miss || syn || sampled {
+        SLOW_SIGHT
+    } else {
+        0
+    };
+    if sampled {
+        ctl |= SLOW_SAMPLED;
     }
-    if rate != 0 && key.protocol == IPPROTO_TCP {
-        rtt(info, &id, &key, now, ctl);
+    let payload = info
+        .l3_len
+        .saturating_sub(info.l3_header_len + info.l4_header_len);
+    if rate != 0
+        && key.protocol == IPPROTO_TCP
+        && rtt_wanted(info.tcp_flags, payload, sampled, &key)
+    {
+        ctl |= SLOW_RTT;
     }
-}
-
-/// Adds `add` into `key`'s per-CPU entry of `flows`, creating it if needed.
-#[inline(always)]
-fn add_to_map(flows: &PerCpuHashMap<FlowKey, FlowStats>, key: &FlowKey, add: &FlowStats) {
-    if let Some(stats) = flows.get_ptr_mut(key) {
-        merge_into(stats, add);
+    if ctl == 0 {
         return;
     }
-    if flows.insert(key, add, BPF_NOEXIST as u64).is_ok() {
+    let Some(slow) = SLOW_SCRATCH.get_ptr_mut(0) else {
         return;
-    }
-    // Either another CPU created the entry between our lookup and insert (this CPU's slot of
-    // it is then zeroed, so add into it) or the map is full.
-    match flows.get_ptr_mut(key) {
-        Some(stats) => merge_into(stats, add),
-        None => count_n(Counter::FlowMapFull, add.packets),
-    }
-}
-
-/// Adds one packet's (or an evicted cache slot's) counters into per-CPU counters.
-#[inline(always)]
-fn merge_into(stats: *mut FlowStats, add: &FlowStats) {
-    // SAFETY: a per-CPU map value or cache slot; only this CPU writes it while this program runs.
+    };
+    // SAFETY: this CPU's scratch slot; every field is written before the tail call, and the
+    // slow path runs on this CPU right after, within this program run.
     unsafe {
-        // An entry created by another CPU starts zeroed in this CPU's slot.
-        if (*stats).packets == 0 {
-            (*stats).first_seen_ns = add.first_seen_ns;
+        (*slow).key = key;
+        (*slow).ctl = ctl;
+        (*slow).id = id;
+        (*slow).bytes = bytes;
+        (*slow).tcp_flags = info.tcp_flags;
+        (*slow)._pad0 = 0;
+        (*slow)._pad1 = 0;
+        (*slow).payload = payload;
+        // Does not return when the slow path is there (it returns TC_ACT_UNSPEC itself).
+        SLOW_PATH.tail_call(ctx, 0);
+    }
+    count(Counter::ControlMissing);
+}
+
+/// Hands a cache slot's counters to user space (the slot is the record). Out of line: it
+/// runs only when a flow takes another's slot.
+#[inline(never)]
+fn hand_over(slot: *const CacheSlot) {
+    // SAFETY: a valid per-CPU cache slot (see `record`).
+    unsafe {
+        if EVENTS.output::<CacheSlot>(&*slot, 0).is_err() {
+            count_n(Counter::FlowMapFull, (*slot).stats.packets);
         }
-        (*stats).packets += add.packets;
-        (*stats).bytes += add.bytes;
-        (*stats).last_seen_ns = add.last_seen_ns;
-        (*stats).tcp_flags |= add.tcp_flags;
     }
 }

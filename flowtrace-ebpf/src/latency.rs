@@ -1,45 +1,34 @@
-//! Latency: histograms in `LATENCY_0`/`LATENCY_1` (hop samples come from `nat::sight`), and
-//! TCP round trips at one interface, with `RTT_HINT` in front of `RTT_PENDING`.
+//! Latency: samples handed to user space as `LatencyEvent`s (hop samples come from
+//! `nat::sight`), and TCP round trips at one interface, with `RTT_HINT` in front of
+//! `RTT_PENDING`.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use flowtrace_common::{
-    parse::PacketInfo, Counter, FlowKey, LatencyHist, PacketId, RttPending, LAT_HANDSHAKE,
-    LAT_RESPONSE,
+    Counter, FlowKey, LatencyEvent, PacketId, RttPending, EVENT_LATENCY, LAT_HANDSHAKE,
+    LAT_RESPONSE, SLOW_SAMPLED,
 };
 
 use crate::{
     counters::count,
-    maps::{LATENCY_0, LATENCY_1, LAT_SCRATCH, RTT_HINT, RTT_PENDING, RTT_SCRATCH},
-    CTL_BUFFER, CTL_SAMPLED, TCP_ACK, TCP_PSH, TCP_SYN,
+    maps::{EVENTS, LAT_SCRATCH, RTT_HINT, RTT_PENDING, RTT_SCRATCH},
+    TCP_ACK, TCP_PSH, TCP_SYN,
 };
 
-/// A zeroed histogram to create latency entries from (a global, not a 160-byte stack value).
-static EMPTY_HIST: LatencyHist = LatencyHist::EMPTY;
-
-/// Adds one sample to the histogram of the key in `LAT_SCRATCH`, in the active buffer.
+/// Hands one sample of `ns` for the key in `LAT_SCRATCH` to user space. Out of line: one
+/// copy of the ring's call for the hop samples and the round trips.
 #[inline(never)]
-pub(crate) fn add_latency(ns: u64, active: u32) {
-    let Some(k) = LAT_SCRATCH.get_ptr(0) else {
+pub(crate) fn add_latency(ns: u64) {
+    let Some(e) = LAT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let map = if active == 0 { &LATENCY_0 } else { &LATENCY_1 };
-    // SAFETY: the scratch key is this CPU's and stays valid for the program run.
-    let key = unsafe { &*k };
-    let h = match map.get_ptr_mut(key) {
-        Some(h) => h,
-        None => {
-            let _ = map.insert(key, &EMPTY_HIST, BPF_NOEXIST as u64);
-            match map.get_ptr_mut(key) {
-                Some(h) => h,
-                None => {
-                    count(Counter::LatencyMapFull);
-                    return;
-                }
-            }
+    // SAFETY: this CPU's scratch slot, valid for the program run; the caller wrote the key.
+    unsafe {
+        (*e).kind = EVENT_LATENCY;
+        (*e).ns = ns;
+        if EVENTS.output::<LatencyEvent>(&*e, 0).is_err() {
+            count(Counter::LatencyMapFull);
         }
-    };
-    // SAFETY: per-CPU value, only this CPU writes it while this program runs.
-    unsafe { (*h).add(ns) };
+    }
 }
 
 /// Whether a segment may wait in `slot` of `RTT_HINT`.
@@ -57,21 +46,29 @@ fn set_rtt_hint(slot: u32, on: bool) {
     }
 }
 
+/// Whether a TCP segment may start or answer a round trip at this interface (see `rtt`):
+/// most segments neither ask nor may answer (pure ACKs; data nothing waits for, which is
+/// most of a bulk transfer), and they stop here, in the hook, before the slow path.
+#[inline(always)]
+pub(crate) fn rtt_wanted(flags: u8, payload: u32, sampled: bool, key: &FlowKey) -> bool {
+    let syn = flags & TCP_SYN != 0;
+    let ack = flags & TCP_ACK != 0;
+    let opens = if syn { !ack } else { payload > 0 && sampled };
+    opens
+        || (ack
+            && (syn || (payload > 0 && (sampled || flags & TCP_PSH != 0)))
+            && rtt_hinted(key.rtt_hint_slot(true)))
+}
+
 /// TCP round trips at this interface: a SYN waits for its SYN-ACK, a sampled data segment
 /// for the first data segment (or SYN-ACK) acknowledging it. The time between them is the
 /// round trip beyond this interface: network plus, for data, the peer's time to answer.
 /// Only one segment per direction and interface waits at a time.
 #[inline(never)]
-pub(crate) fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl: u32) {
-    let flags = info.tcp_flags;
+pub(crate) fn rtt(flags: u8, payload: u32, id: &PacketId, key: &FlowKey, ctl: u32) {
     let syn = flags & TCP_SYN != 0;
     let ack = flags & TCP_ACK != 0;
-    let payload = info
-        .l3_len
-        .saturating_sub(info.l3_header_len + info.l4_header_len);
-    let sampled = ctl & CTL_SAMPLED != 0;
-    // Most segments neither ask nor may answer (pure ACKs; data nothing waits for, which is
-    // most of a bulk transfer): they leave here, before any map is touched.
+    let sampled = ctl & SLOW_SAMPLED != 0;
     let answers = ack
         && (syn || (payload > 0 && (sampled || flags & TCP_PSH != 0)))
         && rtt_hinted(key.rtt_hint_slot(true));
@@ -82,6 +79,8 @@ pub(crate) fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl
     let Some(rk) = RTT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: this CPU's scratch slot, valid for the program run.
     let rk = unsafe { &mut *rk };
     rk.ifindex = key.ifindex;
@@ -96,18 +95,19 @@ pub(crate) fn rtt(info: &PacketInfo, id: &PacketId, key: &FlowKey, now: u64, ctl
             if (acked.wrapping_sub(expected) as i32) >= 0 {
                 let _ = RTT_PENDING.remove(&*rk);
                 set_rtt_hint(key.rtt_hint_slot(true), false);
-                if let Some(k) = LAT_SCRATCH.get_ptr_mut(0) {
+                if let Some(e) = LAT_SCRATCH.get_ptr_mut(0) {
                     // SAFETY: this CPU's scratch slot.
                     unsafe {
-                        (*k).tuple = rk.tuple;
-                        (*k).from_ifindex = 0;
-                        (*k).from_direction = 0;
-                        (*k).to_ifindex = key.ifindex;
-                        (*k).to_direction = key.direction;
-                        (*k).kind = kind;
-                        (*k)._pad = 0;
+                        let k = &mut (*e).key;
+                        k.tuple = rk.tuple;
+                        k.from_ifindex = 0;
+                        k.from_direction = 0;
+                        k.to_ifindex = key.ifindex;
+                        k.to_direction = key.direction;
+                        k.kind = kind;
+                        k._pad = 0;
                     }
-                    add_latency(now.wrapping_sub(sent), ctl & CTL_BUFFER);
+                    add_latency(now.wrapping_sub(sent));
                 }
             }
         }

@@ -5,9 +5,9 @@
 //! the next program on the hook run and never drops, delays or rewrites a packet.
 //!
 //! Where things live: `maps` (every map), `counters` (the loss counters), `packet` (header
-//! reads), `flows` (flow cache and flow buffers, and which packets go further), `nat`
-//! (sightings across hooks: NAT rewrites, hop latency), `latency` (histograms, TCP round
-//! trips), `trace` (the tracers' ring), `drops` (the raw tracepoint programs on
+//! reads), `flows` (the flow cache, its hand-overs to the event ring, and which packets go
+//! further), `nat` (sightings across hooks: NAT rewrites, hop latency), `latency` (latency
+//! samples, TCP round trips), `trace` (the tracers' ring), `drops` (the raw tracepoint programs on
 //! `kfree_skb` and `tcp_retransmit_skb`: drops with their reasons, and retransmissions).
 #![no_std]
 #![no_main]
@@ -23,6 +23,7 @@ mod latency;
 mod maps;
 mod nat;
 mod packet;
+mod slow;
 mod trace;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
@@ -38,10 +39,6 @@ const TCP_SYN: u8 = 0x02;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 
-/// `ctl` bits passed to the out-of-line functions (BPF functions take at most 5 arguments).
-const CTL_BUFFER: u32 = 1;
-const CTL_SAMPLED: u32 = 2;
-
 #[classifier]
 pub fn flowtrace_ingress(ctx: TcContext) -> i32 {
     observe(&ctx, DIR_INGRESS);
@@ -51,6 +48,13 @@ pub fn flowtrace_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn flowtrace_egress(ctx: TcContext) -> i32 {
     observe(&ctx, DIR_EGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// The slow path (see `slow`), tail-called by the two hooks; never attached.
+#[classifier]
+pub fn flowtrace_slow(_ctx: TcContext) -> i32 {
+    slow::run();
     TC_ACT_UNSPEC
 }
 

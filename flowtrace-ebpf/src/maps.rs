@@ -7,65 +7,50 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use flowtrace_common::drops::{
     DropKey, DropLayout, DropStats, DEFAULT_DROP_ENTRIES, LOST_REASON_SLOTS,
 };
 use flowtrace_common::{
-    CacheSlot, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, RttKey, RttPending,
-    Sighting, TraceEvent, Tuple, CACHE_SLOTS, CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_FLOW_ENTRIES,
-    DEFAULT_LATENCY_ENTRIES, DEFAULT_NAT_ENTRIES, FLOW_BUFFERS, RTT_HINT_SLOTS,
-    RTT_PENDING_ENTRIES, SIGHTING_SLOTS, TRACE_RING_BYTES,
+    CacheSlot, LatencyEvent, NatEvent, RttKey, RttPending, Sighting, SlowInput, TraceEvent,
+    CONTROL_SLOTS, COUNTER_SLOTS, DEFAULT_EVENT_RING_BYTES, FLOW_BUFFERS, MIN_CACHE_SLOTS,
+    RTT_HINT_SLOTS, RTT_PENDING_ENTRIES, SIGHTING_SLOTS, TRACE_RING_BYTES,
 };
-
-/// Flow buffer 0. The kernel writes to the buffer named by `CONTROL[CONTROL_ACTIVE_BUFFER]`;
-/// user space flips it and drains the other one, which then has no writer.
-#[map]
-pub(crate) static FLOWS_0: PerCpuHashMap<FlowKey, FlowStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
-
-/// Flow buffer 1 (see `FLOWS_0`).
-#[map]
-pub(crate) static FLOWS_1: PerCpuHashMap<FlowKey, FlowStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
 /// Small control block written by user space (`CONTROL_ACTIVE_BUFFER`, ...).
 #[map]
 pub(crate) static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_SLOTS, 0);
 
-/// Per-CPU direct-mapped flow cache in front of the flow buffers: two halves of
-/// `CACHE_SLOTS`, the active one chosen like the flow buffer (see `CacheSlot`).
+/// Per-CPU direct-mapped flow cache, where every packet is counted: two halves of
+/// `1 << (32 - CACHE_SHIFT)` slots, the active one named by `CONTROL[CONTROL_ACTIVE_BUFFER]`
+/// (see `CacheSlot`). User space sizes it at load time from the number of possible CPUs.
 #[map]
 pub(crate) static CACHE: PerCpuArray<CacheSlot> =
-    PerCpuArray::with_max_entries(FLOW_BUFFERS * CACHE_SLOTS, 0);
+    PerCpuArray::with_max_entries(FLOW_BUFFERS * MIN_CACHE_SLOTS, 0);
 
-/// NAT buffer 0: rewrites seen between two hooks, keyed by the tuple before the rewrite.
-/// Double-buffered with the flow buffers (same `CONTROL_ACTIVE_BUFFER`).
-#[map]
-pub(crate) static NAT_0: PerCpuHashMap<Tuple, NatRecord> =
-    PerCpuHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+/// `32 - log2(slots per cache half)`, set by user space at load time (a read-only global:
+/// the verifier knows its value).
+#[unsafe(no_mangle)]
+static CACHE_SHIFT: u32 = 32 - MIN_CACHE_SLOTS.trailing_zeros();
 
-/// NAT buffer 1 (see `NAT_0`).
+/// The shift of `CacheSlot::index` for this cache's size.
+#[inline(always)]
+pub(crate) fn cache_shift() -> u32 {
+    // SAFETY: a plain read of a global; volatile so the compiler keeps the load that user
+    // space's value (written into .rodata before loading) is read by.
+    unsafe { core::ptr::read_volatile(&CACHE_SHIFT) }
+}
+
+/// The event ring, shared by all CPUs: flow counters handed over from the cache, NAT
+/// rewrites and latency samples, read continuously by user space. Sized at load time.
 #[map]
-pub(crate) static NAT_1: PerCpuHashMap<Tuple, NatRecord> =
-    PerCpuHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENT_RING_BYTES, 0);
 
 /// Per-CPU table of recent packet sightings, direct-mapped by packet id (see `Sighting`).
 #[map]
 pub(crate) static SIGHTINGS: PerCpuArray<Sighting> =
     PerCpuArray::with_max_entries(SIGHTING_SLOTS, 0);
-
-/// Latency buffer 0: histograms per (tuple, segment or round-trip interface), double-buffered
-/// with the flow buffers (same `CONTROL_ACTIVE_BUFFER`).
-#[map]
-pub(crate) static LATENCY_0: PerCpuHashMap<LatencyKey, LatencyHist> =
-    PerCpuHashMap::with_max_entries(DEFAULT_LATENCY_ENTRIES, 0);
-
-/// Latency buffer 1 (see `LATENCY_0`).
-#[map]
-pub(crate) static LATENCY_1: PerCpuHashMap<LatencyKey, LatencyHist> =
-    PerCpuHashMap::with_max_entries(DEFAULT_LATENCY_ENTRIES, 0);
 
 /// TCP segments waiting at an interface for their acknowledgement. Shared by all CPUs: a
 /// SYN and its SYN-ACK cross an interface on different CPUs. LRU: an unanswered segment
@@ -91,19 +76,31 @@ pub(crate) static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYT
 #[map]
 pub(crate) static TRACE_SCRATCH: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU scratch space where map keys are built (a 52-byte key on the stack would not fit
-/// the 512 bytes the program and its functions share).
+/// Per-CPU scratch space where events and keys are built (a 64-byte event on the stack
+/// would crowd the 512 bytes the program and its functions share).
 #[map]
-pub(crate) static LAT_SCRATCH: PerCpuArray<LatencyKey> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static LAT_SCRATCH: PerCpuArray<LatencyEvent> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub(crate) static RTT_SCRATCH: PerCpuArray<RttKey> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub(crate) static NAT_SCRATCH: PerCpuArray<NatEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// What a hook hands its slow path (see `SlowInput`).
+#[map]
+pub(crate) static SLOW_SCRATCH: PerCpuArray<SlowInput> = PerCpuArray::with_max_entries(1, 0);
+
+/// The slow path (`flowtrace_slow`) at index 0, written by user space before any hook is
+/// attached. A tail call, not a function: the verifier checks the slow path once, alone,
+/// instead of once for every way the parser can reach it.
+#[map]
+pub(crate) static SLOW_PATH: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Per-CPU counters indexed by `Counter`: packets seen and every way an update was lost.
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Drop buffer 0: drops and retransmissions per (tuple, place, reason), double-buffered with
-/// the flow buffers (same `CONTROL_ACTIVE_BUFFER`). Shared by all CPUs, updated atomically:
+/// the flow cache's halves (same `CONTROL_ACTIVE_BUFFER`). Shared by all CPUs, updated atomically:
 /// only packets that die pay for it, and its size does not grow with the CPU count.
 #[map]
 pub(crate) static DROPS_0: HashMap<DropKey, DropStats> =

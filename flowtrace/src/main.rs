@@ -276,15 +276,11 @@ struct AgentSettings {
     /// How often to drain the kernel maps, in milliseconds (API reads also drain).
     #[arg(long, env = "FLOWTRACE_DRAIN_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     drain_interval_ms: u64,
-    /// Capacity of each of the two kernel flow buffers, in (5-tuple, hop) entries.
-    #[arg(long, env = "FLOWTRACE_FLOW_ENTRIES", default_value_t = flowtrace_common::DEFAULT_FLOW_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
-    flow_entries: u32,
-    /// Capacity of each of the two kernel NAT buffers, in rewrites (original tuples).
-    #[arg(long, env = "FLOWTRACE_NAT_ENTRIES", default_value_t = flowtrace_common::DEFAULT_NAT_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
-    nat_entries: u32,
-    /// Capacity of each of the two kernel latency buffers, in (flow, segment) entries.
-    #[arg(long, env = "FLOWTRACE_LATENCY_ENTRIES", default_value_t = flowtrace_common::DEFAULT_LATENCY_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
-    latency_entries: u32,
+    /// Size of the kernel's event ring, in MiB (a power of two): flow counters handed over
+    /// from the per-CPU cache, NAT rewrites and latency samples wait there until the agent
+    /// reads them (continuously). A full ring is counted (flowtrace_kernel_lost_total).
+    #[arg(long, env = "FLOWTRACE_EVENT_RING_MIB", default_value_t = flowtrace_common::DEFAULT_EVENT_RING_BYTES / (1024 * 1024), value_parser = parse_ring_mib)]
+    event_ring_mib: u32,
     /// Capacity of each of the two kernel drop buffers, in (tuple, reason, place) entries;
     /// drops beyond it are counted (flowtrace_kernel_lost_total{reason="drop_map_full"}).
     #[arg(long, env = "FLOWTRACE_DROP_ENTRIES", default_value_t = flowtrace_common::drops::DEFAULT_DROP_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
@@ -373,9 +369,7 @@ impl AgentSettings {
         let metadata = self.metadata_source();
         AgentConfig {
             drain_interval: Duration::from_millis(self.drain_interval_ms),
-            flow_entries: self.flow_entries,
-            nat_entries: self.nat_entries,
-            latency_entries: self.latency_entries,
+            event_ring_mib: self.event_ring_mib,
             drop_entries: self.drop_entries,
             netns_dir: self.netns_dir,
             latency_sample: self.latency_sample,
@@ -481,6 +475,15 @@ fn parse_sample_rate(s: &str) -> Result<u32, String> {
         Ok(n) if n == 0 || (n.is_power_of_two() && n <= 1 << 20) => Ok(n),
         _ => Err(format!(
             "`{s}` is not 0 (off) or a power of two up to 1048576 (1 = every packet, 64 = one in 64)"
+        )),
+    }
+}
+
+fn parse_ring_mib(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && n <= 1024 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a power of two from 1 to 1024 (MiB of the kernel's event ring; 4 is the default)"
         )),
     }
 }

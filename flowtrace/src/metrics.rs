@@ -185,7 +185,9 @@ pub struct Metrics {
     drain_count: u64,
     drain_sum_s: f64,
     /// Entries in the kernel buffers at the last drain: flows, NAT, latency.
-    map_entries: [usize; 3],
+    /// Cache slots used in the drained half (all CPUs), the event ring's largest backlog
+    /// in bytes (see `BufferFill`).
+    map_entries: [u64; 2],
 }
 
 const TRAFFIC_EXTRA: [&str; 4] = ["service", "hop", "direction", "protocol"];
@@ -216,7 +218,7 @@ impl Metrics {
             drain_buckets: [0; DRAIN_BUCKETS.len()],
             drain_count: 0,
             drain_sum_s: 0.0,
-            map_entries: [0; 3],
+            map_entries: [0; 2],
         }
     }
 
@@ -310,9 +312,8 @@ impl Metrics {
         }
         self.observe_drain_duration(v.duration_s);
         self.map_entries = [
-            v.drained.flows.len(),
-            v.drained.nat.len(),
-            v.drained.latency.len(),
+            v.drained.fill.cache_slots_used as u64,
+            v.drained.fill.ring_backlog_bytes as u64,
         ];
     }
 
@@ -440,7 +441,7 @@ impl Metrics {
         }
         out.push(lost);
 
-        let maps = ["flows", "nat", "latency"];
+        let maps = ["cache", "events"];
         let mut entries = family("flowtrace_kernel_map_entries", MetricType::GAUGE);
         let mut capacity = family("flowtrace_kernel_map_capacity", MetricType::GAUGE);
         for (i, map) in maps.iter().enumerate() {
@@ -579,8 +580,9 @@ pub struct Health {
     pub attached_interfaces: usize,
     pub attach_failures: u64,
     pub kernel_counters: Vec<u64>,
-    /// Capacity of each kernel buffer: flows, NAT, latency.
-    pub map_capacity: [u32; 3],
+    /// Capacity of each kernel buffer: the flow cache's slots per half over all CPUs, the
+    /// event ring's bytes.
+    pub map_capacity: [u64; 2],
     pub flow_table_entries: usize,
     pub flow_table_capacity: usize,
     pub flow_table_evicted: u64,

@@ -28,6 +28,7 @@ mod demo;
 mod dropbench;
 mod image;
 mod layers;
+mod mapmem;
 mod metabench;
 mod microbench;
 mod proc;
@@ -72,6 +73,13 @@ enum Command {
     /// The OCI image localhost/flowtrace:<version>, built with buildah from the release binary
     /// and the libraries it links, on `FROM scratch` (no registry); prints its size.
     Image(image::ImageArgs),
+    /// The kernel maps' memory for several numbers of possible CPUs (computed from the maps'
+    /// definitions), and with root the kernel's own figure for this machine beside it.
+    MapMemory {
+        /// Possible CPU counts to compute for (comma separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [2u32, 16, 64, 256])]
+        cpus: Vec<u32>,
+    },
     /// Checks flowtrace/src's layer order and that no import cycle exists (run by CI).
     Layers,
     /// CPU cost per run of each TC program on fixed packets (BPF_PROG_TEST_RUN), no network.
@@ -106,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Image(args) => image::run(&args),
         Command::Layers => layers::run(),
+        Command::MapMemory { cpus } => mapmem::run(&cpus),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
         Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),
     }

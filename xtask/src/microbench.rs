@@ -116,13 +116,13 @@ fn udp_v6(payload: usize) -> Vec<u8> {
 }
 
 pub fn run(repeat: u32, rounds: usize) -> Result<()> {
-    let mut ft = flowtrace::kernel::attach::load(
-        flowtrace_common::DEFAULT_FLOW_ENTRIES,
-        flowtrace_common::DEFAULT_NAT_ENTRIES,
-        flowtrace_common::DEFAULT_LATENCY_ENTRIES,
-        flowtrace_common::drops::DEFAULT_DROP_ENTRIES,
+    let sizes = flowtrace::kernel::attach::buffer_sizes(
+        flowtrace_common::DEFAULT_EVENT_RING_BYTES / (1024 * 1024),
     )
-    .context("loading flowtrace")?;
+    .context("sizing flowtrace's buffers")?;
+    let mut ft =
+        flowtrace::kernel::attach::load(&sizes, flowtrace_common::drops::DEFAULT_DROP_ENTRIES)
+            .context("loading flowtrace")?;
     let mut base = Ebpf::load(baselines::OBJECT).context("loading baselines")?;
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
     println!(
@@ -130,8 +130,9 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         "packet", "bench_noop", "bench_counter", "flowtrace_ingress", "ft net"
     );
     // The control map as the agent leaves it; latency sampling is set per row.
-    let mut control = flowtrace::kernel::drain::Drainer::new(&mut ft, std::time::Duration::ZERO)
-        .context("opening flowtrace's maps")?;
+    let mut control =
+        flowtrace::kernel::drain::Drainer::new(&mut ft, sizes, std::time::Duration::ZERO)
+            .context("opening flowtrace's maps")?;
     for (name, pkt, sample) in [
         ("IPv4 TCP 1000 B", tcp_v4(1000), 0),
         ("IPv6 UDP 100 B", udp_v6(100), 0),

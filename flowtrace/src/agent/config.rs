@@ -10,10 +10,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub drain_interval: Duration,
-    pub flow_entries: u32,
-    pub nat_entries: u32,
-    /// Capacity of each kernel latency buffer.
-    pub latency_entries: u32,
+    /// Size of the kernel's event ring, in MiB.
+    pub event_ring_mib: u32,
     /// Capacity of each kernel drop buffer.
     pub drop_entries: u32,
     /// Where the runtime mounts pod network namespaces.

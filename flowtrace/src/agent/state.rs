@@ -67,7 +67,6 @@ pub(super) struct Settings {
     pub attach_mode: AttachMode,
     /// (program name, kernel program id) of the loaded programs.
     pub program_ids: Vec<(String, u32)>,
-    pub capacity: MapCapacity,
     pub max_flows: usize,
     /// The running kernel's drop reasons by code, when the drop programs are attached.
     pub drop_reasons: HashMap<u32, String>,
@@ -75,14 +74,6 @@ pub(super) struct Settings {
     pub drops_unavailable: Option<String>,
     /// Where the runtime mounts pod network namespaces (`--netns-dir`).
     pub netns_dir: std::path::PathBuf,
-}
-
-/// Capacity of each kernel buffer, in entries.
-#[derive(Clone, Copy, Debug)]
-pub struct MapCapacity {
-    pub flows: u32,
-    pub nat: u32,
-    pub latency: u32,
 }
 
 /// The tables one drain updates together.
@@ -238,6 +229,11 @@ impl Agent {
     }
 
     /// Drains the kernel buffers into the tables now, then cross-checks NAT with conntrack.
+    /// Reads what the kernel's event ring holds into the next drain (see `Drainer::pump`).
+    pub async fn pump_events(&self) {
+        self.drainer.lock().await.pump();
+    }
+
     pub async fn drain_now(&self) -> Result<()> {
         let _gate = self.drain_gate.lock().await;
         self.drain_gated().await
@@ -881,12 +877,15 @@ impl Agent {
             let t = lock(&self.tables);
             (t.flows.len(), t.flows.evicted(), t.nat.counters())
         };
-        let c = self.settings.capacity;
+        let sizes = self.drainer.lock().await.sizes();
         Health {
             attached_interfaces,
             attach_failures: self.counters.attach_failures.load(Ordering::Relaxed),
             kernel_counters,
-            map_capacity: [c.flows, c.nat, c.latency],
+            map_capacity: [
+                u64::from(sizes.cache_slots) * u64::from(sizes.cpus),
+                u64::from(sizes.ring_bytes),
+            ],
             flow_table_entries,
             flow_table_capacity: self.settings.max_flows,
             flow_table_evicted,

@@ -8,12 +8,12 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
     config::AgentConfig,
-    state::{Agent, MapCapacity, Parts, Settings},
+    state::{Agent, Parts, Settings},
     tracers::TraceHub,
 };
 use crate::{
@@ -81,12 +81,8 @@ enum MetadataStart {
 /// caller's: see `server::run_until`).
 pub async fn start(cfg: &AgentConfig) -> Result<Running> {
     let (sink, meta_start) = prepare_metadata(cfg).await?;
-    let mut ebpf = attach::load(
-        cfg.flow_entries,
-        cfg.nat_entries,
-        cfg.latency_entries,
-        cfg.drop_entries,
-    )?;
+    let sizes = attach::buffer_sizes(cfg.event_ring_mib)?;
+    let mut ebpf = attach::load(&sizes, cfg.drop_entries)?;
     let (drop_reasons, drops_unavailable) = match attach::attach_tracepoints(&mut ebpf) {
         Ok(r) => (r, None),
         Err(e) => {
@@ -94,7 +90,8 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
             (Default::default(), Some(e))
         }
     };
-    let mut drainer = Drainer::new(&mut ebpf, drain::DEFAULT_GRACE)?;
+    let mut drainer = Drainer::new(&mut ebpf, sizes, drain::DEFAULT_GRACE)?;
+    let ring_wakeups = drainer.ring_wakeups()?;
     let trace_ring = drain::take_trace_ring(&mut ebpf)?;
     drainer.set_latency_sampling(cfg.latency_sample)?;
     let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
@@ -109,11 +106,6 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
             conntrack_resync: cfg.conntrack_resync,
             attach_mode: mode,
             program_ids,
-            capacity: MapCapacity {
-                flows: cfg.flow_entries,
-                nat: cfg.nat_entries,
-                latency: cfg.latency_entries,
-            },
             max_flows: cfg.max_flows,
             drop_reasons,
             drops_unavailable,
@@ -126,7 +118,10 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
         meta: sink.cache.clone(),
         meta_status: sink.status.clone(),
     }));
-    let mut tasks = vec![tokio::spawn(read_trace_ring(trace_ring, agent.tracers()))];
+    let mut tasks = vec![
+        tokio::spawn(read_trace_ring(trace_ring, agent.tracers())),
+        tokio::spawn(read_event_ring(ring_wakeups, agent.clone())),
+    ];
     if agent.follows_conntrack() {
         follow_conntrack_events(agent.conntrack_mirror());
     }
@@ -189,6 +184,32 @@ impl Running {
                 warn!(ifindex, error = %e, "removing the clsact qdisc flowtrace added");
             }
         }
+    }
+}
+
+/// Reads the event ring whenever it has records, for the agent's lifetime, so that it never
+/// fills between drains (a flood of new flows hands over hundreds of thousands of records a
+/// second). Without wakeups (the fd cannot be polled) the drains still read it.
+async fn read_event_ring(ring: std::os::fd::OwnedFd, agent: Arc<Agent>) {
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and the same until
+    // both are dropped together.
+    let fd = match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the event ring; it is read at each drain only, and fills sooner");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(error = %e, "polling the event ring failed; it is read at each drain only");
+                return;
+            }
+        };
+        guard.clear_ready();
+        agent.pump_events().await;
     }
 }
 

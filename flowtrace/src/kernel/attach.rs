@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use aya::{
-    maps::Array,
+    maps::{Array, ProgramArray},
     programs::{
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
         LinkOrder, RawTracePoint, SchedClassifier, TcAttachType,
@@ -20,9 +20,9 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
-use flowtrace_common::{drops::DropLayout, maps, programs};
+use flowtrace_common::{cache_slots_for, drops::DropLayout, maps, programs, FLOW_BUFFERS};
 
-use super::{btf::Btf, seccomp};
+use super::{btf::Btf, drain::BufferSizes, seccomp};
 use crate::{
     error::{Error, Result},
     model::wire::AttachMode,
@@ -45,20 +45,28 @@ pub fn resolve_mode(mode: AttachMode) -> AttachMode {
     }
 }
 
-/// Loads the embedded object with the given buffer capacities.
-pub fn load(
-    flow_entries: u32,
-    nat_entries: u32,
-    latency_entries: u32,
-    drop_entries: u32,
-) -> Result<Ebpf> {
+/// The kernel buffers' sizes for this machine: the flow cache sized from the number of
+/// possible CPUs (`cache_slots_for`, so the cache's memory stays flat in the CPU count) and
+/// an event ring of `ring_mib` MiB.
+pub fn buffer_sizes(ring_mib: u32) -> Result<BufferSizes> {
+    let cpus = aya::util::nr_cpus().map_err(|(path, e)| Error::Map {
+        map: maps::CACHE,
+        detail: format!("reading the possible CPUs from {path}: {e}"),
+    })? as u32;
+    Ok(BufferSizes {
+        cache_slots: cache_slots_for(cpus),
+        cpus,
+        ring_bytes: ring_mib.saturating_mul(1024 * 1024),
+    })
+}
+
+/// Loads the embedded object with the given buffer sizes.
+pub fn load(sizes: &BufferSizes, drop_entries: u32) -> Result<Ebpf> {
+    let shift: u32 = 32 - sizes.cache_slots.trailing_zeros();
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(maps::FLOWS_0, flow_entries);
-    loader.map_max_entries(maps::FLOWS_1, flow_entries);
-    loader.map_max_entries(maps::NAT_0, nat_entries);
-    loader.map_max_entries(maps::NAT_1, nat_entries);
-    loader.map_max_entries(maps::LATENCY_0, latency_entries);
-    loader.map_max_entries(maps::LATENCY_1, latency_entries);
+    loader.map_max_entries(maps::CACHE, FLOW_BUFFERS * sizes.cache_slots);
+    loader.map_max_entries(maps::EVENTS, sizes.ring_bytes);
+    loader.override_global(maps::CACHE_SHIFT, &shift, true);
     loader.map_max_entries(maps::DROPS_0, drop_entries);
     loader.map_max_entries(maps::DROPS_1, drop_entries);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
@@ -69,7 +77,9 @@ pub fn load(
         ),
         source,
     })?;
-    for program in programs::ALL {
+    // The slow path first: the hooks tail-call it, so it is in its program array before
+    // any hook can run.
+    for program in [programs::SLOW].into_iter().chain(programs::ALL) {
         classifier(&mut ebpf, program)?
             .load()
             .map_err(|e| Error::Program {
@@ -78,7 +88,36 @@ pub fn load(
                 detail: format!("{e} (verifier log: {e:?})"),
             })?;
     }
+    install_slow_path(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Puts the loaded slow path into the hooks' program array (index 0).
+fn install_slow_path(ebpf: &mut Ebpf) -> Result<()> {
+    let fd = classifier(ebpf, programs::SLOW)?
+        .fd()
+        .map_err(|e| Error::Program {
+            program: programs::SLOW,
+            detail: e.to_string(),
+            hint: "The agent binary and its embedded kernel object disagree: rebuild flowtrace",
+        })?
+        .try_clone()
+        .map_err(|e| Error::Map {
+            map: maps::SLOW_PATH,
+            detail: format!("duplicating the slow path's program fd: {e}"),
+        })?;
+    let map = ebpf.map_mut(maps::SLOW_PATH).ok_or(Error::Map {
+        map: maps::SLOW_PATH,
+        detail: "not in object".into(),
+    })?;
+    let mut array = ProgramArray::try_from(map).map_err(|e| Error::Map {
+        map: maps::SLOW_PATH,
+        detail: e.to_string(),
+    })?;
+    array.set(0, &fd, 0).map_err(|e| Error::Map {
+        map: maps::SLOW_PATH,
+        detail: format!("writing the slow path into its program array: {e}"),
+    })
 }
 
 /// The drop programs attached: the names of this kernel's drop reasons by code.
@@ -358,6 +397,7 @@ impl Attacher {
         programs::ALL
             .iter()
             .copied()
+            .chain([programs::SLOW])
             .chain(tracepoints)
             .filter_map(|name| Some((name, self.ebpf.program(name)?.info().ok()?)))
             .collect()

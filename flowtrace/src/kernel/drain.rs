@@ -1,24 +1,29 @@
-//! Draining the kernel's flow buffers without losing updates.
+//! Draining the kernel's flow data without losing updates.
 //!
-//! The kernel writes every update into the buffer (and the half of the per-CPU flow cache)
-//! named by `CONTROL[active]`. A drain flips `active`, waits for programs that already read
-//! the old value to finish (TC programs run with bottom halves disabled and take
-//! microseconds; the grace period is milliseconds), then reads and clears everything in the
-//! buffer and cache half that now have no writer. An update is therefore either in the
-//! drained buffer before it is read or in the other one, never lost between a read and a
-//! delete. The residual risk is a program run stalled for longer than the grace period
-//! (e.g. a preempted vCPU) writing between our read and delete of its entry; reading and
-//! deleting key by key keeps that window to one syscall.
+//! Every packet is counted in the active half of the per-CPU flow cache (named by
+//! `CONTROL[active]`). A slot taken by another flow goes to user space through the event
+//! ring, which also carries NAT rewrites and latency samples; the ring is read as it fills
+//! (`Drainer::pump`, woken by the ring) and its records are summed here until the next
+//! drain. A drain flips `active`, waits for programs that already read the old value to
+//! finish (TC programs run with bottom halves disabled and take microseconds; the grace
+//! period is milliseconds), reads what the ring holds, then reads and clears the cache half
+//! that now has no writer. An update is therefore in the ring, in the drained half or in the
+//! other half, never lost between a read and a clear. The residual risk is a program run
+//! stalled for longer than the grace period (e.g. a preempted vCPU) writing into a slot
+//! between our read and clear of it; clearing slot by slot keeps that window to one syscall.
 
-use std::{collections::HashMap, time::Duration};
-
-use aya::maps::{
-    Array, HashMap as KernelHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, OwnedFd},
+    time::Duration,
 };
+
+use aya::maps::{Array, HashMap as KernelHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use flowtrace_common::{
     drops::{DropKey, DropStats},
-    CacheSlot, Counter, FlowKey, FlowStats, LatencyHist, LatencyKey, NatRecord, Tuple, CACHE_SLOTS,
-    CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, CONTROL_TRACING, COUNTER_SLOTS,
+    CacheSlot, Counter, FlowKey, FlowStats, LatencyEvent, LatencyHist, LatencyKey, NatEvent,
+    NatRecord, Tuple, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, CONTROL_TRACING,
+    COUNTER_SLOTS, EVENT_FLOW, EVENT_LATENCY, EVENT_NAT,
 };
 
 use flowtrace_common::maps;
@@ -56,15 +61,100 @@ pub struct DrainedDrop {
     pub stats: DropStats,
 }
 
-/// What one drain produced: the flows, the rewrites, the latency samples, the drops, and
-/// the map errors met on the way (each left its entry in place for the next drain).
+/// What one drain produced: the flows, the rewrites, the latency samples, the drops, how
+/// full the kernel's buffers were, and the map errors met on the way (each left its entry in
+/// place for the next drain).
 #[derive(Debug, Default)]
 pub struct Drained {
     pub flows: Vec<DrainedFlow>,
     pub nat: Vec<DrainedNat>,
     pub latency: Vec<DrainedLatency>,
     pub drops: Vec<DrainedDrop>,
+    pub fill: BufferFill,
     pub problems: Vec<Error>,
+}
+
+/// How full the kernel's buffers were during one drain period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferFill {
+    /// Slots of the drained cache half that held a flow, over all CPUs.
+    pub cache_slots_used: usize,
+    /// The most bytes the event ring held at one read (its backlog), since the last drain.
+    pub ring_backlog_bytes: usize,
+    /// Event records that were not a known kind or size (never expected).
+    pub bad_records: u64,
+}
+
+/// The kernel buffers' sizes, fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufferSizes {
+    /// Slots per cache half on each CPU.
+    pub cache_slots: u32,
+    /// Possible CPUs (each has its own cache).
+    pub cpus: u32,
+    /// Bytes of the event ring.
+    pub ring_bytes: u32,
+}
+
+/// The ring's records summed since the last drain.
+#[derive(Debug, Default)]
+struct Pending {
+    flows: HashMap<FlowKey, FlowStats>,
+    nat: HashMap<Tuple, NatRecord>,
+    latency: HashMap<LatencyKey, LatencyHist>,
+    backlog_bytes: usize,
+    bad: u64,
+}
+
+impl Pending {
+    /// Adds one record of the event ring.
+    fn add(&mut self, bytes: &[u8]) {
+        let Some(kind) = bytes
+            .get(..4)
+            .map(|k| u32::from_ne_bytes([k[0], k[1], k[2], k[3]]))
+        else {
+            self.bad += 1;
+            return;
+        };
+        match kind {
+            EVENT_FLOW => match decode::<CacheSlot>(bytes) {
+                Some(slot) => self.flows.entry(slot.key).or_default().merge(&slot.stats),
+                None => self.bad += 1,
+            },
+            EVENT_NAT => match decode::<NatEvent>(bytes) {
+                Some(e) => {
+                    let seen = NatRecord {
+                        translated: e.translated,
+                        from_ifindex: e.from_ifindex,
+                        to_ifindex: e.to_ifindex,
+                        from_direction: e.from_direction,
+                        to_direction: e.to_direction,
+                        _pad0: 0,
+                        sightings: 1,
+                        first_seen_ns: e.seen_ns,
+                        last_seen_ns: e.seen_ns,
+                    };
+                    merge_nat(self.nat.entry(e.original).or_default(), &seen);
+                }
+                None => self.bad += 1,
+            },
+            EVENT_LATENCY => match decode::<LatencyEvent>(bytes) {
+                Some(e) => self.latency.entry(e.key).or_default().add(e.ns),
+                None => self.bad += 1,
+            },
+            _ => self.bad += 1,
+        }
+    }
+}
+
+/// A record of the ring as `T` (plain old data), if it is long enough.
+fn decode<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked; the event types are plain old data (any bit pattern is
+    // a value) and read_unaligned makes no alignment assumption.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 /// Folds one CPU's record of a rewrite into another's: the latest translation wins (it is
@@ -87,9 +177,9 @@ fn merge_nat(into: &mut NatRecord, other: &NatRecord) {
 
 /// The maps the agent reads, taken out of the loaded object.
 pub struct Drainer {
-    buffers: [PerCpuHashMap<MapData, FlowKey, FlowStats>; 2],
-    nat: [PerCpuHashMap<MapData, Tuple, NatRecord>; 2],
-    latency: [PerCpuHashMap<MapData, LatencyKey, LatencyHist>; 2],
+    events: RingBuf<MapData>,
+    pending: Pending,
+    sizes: BufferSizes,
     drops: [KernelHashMap<MapData, DropKey, DropStats>; 2],
     drops_lost: Array<MapData, u64>,
     cache: PerCpuArray<MapData, CacheSlot>,
@@ -98,26 +188,12 @@ pub struct Drainer {
     grace: Duration,
 }
 
-/// What a drain does to an idle buffer, per-CPU or shared: list its keys, read an entry,
-/// delete it.
+/// What a drain does to an idle buffer: list its keys, read an entry, delete it.
 trait IdleBuffer<K> {
     type Value;
     fn key_list(&self) -> impl Iterator<Item = std::result::Result<K, aya::maps::MapError>>;
     fn read(&self, key: &K) -> std::result::Result<Self::Value, aya::maps::MapError>;
     fn delete(&mut self, key: &K) -> std::result::Result<(), aya::maps::MapError>;
-}
-
-impl<K: aya::Pod, V: aya::Pod> IdleBuffer<K> for PerCpuHashMap<MapData, K, V> {
-    type Value = PerCpuValues<V>;
-    fn key_list(&self) -> impl Iterator<Item = std::result::Result<K, aya::maps::MapError>> {
-        self.keys()
-    }
-    fn read(&self, key: &K) -> std::result::Result<Self::Value, aya::maps::MapError> {
-        self.get(key, 0)
-    }
-    fn delete(&mut self, key: &K) -> std::result::Result<(), aya::maps::MapError> {
-        self.remove(key)
-    }
 }
 
 /// The drop buffers are shared by all CPUs. The tracepoint programs may run in process
@@ -203,11 +279,11 @@ pub fn take_trace_ring(ebpf: &mut aya::Ebpf) -> Result<aya::maps::RingBuf<MapDat
 }
 
 impl Drainer {
-    pub fn new(ebpf: &mut aya::Ebpf, grace: Duration) -> Result<Self> {
+    pub fn new(ebpf: &mut aya::Ebpf, sizes: BufferSizes, grace: Duration) -> Result<Self> {
         Ok(Self {
-            buffers: [take(ebpf, maps::FLOWS_0)?, take(ebpf, maps::FLOWS_1)?],
-            nat: [take(ebpf, maps::NAT_0)?, take(ebpf, maps::NAT_1)?],
-            latency: [take(ebpf, maps::LATENCY_0)?, take(ebpf, maps::LATENCY_1)?],
+            events: take(ebpf, maps::EVENTS)?,
+            pending: Pending::default(),
+            sizes,
             drops: [take(ebpf, maps::DROPS_0)?, take(ebpf, maps::DROPS_1)?],
             drops_lost: take(ebpf, maps::DROPS_LOST)?,
             cache: take(ebpf, maps::CACHE)?,
@@ -249,7 +325,35 @@ impl Drainer {
             .map_err(map_io(maps::CONTROL))
     }
 
-    /// Flips the buffers and returns every flow of the one that was active.
+    /// The kernel buffers' sizes.
+    pub fn sizes(&self) -> BufferSizes {
+        self.sizes
+    }
+
+    /// A file descriptor of the event ring that polls readable when records wait (for the
+    /// task that calls [`Drainer::pump`]).
+    pub fn ring_wakeups(&self) -> Result<OwnedFd> {
+        self.events
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(map_io(maps::EVENTS))
+    }
+
+    /// Reads every record the event ring holds now and sums it into what the next drain
+    /// returns. Returns how many records were read.
+    pub fn pump(&mut self) -> usize {
+        let (mut records, mut bytes) = (0, 0);
+        while let Some(item) = self.events.next() {
+            records += 1;
+            bytes += item.len() + 8;
+            self.pending.add(&item);
+        }
+        self.pending.backlog_bytes = self.pending.backlog_bytes.max(bytes);
+        records
+    }
+
+    /// Flips the buffers and returns every flow of the one that was active, with what the
+    /// event ring brought since the last drain.
     pub async fn drain(&mut self) -> Result<Drained> {
         let word = self.active()?;
         let old = word & 1;
@@ -261,28 +365,10 @@ impl Drainer {
             )
             .map_err(map_io(maps::CONTROL))?;
         tokio::time::sleep(self.grace).await;
-        let mut merged: HashMap<FlowKey, FlowStats> = HashMap::new();
+        self.pump();
         let mut problems = Vec::new();
-        self.drain_cache(old, &mut merged, &mut problems);
-        let name = maps::FLOWS[usize::from(old != 0)];
-        for (key, per_cpu) in take_all(&mut self.buffers[old as usize], name, &mut problems) {
-            let stats = merged.entry(key).or_default();
-            for cpu in per_cpu.iter() {
-                stats.merge(cpu);
-            }
-        }
-        let nat = self.drain_nat(old, &mut problems);
-        let lname = maps::LATENCY[usize::from(old != 0)];
-        let latency = take_all(&mut self.latency[old as usize], lname, &mut problems)
-            .into_iter()
-            .filter_map(|(key, per_cpu)| {
-                let mut hist = LatencyHist::default();
-                for cpu in per_cpu.iter() {
-                    hist.merge(cpu);
-                }
-                (hist.count > 0).then_some(DrainedLatency { key, hist })
-            })
-            .collect();
+        let mut pending = std::mem::take(&mut self.pending);
+        let cache_slots_used = self.drain_cache(old, &mut pending.flows, &mut problems);
         let dname = maps::DROPS[usize::from(old != 0)];
         let drops = take_all(&mut self.drops[old as usize], dname, &mut problems)
             .into_iter()
@@ -291,43 +377,44 @@ impl Drainer {
             .collect();
         Ok(Drained {
             drops,
-            flows: merged
+            flows: pending
+                .flows
                 .into_iter()
                 .filter(|(_, stats)| stats.packets > 0)
                 .map(|(key, stats)| DrainedFlow { key, stats })
                 .collect(),
-            nat,
-            latency,
+            nat: pending
+                .nat
+                .into_iter()
+                .map(|(original, record)| DrainedNat { original, record })
+                .collect(),
+            latency: pending
+                .latency
+                .into_iter()
+                .map(|(key, hist)| DrainedLatency { key, hist })
+                .collect(),
+            fill: BufferFill {
+                cache_slots_used,
+                ring_backlog_bytes: pending.backlog_bytes,
+                bad_records: pending.bad,
+            },
             problems,
         })
     }
 
-    /// Reads and clears the idle NAT buffer, key by key like the flow buffer.
-    fn drain_nat(&mut self, half: u32, problems: &mut Vec<Error>) -> Vec<DrainedNat> {
-        let name = maps::NAT[usize::from(half != 0)];
-        let mut out = Vec::new();
-        for (original, per_cpu) in take_all(&mut self.nat[half as usize], name, problems) {
-            let mut record = NatRecord::default();
-            for cpu in per_cpu.iter() {
-                merge_nat(&mut record, cpu);
-            }
-            if record.sightings > 0 {
-                out.push(DrainedNat { original, record });
-            }
-        }
-        out
-    }
-
-    /// Collects and clears the idle half (`half`) of the per-CPU flow cache. A slot whose
-    /// clearing fails is not counted now: it is read again next time.
+    /// Collects and clears the idle half (`half`) of the per-CPU flow cache; returns how
+    /// many slots held a flow. A slot whose clearing fails is not counted now: it is read
+    /// again next time.
     fn drain_cache(
         &mut self,
         half: u32,
         into: &mut HashMap<FlowKey, FlowStats>,
         problems: &mut Vec<Error>,
-    ) {
+    ) -> usize {
         let io = map_io::<aya::maps::MapError>(maps::CACHE);
-        for index in half * CACHE_SLOTS..(half + 1) * CACHE_SLOTS {
+        let slots = self.sizes.cache_slots;
+        let mut used = 0;
+        for index in half * slots..(half + 1) * slots {
             let per_cpu = match self.cache.get(&index, 0) {
                 Ok(v) => v,
                 Err(e) => {
@@ -335,7 +422,7 @@ impl Drainer {
                     continue;
                 }
             };
-            if !per_cpu.iter().any(|s| s.valid != 0) {
+            if !per_cpu.iter().any(|s| s.kind != 0) {
                 continue;
             }
             let cleared = PerCpuValues::try_from(vec![CacheSlot::default(); per_cpu.len()])
@@ -345,10 +432,12 @@ impl Drainer {
                 problems.push(e);
                 continue;
             }
-            for slot in per_cpu.iter().filter(|s| s.valid != 0) {
+            for slot in per_cpu.iter().filter(|s| s.kind != 0) {
+                used += 1;
                 into.entry(slot.key).or_default().merge(&slot.stats);
             }
         }
+        used
     }
 
     /// Drops the kernel could not record because the drop buffer was full, by reason code

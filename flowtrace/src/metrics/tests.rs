@@ -44,6 +44,7 @@ fn drained(flows: Vec<DrainedFlow>, nat: Vec<DrainedNat>) -> Drained {
         nat,
         latency: Vec::new(),
         drops: Vec::new(),
+        fill: Default::default(),
         problems: Vec::new(),
     }
 }

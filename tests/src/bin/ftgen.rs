@@ -145,6 +145,31 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
+    /// Send IPv4 UDP frames that are identical but for their source port on --iface: the
+    /// same IPv4 identification (0, DF set), length and payload, source ports cycling through
+    /// --ports, at --pps for --duration-ms. Each frame looks like the one before to anything
+    /// that tells packets apart by the fields NAT leaves alone. Prints {"sent", "ports"}.
+    UdpFlood {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_parser = parse_mac)]
+        src_mac: [u8; 6],
+        #[arg(long, value_parser = parse_mac)]
+        dst_mac: [u8; 6],
+        #[arg(long)]
+        src: std::net::Ipv4Addr,
+        #[arg(long)]
+        dst: std::net::Ipv4Addr,
+        #[arg(long)]
+        dst_port: u16,
+        /// First and last source port, e.g. 20000-59999.
+        #[arg(long)]
+        ports: String,
+        #[arg(long, default_value_t = 20_000)]
+        pps: u64,
+        #[arg(long, default_value_t = 2_000)]
+        duration_ms: u64,
+    },
     /// Capture incoming frames (not our own outgoing ones) on --iface. Prints {"frames":[hex...]}.
     RawCapture {
         #[arg(long)]
@@ -293,6 +318,32 @@ fn main() -> Result<()> {
             interval_ms,
         } => tcp_send(to, bytes, connections, ms(timeout_ms), ms(interval_ms))?,
         Cmd::RawSend { iface, hex, count } => raw::send(&iface, &parse_hex(&hex)?, count)?,
+        Cmd::UdpFlood {
+            iface,
+            src_mac,
+            dst_mac,
+            src,
+            dst,
+            dst_port,
+            ports,
+            pps,
+            duration_ms,
+        } => {
+            let (first, last) = ports
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
+                .filter(|(a, b)| a <= b)
+                .with_context(|| format!("--ports {ports:?}: want FIRST-LAST, e.g. 20000-59999"))?;
+            let flood = raw::Flood {
+                src_mac,
+                dst_mac,
+                src,
+                dst,
+                dst_port,
+                ports: (first, last),
+            };
+            raw::flood(&iface, &flood, pps, Duration::from_millis(duration_ms))?
+        }
         Cmd::RawCapture {
             iface,
             count,
@@ -966,6 +1017,84 @@ mod raw {
                 .with_context(|| format!("sending frame {k} on {iface}"))?;
         }
         Ok(json!({ "sent": count }))
+    }
+
+    /// What `flood` sends.
+    pub struct Flood {
+        pub src_mac: [u8; 6],
+        pub dst_mac: [u8; 6],
+        pub src: std::net::Ipv4Addr,
+        pub dst: std::net::Ipv4Addr,
+        pub dst_port: u16,
+        pub ports: (u16, u16),
+    }
+
+    /// The IPv4 header checksum (RFC 791) of `header`.
+    fn ipv4_checksum(header: &[u8]) -> u16 {
+        let mut sum: u32 = header
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// Sends `f`'s frames for `duration` at `pps`, one source port after the other.
+    pub fn flood(
+        iface: &str,
+        f: &Flood,
+        pps: u64,
+        duration: Duration,
+    ) -> Result<serde_json::Value> {
+        const PAYLOAD: &[u8; 32] = b"flowtrace identical datagram 32b";
+        let mut frame = Vec::with_capacity(14 + 20 + 8 + PAYLOAD.len());
+        frame.extend_from_slice(&f.dst_mac);
+        frame.extend_from_slice(&f.src_mac);
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        let total = (20 + 8 + PAYLOAD.len()) as u16;
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        // Identification 0 with DF, as Linux sends small DF datagrams on some paths.
+        ip[6] = 0x40;
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&f.src.octets());
+        ip[16..20].copy_from_slice(&f.dst.octets());
+        let c = ipv4_checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        let udp_at = frame.len();
+        frame.extend_from_slice(&[0u8; 8]);
+        frame[udp_at + 2..udp_at + 4].copy_from_slice(&f.dst_port.to_be_bytes());
+        frame[udp_at + 4..udp_at + 6].copy_from_slice(&(8 + PAYLOAD.len() as u16).to_be_bytes());
+        // Checksum 0: none (allowed for UDP over IPv4), so the frames differ in the port only.
+        frame.extend_from_slice(PAYLOAD);
+
+        let idx = ifindex(iface)?;
+        let sock = packet_socket(0)?;
+        let sll = frame_dest(idx, &frame);
+        let start = std::time::Instant::now();
+        let (first, last) = f.ports;
+        let (mut port, mut sent, mut used) = (first, 0u64, std::collections::BTreeSet::new());
+        while start.elapsed() < duration {
+            // Paced in bursts of 64 so the pacing costs no syscall per frame.
+            for _ in 0..64 {
+                frame[udp_at..udp_at + 2].copy_from_slice(&port.to_be_bytes());
+                send_frame(&sock, &sll, &frame)
+                    .with_context(|| format!("sending frame {sent} on {iface}"))?;
+                used.insert(port);
+                sent += 1;
+                port = if port == last { first } else { port + 1 };
+            }
+            let due = Duration::from_nanos(sent.saturating_mul(1_000_000_000) / pps.max(1));
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(json!({ "sent": sent, "ports": used.len() }))
     }
 
     /// Which captured frames to keep (all conditions must hold).

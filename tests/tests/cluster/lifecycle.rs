@@ -40,9 +40,10 @@ fn ids_of(agent: &Agent) -> Vec<u64> {
             "flowtrace_egress",
             "flowtrace_ingress",
             "flowtrace_kfree_skb",
+            "flowtrace_slow",
             "flowtrace_tcp_retransmit"
         ],
-        "the TC programs and the two raw tracepoint programs (drops, retransmissions): {ids:?}"
+        "the TC programs, their tail-called slow path and the two raw tracepoint programs (drops, retransmissions): {ids:?}"
     );
     assert!(
         ids.iter().all(|i| loaded.contains(i)),

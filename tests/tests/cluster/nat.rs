@@ -10,7 +10,9 @@ use flowtrace::{
     model::wire::NatResponse,
     model::{NatState, TupleView},
 };
-use flowtrace_tests::{conntrack_list, finish, ftgen, ftgen_bg, ftgen_bin, Bed, Cluster, Tuple};
+use flowtrace_tests::{
+    conntrack_list, finish, ftgen, ftgen_bg, ftgen_bin, service_connections, Bed, Cluster, Tuple,
+};
 
 fn view(t: &TupleView) -> Tuple {
     (t.protocol, t.src, t.src_port, t.dst, t.dst_port)
@@ -419,4 +421,123 @@ fn connections_gone_before_any_dump_are_completed_from_conntrack_events() {
     assert_eq!(r.disagreements, 0, "{:?}", r.counters);
     drop(agent);
     cluster.down().unwrap();
+}
+
+/// A flood of datagrams identical but for their source port (one packet id for all, fresh
+/// tuples, no NAT on their path) from pod-c on node1 to pod-c on node2, while pod-a makes
+/// Service connections: neither node records a translation for the flood nor counts a
+/// disagreement, and every Service connection is recorded and confirmed as conntrack lists
+/// it. Before, consecutive flood packets at two hooks paired as a "rewrite" of the source
+/// port, which filled the NAT buffer with phantoms.
+#[test]
+fn identical_packets_from_fresh_ports_make_no_translation_while_service_connections_are_confirmed()
+{
+    let bed = Bed::with_metadata().unwrap();
+    let c = &bed.cluster;
+    let (a1, c1, c2) = (
+        c.pod(1, "pod-a").unwrap(),
+        c.pod(1, "pod-c").unwrap(),
+        c.pod(2, "pod-c").unwrap(),
+    );
+    let gateway_mac = netns_mac(&c1.node_netns, "cni0");
+    let flood = ftgen_bg(
+        c1,
+        &[
+            "udp-flood",
+            "--iface",
+            "eth0",
+            "--src-mac",
+            &c1.mac,
+            "--dst-mac",
+            &gateway_mac,
+            "--src",
+            &c1.ipv4.to_string(),
+            "--dst",
+            &c2.ipv4.to_string(),
+            "--dst-port",
+            "9999",
+            "--ports",
+            "20000-59999",
+            "--pps",
+            "40000",
+            "--duration-ms",
+            "6000",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let connections = 100;
+    let dnat = service_connections(c, a1, connections).unwrap();
+    assert_eq!(dnat, connections as f64);
+    let flooded = finish(flood).unwrap();
+    assert!(flooded["sent"].as_u64().unwrap() > 100_000, "{flooded}");
+    assert_eq!(flooded["ports"], 40_000, "{flooded}");
+
+    let vip: IpAddr = "10.96.0.10".parse().unwrap();
+    let ct = conntrack_list(c.node(1).unwrap(), &["-p", "tcp", "-d", "10.96.0.10"]).unwrap();
+    assert_eq!(
+        ct.len() as u64,
+        connections,
+        "conntrack -L on node1: {ct:?}"
+    );
+    let want = expected(&ct);
+    for node in [1, 2] {
+        let (resp, list) = translations(&bed, node);
+        let stats = bed.agent(node).stats().unwrap();
+        let not_rewrites = stats.kernel.get("nat_not_rewrite").copied().unwrap_or(0);
+        // Every translation is one of the Service's: the flood made none.
+        let phantom: Vec<_> = list
+            .iter()
+            .filter(|(o, t, _, _)| !(o.3 == vip || t.1 == vip))
+            .collect();
+        assert!(
+            phantom.is_empty(),
+            "node{node}: {} translations of traffic that crossed no NAT (nat_not_rewrite \
+             {not_rewrites}): {:?}",
+            phantom.len(),
+            &phantom[..phantom.len().min(5)]
+        );
+        assert_eq!(resp.disagreements, 0, "node{node}: {:?}", resp.counters);
+        assert_eq!(
+            stats.kernel.get("nat_map_full").copied().unwrap_or(0),
+            0,
+            "node{node}"
+        );
+        // The flood did pair at two hooks on both nodes, and was told apart.
+        assert!(
+            not_rewrites > 10_000,
+            "node{node}: nat_not_rewrite {not_rewrites}: the flood did not pair across hooks"
+        );
+        if node == 1 {
+            let got: BTreeSet<(Tuple, Tuple)> = list
+                .iter()
+                .filter(|(o, t, _, _)| o.3 == vip || t.1 == vip)
+                .map(|(o, t, _, _)| (*o, *t))
+                .collect();
+            let missing: Vec<_> = want.difference(&got).collect();
+            assert!(
+                missing.is_empty() && got.len() == want.len(),
+                "flowtrace vs conntrack on node1: {} missing {missing:?}, {} recorded for {} wanted",
+                missing.len(),
+                got.len(),
+                want.len()
+            );
+            for (o, t, state, source) in list.iter().filter(|(o, t, _, _)| want.contains(&(*o, *t)))
+            {
+                assert_eq!(
+                    (*state, source.as_str()),
+                    (NatState::Confirmed, "kernel+conntrack"),
+                    "{o:?} -> {t:?}"
+                );
+            }
+        }
+    }
+    drop(bed);
+}
+
+/// The MAC of `dev` in namespace `netns` (`ip netns exec` mounts that namespace's sysfs).
+fn netns_mac(netns: &str, dev: &str) -> String {
+    let out =
+        flowtrace_tests::exec(netns, &["cat", &format!("/sys/class/net/{dev}/address")]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -768,10 +768,11 @@ fn check_counts(
             "flowtrace_egress",
             "flowtrace_ingress",
             "flowtrace_kfree_skb",
+            "flowtrace_slow",
             "flowtrace_tcp_retransmit"
         ]
         .into(),
-        "the TC and the raw tracepoint programs attached in the container\n{}",
+        "the TC programs, their slow path and the raw tracepoint programs loaded in the container\n{}",
         log()
     );
     udp_all_received(from, to, port, UDP_COUNT, UDP_PAYLOAD).unwrap();
