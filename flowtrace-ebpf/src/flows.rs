@@ -2,7 +2,10 @@
 //! event ring (`EVENTS`) when another flow takes them, and the choice of which packets go on
 //! to the slow path (`slow`: the sightings and the round trips).
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    programs::TcContext,
+};
 use flowtrace_common::{
     parse::{packet_id, PacketInfo, SkbMeta, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     CacheSlot, Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE,
@@ -21,10 +24,11 @@ use crate::{
 /// that need it to the slow path (a tail call).
 ///
 /// The common case (the flow owns its slot) is an array access, a comparison of the key and
-/// four adds: no hash map, no helper call but the coarse clock. Flow timestamps come from
-/// `bpf_ktime_get_coarse_ns` (the same clock as `bpf_ktime_get_ns`, at tick resolution):
-/// first and last seen need no better, and reading the fine clock costs more than the rest
-/// of a cache hit. Sightings and round trips read the fine clock themselves.
+/// four adds: no hash map, no helper call but the coarse clock. Last seen comes from
+/// `bpf_ktime_get_coarse_ns` (the same clock as `bpf_ktime_get_ns`, at tick resolution),
+/// which is all it needs, where reading the fine clock costs more than the rest of a cache
+/// hit; a flow's first packet at a hook (a miss) reads the fine clock, which orders hops.
+/// Sightings and round trips read the fine clock themselves.
 #[inline(always)]
 pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, direction: u8) {
     // SAFETY: the context pointer is valid for the whole program run.
@@ -64,7 +68,10 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
             let s = &mut (*slot).stats;
             s.packets += packets;
             s.bytes += bytes;
-            s.last_seen_ns = now;
+            // The coarse clock lags the fine one by up to a tick: never behind first_seen.
+            if now > s.last_seen_ns {
+                s.last_seen_ns = now;
+            }
             s.tcp_flags |= info.tcp_flags;
             false
         } else {
@@ -72,13 +79,16 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
                 // Another flow owns the slot: its counters go to user space first.
                 hand_over(slot);
             }
+            // The fine clock for a flow's first packet at this hook: the hops of one packet are
+            // microseconds apart, and their first-seen times put a path's hops in order.
+            let first = bpf_ktime_get_ns();
             (*slot).kind = EVENT_FLOW;
             (*slot).key = key;
             (*slot).stats = FlowStats {
                 packets,
                 bytes,
-                first_seen_ns: now,
-                last_seen_ns: now,
+                first_seen_ns: first,
+                last_seen_ns: first,
                 tcp_flags: info.tcp_flags,
                 _pad0: 0,
                 _pad1: 0,

@@ -2,9 +2,9 @@
 //! `nat::sight`), and TCP round trips at one interface, with `RTT_HINT` in front of
 //! `RTT_PENDING`.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use flowtrace_common::{
-    Counter, FlowKey, LatencyEvent, PacketId, RttPending, EVENT_LATENCY, LAT_HANDSHAKE,
+    Counter, FlowKey, LatencyEvent, RttPending, SlowInput, EVENT_LATENCY, LAT_HANDSHAKE,
     LAT_RESPONSE, SLOW_SAMPLED,
 };
 
@@ -65,7 +65,14 @@ pub(crate) fn rtt_wanted(flags: u8, payload: u32, sampled: bool, key: &FlowKey) 
 /// round trip beyond this interface: network plus, for data, the peer's time to answer.
 /// Only one segment per direction and interface waits at a time.
 #[inline(never)]
-pub(crate) fn rtt(flags: u8, payload: u32, id: &PacketId, key: &FlowKey, ctl: u32) {
+pub(crate) fn rtt(input: &SlowInput, now: u64) {
+    let (flags, payload, id, key, ctl) = (
+        input.tcp_flags,
+        input.payload,
+        &input.id,
+        &input.key,
+        input.ctl,
+    );
     let syn = flags & TCP_SYN != 0;
     let ack = flags & TCP_ACK != 0;
     let sampled = ctl & SLOW_SAMPLED != 0;
@@ -79,8 +86,6 @@ pub(crate) fn rtt(flags: u8, payload: u32, id: &PacketId, key: &FlowKey, ctl: u3
     let Some(rk) = RTT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: this CPU's scratch slot, valid for the program run.
     let rk = unsafe { &mut *rk };
     rk.ifindex = key.ifindex;

@@ -4,9 +4,8 @@
 //! user space as a `NatEvent`; a tuple changed any other way is another packet with the same
 //! id. For a packet sampled for latency, the time between the hooks is a hop latency sample.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use flowtrace_common::{
-    Counter, FlowKey, NatEvent, PacketId, Sighting, CONTROL_ACTIVE_BUFFER, CONTROL_TRACING,
+    Counter, FlowKey, NatEvent, Sighting, SlowInput, CONTROL_ACTIVE_BUFFER, CONTROL_TRACING,
     EVENT_NAT, LAT_HOP, SIGHTING_MAX_AGE_NS, SLOW_SAMPLED,
 };
 
@@ -26,9 +25,8 @@ use crate::{
 /// a SYN goes to the tracers if the `CONTROL_TRACING` bit of `CONTROL[CONTROL_ACTIVE_BUFFER]`
 /// is set. Out of line: it runs on cache misses, SYNs and sampled packets only.
 #[inline(never)]
-pub(crate) fn sight(id: &PacketId, key: &FlowKey, ctl: u32, tcp_flags: u8, bytes: u64) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+pub(crate) fn sight(input: &SlowInput, now: u64) {
+    let (id, key, ctl, tcp_flags) = (&input.id, &input.key, input.ctl, input.tcp_flags);
     // A tracer sees the sampled packets and every SYN (so each new connection shows whole).
     // Without a tracer this costs one array lookup on the packets that get here.
     if (ctl & SLOW_SAMPLED != 0 || tcp_flags & TCP_SYN != 0)
@@ -36,7 +34,7 @@ pub(crate) fn sight(id: &PacketId, key: &FlowKey, ctl: u32, tcp_flags: u8, bytes
             .get(CONTROL_ACTIVE_BUFFER)
             .is_some_and(|w| *w & CONTROL_TRACING != 0)
     {
-        trace(id, key, now, tcp_flags, bytes);
+        trace(id, key, now, tcp_flags, input.bytes);
     }
     let Some(s) = SIGHTINGS.get_ptr_mut(id.slot()) else {
         return;

@@ -3,8 +3,10 @@
 //! rewrites, hop latency, the tracers) and TCP round trips. Its input is the hook's
 //! `SlowInput` in `SLOW_SCRATCH`, written just before the tail call on this CPU.
 
-use crate::{latency::rtt, maps::SLOW_SCRATCH, nat::sight};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use flowtrace_common::{SLOW_RTT, SLOW_SIGHT};
+
+use crate::{latency::rtt, maps::SLOW_SCRATCH, nat::sight};
 
 /// Runs what the hook asked for.
 #[inline(always)]
@@ -15,22 +17,13 @@ pub(crate) fn run() {
     // SAFETY: this CPU's scratch slot, written by the hook that tail-called us; nothing else
     // writes it before this program run ends.
     let input = unsafe { &*input };
+    // SAFETY: bpf_ktime_get_ns has no preconditions. One reading for both: the fine clock is
+    // the dearest helper here.
+    let now = unsafe { bpf_ktime_get_ns() };
     if input.ctl & SLOW_SIGHT != 0 {
-        sight(
-            &input.id,
-            &input.key,
-            input.ctl,
-            input.tcp_flags,
-            input.bytes,
-        );
+        sight(input, now);
     }
     if input.ctl & SLOW_RTT != 0 {
-        rtt(
-            input.tcp_flags,
-            input.payload,
-            &input.id,
-            &input.key,
-            input.ctl,
-        );
+        rtt(input, now);
     }
 }

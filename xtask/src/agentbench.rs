@@ -87,7 +87,7 @@ fn sample(pid: u32) -> Result<Sample> {
 
 /// Kernel memory of the distinct BPF maps whose fds `pid` holds: (`memlock` summed, in KiB;
 /// bytes of it per possible CPU: the values of per-CPU maps, one copy per possible CPU).
-fn map_memory(pid: u32) -> Result<(u64, u64)> {
+pub(crate) fn map_memory(pid: u32) -> Result<(u64, u64)> {
     // BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH (linux/bpf.h).
     const PER_CPU_TYPES: [u64; 3] = [5, 6, 10];
     let dir = format!("/proc/{pid}/fdinfo");

@@ -338,7 +338,7 @@ fn flood(dst: std::net::Ipv4Addr, rate: u64, seconds: u64, shape: Shape) -> Resu
 }
 
 /// (loss fraction, average round trip in ms) from ping's summary.
-fn parse_ping(out: &str) -> (f64, f64) {
+pub(crate) fn parse_ping(out: &str) -> (f64, f64) {
     let loss = out
         .split(',')
         .find(|p| p.contains("packet loss"))

@@ -26,6 +26,7 @@ mod bench;
 mod build;
 mod demo;
 mod dropbench;
+mod floodbench;
 mod image;
 mod layers;
 mod mapmem;
@@ -57,6 +58,9 @@ enum Command {
     BenchAgent(agentbench::AgentBenchArgs),
     /// Cost per recorded drop and a flood of drops (recorded or counted lost, node forwarding).
     BenchDrops(dropbench::DropBenchArgs),
+    /// New flows at line rate: a flood of fresh tuples through two hooks of one node, the
+    /// share of updates lost, the agent's CPU and memory, and the node's forwarding.
+    BenchFlood(floodbench::FloodBenchArgs),
     /// The relay at scale: simulated mTLS agents on loopback, the real relay binary; answer
     /// time, memory and fan-out cost (no root needed).
     BenchRelay(relaybench::RelayBenchArgs),
@@ -111,6 +115,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchAgent(args) => agentbench::run(&args),
         Command::BenchRelay(args) => relaybench::run(&args),
         Command::BenchDrops(args) => dropbench::run(&args),
+        Command::BenchFlood(args) => floodbench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Image(args) => image::run(&args),
         Command::Layers => layers::run(),

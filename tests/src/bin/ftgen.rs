@@ -158,6 +158,10 @@ enum Cmd {
         dst_mac: [u8; 6],
         #[arg(long)]
         src: std::net::Ipv4Addr,
+        /// Source addresses --src, --src + 1, ... (this many), taken in turn once the ports
+        /// have all been used: up to --src-count x ports distinct tuples.
+        #[arg(long, default_value_t = 1)]
+        src_count: u32,
         #[arg(long)]
         dst: std::net::Ipv4Addr,
         #[arg(long)]
@@ -169,6 +173,9 @@ enum Cmd {
         pps: u64,
         #[arg(long, default_value_t = 2_000)]
         duration_ms: u64,
+        /// Created once the socket is open, before the first frame.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Capture incoming frames (not our own outgoing ones) on --iface. Prints {"frames":[hex...]}.
     RawCapture {
@@ -323,11 +330,13 @@ fn main() -> Result<()> {
             src_mac,
             dst_mac,
             src,
+            src_count,
             dst,
             dst_port,
             ports,
             pps,
             duration_ms,
+            ready_file,
         } => {
             let (first, last) = ports
                 .split_once('-')
@@ -338,11 +347,18 @@ fn main() -> Result<()> {
                 src_mac,
                 dst_mac,
                 src,
+                src_count: src_count.max(1),
                 dst,
                 dst_port,
                 ports: (first, last),
             };
-            raw::flood(&iface, &flood, pps, Duration::from_millis(duration_ms))?
+            raw::flood(
+                &iface,
+                &flood,
+                pps,
+                Duration::from_millis(duration_ms),
+                ready_file.as_deref(),
+            )?
         }
         Cmd::RawCapture {
             iface,
@@ -1024,6 +1040,7 @@ mod raw {
         pub src_mac: [u8; 6],
         pub dst_mac: [u8; 6],
         pub src: std::net::Ipv4Addr,
+        pub src_count: u32,
         pub dst: std::net::Ipv4Addr,
         pub dst_port: u16,
         pub ports: (u16, u16),
@@ -1047,6 +1064,7 @@ mod raw {
         f: &Flood,
         pps: u64,
         duration: Duration,
+        ready: Option<&Path>,
     ) -> Result<serde_json::Value> {
         const PAYLOAD: &[u8; 32] = b"flowtrace identical datagram 32b";
         let mut frame = Vec::with_capacity(14 + 20 + 8 + PAYLOAD.len());
@@ -1078,23 +1096,46 @@ mod raw {
         let sll = frame_dest(idx, &frame);
         let start = std::time::Instant::now();
         let (first, last) = f.ports;
-        let (mut port, mut sent, mut used) = (first, 0u64, std::collections::BTreeSet::new());
+        let (mut port, mut host, mut sent) = (first, 0u32, 0u64);
+        let ip_at = 14;
+        // The frame for source address number `host`: address and header checksum.
+        let set_source = |frame: &mut Vec<u8>, host: u32| {
+            let addr = u32::from(f.src).wrapping_add(host).to_be_bytes();
+            frame[ip_at + 12..ip_at + 16].copy_from_slice(&addr);
+            frame[ip_at + 10..ip_at + 12].copy_from_slice(&[0, 0]);
+            let c = ipv4_checksum(&frame[ip_at..ip_at + 20]);
+            frame[ip_at + 10..ip_at + 12].copy_from_slice(&c.to_be_bytes());
+        };
+        set_source(&mut frame, 0);
+        touch(ready)?;
         while start.elapsed() < duration {
             // Paced in bursts of 64 so the pacing costs no syscall per frame.
             for _ in 0..64 {
                 frame[udp_at..udp_at + 2].copy_from_slice(&port.to_be_bytes());
                 send_frame(&sock, &sll, &frame)
                     .with_context(|| format!("sending frame {sent} on {iface}"))?;
-                used.insert(port);
                 sent += 1;
-                port = if port == last { first } else { port + 1 };
+                if port == last {
+                    port = first;
+                    host = (host + 1) % f.src_count;
+                    set_source(&mut frame, host);
+                } else {
+                    port += 1;
+                }
             }
             let due = Duration::from_nanos(sent.saturating_mul(1_000_000_000) / pps.max(1));
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
-        Ok(json!({ "sent": sent, "ports": used.len() }))
+        // The walk is fixed (every port of every address in turn), so the distinct values
+        // follow from the count.
+        let ports = u64::from(last - first) + 1;
+        Ok(json!({
+            "sent": sent,
+            "ports": sent.min(ports),
+            "tuples": sent.min(ports * u64::from(f.src_count)),
+        }))
     }
 
     /// Which captured frames to keep (all conditions must hold).
