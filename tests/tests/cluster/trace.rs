@@ -422,8 +422,9 @@ fn standalone_trace_attaches_while_it_runs_and_leaves_nothing_after_ctrl_c_or_co
         "{p:?}"
     );
     let ids = new_programs(&before);
-    // Its two TC programs and its two raw tracepoint programs (drops, retransmissions).
-    assert_eq!(ids.len(), 4, "the standalone trace's programs: {ids:?}");
+    // Its two TC programs, their tail-called slow path and its two raw tracepoint programs
+    // (drops, retransmissions).
+    assert_eq!(ids.len(), 5, "the standalone trace's programs: {ids:?}");
     let kill = Command::new("kill")
         .args(["-INT", &t.pid.to_string()])
         .status()
@@ -437,11 +438,11 @@ fn standalone_trace_attaches_while_it_runs_and_leaves_nothing_after_ctrl_c_or_co
         &n1.netns,
         &["--standalone", "--port", "8080", "--count", "3"],
     );
-    // Its programs, seen while it runs (it may end before all four are seen: then only the
+    // Its programs, seen while it runs (it may end before all five are seen: then only the
     // qdisc and filter checks below apply to it).
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut ids = new_programs(&before);
-    while ids.len() < 4 && Instant::now() < deadline && !t.guard.has_exited() {
+    while ids.len() < 5 && Instant::now() < deadline && !t.guard.has_exited() {
         std::thread::sleep(Duration::from_millis(20));
         ids = new_programs(&before);
     }
