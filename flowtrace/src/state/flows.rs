@@ -5,7 +5,7 @@
 //! records) and converted to Unix time only for output.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
     sync::Arc,
 };
@@ -24,13 +24,16 @@ pub type Resolver<'a> = &'a dyn Fn(&IpAddr) -> Option<Arc<Endpoint>>;
 
 #[derive(Clone, Debug, Default)]
 struct HopCounters {
-    interface: String,
+    /// Shared by every hop on this interface (see `FlowTable::interfaces`).
+    interface: Arc<str>,
     stats: FlowStats,
 }
 
+/// One flow's counters. Kept small: a node holds up to `--max-flows` of them. Hops are a
+/// short vector (a path has a few), not a map, and interface names are shared, not copied.
 #[derive(Clone, Debug, Default)]
 struct FlowEntry {
-    hops: BTreeMap<Hop, HopCounters>,
+    hops: Vec<(Hop, HopCounters)>,
     last_seen_ns: u64,
     /// Who the addresses belonged to when the flow last had packets (a pod deleted later,
     /// or an address reused by a new pod, does not rename past traffic).
@@ -42,6 +45,8 @@ struct FlowEntry {
 #[derive(Debug)]
 pub struct FlowTable {
     flows: HashMap<FlowTuple, FlowEntry>,
+    /// Interface names, one allocation each, shared by the hops that name them.
+    interfaces: HashMap<String, Arc<str>>,
     max_flows: usize,
     idle_timeout_ns: u64,
     evicted: u64,
@@ -52,6 +57,7 @@ impl FlowTable {
     pub fn new(max_flows: usize, idle_timeout_ns: u64) -> Self {
         Self {
             flows: HashMap::new(),
+            interfaces: HashMap::new(),
             max_flows,
             idle_timeout_ns,
             evicted: 0,
@@ -75,11 +81,29 @@ impl FlowTable {
                 direction: Direction::from_kernel(d.key.direction),
             };
             let entry = self.flows.entry(tuple).or_default();
-            let counters = entry.hops.entry(hop).or_insert_with(|| HopCounters {
-                interface: names(hop.ifindex).unwrap_or_else(|| format!("if{}", hop.ifindex)),
-                stats: FlowStats::default(),
-            });
-            counters.stats.merge(&d.stats);
+            let at = match entry.hops.iter().position(|(h, _)| *h == hop) {
+                Some(i) => i,
+                None => {
+                    let name = names(hop.ifindex).unwrap_or_else(|| format!("if{}", hop.ifindex));
+                    let interface = match self.interfaces.get(&name) {
+                        Some(shared) => shared.clone(),
+                        None => {
+                            let shared: Arc<str> = Arc::from(name.as_str());
+                            self.interfaces.insert(name, shared.clone());
+                            shared
+                        }
+                    };
+                    entry.hops.push((
+                        hop,
+                        HopCounters {
+                            interface,
+                            stats: FlowStats::default(),
+                        },
+                    ));
+                    entry.hops.len() - 1
+                }
+            };
+            entry.hops[at].1.stats.merge(&d.stats);
             entry.last_seen_ns = entry.last_seen_ns.max(d.stats.last_seen_ns);
             // An address nobody is known to hold (metadata away or not synced) keeps the
             // name it had; "somewhere in a node's pod network" is no name to keep: it is
@@ -114,6 +138,8 @@ impl FlowTable {
             }
             self.evicted += excess as u64;
         }
+        // Names no hop uses any more (interfaces of pods gone with their flows).
+        self.interfaces.retain(|_, shared| Arc::strong_count(shared) > 1);
     }
 
     pub fn len(&self) -> usize {
@@ -151,7 +177,7 @@ impl FlowTable {
                     .hops
                     .iter()
                     .map(|(hop, c)| HopRecord {
-                        interface: c.interface.clone(),
+                        interface: c.interface.to_string(),
                         ifindex: hop.ifindex,
                         direction: hop.direction,
                         packets: c.stats.packets,
