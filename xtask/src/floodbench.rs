@@ -38,6 +38,8 @@ struct Run {
     rate: u64,
     sent: u64,
     tuples: u64,
+    /// What the sink in pod-c read (ground truth that the frames crossed both hooks).
+    received: u64,
     seen: u64,
     lost: u64,
     agent_mcpu: f64,
@@ -71,7 +73,7 @@ pub fn run(args: &FloodBenchArgs) -> Result<()> {
     let runs = result?;
     let (ncpu, model) = proc::cpus();
     println!(
-        "bench-flood: {} s per rate, Linux {}, {ncpu} CPUs ({model}); frames pod-a -> pod-c on node1 (2 hooks), every frame a tuple the cache does not hold",
+        "bench-flood: {} s per rate, Linux {}, {ncpu} CPUs ({model}); frames pod-a -> pod-c on node1 (2 hooks), every frame a tuple the cache does not hold; rate/s is the rate asked, sent/seconds the rate reached",
         args.seconds,
         proc::kernel_release()
     );
@@ -94,9 +96,10 @@ pub fn run(args: &FloodBenchArgs) -> Result<()> {
     );
     for r in &runs {
         println!(
-            "{:>8} {:>9} {:>9} {:>10} {:>9} {:>7.3} {:>8.0} {:>8.1}M {:>7.1}M {:>6.1}M {:>8} {:>9.1} {:>7.1} {:>8.2}",
+            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>7.3} {:>8.0} {:>8.1}M {:>7.1}M {:>6.1}M {:>8} {:>9.1} {:>7.1} {:>8.2}",
             r.rate,
             r.sent,
+            r.received,
             r.tuples,
             r.seen,
             r.lost,
@@ -225,6 +228,7 @@ fn one(cluster: &Cluster, rate: u64, seconds: u64, src_count: u32) -> Result<Run
         std::thread::sleep(Duration::from_millis(100));
     }
     let flooded = finish(flood)?;
+    let received = finish(sink).map(|v| v["received"].as_u64().unwrap_or(0)).unwrap_or(0);
     let ping_out = ping.wait_output(Duration::from_secs(seconds + 10))?;
     let elapsed = started.elapsed().as_secs_f64();
     let u1 = proc::usage(pid)?;
@@ -244,6 +248,7 @@ fn one(cluster: &Cluster, rate: u64, seconds: u64, src_count: u32) -> Result<Run
         rate,
         sent: flooded["sent"].as_u64().unwrap_or(0),
         tuples: flooded["tuples"].as_u64().unwrap_or(0),
+        received,
         seen: seen1 - seen0,
         lost: lost1 - lost0,
         agent_mcpu: (u1.cpu_s - u0.cpu_s) / elapsed * 1000.0,
