@@ -195,6 +195,25 @@ fn one(cluster: &Cluster, rate: u64, seconds: u64, src_count: u32) -> Result<Run
         (seconds * 1000).to_string(),
         src_count.to_string(),
     );
+    // A sink reads what arrives, so the flood dies nowhere (no drop to record beside the flows).
+    let (most, sink_ms) = (
+        (rate * seconds).to_string(),
+        (seconds * 1000 + 3000).to_string(),
+    );
+    let sink = ftgen_bg(
+        c,
+        &[
+            "udp-sink",
+            "--bind",
+            "0.0.0.0:9",
+            "--count",
+            &most,
+            "--timeout-ms",
+            &sink_ms,
+            "--rcvbuf",
+            "16777216",
+        ],
+    )?;
     let (src, dst) = (a.ipv4.to_string(), c.ipv4.to_string());
     let flood = ftgen_bg(
         a,
@@ -228,7 +247,9 @@ fn one(cluster: &Cluster, rate: u64, seconds: u64, src_count: u32) -> Result<Run
         std::thread::sleep(Duration::from_millis(100));
     }
     let flooded = finish(flood)?;
-    let received = finish(sink).map(|v| v["received"].as_u64().unwrap_or(0)).unwrap_or(0);
+    let received = finish(sink)
+        .map(|v| v["received"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
     let ping_out = ping.wait_output(Duration::from_secs(seconds + 10))?;
     let elapsed = started.elapsed().as_secs_f64();
     let u1 = proc::usage(pid)?;

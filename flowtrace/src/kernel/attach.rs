@@ -222,9 +222,14 @@ fn load_hint(e: &aya::programs::ProgramError) -> &'static str {
             io_error.raw_os_error(),
             "The kernel refused before verifying: loading a TC program needs CAP_NET_ADMIN as well as CAP_BPF (the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
         )
-    } else if ["!root", "pointer -= pointer prohibited", "pointer arithmetic", "leaks addr"]
-        .iter()
-        .any(|m| log.contains(m))
+    } else if [
+        "!root",
+        "pointer -= pointer prohibited",
+        "pointer arithmetic",
+        "leaks addr",
+    ]
+    .iter()
+    .any(|m| log.contains(m))
     {
         // What the verifier refuses to a loader without CAP_PERFMON (no pointer arithmetic
         // beyond the basics, no pointer leaks), whichever program it meets first.

@@ -4,11 +4,7 @@
 //! renders them for the API. Times are kept as CLOCK_MONOTONIC nanoseconds (what the kernel
 //! records) and converted to Unix time only for output.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use flowtrace_common::FlowStats;
 
@@ -139,7 +135,8 @@ impl FlowTable {
             self.evicted += excess as u64;
         }
         // Names no hop uses any more (interfaces of pods gone with their flows).
-        self.interfaces.retain(|_, shared| Arc::strong_count(shared) > 1);
+        self.interfaces
+            .retain(|_, shared| Arc::strong_count(shared) > 1);
     }
 
     pub fn len(&self) -> usize {
