@@ -26,6 +26,8 @@ pub struct ProgRecord {
     pub id: u32,
     /// Program name as the kernel keeps it (truncated to 15 bytes).
     pub name: String,
+    /// Program type as bpftool spells it (`sched_cls`, `raw_tracepoint`, ...).
+    pub kind: String,
     /// Total run time, nanoseconds; 0 unless `kernel.bpf_stats_enabled` was on while it ran
     /// (bpftool omits the field then).
     pub run_time_ns: u64,
@@ -72,6 +74,11 @@ fn parse_progs(json: &[u8]) -> std::result::Result<Vec<ProgRecord>, String> {
                 id,
                 name: p
                     .get("name")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                kind: p
+                    .get("type")
                     .and_then(serde_json::Value::as_str)
                     .unwrap_or("")
                     .to_string(),
@@ -201,12 +208,14 @@ mod tests {
                 ProgRecord {
                     id: 7,
                     name: "flowtrace_ingres".into(),
+                    kind: "sched_cls".into(),
                     run_time_ns: 900,
                     run_cnt: 3
                 },
                 ProgRecord {
                     id: 9,
                     name: "other".into(),
+                    kind: "tracepoint".into(),
                     run_time_ns: 0,
                     run_cnt: 0
                 },
