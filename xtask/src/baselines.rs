@@ -108,17 +108,6 @@ pub struct Launched {
 }
 
 impl Holder {
-    /// Starts the helper in `netns` with both reference programs on `ifaces` and waits until it
-    /// reports them attached.
-    pub fn start(netns: &str, ifaces: &[String]) -> Result<Holder> {
-        Holder::start_programs(netns, ifaces, &PROGRAMS)
-    }
-
-    /// Like `start`, with only the named reference programs.
-    pub fn start_programs(netns: &str, ifaces: &[String], programs: &[&str]) -> Result<Holder> {
-        Holder::launch_programs(netns, ifaces, programs)?.wait_ready(Duration::from_secs(30))
-    }
-
     /// Starts `hold-baselines` with the named reference programs on `ifaces` without waiting.
     pub fn launch_programs(netns: &str, ifaces: &[String], programs: &[&str]) -> Result<Launched> {
         if ifaces.is_empty() {
