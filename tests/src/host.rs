@@ -26,6 +26,10 @@ pub struct ProgRecord {
     pub id: u32,
     /// Program name as the kernel keeps it (truncated to 15 bytes).
     pub name: String,
+    /// Program type as bpftool spells it (`sched_cls`, `raw_tracepoint`, ...).
+    pub kind: String,
+    /// The kernel's tag of the program's instructions (hex): the same code has the same tag.
+    pub tag: String,
     /// Total run time, nanoseconds; 0 unless `kernel.bpf_stats_enabled` was on while it ran
     /// (bpftool omits the field then).
     pub run_time_ns: u64,
@@ -72,6 +76,16 @@ fn parse_progs(json: &[u8]) -> std::result::Result<Vec<ProgRecord>, String> {
                 id,
                 name: p
                     .get("name")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                kind: p
+                    .get("type")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                tag: p
+                    .get("tag")
                     .and_then(serde_json::Value::as_str)
                     .unwrap_or("")
                     .to_string(),
@@ -192,7 +206,7 @@ mod tests {
 
     #[test]
     fn bpftool_listing_is_read_with_and_without_stats() {
-        let json = br#"[{"id":7,"type":"sched_cls","name":"flowtrace_ingres","run_time_ns":900,"run_cnt":3},
+        let json = br#"[{"id":7,"type":"sched_cls","name":"flowtrace_ingres","tag":"60e480ab6500433c","run_time_ns":900,"run_cnt":3},
                         {"id":9,"type":"tracepoint","name":"other"}]"#;
         let progs = parse_progs(json).unwrap();
         assert_eq!(
@@ -201,12 +215,16 @@ mod tests {
                 ProgRecord {
                     id: 7,
                     name: "flowtrace_ingres".into(),
+                    kind: "sched_cls".into(),
+                    tag: "60e480ab6500433c".into(),
                     run_time_ns: 900,
                     run_cnt: 3
                 },
                 ProgRecord {
                     id: 9,
                     name: "other".into(),
+                    kind: "tracepoint".into(),
+                    tag: String::new(),
                     run_time_ns: 0,
                     run_cnt: 0
                 },

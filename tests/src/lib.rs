@@ -49,6 +49,7 @@ pub mod promtext;
 pub mod relay;
 pub mod tls;
 pub mod traffic;
+pub mod vethpair;
 
 pub use agent::{flowtrace_bin, http_get, http_get_url, in_netns, Agent};
 pub use apiserver::ApiServer;
@@ -71,6 +72,7 @@ pub use traffic::{
     finish, ftgen, ftgen_bg, ftgen_bg_in, ftgen_bin, ftgen_json, service_connections,
     udp_all_received,
 };
+pub use vethpair::VethPair;
 
 /// Everything the test bed can fail with. Each variant's message names what failed and what to do.
 ///

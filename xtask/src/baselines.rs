@@ -1,5 +1,6 @@
 //! The reference programs of the benchmark (`bench_noop`, `bench_counter` from
-//! `flowtrace_tests::baselines::OBJECT`), attached with TCX next to flowtrace's own programs.
+//! `flowtrace_tests::baselines::OBJECT`), attached with TCX to the hooks flowtrace uses, and
+//! the helper process that holds them (also used for the peer object, `crate::peer`).
 //!
 //! Attaching happens in a helper process (`xtask hold-baselines`) started with
 //! `ip netns exec <node-ns>`, because interface names resolve in the caller's network namespace.
@@ -82,38 +83,55 @@ pub fn hold(ifaces: &[String], programs: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A running `hold-baselines` helper in one node's namespace. Killed on drop.
+/// A running helper (`hold-baselines`, `hold-peer`) in one node's namespace, holding programs
+/// attached. Killed on drop, which detaches them.
 pub struct Holder {
     guard: Option<ChildGuard>,
     stdin: Option<ChildStdin>,
     pid: u32,
     netns: String,
+    /// The helper's ready line (what it attached, how long it took).
+    pub ready_line: String,
+}
+
+/// A helper started but not yet known to be attached: [`Launched::wait_ready`] waits for its
+/// ready line. Several can be launched first and waited for together (a slow peer object then
+/// loads in every node at once).
+pub struct Launched {
+    guard: ChildGuard,
+    stdin: Option<ChildStdin>,
+    pid: u32,
+    netns: String,
+    what: String,
+    ready: &'static str,
+    line: mpsc::Receiver<std::io::Result<String>>,
 }
 
 impl Holder {
-    /// Starts the helper in `netns` with both reference programs on `ifaces` and waits until it
-    /// reports them attached.
-    pub fn start(netns: &str, ifaces: &[String]) -> Result<Holder> {
-        Holder::start_programs(netns, ifaces, &PROGRAMS)
-    }
-
-    /// Like `start`, with only the named reference programs.
-    pub fn start_programs(netns: &str, ifaces: &[String], programs: &[&str]) -> Result<Holder> {
+    /// Starts `hold-baselines` with the named reference programs on `ifaces` without waiting.
+    pub fn launch_programs(netns: &str, ifaces: &[String], programs: &[&str]) -> Result<Launched> {
         if ifaces.is_empty() {
             bail!("no interfaces to attach the baselines to in {netns}");
         }
+        let argv = [
+            "hold-baselines".to_string(),
+            "--iface".into(),
+            ifaces.join(","),
+            "--program".into(),
+            programs.join(","),
+        ];
+        Holder::launch(netns, &argv, READY)
+    }
+
+    /// Starts `xtask <argv...>` in `netns` (a helper that prints a line starting with `ready`
+    /// once attached, then holds until its stdin closes) without waiting for it.
+    pub fn launch(netns: &str, argv: &[String], ready: &'static str) -> Result<Launched> {
         let exe = std::env::current_exe().context("finding the running xtask binary")?;
-        let iface_arg = ifaces.join(",");
-        let what = format!(
-            "ip netns exec {netns} {} hold-baselines --iface {iface_arg} --program {}",
-            exe.display(),
-            programs.join(",")
-        );
+        let what = format!("ip netns exec {netns} {} {}", exe.display(), argv.join(" "));
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(&exe)
-            .args(["hold-baselines", "--iface", &iface_arg, "--program"])
-            .arg(programs.join(","))
+            .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -122,7 +140,7 @@ impl Holder {
         let pid = child.id();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
-        let mut guard = ChildGuard::new(child, what.clone());
+        let guard = ChildGuard::new(child, what.clone());
         let stdout = stdout.context("the helper's stdout was not captured")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -130,28 +148,14 @@ impl Holder {
             let res = BufReader::new(stdout).read_line(&mut line).map(|_| line);
             let _ = tx.send(res);
         });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(line)) if line.starts_with(READY) => {}
-            other => {
-                let detail = match other {
-                    Ok(Ok(line)) => format!("it printed {line:?} instead of the ready line"),
-                    Ok(Err(e)) => format!("reading its output: {e}"),
-                    Err(_) => "no ready line within 30 s".to_string(),
-                };
-                drop(stdin);
-                let _ = guard.child_mut().map(std::process::Child::kill);
-                let err = guard.wait_output(Duration::from_secs(5)).err();
-                let stderr = err.map(|e| e.to_string()).unwrap_or_default();
-                return Err(anyhow!(
-                    "`{what}` failed to attach the baselines: {detail}\n{stderr}"
-                ));
-            }
-        }
-        Ok(Holder {
-            guard: Some(guard),
+        Ok(Launched {
+            guard,
             stdin,
             pid,
             netns: netns.to_string(),
+            what,
+            ready,
+            line: rx,
         })
     }
 
@@ -170,6 +174,45 @@ impl Holder {
         guard
             .wait_output(Duration::from_secs(10))
             .map(drop)
-            .with_context(|| format!("the baseline helper in {} did not exit cleanly", self.netns))
+            .with_context(|| format!("the helper in {} did not exit cleanly", self.netns))
+    }
+}
+
+impl Launched {
+    /// Waits up to `timeout` for the helper's ready line; on anything else it is killed and
+    /// the error carries what it printed.
+    pub fn wait_ready(self, timeout: Duration) -> Result<Holder> {
+        let Launched {
+            mut guard,
+            stdin,
+            pid,
+            netns,
+            what,
+            ready,
+            line,
+        } = self;
+        match line.recv_timeout(timeout) {
+            Ok(Ok(line)) if line.starts_with(ready) => Ok(Holder {
+                guard: Some(guard),
+                stdin,
+                pid,
+                netns,
+                ready_line: line.trim().to_string(),
+            }),
+            other => {
+                let detail = match other {
+                    Ok(Ok(line)) => format!("it printed {line:?} instead of the ready line"),
+                    Ok(Err(e)) => format!("reading its output: {e}"),
+                    Err(_) => format!("no ready line within {timeout:?}"),
+                };
+                drop(stdin);
+                let _ = guard.child_mut().map(std::process::Child::kill);
+                let err = guard.wait_output(Duration::from_secs(5)).err();
+                let stderr = err.map(|e| e.to_string()).unwrap_or_default();
+                Err(anyhow!(
+                    "`{what}` failed to attach its programs: {detail}\n{stderr}"
+                ))
+            }
+        }
     }
 }

@@ -27,7 +27,29 @@ pub fn cargo_release_build(args: &[&str]) -> Result<PathBuf> {
     let root = workspace_root()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("xtask: cargo build --release {}", args.join(" "));
-    let status = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    // `cargo xtask` is `cargo run`, which gives xtask the package variables of xtask itself
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). Some build scripts track them (ring's tracks
+    // CARGO_MANIFEST_DIR), so a build that inherits them rebuilds half the tree that a plain
+    // `cargo build --release` had built, and the next plain build rebuilds it back.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            command.env_remove(key);
+        }
+    }
+    let status = command
         .current_dir(&root)
         .arg("build")
         .arg("--release")

@@ -3,8 +3,10 @@
 //! - `demo`: brings up the emulated two-node cluster, runs one agent per node, sends pod-to-pod,
 //!   cross-node and Service traffic, and prints what `flowtrace flows` shows on each node.
 //! - `bench-metadata`: memory and lookup cost of the Kubernetes metadata cache.
-//! - `bench`: throughput with and without flowtrace, and per-packet program cost from the
-//!   kernel's own BPF run-time statistics, compared against reference programs.
+//! - `bench`: per-run cost of flowtrace's TC programs under iperf3 load (the kernel's own BPF
+//!   run-time statistics), each arm alone on the same hooks: a no-op, a minimal counter,
+//!   flowtrace with and without latency sampling, optionally a peer's prebuilt object; on a
+//!   plain veth pair and on the emulated cluster, TCP bulk and 64-byte UDP.
 //! - `layers`: checks that flowtrace/src imports follow the layer order, without cycles.
 //! - `bench-agent`: the agent's own CPU and memory at idle, under a packet load and under flow
 //!   churn, against the DaemonSet's requests and limits.
@@ -32,6 +34,7 @@ mod layers;
 mod mapmem;
 mod metabench;
 mod microbench;
+mod peer;
 mod proc;
 mod relaybench;
 
@@ -52,7 +55,8 @@ struct Cli {
 enum Command {
     /// Emulated cluster + agents + traffic; prints each node's `flowtrace flows` table.
     Demo,
-    /// Throughput with/without flowtrace and per-packet program cost (bpf_stats).
+    /// Per-run cost of flowtrace's TC programs against a no-op, a minimal counter and optionally
+    /// a peer's object, each alone on the same hooks under iperf3 load (bpf_stats).
     Bench(bench::BenchArgs),
     /// The agent's CPU and memory (idle, bulk traffic, flow churn): the DaemonSet's resources.
     BenchAgent(agentbench::AgentBenchArgs),
@@ -95,6 +99,10 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// (internal) Load a peer's prebuilt TC object (its maps in a private bpffs), attach two of
+    /// its programs with TCX to the given interfaces and hold them until stdin closes.
+    #[command(hide = true)]
+    HoldPeer(peer::HoldPeerArgs),
     /// (internal) Attach the reference programs with TCX to the given interfaces of the
     /// current network namespace and hold them until stdin closes or SIGTERM.
     #[command(hide = true)]
@@ -122,5 +130,6 @@ fn main() -> anyhow::Result<()> {
         Command::MapMemory { cpus } => mapmem::run(&cpus),
         Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
         Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),
+        Command::HoldPeer(args) => peer::hold(&args),
     }
 }
