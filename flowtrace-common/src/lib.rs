@@ -593,10 +593,15 @@ impl CacheSlot {
     /// slots.
     #[inline(always)]
     pub fn index(key: &FlowKey, shift: u32) -> u32 {
-        // XOR-fold the words, then one multiplicative hash whose high bits pick the slot:
-        // cheap on the per-packet path and good enough to spread flows over the cache.
+        // Each part weighted its own way before one multiplicative hash whose high bits pick
+        // the slot. A plain XOR of the words made the hops of one flow collide: (interface 4,
+        // ingress) and (interface 5, egress) differ by the same bit in two words, which cancels,
+        // so a flow crossing two such hooks evicted itself on every packet.
         let w = key.words();
-        let folded = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7] ^ w[8] ^ w[9] ^ w[10];
+        let src = w[0] ^ w[1] ^ w[2] ^ w[3];
+        let dst = (w[4] ^ w[5] ^ w[6] ^ w[7]).rotate_left(13);
+        let hop = w[9].wrapping_mul(0x85EB_CA6B) ^ w[10].wrapping_mul(0xC2B2_AE35);
+        let folded = src ^ dst ^ w[8].rotate_left(7) ^ hop;
         let mixed = (folded ^ (folded >> 16)).wrapping_mul(0x9E37_79B1);
         mixed >> (shift & 31)
     }

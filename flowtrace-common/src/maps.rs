@@ -80,6 +80,10 @@ const _: () = assert!(DROPS.len() == crate::FLOW_BUFFERS as usize);
 /// into its slot in one half of the cache (`CacheSlot::index`), `32 - log2(slots)`.
 pub const CACHE_SHIFT: &str = "CACHE_SHIFT";
 
+/// The global user space sets at load time: bytes waiting in the event ring from which a
+/// record wakes the agent (below it the agent reads the ring on a timer).
+pub const EVENTS_WAKE_BYTES: &str = "EVENTS_WAKE_BYTES";
+
 #[cfg(test)]
 mod tests {
     use super::*;

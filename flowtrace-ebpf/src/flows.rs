@@ -15,7 +15,7 @@ use flowtrace_common::{
 use crate::{
     counters::{count, count_n},
     latency::rtt_wanted,
-    maps::{cache_shift, CACHE, CONTROL, EVENTS, SLOW_PATH, SLOW_SCRATCH},
+    maps::{cache_shift, events_flags, CACHE, CONTROL, EVENTS, SLOW_PATH, SLOW_SCRATCH},
     packet::DirectPacket,
     TCP_SYN,
 };
@@ -159,7 +159,7 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
 fn hand_over(slot: *const CacheSlot) {
     // SAFETY: a valid per-CPU cache slot (see `record`).
     unsafe {
-        if EVENTS.output::<CacheSlot>(&*slot, 0).is_err() {
+        if EVENTS.output::<CacheSlot>(&*slot, events_flags()).is_err() {
             count_n(Counter::FlowMapFull, (*slot).stats.packets);
         }
     }

@@ -10,7 +10,7 @@ use flowtrace_common::{
 
 use crate::{
     counters::count,
-    maps::{EVENTS, LAT_SCRATCH, RTT_HINT, RTT_PENDING, RTT_SCRATCH},
+    maps::{events_flags, EVENTS, LAT_SCRATCH, RTT_HINT, RTT_PENDING, RTT_SCRATCH},
     TCP_ACK, TCP_PSH, TCP_SYN,
 };
 
@@ -25,7 +25,7 @@ pub(crate) fn add_latency(ns: u64) {
     unsafe {
         (*e).kind = EVENT_LATENCY;
         (*e).ns = ns;
-        if EVENTS.output::<LatencyEvent>(&*e, 0).is_err() {
+        if EVENTS.output::<LatencyEvent>(&*e, events_flags()).is_err() {
             count(Counter::LatencyMapFull);
         }
     }

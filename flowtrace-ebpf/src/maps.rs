@@ -6,6 +6,7 @@
 //! `flowtrace/tests/kernel_object.rs` checks the built object's maps against that list.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
@@ -40,6 +41,24 @@ pub(crate) fn cache_shift() -> u32 {
     // SAFETY: a plain read of a global; volatile so the compiler keeps the load that user
     // space's value (written into .rodata before loading) is read by.
     unsafe { core::ptr::read_volatile(&CACHE_SHIFT) }
+}
+
+/// Bytes waiting in the event ring from which a record wakes user space (set at load time,
+/// an eighth of the ring): below it records are written without a wakeup, and user space
+/// reads the ring on a short timer. A wakeup per record would cost an interrupt per record.
+#[unsafe(no_mangle)]
+static EVENTS_WAKE_BYTES: u64 = (DEFAULT_EVENT_RING_BYTES / 8) as u64;
+
+/// The flags for a record written to `EVENTS` now (see `EVENTS_WAKE_BYTES`).
+#[inline(always)]
+pub(crate) fn events_flags() -> u64 {
+    // SAFETY: a plain read of a global (see `cache_shift`).
+    let wake = unsafe { core::ptr::read_volatile(&EVENTS_WAKE_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wake {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
 
 /// The event ring, shared by all CPUs: flow counters handed over from the cache, NAT

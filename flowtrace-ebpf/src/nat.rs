@@ -12,7 +12,7 @@ use flowtrace_common::{
 use crate::{
     counters::count,
     latency::add_latency,
-    maps::{CONTROL, EVENTS, LAT_SCRATCH, NAT_SCRATCH, SIGHTINGS},
+    maps::{events_flags, CONTROL, EVENTS, LAT_SCRATCH, NAT_SCRATCH, SIGHTINGS},
     trace::trace,
     TCP_SYN,
 };
@@ -104,7 +104,7 @@ fn hand_over_nat(earlier: &Sighting, key: &FlowKey, now: u64) {
         (*e).to_direction = key.direction;
         (*e)._pad = 0;
         (*e).seen_ns = now;
-        if EVENTS.output::<NatEvent>(&*e, 0).is_err() {
+        if EVENTS.output::<NatEvent>(&*e, events_flags()).is_err() {
             count(Counter::NatMapFull);
         }
     }

@@ -398,6 +398,29 @@ fn cache_index_spreads_and_stays_in_range() {
         "2000 flows should use most of the 256 slots, used {}",
         seen.len()
     );
+    // The hops of one flow on neighbouring interfaces, the two directions: distinct slots.
+    let hop = |ifindex, direction| crate::FlowKey {
+        src_port: 40000,
+        dst_port: 5201,
+        ifindex,
+        direction,
+        ip_version: 4,
+        protocol: 6,
+        ..Default::default()
+    };
+    for i in 1..64u32 {
+        let (a, b) = (hop(i, 0), hop(i + 1, 1));
+        assert_ne!(
+            crate::CacheSlot::index(&a, 20),
+            crate::CacheSlot::index(&b, 20),
+            "{i}"
+        );
+        assert_ne!(
+            crate::CacheSlot::index(&hop(i, 0), 20),
+            crate::CacheSlot::index(&hop(i, 1), 20),
+            "{i}"
+        );
+    }
     let a = crate::FlowKey {
         ifindex: 1,
         ..Default::default()

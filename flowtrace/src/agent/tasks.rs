@@ -193,25 +193,40 @@ impl Running {
 async fn read_event_ring(ring: std::os::fd::OwnedFd, agent: Arc<Agent>) {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and the same until
     // both are dropped together.
+    // The programs wake us only when the ring is an eighth full (a wakeup per record would
+    // cost an interrupt per record); below that the ring is read every few milliseconds.
+    let mut tick = tokio::time::interval(RING_READ_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let fd = match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {
-            warn!(error = %e, "cannot poll the event ring; it is read at each drain only, and fills sooner");
-            return;
+            warn!(error = %e, "cannot poll the event ring; it is read on a timer only");
+            loop {
+                tick.tick().await;
+                agent.pump_events().await;
+            }
         }
     };
     loop {
-        let mut guard = match fd.readable().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!(error = %e, "polling the event ring failed; it is read at each drain only");
-                return;
-            }
-        };
-        guard.clear_ready();
+        tokio::select! {
+            ready = fd.readable() => match ready {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(e) => {
+                    warn!(error = %e, "polling the event ring failed; it is read on a timer only");
+                    loop {
+                        tick.tick().await;
+                        agent.pump_events().await;
+                    }
+                }
+            },
+            _ = tick.tick() => {}
+        }
         agent.pump_events().await;
     }
 }
+
+/// How often the agent reads the event ring when the programs have not woken it.
+const RING_READ_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Reads the trace ring for the agent's lifetime, joining events into packets and
 /// publishing them to the tracers.

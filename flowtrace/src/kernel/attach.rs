@@ -63,10 +63,12 @@ pub fn buffer_sizes(ring_mib: u32) -> Result<BufferSizes> {
 /// Loads the embedded object with the given buffer sizes.
 pub fn load(sizes: &BufferSizes, drop_entries: u32) -> Result<Ebpf> {
     let shift: u32 = 32 - sizes.cache_slots.trailing_zeros();
+    let wake: u64 = u64::from(sizes.ring_bytes) / 8;
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(maps::CACHE, FLOW_BUFFERS * sizes.cache_slots);
     loader.map_max_entries(maps::EVENTS, sizes.ring_bytes);
     loader.override_global(maps::CACHE_SHIFT, &shift, true);
+    loader.override_global(maps::EVENTS_WAKE_BYTES, &wake, true);
     loader.map_max_entries(maps::DROPS_0, drop_entries);
     loader.map_max_entries(maps::DROPS_1, drop_entries);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
