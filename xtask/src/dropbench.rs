@@ -260,21 +260,7 @@ fn measure(
     };
     let rule_before = rule.packets()?;
     let started = Instant::now();
-    let pings = (seconds * 100).to_string();
-    let ping = netns::spawn(
-        &client.netns,
-        &[
-            "ping",
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-c",
-            &pings,
-            &server.ipv4.to_string(),
-        ],
-    )?;
-    let ping = netns::ChildGuard::new(ping, "ping");
+    let ping = start_ping(&client.netns, server.ipv4, seconds)?;
     let target = server.ipv4;
     let sent =
         flowtrace_tests::in_netns(&client.netns, move || flood(target, rate, seconds, shape))??;
@@ -335,6 +321,22 @@ fn flood(dst: std::net::Ipv4Addr, rate: u64, seconds: u64, shape: Shape) -> Resu
         std::thread::sleep(Duration::from_micros(500));
     }
     Ok(sent)
+}
+
+/// A ping from network namespace `netns` to `target` every 10 ms for `seconds`: how the
+/// node's own forwarding fares during a flood (read with `parse_ping`).
+pub(crate) fn start_ping(
+    netns: &str,
+    target: std::net::Ipv4Addr,
+    seconds: u64,
+) -> Result<netns::ChildGuard> {
+    let pings = (seconds * 100).to_string();
+    let target = target.to_string();
+    let child = netns::spawn(
+        netns,
+        &["ping", "-n", "-q", "-i", "0.01", "-c", &pings, &target],
+    )?;
+    Ok(netns::ChildGuard::new(child, "ping"))
 }
 
 /// (loss fraction, average round trip in ms) from ping's summary.

@@ -12,9 +12,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowtrace_tests::{finish, ftgen_bg, netns, Agent, Cluster, ClusterOptions};
+use flowtrace_tests::{finish, ftgen_bg, Agent, Cluster, ClusterOptions};
 
-use crate::{agentbench::map_memory, dropbench::parse_ping, proc};
+use crate::{
+    agentbench::map_memory,
+    dropbench::{parse_ping, start_ping},
+    proc,
+};
 
 const PORTS: &str = "1024-65535";
 /// Goal of issue 16: under 1% of updates lost at 100 000 new flows per second.
@@ -175,21 +179,7 @@ fn one(cluster: &Cluster, rate: u64, seconds: u64, src_count: u32) -> Result<Run
     let (drains0, drain_s0) = drains(&agent)?;
     let u0 = proc::usage(pid)?;
     let started = Instant::now();
-    let pings = (seconds * 100).to_string();
-    let ping = netns::spawn(
-        &b.netns,
-        &[
-            "ping",
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-c",
-            &pings,
-            &remote.ipv4.to_string(),
-        ],
-    )?;
-    let ping = netns::ChildGuard::new(ping, "ping");
+    let ping = start_ping(&b.netns, remote.ipv4, seconds)?;
     let (rate_s, ms, srcs) = (
         rate.to_string(),
         (seconds * 1000).to_string(),
