@@ -126,8 +126,9 @@ pub struct BenchArgs {
     /// Interleaved rounds (each runs every arm once per shape and traffic); medians are reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     rounds: u32,
-    /// Counted seconds of every iperf3 run.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=600))]
+    /// Counted seconds of every iperf3 run (4 keeps a default run under 10 minutes; even UDP's
+    /// lightest arm runs some 100 000 times a second).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=600))]
     seconds: u32,
     /// Seconds of traffic before the counted ones (iperf3 -O; the kernel's counters are read
     /// when they end).
@@ -776,6 +777,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             _ => a.name().to_string(),
         }
     };
+    // Width of the arm column: the longest arm name.
+    let aw = arms
+        .iter()
+        .map(|&a| arm_name(a).len())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     let mut shapes = args.shapes.clone();
     shapes.dedup();
     let mut traffics = args.traffic.clone();
@@ -855,7 +863,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut results: BTreeMap<(Shape, Traffic), Rounds> = BTreeMap::new();
     let mut notes: Vec<String> = Vec::new();
     out(format!(
-        "\n  {:<5} {:<8} {:<4} {:<11} {:>9} {:>12} {:>14}",
+        "\n  {:<5} {:<8} {:<4} {:<aw$} {:>9} {:>12} {:>14}",
         "round", "shape", "load", "arm", "ns/run", "runs", "throughput"
     ));
     for round in 0..args.rounds as usize {
@@ -925,7 +933,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                         .map(|(name, r)| format!("{name} {}", fmt_num(r.ns_per_run(), 1)))
                         .collect();
                     out(format!(
-                        "  {:<5} {:<8} {:<4} {:<11} {:>9} {:>12} {:>14}{detail}{}",
+                        "  {:<5} {:<8} {:<4} {:<aw$} {:>9} {:>12} {:>14}{detail}{}",
                         round + 1,
                         bed.shape.name(),
                         traffic.name(),
@@ -982,7 +990,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let _ = writeln!(md_ratios, "|---|---|---|---|---|");
     out(
         format!(
-            "\nsummary: medians over the rounds, (min-max) across rounds; net = ns/run - that round's noop\n  {:<8} {:<4} {:<11} {:>26} {:>10} {:>11} {:>14} {:>20}",
+            "\nsummary: medians over the rounds, (min-max) across rounds; net = ns/run - that round's noop\n  {:<8} {:<4} {:<aw$} {:>26} {:>10} {:>11} {:>14} {:>20}",
             "shape", "load", "arm", "net ns/run", "ns/run", "runs/round", "throughput", "vs absent"
         ),
     );
@@ -997,7 +1005,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 fmt_spread(s.net, 1)
             };
             out(format!(
-                "  {:<8} {:<4} {:<11} {:>26} {:>10} {:>11} {:>14} {:>20}",
+                "  {:<8} {:<4} {:<aw$} {:>26} {:>10} {:>11} {:>14} {:>20}",
                 shape.name(),
                 traffic.name(),
                 arm_name(s.arm),
@@ -1160,7 +1168,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let all_met = !goals.is_empty() && goals.iter().all(|(_, ok)| *ok);
     out(format!(
         "  => {}",
-        if all_met {
+        if goals.is_empty() {
+            "no goal evaluated (they need the counter, flowtrace and no-latency arms)"
+        } else if all_met {
             "all goals met"
         } else {
             "goals NOT all met"
