@@ -24,6 +24,14 @@ fn rev(t: Tuple) -> Tuple {
 
 /// Translations (original, translated, state) from the agent; asks twice so that every
 /// translation went through at least two conntrack cross-checks.
+/// The (before, after) pairs of `list` that go to or come back from `vip`.
+fn through_vip(list: &[(Tuple, Tuple, NatState, String)], vip: IpAddr) -> BTreeSet<(Tuple, Tuple)> {
+    list.iter()
+        .filter(|(o, t, _, _)| o.3 == vip || t.1 == vip)
+        .map(|(o, t, _, _)| (*o, *t))
+        .collect()
+}
+
 fn translations(bed: &Bed, node: usize) -> (NatResponse, Vec<(Tuple, Tuple, NatState, String)>) {
     let _: NatResponse = bed.agent(node).get("/v1/nat").unwrap();
     std::thread::sleep(Duration::from_millis(700));
@@ -170,11 +178,7 @@ fn clusterip_connections_match_conntrack_in_both_directions() {
 
     let (resp, list) = translations(&bed, 1);
     let vip: IpAddr = "10.96.0.10".parse().unwrap();
-    let got: BTreeSet<(Tuple, Tuple)> = list
-        .iter()
-        .filter(|(o, t, _, _)| o.3 == vip || t.1 == vip)
-        .map(|(o, t, _, _)| (*o, *t))
-        .collect();
+    let got = through_vip(&list, vip);
     let missing: Vec<_> = want.difference(&got).collect();
     let extra: Vec<_> = got.difference(&want).collect();
     assert!(
@@ -439,7 +443,7 @@ fn identical_packets_from_fresh_ports_make_no_translation_while_service_connecti
         c.pod(1, "pod-c").unwrap(),
         c.pod(2, "pod-c").unwrap(),
     );
-    let gateway_mac = netns_mac(&c1.node_netns, "cni0");
+    let gateway_mac = flowtrace_tests::netns::link_mac(&c1.node_netns, "cni0").unwrap();
     let flood = ftgen_bg(
         c1,
         &[
@@ -509,11 +513,7 @@ fn identical_packets_from_fresh_ports_make_no_translation_while_service_connecti
             "node{node}: nat_not_rewrite {not_rewrites}: the flood did not pair across hooks"
         );
         if node == 1 {
-            let got: BTreeSet<(Tuple, Tuple)> = list
-                .iter()
-                .filter(|(o, t, _, _)| o.3 == vip || t.1 == vip)
-                .map(|(o, t, _, _)| (*o, *t))
-                .collect();
+            let got = through_vip(&list, vip);
             let missing: Vec<_> = want.difference(&got).collect();
             assert!(
                 missing.is_empty() && got.len() == want.len(),
@@ -533,11 +533,4 @@ fn identical_packets_from_fresh_ports_make_no_translation_while_service_connecti
         }
     }
     drop(bed);
-}
-
-/// The MAC of `dev` in namespace `netns` (`ip netns exec` mounts that namespace's sysfs).
-fn netns_mac(netns: &str, dev: &str) -> String {
-    let out =
-        flowtrace_tests::exec(netns, &["cat", &format!("/sys/class/net/{dev}/address")]).unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
