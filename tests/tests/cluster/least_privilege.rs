@@ -12,7 +12,6 @@
 
 use std::{
     collections::BTreeSet,
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -21,7 +20,6 @@ use flowtrace_tests::{
     check_nothing_left, find, flowtrace_program_ids, http_get, parse_exposition, promtool,
     require_root, service_connections, udp_all_received, Agent, Bed, Cluster, ClusterOptions,
 };
-use k8s_openapi::api::apps::v1::DaemonSet;
 
 const UDP_COUNT: u64 = 200;
 const UDP_PAYLOAD: u64 = 100;
@@ -30,22 +28,7 @@ const CONNECTIONS: u64 = 20;
 /// The capabilities deploy/daemonset.yaml adds to the agent container, as `setpriv` spells
 /// them (`NET_ADMIN` -> `net_admin`).
 fn daemonset_capabilities() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let ds: DaemonSet = serde_saphyr::from_str(&text).unwrap();
-    let pod = ds.spec.template.spec.unwrap();
-    let agent = pod
-        .containers
-        .iter()
-        .find(|c| {
-            c.args
-                .as_deref()
-                .unwrap_or_default()
-                .first()
-                .map(String::as_str)
-                == Some("agent")
-        })
-        .expect("a container running `flowtrace agent` in deploy/daemonset.yaml");
+    let (_, agent) = crate::manifest::daemonset_agent();
     let caps = agent
         .security_context
         .as_ref()

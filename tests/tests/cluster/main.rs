@@ -25,6 +25,7 @@ mod latency;
 mod least_privilege;
 mod lifecycle;
 mod malformed;
+mod manifest;
 mod metrics;
 mod metrics_flood;
 mod nat;

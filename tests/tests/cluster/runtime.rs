@@ -37,10 +37,6 @@ use flowtrace_tests::{
     netns::ChildGuard,
     require_root, udp_all_received, Certs, Cluster, ClusterOptions, Node, Pod,
 };
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{Container, PodSpec},
-};
 use serde_json::Value;
 
 const UDP_COUNT: u64 = 150;
@@ -132,28 +128,6 @@ fn checked(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The agent's pod spec and container in deploy/daemonset.yaml.
-fn manifest() -> (PodSpec, Container) {
-    let path = repo().join("deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let ds: DaemonSet = serde_saphyr::from_str(&text).unwrap();
-    let pod = ds.spec.template.spec.unwrap();
-    let agent = pod
-        .containers
-        .iter()
-        .find(|c| {
-            c.args
-                .as_deref()
-                .unwrap_or_default()
-                .first()
-                .map(String::as_str)
-                == Some("agent")
-        })
-        .expect("deploy/daemonset.yaml: a container running `flowtrace agent`")
-        .clone();
-    (pod, agent)
-}
-
 /// The seccomp profile to run under.
 #[derive(Clone, Debug, PartialEq)]
 enum Seccomp {
@@ -218,7 +192,7 @@ impl Volumes {
 /// Reads the manifest into a [`RunSpec`] for `node`. Anything in it this test does not know
 /// how to give a runtime fails the test, so the manifest cannot outgrow what is tested.
 fn run_spec(node: &Node, volumes: &Volumes) -> RunSpec {
-    let (pod, c) = manifest();
+    let (pod, c) = crate::manifest::daemonset_agent();
     assert_eq!(
         pod.host_network,
         Some(true),
