@@ -264,8 +264,20 @@ exec "$@""#;
         })
     }
 
+    /// Every flow of the agent's table. An answer holds at most `limit` flows (the largest
+    /// first, 10 000 unless asked): ask for the most there can be, and refuse a truncated one,
+    /// which would make counts silently short.
     pub fn flows(&self) -> Result<Vec<FlowRecord>> {
-        Ok(self.get::<FlowsResponse>("/v1/flows")?.flows)
+        let limit = flowtrace::query::filter::MAX_FLOW_LIMIT;
+        let path = format!("/v1/flows?limit={limit}");
+        let answer = self.get::<FlowsResponse>(&path)?;
+        if answer.truncated {
+            return Err(Error::Invalid(format!(
+                "GET {path} in {}: truncated ({} flows matched)",
+                self.netns, answer.matched
+            )));
+        }
+        Ok(answer.flows)
     }
 
     pub fn stats(&self) -> Result<StatsResponse> {
