@@ -93,6 +93,8 @@ pub enum PathEnd {
     Pod { namespace: String, name: String },
     Workload { namespace: String, name: String },
     Service { namespace: String, name: String },
+    /// Every source or destination (the map's query: all connections).
+    Any,
 }
 
 impl PathEnd {
@@ -121,6 +123,7 @@ impl PathEnd {
 
     fn is_endpoint(&self, addr: &std::net::IpAddr, e: Option<&Endpoint>) -> bool {
         match self {
+            PathEnd::Any => true,
             PathEnd::Ip(ip) => ip == addr,
             PathEnd::Pod { namespace, name } => e.is_some_and(|e| {
                 e.kind == crate::model::EndpointKind::Pod
@@ -156,6 +159,7 @@ impl std::fmt::Display for PathEnd {
             PathEnd::Pod { namespace, name } => write!(f, "pod/{namespace}/{name}"),
             PathEnd::Workload { namespace, name } => write!(f, "workload/{namespace}/{name}"),
             PathEnd::Service { namespace, name } => write!(f, "svc/{namespace}/{name}"),
+            PathEnd::Any => write!(f, "*"),
         }
     }
 }
@@ -269,7 +273,7 @@ pub struct PathRecord {
 /// query and dropped with it, so the size of the `Hop` variant does not matter.
 #[derive(Clone, Debug)]
 #[allow(clippy::large_enum_variant)]
-enum RawStep {
+pub(super) enum RawStep {
     Hop {
         node: String,
         interface: String,
@@ -277,6 +281,8 @@ enum RawStep {
         tuple: FlowTuple,
         packets: u64,
         bytes: u64,
+        /// Earliest and latest sighting at this hook, over the merged connections.
+        seen_unix_ns: (u64, u64),
         from_previous: Option<LatencyHist>,
         handshake: Option<LatencyHist>,
         response: Option<LatencyHist>,
@@ -343,6 +349,7 @@ impl RawStep {
             RawStep::Hop {
                 packets,
                 bytes,
+                seen_unix_ns,
                 from_previous,
                 handshake,
                 response,
@@ -351,6 +358,7 @@ impl RawStep {
             RawStep::Hop {
                 packets: p2,
                 bytes: b2,
+                seen_unix_ns: s2,
                 from_previous: f2,
                 handshake: h2,
                 response: r2,
@@ -360,6 +368,7 @@ impl RawStep {
         {
             *packets += p2;
             *bytes += b2;
+            *seen_unix_ns = (seen_unix_ns.0.min(s2.0), seen_unix_ns.1.max(s2.1));
             merge_hist(from_previous, f2);
             merge_hist(handshake, h2);
             merge_hist(response, r2);
@@ -367,7 +376,7 @@ impl RawStep {
     }
 }
 
-fn merge_hist(into: &mut Option<LatencyHist>, from: &Option<LatencyHist>) {
+pub(super) fn merge_hist(into: &mut Option<LatencyHist>, from: &Option<LatencyHist>) {
     match (into.as_mut(), from) {
         (Some(a), Some(b)) => a.merge(b),
         (None, Some(b)) => *into = Some(*b),
@@ -394,7 +403,7 @@ fn hist_of(r: &LatencyRecord) -> LatencyHist {
     h
 }
 
-fn summary(h: &LatencyHist) -> LatencySummary {
+pub(super) fn summary(h: &LatencyHist) -> LatencySummary {
     let r = crate::model::hist::summarize(h);
     LatencySummary {
         samples: u64::from(h.count),
@@ -407,7 +416,7 @@ fn summary(h: &LatencyHist) -> LatencySummary {
     }
 }
 
-fn mean(h: &Option<LatencyHist>) -> Option<i64> {
+pub(super) fn mean(h: &Option<LatencyHist>) -> Option<i64> {
     h.as_ref()
         .filter(|h| h.count > 0)
         .map(|h| (h.sum_ns / u64::from(h.count)) as i64)
@@ -416,7 +425,7 @@ fn mean(h: &Option<LatencyHist>) -> Option<i64> {
 /// The hops (and NAT steps) of a request and its reply, which connections are grouped by.
 type Shape = Vec<(String, String, Option<Direction>)>;
 /// A group's record and its merged steps (request, reply).
-type Group = (PathRecord, Vec<RawStep>, Option<Vec<RawStep>>);
+pub(super) type Group = (PathRecord, Vec<RawStep>, Option<Vec<RawStep>>);
 
 type LatKey = (
     LatencyKind,
@@ -537,6 +546,7 @@ impl<'a> Indexed<'a> {
                         tuple: t,
                         packets: h.packets,
                         bytes: h.bytes,
+                        seen_unix_ns: (h.first_seen_unix_ns, h.last_seen_unix_ns),
                         from_previous: prev
                             .clone()
                             .and_then(|p| self.hist((LatencyKind::Hop, t, Some(p), here.clone()))),
@@ -613,6 +623,37 @@ pub fn paths(
     window_ns: u64,
     now_unix_ns: u64,
 ) -> Vec<PathRecord> {
+    let mut out: Vec<PathRecord> = groups(views, src, dst, window_ns, now_unix_ns)
+        .into_iter()
+        .map(|(r, request, reply)| rendered(r, &request, reply.as_deref()))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.connections));
+    out
+}
+
+/// A group's record with its segments, times and steps filled in from its merged steps.
+pub(super) fn rendered(
+    mut r: PathRecord,
+    request: &[RawStep],
+    reply: Option<&[RawStep]>,
+) -> PathRecord {
+    finish(&mut r, request);
+    r.request.steps = request.iter().map(render).collect();
+    if let (Some(leg), Some(reply)) = (r.reply.as_mut(), reply) {
+        leg.steps = reply.iter().map(render).collect();
+    }
+    r
+}
+
+/// The connections of [`paths`], grouped by the hops they crossed, with their steps'
+/// counters and histograms merged (not rendered yet: the map merges them further).
+pub(super) fn groups(
+    views: &[NodeView],
+    src: &PathEnd,
+    dst: &PathEnd,
+    window_ns: u64,
+    now_unix_ns: u64,
+) -> Vec<Group> {
     let nodes: Vec<Indexed<'_>> = views.iter().map(Indexed::new).collect();
     // Tuples that opened a TCP connection (the kernel keys handshakes by the SYN's tuple).
     let opened: HashSet<FlowTuple> = views
@@ -724,19 +765,7 @@ pub fn paths(
             }
         }
     }
-    let mut out: Vec<PathRecord> = groups
-        .into_values()
-        .map(|(mut r, request, reply)| {
-            finish(&mut r, &request);
-            r.request.steps = request.iter().map(render).collect();
-            if let (Some(leg), Some(reply)) = (r.reply.as_mut(), reply) {
-                leg.steps = reply.iter().map(render).collect();
-            }
-            r
-        })
-        .collect();
-    out.sort_by_key(|p| std::cmp::Reverse(p.connections));
-    out
+    groups.into_values().collect()
 }
 
 /// Segments, network and server time of a request path.
@@ -795,6 +824,7 @@ fn render(s: &RawStep) -> Step {
             from_previous,
             handshake,
             response,
+            ..
         } => Step::Hop {
             node: node.clone(),
             interface: interface.clone(),
@@ -836,4 +866,4 @@ fn render(s: &RawStep) -> Step {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

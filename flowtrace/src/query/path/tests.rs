@@ -7,7 +7,7 @@ use crate::{
     testutil::tcp as t,
 };
 
-fn pod(name: &str, workload: &str, node: &str) -> Endpoint {
+pub(crate) fn pod(name: &str, workload: &str, node: &str) -> Endpoint {
     Endpoint {
         kind: EndpointKind::Pod,
         namespace: Some("default".into()),
@@ -20,7 +20,7 @@ fn pod(name: &str, workload: &str, node: &str) -> Endpoint {
     }
 }
 
-fn flow(
+pub(crate) fn flow(
     tuple: FlowTuple,
     hops: &[(&str, Direction, u64)],
     nat: Option<(FlowTuple, FlowTuple)>,
@@ -79,7 +79,7 @@ fn flow(
     }
 }
 
-fn lat(
+pub(crate) fn lat(
     kind: LatencyKind,
     tuple: FlowTuple,
     from: Option<(&str, Direction)>,
@@ -105,10 +105,10 @@ fn lat(
     )
 }
 
-use Direction::{Egress as E, Ingress as I};
+pub(crate) use Direction::{Egress as E, Ingress as I};
 
 /// pod-a on node1 -> Service VIP -> (DNAT on node1) -> pod-b on node2, and back.
-fn service_across_nodes(
+pub(crate) fn service_across_nodes(
     sport: u16,
 ) -> (
     Vec<FlowRecord>,
@@ -194,7 +194,7 @@ fn service_across_nodes(
     (node1, node2, l1, l2)
 }
 
-fn views(
+pub(crate) fn views(
     node1: Vec<FlowRecord>,
     node2: Vec<FlowRecord>,
     l1: Vec<LatencyRecord>,
@@ -218,7 +218,7 @@ fn views(
     ]
 }
 
-fn hops_of(leg: &Leg) -> Vec<String> {
+pub(crate) fn hops_of(leg: &Leg) -> Vec<String> {
     leg.steps
         .iter()
         .map(|s| match s {
