@@ -1,9 +1,11 @@
 //! The client commands: `flowtrace flows` (the local agent's flow table), `flowtrace path`
-//! (hops and latency between two ends, joined over one or more agents) and
-//! `flowtrace trace` (live packets, hook by hook; in `cli::trace`).
+//! (hops and latency between two ends, joined over one or more agents),
+//! `flowtrace trace` (live packets, hook by hook; in `cli::trace`) and `flowtrace map` (the
+//! application's map; in `cli::map`).
 
 use std::{error::Error as _, fmt::Write as _};
 
+pub mod map;
 pub mod trace;
 
 use crate::{

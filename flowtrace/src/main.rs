@@ -31,6 +31,10 @@ enum Command {
     /// latency measured at each, over one or more agents (give every node's agent to see
     /// a cross-node path whole, and the round trip between the nodes).
     Path(PathArgs),
+    /// Print the application's map: workloads, Services and addresses, and for each edge
+    /// between them the connections, bytes each way, rate, round trips (network and server
+    /// time) and the nodes it crosses; over the relay or one or more agents.
+    Map(MapArgs),
     /// Follow matching traffic now: every TCP SYN and the sampled packets, hook by hook,
     /// with the time between hooks, names and the NAT step. Runs until Ctrl-C, --count
     /// or --duration-s.
@@ -202,6 +206,42 @@ struct PathArgs {
     /// Print JSON (a list of paths) instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct MapArgs {
+    /// Base URL of an agent's API (repeatable: one per node to join).
+    #[arg(
+        long,
+        env = "FLOWTRACE_AGENT",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:9650"
+    )]
+    agent: Vec<String>,
+    /// Join every node through the relay at this URL instead of asking agents.
+    #[arg(long, env = "FLOWTRACE_RELAY")]
+    relay: Option<String>,
+    /// Only edges with an end (or their Service) in this namespace (repeatable).
+    #[arg(long, value_parser = flowtrace::query::filter::parse_namespace)]
+    namespace: Vec<String>,
+    /// Only edges from or to this workload, NAMESPACE/NAME (repeatable).
+    #[arg(long, value_parser = parse_workload)]
+    workload: Vec<(String, String)>,
+    /// Only connections seen in the last this many seconds (0: everything the agents hold).
+    #[arg(long, default_value_t = 60)]
+    window_s: u64,
+    /// Print JSON (what /v1/map serves) instead of a table.
+    #[arg(long, conflicts_with = "dot")]
+    json: bool,
+    /// Print a Graphviz graph (`| dot -Tsvg > map.svg`) instead of a table.
+    #[arg(long)]
+    dot: bool,
+}
+
+fn parse_workload(s: &str) -> Result<(String, String), String> {
+    flowtrace::query::filter::parse_object("--workload", s)
+        .map(|o| (o.namespace, o.name))
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -640,6 +680,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => print!("{}", flowtrace::cli::flows(&f.agent, &filter, f.json)?),
             }
+        }
+        Command::Map(m) => {
+            let filter = flowtrace::query::map::MapFilter {
+                namespaces: m.namespace,
+                workloads: m.workload,
+            };
+            let window = Duration::from_secs(m.window_s);
+            let answer = match &m.relay {
+                Some(r) => flowtrace::cli::map::fetch_from_relay(
+                    r,
+                    &filter,
+                    window,
+                    &mut std::io::stderr(),
+                )?,
+                None => flowtrace::cli::map::fetch_from_agents(&m.agent, &filter, window)?,
+            };
+            let format = if m.json {
+                flowtrace::cli::map::MapFormat::Json
+            } else if m.dot {
+                flowtrace::cli::map::MapFormat::Dot
+            } else {
+                flowtrace::cli::map::MapFormat::Text
+            };
+            print!("{}", flowtrace::cli::map::render(&answer, format)?);
         }
         Command::Path(p) if p.relay.is_some() => {
             let relay = p.relay.as_deref().unwrap_or_default();

@@ -305,6 +305,39 @@ impl Relay {
         }
     }
 
+    /// `/v1/map` over every node: the paths of every connection joined, grouped into the
+    /// application's map (computed off the async workers: thousands of edges take
+    /// milliseconds).
+    pub async fn map(
+        &self,
+        filter: crate::query::map::MapFilter,
+        window: Duration,
+    ) -> crate::query::map::MapAnswer {
+        let path = format!("/v1/pathdata?window_s={}", window.as_secs());
+        let (answers, missing) = self.ask_all::<PathDataResponse>("pathdata", &path).await;
+        let mut views: Vec<NodeView> = answers
+            .into_iter()
+            .map(|a| NodeView::from_pathdata(a.value))
+            .collect();
+        views.sort_by(|a, b| a.node.cmp(&b.node));
+        let now = crate::util::unix_now_ns();
+        let window_ns = window.as_nanos() as u64;
+        let built = tokio::task::spawn_blocking(move || {
+            crate::query::map::map(&views, &filter, window_ns, now)
+        })
+        .await;
+        let mut answer = match built {
+            Ok(a) => a,
+            // Only a panic in the map's code gets here: answer with what is known.
+            Err(e) => {
+                tracing::error!(error = %e, "building the map failed");
+                crate::query::map::MapAnswer::default()
+            }
+        };
+        answer.missing = missing;
+        answer
+    }
+
     /// `/v1/drops` over every node: each node's answer as it gave it (drops are placed on
     /// the node they happened on, so nothing is joined across nodes).
     pub async fn drops(&self, q: &crate::query::filter::FlowQuery) -> RelayDropsResponse {

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     model::{wire::MissingNode, Endpoint, EndpointKind, ServiceRef},
     query::path::{
-        groups, mean, merge_hist, rendered, summary, LatencySummary, NodeView, PathEnd,
-        PathRecord, RawStep,
+        groups, mean, merge_hist, rendered, summary, LatencySummary, NodeView, PathEnd, PathRecord,
+        RawStep,
     },
 };
 
@@ -167,6 +167,33 @@ impl MapFilter {
         let wl_ok = self.workloads.is_empty() || is_workload(from) || is_workload(to);
         ns_ok && wl_ok
     }
+}
+
+/// `window_s=`, `namespace=` and `workload=` of a `/v1/map` request (agent or relay).
+pub fn map_query(query: &str) -> Result<(MapFilter, std::time::Duration), String> {
+    let mut filter = MapFilter::default();
+    let mut window = std::time::Duration::ZERO;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = crate::query::filter::percent_decode(value);
+        if key == "window_s" {
+            let s: u64 = value.parse().map_err(|_| {
+                format!("window_s `{value}` is not a number of seconds (0: everything held)")
+            })?;
+            window = std::time::Duration::from_secs(s);
+            continue;
+        }
+        match filter.take_pair(key, &value) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "unknown parameter `{pair}`: /v1/map takes window_s, namespace and workload"
+                ))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok((filter, window))
 }
 
 /// The map over the nodes that answered (`/v1/map` of an agent or of the relay).
@@ -341,7 +368,8 @@ fn server_port(steps: &[RawStep], fallback: u16) -> u16 {
 pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: u64) -> MapAnswer {
     let mut vertices: BTreeMap<String, Vertex> = BTreeMap::new();
     let mut edges: BTreeMap<(String, String, String, String, u16), Building> = BTreeMap::new();
-    for (record, request, reply) in groups(views, &PathEnd::Any, &PathEnd::Any, window_ns, now_unix_ns)
+    for (record, request, reply) in
+        groups(views, &PathEnd::Any, &PathEnd::Any, window_ns, now_unix_ns)
     {
         let from = vertex(record.src_endpoint.as_ref(), record.request.tuple.src);
         let last_dst = request
@@ -359,7 +387,11 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
         let port = server_port(&request, record.request.tuple.dst_port);
         let key = (
             from.id.clone(),
-            record.service.as_ref().map(ToString::to_string).unwrap_or_default(),
+            record
+                .service
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             to.id.clone(),
             record.protocol.clone(),
             port,
@@ -427,13 +459,8 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
     let edges = edges
         .into_values()
         .map(|mut b| {
-            b.paths
-                .sort_by_key(|p| std::cmp::Reverse(p.connections));
-            let (first, last) = if b.seen.0 == u64::MAX {
-                (0, 0)
-            } else {
-                b.seen
-            };
+            b.paths.sort_by_key(|p| std::cmp::Reverse(p.connections));
+            let (first, last) = if b.seen.0 == u64::MAX { (0, 0) } else { b.seen };
             let span_s = (last.saturating_sub(first) as f64 / 1e9).max(1.0);
             let network_time_ns = match (mean(&b.response), mean(&b.server)) {
                 (Some(a), Some(s)) => Some(a - s),
@@ -471,7 +498,12 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
         })
         .collect();
     MapAnswer {
-        nodes: views.iter().map(|v| v.node.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+        nodes: views
+            .iter()
+            .map(|v| v.node.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
         missing: Vec::new(),
         window_s: window_ns / 1_000_000_000,
         generated_unix_ns: now_unix_ns,

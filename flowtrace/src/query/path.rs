@@ -90,9 +90,18 @@ pub struct PathAnswer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathEnd {
     Ip(std::net::IpAddr),
-    Pod { namespace: String, name: String },
-    Workload { namespace: String, name: String },
-    Service { namespace: String, name: String },
+    Pod {
+        namespace: String,
+        name: String,
+    },
+    Workload {
+        namespace: String,
+        name: String,
+    },
+    Service {
+        namespace: String,
+        name: String,
+    },
     /// Every source or destination (the map's query: all connections).
     Any,
 }

@@ -3,6 +3,7 @@
 //! - `GET /v1/flows[?filters&limit=N]`: every node's flows, each with its node, and the
 //!   nodes missing from the answer.
 //! - `GET /v1/path?src=&dst=[&window_s=]`: the paths joined over every node.
+//! - `GET /v1/map[?window_s=&namespace=&workload=]`: the application's map over every node.
 //! - `GET /v1/trace[?filters]`: one live stream merged from every node's.
 //! - `GET /v1/nodes`: every agent known, asked for its status now.
 //! - `GET /metrics`, `/healthz`, `/readyz` (also on `--metrics-listen`).
@@ -73,6 +74,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/flows", get(flows))
         .route("/v1/drops", get(drops))
         .route("/v1/path", get(path))
+        .route("/v1/map", get(map))
         .route("/v1/trace", get(trace))
         .route("/v1/nodes", get(nodes))
         .with_state(relay.clone())
@@ -162,6 +164,15 @@ async fn path(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Res
         Err(msg) => error_response(StatusCode::BAD_REQUEST, msg),
     };
     served(&relay, "path", started, r)
+}
+
+async fn map(State(relay): State<Arc<Relay>>, RawQuery(query): RawQuery) -> Response {
+    let started = Instant::now();
+    let r = match crate::query::map::map_query(query.as_deref().unwrap_or("")) {
+        Ok((filter, window)) => json(&relay.map(filter, window).await),
+        Err(msg) => error_response(StatusCode::BAD_REQUEST, msg),
+    };
+    served(&relay, "map", started, r)
 }
 
 async fn nodes(State(relay): State<Arc<Relay>>) -> Response {

@@ -12,6 +12,8 @@
 //! - `GET /v1/status`: node, version, readiness (what the relay's `/v1/nodes` shows).
 //! - `GET /v1/pathdata[?window_s=N]`: flows, latency and tunnels in one answer (one drain),
 //!   what `flowtrace path` and the relay's `/v1/path` join.
+//! - `GET /v1/map[?window_s=N&namespace=NS&workload=NS/NAME]`: this node's share of the
+//!   application's map (`query::map`).
 //! - `GET /v1/trace[?same filters as /v1/flows]`: live tracing, a stream of JSON lines
 //!   (one per packet, hook by hook) for as long as the client reads.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
@@ -58,6 +60,7 @@ pub fn data_router(agent: Arc<Agent>) -> Router {
         .route("/v1/metadata", get(metadata))
         .route("/v1/latency", get(latency))
         .route("/v1/pathdata", get(pathdata))
+        .route("/v1/map", get(map))
         .route(
             "/v1/status",
             get(|State(agent): State<Arc<Agent>>| async move { Json(agent.status()) }),
@@ -132,6 +135,33 @@ async fn pathdata(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) ->
         Err(msg) => return error_response(StatusCode::BAD_REQUEST, msg),
     };
     json_or_500(agent.pathdata(window).await)
+}
+
+/// This node's share of the map: its own connections' paths, grouped as the relay groups
+/// every node's (an edge that crosses nodes shows only its hops here).
+async fn map(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) -> Response {
+    let (filter, window) = match crate::query::map::map_query(query.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(msg) => return error_response(StatusCode::BAD_REQUEST, msg),
+    };
+    let data = match agent.pathdata(window).await {
+        Ok(d) => d,
+        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let view = crate::query::path::NodeView::from_pathdata(data);
+    let now = crate::util::unix_now_ns();
+    let window_ns = window.as_nanos() as u64;
+    match tokio::task::spawn_blocking(move || {
+        crate::query::map::map(&[view], &filter, window_ns, now)
+    })
+    .await
+    {
+        Ok(m) => Json(m).into_response(),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("building the map failed: {e}"),
+        ),
+    }
 }
 
 /// `window_s=N` of a query (0, the default: everything held).

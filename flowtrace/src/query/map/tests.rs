@@ -17,7 +17,12 @@ fn two_connections_through_the_service() -> Vec<NodeView> {
 
 #[test]
 fn connections_through_a_service_are_one_edge_between_the_workloads() {
-    let m = map(&two_connections_through_the_service(), &MapFilter::default(), 0, 0);
+    let m = map(
+        &two_connections_through_the_service(),
+        &MapFilter::default(),
+        0,
+        0,
+    );
     let ids: Vec<&str> = m.vertices.iter().map(|v| v.id.as_str()).collect();
     assert_eq!(
         ids,
@@ -44,7 +49,10 @@ fn connections_through_a_service_are_one_edge_between_the_workloads() {
         (e.from.as_str(), e.to.as_str()),
         ("workload/default/client", "workload/default/backend")
     );
-    assert_eq!(e.service.as_ref().map(ToString::to_string).as_deref(), Some("default/svc-demo"));
+    assert_eq!(
+        e.service.as_ref().map(ToString::to_string).as_deref(),
+        Some("default/svc-demo")
+    );
     assert_eq!((e.protocol.as_str(), e.port), ("tcp", 8080));
     assert_eq!(e.connections, 2);
     // Each connection: 10 packets, 1000 bytes at the client's veth, and as many back.
@@ -110,7 +118,13 @@ fn addresses_without_metadata_are_their_own_vertices_and_old_connections_leave()
         Vec::new(),
         vec![f, back],
         Vec::new(),
-        vec![lat(LatencyKind::Hop, req, Some(("x", Direction::Ingress)), ("y", E), &[1])],
+        vec![lat(
+            LatencyKind::Hop,
+            req,
+            Some(("x", Direction::Ingress)),
+            ("y", E),
+            &[1],
+        )],
     );
     let m = map(&v, &MapFilter::default(), 0, 0);
     assert_eq!(m.edges.len(), 1, "{:#?}", m.edges);
@@ -118,8 +132,37 @@ fn addresses_without_metadata_are_their_own_vertices_and_old_connections_leave()
     assert_eq!(m.edges[0].port, 53);
     assert!(m.vertices.iter().any(|v| v.kind == VertexKind::External));
     // Seen last at 1 s: within a 5 s window at 3 s, not within 1 s at 3 s.
-    assert_eq!(map(&v, &MapFilter::default(), 5_000_000_000, 3_000_000_000).edges.len(), 1);
+    assert_eq!(
+        map(&v, &MapFilter::default(), 5_000_000_000, 3_000_000_000)
+            .edges
+            .len(),
+        1
+    );
     assert!(map(&v, &MapFilter::default(), 1_000_000_000, 3_000_000_000)
         .edges
         .is_empty());
+}
+
+#[test]
+fn map_queries_parse_or_say_what_is_wrong() {
+    let (f, w) =
+        map_query("window_s=30&namespace=sock-shop&workload=sock-shop%2Ffront-end").unwrap();
+    assert_eq!(w, std::time::Duration::from_secs(30));
+    assert_eq!(f.namespaces, ["sock-shop"]);
+    assert_eq!(
+        f.workloads,
+        [("sock-shop".to_string(), "front-end".to_string())]
+    );
+    assert_eq!(
+        map_query(&f.to_query()).unwrap().0,
+        f,
+        "what the CLI sends is what the API reads"
+    );
+    assert!(map_query("window_s=soon").unwrap_err().contains("window_s"));
+    assert!(map_query("colour=red")
+        .unwrap_err()
+        .contains("unknown parameter"));
+    assert!(map_query("workload=front-end")
+        .unwrap_err()
+        .contains("NAMESPACE/NAME"));
 }
