@@ -129,6 +129,21 @@ impl PacketInfo {
     /// repeats. A plain packet counts its IP total length, which ignores Ethernet padding.
     #[inline(always)]
     pub fn wire_counts(&self, meta: SkbMeta) -> (u64, u64) {
+        let (packets, bytes, _) = self.wire_counts_with_payload(meta);
+        (packets, bytes)
+    }
+
+    /// [`PacketInfo::wire_counts`] and the payload bytes among them: every segment repeats
+    /// the IP and transport headers, and what is left is the applications' data.
+    #[inline(always)]
+    pub fn wire_counts_with_payload(&self, meta: SkbMeta) -> (u64, u64, u64) {
+        let (packets, bytes) = self.wire_counts_only(meta);
+        let headers = packets * (self.l3_header_len + self.l4_header_len) as u64;
+        (packets, bytes, bytes.saturating_sub(headers))
+    }
+
+    #[inline(always)]
+    fn wire_counts_only(&self, meta: SkbMeta) -> (u64, u64) {
         if meta.gso_segs > 1 {
             let aggregate = meta.len.saturating_sub(self.l3_offset) as u64;
             let per_segment_headers = (self.l3_header_len + self.l4_header_len) as u64;

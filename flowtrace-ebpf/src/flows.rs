@@ -24,7 +24,7 @@ use crate::{
 /// that need it to the slow path (a tail call).
 ///
 /// The common case (the flow owns its slot) is an array access, a comparison of the key and
-/// four adds: no hash map, no helper call but the coarse clock. Last seen comes from
+/// five adds: no hash map, no helper call but the coarse clock. Last seen comes from
 /// `bpf_ktime_get_coarse_ns` (the same clock as `bpf_ktime_get_ns`, at tick resolution),
 /// which is all it needs, where reading the fine clock costs more than the rest of a cache
 /// hit; a flow's first packet at a hook (a miss) reads the fine clock, which orders hops.
@@ -44,7 +44,7 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
         protocol: info.protocol,
         _pad: 0,
     };
-    let (packets, bytes) = info.wire_counts(meta);
+    let (packets, bytes, payload) = info.wire_counts_with_payload(meta);
     let active = match CONTROL.get(CONTROL_ACTIVE_BUFFER) {
         Some(v) => *v & 1,
         None => {
@@ -68,6 +68,7 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
             let s = &mut (*slot).stats;
             s.packets += packets;
             s.bytes += bytes;
+            s.payload_bytes += payload;
             // The coarse clock lags the fine one by up to a tick: never behind first_seen.
             if now > s.last_seen_ns {
                 s.last_seen_ns = now;
@@ -87,6 +88,7 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
             (*slot).stats = FlowStats {
                 packets,
                 bytes,
+                payload_bytes: payload,
                 first_seen_ns: first,
                 last_seen_ns: first,
                 tcp_flags: info.tcp_flags,

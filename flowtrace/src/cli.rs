@@ -615,6 +615,7 @@ mod tests {
             direction: d,
             packets: 3,
             bytes: 300,
+            payload_bytes: 0,
             first_seen_unix_ns: 0,
             last_seen_unix_ns: 0,
             tcp_flags: String::new(),
@@ -630,6 +631,7 @@ mod tests {
             dst_port: 53,
             packets: 3,
             bytes: 300,
+            payload_bytes: 0,
             hops: vec![
                 hop("veth1", Direction::Ingress),
                 hop("flannel.1", Direction::Egress),

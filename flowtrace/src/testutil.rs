@@ -120,6 +120,7 @@ pub fn flow_record(bytes: u64) -> crate::model::FlowRecord {
         dst_port: 8080,
         packets: 1,
         bytes,
+        payload_bytes: bytes.saturating_sub(40),
         hops: Vec::new(),
         src_endpoint: None,
         dst_endpoint: None,

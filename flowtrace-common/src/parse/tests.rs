@@ -103,6 +103,7 @@ fn ipv4_udp() {
     assert_eq!(&crate::addr_bytes(&i.dst_addr)[..4], &[10, 244, 2, 11]);
     assert_eq!((i.src_port, i.dst_port), (40000, 53));
     assert_eq!(i.wire_counts(meta(&f)), (1, 20 + 8 + 100));
+    assert_eq!(i.wire_counts_with_payload(meta(&f)), (1, 20 + 8 + 100, 100));
 }
 
 #[test]
@@ -126,6 +127,7 @@ fn ipv4_options_move_the_transport_header() {
     assert_eq!((i.src_port, i.dst_port, i.tcp_flags), (1234, 80, 0x18));
     assert_eq!(i.l4_header_len, 32);
     assert_eq!(i.wire_counts(meta(&f)).1, 28 + 32 + 10);
+    assert_eq!(i.wire_counts_with_payload(meta(&f)).2, 10);
 }
 
 #[test]
@@ -334,6 +336,11 @@ fn gso_aggregate_counts_wire_segments() {
     };
     let i = parse_frame(&f[..], m).unwrap();
     assert_eq!(i.wire_counts(m), (3, 3 * (20 + 32 + 1448)));
+    assert_eq!(
+        i.wire_counts_with_payload(m),
+        (3, 3 * (20 + 32 + 1448), payload as u64),
+        "the payload is what the application sent"
+    );
 }
 
 #[test]
@@ -341,6 +348,7 @@ fn stats_merge() {
     let mut a = crate::FlowStats {
         packets: 1,
         bytes: 10,
+        payload_bytes: 4,
         first_seen_ns: 50,
         last_seen_ns: 60,
         tcp_flags: 2,
@@ -351,6 +359,7 @@ fn stats_merge() {
     let b = crate::FlowStats {
         packets: 2,
         bytes: 20,
+        payload_bytes: 7,
         first_seen_ns: 40,
         last_seen_ns: 55,
         tcp_flags: 0x10,
@@ -363,11 +372,12 @@ fn stats_merge() {
         (
             a.packets,
             a.bytes,
+            a.payload_bytes,
             a.first_seen_ns,
             a.last_seen_ns,
             a.tcp_flags
         ),
-        (3, 30, 40, 60, 0x12)
+        (3, 30, 11, 40, 60, 0x12)
     );
     let mut empty = crate::FlowStats::default();
     empty.merge(&b);

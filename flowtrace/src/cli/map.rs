@@ -154,8 +154,8 @@ fn text(m: &MapAnswer) -> String {
                     .unwrap_or_else(|| "-".into()),
                 format!("{}/{}", e.protocol, e.port),
                 e.connections.to_string(),
-                human_bytes(e.request_bytes as f64),
-                human_bytes(e.reply_bytes as f64),
+                human_bytes(e.request_payload_bytes as f64),
+                human_bytes(e.reply_payload_bytes as f64),
                 format!("{}/s", human_bytes(e.bytes_per_s)),
                 opt_ns(handshake_p50(e)),
                 opt_ns(e.network_time_ns),
@@ -188,8 +188,10 @@ fn text(m: &MapAnswer) -> String {
         line(&cells);
     }
     out.push_str(
-        "(HANDSHAKE: median SYN to SYN-ACK at the client; NETWORK and SERVER: the mean answer \
-         time split at the server's last hop; `flowtrace path FROM TO` shows an edge hop by hop)\n",
+        "(REQUEST, REPLY: the applications' bytes, without IP and transport headers; RATE: \
+         layer-3 bytes both ways per second while active; HANDSHAKE: median SYN to SYN-ACK at \
+         the client; NETWORK and SERVER: the mean answer time split at the server's last hop; \
+         `flowtrace path FROM TO` shows an edge hop by hop)\n",
     );
     out
 }
@@ -342,8 +344,8 @@ mod tests {
             "to": "workload/shop/catalogue",
             "service": {"namespace": "shop", "name": "cata\"logue"},
             "protocol": "tcp", "port": 8080, "connections": 12,
-            "request_packets": 40, "request_bytes": 12_345, "reply_packets": 30,
-            "reply_bytes": 2_500_000, "bytes_per_s": 41_000.0, "packets_per_s": 7.0,
+            "request_packets": 40, "request_bytes": 12_345, "request_payload_bytes": 10_000,
+            "reply_packets": 30, "reply_bytes": 2_500_000, "reply_payload_bytes": 2_400_000, "bytes_per_s": 41_000.0, "packets_per_s": 7.0,
             "first_seen_unix_ns": 0, "last_seen_unix_ns": 0,
             "handshake_rtt": {"samples": 12, "mean_ns": 300_000, "min_ns": 1, "max_ns": 2,
                               "p50_ns": 262_144, "p90_ns": 524_288, "p99_ns": 524_288},
@@ -393,8 +395,8 @@ mod tests {
             "shop/catalogue",
             "tcp/8080",
             "12",
-            "12.3 kB",
-            "2.5 MB",
+            "10.0 kB",
+            "2.4 MB",
             "41.0 kB/s",
             "262.1 µs",
             "410.0 µs",

@@ -169,7 +169,7 @@ mod tests {
     fn per_cpu_maps_grow_with_the_cpus_and_shared_ones_do_not() {
         let s = specs(128, 1 << 22, 4096);
         let cache = s.iter().find(|m| m.name == maps::CACHE).unwrap();
-        assert_eq!(cache.bytes(2) - cache.bytes(1), 256 * 88);
+        assert_eq!(cache.bytes(2) - cache.bytes(1), 256 * 96);
         let ring = s.iter().find(|m| m.name == maps::EVENTS).unwrap();
         assert_eq!(ring.bytes(2), ring.bytes(256));
     }

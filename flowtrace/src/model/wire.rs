@@ -27,6 +27,10 @@ pub struct FlowRecord {
     pub packets: u64,
     /// Largest layer-3 byte count over the hops.
     pub bytes: u64,
+    /// Largest payload byte count over the hops (what the applications sent, without the
+    /// IP and transport headers).
+    #[serde(default)]
+    pub payload_bytes: u64,
     /// Hops in the order they first saw the flow.
     pub hops: Vec<HopRecord>,
     /// Who sent: pod, Service, node or pod network (absent without metadata).
@@ -129,6 +133,7 @@ impl FlowRecord {
             dst_port: t.dst_port,
             packets: hops.iter().map(|h| h.packets).max().unwrap_or(0),
             bytes: hops.iter().map(|h| h.bytes).max().unwrap_or(0),
+            payload_bytes: hops.iter().map(|h| h.payload_bytes).max().unwrap_or(0),
             hops,
             src_endpoint,
             dst_endpoint,
@@ -164,6 +169,9 @@ pub struct HopRecord {
     pub packets: u64,
     /// Layer-3 bytes (IP header onwards) of those packets.
     pub bytes: u64,
+    /// Their payload: the bytes after the IP and transport headers.
+    #[serde(default)]
+    pub payload_bytes: u64,
     pub first_seen_unix_ns: u64,
     pub last_seen_unix_ns: u64,
     /// Union of TCP flags seen, e.g. "SA.F" style letters: F S R P A U E C.

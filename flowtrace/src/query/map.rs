@@ -71,12 +71,16 @@ pub struct Edge {
     /// The server's port (after the Service's translation).
     pub port: u16,
     pub connections: u64,
-    /// Layer-3 packets and bytes from the client, at its first hook.
+    /// Layer-3 packets and bytes from the client, at its first hook, and the payload among
+    /// them (what the client's application sent).
     pub request_packets: u64,
     pub request_bytes: u64,
-    /// Layer-3 packets and bytes of the answers, at the server's first hook.
+    pub request_payload_bytes: u64,
+    /// Layer-3 packets and bytes of the answers, at the server's first hook, and their
+    /// payload (what the server's application sent).
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    pub reply_payload_bytes: u64,
     /// Both ways, over the time the edge was active (first to last sighting, at least 1 s).
     pub bytes_per_s: f64,
     pub packets_per_s: f64,
@@ -289,8 +293,8 @@ struct Building {
     protocol: String,
     port: u16,
     connections: u64,
-    request: (u64, u64),
-    reply: (u64, u64),
+    request: (u64, u64, u64),
+    reply: (u64, u64, u64),
     seen: (u64, u64),
     handshake: Option<LatencyHist>,
     response: Option<LatencyHist>,
@@ -300,8 +304,9 @@ struct Building {
     hops: Vec<String>,
 }
 
-/// The first and last hook of a leg's steps: (packets, bytes, seen, handshake, response).
+/// A hook of a leg's steps: (packets, bytes, payload, seen, handshake, response).
 type HookFacts<'a> = (
+    u64,
     u64,
     u64,
     (u64, u64),
@@ -316,11 +321,19 @@ fn hooks(steps: &[RawStep]) -> Vec<HookFacts<'_>> {
             RawStep::Hop {
                 packets,
                 bytes,
+                payload_bytes,
                 seen_unix_ns,
                 handshake,
                 response,
                 ..
-            } => Some((*packets, *bytes, *seen_unix_ns, handshake, response)),
+            } => Some((
+                *packets,
+                *bytes,
+                *payload_bytes,
+                *seen_unix_ns,
+                handshake,
+                response,
+            )),
             _ => None,
         })
         .collect()
@@ -420,8 +433,8 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
             protocol: record.protocol.clone(),
             port,
             connections: 0,
-            request: (0, 0),
-            reply: (0, 0),
+            request: (0, 0, 0),
+            reply: (0, 0, 0),
             seen: (u64::MAX, 0),
             handshake: None,
             response: None,
@@ -432,21 +445,23 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
         });
         e.connections += record.connections;
         let req = hooks(&request);
-        if let Some(&(packets, bytes, seen, handshake, response)) = req.first() {
+        if let Some(&(packets, bytes, payload, seen, handshake, response)) = req.first() {
             e.request.0 += packets;
             e.request.1 += bytes;
+            e.request.2 += payload;
             e.seen = (e.seen.0.min(seen.0), e.seen.1.max(seen.1));
             merge_hist(&mut e.handshake, handshake);
             merge_hist(&mut e.response, response);
         }
-        if let Some(&(_, _, _, _, response)) = req.last().filter(|_| req.len() > 1) {
+        if let Some(&(_, _, _, _, _, response)) = req.last().filter(|_| req.len() > 1) {
             merge_hist(&mut e.server, response);
         }
-        if let Some(&(packets, bytes, seen, _, _)) =
+        if let Some(&(packets, bytes, payload, seen, _, _)) =
             reply.as_deref().map(hooks).unwrap_or_default().first()
         {
             e.reply.0 += packets;
             e.reply.1 += bytes;
+            e.reply.2 += payload;
             e.seen = (e.seen.0.min(seen.0), e.seen.1.max(seen.1));
         }
         step_nodes(&request, &mut e.nodes);
@@ -481,8 +496,10 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
                 connections: b.connections,
                 request_packets: b.request.0,
                 request_bytes: b.request.1,
+                request_payload_bytes: b.request.2,
                 reply_packets: b.reply.0,
                 reply_bytes: b.reply.1,
+                reply_payload_bytes: b.reply.2,
                 bytes_per_s: (b.request.1 + b.reply.1) as f64 / span_s,
                 packets_per_s: (b.request.0 + b.reply.0) as f64 / span_s,
                 first_seen_unix_ns: first,

@@ -198,6 +198,9 @@ pub enum Step {
         tuple: TupleView,
         packets: u64,
         bytes: u64,
+        /// The applications' bytes among them (after the IP and transport headers).
+        #[serde(default)]
+        payload_bytes: u64,
         /// One-way time from the previous hook of the same node.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from_previous: Option<LatencySummary>,
@@ -290,6 +293,7 @@ pub(super) enum RawStep {
         tuple: FlowTuple,
         packets: u64,
         bytes: u64,
+        payload_bytes: u64,
         /// Earliest and latest sighting at this hook, over the merged connections.
         seen_unix_ns: (u64, u64),
         from_previous: Option<LatencyHist>,
@@ -358,6 +362,7 @@ impl RawStep {
             RawStep::Hop {
                 packets,
                 bytes,
+                payload_bytes,
                 seen_unix_ns,
                 from_previous,
                 handshake,
@@ -367,6 +372,7 @@ impl RawStep {
             RawStep::Hop {
                 packets: p2,
                 bytes: b2,
+                payload_bytes: pb2,
                 seen_unix_ns: s2,
                 from_previous: f2,
                 handshake: h2,
@@ -377,6 +383,7 @@ impl RawStep {
         {
             *packets += p2;
             *bytes += b2;
+            *payload_bytes += pb2;
             *seen_unix_ns = (seen_unix_ns.0.min(s2.0), seen_unix_ns.1.max(s2.1));
             merge_hist(from_previous, f2);
             merge_hist(handshake, h2);
@@ -555,6 +562,7 @@ impl<'a> Indexed<'a> {
                         tuple: t,
                         packets: h.packets,
                         bytes: h.bytes,
+                        payload_bytes: h.payload_bytes,
                         seen_unix_ns: (h.first_seen_unix_ns, h.last_seen_unix_ns),
                         from_previous: prev
                             .clone()
@@ -830,6 +838,7 @@ fn render(s: &RawStep) -> Step {
             tuple,
             packets,
             bytes,
+            payload_bytes,
             from_previous,
             handshake,
             response,
@@ -841,6 +850,7 @@ fn render(s: &RawStep) -> Step {
             tuple: (*tuple).into(),
             packets: *packets,
             bytes: *bytes,
+            payload_bytes: *payload_bytes,
             from_previous: from_previous.as_ref().map(summary),
             handshake_rtt: handshake.as_ref().map(summary),
             response_rtt: response.as_ref().map(summary),

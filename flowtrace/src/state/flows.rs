@@ -179,6 +179,7 @@ impl FlowTable {
                         direction: hop.direction,
                         packets: c.stats.packets,
                         bytes: c.stats.bytes,
+                        payload_bytes: c.stats.payload_bytes,
                         first_seen_unix_ns: unix(c.stats.first_seen_ns),
                         last_seen_unix_ns: unix(c.stats.last_seen_ns),
                         tcp_flags: tcp_flags_string(c.stats.tcp_flags),

@@ -215,6 +215,15 @@ fn tcp_transfer_bytes_match_what_the_client_sent() {
             h.packets,
             h.bytes
         );
+        // The payload flowtrace counts is the applications' bytes: exactly what the client
+        // sent, and the copies it sent again that came this far.
+        assert!(
+            (BYTES..=BYTES + resent as u64).contains(&h.payload_bytes),
+            "hop {} {:?}: {} payload bytes, client sent {BYTES} and retransmitted {resent}",
+            h.interface,
+            h.direction,
+            h.payload_bytes
+        );
         assert!(
             h.tcp_flags.contains('S') && h.tcp_flags.contains('F'),
             "flags {}",
@@ -448,7 +457,7 @@ fn a_full_event_ring_counts_every_lost_packet() {
         cluster.pod(1, "pod-c").unwrap(),
     );
     // 12 000 flows x 2 hops take turns in a cache of 4 096 slots per CPU: some 20 000 hand
-    // overs of 96 bytes, twice what a 1 MiB ring holds.
+    // overs of 104 bytes, twice what a 1 MiB ring holds.
     const FLOWS: u64 = 12_000;
     const ROUNDS: u64 = 1;
     let all_packets = |flows: &[flowtrace::model::FlowRecord]| -> u64 {

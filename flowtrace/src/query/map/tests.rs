@@ -58,6 +58,10 @@ fn connections_through_a_service_are_one_edge_between_the_workloads() {
     // Each connection: 10 packets, 1000 bytes at the client's veth, and as many back.
     assert_eq!((e.request_packets, e.request_bytes), (20, 2000));
     assert_eq!((e.reply_packets, e.reply_bytes), (20, 2000));
+    assert_eq!(
+        (e.request_payload_bytes, e.reply_payload_bytes),
+        (1200, 1200)
+    );
     // First sighting 50 ns (node2's clock), last 1 s: the rate is over at least a second.
     assert_eq!(e.bytes_per_s, 4000.0);
     assert_eq!(e.nodes, ["node1", "node2"]);

@@ -40,6 +40,7 @@ pub(crate) fn flow(
         dst_port: tuple.dst_port,
         packets: 10,
         bytes: 1000,
+        payload_bytes: 600,
         hops: hops
             .iter()
             .map(|(i, d, first)| HopRecord {
@@ -48,6 +49,7 @@ pub(crate) fn flow(
                 direction: *d,
                 packets: 10,
                 bytes: 1000,
+                payload_bytes: 600,
                 first_seen_unix_ns: *first,
                 last_seen_unix_ns: 1_000_000_000,
                 tcp_flags: "SAF".into(),
