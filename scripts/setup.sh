@@ -18,7 +18,7 @@ export DEBIAN_FRONTEND=noninteractive
 # machine's cgroup layout).
 DEB_PKGS=(util-linux iproute2 iptables conntrack iperf3 tcpdump iputils-ping bpftool ethtool libcap2-bin
           llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev prometheus openssl
-          podman runc buildah containerd uidmap binutils)
+          podman runc buildah containerd uidmap binutils python3-venv)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,6 +52,15 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
     --no-default-features --features llvm-22 || \
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 \
     --no-default-features --features llvm-22
+fi
+
+# Locust (PyPI) drives the SockShop scenario's shoppers (tests/src/sockshop.rs, the demo), in
+# its own virtual environment so nothing else on the machine changes.
+LOCUST_VENV=/opt/flowtrace-locust
+if ! "$LOCUST_VENV/bin/locust" --version >/dev/null 2>&1; then
+  log "installing Locust 2.47.0 into $LOCUST_VENV"
+  python3 -m venv "$LOCUST_VENV" || /usr/bin/python3 -m venv "$LOCUST_VENV"
+  "$LOCUST_VENV/bin/pip" install -q --disable-pip-version-check locust==2.47.0
 fi
 
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf

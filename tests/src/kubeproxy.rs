@@ -136,31 +136,16 @@ impl ServiceSpec {
     /// Service (the `nat` table only; the filter table is left alone because flowtrace only needs
     /// the translations).
     pub fn iptables_restore_script(&self) -> String {
-        let mut chains = vec![
-            "KUBE-SERVICES".to_string(),
-            "KUBE-NODEPORTS".to_string(),
-            "KUBE-POSTROUTING".to_string(),
-            "KUBE-MARK-MASQ".to_string(),
-        ];
+        nat_script(std::slice::from_ref(self))
+    }
+
+    /// This Service's chains and rules (every port, every endpoint), without the chains all
+    /// Services share.
+    fn rules(&self, chains: &mut Vec<String>, lines: &mut Vec<String>) {
         for p in &self.ports {
             chains.push(self.svc_chain(p));
             chains.extend(self.endpoints.iter().map(|e| self.sep_chain(p, e)));
         }
-        let mut lines = vec!["*nat".to_string()];
-        lines.extend(chains.iter().map(|c| format!(":{c} - [0:0]")));
-        lines.extend([
-            r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.to_string(),
-            r#"-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.to_string(),
-            r#"-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING"#
-                .to_string(),
-            format!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"),
-            format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
-            // The xor clears the bit so a packet re-entering the stack (e.g. after VXLAN encap) is
-            // not masqueraded twice.
-            format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"),
-            r#"-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE"#
-                .to_string(),
-        ]);
         let vip = self.cluster_ip;
         for p in &self.ports {
             let (proto, port, pn, svc) = (
@@ -210,15 +195,6 @@ impl ServiceSpec {
                 ));
             }
         }
-        // Must stay last: NodePorts match any local destination address.
-        lines.push(
-            r#"-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"#
-                .to_string(),
-        );
-        lines.push("COMMIT".to_string());
-        let mut script = lines.join("\n");
-        script.push('\n');
-        script
     }
 
     /// Loads [`Self::iptables_restore_script`] into the `nat` table of `netns`.
@@ -230,6 +206,52 @@ impl ServiceSpec {
         )
         .map(drop)
     }
+}
+
+/// The `nat` table kube-proxy's iptables mode writes for `services`: the shared chains and
+/// jumps once, then each Service's rules, the NodePort catch-all last.
+pub fn nat_script(services: &[ServiceSpec]) -> String {
+    let mut chains = vec![
+        "KUBE-SERVICES".to_string(),
+        "KUBE-NODEPORTS".to_string(),
+        "KUBE-POSTROUTING".to_string(),
+        "KUBE-MARK-MASQ".to_string(),
+    ];
+    let mut rules = Vec::new();
+    for s in services {
+        s.rules(&mut chains, &mut rules);
+    }
+    let mut lines = vec!["*nat".to_string()];
+    lines.extend(chains.iter().map(|c| format!(":{c} - [0:0]")));
+    lines.extend([
+        r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.to_string(),
+        r#"-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.to_string(),
+        r#"-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING"#
+            .to_string(),
+        format!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"),
+        format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
+        // The xor clears the bit so a packet re-entering the stack (e.g. after VXLAN encap) is
+        // not masqueraded twice.
+        format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"),
+        r#"-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE"#
+            .to_string(),
+    ]);
+    lines.extend(rules);
+    // Must stay last: NodePorts match any local destination address.
+    lines.push(
+        r#"-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"#
+            .to_string(),
+    );
+    lines.push("COMMIT".to_string());
+    let mut script = lines.join("\n");
+    script.push('\n');
+    script
+}
+
+/// Replaces the `nat` table of `netns` with kube-proxy's rules for `services` (as kube-proxy
+/// does on each sync: the whole table, so Services installed before do not linger).
+pub fn install_all(services: &[ServiceSpec], netns_name: &str) -> Result<()> {
+    netns::exec_with_stdin(netns_name, &["iptables-restore"], &nat_script(services)).map(drop)
 }
 
 /// The cluster's pod CIDR (all nodes' /24s), as kube-proxy's `--cluster-cidr`.

@@ -47,6 +47,7 @@ pub mod netns;
 pub mod prometheus;
 pub mod promtext;
 pub mod relay;
+pub mod sockshop;
 pub mod tcpdump;
 pub mod tls;
 pub mod traffic;

@@ -509,9 +509,26 @@ impl RelayBed {
             nodes: opts.nodes,
             ..ClusterOptions::default()
         })?;
+        let objects = apiserver::cluster_objects(&cluster);
+        Self::up_on(cluster, objects, opts)
+    }
+
+    /// [`RelayBed::up`] on a cluster the caller built (of `opts.nodes` nodes), whose fixture
+    /// API server serves `objects` (and the agents' Service and EndpointSlice).
+    pub fn up_on(
+        cluster: Cluster,
+        mut objects: Vec<Value>,
+        opts: &RelayOptions,
+    ) -> Result<RelayBed> {
+        if cluster.nodes.len() != opts.nodes {
+            return Err(Error::Invalid(format!(
+                "RelayOptions.nodes is {} for a cluster of {} nodes",
+                opts.nodes,
+                cluster.nodes.len()
+            )));
+        }
         let net = RelayNet::attach(&cluster)?;
         let certs = Certs::generate(&cluster.prefix)?;
-        let mut objects = apiserver::cluster_objects(&cluster);
         let listed: Vec<usize> = opts
             .listed
             .clone()

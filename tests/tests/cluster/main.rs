@@ -26,6 +26,7 @@ mod least_privilege;
 mod lifecycle;
 mod malformed;
 mod manifest;
+mod map;
 mod metrics;
 mod metrics_flood;
 mod nat;
