@@ -2965,6 +2965,55 @@ fn grafana_dashboard_queries_only_exported_metrics() {
     assert!(used > 0, "{DASHBOARD}: no query uses a flowtrace_ metric");
 }
 
+/// The application map panel: a node graph whose two instant table queries give Grafana's
+/// edges frame (id, source, target) and nodes frame (id), their values as `mainstat`.
+/// (tests/tests/cluster/metrics.rs runs both against a real Prometheus.)
+#[test]
+fn grafana_dashboard_has_a_node_graph_of_workloads_and_services() {
+    let dash = dashboard();
+    let mut all = Vec::new();
+    panels(&dash, "", &mut all);
+    let (at, map) = all
+        .iter()
+        .find(|(_, p)| p["type"] == "nodeGraph")
+        .unwrap_or_else(|| panic!("{DASHBOARD}: no nodeGraph panel"));
+    let targets = map["targets"].as_array().cloned().unwrap_or_default();
+    let target = |id: &str| {
+        targets
+            .iter()
+            .find(|t| t["refId"] == id)
+            .unwrap_or_else(|| panic!("{DASHBOARD}: {at} has no `{id}` query"))
+    };
+    for id in ["edges", "nodes"] {
+        let t = target(id);
+        assert_eq!(
+            (t["format"].as_str(), t["instant"].as_bool()),
+            (Some("table"), Some(true)),
+            "{DASHBOARD}: {at}: query `{id}` must be an instant table"
+        );
+    }
+    let edges = target("edges")["expr"].as_str().unwrap_or_default();
+    for field in [r#""source""#, r#""target""#, r#""id""#] {
+        assert!(
+            edges.contains(field),
+            "{DASHBOARD}: {at}: the edges query must make a {field} label: {edges}"
+        );
+    }
+    let nodes = target("nodes")["expr"].as_str().unwrap_or_default();
+    assert!(
+        nodes.contains(r#""id""#) && !nodes.contains(r#""source""#),
+        "{DASHBOARD}: {at}: the nodes query makes `id` only: {nodes}"
+    );
+    let renames = &map["transformations"][0]["options"]["renameByName"];
+    for v in ["Value #edges", "Value #nodes"] {
+        assert_eq!(
+            renames[v].as_str(),
+            Some("mainstat"),
+            "{DASHBOARD}: {at}: {v}"
+        );
+    }
+}
+
 /// Whether a `datasource` field designates the `${datasource}` variable.
 fn is_datasource_var(v: &Value) -> bool {
     let uid = match v {

@@ -93,6 +93,47 @@ fn prometheus_scrapes_both_agents_and_its_answers_match_what_was_sent() {
         1,
         "workload level: no pod label values: {per_node:?}"
     );
+    // The dashboard's application map (a node graph) from the same Prometheus: its edges
+    // query gives the client -> Service -> backend arrow with the fields the panel reads
+    // (id, source, target), its nodes query both workloads.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/grafana/flowtrace-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let map = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "nodeGraph")
+        .expect("the dashboard has a node graph panel");
+    let expr = |ref_id: &str| {
+        map["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["refId"] == ref_id)
+            .and_then(|t| t["expr"].as_str())
+            .unwrap_or_else(|| panic!("node graph target {ref_id}"))
+            .replace("$namespace", ".*")
+            .replace("$__range", "10m")
+    };
+    let edges = prom.query(&expr("edges")).unwrap();
+    let arrow = edges.iter().find(|(m, _)| {
+        m["source"] == "default/client"
+            && m["target"] == "default/backend"
+            && m["id"] == "default/client -> default/svc-demo -> default/backend"
+    });
+    assert!(arrow.is_some_and(|(_, v)| *v >= 0.0), "edges: {edges:?}");
+    assert_eq!(edges.len(), 1, "one arrow, client -> backend: {edges:?}");
+    let nodes = prom.query(&expr("nodes")).unwrap();
+    for id in ["default/client", "default/backend"] {
+        assert!(nodes.iter().any(|(m, _)| m["id"] == id), "{id}: {nodes:?}");
+    }
+
     // The agent's own health is there too.
     let attached = prom.query("flowtrace_attached_interfaces").unwrap();
     assert_eq!(attached.len(), 2, "{attached:?}");
