@@ -16,10 +16,12 @@
 //! - `bench-relay`: the relay at scale: 100 simulated agents (mTLS, 10 000 named flows each)
 //!   on loopback, the real relay binary in front; answer time of a filtered cluster-wide
 //!   `/v1/flows` (p50/p99), the relay's memory and CPU, the fan-out cost per agent.
+//! - `bench-map`: the relay's `/v1/map` for 1 000 workloads and 10 000 edges, in process:
+//!   build time and memory.
 //! - `image`: the OCI image `localhost/flowtrace:<version>` built with buildah from the release
 //!   binary on `FROM scratch` (no registry needed), optionally saved as an OCI archive.
 //!
-//! All but `bench-metadata` and `bench-relay` need root (network namespaces, eBPF) and the tools
+//! All but `bench-metadata`, `bench-map` and `bench-relay` need root (network namespaces, eBPF) and the tools
 //! `scripts/setup.sh` installs.
 
 mod agentbench;
@@ -31,6 +33,7 @@ mod dropbench;
 mod floodbench;
 mod image;
 mod layers;
+mod mapbench;
 mod mapmem;
 mod metabench;
 mod microbench;
@@ -68,6 +71,9 @@ enum Command {
     /// The relay at scale: simulated mTLS agents on loopback, the real relay binary; answer
     /// time, memory and fan-out cost (no root needed).
     BenchRelay(relaybench::RelayBenchArgs),
+    /// The relay's `/v1/map` for a large application (1 000 workloads, 10 000 edges by
+    /// default), in process: build time and the memory held (no root needed).
+    BenchMap(mapbench::MapBenchArgs),
     /// Memory of the Kubernetes metadata cache for N pods and the cost of naming an address,
     /// against the same pods kept as whole objects.
     BenchMetadata {
@@ -122,6 +128,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::BenchAgent(args) => agentbench::run(&args),
         Command::BenchRelay(args) => relaybench::run(&args),
+        Command::BenchMap(args) => mapbench::run(&args),
         Command::BenchDrops(args) => dropbench::run(&args),
         Command::BenchFlood(args) => floodbench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
