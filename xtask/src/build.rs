@@ -11,6 +11,8 @@ pub struct Binaries {
     pub ftgen: PathBuf,
     /// `bench-relay`'s simulated agents.
     pub ftagents: PathBuf,
+    /// The SockShop scenario's stand-ins (the demo's second part).
+    pub ftshop: PathBuf,
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -78,8 +80,9 @@ pub fn release_binaries() -> Result<Binaries> {
         flowtrace: target.join("release").join("flowtrace"),
         ftgen: target.join("release").join("ftgen"),
         ftagents: target.join("release").join("ftagents"),
+        ftshop: target.join("release").join("ftshop"),
     };
-    for p in [&bins.flowtrace, &bins.ftgen, &bins.ftagents] {
+    for p in [&bins.flowtrace, &bins.ftgen, &bins.ftagents, &bins.ftshop] {
         if !p.is_file() {
             bail!("cargo reported success but {} does not exist; is CARGO_TARGET_DIR set differently?", p.display());
         }
@@ -88,6 +91,7 @@ pub fn release_binaries() -> Result<Binaries> {
     // read them when starting agents and traffic.
     std::env::set_var("FLOWTRACE_BIN", &bins.flowtrace);
     std::env::set_var("FTGEN_BIN", &bins.ftgen);
+    std::env::set_var("FTSHOP_BIN", &bins.ftshop);
     Ok(bins)
 }
 

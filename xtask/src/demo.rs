@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the emulated cluster, one agent per node, a little traffic of every kind
 //! (and some that a firewall rule drops), and what `flowtrace flows` shows on each node
-//! afterwards.
+//! afterwards; then the SockShop scenario on three nodes under Locust's shoppers, the
+//! application's map through the relay (`flowtrace map`), and the map page written to a file
+//! with a screenshot of it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -230,6 +232,7 @@ pub fn run() -> Result<()> {
     cluster
         .down()
         .context("tearing the emulated cluster down")?;
+    sockshop()?;
     eprintln!(
         "xtask: demo done in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -768,4 +771,111 @@ fn merge_hops(
         .collect();
     let max_bytes = hops.iter().map(|(_, _, b)| *b).max().unwrap_or(0);
     (hops, max_bytes)
+}
+
+/// The demo's second part: the SockShop scenario (`flowtrace_tests::sockshop`) on three nodes
+/// with an agent each and the relay, Locust's shoppers for 20 s, then the map as
+/// `flowtrace map --relay` prints it, and the page written to `target/demo/` with a
+/// screenshot taken in headless Chromium.
+fn sockshop() -> Result<()> {
+    use flowtrace_tests::{
+        relay::{RelayBed, RelayOptions},
+        sockshop,
+    };
+    eprintln!(
+        "xtask: (e) the SockShop scenario: 3 nodes, {} workloads behind {} ClusterIP Services, \
+         Locust's shoppers for 20 s",
+        sockshop::WORKLOADS.len(),
+        sockshop::WORKLOADS
+            .iter()
+            .filter(|w| w.service_port.is_some())
+            .count()
+    );
+    let cluster = sockshop::cluster().context("bringing the SockShop cluster up")?;
+    let objects = sockshop::objects(&cluster)?;
+    let bed = RelayBed::up_on(cluster, objects, &RelayOptions::default())
+        .context("starting the agents and the relay")?;
+    let relay = bed.relay()?;
+    relay.wait_nodes_ok(&["node1", "node2", "node3"], Duration::from_secs(30))?;
+    let shop = sockshop::start(&bed.cluster).context("starting the shop's services")?;
+    let summary = sockshop::load(&bed.cluster, 6, 20).context("running Locust")?;
+    let counts = shop.stop()?;
+    if let Some(line) = summary
+        .lines()
+        .find(|l| l.trim_start().starts_with("Aggregated"))
+    {
+        eprintln!("xtask: Locust: {}", line.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+    // The agents drain every 500 ms: wait until every call of the graph is an edge.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let v = relay.get_json("/v1/map?window_s=0")?;
+        let m: flowtrace::query::map::MapAnswer =
+            serde_json::from_value(v.clone()).context("decoding the relay's map")?;
+        if m.edges.len() >= sockshop::CALLS.len() || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let out = relay.cli("map", &["--window-s", "0"])?;
+    println!(
+        "\n=== the application's map ===\n$ flowtrace map --relay http://127.0.0.1:9660 --window-s 0"
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    // Against what the shop's own processes counted.
+    let id = |w: &str| format!("workload/{}/{w}", sockshop::NAMESPACE);
+    let mut exact = 0;
+    for (c, s) in sockshop::CALLS {
+        let truth = if c == "load-test" {
+            let ip = bed
+                .cluster
+                .pods()
+                .find(|p| p.name == "load-test")
+                .map(|p| p.ipv4.to_string())
+                .unwrap_or_default();
+            counts.served(s, &ip)
+        } else {
+            counts.calls(c, s)
+        };
+        let e = answer.edges.iter().find(|e| e.from == id(c) && e.to == id(s));
+        if e.is_some_and(|e| {
+            (e.request_payload_bytes, e.reply_payload_bytes, e.connections) == truth
+        }) {
+            exact += 1;
+        } else {
+            println!(
+                "  {c} -> {s}: the applications counted {truth:?} (request, reply, connections), \
+                 flowtrace {:?}",
+                e.map(|e| (e.request_payload_bytes, e.reply_payload_bytes, e.connections))
+            );
+        }
+    }
+    println!(
+        "{exact} of {} edges carry exactly the bytes and connections the shop's processes counted",
+        sockshop::CALLS.len()
+    );
+    let dir = crate::build::workspace_root()?.join("target/demo");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let html = dir.join("sockshop-map.html");
+    let json = serde_json::to_string(&answer).context("encoding the map")?;
+    std::fs::write(&html, flowtrace::server::page::static_map_page(&json))
+        .with_context(|| format!("writing {}", html.display()))?;
+    let png = dir.join("sockshop-map.png");
+    let shot = (|| -> Result<usize> {
+        let mut b = flowtrace_tests::browser::Browser::launch()?;
+        b.navigate(&format!("file://{}", html.display()))?;
+        b.wait_for("document.body.dataset.ready === '1'", Duration::from_secs(20))?;
+        Ok(b.screenshot(&png)?)
+    })();
+    println!("\nThe map page: open file://{} in a browser", html.display());
+    match shot {
+        Ok(bytes) => println!("  a screenshot of it: {} ({bytes} bytes)", png.display()),
+        Err(e) => println!("  no screenshot ({e:#}); scripts/setup.sh installs chromium"),
+    }
+    println!(
+        "  live, the relay and every agent serve it at /map (e.g. kubectl port-forward to the \
+         relay's 9660, then http://127.0.0.1:9660/map)"
+    );
+    drop(bed);
+    Ok(())
 }
