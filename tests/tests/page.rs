@@ -1085,6 +1085,62 @@ fn static_page_draws_the_map_and_follows_an_edge_hop_by_hop() {
         true
     );
     assert_eq!(table_rows(&mut b).len(), map.edges.len());
+    // Colour by the handshake's p50 (the payment edge's 4.9 ms is in 3-10 ms, yellow), width
+    // by bytes/s (46 kB/s drawn wider than 76 B/s).
+    let line = |b: &mut Browser, id: &str, attr: &str| -> String {
+        let id = serde_json::to_string(id).unwrap();
+        b.eval(&format!(
+            "[...document.querySelectorAll('#map g.edge')].find(g => g.dataset.id === {id}).querySelector('path.line').getAttribute('{attr}')"
+        ))
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string()
+    };
+    let payment =
+        "workload/sock-shop/orders -> svc/sock-shop/payment -> workload/sock-shop/payment tcp/80";
+    assert_eq!(line(&mut b, payment, "stroke"), "#eab308");
+    let busiest = "workload/sock-shop/front-end -> svc/sock-shop/catalogue -> workload/sock-shop/catalogue tcp/80";
+    let lightest = "node/node2 -> workload/sock-shop/front-end tcp/8079";
+    let width = |b: &mut Browser, id| line(b, id, "stroke-width").parse::<f64>().unwrap();
+    assert!(width(&mut b, busiest) > width(&mut b, lightest) + 2.0);
+    // The label chooser: connections on every label.
+    b.eval("{ const l = document.getElementById('label'); l.value = 'connections'; l.dispatchEvent(new Event('change')); true }")
+        .unwrap();
+    let labels = b
+        .eval("[...document.querySelectorAll('#map g.elabel:not(.drop) text')].map(t => t.textContent)")
+        .unwrap();
+    let labels: Vec<String> = serde_json::from_value(labels).unwrap();
+    assert!(labels.len() >= map.edges.len() - 2, "{labels:?}");
+    assert!(labels.iter().all(|l| l.ends_with(" conn")), "{labels:?}");
+    assert!(labels.contains(&"1,310 conn".to_string()), "{labels:?}");
+    // The filter, typed: the table keeps the edges of the matching vertices.
+    let (x, y) = center_of(&mut b, "document.getElementById('filter')");
+    b.click_at(x, y).unwrap();
+    b.call("Input.insertText", json!({"text": "rabbitmq"}))
+        .unwrap();
+    b.wait_for(
+        "document.querySelectorAll('tr.edge-row').length === 2",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let rows: BTreeSet<String> = table_rows(&mut b).into_iter().collect();
+    let want: BTreeSet<String> = map
+        .edges
+        .iter()
+        .filter(|e| e.to == "workload/sock-shop/rabbitmq")
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(rows, want);
+    assert_eq!(
+        b.eval("document.querySelectorAll('#map g.edge.fo').length")
+            .unwrap(),
+        json!(map.edges.len() - 2)
+    );
+    b.eval("{ const f = document.getElementById('filter'); f.value = ''; f.dispatchEvent(new Event('input')); \
+            const l = document.getElementById('label'); l.value = 'throughput'; l.dispatchEvent(new Event('change')); true }")
+        .unwrap();
+    assert_eq!(table_rows(&mut b).len(), map.edges.len());
     b.screenshot(&out.join("map.png")).unwrap();
     assert_png(&out.join("map.png"), 40_000);
 
@@ -1135,6 +1191,21 @@ fn static_page_draws_the_map_and_follows_an_edge_hop_by_hop() {
         cross,
         json!(["⇣ round trip between node3 and node2 (the network): response 4.80 ms · handshake 4.80 ms"])
     );
+    // Where the time goes: the network (4.84 ms, the segments) against the server (35 ms).
+    let panel = b
+        .eval("document.getElementById('edge-detail').textContent")
+        .unwrap();
+    for part in [
+        "network 4.84 ms",
+        "server 35.0 ms",
+        "node3 ↔ node2 4.80 ms",
+        "1 path, hop by hop",
+    ] {
+        assert!(
+            panel.as_str().unwrap().contains(part),
+            "no {part:?} in the panel: {panel}"
+        );
+    }
     assert_eq!(table_rows(&mut b), vec![e.id.clone()]);
     assert_eq!(
         b.eval("[...document.querySelectorAll('#map g.edge.sel')].map(g => g.dataset.id)")
@@ -1332,8 +1403,31 @@ fn live_page_fetches_refreshes_and_pauses() {
         .unwrap();
     assert!(renders >= 2, "{renders} renders");
 
+    // The new edge selected and its reply path opened: a refresh keeps both.
+    let (x, y) = click_point(&mut b, &added.id);
+    b.click_at(x, y).unwrap();
+    b.wait_for(
+        &format!("document.getElementById('edge-detail').dataset.edge === {id}"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    b.eval("document.querySelector('#edge-detail details[data-k=\"reply0\"]').open = true")
+        .unwrap();
+    b.wait_for(
+        &format!("Number(document.body.dataset.renders) > {renders}"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(
+        b.eval("document.querySelector('#edge-detail details[data-k=\"reply0\"]').open")
+            .unwrap(),
+        true,
+        "the refresh closed the reply path"
+    );
+    assert_eq!(table_rows(&mut b), vec![added.id.clone()]);
+
     // The window goes to the API.
-    b.eval("const w = document.getElementById('window'); w.value = '60'; w.dispatchEvent(new Event('change')); true")
+    b.eval("{ const w = document.getElementById('window'); w.value = '60'; w.dispatchEvent(new Event('change')); true }")
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
