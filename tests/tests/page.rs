@@ -1335,6 +1335,9 @@ impl Drop for Server {
     }
 }
 
+/// What the test server's map is set to for a 502 answer.
+const BROKEN: &str = "502";
+
 fn answer_http(mut conn: TcpStream, map: &Mutex<String>, asked: &Mutex<Vec<String>>) {
     conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1352,7 +1355,15 @@ fn answer_http(mut conn: TcpStream, map: &Mutex<String>, asked: &Mutex<Vec<Strin
     let path = target.split('?').next().unwrap_or("");
     let (status, kind, body) = match path {
         "/map" => ("200 OK", "text/html; charset=utf-8", MAP_PAGE.to_string()),
-        "/v1/map" => ("200 OK", "application/json", map.lock().unwrap().clone()),
+        "/v1/map" => match map.lock().unwrap().clone() {
+            // The agents unreachable, as the relay answers it.
+            broken if broken == BROKEN => (
+                "502 Bad Gateway",
+                "text/plain",
+                "no agent answered".to_string(),
+            ),
+            json => ("200 OK", "application/json", json),
+        },
         _ => ("404 Not Found", "text/plain", format!("no {path} here")),
     };
     let _ = write!(
@@ -1461,5 +1472,21 @@ fn live_page_fetches_refreshes_and_pauses() {
     )
     .unwrap();
     assert_exactly(&mut b, &before);
+
+    // The API failing: the page says what failed, keeps its map, and recovers.
+    *server.map.lock().unwrap() = BROKEN.into();
+    b.wait_for(
+        "[...document.querySelectorAll('#warnings .err')].some(e => e.textContent.startsWith('Refresh failed: GET v1/map?window_s=60: HTTP 502 no agent answered'))",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_exactly(&mut b, &before);
+    *server.map.lock().unwrap() = serde_json::to_string(&full).unwrap();
+    b.wait_for(
+        "document.querySelectorAll('#warnings .err').length === 0",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_exactly(&mut b, &full);
     assert_eq!(b.page_errors().unwrap(), Vec::<String>::new());
 }
