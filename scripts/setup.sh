@@ -16,9 +16,11 @@ export DEBIAN_FRONTEND=noninteractive
 # podman, runc, buildah, containerd (ctr), uidmap and binutils (objcopy): `cargo xtask image`
 # and the real-runtime test (tests/tests/cluster/runtime.rs; runc, as crun refuses this
 # machine's cgroup layout).
+# chromium and fonts-dejavu-core: the map page's test (tests/tests/page.rs) drives a headless
+# Chromium over the DevTools protocol and screenshots the page; the font so its text renders.
 DEB_PKGS=(util-linux iproute2 iptables conntrack iperf3 tcpdump iputils-ping bpftool ethtool libcap2-bin
           llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev prometheus openssl
-          podman runc buildah containerd uidmap binutils python3-venv)
+          podman runc buildah containerd uidmap binutils python3-venv chromium fonts-dejavu-core)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

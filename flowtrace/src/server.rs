@@ -1,6 +1,6 @@
-//! The agent's HTTP server: the routes (`routes`, documented in docs/api.md), the
-//! authenticated data listener (`mtls`) and the run loop that binds the listeners, starts
-//! the agent and stops both on a signal.
+//! The agent's HTTP server: the routes (`routes`, documented in docs/api.md), the map page
+//! (`page`), the authenticated data listener (`mtls`) and the run loop that binds the
+//! listeners, starts the agent and stops both on a signal.
 //!
 //! Three listeners, by purpose (docs/design.md, "Who may read the data API"):
 //! - `--listen`, loopback only: everything, without credentials (the CLI on the node);
@@ -9,6 +9,7 @@
 //!   flowtrace CA naming an allowed client (the relay).
 
 pub mod mtls;
+pub mod page;
 pub mod relay;
 pub mod routes;
 

@@ -35,6 +35,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod baselines;
 pub mod bed;
+pub mod browser;
 pub mod cluster;
 pub mod conntrack;
 pub mod drops;
