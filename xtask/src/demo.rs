@@ -804,7 +804,10 @@ fn sockshop() -> Result<()> {
         .lines()
         .find(|l| l.trim_start().starts_with("Aggregated"))
     {
-        eprintln!("xtask: Locust: {}", line.split_whitespace().collect::<Vec<_>>().join(" "));
+        eprintln!(
+            "xtask: Locust: {}",
+            line.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
     }
     // The agents drain every 500 ms: wait until every call of the graph is an edge.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -837,16 +840,27 @@ fn sockshop() -> Result<()> {
         } else {
             counts.calls(c, s)
         };
-        let e = answer.edges.iter().find(|e| e.from == id(c) && e.to == id(s));
+        let e = answer
+            .edges
+            .iter()
+            .find(|e| e.from == id(c) && e.to == id(s));
         if e.is_some_and(|e| {
-            (e.request_payload_bytes, e.reply_payload_bytes, e.connections) == truth
+            (
+                e.request_payload_bytes,
+                e.reply_payload_bytes,
+                e.connections,
+            ) == truth
         }) {
             exact += 1;
         } else {
             println!(
                 "  {c} -> {s}: the applications counted {truth:?} (request, reply, connections), \
                  flowtrace {:?}",
-                e.map(|e| (e.request_payload_bytes, e.reply_payload_bytes, e.connections))
+                e.map(|e| (
+                    e.request_payload_bytes,
+                    e.reply_payload_bytes,
+                    e.connections
+                ))
             );
         }
     }
@@ -864,10 +878,16 @@ fn sockshop() -> Result<()> {
     let shot = (|| -> Result<usize> {
         let mut b = flowtrace_tests::browser::Browser::launch()?;
         b.navigate(&format!("file://{}", html.display()))?;
-        b.wait_for("document.body.dataset.ready === '1'", Duration::from_secs(20))?;
+        b.wait_for(
+            "document.body.dataset.ready === '1'",
+            Duration::from_secs(20),
+        )?;
         Ok(b.screenshot(&png)?)
     })();
-    println!("\nThe map page: open file://{} in a browser", html.display());
+    println!(
+        "\nThe map page: open file://{} in a browser",
+        html.display()
+    );
     match shot {
         Ok(bytes) => println!("  a screenshot of it: {} ({bytes} bytes)", png.display()),
         Err(e) => println!("  no screenshot ({e:#}); scripts/setup.sh installs chromium"),

@@ -343,7 +343,7 @@ mod tests {
             "from": "workload/shop/front-end",
             "to": "workload/shop/catalogue",
             "service": {"namespace": "shop", "name": "cata\"logue"},
-            "protocol": "tcp", "port": 8080, "connections": 12,
+            "protocol": "tcp", "port": 8080, "connections": 12, "tuples": 12,
             "request_packets": 40, "request_bytes": 12_345, "request_payload_bytes": 10_000,
             "reply_packets": 30, "reply_bytes": 2_500_000, "reply_payload_bytes": 2_400_000, "bytes_per_s": 41_000.0, "packets_per_s": 7.0,
             "first_seen_unix_ns": 0, "last_seen_unix_ns": 0,

@@ -70,7 +70,12 @@ pub struct Edge {
     pub protocol: String,
     /// The server's port (after the Service's translation).
     pub port: u16,
+    /// Connections: for TCP, the handshakes seen at the client's first hook when there are
+    /// more of them than tuples (a client that reuses a port for a new connection makes one
+    /// tuple of several connections); else the tuples.
     pub connections: u64,
+    /// Distinct request tuples (what conntrack holds an entry for).
+    pub tuples: u64,
     /// Layer-3 packets and bytes from the client, at its first hook, and the payload among
     /// them (what the client's application sent).
     pub request_packets: u64,
@@ -486,6 +491,7 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
                 .as_ref()
                 .map(|s| format!(" -> svc/{s}"))
                 .unwrap_or_default();
+            let handshakes = b.handshake.map_or(0, |h| u64::from(h.count));
             Edge {
                 id: format!("{}{via} -> {} {}/{}", b.from, b.to, b.protocol, b.port),
                 from: b.from,
@@ -493,7 +499,8 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
                 service: b.service,
                 protocol: b.protocol,
                 port: b.port,
-                connections: b.connections,
+                connections: b.connections.max(handshakes),
+                tuples: b.connections,
                 request_packets: b.request.0,
                 request_bytes: b.request.1,
                 request_payload_bytes: b.request.2,

@@ -3,7 +3,8 @@
 //! - `GET /v1/flows[?filters&limit=N]`: every node's flows, each with its node, and the
 //!   nodes missing from the answer.
 //! - `GET /v1/path?src=&dst=[&window_s=]`: the paths joined over every node.
-//! - `GET /v1/map[?window_s=&namespace=&workload=]`: the application's map over every node.
+//! - `GET /v1/map[?window_s=&namespace=&workload=]`: the application's map over every node;
+//!   `GET /map`: the page that draws it, refreshing itself (`server::page`).
 //! - `GET /v1/trace[?filters]`: one live stream merged from every node's.
 //! - `GET /v1/nodes`: every agent known, asked for its status now.
 //! - `GET /metrics`, `/healthz`, `/readyz` (also on `--metrics-listen`).
@@ -75,6 +76,10 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/drops", get(drops))
         .route("/v1/path", get(path))
         .route("/v1/map", get(map))
+        .route(
+            "/map",
+            get(|| async { axum::response::Html(super::page::MAP_PAGE) }),
+        )
         .route("/v1/trace", get(trace))
         .route("/v1/nodes", get(nodes))
         .with_state(relay.clone())

@@ -13,7 +13,7 @@
 //! - `GET /v1/pathdata[?window_s=N]`: flows, latency and tunnels in one answer (one drain),
 //!   what `flowtrace path` and the relay's `/v1/path` join.
 //! - `GET /v1/map[?window_s=N&namespace=NS&workload=NS/NAME]`: this node's share of the
-//!   application's map (`query::map`).
+//!   application's map (`query::map`); `GET /map`: the page that draws it (`server::page`).
 //! - `GET /v1/trace[?same filters as /v1/flows]`: live tracing, a stream of JSON lines
 //!   (one per packet, hook by hook) for as long as the client reads.
 //! - `GET /v1/stats`: kernel counters (packets seen, every loss) and agent counters.
@@ -61,6 +61,7 @@ pub fn data_router(agent: Arc<Agent>) -> Router {
         .route("/v1/latency", get(latency))
         .route("/v1/pathdata", get(pathdata))
         .route("/v1/map", get(map))
+        .route("/map", get(map_page))
         .route(
             "/v1/status",
             get(|State(agent): State<Arc<Agent>>| async move { Json(agent.status()) }),
@@ -135,6 +136,11 @@ async fn pathdata(State(agent): State<Arc<Agent>>, RawQuery(query): RawQuery) ->
         Err(msg) => return error_response(StatusCode::BAD_REQUEST, msg),
     };
     json_or_500(agent.pathdata(window).await)
+}
+
+/// The map page (it fetches `v1/map` from where it was served).
+async fn map_page() -> Response {
+    axum::response::Html(crate::server::page::MAP_PAGE).into_response()
 }
 
 /// This node's share of the map: its own connections' paths, grouped as the relay groups

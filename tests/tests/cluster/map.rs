@@ -191,7 +191,7 @@ fn the_sockshop_map_is_its_call_graph_with_the_bytes_its_processes_counted() {
             .collect();
         assert_eq!(
             entries.len() as u64,
-            e.connections,
+            e.tuples,
             "{}: conntrack has {} connections to {vip}:\n{}",
             e.id,
             entries.len(),
@@ -206,6 +206,111 @@ fn the_sockshop_map_is_its_call_graph_with_the_bytes_its_processes_counted() {
             );
         }
     }
+
+    // The page: the relay serves it at /map; written as a file with this map inlined, a
+    // headless Chromium draws every vertex and edge of it, and a real click on an edge shows
+    // that edge's path hop by hop (its NAT step included). The screenshot is left in the
+    // test's output directory.
+    let (status, page) = relay.get("/map").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(page, flowtrace::server::page::MAP_PAGE);
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("test-output/map");
+    std::fs::create_dir_all(&dir).unwrap();
+    let html = dir.join("sockshop-map.html");
+    std::fs::write(
+        &html,
+        flowtrace::server::page::static_map_page(&serde_json::to_string(&m).unwrap()),
+    )
+    .unwrap();
+    let mut b = flowtrace_tests::browser::Browser::launch().unwrap();
+    b.navigate(&format!("file://{}", html.display())).unwrap();
+    b.wait_for(
+        "document.body.dataset.ready === '1'",
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    let drawn = b
+        .eval(
+            "({v: [...document.querySelectorAll('#map g.vertex')].map(g => g.dataset.id).sort(), \
+               e: [...document.querySelectorAll('#map g.edge')].map(g => g.dataset.id).sort()})",
+        )
+        .unwrap();
+    let mut want_v: Vec<&str> = m.vertices.iter().map(|v| v.id.as_str()).collect();
+    let mut want_e: Vec<&str> = m.edges.iter().map(|e| e.id.as_str()).collect();
+    want_v.sort();
+    want_e.sort();
+    assert_eq!(
+        drawn["v"],
+        serde_json::json!(want_v),
+        "vertices on the page"
+    );
+    assert_eq!(drawn["e"], serde_json::json!(want_e), "edges on the page");
+    let edge = m
+        .edges
+        .iter()
+        .find(|e| e.from == id("front-end") && e.to == id("catalogue"))
+        .unwrap();
+    let eid = serde_json::to_string(&edge.id).unwrap();
+    let point = b
+        .eval(&format!(
+            "(() => {{
+              window.scrollTo(0, 0);
+              const g = [...document.querySelectorAll('#map g.edge')].find(x => x.dataset.id === {eid});
+              const p = g.querySelector('path.hit'), len = p.getTotalLength(), m = p.getScreenCTM();
+              for (let f = 0.5; f > 0.1; f -= 0.05) for (const k of [f, 1 - f]) {{
+                const q = p.getPointAtLength(len * k);
+                const x = q.x * m.a + q.y * m.c + m.e, y = q.x * m.b + q.y * m.d + m.f;
+                if (x < 0 || y < 0 || x > innerWidth || y > innerHeight) continue;
+                const hit = document.elementFromPoint(x, y);
+                if (hit && hit.closest('g.edge') === g) return {{ x, y }};
+              }}
+              return null;
+            }})()"
+        ))
+        .unwrap();
+    assert!(point.is_object(), "no point of {eid} can be clicked");
+    b.click_at(point["x"].as_f64().unwrap(), point["y"].as_f64().unwrap())
+        .unwrap();
+    b.wait_for(
+        &format!("document.getElementById('edge-detail').dataset.edge === {eid}"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let shown = b
+        .eval(
+            "[...document.querySelectorAll('#edge-detail .path[data-path=\"0\"] .leg[data-leg=\"request\"] .step')]\
+               .map(s => [s.dataset.step, s.dataset.node, s.dataset.interface || null])",
+        )
+        .unwrap();
+    let want: Vec<serde_json::Value> = edge.paths[0]
+        .request
+        .steps
+        .iter()
+        .map(|st| match st {
+            flowtrace::query::path::Step::Hop {
+                node, interface, ..
+            } => serde_json::json!(["hop", node, interface]),
+            flowtrace::query::path::Step::Nat { node, .. } => {
+                serde_json::json!(["nat", node, null])
+            }
+            flowtrace::query::path::Step::Drop { node, .. } => {
+                serde_json::json!(["drop", node, null])
+            }
+        })
+        .collect();
+    assert_eq!(shown, serde_json::json!(want), "the panel's steps of {eid}");
+    assert!(
+        want.iter().any(|s| s[0] == "nat"),
+        "{eid} went through a DNAT"
+    );
+    let png = dir.join("sockshop-map.png");
+    let bytes = b.screenshot(&png).unwrap();
+    assert!(bytes > 50_000, "{}: {bytes} bytes", png.display());
+    eprintln!("the page: {} and {}", html.display(), png.display());
+    drop(b);
 
     // The CLI through the relay: a row per edge, and a Graphviz graph of the same edges.
     let text = relay.cli("map", &["--window-s", "0"]).unwrap();

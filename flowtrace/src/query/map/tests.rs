@@ -54,7 +54,7 @@ fn connections_through_a_service_are_one_edge_between_the_workloads() {
         Some("default/svc-demo")
     );
     assert_eq!((e.protocol.as_str(), e.port), ("tcp", 8080));
-    assert_eq!(e.connections, 2);
+    assert_eq!((e.connections, e.tuples), (2, 2));
     // Each connection: 10 packets, 1000 bytes at the client's veth, and as many back.
     assert_eq!((e.request_packets, e.request_bytes), (20, 2000));
     assert_eq!((e.reply_packets, e.reply_bytes), (20, 2000));
