@@ -289,13 +289,7 @@ impl Relay {
 
     /// `/v1/path`: every node's flows, latency and tunnels, joined.
     pub async fn path(&self, src: &PathEnd, dst: &PathEnd, window: Duration) -> PathAnswer {
-        let path = format!("/v1/pathdata?window_s={}", window.as_secs());
-        let (answers, missing) = self.ask_all::<PathDataResponse>("pathdata", &path).await;
-        let mut views: Vec<NodeView> = answers
-            .into_iter()
-            .map(|a| NodeView::from_pathdata(a.value))
-            .collect();
-        views.sort_by(|a, b| a.node.cmp(&b.node));
+        let (views, missing) = self.views(window).await;
         let now = crate::util::unix_now_ns();
         let paths = crate::query::path::paths(&views, src, dst, window.as_nanos() as u64, now);
         PathAnswer {
@@ -303,6 +297,19 @@ impl Relay {
             paths,
             missing,
         }
+    }
+
+    /// Every node's `/v1/pathdata` for `window`, by node name, and the agents that did not
+    /// answer.
+    async fn views(&self, window: Duration) -> (Vec<NodeView>, Vec<MissingNode>) {
+        let path = format!("/v1/pathdata?window_s={}", window.as_secs());
+        let (answers, missing) = self.ask_all::<PathDataResponse>("pathdata", &path).await;
+        let mut views: Vec<NodeView> = answers
+            .into_iter()
+            .map(|a| NodeView::from_pathdata(a.value))
+            .collect();
+        views.sort_by(|a, b| a.node.cmp(&b.node));
+        (views, missing)
     }
 
     /// `/v1/map` over every node: the paths of every connection joined, grouped into the
@@ -313,13 +320,7 @@ impl Relay {
         filter: crate::query::map::MapFilter,
         window: Duration,
     ) -> crate::query::map::MapAnswer {
-        let path = format!("/v1/pathdata?window_s={}", window.as_secs());
-        let (answers, missing) = self.ask_all::<PathDataResponse>("pathdata", &path).await;
-        let mut views: Vec<NodeView> = answers
-            .into_iter()
-            .map(|a| NodeView::from_pathdata(a.value))
-            .collect();
-        views.sort_by(|a, b| a.node.cmp(&b.node));
+        let (views, missing) = self.views(window).await;
         let now = crate::util::unix_now_ns();
         let window_ns = window.as_nanos() as u64;
         let built = tokio::task::spawn_blocking(move || {

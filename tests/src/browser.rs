@@ -344,6 +344,31 @@ impl Browser {
         Ok(())
     }
 
+    /// A point where a click lands on the map page's edge `edge_id` (its hit path, in
+    /// viewport pixels, after scrolling to the top), or `None` if other elements cover all
+    /// of it. A person would click there.
+    pub fn edge_click_point(&mut self, edge_id: &str) -> Result<Option<(f64, f64)>> {
+        let id = serde_json::to_string(edge_id)
+            .map_err(|e| Error::Invalid(format!("edge id {edge_id:?}: {e}")))?;
+        let p = self.eval(&format!(
+            "(() => {{
+              window.scrollTo(0, 0);
+              const g = [...document.querySelectorAll('#map g.edge')].find(x => x.dataset.id === {id});
+              if (!g) return null;
+              const p = g.querySelector('path.hit'), len = p.getTotalLength(), m = p.getScreenCTM();
+              for (const f of [0.5, 0.45, 0.55, 0.4, 0.6, 0.35, 0.65, 0.3, 0.7, 0.25, 0.75, 0.2, 0.8, 0.15, 0.85]) {{
+                const q = p.getPointAtLength(len * f);
+                const x = q.x * m.a + q.y * m.c + m.e, y = q.x * m.b + q.y * m.d + m.f;
+                if (x < 0 || y < 0 || x > innerWidth || y > innerHeight) continue;
+                const hit = document.elementFromPoint(x, y);
+                if (hit && hit.closest('g.edge') === g) return {{ x, y }};
+              }}
+              return null;
+            }})()"
+        ))?;
+        Ok(p["x"].as_f64().zip(p["y"].as_f64()))
+    }
+
     /// Writes a PNG of the whole page (beyond the viewport) to `path`; returns its size.
     pub fn screenshot(&mut self, path: &Path) -> Result<usize> {
         let metrics = self.call("Page.getLayoutMetrics", json!({}))?;

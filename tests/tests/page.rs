@@ -949,29 +949,9 @@ fn assert_layout(b: &mut Browser, map: &MapAnswer) {
 /// A point of the edge's hit path where a click lands on that edge (what a person would
 /// click), in viewport pixels, after scrolling the map into view.
 fn click_point(b: &mut Browser, edge_id: &str) -> (f64, f64) {
-    let id = serde_json::to_string(edge_id).unwrap();
-    let p = b
-        .eval(&format!(
-            "(() => {{
-              window.scrollTo(0, 0);
-              const g = [...document.querySelectorAll('#map g.edge')].find(x => x.dataset.id === {id});
-              const p = g.querySelector('path.hit'), len = p.getTotalLength(), m = p.getScreenCTM();
-              for (const f of [0.5, 0.45, 0.55, 0.4, 0.6, 0.35, 0.65, 0.3, 0.7, 0.25, 0.75, 0.2, 0.8, 0.15, 0.85]) {{
-                const q = p.getPointAtLength(len * f);
-                const x = q.x * m.a + q.y * m.c + m.e, y = q.x * m.b + q.y * m.d + m.f;
-                if (x < 0 || y < 0 || x > innerWidth || y > innerHeight) continue;
-                const hit = document.elementFromPoint(x, y);
-                if (hit && hit.closest('g.edge') === g) return {{ x, y }};
-              }}
-              return null;
-            }})()"
-        ))
-        .unwrap();
-    assert!(
-        p.is_object(),
-        "no point of {edge_id}'s path can be clicked (all covered)"
-    );
-    (p["x"].as_f64().unwrap(), p["y"].as_f64().unwrap())
+    b.edge_click_point(edge_id)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no point of {edge_id}'s path can be clicked (all covered)"))
 }
 
 fn center_of(b: &mut Browser, selector_js: &str) -> (f64, f64) {

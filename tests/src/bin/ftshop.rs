@@ -132,6 +132,12 @@ fn call_http(
         }
         Ok((req.len(), answer.len()))
     })();
+    count_call(counts, name, result)
+}
+
+/// Counts one call to peer `name` (bytes sent and received, or an error); returns the bytes
+/// received.
+fn count_call(counts: &Shared, name: &str, result: Result<(usize, usize)>) -> Result<usize> {
     let mut c = lock(counts);
     let e = c.calls.entry(name.to_string()).or_default();
     match result {
@@ -172,20 +178,7 @@ fn call_store(
         }
         Ok((q.len(), answer.len()))
     })();
-    let mut c = lock(counts);
-    let e = c.calls.entry(name.to_string()).or_default();
-    match result {
-        Ok((sent, received)) => {
-            e.connections += 1;
-            e.sent += sent as u64;
-            e.received += received as u64;
-            Ok(())
-        }
-        Err(err) => {
-            e.errors += 1;
-            Err(err)
-        }
-    }
+    count_call(counts, name, result).map(drop)
 }
 
 /// What a service does for one route: its downstream calls and the size of its answer.

@@ -254,26 +254,11 @@ fn the_sockshop_map_is_its_call_graph_with_the_bytes_its_processes_counted() {
         .find(|e| e.from == id("front-end") && e.to == id("catalogue"))
         .unwrap();
     let eid = serde_json::to_string(&edge.id).unwrap();
-    let point = b
-        .eval(&format!(
-            "(() => {{
-              window.scrollTo(0, 0);
-              const g = [...document.querySelectorAll('#map g.edge')].find(x => x.dataset.id === {eid});
-              const p = g.querySelector('path.hit'), len = p.getTotalLength(), m = p.getScreenCTM();
-              for (let f = 0.5; f > 0.1; f -= 0.05) for (const k of [f, 1 - f]) {{
-                const q = p.getPointAtLength(len * k);
-                const x = q.x * m.a + q.y * m.c + m.e, y = q.x * m.b + q.y * m.d + m.f;
-                if (x < 0 || y < 0 || x > innerWidth || y > innerHeight) continue;
-                const hit = document.elementFromPoint(x, y);
-                if (hit && hit.closest('g.edge') === g) return {{ x, y }};
-              }}
-              return null;
-            }})()"
-        ))
-        .unwrap();
-    assert!(point.is_object(), "no point of {eid} can be clicked");
-    b.click_at(point["x"].as_f64().unwrap(), point["y"].as_f64().unwrap())
-        .unwrap();
+    let (x, y) = b
+        .edge_click_point(&edge.id)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no point of {eid} can be clicked"));
+    b.click_at(x, y).unwrap();
     b.wait_for(
         &format!("document.getElementById('edge-detail').dataset.edge === {eid}"),
         Duration::from_secs(5),
