@@ -189,6 +189,16 @@ struct PathArgs {
     /// Where it goes: the same forms, or svc/NAMESPACE/NAME for a Service.
     #[arg(value_parser = flowtrace::query::path::PathEnd::parse)]
     dst: flowtrace::query::path::PathEnd,
+    #[command(flatten)]
+    join: JoinArgs,
+    /// Print JSON (a list of paths) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where `flowtrace path` and `flowtrace map` get every node's view from, and how far back.
+#[derive(Args)]
+struct JoinArgs {
     /// Base URL of an agent's API (repeatable: one per node to join).
     #[arg(
         long,
@@ -203,33 +213,18 @@ struct PathArgs {
     /// Only connections seen in the last this many seconds (0: everything the agents hold).
     #[arg(long, default_value_t = 60)]
     window_s: u64,
-    /// Print JSON (a list of paths) instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args)]
 struct MapArgs {
-    /// Base URL of an agent's API (repeatable: one per node to join).
-    #[arg(
-        long,
-        env = "FLOWTRACE_AGENT",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:9650"
-    )]
-    agent: Vec<String>,
-    /// Join every node through the relay at this URL instead of asking agents.
-    #[arg(long, env = "FLOWTRACE_RELAY")]
-    relay: Option<String>,
+    #[command(flatten)]
+    join: JoinArgs,
     /// Only edges with an end (or their Service) in this namespace (repeatable).
     #[arg(long, value_parser = flowtrace::query::filter::parse_namespace)]
     namespace: Vec<String>,
     /// Only edges from or to this workload, NAMESPACE/NAME (repeatable).
     #[arg(long, value_parser = parse_workload)]
     workload: Vec<(String, String)>,
-    /// Only connections seen in the last this many seconds (0: everything the agents hold).
-    #[arg(long, default_value_t = 60)]
-    window_s: u64,
     /// Print JSON (what /v1/map serves) instead of a table.
     #[arg(long, conflicts_with = "dot")]
     json: bool,
@@ -686,15 +681,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 namespaces: m.namespace,
                 workloads: m.workload,
             };
-            let window = Duration::from_secs(m.window_s);
-            let answer = match &m.relay {
+            let window = Duration::from_secs(m.join.window_s);
+            let answer = match &m.join.relay {
                 Some(r) => flowtrace::cli::map::fetch_from_relay(
                     r,
                     &filter,
                     window,
                     &mut std::io::stderr(),
                 )?,
-                None => flowtrace::cli::map::fetch_from_agents(&m.agent, &filter, window)?,
+                None => flowtrace::cli::map::fetch_from_agents(&m.join.agent, &filter, window)?,
             };
             let format = if m.json {
                 flowtrace::cli::map::MapFormat::Json
@@ -705,15 +700,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", flowtrace::cli::map::render(&answer, format)?);
         }
-        Command::Path(p) if p.relay.is_some() => {
-            let relay = p.relay.as_deref().unwrap_or_default();
+        Command::Path(p) if p.join.relay.is_some() => {
+            let relay = p.join.relay.as_deref().unwrap_or_default();
             print!(
                 "{}",
                 flowtrace::cli::relay_path(
                     relay,
                     &p.src,
                     &p.dst,
-                    Duration::from_secs(p.window_s),
+                    Duration::from_secs(p.join.window_s),
                     p.json,
                     &mut std::io::stderr()
                 )?
@@ -723,10 +718,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!(
                 "{}",
                 flowtrace::cli::path(
-                    &p.agent,
+                    &p.join.agent,
                     &p.src,
                     &p.dst,
-                    Duration::from_secs(p.window_s),
+                    Duration::from_secs(p.join.window_s),
                     p.json
                 )?
             );
