@@ -459,21 +459,7 @@ fn edge(c: &End, svc: Option<&Svc>, servers: &[&End], sh: Shape) -> Edge {
             }
         }
     }
-    let hops = paths[0]
-        .request
-        .steps
-        .iter()
-        .map(|st| match st {
-            Step::Hop {
-                node,
-                interface,
-                direction,
-                ..
-            } => format!("{node} {interface} {}", direction.as_str()),
-            Step::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
-            Step::Drop { node, reason, .. } => format!("{node} drop {reason}"),
-        })
-        .collect();
+    let hops = paths[0].request.steps.iter().map(Step::label).collect();
     let first_hop = |p: &PathRecord| {
         p.request.steps.iter().find_map(|st| match st {
             Step::Hop {

@@ -19,7 +19,7 @@ use crate::{
     model::{wire::MissingNode, Endpoint, EndpointKind, ServiceRef},
     query::path::{
         groups, mean, merge_hist, rendered, summary, LatencySummary, NodeView, PathEnd, PathRecord,
-        RawStep,
+        RawStep, Step,
     },
 };
 
@@ -344,22 +344,6 @@ fn hooks(steps: &[RawStep]) -> Vec<HookFacts<'_>> {
         .collect()
 }
 
-fn step_names(steps: &[RawStep]) -> Vec<String> {
-    steps
-        .iter()
-        .map(|s| match s {
-            RawStep::Hop {
-                node,
-                interface,
-                direction,
-                ..
-            } => format!("{node} {interface} {}", direction.as_str()),
-            RawStep::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
-            RawStep::Drop { node, reason, .. } => format!("{node} drop {reason}"),
-        })
-        .collect()
-}
-
 fn step_nodes(steps: &[RawStep], into: &mut Vec<String>) {
     for s in steps {
         if let RawStep::Hop { node, .. } = s {
@@ -471,10 +455,11 @@ pub fn map(views: &[NodeView], filter: &MapFilter, window_ns: u64, now_unix_ns: 
         }
         step_nodes(&request, &mut e.nodes);
         let busiest = e.paths.iter().all(|p| p.connections < record.connections);
+        let path = rendered(record, &request, reply.as_deref());
         if busiest {
-            e.hops = step_names(&request);
+            e.hops = path.request.steps.iter().map(Step::label).collect();
         }
-        e.paths.push(rendered(record, &request, reply.as_deref()));
+        e.paths.push(path);
     }
     let edges = edges
         .into_values()

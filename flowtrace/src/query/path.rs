@@ -233,6 +233,23 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// The step in a few words: `node1 veth1a2b ingress`, `node1 nat dst`,
+    /// `node2 drop NETFILTER_DROP`.
+    pub fn label(&self) -> String {
+        match self {
+            Step::Hop {
+                node,
+                interface,
+                direction,
+                ..
+            } => format!("{node} {interface} {}", direction.as_str()),
+            Step::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
+            Step::Drop { node, reason, .. } => format!("{node} drop {reason}"),
+        }
+    }
+}
+
 /// Round trip spent between two consecutive hops of the request path: the mean round trip
 /// at the earlier hop less the mean at the later one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
