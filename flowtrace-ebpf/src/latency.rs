@@ -129,9 +129,19 @@ pub(crate) fn rtt(input: &SlowInput, now: u64) {
             _pad1: 0,
             sent_ns: now,
         };
-        // Marked even when a segment already waits (the insert fails): its mark may have
-        // been cleared by an answer to another segment sharing the slot.
-        let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
-        set_rtt_hint(key.rtt_hint_slot(false), true);
+        // Looked up first: an insert that finds the key (BPF_NOEXIST) still takes a node
+        // off the LRU's free list and puts it back, under its lock, which costs several
+        // times a lookup; in a bulk transfer, where nothing answers data with data, every
+        // sampled segment would pay it.
+        if RTT_PENDING.get_ptr(&*rk).is_none() {
+            let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
+        }
+        // Marked even when a segment already waits: its mark may have been cleared by an
+        // answer to another segment sharing the slot. Written only when clear, so the
+        // shared line is not dirtied under the CPUs that read it.
+        let slot = key.rtt_hint_slot(false);
+        if !rtt_hinted(slot) {
+            set_rtt_hint(slot, true);
+        }
     }
 }
