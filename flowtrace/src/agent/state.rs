@@ -34,7 +34,10 @@ use crate::{
         netns::{self, NsMap},
     },
     k8s::{source::MetaStatus, MetaCache},
-    kernel::{attach::Attacher, drain::Drainer},
+    kernel::{
+        attach::Attacher,
+        drain::{Drainer, EventRing},
+    },
     metrics::{DrainView, Health, Metrics},
     model::{
         wire::{
@@ -109,6 +112,8 @@ pub enum NameError {
 pub struct Agent {
     settings: Settings,
     drainer: tokio::sync::Mutex<Drainer>,
+    /// The drainer's event ring (`Drainer::ring`), read without the drainer's lock.
+    ring: Arc<tokio::sync::Mutex<EventRing>>,
     /// Held for a whole drain (maps to tables), so drains never overlap and a reader can
     /// tell whether one began after it arrived.
     drain_gate: tokio::sync::Mutex<()>,
@@ -166,6 +171,7 @@ impl Agent {
                 metrics: Metrics::new(p.metrics),
             }),
             settings: p.settings,
+            ring: p.drainer.ring(),
             drainer: tokio::sync::Mutex::new(p.drainer),
             drain_gate: tokio::sync::Mutex::new(()),
             drains_begun: AtomicU64::new(0),
@@ -229,9 +235,10 @@ impl Agent {
     }
 
     /// Drains the kernel buffers into the tables now, then cross-checks NAT with conntrack.
-    /// Reads what the kernel's event ring holds into the next drain (see `Drainer::pump`).
+    /// Reads what the kernel's event ring holds into the next drain (see `EventRing::pump`),
+    /// also while a drain is in progress.
     pub async fn pump_events(&self) {
-        self.drainer.lock().await.pump();
+        self.ring.lock().await.pump();
     }
 
     pub async fn drain_now(&self) -> Result<()> {
@@ -281,6 +288,7 @@ impl Agent {
                 drops,
                 metrics,
             } = &mut *tables;
+            flows.make_room(&drained.flows);
             flows.merge(
                 &drained.flows,
                 &|i| links.get(&i).map(|l| l.name.clone()),

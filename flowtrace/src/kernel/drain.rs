@@ -3,8 +3,8 @@
 //! Every packet is counted in the active half of the per-CPU flow cache (named by
 //! `CONTROL[active]`). A slot taken by another flow goes to user space through the event
 //! ring, which also carries NAT rewrites and latency samples; the ring is read as it fills
-//! (`Drainer::pump`, woken by the ring) and its records are summed here until the next
-//! drain. A drain flips `active`, waits for programs that already read the old value to
+//! (`EventRing::pump`, woken by the ring, under a lock of its own so that a drain in
+//! progress never holds it up) and its records are summed here until the next drain. A drain flips `active`, waits for programs that already read the old value to
 //! finish (TC programs run with bottom halves disabled and take microseconds; the grace
 //! period is milliseconds), reads what the ring holds, then reads and clears the cache half
 //! that now has no writer. An update is therefore in the ring, in the drained half or in the
@@ -15,6 +15,7 @@
 use std::{
     collections::HashMap,
     os::fd::{AsFd, OwnedFd},
+    sync::Arc,
     time::Duration,
 };
 
@@ -28,7 +29,10 @@ use flowtrace_common::{
 
 use flowtrace_common::maps;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    util::FastHash,
+};
 
 /// Default wait between flipping the active buffer and reading the old one.
 pub const DEFAULT_GRACE: Duration = Duration::from_millis(5);
@@ -99,9 +103,9 @@ pub struct BufferSizes {
 /// The ring's records summed since the last drain.
 #[derive(Debug, Default)]
 struct Pending {
-    flows: HashMap<FlowKey, FlowStats>,
-    nat: HashMap<Tuple, NatRecord>,
-    latency: HashMap<LatencyKey, LatencyHist>,
+    flows: HashMap<FlowKey, FlowStats, FastHash>,
+    nat: HashMap<Tuple, NatRecord, FastHash>,
+    latency: HashMap<LatencyKey, LatencyHist, FastHash>,
     backlog_bytes: usize,
     bad: u64,
 }
@@ -175,10 +179,38 @@ fn merge_nat(into: &mut NatRecord, other: &NatRecord) {
     into.sightings += other.sightings;
 }
 
-/// The maps the agent reads, taken out of the loaded object.
-pub struct Drainer {
+/// The event ring and the records read from it since the last drain (`Drainer::ring`).
+pub struct EventRing {
     events: RingBuf<MapData>,
     pending: Pending,
+}
+
+impl EventRing {
+    /// Reads every record the event ring holds now and sums it into what the next drain
+    /// returns. Returns how many records were read.
+    pub fn pump(&mut self) -> usize {
+        let (mut records, mut bytes) = (0, 0);
+        while let Some(item) = self.events.next() {
+            records += 1;
+            bytes += item.len() + 8;
+            self.pending.add(&item);
+        }
+        self.pending.backlog_bytes = self.pending.backlog_bytes.max(bytes);
+        records
+    }
+
+    /// Everything read so far, the ring's last records included, leaving nothing behind.
+    fn take(&mut self) -> Pending {
+        self.pump();
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// The maps the agent reads, taken out of the loaded object.
+pub struct Drainer {
+    ring: Arc<tokio::sync::Mutex<EventRing>>,
+    /// A copy of the event ring's descriptor, to poll.
+    ring_fd: OwnedFd,
     sizes: BufferSizes,
     drops: [KernelHashMap<MapData, DropKey, DropStats>; 2],
     drops_lost: Array<MapData, u64>,
@@ -280,9 +312,17 @@ pub fn take_trace_ring(ebpf: &mut aya::Ebpf) -> Result<aya::maps::RingBuf<MapDat
 
 impl Drainer {
     pub fn new(ebpf: &mut aya::Ebpf, sizes: BufferSizes, grace: Duration) -> Result<Self> {
+        let events: RingBuf<MapData> = take(ebpf, maps::EVENTS)?;
+        let ring_fd = events
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(map_io(maps::EVENTS))?;
         Ok(Self {
-            events: take(ebpf, maps::EVENTS)?,
-            pending: Pending::default(),
+            ring: Arc::new(tokio::sync::Mutex::new(EventRing {
+                events,
+                pending: Pending::default(),
+            })),
+            ring_fd,
             sizes,
             drops: [take(ebpf, maps::DROPS_0)?, take(ebpf, maps::DROPS_1)?],
             drops_lost: take(ebpf, maps::DROPS_LOST)?,
@@ -331,25 +371,15 @@ impl Drainer {
     }
 
     /// A file descriptor of the event ring that polls readable when records wait (for the
-    /// task that calls [`Drainer::pump`]).
+    /// task that calls [`EventRing::pump`]).
     pub fn ring_wakeups(&self) -> Result<OwnedFd> {
-        self.events
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(map_io(maps::EVENTS))
+        self.ring_fd.try_clone().map_err(map_io(maps::EVENTS))
     }
 
-    /// Reads every record the event ring holds now and sums it into what the next drain
-    /// returns. Returns how many records were read.
-    pub fn pump(&mut self) -> usize {
-        let (mut records, mut bytes) = (0, 0);
-        while let Some(item) = self.events.next() {
-            records += 1;
-            bytes += item.len() + 8;
-            self.pending.add(&item);
-        }
-        self.pending.backlog_bytes = self.pending.backlog_bytes.max(bytes);
-        records
+    /// The event ring, for the task that reads it as it fills. A drain takes its lock only
+    /// to take what was read, never across the grace period or the cache's reading.
+    pub fn ring(&self) -> Arc<tokio::sync::Mutex<EventRing>> {
+        self.ring.clone()
     }
 
     /// Flips the buffers and returns every flow of the one that was active, with what the
@@ -365,9 +395,8 @@ impl Drainer {
             )
             .map_err(map_io(maps::CONTROL))?;
         tokio::time::sleep(self.grace).await;
-        self.pump();
+        let mut pending = self.ring.lock().await.take();
         let mut problems = Vec::new();
-        let mut pending = std::mem::take(&mut self.pending);
         let cache_slots_used = self.drain_cache(old, &mut pending.flows, &mut problems);
         let dname = maps::DROPS[usize::from(old != 0)];
         let drops = take_all(&mut self.drops[old as usize], dname, &mut problems)
@@ -377,12 +406,18 @@ impl Drainer {
             .collect();
         Ok(Drained {
             drops,
-            flows: pending
-                .flows
-                .into_iter()
-                .filter(|(_, stats)| stats.packets > 0)
-                .map(|(key, stats)| DrainedFlow { key, stats })
-                .collect(),
+            flows: {
+                // Sized once: a flood's drain holds hundreds of thousands.
+                let mut flows = Vec::with_capacity(pending.flows.len());
+                flows.extend(
+                    pending
+                        .flows
+                        .into_iter()
+                        .filter(|(_, stats)| stats.packets > 0)
+                        .map(|(key, stats)| DrainedFlow { key, stats }),
+                );
+                flows
+            },
             nat: pending
                 .nat
                 .into_iter()
@@ -408,7 +443,7 @@ impl Drainer {
     fn drain_cache(
         &mut self,
         half: u32,
-        into: &mut HashMap<FlowKey, FlowStats>,
+        into: &mut HashMap<FlowKey, FlowStats, FastHash>,
         problems: &mut Vec<Error>,
     ) -> usize {
         let io = map_io::<aya::maps::MapError>(maps::CACHE);
