@@ -14,7 +14,7 @@
 
 mod families;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
@@ -26,6 +26,7 @@ use crate::{
     kernel::drain::Drained,
     model::{
         drop_reason_name, protocol_name, Direction, Endpoint, EndpointKind, FlowTuple, LatencyKind,
+        ServiceRef,
     },
     state::drops::PlacedDrop,
 };
@@ -92,13 +93,18 @@ impl<V: Default> SeriesSet<V> {
     /// The series of `labels` to update, or the `other` series when a new one would pass
     /// `max` (which counts the `other` series too, so the family never holds more).
     fn get(&mut self, labels: Box<[String]>, max: usize, now_ns: u64) -> &mut V {
+        self.get_n(labels, max, now_ns, 1)
+    }
+
+    /// `get` for `updates` updates summed before (each one folded if the series is).
+    fn get_n(&mut self, labels: Box<[String]>, max: usize, now_ns: u64, updates: u64) -> &mut V {
         let labels = if self.series.contains_key(&labels)
             || self.series.len() + 1 < max
             || (self.series.len() < max && self.series.contains_key(&other(labels.len())))
         {
             labels
         } else {
-            self.folded += 1;
+            self.folded += updates;
             other(labels.len())
         };
         let s = self.series.entry(labels).or_insert_with(|| Series {
@@ -197,12 +203,35 @@ const RTT_EXTRA: [&str; 2] = ["kind", "hop"];
 const DROP_EXTRA: [&str; 2] = ["reason", "hop"];
 const RETRANSMIT_EXTRA: [&str; 1] = ["protocol"];
 
-/// The peer labels of a flow (source then destination) and its Service, named once per
-/// drain per tuple.
+/// What the flows of one drain are summed by before their traffic labels are built: both
+/// ends (the endpoints' addresses in the metadata cache, whose `Arc`s `TrafficSum` holds for
+/// as long as the key lives, so an address is never reused by another endpoint meanwhile),
+/// the Service, the hook and the protocol. Two keys may still give the same labels (e.g.
+/// two pods of one workload); the series set adds them up.
+#[derive(PartialEq, Eq, Hash)]
+struct TrafficKey {
+    src: Option<*const Endpoint>,
+    dst: Option<*const Endpoint>,
+    service: Option<ServiceRef>,
+    ifindex: u32,
+    direction: u8,
+    protocol: u8,
+}
+
+/// The flows summed under one `TrafficKey`, with the endpoints they were named by.
+#[derive(Default)]
+struct TrafficSum {
+    src: Option<Arc<Endpoint>>,
+    dst: Option<Arc<Endpoint>>,
+    packets: u64,
+    bytes: u64,
+    flows: u64,
+}
+
+/// The peer labels of a flow (source then destination), named once per drain per tuple.
 #[derive(Clone)]
 struct Named {
     peers: [String; 6],
-    service: String,
 }
 
 impl Metrics {
@@ -241,21 +270,45 @@ impl Metrics {
                 .or_insert_with(|| name_flow(t, v.namer, level))
                 .clone()
         };
+        // A drain holds a flow per tuple and hook, up to hundreds of thousands in a burst of
+        // new connections, nearly all between a few endpoints: they are summed per endpoint
+        // pair and hook first, and labels are built once per sum.
+        let mut sums: HashMap<TrafficKey, TrafficSum> = HashMap::new();
         for f in &v.drained.flows {
             let t = FlowTuple::from_key(&f.key);
-            let n = name(&t);
+            let a = v.namer.flow(&t);
+            let (src, dst) = (a.src_peer.or(a.src), a.dst_peer.or(a.dst));
+            let key = TrafficKey {
+                src: src.as_ref().map(Arc::as_ptr),
+                dst: dst.as_ref().map(Arc::as_ptr),
+                service: a.service,
+                ifindex: f.key.ifindex,
+                direction: f.key.direction,
+                protocol: t.protocol,
+            };
+            let sum = sums.entry(key).or_insert_with(|| TrafficSum {
+                src,
+                dst,
+                ..TrafficSum::default()
+            });
+            sum.packets += f.stats.packets;
+            sum.bytes += f.stats.bytes;
+            sum.flows += 1;
+        }
+        for (k, sum) in sums {
+            let peers = peers(sum.src.as_deref(), sum.dst.as_deref(), level);
             let labels = join(
-                &n.peers,
+                &peers,
                 [
-                    n.service,
-                    v.namer.hop_class(f.key.ifindex),
-                    Direction::from_kernel(f.key.direction).as_str().to_string(),
-                    protocol_name(t.protocol),
+                    k.service.map(|s| s.to_string()).unwrap_or_default(),
+                    v.namer.hop_class(k.ifindex),
+                    Direction::from_kernel(k.direction).as_str().to_string(),
+                    protocol_name(k.protocol),
                 ],
             );
-            let s = self.traffic.get(labels, max, v.now_ns);
-            s.0 += f.stats.packets;
-            s.1 += f.stats.bytes;
+            let s = self.traffic.get_n(labels, max, v.now_ns, sum.flows);
+            s.0 += sum.packets;
+            s.1 += sum.bytes;
         }
         for (o, x) in v.new_translations {
             // A DNAT to a Service backend; the reply's un-DNAT is the same connection.
@@ -603,7 +656,7 @@ pub fn encode(families: &[MetricFamily]) -> Result<String, prometheus::Error> {
     prometheus::TextEncoder::new().encode_to_string(families)
 }
 
-/// The peer labels and the Service of tuple `t` as drained at some hook: the namer's
+/// The peer labels of tuple `t` as drained at some hook: the namer's
 /// attribution, with the pods behind Service addresses as the peers (before the DNAT the
 /// destination is the backend it is rewritten to; after the reply's un-DNAT the source is
 /// the backend it came from).
@@ -611,7 +664,6 @@ fn name_flow(t: &FlowTuple, namer: &Namer<'_>, level: Level) -> Named {
     let a = namer.flow(t);
     Named {
         peers: peers(a.src_end(), a.dst_end(), level),
-        service: a.service.map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 

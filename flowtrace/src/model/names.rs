@@ -39,7 +39,7 @@ pub enum EndpointKind {
 }
 
 /// The Service a translation or a flow belongs to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServiceRef {
     pub namespace: String,
     pub name: String,

@@ -4,7 +4,11 @@
 //! renders them for the API. Times are kept as CLOCK_MONOTONIC nanoseconds (what the kernel
 //! records) and converted to Unix time only for output.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use flowtrace_common::FlowStats;
 
@@ -13,6 +17,7 @@ use crate::{
     model::{
         tcp_flags_string, Direction, Endpoint, EndpointKind, FlowRecord, FlowTuple, Hop, HopRecord,
     },
+    util::FastHash,
 };
 
 /// Names an address (the metadata cache's `resolve`); `None` when nobody is known to hold it.
@@ -40,7 +45,7 @@ struct FlowEntry {
 /// Flows of one agent, bounded in size and age.
 #[derive(Debug)]
 pub struct FlowTable {
-    flows: HashMap<FlowTuple, FlowEntry>,
+    flows: HashMap<FlowTuple, FlowEntry, FastHash>,
     /// Interface names, one allocation each, shared by the hops that name them.
     interfaces: HashMap<String, Arc<str>>,
     max_flows: usize,
@@ -52,7 +57,7 @@ pub struct FlowTable {
 impl FlowTable {
     pub fn new(max_flows: usize, idle_timeout_ns: u64) -> Self {
         Self {
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             interfaces: HashMap::new(),
             max_flows,
             idle_timeout_ns,
@@ -70,6 +75,13 @@ impl FlowTable {
         names: &dyn Fn(u32) -> Option<String>,
         resolve: Resolver<'_>,
     ) {
+        // A drain brings many flows of few addresses and interfaces: each is looked up once
+        // per drain (a miss in the metadata walks the nodes' pod CIDRs).
+        let mut named: HashMap<IpAddr, Option<Arc<Endpoint>>> = HashMap::new();
+        let mut resolve_once = |ip: &IpAddr| -> Option<Arc<Endpoint>> {
+            named.entry(*ip).or_insert_with(|| resolve(ip)).clone()
+        };
+        let mut interface_of: HashMap<u32, Arc<str>> = HashMap::new();
         for d in drained {
             let tuple = FlowTuple::from_key(&d.key);
             let hop = Hop {
@@ -80,15 +92,22 @@ impl FlowTable {
             let at = match entry.hops.iter().position(|(h, _)| *h == hop) {
                 Some(i) => i,
                 None => {
-                    let name = names(hop.ifindex).unwrap_or_else(|| format!("if{}", hop.ifindex));
-                    let interface = match self.interfaces.get(&name) {
-                        Some(shared) => shared.clone(),
-                        None => {
-                            let shared: Arc<str> = Arc::from(name.as_str());
-                            self.interfaces.insert(name, shared.clone());
-                            shared
-                        }
-                    };
+                    let interfaces = &mut self.interfaces;
+                    let interface = interface_of
+                        .entry(hop.ifindex)
+                        .or_insert_with(|| {
+                            let name =
+                                names(hop.ifindex).unwrap_or_else(|| format!("if{}", hop.ifindex));
+                            match interfaces.get(&name) {
+                                Some(shared) => shared.clone(),
+                                None => {
+                                    let shared: Arc<str> = Arc::from(name.as_str());
+                                    interfaces.insert(name, shared.clone());
+                                    shared
+                                }
+                            }
+                        })
+                        .clone();
                     entry.hops.push((
                         hop,
                         HopCounters {
@@ -105,13 +124,35 @@ impl FlowTable {
             // name it had; "somewhere in a node's pod network" is no name to keep: it is
             // asked again when the flow is read, by when the pod may be known.
             let definite = |n: &Arc<Endpoint>| n.kind != EndpointKind::PodNetwork;
-            if let Some(n) = resolve(&tuple.src).filter(definite) {
+            if let Some(n) = resolve_once(&tuple.src).filter(definite) {
                 entry.src_name = Some(n);
             }
-            if let Some(n) = resolve(&tuple.dst).filter(definite) {
+            if let Some(n) = resolve_once(&tuple.dst).filter(definite) {
                 entry.dst_name = Some(n);
             }
         }
+    }
+
+    /// Evicts, before `drained` is merged, the oldest flows the cap would evict after it:
+    /// as many as the drain brings new tuples beyond the room left. The result is the same
+    /// as evicting after the merge (the new flows are the most recent), but the evicted
+    /// flows' memory is free before the new ones take theirs, so a burst of new flows does
+    /// not hold the cap plus the burst at once.
+    pub fn make_room(&mut self, drained: &[DrainedFlow]) {
+        let room = self.max_flows.saturating_sub(self.flows.len());
+        if drained.len() <= room {
+            return;
+        }
+        let mut incoming: HashSet<FlowTuple, FastHash> = HashSet::default();
+        for d in drained {
+            let t = FlowTuple::from_key(&d.key);
+            if !self.flows.contains_key(&t) {
+                incoming.insert(t);
+            }
+        }
+        let excess = incoming.len().saturating_sub(room);
+        drop(incoming);
+        self.evict_oldest(excess.min(self.flows.len()));
     }
 
     /// Drops flows idle for longer than the timeout, then the oldest beyond the size cap.
@@ -122,21 +163,29 @@ impl FlowTable {
             .retain(|_, f| now_mono_ns.saturating_sub(f.last_seen_ns) <= timeout);
         self.expired += (before - self.flows.len()) as u64;
         if self.flows.len() > self.max_flows {
-            let mut ages: Vec<(u64, FlowTuple)> = self
-                .flows
-                .iter()
-                .map(|(t, f)| (f.last_seen_ns, *t))
-                .collect();
-            ages.sort_unstable();
-            let excess = self.flows.len() - self.max_flows;
-            for (_, t) in ages.into_iter().take(excess) {
-                self.flows.remove(&t);
-            }
-            self.evicted += excess as u64;
+            self.evict_oldest(self.flows.len() - self.max_flows);
         }
         // Names no hop uses any more (interfaces of pods gone with their flows).
         self.interfaces
             .retain(|_, shared| Arc::strong_count(shared) > 1);
+    }
+
+    /// Removes the `n` flows seen least recently, counted as evicted.
+    fn evict_oldest(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut ages: Vec<(u64, FlowTuple)> = self
+            .flows
+            .iter()
+            .map(|(t, f)| (f.last_seen_ns, *t))
+            .collect();
+        // The oldest `n`, in no order: a selection, not a sort of the whole table.
+        ages.select_nth_unstable(n - 1);
+        for (_, t) in ages.into_iter().take(n) {
+            self.flows.remove(&t);
+        }
+        self.evicted += n as u64;
     }
 
     pub fn len(&self) -> usize {
@@ -320,6 +369,47 @@ mod tests {
         t.expire(1103);
         assert_eq!(t.len(), 1);
         assert_eq!(t.expired(), 1);
+    }
+
+    #[test]
+    fn room_is_made_before_a_drain_as_the_cap_would_after_it() {
+        let flow = |i: u16, hop: u32, at: u64| DrainedFlow {
+            key: key([10, 0, 0, i as u8], i, hop, 0),
+            stats: stats(1, 10, at, at),
+        };
+        let mut t = FlowTable::new(3, 1_000_000);
+        t.merge(
+            &[flow(0, 1, 10), flow(1, 1, 20), flow(2, 1, 30)],
+            &names,
+            &|_| None,
+        );
+        // Two new tuples, one of them at two hops, and more of a known one: two evicted,
+        // the two oldest.
+        let next = [
+            flow(2, 2, 40),
+            flow(3, 1, 50),
+            flow(3, 2, 51),
+            flow(4, 1, 60),
+        ];
+        t.make_room(&next);
+        assert_eq!((t.len(), t.evicted()), (1, 2));
+        t.merge(&next, &names, &|_| None);
+        t.expire(100);
+        assert_eq!(
+            (t.len(), t.evicted()),
+            (3, 2),
+            "nothing more for the cap to evict"
+        );
+        let mut ports: Vec<u16> = t
+            .snapshot(0, &|_| None)
+            .iter()
+            .map(|f| f.src_port)
+            .collect();
+        ports.sort_unstable();
+        assert_eq!(ports, vec![2, 3, 4]);
+        // Room enough: nothing evicted.
+        t.make_room(&[flow(4, 1, 70)]);
+        assert_eq!((t.len(), t.evicted()), (3, 2));
     }
 
     #[test]
