@@ -185,10 +185,198 @@ pub fn subscribe() -> Result<EventSocket> {
     // Bursts of short connections arrive faster than one thread drains them at times;
     // a larger buffer makes overflows (and the resync they force) rarer.
     let _ = socket.set_rx_buf_sz(4 << 20);
+    attach_nat_only_filter(&socket)?;
     Ok(EventSocket {
         socket,
         buf: vec![0u8; 1 << 16],
     })
+}
+
+/// Keeps only the events of connections NAT changed on the event socket, in the kernel:
+/// the mirror holds nothing else, and without it every new tuple on the node (a flood of
+/// them, a port scan) costs the agent a wakeup, a datagram and its decoding twice (NEW and
+/// DESTROY), which was half of the agent's CPU in a flood of fresh UDP tuples.
+fn attach_nat_only_filter(socket: &Socket) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let program = nat_only_filter();
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points at `program`, alive for the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::from_ref(&prog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io(
+            "attaching the NAT-only filter to the conntrack event socket",
+        )(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The status bits of a connection NAT changed (IPS_SRC_NAT | IPS_DST_NAT,
+/// include/uapi/linux/netfilter/nf_conntrack_common.h): set only when the translation
+/// changed the tuple, so exactly `CtEntry::translated`.
+const IPS_NAT_MASK: u32 = 0x30;
+/// CTA_STATUS (include/uapi/linux/netfilter/nfnetlink_conntrack.h).
+const CTA_STATUS: u32 = 3;
+/// Attributes the filter looks through for CTA_STATUS. ctnetlink writes the two tuples, the
+/// zone (only outside the default zone), the id, then the status: the fourth or fifth.
+const FILTER_STEPS: usize = 8;
+
+/// A classic BPF socket filter (the kind netlink sockets run on each multicast datagram)
+/// that passes a conntrack event whose CTA_STATUS has a NAT bit and refuses one without.
+/// It walks the message's attributes from the first (after the 16-byte netlink header and
+/// the 4-byte nfgenmsg), at most `FILTER_STEPS` of them; a message it cannot read to the
+/// status (short, malformed, status further on) is passed whole, and user space decides as
+/// before. Attribute headers are in host order (little-endian here: x86, arm64), the status
+/// in network order, which is how classic BPF loads words.
+fn nat_only_filter() -> Vec<libc::sock_filter> {
+    // Classic BPF opcodes (include/uapi/linux/filter.h, bpf_common.h).
+    const LD_W_LEN: u16 = 0x80; // A = packet length
+    const LD_B_IND: u16 = 0x50; // A = byte at X + k
+    const LD_W_IND: u16 = 0x40; // A = big-endian word at X + k
+    const LDX_MEM: u16 = 0x61; // X = M[k]
+    const ST: u16 = 0x02; // M[k] = A
+    const STX: u16 = 0x03; // M[k] = X
+    const ALU_ADD_K: u16 = 0x04;
+    const ALU_SUB_K: u16 = 0x14;
+    const ALU_AND_K: u16 = 0x54;
+    const ALU_LSH_K: u16 = 0x64;
+    const ALU_OR_X: u16 = 0x4c;
+    const ALU_ADD_X: u16 = 0x0c;
+    const TAX: u16 = 0x07;
+    const JEQ_K: u16 = 0x15;
+    const JGE_K: u16 = 0x35;
+    const JGE_X: u16 = 0x3d;
+    const JSET_K: u16 = 0x45;
+    const RET_K: u16 = 0x06;
+    const LDX_IMM: u16 = 0x01; // X = k
+
+    /// Where a jump goes: the next instruction, the step's attribute skip, or an end.
+    #[derive(Clone, Copy)]
+    enum To {
+        Next,
+        Skip,
+        Accept,
+        Reject,
+    }
+    struct Insn {
+        code: u16,
+        k: u32,
+        jt: To,
+        jf: To,
+    }
+    let op = |code, k| Insn {
+        code,
+        k,
+        jt: To::Next,
+        jf: To::Next,
+    };
+    let jump = |code, k, jt, jf| Insn { code, k, jt, jf };
+
+    let mut steps: Vec<Vec<Insn>> = Vec::new();
+    for _ in 0..FILTER_STEPS {
+        let mut step = vec![
+            // Room for this attribute's header and a status word? Else give up: pass.
+            op(LD_W_LEN, 0),
+            op(ALU_SUB_K, 8),
+            jump(JGE_X, 0, To::Next, To::Accept),
+            // Its type (low byte, then the high byte less the nested/byte-order flags).
+            op(LD_B_IND, 2),
+            jump(JEQ_K, CTA_STATUS, To::Next, To::Skip),
+            op(LD_B_IND, 3),
+            op(ALU_AND_K, 0x3f),
+            jump(JEQ_K, 0, To::Next, To::Skip),
+            // CTA_STATUS: a NAT bit passes the event, none refuses it.
+            op(LD_W_IND, 4),
+            jump(JSET_K, IPS_NAT_MASK, To::Accept, To::Reject),
+        ];
+        step.extend([
+            // X += align4(nla_len), the length a little-endian u16 at X.
+            op(STX, 1),
+            op(LD_B_IND, 0),
+            op(ST, 0),
+            op(LD_B_IND, 1),
+            op(ALU_LSH_K, 8),
+            op(LDX_MEM, 0),
+            op(ALU_OR_X, 0),
+            op(ALU_ADD_K, 3),
+            op(ALU_AND_K, !3),
+            // A zero length would not move: malformed, pass it to user space.
+            jump(JGE_K, 4, To::Next, To::Accept),
+            op(LDX_MEM, 1),
+            op(ALU_ADD_X, 0),
+            op(TAX, 0),
+        ]);
+        steps.push(step);
+    }
+    // Resolve the jumps: `Skip` is the step's first skip instruction (STX), the ends follow
+    // the last step.
+    let mut flat: Vec<(Insn, usize)> = Vec::new();
+    for (i, step) in steps.into_iter().enumerate() {
+        for insn in step {
+            flat.push((insn, i));
+        }
+    }
+    let total = flat.len() + 1; // the initial LDX
+    let accept = total;
+    let reject = total + 1;
+    let skip_of: Vec<usize> = (0..FILTER_STEPS)
+        .map(|step| {
+            1 + flat
+                .iter()
+                .position(|(insn, s)| *s == step && insn.code == STX)
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = vec![libc::sock_filter {
+        code: LDX_IMM,
+        jt: 0,
+        jf: 0,
+        k: 20,
+    }];
+    for (at, (insn, step)) in flat.iter().enumerate() {
+        let here = at + 1;
+        let target = |to: To| -> u8 {
+            let t = match to {
+                To::Next => here + 1,
+                To::Skip => skip_of[*step],
+                To::Accept => accept,
+                To::Reject => reject,
+            };
+            // Forward only and within a byte: the program is ~190 instructions.
+            (t - here - 1) as u8
+        };
+        out.push(libc::sock_filter {
+            code: insn.code,
+            jt: target(insn.jt),
+            jf: target(insn.jf),
+            k: insn.k,
+        });
+    }
+    // After the last step (no status found): pass, user space decides.
+    debug_assert_eq!(out.len(), accept);
+    out.push(libc::sock_filter {
+        code: RET_K,
+        jt: 0,
+        jf: 0,
+        k: u32::MAX,
+    });
+    out.push(libc::sock_filter {
+        code: RET_K,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    });
+    out
 }
 
 impl EventSocket {
@@ -434,5 +622,142 @@ mod tests {
         assert!(m.entries().is_empty());
         let s = m.stats();
         assert_eq!((s.events, s.overflows, s.dumps), (3, 1, 2));
+    }
+
+    /// Runs a classic BPF program the way the kernel does for the opcodes `nat_only_filter`
+    /// uses: a load past the end refuses the packet (returns 0).
+    fn run_filter(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        let (mut a, mut x, mut m, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
+        let byte = |at: u32| pkt.get(at as usize).map(|b| u32::from(*b));
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let k = i.k;
+            let jump = |cond: bool| if cond { i.jt as usize } else { i.jf as usize };
+            match i.code {
+                0x80 => a = pkt.len() as u32,
+                0x50 => match byte(x + k) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                0x40 => {
+                    let at = (x + k) as usize;
+                    match pkt.get(at..at + 4) {
+                        Some(w) => a = u32::from_be_bytes([w[0], w[1], w[2], w[3]]),
+                        None => return 0,
+                    }
+                }
+                0x61 => x = m[k as usize],
+                0x01 => x = k,
+                0x02 => m[k as usize] = a,
+                0x03 => m[k as usize] = x,
+                0x04 => a = a.wrapping_add(k),
+                0x14 => a = a.wrapping_sub(k),
+                0x54 => a &= k,
+                0x64 => a <<= k,
+                0x4c => a |= x,
+                0x0c => a = a.wrapping_add(x),
+                0x07 => x = a,
+                0x15 => pc += jump(a == k),
+                0x35 => pc += jump(a >= k),
+                0x3d => pc += jump(a >= x),
+                0x45 => pc += jump(a & k != 0),
+                0x06 => return k,
+                other => panic!("opcode {other:#x} not in the filter"),
+            }
+        }
+    }
+
+    /// A netlink attribute: little-endian length and type, the value, padding to 4.
+    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((4 + value.len()) as u16).to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(value);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out
+    }
+
+    /// A conntrack event as ctnetlink writes it: netlink header, nfgenmsg, the two nested
+    /// tuples (their flag bit set), the zone if any, the id, then the status.
+    fn event(status: u32, zone: bool) -> Vec<u8> {
+        const NESTED: u16 = 0x8000;
+        let ip = attr(
+            1 | NESTED,
+            &[attr(1, &[10, 244, 1, 10]), attr(2, &[10, 96, 0, 10])].concat(),
+        );
+        let proto = attr(
+            2 | NESTED,
+            &[
+                attr(1, &[17]),
+                attr(2, &40000u16.to_be_bytes()),
+                attr(3, &53u16.to_be_bytes()),
+            ]
+            .concat(),
+        );
+        let tuple = [ip, proto].concat();
+        let mut body = vec![2u8, 0, 0, 0];
+        body.extend(attr(1 | NESTED, &tuple));
+        body.extend(attr(2 | NESTED, &tuple));
+        if zone {
+            body.extend(attr(18, &7u16.to_be_bytes()));
+        }
+        body.extend(attr(12, &99u32.to_be_bytes()));
+        body.extend(attr(CTA_STATUS as u16, &status.to_be_bytes()));
+        body.extend(attr(7, &30u32.to_be_bytes()));
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&((16 + body.len()) as u32).to_le_bytes());
+        msg.extend_from_slice(&[0u8; 12]);
+        msg.extend(body);
+        msg
+    }
+
+    #[test]
+    fn the_event_filter_passes_translated_connections_only() {
+        let prog = nat_only_filter();
+        assert!(
+            prog.len() < 256,
+            "jumps are one byte: {} instructions",
+            prog.len()
+        );
+        // IPS_CONFIRMED | IPS_SEEN_REPLY (0x8 | 0x2), with and without a NAT bit.
+        for zone in [false, true] {
+            assert_eq!(
+                run_filter(&prog, &event(0x0a, zone)),
+                0,
+                "no NAT, zone {zone}"
+            );
+            for nat in [0x10, 0x20, 0x30] {
+                assert_eq!(
+                    run_filter(&prog, &event(0x0a | nat, zone)),
+                    u32::MAX,
+                    "NAT bits {nat:#x}, zone {zone}"
+                );
+            }
+        }
+        // What it cannot read to a status is passed whole (user space decides).
+        let mut cut = event(0x0a, false);
+        cut.truncate(60);
+        assert_eq!(run_filter(&prog, &cut), u32::MAX, "a message cut short");
+        let mut zero = event(0x0a, false);
+        zero[20] = 0;
+        zero[21] = 0;
+        assert_eq!(
+            run_filter(&prog, &zero),
+            u32::MAX,
+            "a zero-length attribute"
+        );
+        let no_status: Vec<u8> = event(0x0a, false)[..20]
+            .iter()
+            .copied()
+            .chain((0..10).flat_map(|_| attr(12, &[0, 0, 0, 1])))
+            .collect();
+        assert_eq!(
+            run_filter(&prog, &no_status),
+            u32::MAX,
+            "no status within the steps"
+        );
     }
 }
