@@ -82,9 +82,10 @@ pub fn run(args: &FloodBenchArgs) -> Result<()> {
         proc::kernel_release()
     );
     println!(
-        "{:>8} {:>9} {:>9} {:>10} {:>9} {:>7} {:>8} {:>9} {:>8} {:>7} {:>8} {:>9} {:>7} {:>8}",
+        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>7} {:>8} {:>9} {:>8} {:>7} {:>8} {:>9} {:>7} {:>8}",
         "rate/s",
         "sent",
+        "received",
         "tuples",
         "hook pkts",
         "lost",
