@@ -151,6 +151,50 @@ impl Pending {
     }
 }
 
+impl Pending {
+    /// What was summed, as a drain hands it on (the cache's and the drop buffers' parts
+    /// added by the drain).
+    fn into_drained(self) -> Drained {
+        // Sized once: a flood's drain holds hundreds of thousands.
+        let mut flows = Vec::with_capacity(self.flows.len());
+        flows.extend(
+            self.flows
+                .into_iter()
+                .filter(|(_, stats)| stats.packets > 0)
+                .map(|(key, stats)| DrainedFlow { key, stats }),
+        );
+        Drained {
+            flows,
+            nat: self
+                .nat
+                .into_iter()
+                .map(|(original, record)| DrainedNat { original, record })
+                .collect(),
+            latency: self
+                .latency
+                .into_iter()
+                .map(|(key, hist)| DrainedLatency { key, hist })
+                .collect(),
+            fill: BufferFill {
+                ring_backlog_bytes: self.backlog_bytes,
+                bad_records: self.bad,
+                ..BufferFill::default()
+            },
+            ..Drained::default()
+        }
+    }
+}
+
+/// Folds event-ring records into what one drain returns, exactly as records read from the
+/// ring are (for benchmarks and tests of the agent's side; the kernel's side is not involved).
+pub fn fold_records<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Drained {
+    let mut pending = Pending::default();
+    for r in records {
+        pending.add(r);
+    }
+    pending.into_drained()
+}
+
 /// A record of the ring as `T` (plain old data), if it is long enough.
 fn decode<T: Copy>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < std::mem::size_of::<T>() {
@@ -404,37 +448,11 @@ impl Drainer {
             .filter(|(_, stats)| stats.packets > 0)
             .map(|(key, stats)| DrainedDrop { key, stats })
             .collect();
-        Ok(Drained {
-            drops,
-            flows: {
-                // Sized once: a flood's drain holds hundreds of thousands.
-                let mut flows = Vec::with_capacity(pending.flows.len());
-                flows.extend(
-                    pending
-                        .flows
-                        .into_iter()
-                        .filter(|(_, stats)| stats.packets > 0)
-                        .map(|(key, stats)| DrainedFlow { key, stats }),
-                );
-                flows
-            },
-            nat: pending
-                .nat
-                .into_iter()
-                .map(|(original, record)| DrainedNat { original, record })
-                .collect(),
-            latency: pending
-                .latency
-                .into_iter()
-                .map(|(key, hist)| DrainedLatency { key, hist })
-                .collect(),
-            fill: BufferFill {
-                cache_slots_used,
-                ring_backlog_bytes: pending.backlog_bytes,
-                bad_records: pending.bad,
-            },
-            problems,
-        })
+        let mut drained = pending.into_drained();
+        drained.drops = drops;
+        drained.fill.cache_slots_used = cache_slots_used;
+        drained.problems = problems;
+        Ok(drained)
     }
 
     /// Collects and clears the idle half (`half`) of the per-CPU flow cache; returns how

@@ -88,7 +88,12 @@ impl FlowTable {
                 ifindex: d.key.ifindex,
                 direction: Direction::from_kernel(d.key.direction),
             };
-            let entry = self.flows.entry(tuple).or_default();
+            // Room for two hops from the start (a pod's veth and the overlay, or two veths):
+            // one allocation per flow rather than a second on its next hop.
+            let entry = self.flows.entry(tuple).or_insert_with(|| FlowEntry {
+                hops: Vec::with_capacity(2),
+                ..FlowEntry::default()
+            });
             let at = match entry.hops.iter().position(|(h, _)| *h == hop) {
                 Some(i) => i,
                 None => {
