@@ -32,6 +32,7 @@ mod demo;
 mod dropbench;
 mod floodbench;
 mod image;
+mod ingestbench;
 mod layers;
 mod mapbench;
 mod mapmem;
@@ -68,6 +69,9 @@ enum Command {
     /// New flows at line rate: a flood of fresh tuples through two hooks of one node, the
     /// share of updates lost, the agent's CPU and memory, and the node's forwarding.
     BenchFlood(floodbench::FloodBenchArgs),
+    /// What the agent does with a drain of N flow records (default 1 000 000), in process:
+    /// folding the ring's records, the flow table, the metrics (no root needed).
+    BenchIngest(ingestbench::IngestBenchArgs),
     /// The relay at scale: simulated mTLS agents on loopback, the real relay binary; answer
     /// time, memory and fan-out cost (no root needed).
     BenchRelay(relaybench::RelayBenchArgs),
@@ -131,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchMap(args) => mapbench::run(&args),
         Command::BenchDrops(args) => dropbench::run(&args),
         Command::BenchFlood(args) => floodbench::run(&args),
+        Command::BenchIngest(args) => ingestbench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Image(args) => image::run(&args),
         Command::Layers => layers::run(),

@@ -70,7 +70,8 @@ pub fn reset_peak() {
 const PODS_PER_NODE: usize = 100;
 const PODS_PER_DEPLOYMENT: usize = 10;
 
-fn pod_ip(i: usize) -> Ipv4Addr {
+/// The address of synthetic pod `i`.
+pub fn pod_ip(i: usize) -> Ipv4Addr {
     let node = i / PODS_PER_NODE;
     Ipv4Addr::new(
         10,
@@ -150,12 +151,11 @@ struct Figures {
     miss_ns: f64,
 }
 
-fn measure(pods: usize, lookups: usize) -> Result<Figures> {
+/// The metadata cache of the synthetic cluster of `pods` pods (see the module's header),
+/// filled as the watches fill it: each object parsed, reduced and dropped in turn.
+pub fn synthetic_cache(pods: usize) -> Result<MetaCache> {
     let deployments = pods / PODS_PER_DEPLOYMENT;
     let nodes = pods.div_ceil(PODS_PER_NODE);
-
-    // The cache: objects are parsed, reduced and dropped one at a time, as the watches do.
-    let before = live();
     let mut cache = MetaCache::new();
     for n in 0..nodes {
         let o: Node = serde_json::from_value(node_json(n))?;
@@ -173,6 +173,13 @@ fn measure(pods: usize, lookups: usize) -> Result<Figures> {
         let p: Pod = serde_json::from_value(pod_json(i))?;
         cache.apply_pod(objects::pod(&p)?);
     }
+    Ok(cache)
+}
+
+fn measure(pods: usize, lookups: usize) -> Result<Figures> {
+    // The cache: objects are parsed, reduced and dropped one at a time, as the watches do.
+    let before = live();
+    let cache = synthetic_cache(pods)?;
     let cache_bytes = live().saturating_sub(before);
 
     // Baseline: the pods as whole objects (a reflector store of Pods alone).
