@@ -77,6 +77,36 @@ pub fn hop_class(link: Option<&Link>) -> String {
     }
 }
 
+/// A tuple's translation chain, before the rewrite then after (one tuple when none is
+/// known). Inline, not a `Vec`: every flow of every drain is named through one.
+struct Chain {
+    tuples: [FlowTuple; 2],
+    len: usize,
+}
+
+impl Chain {
+    fn one(t: FlowTuple) -> Self {
+        Self {
+            tuples: [t, t],
+            len: 1,
+        }
+    }
+
+    fn two(before: FlowTuple, after: FlowTuple) -> Self {
+        Self {
+            tuples: [before, after],
+            len: 2,
+        }
+    }
+}
+
+impl std::ops::Deref for Chain {
+    type Target = [FlowTuple];
+    fn deref(&self) -> &[FlowTuple] {
+        &self.tuples[..self.len]
+    }
+}
+
 impl<'a> Namer<'a> {
     pub fn new(meta: &'a MetaCache, nat: &'a NatTable, links: &'a HashMap<u32, Link>) -> Self {
         Self { meta, nat, links }
@@ -228,23 +258,23 @@ impl<'a> Namer<'a> {
 
     /// The tuples of `t`'s direction of the connection, in the order the packet has them
     /// (at most: before the rewrite, after it).
-    fn chain(&self, t: &FlowTuple) -> Vec<FlowTuple> {
+    fn chain(&self, t: &FlowTuple) -> Chain {
         if let Some(o) = self.nat.original_of(t) {
-            return vec![o, *t];
+            return Chain::two(o, *t);
         }
         if let Some(x) = self.nat.translated_of(t) {
-            return vec![*t, x];
+            return Chain::two(*t, x);
         }
         // Only the other direction's translation is known (e.g. the reply's rewrite was
         // not recorded): this direction's chain is that one's, reversed.
         let r = t.reversed();
         if let Some(o) = self.nat.original_of(&r) {
-            return vec![r.reversed(), o.reversed()];
+            return Chain::two(r.reversed(), o.reversed());
         }
         if let Some(x) = self.nat.translated_of(&r) {
-            return vec![x.reversed(), *t];
+            return Chain::two(x.reversed(), *t);
         }
-        vec![*t]
+        Chain::one(*t)
     }
 
     fn attribute(&self, t: &FlowTuple, chain: &[FlowTuple]) -> Attribution {

@@ -19,7 +19,10 @@ use super::{
         EndpointSliceRecord, NodeRecord, OwnerRecord, PodRecord, ServicePortRecord, ServiceRecord,
     },
 };
-use crate::model::{Endpoint, EndpointKind, IpFilter, ServiceRef, Workload};
+use crate::{
+    model::{Endpoint, EndpointKind, IpFilter, ServiceRef, Workload},
+    util::FastHash,
+};
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -94,26 +97,27 @@ struct SliceEntry {
     addresses: Vec<IpAddr>,
 }
 
-/// The metadata flowtrace keeps, with indexes by address.
+/// The metadata flowtrace keeps, with indexes by address (looked up for every flow a drain
+/// brings: `FastHash` tables).
 #[derive(Debug, Default)]
 pub struct MetaCache {
     strings: Interner,
-    pods: HashMap<ObjKey, PodEntry>,
-    services: HashMap<ObjKey, ServiceEntry>,
-    nodes: HashMap<Arc<str>, NodeEntry>,
-    slices: HashMap<ObjKey, SliceEntry>,
+    pods: HashMap<ObjKey, PodEntry, FastHash>,
+    services: HashMap<ObjKey, ServiceEntry, FastHash>,
+    nodes: HashMap<Arc<str>, NodeEntry, FastHash>,
+    slices: HashMap<ObjKey, SliceEntry, FastHash>,
     /// ReplicaSet -> its Deployment; Job -> its CronJob (only owned ones are kept).
-    replicaset_owner: HashMap<ObjKey, Arc<str>>,
-    job_owner: HashMap<ObjKey, Arc<str>>,
+    replicaset_owner: HashMap<ObjKey, Arc<str>, FastHash>,
+    job_owner: HashMap<ObjKey, Arc<str>, FastHash>,
     /// Address -> the pod that holds it now (the newest claim wins: an address reused by
     /// a new pod is named after it from the moment the API says so).
-    pod_by_ip: HashMap<IpAddr, ObjKey>,
-    service_by_ip: HashMap<IpAddr, ObjKey>,
-    node_by_ip: HashMap<IpAddr, Arc<str>>,
+    pod_by_ip: HashMap<IpAddr, ObjKey, FastHash>,
+    service_by_ip: HashMap<IpAddr, ObjKey, FastHash>,
+    node_by_ip: HashMap<IpAddr, Arc<str>, FastHash>,
     /// NodePort -> Service.
-    service_by_node_port: HashMap<PortKey, ObjKey>,
+    service_by_node_port: HashMap<PortKey, ObjKey, FastHash>,
     /// Endpoint address -> Services it backs (from EndpointSlices).
-    services_by_endpoint: HashMap<IpAddr, Vec<ObjKey>>,
+    services_by_endpoint: HashMap<IpAddr, Vec<ObjKey>, FastHash>,
     /// Objects skipped because a required field was missing, by kind.
     skipped: BTreeMap<Kind, u64>,
 }

@@ -29,6 +29,7 @@ use crate::{
         wire::{NatCounters, NatState, Translation},
         Direction, FlowTuple, HookView, Hop,
     },
+    util::FastHash,
 };
 
 #[derive(Clone, Debug)]
@@ -49,10 +50,10 @@ struct NatEntry {
 /// All translations of one agent, by the tuple before the rewrite.
 #[derive(Debug)]
 pub struct NatTable {
-    entries: HashMap<FlowTuple, NatEntry>,
+    entries: HashMap<FlowTuple, NatEntry, FastHash>,
     /// Translated tuple -> original tuple, rebuilt after every change to `entries`, so
     /// naming a flow by its translation is one hash probe.
-    originals: HashMap<FlowTuple, FlowTuple>,
+    originals: HashMap<FlowTuple, FlowTuple, FastHash>,
     counters: NatCounters,
     idle_timeout_ns: u64,
 }
@@ -69,8 +70,8 @@ impl NatTable {
     /// from either source (the agent uses the flows' idle timeout).
     pub fn new(idle_timeout_ns: u64) -> Self {
         Self {
-            entries: HashMap::new(),
-            originals: HashMap::new(),
+            entries: HashMap::default(),
+            originals: HashMap::default(),
             counters: NatCounters::default(),
             idle_timeout_ns,
         }
