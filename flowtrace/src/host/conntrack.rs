@@ -185,7 +185,11 @@ pub fn subscribe() -> Result<EventSocket> {
     // Bursts of short connections arrive faster than one thread drains them at times;
     // a larger buffer makes overflows (and the resync they force) rarer.
     let _ = socket.set_rx_buf_sz(4 << 20);
-    attach_nat_only_filter(&socket)?;
+    // The filter reads attribute headers as little-endian; a big-endian host gets every
+    // event, as before the filter, and the mirror still keeps only the translated ones.
+    if cfg!(target_endian = "little") {
+        attach_nat_only_filter(&socket)?;
+    }
     Ok(EventSocket {
         socket,
         buf: vec![0u8; 1 << 16],
