@@ -5,7 +5,8 @@
 //! default), each seen at `--hops` hooks. Timed, each over `--rounds` rounds:
 //!
 //! - fold: the records summed per (tuple, hook), as `EventRing::pump` and `Drainer::drain` do
-//!   (`kernel::drain::fold_records`, the same code);
+//!   (`kernel::drain::fold_records`, the same code), the table sized as the agent sizes it
+//!   in a sustained burst (from the last period's count);
 //! - tables: what the agent's drain does with them next, in its order: the flow table makes
 //!   room, merges, names both ends and expires (capped at `--max-flows`, the agent's
 //!   default), then the metrics count the traffic by workload pair and hook.
@@ -117,7 +118,8 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         let before = live();
         reset_peak();
         let t = Instant::now();
-        let drained = fold_records(records.iter().map(Vec::as_slice));
+        // Sized as the agent sizes a period's table under a sustained burst: from the last.
+        let drained = fold_records(records.iter().map(Vec::as_slice), records.len());
         fold_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         anyhow::ensure!(
             drained.flows.len() == tuples * hops,

@@ -194,7 +194,8 @@ async fn read_event_ring(ring: std::os::fd::OwnedFd, agent: Arc<Agent>) {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and the same until
     // both are dropped together.
     // The programs wake us only when the ring is an eighth full (a wakeup per record would
-    // cost an interrupt per record); below that the ring is read every few milliseconds.
+    // cost an interrupt per record); below that the ring is read on a slow timer, and by
+    // every drain.
     let mut tick = tokio::time::interval(RING_READ_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let fd = match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
@@ -225,8 +226,11 @@ async fn read_event_ring(ring: std::os::fd::OwnedFd, agent: Arc<Agent>) {
     }
 }
 
-/// How often the agent reads the event ring when the programs have not woken it.
-const RING_READ_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+/// How often the agent reads the event ring when the programs have not woken it. Only a
+/// fallback: the programs wake the agent at an eighth of the ring, so the other seven
+/// eighths are the room for the time it takes to answer, and every drain reads the ring
+/// too. At 10 ms it woke an idle agent 100 times a second for nothing.
+const RING_READ_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Reads the trace ring for the agent's lifetime, joining events into packets and
 /// publishing them to the tracers.

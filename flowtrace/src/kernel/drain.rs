@@ -152,6 +152,13 @@ impl Pending {
 }
 
 impl Pending {
+    fn with_flow_capacity(flows: usize) -> Self {
+        Self {
+            flows: HashMap::with_capacity_and_hasher(flows, FastHash::default()),
+            ..Self::default()
+        }
+    }
+
     /// What was summed, as a drain hands it on (the cache's and the drop buffers' parts
     /// added by the drain).
     fn into_drained(self) -> Drained {
@@ -187,8 +194,9 @@ impl Pending {
 
 /// Folds event-ring records into what one drain returns, exactly as records read from the
 /// ring are (for benchmarks and tests of the agent's side; the kernel's side is not involved).
-pub fn fold_records<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Drained {
-    let mut pending = Pending::default();
+/// `capacity` is the flow table's size to start at (the agent uses the last period's).
+pub fn fold_records<'a>(records: impl IntoIterator<Item = &'a [u8]>, capacity: usize) -> Drained {
+    let mut pending = Pending::with_flow_capacity(capacity);
     for r in records {
         pending.add(r);
     }
@@ -244,9 +252,13 @@ impl EventRing {
     }
 
     /// Everything read so far, the ring's last records included, leaving nothing behind.
+    /// The next period's flow table starts at this one's size: under a sustained burst it
+    /// fills without growing step by step (each step rehashes the table and, meanwhile,
+    /// holds it twice); after the burst the next hint is small again.
     fn take(&mut self) -> Pending {
         self.pump();
-        std::mem::take(&mut self.pending)
+        let hint = self.pending.flows.len();
+        std::mem::replace(&mut self.pending, Pending::with_flow_capacity(hint))
     }
 }
 

@@ -138,26 +138,27 @@ impl FlowTable {
         }
     }
 
-    /// Evicts, before `drained` is merged, the oldest flows the cap would evict after it:
-    /// as many as the drain brings new tuples beyond the room left. The result is the same
-    /// as evicting after the merge (the new flows are the most recent), but the evicted
-    /// flows' memory is free before the new ones take theirs, so a burst of new flows does
-    /// not hold the cap plus the burst at once.
+    /// Evicts, before `drained` is merged, the flows the cap would evict after it: as many
+    /// as the drain brings new tuples beyond the room left, the least recently seen of those
+    /// the drain does not touch (after the merge, the flows it touches are the most recent).
+    /// The evicted flows' memory is free before the new ones take theirs, so a burst of new
+    /// flows does not hold the cap plus the burst at once. Whatever is still beyond the cap
+    /// (a drain with more new tuples than the cap) is `expire`'s.
     pub fn make_room(&mut self, drained: &[DrainedFlow]) {
         let room = self.max_flows.saturating_sub(self.flows.len());
         if drained.len() <= room {
             return;
         }
-        let mut incoming: HashSet<FlowTuple, FastHash> = HashSet::default();
-        for d in drained {
-            let t = FlowTuple::from_key(&d.key);
-            if !self.flows.contains_key(&t) {
-                incoming.insert(t);
-            }
-        }
-        let excess = incoming.len().saturating_sub(room);
-        drop(incoming);
-        self.evict_oldest(excess.min(self.flows.len()));
+        let touched: HashSet<FlowTuple, FastHash> = drained
+            .iter()
+            .map(|d| FlowTuple::from_key(&d.key))
+            .collect();
+        let incoming = touched
+            .iter()
+            .filter(|t| !self.flows.contains_key(t))
+            .count();
+        let excess = incoming.saturating_sub(room);
+        self.evict_oldest(excess, &touched);
     }
 
     /// Drops flows idle for longer than the timeout, then the oldest beyond the size cap.
@@ -168,23 +169,29 @@ impl FlowTable {
             .retain(|_, f| now_mono_ns.saturating_sub(f.last_seen_ns) <= timeout);
         self.expired += (before - self.flows.len()) as u64;
         if self.flows.len() > self.max_flows {
-            self.evict_oldest(self.flows.len() - self.max_flows);
+            self.evict_oldest(self.flows.len() - self.max_flows, &HashSet::default());
         }
         // Names no hop uses any more (interfaces of pods gone with their flows).
         self.interfaces
             .retain(|_, shared| Arc::strong_count(shared) > 1);
     }
 
-    /// Removes the `n` flows seen least recently, counted as evicted.
-    fn evict_oldest(&mut self, n: usize) {
+    /// Removes the `n` flows seen least recently, leaving those in `keep`, counted as
+    /// evicted.
+    fn evict_oldest(&mut self, n: usize, keep: &HashSet<FlowTuple, FastHash>) {
         if n == 0 {
             return;
         }
         let mut ages: Vec<(u64, FlowTuple)> = self
             .flows
             .iter()
+            .filter(|(t, _)| !keep.contains(*t))
             .map(|(t, f)| (f.last_seen_ns, *t))
             .collect();
+        let n = n.min(ages.len());
+        if n == 0 {
+            return;
+        }
         // The oldest `n`, in no order: a selection, not a sort of the whole table.
         ages.select_nth_unstable(n - 1);
         for (_, t) in ages.into_iter().take(n) {
@@ -388,10 +395,11 @@ mod tests {
             &names,
             &|_| None,
         );
-        // Two new tuples, one of them at two hops, and more of a known one: two evicted,
-        // the two oldest.
+        // Two new tuples, one of them at two hops, and more of the oldest known one (0): two
+        // evicted, the two least recent the drain does not touch (1 and 2), as merging
+        // first and evicting after would.
         let next = [
-            flow(2, 2, 40),
+            flow(0, 2, 40),
             flow(3, 1, 50),
             flow(3, 2, 51),
             flow(4, 1, 60),
@@ -405,16 +413,28 @@ mod tests {
             (3, 2),
             "nothing more for the cap to evict"
         );
+        let flows = t.snapshot(0, &|_| None);
+        let mut ports: Vec<u16> = flows.iter().map(|f| f.src_port).collect();
+        ports.sort_unstable();
+        assert_eq!(ports, vec![0, 3, 4]);
+        let kept = flows.iter().find(|f| f.src_port == 0).map(|f| f.hops.len());
+        assert_eq!(kept, Some(2), "the touched flow kept its first hop");
+        // More new tuples than the cap: room makes what it can, the cap does the rest.
+        let burst: Vec<DrainedFlow> = (10..15).map(|i| flow(i, 1, 100 + u64::from(i))).collect();
+        t.make_room(&burst);
+        t.merge(&burst, &names, &|_| None);
+        t.expire(200);
         let mut ports: Vec<u16> = t
             .snapshot(0, &|_| None)
             .iter()
             .map(|f| f.src_port)
             .collect();
         ports.sort_unstable();
-        assert_eq!(ports, vec![2, 3, 4]);
+        assert_eq!(ports, vec![12, 13, 14]);
+        assert_eq!(t.evicted(), 7);
         // Room enough: nothing evicted.
-        t.make_room(&[flow(4, 1, 70)]);
-        assert_eq!((t.len(), t.evicted()), (3, 2));
+        t.make_room(&[flow(14, 1, 300)]);
+        assert_eq!((t.len(), t.evicted()), (3, 7));
     }
 
     #[test]
