@@ -2,7 +2,7 @@
 //! `nat::sight`), and TCP round trips at one interface, with `RTT_HINT` in front of
 //! `RTT_PENDING`.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use flowtrace_common::{
     Counter, FlowKey, LatencyEvent, RttPending, SlowInput, EVENT_LATENCY, LAT_HANDSHAKE,
     LAT_RESPONSE, SLOW_SAMPLED,
@@ -30,6 +30,10 @@ pub(crate) fn add_latency(ns: u64) {
         }
     }
 }
+
+/// How long a data segment waits for its answer before a newer one of its direction may take
+/// its place: response times longer than a second are not measured.
+const RTT_PENDING_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// Whether a segment may wait in `slot` of `RTT_HINT`.
 #[inline(always)]
@@ -132,9 +136,20 @@ pub(crate) fn rtt(input: &SlowInput, now: u64) {
         // Looked up first: an insert that finds the key (BPF_NOEXIST) still takes a node
         // off the LRU's free list and puts it back, under its lock, which costs several
         // times a lookup; in a bulk transfer, where nothing answers data with data, every
-        // sampled segment would pay it.
-        if RTT_PENDING.get_ptr(&*rk).is_none() {
-            let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
+        // sampled segment would pay it. A data segment that has waited longer than
+        // `RTT_PENDING_MAX_AGE_NS` is replaced: the lookups keep it recent in the LRU, and
+        // an answer that came at last would be timed from it, too long. A SYN is not: its
+        // retransmission (after the 1 s initial timeout) is part of the handshake's time.
+        // SAFETY: a map value pointer, valid until the program ends.
+        let waiting = RTT_PENDING.get_ptr(&*rk).map(|p| unsafe { (*p).sent_ns });
+        match waiting {
+            None => {
+                let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
+            }
+            Some(sent) if !syn && now.wrapping_sub(sent) > RTT_PENDING_MAX_AGE_NS => {
+                let _ = RTT_PENDING.insert(&*rk, &pending, BPF_ANY as u64);
+            }
+            Some(_) => {}
         }
         // Marked even when a segment already waits: its mark may have been cleared by an
         // answer to another segment sharing the slot. Written only when clear, so the

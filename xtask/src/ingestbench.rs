@@ -132,7 +132,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         let mut flows = FlowTable::new(args.max_flows, u64::MAX / 2);
         let nat = NatTable::new(u64::MAX / 2);
         let t = Instant::now();
-        flows.make_room(&drained.flows);
+        flows.make_room(&drained.flows, now);
         flows.merge(
             &drained.flows,
             &|i| Some(format!("veth{i}")),

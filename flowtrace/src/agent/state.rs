@@ -288,7 +288,7 @@ impl Agent {
                 drops,
                 metrics,
             } = &mut *tables;
-            flows.make_room(&drained.flows);
+            flows.make_room(&drained.flows, now);
             flows.merge(
                 &drained.flows,
                 &|i| links.get(&i).map(|l| l.name.clone()),

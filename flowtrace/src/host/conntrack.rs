@@ -185,10 +185,20 @@ pub fn subscribe() -> Result<EventSocket> {
     // Bursts of short connections arrive faster than one thread drains them at times;
     // a larger buffer makes overflows (and the resync they force) rarer.
     let _ = socket.set_rx_buf_sz(4 << 20);
-    // The filter reads attribute headers as little-endian; a big-endian host gets every
-    // event, as before the filter, and the mirror still keeps only the translated ones.
-    if cfg!(target_endian = "little") {
-        attach_nat_only_filter(&socket)?;
+    // Without the filter every event comes, and the mirror still keeps only the translated
+    // connections: it is skipped where it could hide one, and its failure is not fatal.
+    // - It reads attribute headers as little-endian.
+    // - IPVS (kube-proxy's ipvs mode) rewrites a connection's reply tuple without setting a
+    //   NAT status bit, so its translations would not pass. A node whose IPVS table appears
+    //   after the agent started still has them from the periodic dumps.
+    if !cfg!(target_endian = "little") {
+        tracing::info!(
+            "conntrack events unfiltered: the NAT-only filter needs a little-endian host"
+        );
+    } else if ipvs_in_use() {
+        tracing::info!("conntrack events unfiltered: IPVS is loaded in this namespace (/proc/self/net/ip_vs), and its translations carry no NAT status bit");
+    } else if let Err(e) = attach_nat_only_filter(&socket) {
+        tracing::warn!(error = %e, "conntrack events unfiltered: every new connection on the node costs a wakeup");
     }
     Ok(EventSocket {
         socket,
@@ -196,10 +206,10 @@ pub fn subscribe() -> Result<EventSocket> {
     })
 }
 
-/// Keeps only the events of connections NAT changed on the event socket, in the kernel:
-/// the mirror holds nothing else, and without it every new tuple on the node (a flood of
-/// them, a port scan) costs the agent a wakeup, a datagram and its decoding twice (NEW and
-/// DESTROY), which was half of the agent's CPU in a flood of fresh UDP tuples.
+/// Keeps only the events of connections netfilter's NAT changed on the event socket, in the
+/// kernel: the mirror holds nothing else, and without it every new tuple on the node (a flood
+/// of them, a port scan) costs the agent a wakeup, a datagram and its decoding twice (NEW
+/// and DESTROY), which was half of the agent's CPU in a flood of fresh UDP tuples.
 fn attach_nat_only_filter(socket: &Socket) -> Result<()> {
     use std::os::fd::AsRawFd;
     let program = nat_only_filter();
@@ -225,9 +235,15 @@ fn attach_nat_only_filter(socket: &Socket) -> Result<()> {
     Ok(())
 }
 
+/// Whether IPVS is loaded in this network namespace (its table is listed in /proc).
+fn ipvs_in_use() -> bool {
+    std::path::Path::new("/proc/self/net/ip_vs").exists()
+}
+
 /// The status bits of a connection NAT changed (IPS_SRC_NAT | IPS_DST_NAT,
-/// include/uapi/linux/netfilter/nf_conntrack_common.h): set only when the translation
-/// changed the tuple, so exactly `CtEntry::translated`.
+/// include/uapi/linux/netfilter/nf_conntrack_common.h): netfilter's NAT sets them when the
+/// translation changes the tuple, which is `CtEntry::translated` for iptables and nftables
+/// NAT. IPVS changes the reply tuple without them (`ipvs_in_use`).
 const IPS_NAT_MASK: u32 = 0x30;
 /// CTA_STATUS (include/uapi/linux/netfilter/nfnetlink_conntrack.h).
 const CTA_STATUS: u32 = 3;

@@ -143,8 +143,10 @@ impl FlowTable {
     /// the drain does not touch (after the merge, the flows it touches are the most recent).
     /// The evicted flows' memory is free before the new ones take theirs, so a burst of new
     /// flows does not hold the cap plus the burst at once. Whatever is still beyond the cap
-    /// (a drain with more new tuples than the cap) is `expire`'s.
-    pub fn make_room(&mut self, drained: &[DrainedFlow]) {
+    /// (a drain with more new tuples than the cap) is `expire`'s. Idle flows go first, counted
+    /// as expired, as `expire` counts them: the cap evicts only what the timeout left.
+    pub fn make_room(&mut self, drained: &[DrainedFlow], now_mono_ns: u64) {
+        self.expire_idle(now_mono_ns);
         let room = self.max_flows.saturating_sub(self.flows.len());
         if drained.len() <= room {
             return;
@@ -163,17 +165,22 @@ impl FlowTable {
 
     /// Drops flows idle for longer than the timeout, then the oldest beyond the size cap.
     pub fn expire(&mut self, now_mono_ns: u64) {
-        let timeout = self.idle_timeout_ns;
-        let before = self.flows.len();
-        self.flows
-            .retain(|_, f| now_mono_ns.saturating_sub(f.last_seen_ns) <= timeout);
-        self.expired += (before - self.flows.len()) as u64;
+        self.expire_idle(now_mono_ns);
         if self.flows.len() > self.max_flows {
             self.evict_oldest(self.flows.len() - self.max_flows, &HashSet::default());
         }
         // Names no hop uses any more (interfaces of pods gone with their flows).
         self.interfaces
             .retain(|_, shared| Arc::strong_count(shared) > 1);
+    }
+
+    /// Drops flows idle for longer than the timeout, counted as expired.
+    fn expire_idle(&mut self, now_mono_ns: u64) {
+        let timeout = self.idle_timeout_ns;
+        let before = self.flows.len();
+        self.flows
+            .retain(|_, f| now_mono_ns.saturating_sub(f.last_seen_ns) <= timeout);
+        self.expired += (before - self.flows.len()) as u64;
     }
 
     /// Removes the `n` flows seen least recently, leaving those in `keep`, counted as
@@ -404,7 +411,7 @@ mod tests {
             flow(3, 2, 51),
             flow(4, 1, 60),
         ];
-        t.make_room(&next);
+        t.make_room(&next, 100);
         assert_eq!((t.len(), t.evicted()), (1, 2));
         t.merge(&next, &names, &|_| None);
         t.expire(100);
@@ -421,7 +428,7 @@ mod tests {
         assert_eq!(kept, Some(2), "the touched flow kept its first hop");
         // More new tuples than the cap: room makes what it can, the cap does the rest.
         let burst: Vec<DrainedFlow> = (10..15).map(|i| flow(i, 1, 100 + u64::from(i))).collect();
-        t.make_room(&burst);
+        t.make_room(&burst, 200);
         t.merge(&burst, &names, &|_| None);
         t.expire(200);
         let mut ports: Vec<u16> = t
@@ -433,8 +440,21 @@ mod tests {
         assert_eq!(ports, vec![12, 13, 14]);
         assert_eq!(t.evicted(), 7);
         // Room enough: nothing evicted.
-        t.make_room(&[flow(14, 1, 300)]);
+        t.make_room(&[flow(14, 1, 300)], 300);
         assert_eq!((t.len(), t.evicted()), (3, 7));
+        // Idle flows at the cap expire, they are not evicted: a timeout of 50, flows 12 and
+        // 13 idle at 400 (14 refreshed), two new tuples.
+        let mut t = FlowTable::new(3, 50);
+        t.merge(
+            &[flow(12, 1, 300), flow(13, 1, 310), flow(14, 1, 390)],
+            &names,
+            &|_| None,
+        );
+        let next = [flow(20, 1, 395), flow(21, 1, 396)];
+        t.make_room(&next, 400);
+        t.merge(&next, &names, &|_| None);
+        t.expire(400);
+        assert_eq!((t.len(), t.expired(), t.evicted()), (3, 2, 0));
     }
 
     #[test]
