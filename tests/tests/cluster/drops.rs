@@ -699,6 +699,10 @@ fn retransmissions_over_a_lossy_underlay_equal_the_clients_tcp_info() {
         cluster.pod(2, "pod-a").unwrap(),
     );
     let port = 47501;
+    // Retransmissions the client's kernel counted but could not transmit (the tracepoint's
+    // view may differ from tcpi_total_retrans by these): printed beside a mismatch.
+    let retrans_fail = || net_counter(&client.netns, "TcpExt", "TCPRetransFail").unwrap_or(0);
+    let fail_before = retrans_fail();
     let sink = ftgen_bg(
         server,
         &[
@@ -740,8 +744,10 @@ fn retransmissions_over_a_lossy_underlay_equal_the_clients_tcp_info() {
         dst_port: port,
     };
     eprintln!(
-        "transfer done {:?} after start; client {sent}; line {held}",
-        started.elapsed()
+        "transfer done {:?} after start; client {sent}; line {held}; client TcpExt \
+         TCPRetransFail +{}",
+        started.elapsed(),
+        retrans_fail().saturating_sub(fail_before)
     );
 
     let f1 = wait_flow(&agents[0], &t, "retransmits", retrans);
