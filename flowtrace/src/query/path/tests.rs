@@ -224,13 +224,7 @@ pub(crate) fn hops_of(leg: &Leg) -> Vec<String> {
     leg.steps
         .iter()
         .map(|s| match s {
-            Step::Hop {
-                node,
-                interface,
-                direction,
-                ..
-            } => format!("{node} {interface} {}", direction.as_str()),
-            Step::Nat { node, rewrote, .. } => format!("{node} nat {rewrote}"),
+            // A drop says how many and where, beyond `Step::label`.
             Step::Drop {
                 node,
                 reason,
@@ -238,6 +232,7 @@ pub(crate) fn hops_of(leg: &Leg) -> Vec<String> {
                 packets,
                 ..
             } => format!("{node} drop {packets} {reason} at {device}"),
+            other => other.label(),
         })
         .collect()
 }
