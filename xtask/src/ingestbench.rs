@@ -132,13 +132,12 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         let mut flows = FlowTable::new(args.max_flows, u64::MAX / 2);
         let nat = NatTable::new(u64::MAX / 2);
         let t = Instant::now();
-        flows.make_room(&drained.flows, now);
-        flows.merge(
+        flows.fold(
             &drained.flows,
+            now,
             &|i| Some(format!("veth{i}")),
             &|ip: &IpAddr| meta.resolve(ip),
         );
-        flows.expire(now);
         table_ms.push(t.elapsed().as_secs_f64() * 1000.0);
 
         let mut metrics = Metrics::new(MetricsConfig {

@@ -288,13 +288,12 @@ impl Agent {
                 drops,
                 metrics,
             } = &mut *tables;
-            flows.make_room(&drained.flows, now);
-            flows.merge(
+            flows.fold(
                 &drained.flows,
+                now,
                 &|i| links.get(&i).map(|l| l.name.clone()),
                 &|ip| meta.resolve(ip),
             );
-            flows.expire(now);
             let new_translations = nat.merge_kernel(&drained.nat, now);
             latency.merge(&drained.latency, now);
             latency.expire(now);

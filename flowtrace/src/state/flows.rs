@@ -138,15 +138,32 @@ impl FlowTable {
         }
     }
 
+    /// Folds one drain in at `now_mono_ns`, within the table's bounds: flows idle past the
+    /// timeout go first (counted as expired), then room is made for the drain's new tuples
+    /// (`make_room`), the drain is merged (`merge`) and whatever is still beyond the cap is
+    /// evicted. Each flow is looked at once for idleness per drain: the merged ones have just
+    /// been seen.
+    pub fn fold(
+        &mut self,
+        drained: &[DrainedFlow],
+        now_mono_ns: u64,
+        names: &dyn Fn(u32) -> Option<String>,
+        resolve: Resolver<'_>,
+    ) {
+        self.expire_idle(now_mono_ns);
+        self.make_room(drained);
+        self.merge(drained, names, resolve);
+        self.enforce_cap();
+    }
+
     /// Evicts, before `drained` is merged, the flows the cap would evict after it: as many
     /// as the drain brings new tuples beyond the room left, the least recently seen of those
     /// the drain does not touch (after the merge, the flows it touches are the most recent).
     /// The evicted flows' memory is free before the new ones take theirs, so a burst of new
     /// flows does not hold the cap plus the burst at once. Whatever is still beyond the cap
-    /// (a drain with more new tuples than the cap) is `expire`'s. Idle flows go first, counted
-    /// as expired, as `expire` counts them: the cap evicts only what the timeout left.
-    pub fn make_room(&mut self, drained: &[DrainedFlow], now_mono_ns: u64) {
-        self.expire_idle(now_mono_ns);
+    /// (a drain with more new tuples than the cap) is `enforce_cap`'s. Run after the idle
+    /// flows expired (`fold`): the cap evicts only what the timeout left.
+    fn make_room(&mut self, drained: &[DrainedFlow]) {
         let room = self.max_flows.saturating_sub(self.flows.len());
         if drained.len() <= room {
             return;
@@ -166,6 +183,11 @@ impl FlowTable {
     /// Drops flows idle for longer than the timeout, then the oldest beyond the size cap.
     pub fn expire(&mut self, now_mono_ns: u64) {
         self.expire_idle(now_mono_ns);
+        self.enforce_cap();
+    }
+
+    /// Evicts the oldest flows beyond the size cap, and forgets interface names no hop uses.
+    fn enforce_cap(&mut self) {
         if self.flows.len() > self.max_flows {
             self.evict_oldest(self.flows.len() - self.max_flows, &HashSet::default());
         }
@@ -411,7 +433,7 @@ mod tests {
             flow(3, 2, 51),
             flow(4, 1, 60),
         ];
-        t.make_room(&next, 100);
+        t.make_room(&next);
         assert_eq!((t.len(), t.evicted()), (1, 2));
         t.merge(&next, &names, &|_| None);
         t.expire(100);
@@ -428,7 +450,7 @@ mod tests {
         assert_eq!(kept, Some(2), "the touched flow kept its first hop");
         // More new tuples than the cap: room makes what it can, the cap does the rest.
         let burst: Vec<DrainedFlow> = (10..15).map(|i| flow(i, 1, 100 + u64::from(i))).collect();
-        t.make_room(&burst, 200);
+        t.make_room(&burst);
         t.merge(&burst, &names, &|_| None);
         t.expire(200);
         let mut ports: Vec<u16> = t
@@ -440,7 +462,7 @@ mod tests {
         assert_eq!(ports, vec![12, 13, 14]);
         assert_eq!(t.evicted(), 7);
         // Room enough: nothing evicted.
-        t.make_room(&[flow(14, 1, 300)], 300);
+        t.make_room(&[flow(14, 1, 300)]);
         assert_eq!((t.len(), t.evicted()), (3, 7));
         // Idle flows at the cap expire, they are not evicted: a timeout of 50, flows 12 and
         // 13 idle at 400 (14 refreshed), two new tuples.
@@ -451,9 +473,7 @@ mod tests {
             &|_| None,
         );
         let next = [flow(20, 1, 395), flow(21, 1, 396)];
-        t.make_room(&next, 400);
-        t.merge(&next, &names, &|_| None);
-        t.expire(400);
+        t.fold(&next, 400, &names, &|_| None);
         assert_eq!((t.len(), t.expired(), t.evicted()), (3, 2, 0));
     }
 
