@@ -14,6 +14,7 @@
 
 use std::{
     collections::HashMap,
+    hash::BuildHasher,
     os::fd::{AsFd, OwnedFd},
     sync::Arc,
     time::Duration,
@@ -37,7 +38,8 @@ use crate::{
 /// Default wait between flipping the active buffer and reading the old one.
 pub const DEFAULT_GRACE: Duration = Duration::from_millis(5);
 
-/// One drained flow at one hook, summed over CPUs.
+/// One flow's counters at one hook, summed over the records that were folded together. A
+/// drain may hold a flow at a hook more than once (see `FlowFold`): readers add them up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DrainedFlow {
     pub key: FlowKey,
@@ -100,10 +102,82 @@ pub struct BufferSizes {
     pub ring_bytes: u32,
 }
 
+/// Slots of `FlowFold`'s index of recent keys: 512 KiB, which stays in the CPU's cache.
+const RECENT_SLOTS: usize = 1 << 16;
+
+/// The flow records of one period, in the order they came, each folded into an earlier
+/// record of the same flow and hook when the index of recent keys still points at it.
+///
+/// Not a hash table of every key: in a flood of new tuples, where each record is a new key,
+/// such a table is hundreds of megabytes probed at random (a cache and TLB miss per
+/// record, several hundred nanoseconds). Here a record costs a hash, a look at a small
+/// direct-mapped index and an append. A flow whose records keep coming (a busy flow that
+/// loses its cache slot again and again) finds its last record through the index and is
+/// summed there; a key pushed out of the index by another starts a new entry, so a drain
+/// can hold a flow at a hook more than once, and every reader sums (`DrainedFlow`). The
+/// vector never holds more entries than the records read, and no more than twice the bytes
+/// (its growth), which a hash table of as many keys already takes.
+#[derive(Debug)]
+struct FlowFold {
+    flows: Vec<DrainedFlow>,
+    /// (the key's hash's high half, its entry's position + 1), 0 for an empty slot.
+    recent: Box<[(u32, u32)]>,
+    hasher: FastHash,
+}
+
+impl Default for FlowFold {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl FlowFold {
+    fn with_capacity(flows: usize) -> Self {
+        Self {
+            flows: Vec::with_capacity(flows),
+            recent: vec![(0, 0); RECENT_SLOTS].into_boxed_slice(),
+            hasher: FastHash::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Adds one record of a flow at a hook (nothing for a record without packets).
+    fn add(&mut self, key: &FlowKey, stats: &FlowStats) {
+        if stats.packets == 0 {
+            return;
+        }
+        let hash = self.hasher.hash_one(key);
+        let slot = hash as usize & (RECENT_SLOTS - 1);
+        let tag = (hash >> 32) as u32;
+        let (seen_tag, at) = self.recent[slot];
+        if at != 0 && seen_tag == tag {
+            if let Some(f) = self
+                .flows
+                .get_mut(at as usize - 1)
+                .filter(|f| f.key == *key)
+            {
+                f.stats.merge(stats);
+                return;
+            }
+        }
+        self.flows.push(DrainedFlow {
+            key: *key,
+            stats: *stats,
+        });
+        // Past 4G entries the index stops pointing (they are still appended and summed).
+        if let Ok(at) = u32::try_from(self.flows.len()) {
+            self.recent[slot] = (tag, at);
+        }
+    }
+}
+
 /// The ring's records summed since the last drain.
 #[derive(Debug, Default)]
 struct Pending {
-    flows: HashMap<FlowKey, FlowStats, FastHash>,
+    flows: FlowFold,
     nat: HashMap<Tuple, NatRecord, FastHash>,
     latency: HashMap<LatencyKey, LatencyHist, FastHash>,
     backlog_bytes: usize,
@@ -122,7 +196,7 @@ impl Pending {
         };
         match kind {
             EVENT_FLOW => match decode::<CacheSlot>(bytes) {
-                Some(slot) => self.flows.entry(slot.key).or_default().merge(&slot.stats),
+                Some(slot) => self.flows.add(&slot.key, &slot.stats),
                 None => self.bad += 1,
             },
             EVENT_NAT => match decode::<NatEvent>(bytes) {
@@ -154,24 +228,19 @@ impl Pending {
 impl Pending {
     fn with_flow_capacity(flows: usize) -> Self {
         Self {
-            flows: HashMap::with_capacity_and_hasher(flows, FastHash::default()),
-            ..Self::default()
+            flows: FlowFold::with_capacity(flows),
+            nat: HashMap::default(),
+            latency: HashMap::default(),
+            backlog_bytes: 0,
+            bad: 0,
         }
     }
 
     /// What was summed, as a drain hands it on (the cache's and the drop buffers' parts
     /// added by the drain).
     fn into_drained(self) -> Drained {
-        // Sized once: a flood's drain holds hundreds of thousands.
-        let mut flows = Vec::with_capacity(self.flows.len());
-        flows.extend(
-            self.flows
-                .into_iter()
-                .filter(|(_, stats)| stats.packets > 0)
-                .map(|(key, stats)| DrainedFlow { key, stats }),
-        );
         Drained {
-            flows,
+            flows: self.flows.flows,
             nat: self
                 .nat
                 .into_iter()
@@ -252,9 +321,9 @@ impl EventRing {
     }
 
     /// Everything read so far, the ring's last records included, leaving nothing behind.
-    /// The next period's flow table starts at this one's size: under a sustained burst it
-    /// fills without growing step by step (each step rehashes the table and, meanwhile,
-    /// holds it twice); after the burst the next hint is small again.
+    /// The next period's flows start with room for this one's: under a sustained burst the
+    /// vector fills without growing step by step (each step copies it and, meanwhile, holds
+    /// it twice); after the burst the next hint is small again.
     fn take(&mut self) -> Pending {
         self.pump();
         let hint = self.pending.flows.len();
@@ -470,12 +539,7 @@ impl Drainer {
     /// Collects and clears the idle half (`half`) of the per-CPU flow cache; returns how
     /// many slots held a flow. A slot whose clearing fails is not counted now: it is read
     /// again next time.
-    fn drain_cache(
-        &mut self,
-        half: u32,
-        into: &mut HashMap<FlowKey, FlowStats, FastHash>,
-        problems: &mut Vec<Error>,
-    ) -> usize {
+    fn drain_cache(&mut self, half: u32, into: &mut FlowFold, problems: &mut Vec<Error>) -> usize {
         let io = map_io::<aya::maps::MapError>(maps::CACHE);
         let slots = self.sizes.cache_slots;
         let mut used = 0;
@@ -499,7 +563,7 @@ impl Drainer {
             }
             for slot in per_cpu.iter().filter(|s| s.kind != 0) {
                 used += 1;
-                into.entry(slot.key).or_default().merge(&slot.stats);
+                into.add(&slot.key, &slot.stats);
             }
         }
         used
@@ -532,5 +596,83 @@ impl Drainer {
             out[c as usize] = per_cpu.iter().sum();
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16, ifindex: u32) -> FlowKey {
+        FlowKey {
+            src_port: port,
+            dst_port: 80,
+            ifindex,
+            ip_version: 4,
+            protocol: 6,
+            ..FlowKey::default()
+        }
+    }
+
+    fn stats(packets: u64, first: u64, last: u64) -> FlowStats {
+        FlowStats {
+            packets,
+            bytes: packets * 100,
+            first_seen_ns: first,
+            last_seen_ns: last,
+            ..FlowStats::default()
+        }
+    }
+
+    /// Per (key), the sums over every entry of the fold.
+    fn sums(f: &FlowFold) -> HashMap<FlowKey, (u64, u64, u64, u64)> {
+        let mut out: HashMap<FlowKey, (u64, u64, u64, u64)> = HashMap::new();
+        for d in &f.flows {
+            let e = out.entry(d.key).or_insert((0, 0, u64::MAX, 0));
+            e.0 += d.stats.packets;
+            e.1 += d.stats.bytes;
+            e.2 = e.2.min(d.stats.first_seen_ns);
+            e.3 = e.3.max(d.stats.last_seen_ns);
+        }
+        out
+    }
+
+    #[test]
+    fn records_of_one_flow_and_hook_are_summed_in_one_entry() {
+        let mut f = FlowFold::default();
+        for i in 0..1000 {
+            f.add(&key(1, 7), &stats(2, 10 + i, 20 + i));
+            f.add(&key(1, 8), &stats(1, 5, 6));
+        }
+        f.add(&key(1, 7), &stats(0, 1, 1));
+        assert_eq!(f.len(), 2);
+        let s = sums(&f);
+        assert_eq!(s[&key(1, 7)], (2000, 200_000, 10, 1019));
+        assert_eq!(s[&key(1, 8)], (1000, 100_000, 5, 6));
+    }
+
+    #[test]
+    fn keys_beyond_the_index_keep_every_count() {
+        // Four times as many keys as the index has slots, each seen three times, interleaved:
+        // entries repeat where keys pushed each other out, and nothing is lost.
+        let n = RECENT_SLOTS * 4;
+        let mut f = FlowFold::with_capacity(16);
+        for round in 0..3u64 {
+            for k in 0..n {
+                let k = key((k % 60_000) as u16, (k / 60_000) as u32);
+                f.add(&k, &stats(1, round, round));
+            }
+        }
+        assert!(f.len() >= n && f.len() <= 3 * n, "{} entries", f.len());
+        let s = sums(&f);
+        assert_eq!(s.len(), n);
+        assert!(s.values().all(|v| *v == (3, 300, 0, 2)));
+    }
+
+    #[test]
+    fn a_record_without_packets_adds_no_entry() {
+        let mut f = FlowFold::default();
+        f.add(&key(1, 1), &stats(0, 1, 1));
+        assert_eq!(f.len(), 0);
     }
 }
