@@ -75,6 +75,17 @@ impl FlowTable {
         names: &dyn Fn(u32) -> Option<String>,
         resolve: Resolver<'_>,
     ) {
+        self.merge_except(drained, &HashSet::default(), names, resolve);
+    }
+
+    /// `merge`, leaving out the flows of the tuples in `refused` (`make_room`'s).
+    fn merge_except(
+        &mut self,
+        drained: &[DrainedFlow],
+        refused: &HashSet<FlowTuple, FastHash>,
+        names: &dyn Fn(u32) -> Option<String>,
+        resolve: Resolver<'_>,
+    ) {
         // A drain brings many flows of few addresses and interfaces: each is looked up once
         // per drain (a miss in the metadata walks the nodes' pod CIDRs).
         let mut named: HashMap<IpAddr, Option<Arc<Endpoint>>> = HashMap::new();
@@ -84,6 +95,9 @@ impl FlowTable {
         let mut interface_of: HashMap<u32, Arc<str>> = HashMap::new();
         for d in drained {
             let tuple = FlowTuple::from_key(&d.key);
+            if !refused.is_empty() && refused.contains(&tuple) {
+                continue;
+            }
             let hop = Hop {
                 ifindex: d.key.ifindex,
                 direction: Direction::from_kernel(d.key.direction),
@@ -151,33 +165,59 @@ impl FlowTable {
         resolve: Resolver<'_>,
     ) {
         self.expire_idle(now_mono_ns);
-        self.make_room(drained);
-        self.merge(drained, names, resolve);
+        let refused = self.make_room(drained);
+        self.merge_except(drained, &refused, names, resolve);
         self.enforce_cap();
     }
 
-    /// Evicts, before `drained` is merged, the flows the cap would evict after it: as many
-    /// as the drain brings new tuples beyond the room left, the least recently seen of those
-    /// the drain does not touch (after the merge, the flows it touches are the most recent).
-    /// The evicted flows' memory is free before the new ones take theirs, so a burst of new
-    /// flows does not hold the cap plus the burst at once. Whatever is still beyond the cap
-    /// (a drain with more new tuples than the cap) is `enforce_cap`'s. Run after the idle
-    /// flows expired (`fold`): the cap evicts only what the timeout left.
-    fn make_room(&mut self, drained: &[DrainedFlow]) {
+    /// Evicts, before `drained` is merged, the flows the cap would evict after it, and
+    /// returns the drain's tuples the cap would evict as soon as they were merged (to be
+    /// left out of the merge, counted as evicted). So a burst of new flows costs no more
+    /// than the cap's worth of entries: the evicted flows' memory is free before the new
+    /// ones take theirs, and a tuple that could not stay is never built.
+    ///
+    /// The cap leaves the `max_flows` most recently seen flows (`evict_oldest`). After the
+    /// merge, the flows the drain touches are seen as recently as the drain saw them, later
+    /// than any it does not touch; so the untouched go first, oldest first, as many as the
+    /// drain brings new tuples beyond the room left. If the drain alone brings more tuples
+    /// than the cap, the newest `max_flows` of them (each as seen in the table or the drain,
+    /// whichever is later) stay and the rest are refused. Run after the idle flows expired
+    /// (`fold`): the cap evicts only what the timeout left.
+    fn make_room(&mut self, drained: &[DrainedFlow]) -> HashSet<FlowTuple, FastHash> {
         let room = self.max_flows.saturating_sub(self.flows.len());
         if drained.len() <= room {
-            return;
+            return HashSet::default();
         }
-        let touched: HashSet<FlowTuple, FastHash> = drained
-            .iter()
-            .map(|d| FlowTuple::from_key(&d.key))
-            .collect();
+        // Each tuple the drain touches, when it last saw it.
+        let mut touched: HashMap<FlowTuple, u64, FastHash> = HashMap::default();
+        for d in drained {
+            let seen = touched.entry(FlowTuple::from_key(&d.key)).or_default();
+            *seen = (*seen).max(d.stats.last_seen_ns);
+        }
         let incoming = touched
-            .iter()
+            .keys()
             .filter(|t| !self.flows.contains_key(t))
             .count();
-        let excess = incoming.saturating_sub(room);
-        self.evict_oldest(excess, &touched);
+        self.evict_oldest(incoming.saturating_sub(room), |t| touched.contains_key(t));
+        let over = (self.flows.len() + incoming).saturating_sub(self.max_flows);
+        if over == 0 {
+            return HashSet::default();
+        }
+        // Only flows the drain touches are left in the table.
+        let mut ages: Vec<(u64, FlowTuple)> = touched
+            .into_iter()
+            .map(|(t, seen)| {
+                let kept = self.flows.get(&t).map_or(0, |f| f.last_seen_ns);
+                (seen.max(kept), t)
+            })
+            .collect();
+        ages.select_nth_unstable(over - 1);
+        let refused: HashSet<FlowTuple, FastHash> = ages[..over].iter().map(|(_, t)| *t).collect();
+        for t in &refused {
+            self.flows.remove(t);
+        }
+        self.evicted += over as u64;
+        refused
     }
 
     /// Drops flows idle for longer than the timeout, then the oldest beyond the size cap.
@@ -189,7 +229,7 @@ impl FlowTable {
     /// Evicts the oldest flows beyond the size cap, and forgets interface names no hop uses.
     fn enforce_cap(&mut self) {
         if self.flows.len() > self.max_flows {
-            self.evict_oldest(self.flows.len() - self.max_flows, &HashSet::default());
+            self.evict_oldest(self.flows.len() - self.max_flows, |_| false);
         }
         // Names no hop uses any more (interfaces of pods gone with their flows).
         self.interfaces
@@ -205,16 +245,16 @@ impl FlowTable {
         self.expired += (before - self.flows.len()) as u64;
     }
 
-    /// Removes the `n` flows seen least recently, leaving those in `keep`, counted as
+    /// Removes the `n` flows seen least recently, leaving those `keep` names, counted as
     /// evicted.
-    fn evict_oldest(&mut self, n: usize, keep: &HashSet<FlowTuple, FastHash>) {
+    fn evict_oldest(&mut self, n: usize, keep: impl Fn(&FlowTuple) -> bool) {
         if n == 0 {
             return;
         }
         let mut ages: Vec<(u64, FlowTuple)> = self
             .flows
             .iter()
-            .filter(|(t, _)| !keep.contains(*t))
+            .filter(|(t, _)| !keep(t))
             .map(|(t, f)| (f.last_seen_ns, *t))
             .collect();
         let n = n.min(ages.len());
@@ -448,10 +488,12 @@ mod tests {
         assert_eq!(ports, vec![0, 3, 4]);
         let kept = flows.iter().find(|f| f.src_port == 0).map(|f| f.hops.len());
         assert_eq!(kept, Some(2), "the touched flow kept its first hop");
-        // More new tuples than the cap: room makes what it can, the cap does the rest.
+        // More new tuples than the cap: the newest three stay, the rest are refused before
+        // the merge (never built), counted as evicted.
         let burst: Vec<DrainedFlow> = (10..15).map(|i| flow(i, 1, 100 + u64::from(i))).collect();
-        t.make_room(&burst);
-        t.merge(&burst, &names, &|_| None);
+        let refused = t.make_room(&burst);
+        assert_eq!((t.len(), t.evicted(), refused.len()), (0, 7, 2));
+        t.merge_except(&burst, &refused, &names, &|_| None);
         t.expire(200);
         let mut ports: Vec<u16> = t
             .snapshot(0, &|_| None)
@@ -475,6 +517,54 @@ mod tests {
         let next = [flow(20, 1, 395), flow(21, 1, 396)];
         t.fold(&next, 400, &names, &|_| None);
         assert_eq!((t.len(), t.expired(), t.evicted()), (3, 2, 0));
+    }
+
+    #[test]
+    fn fold_leaves_what_merging_everything_then_evicting_would() {
+        // Random drains (some beyond the cap, tuples at one or two hops, old tuples coming
+        // back), distinct times: `fold` against merge-then-cap, flow by flow.
+        let mut seed = 0x2545_f491_u64;
+        let mut rand = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let (mut a, mut b) = (FlowTable::new(40, u64::MAX), FlowTable::new(40, u64::MAX));
+        let mut at = 0;
+        for round in 0..60 {
+            let n = rand(if round % 5 == 0 { 120 } else { 30 });
+            let drain: Vec<DrainedFlow> = (0..n)
+                .map(|_| {
+                    at += 1;
+                    let i = rand(150) as u16;
+                    DrainedFlow {
+                        key: key([10, 0, 0, (i % 200) as u8], i, 1 + rand(2) as u32, 0),
+                        stats: stats(1 + rand(3), 10, at, at),
+                    }
+                })
+                .collect();
+            a.fold(&drain, at, &names, &|_| None);
+            b.merge(&drain, &names, &|_| None);
+            b.expire(at);
+            let view = |t: &FlowTable| {
+                let mut v: Vec<(u16, Vec<(u32, u64)>)> = t
+                    .snapshot(0, &|_| None)
+                    .iter()
+                    .map(|f| {
+                        let mut hops: Vec<(u32, u64)> =
+                            f.hops.iter().map(|h| (h.ifindex, h.packets)).collect();
+                        hops.sort_unstable();
+                        (f.src_port, hops)
+                    })
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            assert_eq!(view(&a), view(&b), "round {round}");
+            assert_eq!(a.evicted(), b.evicted(), "round {round}");
+        }
+        assert!(a.evicted() > 100, "the cap was reached: {}", a.evicted());
     }
 
     #[test]
