@@ -29,6 +29,7 @@ use crate::{
         ServiceRef,
     },
     state::drops::PlacedDrop,
+    util::FastHash,
 };
 
 pub use families::FAMILIES;
@@ -273,7 +274,7 @@ impl Metrics {
         // A drain holds a flow per tuple and hook, up to hundreds of thousands in a burst of
         // new connections, nearly all between a few endpoints: they are summed per endpoint
         // pair and hook first, and labels are built once per sum.
-        let mut sums: HashMap<TrafficKey, TrafficSum> = HashMap::new();
+        let mut sums: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
         for f in &v.drained.flows {
             let t = FlowTuple::from_key(&f.key);
             let a = v.namer.flow(&t);
