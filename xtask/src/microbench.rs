@@ -4,6 +4,13 @@
 //! tool for comparing two versions of flowtrace's kernel code. The flow stays in the per-CPU
 //! cache after the first run, so this is the bulk-transfer (cache hit) path; the iperf3 run of
 //! `cargo xtask bench` measures the real mix.
+//!
+//! The miss rows then measure what a flood of new tuples costs, piece by piece: each run a
+//! packet of a tuple never seen (one run per call, the no-op timed the same way for the
+//! call's own cost), into a freshly drained cache (an empty slot) or into one filled with
+//! other flows (a slot taken: its counters go to the event ring first). ICMP echo packets
+//! never take the slow path (no sighting, no tail call), so the rows differ by one piece
+//! each: the fine clock and slot write, the hand-over to the ring, the slow path.
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -97,6 +104,39 @@ fn tcp_v4_flags(payload: usize, flags: u8) -> Vec<u8> {
     f
 }
 
+/// IPv4 UDP, 64 bytes of payload, from `10.(i >> 16).(i >> 8).i` port `1024 + i % 60000`.
+fn udp_v4_from(i: u32) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    let tot = (20 + 8 + 64) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&tot.to_be_bytes());
+    let a = i.to_be_bytes();
+    f.extend_from_slice(&[
+        0, 1, 0x40, 0, 64, 17, 0, 0, 10, a[1], a[2], a[3], 10, 244, 2, 11,
+    ]);
+    f.extend_from_slice(&((1024 + i % 60_000) as u16).to_be_bytes());
+    f.extend_from_slice(&[0x1f, 0x90, 0, 72, 0, 0]);
+    f.resize(f.len() + 64, 0x63);
+    f
+}
+
+/// IPv4 ICMP echo request, 56 bytes of data, from `10.(i >> 16).(i >> 8).i`, identifier `i`.
+fn icmp_v4_from(i: u32) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    let tot = (20 + 8 + 56) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&tot.to_be_bytes());
+    let a = i.to_be_bytes();
+    f.extend_from_slice(&[
+        0, 1, 0x40, 0, 64, 1, 0, 0, 10, a[1], a[2], a[3], 10, 244, 2, 11,
+    ]);
+    f.extend_from_slice(&[8, 0, 0, 0]);
+    f.extend_from_slice(&(i as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 1]);
+    f.resize(f.len() + 56, 0x64);
+    f
+}
+
 fn udp_v6(payload: usize) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
     f.extend_from_slice(&[0x60, 0, 0, 0]);
@@ -177,6 +217,145 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         println!(
             "{name:<28} {n:>10} {c:>14} {f:>16} {:>10}",
             f as i64 - n as i64
+        );
+    }
+    control
+        .set_latency_sampling(64)
+        .context("setting latency sampling")?;
+    miss_rows(&mut ft, &mut base, &mut control, sizes.cache_slots, rounds)
+}
+
+/// The `i`th packet of a row of new tuples.
+type PacketOf = fn(u32) -> Vec<u8>;
+
+/// Batches of new tuples per round of a miss row, each into a freshly drained cache.
+const BATCHES_PER_ROUND: usize = 8;
+
+/// Mean ns per run of `prog` over `packets`, one run per call.
+fn one_run_each(prog: &SchedClassifier, packets: &[Vec<u8>]) -> Result<f64> {
+    let mut total = 0u64;
+    for p in packets {
+        total += u64::from(test_run(prog, p, 1)?);
+    }
+    Ok(total as f64 / packets.len().max(1) as f64)
+}
+
+/// The miss rows (see the module's documentation), at the agent's default sampling.
+fn miss_rows(
+    ft: &mut Ebpf,
+    base: &mut Ebpf,
+    control: &mut flowtrace::kernel::drain::Drainer,
+    cache_slots: u32,
+    rounds: usize,
+) -> Result<()> {
+    // One CPU for the whole row: the cache is per CPU.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to CPU 0: {}", std::io::Error::last_os_error());
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .context("starting a runtime for the drains")?;
+    let ring = control.ring();
+    // Few enough new tuples for an empty cache that they seldom meet (1 in 32 of the
+    // slots); enough flows before a "taken" row that nearly every slot holds one.
+    let batch = (cache_slots / 32).max(64);
+    let fill = cache_slots * 8;
+    let mut next = 0u32;
+    let mut fresh = |n: u32, make: PacketOf| -> Vec<Vec<u8>> {
+        let out = (next..next + n).map(make).collect();
+        next += n;
+        out
+    };
+    println!(
+        "new tuples, one run per call, {} per round, median of {rounds} rounds (sample 64)",
+        batch as usize * BATCHES_PER_ROUND
+    );
+    println!(
+        "{:<36} {:>10} {:>16} {:>10} {:>12} {:>12} {:>10}",
+        "packet",
+        "bench_noop",
+        "flowtrace_ingress",
+        "ft net",
+        "handed over",
+        "again (hit)",
+        "hit net"
+    );
+    let rows: [(&str, PacketOf, bool); 4] = [
+        ("ICMP new tuple, empty slot", icmp_v4_from, false),
+        ("ICMP new tuple, slot taken", icmp_v4_from, true),
+        ("UDP new tuple, empty slot", udp_v4_from, false),
+        ("UDP new tuple, slot taken", udp_v4_from, true),
+    ];
+    let (mut medians, mut hits) = (Vec::new(), Vec::new());
+    for (name, make, taken) in rows {
+        let (mut noop, mut flow, mut again, mut handed) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds * BATCHES_PER_ROUND {
+            rt.block_on(control.drain()).context("draining the cache")?;
+            ring.blocking_lock().pump();
+            if taken {
+                one_run_each(
+                    load_prog(ft, flowtrace_common::programs::INGRESS)?,
+                    &fresh(fill, make),
+                )?;
+                ring.blocking_lock().pump();
+            }
+            let packets = fresh(batch, make);
+            noop.push(one_run_each(
+                load_prog(base, baselines::BENCH_NOOP)?,
+                &packets,
+            )?);
+            flow.push(one_run_each(
+                load_prog(ft, flowtrace_common::programs::INGRESS)?,
+                &packets,
+            )?);
+            let records = ring.blocking_lock().pump();
+            handed.push(records as f64 / f64::from(batch));
+            // The same packets again: their flows hold the slots now (cache hits), with the
+            // same cold start of a single run as above.
+            again.push(one_run_each(
+                load_prog(ft, flowtrace_common::programs::INGRESS)?,
+                &packets,
+            )?);
+            ring.blocking_lock().pump();
+        }
+        // The median of the rounds' means, each over BATCHES_PER_ROUND batches.
+        let med = |v: Vec<f64>| {
+            let mut means: Vec<f64> = v
+                .chunks(BATCHES_PER_ROUND)
+                .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+                .collect();
+            means.sort_by(f64::total_cmp);
+            means[means.len() / 2]
+        };
+        let (n, f, a, h) = (med(noop), med(flow), med(again), med(handed));
+        println!(
+            "{name:<36} {n:>10.0} {f:>16.0} {:>10.0} {:>11.0}% {a:>12.0} {:>10.0}",
+            f - n,
+            h * 100.0,
+            a - n
+        );
+        medians.push(f - n);
+        hits.push(a - n);
+    }
+    if let (&[icmp_empty, icmp_taken, udp_empty, udp_taken], &[icmp_hit, ..]) =
+        (&medians[..], &hits[..])
+    {
+        println!(
+            "a new UDP tuple, net {udp_taken:.0} ns from a cold start: the hit path from a cold start {icmp_hit:.0}, \
+             the miss (fine clock, slot write) {:.0}, hand-over to the ring {:.0} (ICMP) / {:.0} (UDP), \
+             slow path (packet id, tail call, sighting) {:.0} (empty slot) / {:.0} (taken)",
+            icmp_empty - icmp_hit,
+            icmp_taken - icmp_empty,
+            udp_taken - udp_empty,
+            udp_empty - icmp_empty,
+            udp_taken - icmp_taken,
         );
     }
     Ok(())
