@@ -15,8 +15,8 @@
 //! Per phase: the agent's CPU (utime + stime from /proc, in millicores of wall time), its
 //! resident memory (VmRSS at the end, VmHWM the peak), and the kernel memory of its BPF maps
 //! (`memlock` of every map fd it holds, /proc/<pid>/fdinfo; charged to its cgroup since Linux
-//! 5.11; per-CPU maps hold a copy of their values per possible CPU, so the report also gives
-//! that part per CPU). Baselines from the same run: the CPU of the traffic itself (iperf3's own
+//! 5.11), with the maps' memory at 16 / 64 / 256 possible CPUs computed from their definitions
+//! beside it (the flow cache shrinks per CPU as CPUs grow). Baselines from the same run: the CPU of the traffic itself (iperf3's own
 //! `cpu_utilization_percent`; the churn senders' rusage), and the DaemonSet's requests and limits
 //! read from the manifest.
 
@@ -81,18 +81,15 @@ fn sample(pid: u32) -> Result<Sample> {
         cpu_s: u.cpu_s,
         rss_kib: u.rss_kib,
         hwm_kib: u.hwm_kib,
-        maps_kib: map_memory(pid)?.0,
+        maps_kib: map_memory(pid)?,
     })
 }
 
-/// Kernel memory of the distinct BPF maps whose fds `pid` holds: (`memlock` summed, in KiB;
-/// bytes of it per possible CPU: the values of per-CPU maps, one copy per possible CPU).
-pub(crate) fn map_memory(pid: u32) -> Result<(u64, u64)> {
-    // BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH (linux/bpf.h).
-    const PER_CPU_TYPES: [u64; 3] = [5, 6, 10];
+/// Kernel memory of the distinct BPF maps whose fds `pid` holds: `memlock` summed, in KiB.
+pub(crate) fn map_memory(pid: u32) -> Result<u64> {
     let dir = format!("/proc/{pid}/fdinfo");
     let mut seen = std::collections::BTreeSet::new();
-    let (mut bytes, mut per_cpu) = (0u64, 0u64);
+    let mut bytes = 0u64;
     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue; // an fd closed meanwhile
@@ -105,31 +102,10 @@ pub(crate) fn map_memory(pid: u32) -> Result<(u64, u64)> {
         if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
             if seen.insert(id) {
                 bytes += memlock;
-                if field("map_type:").is_some_and(|t| PER_CPU_TYPES.contains(&t)) {
-                    let value = field("value_size:").unwrap_or(0).next_multiple_of(8);
-                    per_cpu += value * field("max_entries:").unwrap_or(0);
-                }
             }
         }
     }
-    Ok((bytes / 1024, per_cpu))
-}
-
-/// Possible CPUs (/sys/devices/system/cpu/possible, e.g. `0-63`): per-CPU maps hold a copy
-/// for each.
-fn possible_cpus() -> Result<u64> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
-        .context("reading /sys/devices/system/cpu/possible")?;
-    let mut n = 0;
-    for range in text.trim().split(',') {
-        let (a, b) = range.split_once('-').unwrap_or((range, range));
-        let (a, b): (u64, u64) = (
-            a.parse().context("possible CPUs")?,
-            b.parse().context("possible CPUs")?,
-        );
-        n += b - a + 1;
-    }
-    Ok(n)
+    Ok(bytes / 1024)
 }
 
 /// Scrapes the agent's /metrics every second until `stop`; returns (scrapes, largest body).
@@ -274,7 +250,6 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
     )
     .context("starting the agent on node1")?;
     let pid = agent.pid().context("the agent has no pid")?;
-    let per_cpu_bytes = map_memory(pid)?.1;
     let meta: Value = agent.get("/v1/metadata")?;
     let _ = writeln!(
         report,
@@ -456,15 +431,13 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
         maps as f64 / 1024.0,
         (peak + maps) as f64 / 1024.0
     );
-    let ncpus = possible_cpus()?;
-    let per_cpu_mib = per_cpu_bytes as f64 / (1024.0 * 1024.0);
-    let fixed_mib = maps as f64 / 1024.0 - ncpus as f64 * per_cpu_mib;
+    let at = |cpus: u32| crate::mapmem::default_total_bytes(cpus) as f64 / (1024.0 * 1024.0);
     let _ = writeln!(
         report,
-        "  BPF maps on {ncpus} possible CPUs: {fixed_mib:.1} MiB + {per_cpu_mib:.2} MiB per possible CPU (per-CPU maps' values); at 16 / 64 / 128 possible CPUs: {:.0} / {:.0} / {:.0} MiB",
-        fixed_mib + 16.0 * per_cpu_mib,
-        fixed_mib + 64.0 * per_cpu_mib,
-        fixed_mib + 128.0 * per_cpu_mib
+        "  BPF maps at 16 / 64 / 256 possible CPUs (from the maps' definitions, as `cargo xtask map-memory`): {:.1} / {:.1} / {:.1} MiB",
+        at(16),
+        at(64),
+        at(256)
     );
     let _ = writeln!(
         report,

@@ -317,7 +317,7 @@ fn one(cluster: &Cluster, rate: u64, seconds: u64, src_count: u32) -> Result<Run
         kernel(&agent, "packets_seen")?,
         kernel(&agent, "flow_map_full")?,
     );
-    let maps = map_memory(pid)?.0;
+    let maps = map_memory(pid)?;
     let flows = agent.stats()?.flows as u64;
     let u2 = proc::usage(pid)?;
     agent.stop()?;

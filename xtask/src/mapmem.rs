@@ -18,6 +18,16 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// The kernel maps' bytes with defaults at `cpus` possible CPUs, from their definitions.
+pub fn default_total_bytes(cpus: u32) -> u64 {
+    let specs = memory::specs(
+        cache_slots_for(cpus),
+        DEFAULT_EVENT_RING_BYTES,
+        DEFAULT_DROP_ENTRIES,
+    );
+    memory::total(&specs, u64::from(cpus))
+}
+
 pub fn run(cpus: &[u32]) -> Result<()> {
     println!(
         "kernel map memory with defaults (event ring {} MiB, {} drop entries per buffer)",
@@ -55,14 +65,7 @@ pub fn run(cpus: &[u32]) -> Result<()> {
             largest.join(", ")
         );
     }
-    let at256 = memory::total(
-        &memory::specs(
-            cache_slots_for(256),
-            DEFAULT_EVENT_RING_BYTES,
-            DEFAULT_DROP_ENTRIES,
-        ),
-        256,
-    );
+    let at256 = default_total_bytes(256);
     println!(
         "goal: <= {:.0} MiB at 256 CPUs: {:.2} MiB, {}",
         mib(GOAL_BYTES_AT_256),
