@@ -226,7 +226,8 @@ struct TrafficSum {
     dst: Option<Arc<Endpoint>>,
     packets: u64,
     bytes: u64,
-    flows: u64,
+    /// The drain's entries summed here (each an update of the series).
+    updates: u64,
 }
 
 /// The peer labels of a flow (source then destination), named once per drain per tuple.
@@ -271,9 +272,10 @@ impl Metrics {
                 .or_insert_with(|| name_flow(t, v.namer, level))
                 .clone()
         };
-        // A drain holds a flow per tuple and hook, up to hundreds of thousands in a burst of
-        // new connections, nearly all between a few endpoints: they are summed per endpoint
-        // pair and hook first, and labels are built once per sum.
+        // A drain holds entries per tuple and hook (a tuple at a hook may repeat, see
+        // `kernel::drain::DrainedFlow`), up to hundreds of thousands in a burst of new
+        // connections, nearly all between a few endpoints: they are summed per endpoint pair
+        // and hook first, and labels are built once per sum.
         let mut sums: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
         for f in &v.drained.flows {
             let t = FlowTuple::from_key(&f.key);
@@ -294,7 +296,7 @@ impl Metrics {
             });
             sum.packets += f.stats.packets;
             sum.bytes += f.stats.bytes;
-            sum.flows += 1;
+            sum.updates += 1;
         }
         for (k, sum) in sums {
             let peers = peers(sum.src.as_deref(), sum.dst.as_deref(), level);
@@ -307,7 +309,7 @@ impl Metrics {
                     protocol_name(k.protocol),
                 ],
             );
-            let s = self.traffic.get_n(labels, max, v.now_ns, sum.flows);
+            let s = self.traffic.get_n(labels, max, v.now_ns, sum.updates);
             s.0 += sum.packets;
             s.1 += sum.bytes;
         }

@@ -102,8 +102,16 @@ pub struct BufferSizes {
     pub ring_bytes: u32,
 }
 
-/// Slots of `FlowFold`'s index of recent keys: 512 KiB, which stays in the CPU's cache.
+/// Slots of `FlowFold`'s index of recent keys at the start of a period: 512 KiB, which stays
+/// in the CPU's cache.
 const RECENT_SLOTS: usize = 1 << 16;
+
+/// The most slots a compaction grows the index to (8 MiB).
+const RECENT_SLOTS_MAX: usize = 1 << 20;
+
+/// One key in this many (by hash) is followed exactly by `FlowFold`, to estimate how many of
+/// its entries repeat a key.
+const REPEAT_SAMPLE: u64 = 64;
 
 /// The flow records of one period, in the order they came, each folded into an earlier
 /// record of the same flow and hook when the index of recent keys still points at it.
@@ -114,15 +122,30 @@ const RECENT_SLOTS: usize = 1 << 16;
 /// direct-mapped index and an append. A flow whose records keep coming (a busy flow that
 /// loses its cache slot again and again) finds its last record through the index and is
 /// summed there; a key pushed out of the index by another starts a new entry, so a drain
-/// can hold a flow at a hook more than once, and every reader sums (`DrainedFlow`). The
-/// vector never holds more entries than the records read, and no more than twice the bytes
-/// (its growth), which a hash table of as many keys already takes.
+/// can hold a flow at a hook more than once, and every reader sums (`DrainedFlow`).
+///
+/// Where more busy keys than the index holds keep coming back (a node with 100 000 active
+/// flows thrashing the kernel's cache), entries would grow with records rather than keys. So
+/// one key in `REPEAT_SAMPLE` is followed exactly, and each time the vector has doubled it
+/// is compacted (summed per key through a hash table, once) if the sample says a quarter or
+/// more of its entries repeat a key, and the index grows to twice the keys it then holds (up
+/// to `RECENT_SLOTS_MAX`), so that their next records find them. In a flood, where entries do
+/// not repeat, it never is.
 #[derive(Debug)]
 struct FlowFold {
     flows: Vec<DrainedFlow>,
     /// (the key's hash's high half, its entry's position + 1), 0 for an empty slot.
     recent: Box<[(u32, u32)]>,
     hasher: FastHash,
+    /// The hashes of the sampled keys pushed this period.
+    sampled: std::collections::HashSet<u64, FastHash>,
+    /// Sampled keys pushed since the last compaction, and those of them that were pushed
+    /// before (their entry repeats one already in the vector).
+    sample_pushes: u64,
+    sample_repeats: u64,
+    /// The length at which the repeats are next looked at.
+    next_check: usize,
+    compactions: u32,
 }
 
 impl Default for FlowFold {
@@ -137,6 +160,11 @@ impl FlowFold {
             flows: Vec::with_capacity(flows),
             recent: vec![(0, 0); RECENT_SLOTS].into_boxed_slice(),
             hasher: FastHash::default(),
+            sampled: std::collections::HashSet::default(),
+            sample_pushes: 0,
+            sample_repeats: 0,
+            next_check: 2 * RECENT_SLOTS,
+            compactions: 0,
         }
     }
 
@@ -150,7 +178,7 @@ impl FlowFold {
             return;
         }
         let hash = self.hasher.hash_one(key);
-        let slot = hash as usize & (RECENT_SLOTS - 1);
+        let slot = hash as usize & (self.recent.len() - 1);
         let tag = (hash >> 32) as u32;
         let (seen_tag, at) = self.recent[slot];
         if at != 0 && seen_tag == tag {
@@ -171,6 +199,55 @@ impl FlowFold {
         if let Ok(at) = u32::try_from(self.flows.len()) {
             self.recent[slot] = (tag, at);
         }
+        if (hash >> 16).is_multiple_of(REPEAT_SAMPLE) {
+            self.sample_pushes += 1;
+            if !self.sampled.insert(hash) {
+                self.sample_repeats += 1;
+            }
+        }
+        if self.flows.len() >= self.next_check {
+            if self.sample_repeats * 4 >= self.sample_pushes {
+                self.compact();
+            }
+            self.next_check = 2 * self.flows.len().max(RECENT_SLOTS);
+        }
+    }
+
+    /// Sums the entries per key, once each, in their order of first arrival.
+    fn compact(&mut self) {
+        let mut at: HashMap<FlowKey, usize, FastHash> =
+            HashMap::with_capacity_and_hasher(self.flows.len() / 2, self.hasher.clone());
+        let mut kept: Vec<DrainedFlow> = Vec::with_capacity(self.flows.len() / 2);
+        for f in self.flows.drain(..) {
+            match at.entry(f.key) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    kept[*e.get()].stats.merge(&f.stats);
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(kept.len());
+                    kept.push(f);
+                }
+            }
+        }
+        self.flows = kept;
+        // The positions moved: the index is rebuilt, with room for the keys it now knows.
+        let slots = (2 * self.flows.len())
+            .next_power_of_two()
+            .clamp(self.recent.len(), RECENT_SLOTS_MAX);
+        if slots > self.recent.len() {
+            self.recent = vec![(0, 0); slots].into_boxed_slice();
+        } else {
+            self.recent.fill((0, 0));
+        }
+        for (i, f) in self.flows.iter().enumerate() {
+            let hash = self.hasher.hash_one(f.key);
+            if let Ok(at) = u32::try_from(i + 1) {
+                self.recent[hash as usize & (slots - 1)] = ((hash >> 32) as u32, at);
+            }
+        }
+        self.sample_pushes = 0;
+        self.sample_repeats = 0;
+        self.compactions += 1;
     }
 }
 
@@ -263,7 +340,7 @@ impl Pending {
 
 /// Folds event-ring records into what one drain returns, exactly as records read from the
 /// ring are (for benchmarks and tests of the agent's side; the kernel's side is not involved).
-/// `capacity` is the flow table's size to start at (the agent uses the last period's).
+/// `capacity` is the room for flow entries to start with (the agent uses the last period's count).
 pub fn fold_records<'a>(records: impl IntoIterator<Item = &'a [u8]>, capacity: usize) -> Drained {
     let mut pending = Pending::with_flow_capacity(capacity);
     for r in records {
@@ -667,6 +744,32 @@ mod tests {
         let s = sums(&f);
         assert_eq!(s.len(), n);
         assert!(s.values().all(|v| *v == (3, 300, 0, 2)));
+    }
+
+    #[test]
+    fn busy_keys_beyond_the_index_are_compacted_and_a_flood_is_not() {
+        // 200 000 busy keys, each coming back ten times: compacted as the vector doubles, so
+        // it stays near the keys' count, not the records'.
+        let n = 200_000usize;
+        let mut f = FlowFold::default();
+        for round in 0..10u64 {
+            for k in 0..n {
+                let k = key((k % 60_000) as u16, (k / 60_000) as u32);
+                f.add(&k, &stats(1, round, round));
+            }
+        }
+        assert!(f.compactions > 0);
+        assert!(f.len() <= 4 * n, "{} entries for {n} keys", f.len());
+        let s = sums(&f);
+        assert_eq!(s.len(), n);
+        assert!(s.values().all(|v| *v == (10, 1000, 0, 9)));
+        // 1 000 000 keys, each once: nothing repeats, nothing is compacted.
+        let mut f = FlowFold::default();
+        for k in 0..1_000_000usize {
+            let k = key((k % 60_000) as u16, (k / 60_000) as u32);
+            f.add(&k, &stats(1, 1, 1));
+        }
+        assert_eq!((f.len(), f.compactions), (1_000_000, 0));
     }
 
     #[test]

@@ -203,7 +203,9 @@ impl FlowTable {
         if over == 0 {
             return HashSet::default();
         }
-        // Only flows the drain touches are left in the table.
+        // Only flows the drain touches are left in the table (it held at most the cap
+        // before: `fold` keeps it there).
+        debug_assert!(over <= touched.len());
         let mut ages: Vec<(u64, FlowTuple)> = touched
             .into_iter()
             .map(|(t, seen)| {
@@ -211,6 +213,10 @@ impl FlowTable {
                 (seen.max(kept), t)
             })
             .collect();
+        let over = over.min(ages.len());
+        if over == 0 {
+            return HashSet::default();
+        }
         ages.select_nth_unstable(over - 1);
         let refused: HashSet<FlowTuple, FastHash> = ages[..over].iter().map(|(_, t)| *t).collect();
         for t in &refused {
