@@ -15,8 +15,9 @@
 //! Per phase: the agent's CPU (utime + stime from /proc, in millicores of wall time), its
 //! resident memory (VmRSS at the end, VmHWM the peak), and the kernel memory of its BPF maps
 //! (`memlock` of every map fd it holds, /proc/<pid>/fdinfo; charged to its cgroup since Linux
-//! 5.11), with the maps' memory at 16 / 64 / 256 possible CPUs computed from their definitions
-//! beside it (the flow cache shrinks per CPU as CPUs grow). Baselines from the same run: the CPU of the traffic itself (iperf3's own
+//! 5.11), with the maps' memory at 16 / 64 / 256 possible CPUs computed from their
+//! definitions with defaults beside it (the flow cache shrinks per CPU as CPUs grow).
+//! Baselines from the same run: the CPU of the traffic itself (iperf3's own
 //! `cpu_utilization_percent`; the churn senders' rusage), and the DaemonSet's requests and limits
 //! read from the manifest.
 
@@ -434,7 +435,7 @@ pub fn run(args: &AgentBenchArgs) -> Result<()> {
     let at = |cpus: u32| crate::mapmem::default_total_bytes(cpus) as f64 / (1024.0 * 1024.0);
     let _ = writeln!(
         report,
-        "  BPF maps at 16 / 64 / 256 possible CPUs (from the maps' definitions, as `cargo xtask map-memory`): {:.1} / {:.1} / {:.1} MiB",
+        "  BPF maps with defaults at 16 / 64 / 256 possible CPUs (computed from the maps' definitions, as `cargo xtask map-memory`): {:.1} / {:.1} / {:.1} MiB",
         at(16),
         at(64),
         at(256)
