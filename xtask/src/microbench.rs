@@ -104,37 +104,38 @@ fn tcp_v4_flags(payload: usize, flags: u8) -> Vec<u8> {
     f
 }
 
-/// IPv4 UDP, 64 bytes of payload, from `10.(i >> 16).(i >> 8).i` port `1024 + i % 60000`.
-fn udp_v4_from(i: u32) -> Vec<u8> {
+/// An IPv4 frame from `10.(i >> 16).(i >> 8).i` to 10.244.2.11 carrying `l4` (the transport
+/// header) then `payload` bytes of `fill`.
+fn ipv4_from(i: u32, protocol: u8, l4: &[u8], payload: usize, fill: u8) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
-    let tot = (20 + 8 + 64) as u16;
+    let tot = (20 + l4.len() + payload) as u16;
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&tot.to_be_bytes());
     let a = i.to_be_bytes();
     f.extend_from_slice(&[
-        0, 1, 0x40, 0, 64, 17, 0, 0, 10, a[1], a[2], a[3], 10, 244, 2, 11,
+        0, 1, 0x40, 0, 64, protocol, 0, 0, 10, a[1], a[2], a[3], 10, 244, 2, 11,
     ]);
-    f.extend_from_slice(&((1024 + i % 60_000) as u16).to_be_bytes());
-    f.extend_from_slice(&[0x1f, 0x90, 0, 72, 0, 0]);
-    f.resize(f.len() + 64, 0x63);
+    f.extend_from_slice(l4);
+    f.resize(f.len() + payload, fill);
     f
+}
+
+/// IPv4 UDP, 64 bytes of payload, from `10.(i >> 16).(i >> 8).i` port `1024 + i % 60000`.
+fn udp_v4_from(i: u32) -> Vec<u8> {
+    let port = ((1024 + i % 60_000) as u16).to_be_bytes();
+    ipv4_from(
+        i,
+        17,
+        &[port[0], port[1], 0x1f, 0x90, 0, 72, 0, 0],
+        64,
+        0x63,
+    )
 }
 
 /// IPv4 ICMP echo request, 56 bytes of data, from `10.(i >> 16).(i >> 8).i`, identifier `i`.
 fn icmp_v4_from(i: u32) -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
-    let tot = (20 + 8 + 56) as u16;
-    f.extend_from_slice(&[0x45, 0]);
-    f.extend_from_slice(&tot.to_be_bytes());
-    let a = i.to_be_bytes();
-    f.extend_from_slice(&[
-        0, 1, 0x40, 0, 64, 1, 0, 0, 10, a[1], a[2], a[3], 10, 244, 2, 11,
-    ]);
-    f.extend_from_slice(&[8, 0, 0, 0]);
-    f.extend_from_slice(&(i as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 1]);
-    f.resize(f.len() + 56, 0x64);
-    f
+    let id = (i as u16).to_be_bytes();
+    ipv4_from(i, 1, &[8, 0, 0, 0, id[0], id[1], 0, 1], 56, 0x64)
 }
 
 fn udp_v6(payload: usize) -> Vec<u8> {
