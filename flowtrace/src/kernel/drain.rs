@@ -172,14 +172,18 @@ impl FlowFold {
         self.flows.len()
     }
 
+    /// A key's hash's slot in the index and the tag kept there.
+    fn place(&self, hash: u64) -> (usize, u32) {
+        (hash as usize & (self.recent.len() - 1), (hash >> 32) as u32)
+    }
+
     /// Adds one record of a flow at a hook (nothing for a record without packets).
     fn add(&mut self, key: &FlowKey, stats: &FlowStats) {
         if stats.packets == 0 {
             return;
         }
         let hash = self.hasher.hash_one(key);
-        let slot = hash as usize & (self.recent.len() - 1);
-        let tag = (hash >> 32) as u32;
+        let (slot, tag) = self.place(hash);
         let (seen_tag, at) = self.recent[slot];
         if at != 0 && seen_tag == tag {
             if let Some(f) = self
@@ -239,10 +243,10 @@ impl FlowFold {
         } else {
             self.recent.fill((0, 0));
         }
-        for (i, f) in self.flows.iter().enumerate() {
-            let hash = self.hasher.hash_one(f.key);
+        for i in 0..self.flows.len() {
+            let (slot, tag) = self.place(self.hasher.hash_one(self.flows[i].key));
             if let Ok(at) = u32::try_from(i + 1) {
-                self.recent[hash as usize & (slots - 1)] = ((hash >> 32) as u32, at);
+                self.recent[slot] = (tag, at);
             }
         }
         self.sample_pushes = 0;
