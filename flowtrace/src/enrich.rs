@@ -36,10 +36,19 @@ pub struct Namer<'a> {
     meta: &'a MetaCache,
     nat: &'a NatTable,
     links: &'a HashMap<u32, Link>,
-    /// Each address named once while the metadata is borrowed (it cannot change under a
-    /// namer): a drain names hundreds of thousands of flows between a few thousand
-    /// addresses, and a lookup here is cheaper than the metadata's two.
-    endpoints: RefCell<HashMap<IpAddr, Option<Arc<Endpoint>>, FastHash>>,
+    /// Each address looked up once while the metadata is borrowed (it cannot change under
+    /// a namer): a drain names hundreds of thousands of flows between a few thousand
+    /// addresses, and one lookup here replaces the metadata's several.
+    addresses: RefCell<HashMap<IpAddr, Address, FastHash>>,
+}
+
+/// What a namer knows of an address.
+struct Address {
+    /// Who holds it.
+    endpoint: Option<Arc<Endpoint>>,
+    /// Whether a Service may be reached at it (`MetaCache::serves_at`): when not, no port
+    /// of it is asked for one.
+    serves: bool,
 }
 
 /// A tuple named: its ends as addressed, the peers behind Service addresses, the Service
@@ -118,7 +127,7 @@ impl<'a> Namer<'a> {
             meta,
             nat,
             links,
-            endpoints: RefCell::default(),
+            addresses: RefCell::default(),
         }
     }
 
@@ -135,13 +144,28 @@ impl<'a> Namer<'a> {
         hop_class(self.links.get(&ifindex))
     }
 
+    /// What is known of an address, looked up once per namer.
+    fn address<R>(&self, ip: &IpAddr, read: impl FnOnce(&Address) -> R) -> R {
+        let mut addresses = self.addresses.borrow_mut();
+        let a = addresses.entry(*ip).or_insert_with(|| Address {
+            endpoint: self.meta.resolve(ip),
+            serves: self.meta.serves_at(ip),
+        });
+        read(a)
+    }
+
     /// Who holds an address.
     pub fn endpoint(&self, ip: &IpAddr) -> Option<Arc<Endpoint>> {
-        self.endpoints
-            .borrow_mut()
-            .entry(*ip)
-            .or_insert_with(|| self.meta.resolve(ip))
-            .clone()
+        self.address(ip, |a| a.endpoint.clone())
+    }
+
+    /// The Service reached at `ip:port/protocol` (`MetaCache::service_at`).
+    fn service_at(&self, ip: &IpAddr, port: u16, protocol: u8) -> Option<ServiceRef> {
+        if self.address(ip, |a| a.serves) {
+            self.meta.service_at(ip, port, protocol)
+        } else {
+            None
+        }
     }
 
     /// The metadata the namer reads (for filters that look names up).
@@ -292,13 +316,35 @@ impl<'a> Namer<'a> {
     }
 
     fn attribute(&self, t: &FlowTuple, chain: &[FlowTuple]) -> Attribution {
-        let svc_dst = |x: &FlowTuple| self.meta.service_at(&x.dst, x.dst_port, x.protocol);
-        let svc_src = |x: &FlowTuple| self.meta.service_at(&x.src, x.src_port, x.protocol);
+        // `t`'s own ends are looked up once (it is in its chain); the chain's other tuples'
+        // as asked.
+        let (src, src_serves) = self.address(&t.src, |a| (a.endpoint.clone(), a.serves));
+        let (dst, dst_serves) = self.address(&t.dst, |a| (a.endpoint.clone(), a.serves));
+        let t_svc_src = src_serves
+            .then(|| self.meta.service_at(&t.src, t.src_port, t.protocol))
+            .flatten();
+        let t_svc_dst = dst_serves
+            .then(|| self.meta.service_at(&t.dst, t.dst_port, t.protocol))
+            .flatten();
+        let svc_dst = |x: &FlowTuple| {
+            if x == t {
+                t_svc_dst.clone()
+            } else {
+                self.service_at(&x.dst, x.dst_port, x.protocol)
+            }
+        };
+        let svc_src = |x: &FlowTuple| {
+            if x == t {
+                t_svc_src.clone()
+            } else {
+                self.service_at(&x.src, x.src_port, x.protocol)
+            }
+        };
         let service = chain
             .iter()
             .find_map(svc_dst)
             .or_else(|| chain.iter().find_map(svc_src));
-        let src_peer = if svc_src(t).is_some() {
+        let src_peer = if t_svc_src.is_some() {
             chain
                 .iter()
                 .find(|x| svc_src(x).is_none())
@@ -306,7 +352,7 @@ impl<'a> Namer<'a> {
         } else {
             None
         };
-        let dst_peer = if svc_dst(t).is_some() {
+        let dst_peer = if t_svc_dst.is_some() {
             chain
                 .iter()
                 .rev()
@@ -316,8 +362,8 @@ impl<'a> Namer<'a> {
             None
         };
         Attribution {
-            src: self.endpoint(&t.src),
-            dst: self.endpoint(&t.dst),
+            src,
+            dst,
             src_peer,
             dst_peer,
             service,

@@ -547,6 +547,12 @@ impl MetaCache {
             .map(|n| n.network.clone())
     }
 
+    /// Whether `service_at` can name a Service at `ip` on some port: a cluster IP, or a
+    /// node's address (NodePorts).
+    pub fn serves_at(&self, ip: &IpAddr) -> bool {
+        self.service_by_ip.contains_key(ip) || self.node_by_ip.contains_key(ip)
+    }
+
     /// The Service reached at `ip:port/protocol`: a cluster IP's port or a NodePort on
     /// a node address.
     pub fn service_at(&self, ip: &IpAddr, port: u16, protocol: u8) -> Option<ServiceRef> {

@@ -5,7 +5,7 @@
 //! records) and converted to Unix time only for output.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::IpAddr,
     sync::Arc,
 };
@@ -75,29 +75,27 @@ impl FlowTable {
         names: &dyn Fn(u32) -> Option<String>,
         resolve: Resolver<'_>,
     ) {
-        self.merge_except(drained, &HashSet::default(), names, resolve);
+        self.merge_except(drained, &[], names, resolve);
     }
 
-    /// `merge`, leaving out the flows of the tuples in `refused` (`make_room`'s).
+    /// `merge`, leaving out the drain's entries `refused` flags (`make_room`'s, one flag per
+    /// entry; empty when none is refused).
     fn merge_except(
         &mut self,
         drained: &[DrainedFlow],
-        refused: &HashSet<FlowTuple, FastHash>,
+        refused: &[bool],
         names: &dyn Fn(u32) -> Option<String>,
         resolve: Resolver<'_>,
     ) {
         // A drain brings many flows of few addresses and interfaces: each is looked up once
         // per drain (a miss in the metadata walks the nodes' pod CIDRs).
-        let mut named: HashMap<IpAddr, Option<Arc<Endpoint>>> = HashMap::new();
-        let mut resolve_once = |ip: &IpAddr| -> Option<Arc<Endpoint>> {
-            named.entry(*ip).or_insert_with(|| resolve(ip)).clone()
-        };
+        let mut named: HashMap<IpAddr, Option<Arc<Endpoint>>, FastHash> = HashMap::default();
         let mut interface_of: HashMap<u32, Arc<str>> = HashMap::new();
-        for d in drained {
-            let tuple = FlowTuple::from_key(&d.key);
-            if !refused.is_empty() && refused.contains(&tuple) {
+        for (i, d) in drained.iter().enumerate() {
+            if refused.get(i).copied().unwrap_or(false) {
                 continue;
             }
+            let tuple = FlowTuple::from_key(&d.key);
             let hop = Hop {
                 ifindex: d.key.ifindex,
                 direction: Direction::from_kernel(d.key.direction),
@@ -141,13 +139,19 @@ impl FlowTable {
             entry.last_seen_ns = entry.last_seen_ns.max(d.stats.last_seen_ns);
             // An address nobody is known to hold (metadata away or not synced) keeps the
             // name it had; "somewhere in a node's pod network" is no name to keep: it is
-            // asked again when the flow is read, by when the pod may be known.
-            let definite = |n: &Arc<Endpoint>| n.kind != EndpointKind::PodNetwork;
-            if let Some(n) = resolve_once(&tuple.src).filter(definite) {
-                entry.src_name = Some(n);
-            }
-            if let Some(n) = resolve_once(&tuple.dst).filter(definite) {
-                entry.dst_name = Some(n);
+            // asked again when the flow is read, by when the pod may be known. The name is
+            // replaced only when it changed (a flow's later entries name it the same).
+            for (ip, kept) in [
+                (&tuple.src, &mut entry.src_name),
+                (&tuple.dst, &mut entry.dst_name),
+            ] {
+                let name = named.entry(*ip).or_insert_with(|| resolve(ip));
+                if let Some(n) = name.as_ref() {
+                    let same = kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, n));
+                    if n.kind != EndpointKind::PodNetwork && !same {
+                        *kept = Some(n.clone());
+                    }
+                }
             }
         }
     }
@@ -183,47 +187,64 @@ impl FlowTable {
     /// than the cap, the newest `max_flows` of them (each as seen in the table or the drain,
     /// whichever is later) stay and the rest are refused. Run after the idle flows expired
     /// (`fold`): the cap evicts only what the timeout left.
-    fn make_room(&mut self, drained: &[DrainedFlow]) -> HashSet<FlowTuple, FastHash> {
+    fn make_room(&mut self, drained: &[DrainedFlow]) -> Vec<bool> {
         let room = self.max_flows.saturating_sub(self.flows.len());
         if drained.len() <= room {
-            return HashSet::default();
+            return Vec::new();
         }
-        // Each tuple the drain touches, when it last saw it.
-        let mut touched: HashMap<FlowTuple, u64, FastHash> = HashMap::default();
+        // The tuples the drain touches, numbered in the order it first has them; each
+        // entry's tuple by number, and per tuple when the drain last saw it.
+        let mut number: HashMap<FlowTuple, u32, FastHash> = HashMap::default();
+        let mut seen: Vec<u64> = Vec::new();
+        let mut tuple_of: Vec<u32> = Vec::with_capacity(drained.len());
         for d in drained {
-            let seen = touched.entry(FlowTuple::from_key(&d.key)).or_default();
-            *seen = (*seen).max(d.stats.last_seen_ns);
+            let n = *number
+                .entry(FlowTuple::from_key(&d.key))
+                .or_insert_with(|| {
+                    seen.push(0);
+                    (seen.len() - 1) as u32
+                });
+            let at = &mut seen[n as usize];
+            *at = (*at).max(d.stats.last_seen_ns);
+            tuple_of.push(n);
         }
-        let incoming = touched
-            .keys()
-            .filter(|t| !self.flows.contains_key(t))
-            .count();
-        self.evict_oldest(incoming.saturating_sub(room), |t| touched.contains_key(t));
+        // When the table last saw each, if it holds it.
+        let mut kept: Vec<Option<u64>> = vec![None; seen.len()];
+        let mut incoming = 0usize;
+        for (t, &n) in &number {
+            match self.flows.get(t) {
+                Some(f) => kept[n as usize] = Some(f.last_seen_ns),
+                None => incoming += 1,
+            }
+        }
+        self.evict_oldest(incoming.saturating_sub(room), |t| number.contains_key(t));
         let over = (self.flows.len() + incoming).saturating_sub(self.max_flows);
-        if over == 0 {
-            return HashSet::default();
-        }
         // Only flows the drain touches are left in the table (it held at most the cap
         // before: `fold` keeps it there).
-        debug_assert!(over <= touched.len());
-        let mut ages: Vec<(u64, FlowTuple)> = touched
-            .into_iter()
-            .map(|(t, seen)| {
-                let kept = self.flows.get(&t).map_or(0, |f| f.last_seen_ns);
-                (seen.max(kept), t)
-            })
-            .collect();
-        let over = over.min(ages.len());
+        debug_assert!(over <= seen.len());
+        let over = over.min(seen.len());
         if over == 0 {
-            return HashSet::default();
+            return Vec::new();
         }
+        let mut ages: Vec<(u64, u32)> = seen
+            .iter()
+            .zip(&kept)
+            .enumerate()
+            .map(|(n, (&s, k))| (k.map_or(s, |k| s.max(k)), n as u32))
+            .collect();
         ages.select_nth_unstable(over - 1);
-        let refused: HashSet<FlowTuple, FastHash> = ages[..over].iter().map(|(_, t)| *t).collect();
-        for t in &refused {
-            self.flows.remove(t);
+        let mut refused = vec![false; seen.len()];
+        for &(_, n) in &ages[..over] {
+            refused[n as usize] = true;
+        }
+        // The refused tuples the table holds go now; the others are never built.
+        for (t, &n) in &number {
+            if refused[n as usize] && kept[n as usize].is_some() {
+                self.flows.remove(t);
+            }
         }
         self.evicted += over as u64;
-        refused
+        tuple_of.iter().map(|&n| refused[n as usize]).collect()
     }
 
     /// Drops flows idle for longer than the timeout, then the oldest beyond the size cap.
@@ -498,7 +519,8 @@ mod tests {
         // the merge (never built), counted as evicted.
         let burst: Vec<DrainedFlow> = (10..15).map(|i| flow(i, 1, 100 + u64::from(i))).collect();
         let refused = t.make_room(&burst);
-        assert_eq!((t.len(), t.evicted(), refused.len()), (0, 7, 2));
+        let refusals = refused.iter().filter(|r| **r).count();
+        assert_eq!((t.len(), t.evicted(), refusals), (0, 7, 2));
         t.merge_except(&burst, &refused, &names, &|_| None);
         t.expire(200);
         let mut ports: Vec<u16> = t
