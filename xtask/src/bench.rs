@@ -96,6 +96,11 @@ pub enum Arm {
     Flowtrace,
     /// The agent with `--latency-sample 0`.
     NoLatency,
+    /// The agent with `--latency-sample 1048576`: every packet's sampling decision (its
+    /// packet id, the hash) as with the defaults, next to no packet sampled. Between
+    /// `flowtrace` and `no-latency` it splits latency tracking's cost into the decision every
+    /// packet pays and the sampled packets' own (a diagnostic arm, not run unless asked).
+    LatencyRare,
     /// The peer's object (needs `--peer-object`).
     Peer,
 }
@@ -108,6 +113,7 @@ impl Arm {
             Arm::Counter => "counter",
             Arm::Flowtrace => "flowtrace",
             Arm::NoLatency => "no-latency",
+            Arm::LatencyRare => "latency-rare",
             Arm::Peer => "peer",
         }
     }
@@ -377,6 +383,7 @@ struct PeerConfig {
 fn agent_flags(arm: Arm) -> &'static [&'static str] {
     match arm {
         Arm::NoLatency => &["--drain-interval-ms", "1000", "--latency-sample", "0"],
+        Arm::LatencyRare => &["--drain-interval-ms", "1000", "--latency-sample", "1048576"],
         _ => &["--drain-interval-ms", "1000"],
     }
 }
@@ -426,7 +433,7 @@ fn attach(arm: Arm, bed: &Bed, peer: Option<&PeerConfig>) -> Result<(Attached, V
             notes.extend(holders.iter().map(|h| h.ready_line.clone()));
             Attached::Holders(holders)
         }
-        Arm::Flowtrace | Arm::NoLatency => {
+        Arm::Flowtrace | Arm::NoLatency | Arm::LatencyRare => {
             let mut agents = Vec::new();
             for h in &bed.hooks {
                 // On error the agents started so far are killed by their Drop.
@@ -1064,6 +1071,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 }
             ),
         );
+        // The diagnostic split of latency tracking's cost, when its arm ran.
+        let rare_nolat = ratio(rounds, Arm::LatencyRare, Arm::NoLatency);
+        let ft_rare = ratio(rounds, Arm::Flowtrace, Arm::LatencyRare);
+        if rare_nolat.n > 0 || ft_rare.n > 0 {
+            out(format!(
+                "  {:<8} {:<4} latency's cost split: latency-rare/no-latency {} (the decision on every packet)  flowtrace/latency-rare {} (the sampled packets)",
+                shape.name(),
+                traffic.name(),
+                fmt_spread(rare_nolat, 3),
+                fmt_spread(ft_rare, 3)
+            ));
+        }
         let _ = writeln!(
             md_ratios,
             "| {} | {} | {} | {} | {} |",

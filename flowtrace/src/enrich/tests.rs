@@ -121,6 +121,55 @@ fn a_tuple_without_nat_or_service_is_named_by_its_addresses() {
 }
 
 #[test]
+fn a_nodeport_connection_names_its_service_and_backend_from_one_namer() {
+    // shop plus node1 (192.168.50.1) and Service db's NodePort 30432, DNATed to db-a.
+    let mut meta = shop_cache();
+    let n: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node1"},
+        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.1"}]}
+    }))
+    .expect("a test object");
+    meta.apply_node(crate::k8s::objects::node(&n).expect("a test object"));
+    let s: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": "db"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+                 "ports": [{"port": 5432, "protocol": "TCP", "nodePort": 30432}]}
+    }))
+    .expect("a test object");
+    meta.apply_service(crate::k8s::objects::service(&s).expect("a test object"));
+    let before = ft("10.244.1.10", 40000, "192.168.50.1", 30432);
+    let after = ft("10.244.1.10", 40000, "10.244.1.20", 5432);
+    let nat = nat_of(&[(before, after)]);
+    let links = HashMap::new();
+    let n = Namer::new(&meta, &nat, &links);
+    // Asked twice each, in both orders: the namer's memo of addresses answers the same.
+    for t in [before, after, after, before] {
+        let a = n.flow(&t);
+        assert_eq!(
+            a.service.as_ref().map(|s| s.to_string()).as_deref(),
+            Some("shop/db"),
+            "{t:?}"
+        );
+        assert_eq!(
+            a.dst_end().map(|e| e.name.as_str()),
+            Some("db-5d4f-a"),
+            "{t:?}"
+        );
+    }
+    assert_eq!(name(&n.flow(&before).dst_peer), Some("db-5d4f-a"));
+    // The node's address on a port that is no NodePort: no Service, the node itself.
+    let a = n.flow(&ft("10.244.1.10", 40001, "192.168.50.1", 22));
+    assert_eq!((a.service, a.dst_peer.is_none()), (None, true));
+    assert_eq!(
+        a.dst.map(|e| e.kind),
+        Some(crate::model::EndpointKind::Node)
+    );
+}
+
+#[test]
 fn a_traced_packet_is_named_like_the_flows_it_crosses() {
     let meta = shop_cache();
     let [before, after, ..] = connection();

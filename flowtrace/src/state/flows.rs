@@ -4,11 +4,7 @@
 //! renders them for the API. Times are kept as CLOCK_MONOTONIC nanoseconds (what the kernel
 //! records) and converted to Unix time only for output.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use flowtrace_common::FlowStats;
 
