@@ -316,7 +316,7 @@ fn miss_rows(
                 load_prog(ft, flowtrace_common::programs::INGRESS)?,
                 &packets,
             )?);
-            let records = ring.blocking_lock().pump();
+            let records = ring.blocking_lock().pump().records;
             handed.push(records as f64 / f64::from(batch));
             // The same packets again: their flows hold the slots now (cache hits), with the
             // same cold start of a single run as above.

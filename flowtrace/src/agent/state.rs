@@ -234,13 +234,17 @@ impl Agent {
         self.drain_gated().await
     }
 
-    /// Drains the kernel buffers into the tables now, then cross-checks NAT with conntrack.
     /// Reads what the kernel's event ring holds into the next drain (see `EventRing::pump`),
-    /// also while a drain is in progress.
+    /// also while a drain is in progress. A pump that stopped at its bound (the programs
+    /// writing as fast as it reads) lets the agent's other tasks and a waiting drain run
+    /// before the next.
     pub async fn pump_events(&self) {
-        self.ring.lock().await.pump();
+        while self.ring.lock().await.pump().more {
+            tokio::task::yield_now().await;
+        }
     }
 
+    /// Drains the kernel buffers into the tables now, then cross-checks NAT with conntrack.
     pub async fn drain_now(&self) -> Result<()> {
         let _gate = self.drain_gate.lock().await;
         self.drain_gated().await

@@ -384,24 +384,42 @@ fn merge_nat(into: &mut NatRecord, other: &NatRecord) {
 /// The event ring and the records read from it since the last drain (`Drainer::ring`).
 pub struct EventRing {
     events: RingBuf<MapData>,
+    /// The ring's size: the most one pump reads (see `pump`).
+    ring_bytes: usize,
     pending: Pending,
 }
 
+/// What one `EventRing::pump` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pumped {
+    pub records: usize,
+    /// It stopped at its bound with records left in the ring.
+    pub more: bool,
+}
+
 impl EventRing {
-    /// Reads every record the event ring holds now and sums it into what the next drain
-    /// returns. Returns how many records were read.
-    pub fn pump(&mut self) -> usize {
+    /// Reads the records the event ring holds now and sums them into what the next drain
+    /// returns: at most the ring's size in bytes (all it can hold when the pump begins), so
+    /// that a pump ends even while the programs write as fast as it reads; `more` says it
+    /// left records behind for the next one.
+    pub fn pump(&mut self) -> Pumped {
         let (mut records, mut bytes) = (0, 0);
+        let mut more = false;
         while let Some(item) = self.events.next() {
             records += 1;
             bytes += item.len() + 8;
             self.pending.add(&item);
+            if bytes >= self.ring_bytes {
+                more = true;
+                break;
+            }
         }
         self.pending.backlog_bytes = self.pending.backlog_bytes.max(bytes);
-        records
+        Pumped { records, more }
     }
 
-    /// Everything read so far, the ring's last records included, leaving nothing behind.
+    /// Everything read so far and what the ring held when the drain began (one pump: what
+    /// the programs write meanwhile goes to the next drain).
     /// The next period's flows start with room for this one's: under a sustained burst the
     /// vector fills without growing step by step (each step copies it and, meanwhile, holds
     /// it twice); after the burst the next hint is small again.
@@ -526,6 +544,7 @@ impl Drainer {
         Ok(Self {
             ring: Arc::new(tokio::sync::Mutex::new(EventRing {
                 events,
+                ring_bytes: sizes.ring_bytes as usize,
                 pending: Pending::default(),
             })),
             ring_fd,
