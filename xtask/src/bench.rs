@@ -22,8 +22,10 @@
 //! throughput baseline), `noop` (`bench_noop`, the floor every program run pays, bpf_stats
 //! included), `counter` (`bench_counter`, a minimal per-CPU-hash 5-tuple counter), `flowtrace`
 //! (the agent as shipped: latency sampling 1 in 64, drain every second), `no-latency` (the
-//! agent with `--latency-sample 0`) and, with `--peer-object PATH`, `peer` (that object's two
-//! programs loaded by `xtask hold-peer`, e.g. NetObserv's with `sampling=1`).
+//! agent with `--latency-sample 0`), when named `latency-rare` (`--latency-sample 1048576`:
+//! every packet's sampling decision, next to no packet sampled) and, with `--peer-object PATH`,
+//! `peer` (that object's two programs loaded by `xtask hold-peer`, e.g. NetObserv's with
+//! `sampling=1`).
 //!
 //! Per arm, shape and traffic in every round: iperf3 runs `--warmup` seconds that are left out
 //! (`-O`) and then `--seconds` that count; the kernel's `run_time_ns` and `run_cnt` of the arm's
@@ -149,8 +151,8 @@ pub struct BenchArgs {
     /// UDP target rate (iperf3 -b; 0 = as fast as the sender goes).
     #[arg(long, default_value = "0")]
     udp_bitrate: String,
-    /// Arms to run (`peer` is added by --peer-object). `noop` is always run: the net figures
-    /// are taken against it.
+    /// Arms to run (`peer` is added by --peer-object; `latency-rare`, a diagnostic, only when
+    /// named). `noop` is always run: the net figures are taken against it.
     #[arg(long, value_delimiter = ',', default_values = ["absent", "noop", "counter", "flowtrace", "no-latency"])]
     arms: Vec<Arm>,
     /// A peer's prebuilt TC object to run as one more arm, e.g. NetObserv's eBPF agent's
@@ -1173,6 +1175,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "flowtrace_to_no_latency": ft_nolat.json(),
                 "peer_to_counter": peer_counter.json(),
                 "flowtrace_to_peer": ft_peer.json(),
+                "latency_rare_to_no_latency": rare_nolat.json(),
+                "flowtrace_to_latency_rare": ft_rare.json(),
             },
             "rounds": rounds_json,
         }));

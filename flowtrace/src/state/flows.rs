@@ -74,8 +74,8 @@ impl FlowTable {
         self.merge_except(drained, &[], names, resolve);
     }
 
-    /// `merge`, leaving out the drain's entries `refused` flags (`make_room`'s, one flag per
-    /// entry; empty when none is refused).
+    /// `merge`, leaving out the drain's entries that `refused` flags (`make_room`'s: one flag
+    /// per entry, empty when none is refused).
     fn merge_except(
         &mut self,
         drained: &[DrainedFlow],
@@ -171,8 +171,8 @@ impl FlowTable {
     }
 
     /// Evicts, before `drained` is merged, the flows the cap would evict after it, and
-    /// returns the drain's tuples the cap would evict as soon as they were merged (to be
-    /// left out of the merge, counted as evicted). So a burst of new flows costs no more
+    /// returns, one flag per entry of `drained`, whether its tuple is one the cap would evict
+    /// as soon as it was merged (left out of the merge, counted as evicted; empty when none is). So a burst of new flows costs no more
     /// than the cap's worth of entries: the evicted flows' memory is free before the new
     /// ones take theirs, and a tuple that could not stay is never built.
     ///
@@ -191,28 +191,26 @@ impl FlowTable {
         // The tuples the drain touches, numbered in the order it first has them; each
         // entry's tuple by number, and per tuple when the drain last saw it.
         let mut number: HashMap<FlowTuple, u32, FastHash> = HashMap::default();
+        let mut tuples: Vec<FlowTuple> = Vec::new();
         let mut seen: Vec<u64> = Vec::new();
         let mut tuple_of: Vec<u32> = Vec::with_capacity(drained.len());
         for d in drained {
-            let n = *number
-                .entry(FlowTuple::from_key(&d.key))
-                .or_insert_with(|| {
-                    seen.push(0);
-                    (seen.len() - 1) as u32
-                });
+            let t = FlowTuple::from_key(&d.key);
+            let n = *number.entry(t).or_insert_with(|| {
+                tuples.push(t);
+                seen.push(0);
+                (seen.len() - 1) as u32
+            });
             let at = &mut seen[n as usize];
             *at = (*at).max(d.stats.last_seen_ns);
             tuple_of.push(n);
         }
         // When the table last saw each, if it holds it.
-        let mut kept: Vec<Option<u64>> = vec![None; seen.len()];
-        let mut incoming = 0usize;
-        for (t, &n) in &number {
-            match self.flows.get(t) {
-                Some(f) => kept[n as usize] = Some(f.last_seen_ns),
-                None => incoming += 1,
-            }
-        }
+        let held: Vec<Option<u64>> = tuples
+            .iter()
+            .map(|t| self.flows.get(t).map(|f| f.last_seen_ns))
+            .collect();
+        let incoming = held.iter().filter(|h| h.is_none()).count();
         self.evict_oldest(incoming.saturating_sub(room), |t| number.contains_key(t));
         let over = (self.flows.len() + incoming).saturating_sub(self.max_flows);
         // Only flows the drain touches are left in the table (it held at most the cap
@@ -224,18 +222,21 @@ impl FlowTable {
         }
         let mut ages: Vec<(u64, u32)> = seen
             .iter()
-            .zip(&kept)
+            .zip(&held)
             .enumerate()
-            .map(|(n, (&s, k))| (k.map_or(s, |k| s.max(k)), n as u32))
+            .map(|(n, (&s, h))| (h.map_or(s, |h| s.max(h)), n as u32))
             .collect();
-        ages.select_nth_unstable(over - 1);
+        // Oldest first and, as `evict_oldest` after a merge would, ties by tuple.
+        ages.select_nth_unstable_by(over - 1, |a, b| {
+            (a.0, &tuples[a.1 as usize]).cmp(&(b.0, &tuples[b.1 as usize]))
+        });
         let mut refused = vec![false; seen.len()];
         for &(_, n) in &ages[..over] {
             refused[n as usize] = true;
         }
         // The refused tuples the table holds go now; the others are never built.
-        for (t, &n) in &number {
-            if refused[n as usize] && kept[n as usize].is_some() {
+        for (n, t) in tuples.iter().enumerate() {
+            if refused[n] && held[n].is_some() {
                 self.flows.remove(t);
             }
         }
@@ -546,7 +547,13 @@ mod tests {
     #[test]
     fn fold_leaves_what_merging_everything_then_evicting_would() {
         // Random drains (some beyond the cap, tuples at one or two hops, old tuples coming
-        // back), distinct times: `fold` against merge-then-cap, flow by flow.
+        // back): `fold` against merge-then-cap, flow by flow; times distinct, then tied
+        // within a drain (the cap then chooses by tuple).
+        fold_matches_merge_then_cap(false);
+        fold_matches_merge_then_cap(true);
+    }
+
+    fn fold_matches_merge_then_cap(ties: bool) {
         let mut seed = 0x2545_f491_u64;
         let mut rand = move |n: u64| {
             seed = seed
@@ -558,9 +565,11 @@ mod tests {
         let mut at = 0;
         for round in 0..60 {
             let n = rand(if round % 5 == 0 { 120 } else { 30 });
+            let base = at + 1;
             let drain: Vec<DrainedFlow> = (0..n)
                 .map(|_| {
                     at += 1;
+                    let at = if ties { base + rand(3) } else { at };
                     let i = rand(150) as u16;
                     DrainedFlow {
                         key: key([10, 0, 0, (i % 200) as u8], i, 1 + rand(2) as u32, 0),
@@ -568,6 +577,8 @@ mod tests {
                     }
                 })
                 .collect();
+            // Later than every time of this drain: no tie across drains.
+            at = at.max(base + 2);
             a.fold(&drain, at, &names, &|_| None);
             b.merge(&drain, &names, &|_| None);
             b.expire(at);
