@@ -393,7 +393,8 @@ pub struct EventRing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pumped {
     pub records: usize,
-    /// It stopped at its bound with records left in the ring.
+    /// It stopped at its bound: the ring may hold more (or, if the bound fell on its last
+    /// record, nothing: the next pump then reads none).
     pub more: bool,
 }
 
