@@ -87,8 +87,8 @@ impl FlowTable {
         // per drain (a miss in the metadata walks the nodes' pod CIDRs).
         let mut named: HashMap<IpAddr, Option<Arc<Endpoint>>, FastHash> = HashMap::default();
         let mut interface_of: HashMap<u32, Arc<str>> = HashMap::new();
-        for (i, d) in drained.iter().enumerate() {
-            if refused.get(i).copied().unwrap_or(false) {
+        for (entry_at, d) in drained.iter().enumerate() {
+            if refused.get(entry_at).copied().unwrap_or(false) {
                 continue;
             }
             let tuple = FlowTuple::from_key(&d.key);
@@ -172,9 +172,10 @@ impl FlowTable {
 
     /// Evicts, before `drained` is merged, the flows the cap would evict after it, and
     /// returns, one flag per entry of `drained`, whether its tuple is one the cap would evict
-    /// as soon as it was merged (left out of the merge, counted as evicted; empty when none is). So a burst of new flows costs no more
-    /// than the cap's worth of entries: the evicted flows' memory is free before the new
-    /// ones take theirs, and a tuple that could not stay is never built.
+    /// as soon as it was merged (left out of the merge, counted as evicted; empty when none
+    /// is). So a burst of new flows costs no more than the cap's worth of entries: the
+    /// evicted flows' memory is free before the new ones take theirs, and a tuple that could
+    /// not stay is never built.
     ///
     /// The cap leaves the `max_flows` most recently seen flows (`evict_oldest`). After the
     /// merge, the flows the drain touches are seen as recently as the drain saw them, later
