@@ -401,7 +401,7 @@ fn number_in_parts(drained: &[DrainedFlow], bits: u32) -> Numbered {
         };
     };
     let hasher = FastHash::default();
-    // A tuple's part: the top `bits` bits of its hash (the map's buckets use the low ones).
+    // A tuple's part: the top `bits` bits of its hash.
     let part_of = |h: u64| h.checked_shr(64 - bits).unwrap_or(0) as usize;
     let parts = 1usize << bits;
     // Each entry's part, and where each part starts in the copy.
@@ -426,8 +426,10 @@ fn number_in_parts(drained: &[DrainedFlow], bits: u32) -> Numbered {
     drop(part);
     let mut tuples: Vec<FlowTuple> = Vec::new();
     let mut of_entry = vec![0u32; drained.len()];
+    // A hasher of its own (another seed): the map reads its tags from the top bits of the
+    // hash, which the parting hasher's would give alike to every tuple of a part.
     let mut number: HashMap<FlowTuple, u32, FastHash> =
-        HashMap::with_capacity_and_hasher(2 * ENTRIES_PER_PART, hasher);
+        HashMap::with_capacity_and_hasher(2 * ENTRIES_PER_PART, FastHash::default());
     for p in 0..parts {
         number.clear();
         for (i, t) in &copy[start[p]..start[p + 1]] {
