@@ -179,6 +179,21 @@ impl<'a> Namer<'a> {
         self.attribute(t, &chain)
     }
 
+    /// Whether `flow(t)` reads more than `t`'s two addresses: a translation the NAT table
+    /// holds has `t` or its reply as one of its sides, or a Service may be reached at
+    /// either end. When not, `flow(t)` names the ends as addressed and nothing else (no
+    /// peer, no Service, no NAT step), alike for every tuple between the same addresses.
+    pub fn names_by_ports(&self, t: &FlowTuple) -> bool {
+        self.translated(t)
+            || self.address(&t.src, |a| a.serves)
+            || self.address(&t.dst, |a| a.serves)
+    }
+
+    /// Whether a translation the NAT table holds has `t` or its reply as one of its sides.
+    pub fn translated(&self, t: &FlowTuple) -> bool {
+        self.chain(t).len > 1
+    }
+
     /// A packet seen with `tuples` at successive hooks of this node (a traced packet; its
     /// own hooks show the rewrites even before the NAT table has them), named at its first.
     pub fn packet(&self, tuples: &[FlowTuple]) -> Attribution {

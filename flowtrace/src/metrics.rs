@@ -16,6 +16,7 @@ mod families;
 
 use std::{collections::HashMap, sync::Arc};
 
+use flowtrace_common::FlowKey;
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
@@ -230,6 +231,97 @@ struct TrafficSum {
     updates: u64,
 }
 
+/// The traffic of one drain summed by `TrafficKey`. A drain holds entries per tuple and
+/// hook (a tuple at a hook may repeat, see `kernel::drain::DrainedFlow`), up to hundreds of
+/// thousands in a burst of new connections, nearly all between a few endpoints, and labels
+/// are built once per sum. An entry whose tuple `Namer::names_by_ports` says is named by its
+/// addresses alone (no translation, no Service at either end: most of a node's traffic) is
+/// first summed with the others between the same addresses at the same hook, ports aside,
+/// and each such sum is named once; the rest are named entry by entry.
+fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> {
+    let mut sums: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
+    // The entry's key with its ports zeroed: addresses, hook and protocol.
+    let mut by_addresses: HashMap<FlowKey, AddressSum, FastHash> = HashMap::default();
+    for f in &v.drained.flows {
+        let t = FlowTuple::from_key(&f.key);
+        if !v.namer.translated(&t) {
+            let key = FlowKey {
+                src_port: 0,
+                dst_port: 0,
+                _pad: 0,
+                ..f.key
+            };
+            let s = by_addresses.entry(key).or_insert_with(|| AddressSum {
+                by_addresses: !v.namer.names_by_ports(&t),
+                ..AddressSum::default()
+            });
+            if s.by_addresses {
+                s.packets += f.stats.packets;
+                s.bytes += f.stats.bytes;
+                s.updates += 1;
+                continue;
+            }
+        }
+        let a = v.namer.flow(&t);
+        let sum = traffic_sum(
+            &mut sums,
+            a.src_peer.or(a.src),
+            a.dst_peer.or(a.dst),
+            a.service,
+            &f.key,
+        );
+        sum.packets += f.stats.packets;
+        sum.bytes += f.stats.bytes;
+        sum.updates += 1;
+    }
+    for (key, s) in by_addresses {
+        if !s.by_addresses {
+            continue;
+        }
+        let t = FlowTuple::from_key(&key);
+        let (src, dst) = (v.namer.endpoint(&t.src), v.namer.endpoint(&t.dst));
+        let sum = traffic_sum(&mut sums, src, dst, None, &key);
+        sum.packets += s.packets;
+        sum.bytes += s.bytes;
+        sum.updates += s.updates;
+    }
+    sums
+}
+
+/// The sum of `sums` for these ends and Service at `key`'s hook and protocol.
+fn traffic_sum<'s>(
+    sums: &'s mut HashMap<TrafficKey, TrafficSum, FastHash>,
+    src: Option<Arc<Endpoint>>,
+    dst: Option<Arc<Endpoint>>,
+    service: Option<ServiceRef>,
+    key: &FlowKey,
+) -> &'s mut TrafficSum {
+    let k = TrafficKey {
+        src: src.as_ref().map(Arc::as_ptr),
+        dst: dst.as_ref().map(Arc::as_ptr),
+        service,
+        ifindex: key.ifindex,
+        direction: key.direction,
+        protocol: key.protocol,
+    };
+    sums.entry(k).or_insert_with(|| TrafficSum {
+        src,
+        dst,
+        ..TrafficSum::default()
+    })
+}
+
+/// A drain's entries between two addresses at one hook, ports aside (see `traffic_sums`).
+#[derive(Default)]
+struct AddressSum {
+    /// Whether their tuples are named by the addresses alone; when not, the entries are
+    /// named one by one and this sum stays empty.
+    by_addresses: bool,
+    packets: u64,
+    bytes: u64,
+    updates: u64,
+}
+
 /// The peer labels of a flow (source then destination), named once per drain per tuple.
 #[derive(Clone)]
 struct Named {
@@ -272,32 +364,7 @@ impl Metrics {
                 .or_insert_with(|| name_flow(t, v.namer, level))
                 .clone()
         };
-        // A drain holds entries per tuple and hook (a tuple at a hook may repeat, see
-        // `kernel::drain::DrainedFlow`), up to hundreds of thousands in a burst of new
-        // connections, nearly all between a few endpoints: they are summed per endpoint pair
-        // and hook first, and labels are built once per sum.
-        let mut sums: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
-        for f in &v.drained.flows {
-            let t = FlowTuple::from_key(&f.key);
-            let a = v.namer.flow(&t);
-            let (src, dst) = (a.src_peer.or(a.src), a.dst_peer.or(a.dst));
-            let key = TrafficKey {
-                src: src.as_ref().map(Arc::as_ptr),
-                dst: dst.as_ref().map(Arc::as_ptr),
-                service: a.service,
-                ifindex: f.key.ifindex,
-                direction: f.key.direction,
-                protocol: t.protocol,
-            };
-            let sum = sums.entry(key).or_insert_with(|| TrafficSum {
-                src,
-                dst,
-                ..TrafficSum::default()
-            });
-            sum.packets += f.stats.packets;
-            sum.bytes += f.stats.bytes;
-            sum.updates += 1;
-        }
+        let sums = traffic_sums(v);
         for (k, sum) in sums {
             let peers = peers(sum.src.as_deref(), sum.dst.as_deref(), level);
             let labels = join(

@@ -608,3 +608,130 @@ fn every_family_served_is_listed_with_its_type_and_help() {
         Some(1.0)
     );
 }
+
+/// A traffic sum's key by name: both ends, the Service, the hook and the protocol.
+type NamedKey = (String, String, String, u32, u8, u8);
+
+/// `traffic_sums`'s sums, comparable: ends and Service by name, (packets, bytes, updates).
+fn comparable(
+    sums: HashMap<TrafficKey, TrafficSum, FastHash>,
+) -> std::collections::BTreeMap<NamedKey, (u64, u64, u64)> {
+    let end = |e: &Option<Arc<Endpoint>>| format!("{:?}", e.as_deref().map(|e| (e.kind, &e.name)));
+    let mut out = std::collections::BTreeMap::new();
+    for (k, s) in sums {
+        let key = (
+            end(&s.src),
+            end(&s.dst),
+            format!("{:?}", k.service),
+            k.ifindex,
+            k.direction,
+            k.protocol,
+        );
+        let o: &mut (u64, u64, u64) = out.entry(key).or_default();
+        *o = (o.0 + s.packets, o.1 + s.bytes, o.2 + s.updates);
+    }
+    out
+}
+
+#[test]
+fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would() {
+    // Random drains between pods, a Service address (with and without a translation the
+    // NAT table holds) and an unknown address, on both ports of the Service and others:
+    // the sums must be those of naming every entry with `Namer::flow`.
+    let meta = cache();
+    let links = links();
+    let mut seed = 0x9e37_79b9_u64;
+    let mut rand = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % n
+    };
+    let addrs = [
+        "10.244.1.10",
+        "10.244.1.11",
+        "10.244.1.20",
+        "10.96.0.20",
+        "10.9.9.9",
+    ];
+    let ports = [5432, 80, 40000, 40001];
+    let (mut served, mut translated) = (0, 0);
+    for round in 0..20 {
+        let mut nat = NatTable::new(u64::MAX);
+        let mut tuples = Vec::new();
+        for _ in 0..40 {
+            let mut t = ft(
+                addrs[rand(addrs.len() as u64) as usize],
+                ports[rand(ports.len() as u64) as usize],
+                addrs[rand(addrs.len() as u64) as usize],
+                ports[rand(ports.len() as u64) as usize],
+            );
+            t.protocol = if rand(4) == 0 { 17 } else { 6 };
+            tuples.push(t);
+        }
+        // Some connections to the Service address are DNATed to db-a, with their replies.
+        let mut records = Vec::new();
+        for t in tuples.clone() {
+            if t.dst.to_string() == "10.96.0.20" && rand(2) == 0 {
+                let after = FlowTuple {
+                    dst: "10.244.1.20".parse().expect("addr"),
+                    ..t
+                };
+                tuples.push(after);
+                tuples.push(after.reversed());
+                tuples.push(t.reversed());
+                for (o, x) in [(t, after), (after.reversed(), t.reversed())] {
+                    records.push(DrainedNat {
+                        original: kernel_tuple(&o),
+                        record: NatRecord {
+                            translated: kernel_tuple(&x),
+                            ..NatRecord::default()
+                        },
+                    });
+                }
+            }
+        }
+        nat.merge_kernel(&records, 1);
+        let flows: Vec<DrainedFlow> = (0..200)
+            .map(|_| {
+                let t = &tuples[rand(tuples.len() as u64) as usize];
+                let mut f = flow(t, 1 + rand(2) as u32, rand(2) as u8, 1 + rand(3), 100);
+                f.key.protocol = t.protocol;
+                f
+            })
+            .collect();
+        let d = drained(flows, Vec::new());
+        let namer = Namer::new(&meta, &nat, &links);
+        let v = DrainView {
+            drained: &d,
+            drops: &[],
+            reasons: &HashMap::new(),
+            new_translations: &[],
+            namer: &namer,
+            now_ns: 1,
+            duration_s: 0.0,
+        };
+        let mut want: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
+        for f in &d.flows {
+            let a = namer.flow(&FlowTuple::from_key(&f.key));
+            let sum = traffic_sum(
+                &mut want,
+                a.src_peer.or(a.src),
+                a.dst_peer.or(a.dst),
+                a.service,
+                &f.key,
+            );
+            sum.packets += f.stats.packets;
+            sum.bytes += f.stats.bytes;
+            sum.updates += 1;
+        }
+        let (got, want) = (comparable(traffic_sums(&v)), comparable(want));
+        served += usize::from(want.keys().any(|k| k.2 != "None"));
+        translated += usize::from(!records.is_empty());
+        assert_eq!(got, want, "round {round}");
+    }
+    assert!(
+        served >= 15 && translated >= 10,
+        "the drains reach the Service ({served} of 20) and hold translations ({translated})"
+    );
+}
