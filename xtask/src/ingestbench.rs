@@ -11,25 +11,38 @@
 //!   the flood's case, not that of busy flows coming back;
 //! - tables: what the agent's drain does with them next, in its order: the flow table makes
 //!   room, merges, names both ends and expires (capped at `--max-flows`, the agent's
-//!   default), then the metrics count the traffic by workload pair and hook.
+//!   default), the NAT table takes in the drain's rewrites, then the metrics count the
+//!   traffic by workload pair, Service and hook.
+//!
+//! `--services` of the tuples (10% by default) are connections to a Service: the first hook
+//! sees the client's packet to the Service's cluster IP, port 80, the others the packet
+//! DNATed to the pod behind it, port 8080, and the drain carries that rewrite, which the NAT
+//! table takes in (so the namer's NAT lookups find a table of that size, and these tuples are
+//! named by Service).
 //!
 //! The kernel's side (the programs writing the ring, the cache read) is not in these figures:
 //! `bench-flood` runs the whole path. Memory is the heap at the drain's peak, counted by
 //! `bench-metadata`'s allocator.
 
-use std::{collections::HashMap, net::IpAddr, time::Instant};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    time::Instant,
+};
 
 use anyhow::Result;
 use flowtrace::{
     enrich::Namer,
-    kernel::drain::fold_records,
+    kernel::drain::{fold_records, DrainedNat},
     metrics::{DrainView, Level, Metrics, MetricsConfig},
     state::{flows::FlowTable, nat::NatTable},
     util::monotonic_ns,
 };
-use flowtrace_common::{CacheSlot, FlowKey, FlowStats, EVENT_FLOW};
+use flowtrace_common::{CacheSlot, FlowKey, FlowStats, NatRecord, Tuple, EVENT_FLOW};
 
-use crate::metabench::{live, peak, pod_ip, reset_peak, synthetic_cache};
+use crate::metabench::{
+    live, peak, pod_ip, reset_peak, service_ip, synthetic_cache, PODS_PER_DEPLOYMENT,
+};
 
 /// The goal for a drain of 1M entries.
 const GOAL_MS_PER_MILLION: f64 = 150.0;
@@ -47,6 +60,10 @@ pub struct IngestBenchArgs {
     /// their cache slots do.
     #[arg(long)]
     tuples: Option<usize>,
+    /// Percent of the tuples that are connections to a Service's cluster IP, DNATed to the
+    /// pod behind it between their first and second hook.
+    #[arg(long, default_value_t = 10)]
+    services: usize,
     /// Pods of the synthetic cluster the tuples run between.
     #[arg(long, default_value_t = 5_000)]
     pods: usize,
@@ -57,21 +74,68 @@ pub struct IngestBenchArgs {
     rounds: usize,
 }
 
-/// One ring record of tuple `t` at hook `h`, as the kernel writes it.
-fn record(t: usize, h: usize, pods: usize) -> Vec<u8> {
-    let addr = |ip: std::net::Ipv4Addr| {
-        let mut a = [0u32; 4];
-        a[0] = u32::from_ne_bytes(ip.octets());
-        a
+/// An IPv4 address as the kernel stores it.
+fn kernel_addr(ip: Ipv4Addr) -> [u32; 4] {
+    let mut a = [0u32; 4];
+    a[0] = u32::from_ne_bytes(ip.octets());
+    a
+}
+
+/// Tuple `t` as seen at hook `h` (see the module's header): between two pods, or from a pod
+/// to a Service's cluster IP before the DNAT (hook 0) and to the pod behind it after.
+fn tuple(t: usize, h: usize, pods: usize, services: usize) -> Tuple {
+    let backend = (t * 7 + 1) % pods;
+    let (dst, dst_port) = if h == 0 && via_service(t, pods, services) {
+        (service_ip(backend / PODS_PER_DEPLOYMENT), 80)
+    } else {
+        (pod_ip(backend), 8080)
     };
+    Tuple {
+        src_addr: kernel_addr(pod_ip(t % pods)),
+        dst_addr: kernel_addr(dst),
+        src_port: (1024 + (t / pods) % 64_000) as u16,
+        dst_port,
+        ip_version: 4,
+        protocol: 6,
+        _pad: 0,
+    }
+}
+
+/// Whether tuple `t` is a connection to a Service (`services` percent of them, evenly over
+/// the pod pairs).
+fn via_service(t: usize, pods: usize, services: usize) -> bool {
+    (t / pods) % 100 < services
+}
+
+/// The DNAT of tuple `t`, as the kernel records it between its first two hooks.
+fn rewrite(t: usize, pods: usize, services: usize) -> DrainedNat {
+    DrainedNat {
+        original: tuple(t, 0, pods, services),
+        record: NatRecord {
+            translated: tuple(t, 1, pods, services),
+            from_ifindex: 10,
+            to_ifindex: 11,
+            from_direction: 0,
+            to_direction: 1,
+            sightings: 1,
+            first_seen_ns: 1_000_000_000 + t as u64,
+            last_seen_ns: 1_000_000_000 + t as u64,
+            ..NatRecord::default()
+        },
+    }
+}
+
+/// One ring record of tuple `t` at hook `h`, as the kernel writes it.
+fn record(t: usize, h: usize, pods: usize, services: usize) -> Vec<u8> {
     let now = 1_000_000_000 + t as u64;
+    let x = tuple(t, h, pods, services);
     let slot = CacheSlot {
         kind: EVENT_FLOW,
         key: FlowKey {
-            src_addr: addr(pod_ip(t % pods)),
-            dst_addr: addr(pod_ip((t * 7 + 1) % pods)),
-            src_port: (1024 + (t / pods) % 64_000) as u16,
-            dst_port: 8080,
+            src_addr: x.src_addr,
+            dst_addr: x.dst_addr,
+            src_port: x.src_port,
+            dst_port: x.dst_port,
             ifindex: 10 + h as u32,
             direction: (h % 2) as u8,
             ip_version: 4,
@@ -118,19 +182,28 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
     let size = std::mem::size_of::<CacheSlot>();
     let ring: Vec<u8> = (0..per_hops)
         .flat_map(|r| (0..hops).map(move |h| (r % tuples, h)))
-        .flat_map(|(t, h)| record(t, h, args.pods))
+        .flat_map(|(t, h)| record(t, h, args.pods, args.services))
         .collect();
+    let rewrites: Vec<DrainedNat> = if hops > 1 {
+        (0..tuples)
+            .filter(|&t| via_service(t, args.pods, args.services))
+            .map(|t| rewrite(t, args.pods, args.services))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let records = || ring.chunks_exact(size);
     let links = HashMap::new();
-    let (mut fold_ms, mut table_ms, mut metrics_ms, mut peak_mib) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut fold_ms, mut table_ms, mut nat_ms, mut metrics_ms, mut peak_mib) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut held, mut entries) = (0usize, 0usize);
     for _ in 0..args.rounds.max(1) {
         let before = live();
         reset_peak();
         let t = Instant::now();
         // Sized as the agent sizes a period's table under a sustained burst: from the last.
-        let drained = fold_records(records(), records().len());
+        let mut drained = fold_records(records(), records().len());
+        drained.nat = rewrites.clone();
         fold_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         let packets: u64 = drained.flows.iter().map(|f| f.stats.packets).sum();
         anyhow::ensure!(
@@ -146,7 +219,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
 
         let now = monotonic_ns();
         let mut flows = FlowTable::new(args.max_flows, u64::MAX / 2);
-        let nat = NatTable::new(u64::MAX / 2);
+        let mut nat = NatTable::new(u64::MAX / 2);
         let t = Instant::now();
         flows.fold(
             &drained.flows,
@@ -155,6 +228,15 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
             &|ip: &IpAddr| meta.resolve(ip),
         );
         table_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        let new_translations = nat.merge_kernel(&drained.nat, now);
+        nat_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            new_translations.len() == rewrites.len(),
+            "the NAT table took in {} new translations of the drain's {}",
+            new_translations.len(),
+            rewrites.len()
+        );
 
         let mut metrics = Metrics::new(MetricsConfig {
             level: Level::Workload,
@@ -167,7 +249,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
             drained: &drained,
             drops: &[],
             reasons: &HashMap::new(),
-            new_translations: &[],
+            new_translations: &new_translations,
             namer: &namer,
             now_ns: now,
             duration_s: 0.0,
@@ -176,11 +258,16 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         peak_mib.push(peak().saturating_sub(before) as f64 / 1048576.0);
         held = flows.len();
     }
-    let (fold, table, metrics) = (median(fold_ms), median(table_ms), median(metrics_ms));
-    let total = fold + table + metrics;
+    let (fold, table, nat, metrics) = (
+        median(fold_ms),
+        median(table_ms),
+        median(nat_ms),
+        median(metrics_ms),
+    );
+    let total = fold + table + nat + metrics;
     let per = |ms: f64| ms * 1e6 / args.records.max(1) as f64;
     println!(
-        "bench-ingest: {} flow records ({tuples} tuples x {hops} hooks{}) between {} pods, folded into {entries} entries, median of {} rounds",
+        "bench-ingest: {} flow records ({tuples} tuples x {hops} hooks{}) between {} pods, {} of the tuples ({}%) to a Service and DNATed, folded into {entries} entries, median of {} rounds",
         args.records,
         if tuples < per_hops {
             format!(", {:.1} passes over them", per_hops as f64 / tuples as f64)
@@ -188,6 +275,8 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
             String::new()
         },
         args.pods,
+        rewrites.len(),
+        args.services,
         args.rounds.max(1)
     );
     println!("  stage                              ms    ns/record");
@@ -199,6 +288,11 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         "  flow table (room, merge, names, expire; cap {}) {table:>9.1} {:>10.0}",
         args.max_flows,
         per(table)
+    );
+    println!(
+        "  NAT table ({} rewrites in)    {nat:>9.1} {:>10.0}",
+        rewrites.len(),
+        per(nat)
     );
     println!(
         "  metrics (traffic by workload)  {metrics:>9.1} {:>10.0}",

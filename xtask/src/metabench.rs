@@ -68,7 +68,7 @@ pub fn reset_peak() {
 }
 
 const PODS_PER_NODE: usize = 100;
-const PODS_PER_DEPLOYMENT: usize = 10;
+pub const PODS_PER_DEPLOYMENT: usize = 10;
 
 /// The address of synthetic pod `i`.
 pub fn pod_ip(i: usize) -> Ipv4Addr {
@@ -120,10 +120,15 @@ fn pod_json(i: usize) -> Value {
     })
 }
 
+/// The cluster IP of synthetic Deployment `d`'s Service.
+pub fn service_ip(d: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, (d / 250) as u8, (1 + d % 250) as u8)
+}
+
 fn service_json(d: usize) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": format!("team-{}", d % 20), "name": format!("svc{d}")},
-        "spec": {"type": "ClusterIP", "clusterIP": format!("10.96.{}.{}", d / 250, 1 + d % 250),
+        "spec": {"type": "ClusterIP", "clusterIP": service_ip(d).to_string(),
                  "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
 }
 
