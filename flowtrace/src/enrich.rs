@@ -189,9 +189,10 @@ impl<'a> Namer<'a> {
             || self.address(&t.dst, |a| a.serves)
     }
 
-    /// Whether a translation the NAT table holds has `t` or its reply as one of its sides.
+    /// Whether a translation the NAT table holds has `t` or its reply as one of its sides
+    /// (`chain(t)` then has two tuples).
     pub fn translated(&self, t: &FlowTuple) -> bool {
-        self.chain(t).len > 1
+        self.nat.touches(t)
     }
 
     /// A packet seen with `tuples` at successive hooks of this node (a traced packet; its

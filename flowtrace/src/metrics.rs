@@ -73,7 +73,7 @@ const PEER_LABELS: [&str; 6] = [
 
 /// One family's series: label values (in the family's label order) to value.
 struct SeriesSet<V> {
-    series: HashMap<Box<[String]>, Series<V>>,
+    series: HashMap<Box<[String]>, Series<V>, FastHash>,
     folded: u64,
     expired: u64,
 }
@@ -86,7 +86,7 @@ struct Series<V> {
 impl<V: Default> SeriesSet<V> {
     fn new() -> Self {
         Self {
-            series: HashMap::new(),
+            series: HashMap::default(),
             folded: 0,
             expired: 0,
         }
@@ -296,13 +296,30 @@ fn traffic_sum<'s>(
     service: Option<ServiceRef>,
     key: &FlowKey,
 ) -> &'s mut TrafficSum {
+    summed(
+        sums,
+        src,
+        dst,
+        service,
+        (key.ifindex, key.direction, key.protocol),
+    )
+}
+
+/// The sum of `sums` for these ends and Service at this (ifindex, direction, protocol).
+fn summed(
+    sums: &mut HashMap<TrafficKey, TrafficSum, FastHash>,
+    src: Option<Arc<Endpoint>>,
+    dst: Option<Arc<Endpoint>>,
+    service: Option<ServiceRef>,
+    (ifindex, direction, protocol): (u32, u8, u8),
+) -> &mut TrafficSum {
     let k = TrafficKey {
         src: src.as_ref().map(Arc::as_ptr),
         dst: dst.as_ref().map(Arc::as_ptr),
         service,
-        ifindex: key.ifindex,
-        direction: key.direction,
-        protocol: key.protocol,
+        ifindex,
+        direction,
+        protocol,
     };
     sums.entry(k).or_insert_with(|| TrafficSum {
         src,
@@ -380,18 +397,30 @@ impl Metrics {
             s.0 += sum.packets;
             s.1 += sum.bytes;
         }
+        // New translations are summed per client, backend, Service and protocol before
+        // their labels are built, as the traffic is: a burst of connections through a
+        // Service brings thousands between a few pods. (The hook is no label here.)
+        let mut translated: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
         for (o, x) in v.new_translations {
             // A DNAT to a Service backend; the reply's un-DNAT is the same connection.
             let Some(service) = v.namer.meta().service_at(&o.dst, o.dst_port, o.protocol) else {
                 continue;
             };
-            let peers = peers(
-                v.namer.endpoint(&o.src).as_deref(),
-                v.namer.endpoint(&x.dst).as_deref(),
-                self.cfg.level,
-            );
-            let labels = join(&peers, [service.to_string(), protocol_name(o.protocol)]);
-            *self.translations.get(labels, max, v.now_ns) += 1;
+            let (client, backend) = (v.namer.endpoint(&o.src), v.namer.endpoint(&x.dst));
+            summed(
+                &mut translated,
+                client,
+                backend,
+                Some(service),
+                (0, 0, o.protocol),
+            )
+            .updates += 1;
+        }
+        for (k, sum) in translated {
+            let peers = peers(sum.src.as_deref(), sum.dst.as_deref(), level);
+            let service = k.service.map(|s| s.to_string()).unwrap_or_default();
+            let labels = join(&peers, [service, protocol_name(k.protocol)]);
+            *self.translations.get_n(labels, max, v.now_ns, sum.updates) += sum.updates;
         }
         for l in &v.drained.latency {
             let k = &l.key;

@@ -669,7 +669,8 @@ fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would()
             t.protocol = if rand(4) == 0 { 17 } else { 6 };
             tuples.push(t);
         }
-        // Some connections to the Service address are DNATed to db-a, with their replies.
+        // Some connections to the Service address are DNATed to db-a, most with their
+        // replies' un-DNAT (without it, a reply is named by the request's translation).
         let mut records = Vec::new();
         for t in tuples.clone() {
             if t.dst.to_string() == "10.96.0.20" && rand(2) == 0 {
@@ -680,7 +681,11 @@ fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would()
                 tuples.push(after);
                 tuples.push(after.reversed());
                 tuples.push(t.reversed());
-                for (o, x) in [(t, after), (after.reversed(), t.reversed())] {
+                let replies = if rand(3) == 0 { 1 } else { 2 };
+                for (o, x) in [(t, after), (after.reversed(), t.reversed())]
+                    .into_iter()
+                    .take(replies)
+                {
                     records.push(DrainedNat {
                         original: kernel_tuple(&o),
                         record: NatRecord {
@@ -733,5 +738,51 @@ fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would()
     assert!(
         served >= 15 && translated >= 10,
         "the drains reach the Service ({served} of 20) and hold translations ({translated})"
+    );
+}
+
+#[test]
+fn translations_of_one_drain_between_the_same_pods_add_up() {
+    // Three connections web-a -> db Service DNATed to db-a and one web-b -> db: summed
+    // before their labels are built, they must still count one each.
+    let meta = cache();
+    let mut nat = NatTable::new(u64::MAX);
+    let mut m = Metrics::new(cfg(Level::Pod, 100));
+    let records = [
+        ("10.244.1.10", 40000),
+        ("10.244.1.10", 40001),
+        ("10.244.1.10", 40002),
+        ("10.244.1.11", 40000),
+    ]
+    .map(|(client, port)| DrainedNat {
+        original: kernel_tuple(&ft(client, port, "10.96.0.20", 5432)),
+        record: NatRecord {
+            translated: kernel_tuple(&ft(client, port, "10.244.1.20", 5432)),
+            ..NatRecord::default()
+        },
+    });
+    observe(
+        &mut m,
+        &meta,
+        &mut nat,
+        &drained(Vec::new(), records.to_vec()),
+        1,
+    );
+    let t = text(&m);
+    let from = |pod: &str| {
+        sample(
+            &t,
+            "flowtrace_nat_translations_total",
+            &[
+                ("src_pod", pod),
+                ("dst_pod", "db-5d4f-a"),
+                ("service", "shop/db"),
+            ],
+        )
+    };
+    assert_eq!(
+        (from("web-5d4f-a"), from("web-5d4f-b")),
+        (Some(3.0), Some(1.0)),
+        "{t}"
     );
 }

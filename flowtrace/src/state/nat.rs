@@ -20,7 +20,7 @@
 //! Only TCP, UDP and SCTP are recorded and checked, what Services carry (ICMP packets have too
 //! little per-packet identity to pair reliably, and conntrack's ICMP identifiers are not ports).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::{
     host::conntrack::CtEntry,
@@ -54,6 +54,10 @@ pub struct NatTable {
     /// Translated tuple -> original tuple, rebuilt after every change to `entries`, so
     /// naming a flow by its translation is one hash probe.
     originals: HashMap<FlowTuple, FlowTuple, FastHash>,
+    /// Every side of every translation in both directions (original, translated and their
+    /// replies), rebuilt with `originals`: whether a flow has anything to do with a
+    /// translation is then one hash probe, not four.
+    sides: HashSet<FlowTuple, FastHash>,
     counters: NatCounters,
     idle_timeout_ns: u64,
 }
@@ -72,6 +76,7 @@ impl NatTable {
         Self {
             entries: HashMap::default(),
             originals: HashMap::default(),
+            sides: HashSet::default(),
             counters: NatCounters::default(),
             idle_timeout_ns,
         }
@@ -135,14 +140,20 @@ impl NatTable {
         new
     }
 
-    /// Rebuilds `originals`; called after a change that added, re-pointed or removed
-    /// entries (not on every drain).
+    /// Rebuilds `originals` and `sides`; called after a change that added, re-pointed or
+    /// removed entries (not on every drain).
     fn reindex(&mut self) {
         self.originals = self
             .entries
             .iter()
             .map(|(o, e)| (e.translated, *o))
             .collect();
+        self.sides.clear();
+        self.sides.reserve(4 * self.entries.len());
+        for (o, e) in &self.entries {
+            let x = e.translated;
+            self.sides.extend([*o, x, o.reversed(), x.reversed()]);
+        }
     }
 
     /// Compares with a conntrack dump taken after the drain. `traced(t)` says whether a
@@ -261,6 +272,11 @@ impl NatTable {
     /// The original tuple whose translation is `t`.
     pub fn original_of(&self, t: &FlowTuple) -> Option<FlowTuple> {
         self.originals.get(t).copied()
+    }
+
+    /// Whether `t` or its reply is the original or the translated tuple of a translation.
+    pub fn touches(&self, t: &FlowTuple) -> bool {
+        self.sides.contains(t)
     }
 
     /// Whether `o` is the original tuple of a translation.
