@@ -24,7 +24,7 @@ use prometheus::proto::{
 use crate::{
     enrich::Namer,
     host::netns::NsPlace,
-    kernel::drain::Drained,
+    kernel::drain::{Drained, DrainedFlow},
     model::{
         drop_reason_name, protocol_name, Direction, Endpoint, EndpointKind, FlowTuple, LatencyKind,
         ServiceRef,
@@ -262,17 +262,7 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
                 continue;
             }
         }
-        let a = v.namer.flow(&t);
-        let sum = traffic_sum(
-            &mut sums,
-            a.src_peer.or(a.src),
-            a.dst_peer.or(a.dst),
-            a.service,
-            &f.key,
-        );
-        sum.packets += f.stats.packets;
-        sum.bytes += f.stats.bytes;
-        sum.updates += 1;
+        add_named(&mut sums, v.namer, f);
     }
     for (key, s) in by_addresses {
         if !s.by_addresses {
@@ -286,6 +276,25 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
         sum.updates += s.updates;
     }
     sums
+}
+
+/// Adds entry `f` to `sums`, its tuple named with `Namer::flow`.
+fn add_named(
+    sums: &mut HashMap<TrafficKey, TrafficSum, FastHash>,
+    namer: &Namer<'_>,
+    f: &DrainedFlow,
+) {
+    let a = namer.flow(&FlowTuple::from_key(&f.key));
+    let sum = traffic_sum(
+        sums,
+        a.src_peer.or(a.src),
+        a.dst_peer.or(a.dst),
+        a.service,
+        &f.key,
+    );
+    sum.packets += f.stats.packets;
+    sum.bytes += f.stats.bytes;
+    sum.updates += 1;
 }
 
 /// The sum of `sums` for these ends and Service at `key`'s hook and protocol.

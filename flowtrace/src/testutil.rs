@@ -13,6 +13,17 @@ use crate::{
     state::trace::{Sighting, TracedPacket},
 };
 
+/// A seeded pseudo-random source for randomized tests (a 64-bit LCG): each call gives a
+/// number below `n`, the same sequence for the same seed.
+pub fn lcg(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % n
+    }
+}
+
 /// A TCP tuple from address strings.
 pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
     FlowTuple {

@@ -6,7 +6,7 @@ use crate::{
     k8s::MetaCache,
     kernel::drain::{DrainedFlow, DrainedNat},
     state::nat::NatTable,
-    testutil::{kernel_addr, kernel_tuple, shop_cache as cache, tcp as ft},
+    testutil::{kernel_addr, kernel_tuple, lcg, shop_cache as cache, tcp as ft},
 };
 
 fn flow(t: &FlowTuple, ifindex: u32, direction: u8, packets: u64, bytes: u64) -> DrainedFlow {
@@ -640,13 +640,7 @@ fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would()
     // the sums must be those of naming every entry with `Namer::flow`.
     let meta = cache();
     let links = links();
-    let mut seed = 0x9e37_79b9_u64;
-    let mut rand = move |n: u64| {
-        seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (seed >> 33) % n
-    };
+    let mut rand = lcg(0x9e37_79b9);
     let addrs = [
         "10.244.1.10",
         "10.244.1.11",
@@ -718,17 +712,7 @@ fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would()
         };
         let mut want: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
         for f in &d.flows {
-            let a = namer.flow(&FlowTuple::from_key(&f.key));
-            let sum = traffic_sum(
-                &mut want,
-                a.src_peer.or(a.src),
-                a.dst_peer.or(a.dst),
-                a.service,
-                &f.key,
-            );
-            sum.packets += f.stats.packets;
-            sum.bytes += f.stats.bytes;
-            sum.updates += 1;
+            add_named(&mut want, &namer, f);
         }
         let (got, want) = (comparable(traffic_sums(&v)), comparable(want));
         served += usize::from(want.keys().any(|k| k.2 != "None"));

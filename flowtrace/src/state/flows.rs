@@ -636,13 +636,7 @@ mod tests {
     }
 
     fn fold_matches_merge_then_cap(ties: bool) {
-        let mut seed = 0x2545_f491_u64;
-        let mut rand = move |n: u64| {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) % n
-        };
+        let mut rand = crate::testutil::lcg(0x2545_f491);
         let (mut a, mut b) = (FlowTable::new(40, u64::MAX), FlowTable::new(40, u64::MAX));
         let mut at = 0;
         for round in 0..60 {
