@@ -179,14 +179,12 @@ impl<'a> Namer<'a> {
         self.attribute(t, &chain)
     }
 
-    /// Whether `flow(t)` reads more than `t`'s two addresses: a translation the NAT table
-    /// holds has `t` or its reply as one of its sides, or a Service may be reached at
-    /// either end. When not, `flow(t)` names the ends as addressed and nothing else (no
-    /// peer, no Service, no NAT step), alike for every tuple between the same addresses.
-    pub fn names_by_ports(&self, t: &FlowTuple) -> bool {
-        self.translated(t)
-            || self.address(&t.src, |a| a.serves)
-            || self.address(&t.dst, |a| a.serves)
+    /// Whether a Service may be reached at either end of `t` (`MetaCache::serves_at`).
+    /// When not, and no translation touches `t` (`translated`), `flow(t)` names the ends as
+    /// addressed and nothing else (no peer, no Service, no NAT step): every such tuple
+    /// between the same two addresses is named alike, whatever its ports.
+    pub fn serves_either(&self, t: &FlowTuple) -> bool {
+        self.address(&t.src, |a| a.serves) || self.address(&t.dst, |a| a.serves)
     }
 
     /// Whether a translation the NAT table holds has `t` or its reply as one of its sides

@@ -234,14 +234,15 @@ struct TrafficSum {
 /// The traffic of one drain summed by `TrafficKey`. A drain holds entries per tuple and
 /// hook (a tuple at a hook may repeat, see `kernel::drain::DrainedFlow`), up to hundreds of
 /// thousands in a burst of new connections, nearly all between a few endpoints, and labels
-/// are built once per sum. An entry whose tuple `Namer::names_by_ports` says is named by its
-/// addresses alone (no translation, no Service at either end: most of a node's traffic) is
-/// first summed with the others between the same addresses at the same hook, ports aside,
-/// and each such sum is named once; the rest are named entry by entry.
+/// are built once per sum. An entry whose tuple is named by its addresses alone (no
+/// translation touches it, `Namer::translated`, and no Service may be reached at either end,
+/// `Namer::serves_either`: most of a node's traffic) is first summed with the others between
+/// the same addresses at the same hook, ports aside, and each such sum is named once; the
+/// rest are named entry by entry.
 fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> {
     let mut sums: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
     // The entry's key with its ports zeroed: addresses, hook and protocol.
-    let mut by_addresses: HashMap<FlowKey, AddressSum, FastHash> = HashMap::default();
+    let mut between: HashMap<FlowKey, AddressSum, FastHash> = HashMap::default();
     for f in &v.drained.flows {
         let t = FlowTuple::from_key(&f.key);
         if !v.namer.translated(&t) {
@@ -251,8 +252,10 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
                 _pad: 0,
                 ..f.key
             };
-            let s = by_addresses.entry(key).or_insert_with(|| AddressSum {
-                by_addresses: !v.namer.names_by_ports(&t),
+            // Not translated (just asked): whether they are named by their addresses alone
+            // is whether a Service may be reached at either end, the same for all of them.
+            let s = between.entry(key).or_insert_with(|| AddressSum {
+                by_addresses: !v.namer.serves_either(&t),
                 ..AddressSum::default()
             });
             if s.by_addresses {
@@ -264,7 +267,7 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
         }
         add_named(&mut sums, v.namer, f);
     }
-    for (key, s) in by_addresses {
+    for (key, s) in between {
         if !s.by_addresses {
             continue;
         }

@@ -61,9 +61,10 @@ pub struct IngestBenchArgs {
     #[arg(long)]
     tuples: Option<usize>,
     /// Percent of the tuples that are connections to a Service's cluster IP, DNATed to the
-    /// pod behind it between their first and second hook.
-    #[arg(long, default_value_t = 10)]
-    services: usize,
+    /// pod behind it between their first and second hook (none with `--hops 1`). The share
+    /// printed is the one reached: the tuples of each pod pair are picked by number.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
+    services: u64,
     /// Pods of the synthetic cluster the tuples run between.
     #[arg(long, default_value_t = 5_000)]
     pods: usize,
@@ -178,16 +179,18 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
     let hops = args.hops.max(1);
     let per_hops = args.records / hops;
     let tuples = args.tuples.unwrap_or(per_hops).clamp(1, per_hops.max(1));
+    // A DNAT needs a hook before and one after it.
+    let services = if hops > 1 { args.services as usize } else { 0 };
     // One buffer, record after record, as the ring holds them (without its 8-byte headers).
     let size = std::mem::size_of::<CacheSlot>();
     let ring: Vec<u8> = (0..per_hops)
         .flat_map(|r| (0..hops).map(move |h| (r % tuples, h)))
-        .flat_map(|(t, h)| record(t, h, args.pods, args.services))
+        .flat_map(|(t, h)| record(t, h, args.pods, services))
         .collect();
     let rewrites: Vec<DrainedNat> = if hops > 1 {
         (0..tuples)
-            .filter(|&t| via_service(t, args.pods, args.services))
-            .map(|t| rewrite(t, args.pods, args.services))
+            .filter(|&t| via_service(t, args.pods, services))
+            .map(|t| rewrite(t, args.pods, services))
             .collect()
     } else {
         Vec::new()
@@ -203,8 +206,8 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         let t = Instant::now();
         // Sized as the agent sizes a period's table under a sustained burst: from the last.
         let mut drained = fold_records(records(), records().len());
-        drained.nat = rewrites.clone();
         fold_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        drained.nat = rewrites.clone();
         let packets: u64 = drained.flows.iter().map(|f| f.stats.packets).sum();
         anyhow::ensure!(
             packets == 3 * (per_hops * hops) as u64
@@ -267,7 +270,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
     let total = fold + table + nat + metrics;
     let per = |ms: f64| ms * 1e6 / args.records.max(1) as f64;
     println!(
-        "bench-ingest: {} flow records ({tuples} tuples x {hops} hooks{}) between {} pods, {} of the tuples ({}%) to a Service and DNATed, folded into {entries} entries, median of {} rounds",
+        "bench-ingest: {} flow records ({tuples} tuples x {hops} hooks{}) between {} pods, {} of the tuples ({:.1}%) to a Service and DNATed, folded into {entries} entries, median of {} rounds",
         args.records,
         if tuples < per_hops {
             format!(", {:.1} passes over them", per_hops as f64 / tuples as f64)
@@ -276,7 +279,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         },
         args.pods,
         rewrites.len(),
-        args.services,
+        100.0 * rewrites.len() as f64 / tuples as f64,
         args.rounds.max(1)
     );
     println!("  stage                              ms    ns/record");

@@ -663,31 +663,43 @@ fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would()
             t.protocol = if rand(4) == 0 { 17 } else { 6 };
             tuples.push(t);
         }
-        // Some connections to the Service address are DNATed to db-a, most with their
-        // replies' un-DNAT (without it, a reply is named by the request's translation).
+        // Some connections to the Service address are DNATed to db-a, and some between
+        // pods to another pod (no end serves: only the NAT table tells them apart), each
+        // recorded with its reply's un-DNAT, alone, or without it (then a reply is named by
+        // the request's translation, or the request by its reply's).
         let mut records = Vec::new();
         for t in tuples.clone() {
-            if t.dst.to_string() == "10.96.0.20" && rand(2) == 0 {
-                let after = FlowTuple {
-                    dst: "10.244.1.20".parse().expect("addr"),
-                    ..t
-                };
-                tuples.push(after);
-                tuples.push(after.reversed());
-                tuples.push(t.reversed());
-                let replies = if rand(3) == 0 { 1 } else { 2 };
-                for (o, x) in [(t, after), (after.reversed(), t.reversed())]
-                    .into_iter()
-                    .take(replies)
-                {
-                    records.push(DrainedNat {
-                        original: kernel_tuple(&o),
-                        record: NatRecord {
-                            translated: kernel_tuple(&x),
-                            ..NatRecord::default()
-                        },
-                    });
+            let to_service = t.dst.to_string() == "10.96.0.20";
+            let between_pods = t.src.to_string().starts_with("10.244.")
+                && t.dst.to_string().starts_with("10.244.");
+            if !(to_service || between_pods) || rand(2) == 0 {
+                continue;
+            }
+            let after = FlowTuple {
+                dst: if t.dst.to_string() == "10.244.1.20" {
+                    "10.244.1.11"
+                } else {
+                    "10.244.1.20"
                 }
+                .parse()
+                .expect("addr"),
+                ..t
+            };
+            tuples.extend([after, after.reversed(), t.reversed()]);
+            let both = [(t, after), (after.reversed(), t.reversed())];
+            let recorded = match rand(3) {
+                0 => &both[..1],
+                1 => &both[1..],
+                _ => &both[..],
+            };
+            for (o, x) in recorded {
+                records.push(DrainedNat {
+                    original: kernel_tuple(o),
+                    record: NatRecord {
+                        translated: kernel_tuple(x),
+                        ..NatRecord::default()
+                    },
+                });
             }
         }
         nat.merge_kernel(&records, 1);

@@ -148,12 +148,16 @@ impl NatTable {
             .iter()
             .map(|(o, e)| (e.translated, *o))
             .collect();
-        self.sides.clear();
-        self.sides.reserve(4 * self.entries.len());
+        // Built anew, as `originals` is, so a burst's room is given back once it expired;
+        // a connection recorded both ways (a DNAT and its reply's un-DNAT) has two entries
+        // with the same four sides, hence two per entry to start with.
+        let mut sides =
+            HashSet::with_capacity_and_hasher(2 * self.entries.len(), FastHash::default());
         for (o, e) in &self.entries {
             let x = e.translated;
-            self.sides.extend([*o, x, o.reversed(), x.reversed()]);
+            sides.extend([*o, x, o.reversed(), x.reversed()]);
         }
+        self.sides = sides;
     }
 
     /// Compares with a conntrack dump taken after the drain. `traced(t)` says whether a

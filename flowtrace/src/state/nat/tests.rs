@@ -115,6 +115,10 @@ fn untraced_pre_nat_side_is_completed_from_conntrack() {
     );
     assert_eq!(t.original_of(&post), Some(orig));
     assert_eq!(t.original_of(&orig), None);
+    // Completed from conntrack, the translation's sides are known as the kernel's are.
+    assert!([orig, post, orig.reversed(), reply]
+        .iter()
+        .all(|x| t.touches(x)));
     // Connections flowtrace never saw are ignored.
     let mut t = NatTable::new(u64::MAX);
     t.cross_check(&[ct], &|_| false, 1);
@@ -129,14 +133,27 @@ fn the_translated_index_follows_new_repointed_and_expired_entries() {
     let mut t = NatTable::new(10);
     assert_eq!(t.merge_kernel(&[drained(&before, &a)], 1).len(), 1);
     assert_eq!(t.original_of(&a), Some(before));
+    let sides = |t: &NatTable, x: &FlowTuple| (t.touches(x), t.touches(&x.reversed()));
+    assert_eq!(
+        (sides(&t, &before), sides(&t, &a), sides(&t, &b)),
+        ((true, true), (true, true), (false, false))
+    );
     // The same rewrite again changes nothing.
     assert!(t.merge_kernel(&[drained(&before, &a)], 2).is_empty());
     assert_eq!(t.original_of(&a), Some(before));
     // The tuple reused by a connection to the other backend.
     assert_eq!(t.merge_kernel(&[drained(&before, &b)], 3).len(), 1);
     assert_eq!((t.original_of(&a), t.original_of(&b)), (None, Some(before)));
+    assert_eq!(
+        (sides(&t, &before), sides(&t, &a), sides(&t, &b)),
+        ((true, true), (false, false), (true, true))
+    );
     t.expire(5);
     assert_eq!(t.original_of(&b), Some(before));
     t.expire(100);
     assert_eq!(t.original_of(&b), None);
+    assert_eq!(
+        (sides(&t, &before), sides(&t, &b)),
+        ((false, false), (false, false))
+    );
 }
