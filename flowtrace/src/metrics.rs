@@ -265,7 +265,7 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
                 continue;
             }
         }
-        add_named(&mut sums, v.namer, f);
+        add_named(&mut sums, v.namer, &t, f);
     }
     for (key, s) in between {
         if !s.by_addresses {
@@ -273,7 +273,7 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
         }
         let t = FlowTuple::from_key(&key);
         let (src, dst) = (v.namer.endpoint(&t.src), v.namer.endpoint(&t.dst));
-        let sum = traffic_sum(&mut sums, src, dst, None, &key);
+        let sum = summed(&mut sums, src, dst, None, hook(&key));
         sum.packets += s.packets;
         sum.bytes += s.bytes;
         sum.updates += s.updates;
@@ -281,40 +281,29 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
     sums
 }
 
-/// Adds entry `f` to `sums`, its tuple named with `Namer::flow`.
+/// Adds entry `f`, of tuple `t`, to `sums`, the tuple named with `Namer::flow`.
 fn add_named(
     sums: &mut HashMap<TrafficKey, TrafficSum, FastHash>,
     namer: &Namer<'_>,
+    t: &FlowTuple,
     f: &DrainedFlow,
 ) {
-    let a = namer.flow(&FlowTuple::from_key(&f.key));
-    let sum = traffic_sum(
+    let a = namer.flow(t);
+    let sum = summed(
         sums,
         a.src_peer.or(a.src),
         a.dst_peer.or(a.dst),
         a.service,
-        &f.key,
+        hook(&f.key),
     );
     sum.packets += f.stats.packets;
     sum.bytes += f.stats.bytes;
     sum.updates += 1;
 }
 
-/// The sum of `sums` for these ends and Service at `key`'s hook and protocol.
-fn traffic_sum<'s>(
-    sums: &'s mut HashMap<TrafficKey, TrafficSum, FastHash>,
-    src: Option<Arc<Endpoint>>,
-    dst: Option<Arc<Endpoint>>,
-    service: Option<ServiceRef>,
-    key: &FlowKey,
-) -> &'s mut TrafficSum {
-    summed(
-        sums,
-        src,
-        dst,
-        service,
-        (key.ifindex, key.direction, key.protocol),
-    )
+/// A kernel key's (ifindex, direction, protocol), what `summed` sums by beside the ends.
+fn hook(key: &FlowKey) -> (u32, u8, u8) {
+    (key.ifindex, key.direction, key.protocol)
 }
 
 /// The sum of `sums` for these ends and Service at this (ifindex, direction, protocol).

@@ -187,14 +187,10 @@ pub fn run(args: &IngestBenchArgs) -> Result<()> {
         .flat_map(|r| (0..hops).map(move |h| (r % tuples, h)))
         .flat_map(|(t, h)| record(t, h, args.pods, services))
         .collect();
-    let rewrites: Vec<DrainedNat> = if hops > 1 {
-        (0..tuples)
-            .filter(|&t| via_service(t, args.pods, services))
-            .map(|t| rewrite(t, args.pods, services))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let rewrites: Vec<DrainedNat> = (0..tuples)
+        .filter(|&t| via_service(t, args.pods, services))
+        .map(|t| rewrite(t, args.pods, services))
+        .collect();
     let records = || ring.chunks_exact(size);
     let links = HashMap::new();
     let (mut fold_ms, mut table_ms, mut nat_ms, mut metrics_ms, mut peak_mib) =

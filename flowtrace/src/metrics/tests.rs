@@ -724,7 +724,7 @@ fn entries_summed_by_addresses_first_are_summed_as_entry_by_entry_naming_would()
         };
         let mut want: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
         for f in &d.flows {
-            add_named(&mut want, &namer, f);
+            add_named(&mut want, &namer, &FlowTuple::from_key(&f.key), f);
         }
         let (got, want) = (comparable(traffic_sums(&v)), comparable(want));
         served += usize::from(want.keys().any(|k| k.2 != "None"));
