@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flowtrace_common::{
-    parse::{packet_id, PacketInfo, SkbMeta, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+    parse::{PacketInfo, SkbMeta, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     CacheSlot, Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE,
     EVENT_FLOW, SLOW_RTT, SLOW_SAMPLED, SLOW_SIGHT,
 };
@@ -16,7 +16,6 @@ use crate::{
     counters::{count, count_n},
     latency::rtt_wanted,
     maps::{cache_shift, events_flags, CACHE, CONTROL, EVENTS, SLOW_PATH, SLOW_SCRATCH},
-    packet::DirectPacket,
     TCP_SYN,
 };
 
@@ -113,7 +112,7 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
     if !(miss || syn || rate != 0) {
         return;
     }
-    let id = packet_id(&DirectPacket::new(ctx), info);
+    let id = info.id;
     let sampled = id.sampled(rate);
     let mut ctl = if miss || syn || sampled {
         SLOW_SIGHT

@@ -100,6 +100,29 @@ impl Packet for DirectPacket<'_> {
     fn word_at(&self, offset: usize) -> Option<u32> {
         self.at::<u32, 4, 4>(offset, |w| w)
     }
+
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        self.data + len <= self.data_end
+    }
+
+    #[inline(always)]
+    unsafe fn u8_within(&self, offset: usize) -> u8 {
+        // SAFETY: the caller's `holds` covered the byte (see `Packet::u8_within`).
+        unsafe { core::ptr::read((self.data + offset) as *const u8) }
+    }
+
+    #[inline(always)]
+    unsafe fn be16_within(&self, offset: usize) -> u16 {
+        // SAFETY: as `u8_within`; unaligned packet loads are fine (see `at`).
+        u16::from_be(unsafe { core::ptr::read((self.data + offset) as *const u16) })
+    }
+
+    #[inline(always)]
+    unsafe fn word_within(&self, offset: usize) -> u32 {
+        // SAFETY: as `be16_within`.
+        unsafe { core::ptr::read((self.data + offset) as *const u32) }
+    }
 }
 
 /// `skb->len` and `skb->gso_segs`.
