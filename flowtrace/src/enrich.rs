@@ -114,6 +114,17 @@ impl Chain {
     }
 }
 
+/// What the ends and the Service `Namer::flow` gives a tuple depend on (see
+/// `Namer::naming_form`): its chain with every port zeroed at an address no Service may be
+/// reached at, and which of the chain's tuples it is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NamingForm {
+    tuples: [FlowTuple; 2],
+    len: u8,
+    /// The tuple's place in `tuples`.
+    at: u8,
+}
+
 impl std::ops::Deref for Chain {
     type Target = [FlowTuple];
     fn deref(&self) -> &[FlowTuple] {
@@ -177,6 +188,41 @@ impl<'a> Namer<'a> {
     pub fn flow(&self, t: &FlowTuple) -> Attribution {
         let chain = self.chain(t);
         self.attribute(t, &chain)
+    }
+
+    /// `t`'s naming form: tuples with equal forms get the same ends, peers and Service from
+    /// `flow` (not the same NAT step), so a drain's entries can be summed by form and each
+    /// form named once (`name_form`). A port is only ever asked at an address a Service may be
+    /// reached at (`MetaCache::serves_at`), so every other port is zeroed: a form stands for
+    /// all the client ports of one client, Service and backend.
+    pub fn naming_form(&self, t: &FlowTuple) -> NamingForm {
+        let chain = self.chain(t);
+        let at = u8::from(chain.len == 2 && chain.tuples[1] == *t);
+        let mut tuples = chain.tuples;
+        for x in &mut tuples {
+            if !self.address(&x.src, |a| a.serves) {
+                x.src_port = 0;
+            }
+            if !self.address(&x.dst, |a| a.serves) {
+                x.dst_port = 0;
+            }
+        }
+        NamingForm {
+            tuples,
+            len: chain.len as u8,
+            at,
+        }
+    }
+
+    /// The ends, peers and Service of every tuple whose naming form is `form`; no NAT step
+    /// (`nat_original` is `None`: it is not a property of the form).
+    pub fn name_form(&self, form: &NamingForm) -> Attribution {
+        let chain = &form.tuples[..usize::from(form.len)];
+        let t = chain[usize::from(form.at)];
+        Attribution {
+            nat_original: None,
+            ..self.attribute(&t, chain)
+        }
     }
 
     /// Whether a Service may be reached at either end of `t` (`MetaCache::serves_at`).

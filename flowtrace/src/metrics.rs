@@ -22,9 +22,9 @@ use prometheus::proto::{
 };
 
 use crate::{
-    enrich::Namer,
+    enrich::{Namer, NamingForm},
     host::netns::NsPlace,
-    kernel::drain::{Drained, DrainedFlow},
+    kernel::drain::Drained,
     model::{
         drop_reason_name, protocol_name, Direction, Endpoint, EndpointKind, FlowTuple, LatencyKind,
         ServiceRef,
@@ -238,11 +238,14 @@ struct TrafficSum {
 /// translation touches it, `Namer::translated`, and no Service may be reached at either end,
 /// `Namer::serves_either`: most of a node's traffic) is first summed with the others between
 /// the same addresses at the same hook, ports aside, and each such sum is named once; the
-/// rest are named entry by entry.
+/// rest (Service traffic) are summed by their naming form (`Namer::naming_form`: the
+/// translation chain, client ports aside) at their hook, and each form is named once.
 fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> {
     let mut sums: HashMap<TrafficKey, TrafficSum, FastHash> = HashMap::default();
     // The entry's key with its ports zeroed: addresses, hook and protocol.
     let mut between: HashMap<FlowKey, AddressSum, FastHash> = HashMap::default();
+    let mut by_form: HashMap<(NamingForm, (u32, u8, u8)), AddressSum, FastHash> =
+        HashMap::default();
     for f in &v.drained.flows {
         let t = FlowTuple::from_key(&f.key);
         if !v.namer.translated(&t) {
@@ -265,7 +268,25 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
                 continue;
             }
         }
-        add_named(&mut sums, v.namer, &t, f);
+        let s = by_form
+            .entry((v.namer.naming_form(&t), hook(&f.key)))
+            .or_default();
+        s.packets += f.stats.packets;
+        s.bytes += f.stats.bytes;
+        s.updates += 1;
+    }
+    for ((form, hook), s) in by_form {
+        let a = v.namer.name_form(&form);
+        let sum = summed(
+            &mut sums,
+            a.src_peer.or(a.src),
+            a.dst_peer.or(a.dst),
+            a.service,
+            hook,
+        );
+        sum.packets += s.packets;
+        sum.bytes += s.bytes;
+        sum.updates += s.updates;
     }
     for (key, s) in between {
         if !s.by_addresses {
@@ -279,26 +300,6 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
         sum.updates += s.updates;
     }
     sums
-}
-
-/// Adds entry `f`, of tuple `t`, to `sums`, the tuple named with `Namer::flow`.
-fn add_named(
-    sums: &mut HashMap<TrafficKey, TrafficSum, FastHash>,
-    namer: &Namer<'_>,
-    t: &FlowTuple,
-    f: &DrainedFlow,
-) {
-    let a = namer.flow(t);
-    let sum = summed(
-        sums,
-        a.src_peer.or(a.src),
-        a.dst_peer.or(a.dst),
-        a.service,
-        hook(&f.key),
-    );
-    sum.packets += f.stats.packets;
-    sum.bytes += f.stats.bytes;
-    sum.updates += 1;
 }
 
 /// A kernel key's (ifindex, direction, protocol), what `summed` sums by beside the ends.
@@ -329,11 +330,12 @@ fn summed(
     })
 }
 
-/// A drain's entries between two addresses at one hook, ports aside (see `traffic_sums`).
+/// A drain's entries summed before they are named (see `traffic_sums`): between two
+/// addresses at one hook, ports aside, or of one naming form at one hook.
 #[derive(Default)]
 struct AddressSum {
-    /// Whether their tuples are named by the addresses alone; when not, the entries are
-    /// named one by one and this sum stays empty.
+    /// Of a sum by addresses: whether their tuples are named by the addresses alone; when
+    /// not, the entries are summed by naming form instead and this sum stays empty.
     by_addresses: bool,
     packets: u64,
     bytes: u64,

@@ -234,3 +234,47 @@ fn describe_reports_hop_deltas_the_nat_step_and_applies_the_filter() {
     assert_eq!(step.after.dst.to_string(), "10.244.2.9");
     assert_eq!(named.tcp_flags, "S");
 }
+
+#[test]
+fn a_naming_form_names_as_its_tuples_do_and_leaves_out_only_client_ports() {
+    let meta = shop_cache();
+    let links = HashMap::new();
+    // Two connections of web-a to the Service db (client ports 40000 and 40001), both DNATed
+    // to db-a, with their replies (the second's un-DNAT not recorded); one of web-a's to
+    // db-a directly.
+    let conn = |port: u16| {
+        [
+            ft("10.244.1.10", port, "10.96.0.20", 5432),
+            ft("10.244.1.10", port, "10.244.1.20", 5432),
+            ft("10.244.1.20", 5432, "10.244.1.10", port),
+            ft("10.96.0.20", 5432, "10.244.1.10", port),
+        ]
+    };
+    let (a, b) = (conn(40000), conn(40001));
+    let nat = nat_of(&[(a[0], a[1]), (a[2], a[3]), (b[0], b[1])]);
+    let n = Namer::new(&meta, &nat, &links);
+    let direct = ft("10.244.1.10", 40002, "10.244.1.20", 5432);
+    for t in a.iter().chain(&b).chain([&direct]) {
+        let form = n.naming_form(t);
+        let want = Attribution {
+            nat_original: None,
+            ..n.flow(t)
+        };
+        assert_eq!(n.name_form(&form), want, "{t:?}");
+    }
+    // The same places of both connections share a form (the client port left out), and no
+    // two places of one connection do.
+    for i in 0..4 {
+        assert!(n.naming_form(&a[i]) == n.naming_form(&b[i]), "place {i}");
+        for j in 0..4 {
+            assert_eq!(
+                i == j,
+                n.naming_form(&a[i]) == n.naming_form(&a[j]),
+                "{i} {j}"
+            );
+        }
+    }
+    // A Service port is kept: the Service's other port is another form.
+    let other = ft("10.244.1.10", 40000, "10.96.0.20", 5433);
+    assert!(n.naming_form(&other) != n.naming_form(&a[0]));
+}

@@ -782,3 +782,24 @@ fn translations_of_one_drain_between_the_same_pods_add_up() {
         "{t}"
     );
 }
+
+/// Adds entry `f`, of tuple `t`, to `sums`, the tuple named with `Namer::flow`: the
+/// reference the drain's sums are checked against, every entry named by itself.
+fn add_named(
+    sums: &mut HashMap<TrafficKey, TrafficSum, FastHash>,
+    namer: &Namer<'_>,
+    t: &FlowTuple,
+    f: &DrainedFlow,
+) {
+    let a = namer.flow(t);
+    let sum = summed(
+        sums,
+        a.src_peer.or(a.src),
+        a.dst_peer.or(a.dst),
+        a.service,
+        hook(&f.key),
+    );
+    sum.packets += f.stats.packets;
+    sum.bytes += f.stats.bytes;
+    sum.updates += 1;
+}
