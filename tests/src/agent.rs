@@ -114,6 +114,12 @@ impl Agent {
         Self::spawn_wrapped(netns, extra, &[])
     }
 
+    /// As `spawn`, with the `flowtrace` binary at `bin` (another build, e.g. the one before
+    /// a change a benchmark compares with).
+    pub fn spawn_binary(netns: &str, bin: &std::path::Path, extra: &[&str]) -> Result<Agent> {
+        Self::spawn_from(bin.to_path_buf(), netns, extra, &[])
+    }
+
     /// Starts `flowtrace agent` in `netns` confined as the DaemonSet's container is: uid 0
     /// holding only `caps` (capability names as `setpriv --list-caps` spells them, e.g.
     /// `net_admin`) in its bounding, permitted and effective sets, none inheritable or
@@ -161,7 +167,10 @@ exec "$@""#;
     /// `ip netns exec <netns> <wrapper...> flowtrace agent ...`: every wrapper execs the next
     /// command, so the child's pid is the agent's.
     fn spawn_wrapped(netns: &str, extra: &[&str], wrapper: &[String]) -> Result<Agent> {
-        let bin = flowtrace_bin()?;
+        Self::spawn_from(flowtrace_bin()?, netns, extra, wrapper)
+    }
+
+    fn spawn_from(bin: PathBuf, netns: &str, extra: &[&str], wrapper: &[String]) -> Result<Agent> {
         let log = std::env::temp_dir().join(format!("flowtrace-agent-{netns}.log"));
         let logfile = std::fs::File::create(&log)
             .map_err(|e| Error::Invalid(format!("creating {}: {e}", log.display())))?;

@@ -25,7 +25,9 @@
 //! agent with `--latency-sample 0`), when named `latency-rare` (`--latency-sample 1048576`:
 //! every packet's sampling decision, next to no packet sampled) and, with `--peer-object PATH`,
 //! `peer` (that object's two programs loaded by `xtask hold-peer`, e.g. NetObserv's with
-//! `sampling=1`).
+//! `sampling=1`) and, with `--before-binary PATH`, `before` (another build of the agent with
+//! its defaults: a change measured in the same rounds as the build before it, where two runs
+//! of the bench on this shared machine differ by more than most changes).
 //!
 //! Per arm, shape and traffic in every round: iperf3 runs `--warmup` seconds that are left out
 //! (`-O`) and then `--seconds` that count; the kernel's `run_time_ns` and `run_cnt` of the arm's
@@ -105,6 +107,9 @@ pub enum Arm {
     LatencyRare,
     /// The peer's object (needs `--peer-object`).
     Peer,
+    /// Another build of the agent, with its defaults (needs `--before-binary`): the build
+    /// before a change, measured interleaved with it.
+    Before,
 }
 
 impl Arm {
@@ -117,6 +122,7 @@ impl Arm {
             Arm::NoLatency => "no-latency",
             Arm::LatencyRare => "latency-rare",
             Arm::Peer => "peer",
+            Arm::Before => "before",
         }
     }
 }
@@ -174,6 +180,11 @@ pub struct BenchArgs {
     /// The peer's map sizes, NAME=ENTRIES, comma separated (others keep the object's).
     #[arg(long, value_delimiter = ',')]
     peer_max_entries: Vec<String>,
+    /// Another build's `flowtrace` binary to run as one more arm, `before`, with its defaults
+    /// (e.g. the build before a change: copy `target/release/flowtrace` aside, then rebuild), so
+    /// that a change is measured in the same rounds as what it changes, on this noisy machine.
+    #[arg(long)]
+    before_binary: Option<PathBuf>,
     /// Print the results as JSON on stdout (the human report then goes to stderr).
     #[arg(long)]
     json: bool,
@@ -391,7 +402,12 @@ fn agent_flags(arm: Arm) -> &'static [&'static str] {
 }
 
 /// Attaches `arm` to every hook of `bed`; returns once everything is attached.
-fn attach(arm: Arm, bed: &Bed, peer: Option<&PeerConfig>) -> Result<(Attached, Vec<String>)> {
+fn attach(
+    arm: Arm,
+    bed: &Bed,
+    peer: Option<&PeerConfig>,
+    before: Option<&std::path::Path>,
+) -> Result<(Attached, Vec<String>)> {
     proc::check_interrupted()?;
     let mut notes = Vec::new();
     let attached = match arm {
@@ -435,12 +451,19 @@ fn attach(arm: Arm, bed: &Bed, peer: Option<&PeerConfig>) -> Result<(Attached, V
             notes.extend(holders.iter().map(|h| h.ready_line.clone()));
             Attached::Holders(holders)
         }
-        Arm::Flowtrace | Arm::NoLatency | Arm::LatencyRare => {
+        Arm::Flowtrace | Arm::NoLatency | Arm::LatencyRare | Arm::Before => {
             let mut agents = Vec::new();
             for h in &bed.hooks {
                 // On error the agents started so far are killed by their Drop.
+                let agent = match (arm, before) {
+                    (Arm::Before, Some(bin)) => {
+                        Agent::spawn_binary(&h.netns, bin, agent_flags(arm))
+                    }
+                    (Arm::Before, None) => bail!("the before arm needs --before-binary PATH"),
+                    _ => Agent::spawn(&h.netns, agent_flags(arm)),
+                };
                 agents.push(
-                    Agent::spawn(&h.netns, agent_flags(arm))
+                    agent
                         .with_context(|| format!("starting the flowtrace agent in {}", h.netns))?,
                 );
             }
@@ -747,6 +770,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .iter()
         .chain(std::iter::once(&Arm::Noop))
         .chain(args.peer_object.as_ref().map(|_| &Arm::Peer))
+        .chain(args.before_binary.as_ref().map(|_| &Arm::Before))
     {
         if !arms.contains(&a) {
             arms.push(a);
@@ -778,6 +802,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             })
         }
         None if arms.contains(&Arm::Peer) => bail!("--arms peer needs --peer-object PATH"),
+        None => None,
+    };
+    let before = match &args.before_binary {
+        Some(path) => Some(std::fs::canonicalize(path).with_context(|| {
+            format!(
+                "--before-binary {}: cannot find it (copy target/release/flowtrace aside \
+                 before rebuilding)",
+                path.display()
+            )
+        })?),
+        None if arms.contains(&Arm::Before) => {
+            bail!("--arms before needs --before-binary PATH")
+        }
         None => None,
     };
     let arm_name = |a: Arm| -> String {
@@ -882,14 +919,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         for bed in &beds {
             for &arm in &order {
                 let t_attach = Instant::now();
-                let (attached, arm_notes) = attach(arm, bed, peer.as_ref()).with_context(|| {
-                    format!(
-                        "round {}: attaching {} on the {} shape",
-                        round + 1,
-                        arm_name(arm),
-                        bed.shape.name()
-                    )
-                })?;
+                let (attached, arm_notes) = attach(arm, bed, peer.as_ref(), before.as_deref())
+                    .with_context(|| {
+                        format!(
+                            "round {}: attaching {} on the {} shape",
+                            round + 1,
+                            arm_name(arm),
+                            bed.shape.name()
+                        )
+                    })?;
                 if round == 0 {
                     notes.extend(
                         arm_notes
@@ -1073,6 +1111,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 }
             ),
         );
+        // The change against the build before it, when that arm ran.
+        let ft_before = ratio(rounds, Arm::Flowtrace, Arm::Before);
+        if ft_before.n > 0 {
+            out(format!(
+                "  {:<8} {:<4} this build against --before-binary: flowtrace/before {}",
+                shape.name(),
+                traffic.name(),
+                fmt_spread(ft_before, 3)
+            ));
+        }
         // The diagnostic split of latency tracking's cost, when its arm ran.
         let rare_nolat = ratio(rounds, Arm::LatencyRare, Arm::NoLatency);
         let ft_rare = ratio(rounds, Arm::Flowtrace, Arm::LatencyRare);
