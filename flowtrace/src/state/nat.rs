@@ -21,6 +21,7 @@
 //! little per-packet identity to pair reliably, and conntrack's ICMP identifiers are not ports).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 
 use crate::{
     host::conntrack::CtEntry,
@@ -58,8 +59,27 @@ pub struct NatTable {
     /// replies), rebuilt with `originals`: whether a flow has anything to do with a
     /// translation is then one hash probe, not four.
     sides: HashSet<FlowTuple, FastHash>,
+    /// One bit per hash of a side (`side_bit`), set for every side: a tuple whose bit is
+    /// clear is no side, found without probing `sides`, which outgrows the caches when a node
+    /// holds many translations (a cache miss per drained entry asked). Rebuilt with `sides`.
+    side_bits: Vec<u64>,
     counters: NatCounters,
     idle_timeout_ns: u64,
+}
+
+/// `t`'s word and bit in a `side_bits` of `words` words, from the hash `sides` gives it
+/// (`None` for no words).
+fn side_bit(
+    sides: &HashSet<FlowTuple, FastHash>,
+    words: usize,
+    t: &FlowTuple,
+) -> Option<(usize, u64)> {
+    let bits = words * 64;
+    if bits == 0 {
+        return None;
+    }
+    let i = (sides.hasher().hash_one(t) as usize) & (bits - 1);
+    Some((i / 64, 1 << (i % 64)))
 }
 
 fn hop(ifindex: u32, direction: u8) -> Hop {
@@ -77,6 +97,7 @@ impl NatTable {
             entries: HashMap::default(),
             originals: HashMap::default(),
             sides: HashSet::default(),
+            side_bits: Vec::new(),
             counters: NatCounters::default(),
             idle_timeout_ns,
         }
@@ -157,7 +178,22 @@ impl NatTable {
             let x = e.translated;
             sides.extend([*o, x, o.reversed(), x.reversed()]);
         }
+        // Eight bits per side (about one tuple in nine that is no side finds its bit set).
+        let words = if sides.is_empty() {
+            0
+        } else {
+            (sides.len() * 8).next_power_of_two().div_ceil(64)
+        };
+        let mut bits = vec![0u64; words];
+        for t in &sides {
+            if let Some((w, bit)) = side_bit(&sides, words, t) {
+                if let Some(word) = bits.get_mut(w) {
+                    *word |= bit;
+                }
+            }
+        }
         self.sides = sides;
+        self.side_bits = bits;
     }
 
     /// Compares with a conntrack dump taken after the drain. `traced(t)` says whether a
@@ -280,7 +316,9 @@ impl NatTable {
 
     /// Whether `t` or its reply is the original or the translated tuple of a translation.
     pub fn touches(&self, t: &FlowTuple) -> bool {
-        self.sides.contains(t)
+        side_bit(&self.sides, self.side_bits.len(), t).is_some_and(|(w, bit)| {
+            self.side_bits.get(w).is_some_and(|word| word & bit != 0) && self.sides.contains(t)
+        })
     }
 
     /// Whether `o` is the original tuple of a translation.
