@@ -46,8 +46,10 @@ pub trait Packet {
     /// The byte at `offset`, read with no check of its own.
     ///
     /// # Safety
-    /// `holds(len)` returned true on this packet for some `len > offset` (in the kernel the
-    /// load is otherwise out of the range the verifier proved, which it refuses).
+    /// `holds(len)` returned true on this same packet value, with `len` a constant of at least
+    /// `offset + 2` (in the kernel a 1-byte check is rewritten into one the verifier derives no
+    /// range from, see `DirectPacket`), and nothing that may move the packet ran since (in the
+    /// kernel the load is otherwise out of the range the verifier proved, which it refuses).
     unsafe fn u8_within(&self, offset: usize) -> u8;
     /// The big-endian `u16` at `offset`, in host order, read with no check of its own.
     ///
@@ -208,7 +210,8 @@ pub fn parse_frame<P: Packet + ?Sized>(pkt: &P, meta: SkbMeta) -> Result<PacketI
 }
 
 /// Bytes `parse_common` reads: Ethernet, a 20-byte IPv4 header and 20 transport bytes (TCP's
-/// fixed header; UDP's header and the 12 payload bytes a packet id takes).
+/// fixed header, which also holds the packet id's words; UDP's header and the 8 payload bytes
+/// the id takes fit in it).
 pub const COMMON_FRAME_BYTES: usize = ETH_HLEN + 20 + 20;
 
 /// The common frame, parsed behind one bounds check: Ethernet without VLAN tags, IPv4
@@ -512,7 +515,7 @@ fn parse_l4<P: Packet + ?Sized>(
 
 /// The NAT-invariant identity of a parsed TCP, UDP or SCTP packet (see `crate::PacketId`;
 /// the kernel programs sight no other protocol, so other packets get only the IP part). Reads a few words
-/// past the headers `parse_frame` checked; a word that is not in the frame counts as 0.
+/// past the headers `parse_any` checked; a word that is not in the frame counts as 0.
 #[inline(always)]
 pub fn packet_id<P: Packet + ?Sized>(pkt: &P, info: &PacketInfo) -> crate::PacketId {
     let l3 = info.l3_offset as usize;

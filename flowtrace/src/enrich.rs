@@ -194,7 +194,9 @@ impl<'a> Namer<'a> {
     /// `flow` (not the same NAT step), so a drain's entries can be summed by form and each
     /// form named once (`name_form`). A port is only ever asked at an address a Service may be
     /// reached at (`MetaCache::serves_at`), so every other port is zeroed: a form stands for
-    /// all the client ports of one client, Service and backend.
+    /// all the client ports of one client, Service and backend (not at a node's address, where
+    /// any port may be a NodePort: a hostNetwork client's or a node-SNATed connection's port
+    /// is kept, one form per connection).
     pub fn naming_form(&self, t: &FlowTuple) -> NamingForm {
         let chain = self.chain(t);
         let at = u8::from(chain.len == 2 && chain.tuples[1] == *t);

@@ -649,7 +649,7 @@ fn the_common_frame_parses_as_field_by_field() {
             assert_eq!(parse_frame(f.as_slice(), m), parse_field_by_field(f, m));
         }
     }
-    // Every TCP base (54 bytes and up) and the UDP ones with 12 payload bytes or more, plain
+    // Every TCP base (54 bytes and up) and the UDP ones of 54 bytes or more (12 payload bytes), plain
     // or TCP GSO: the fast path is taken where it is meant to be.
     assert_eq!(common, 30 * 3 + 4 * 2, "frames the fast path took");
 
