@@ -201,12 +201,10 @@ impl PacketInfo {
 /// check; the others are read field by field, each read checked (`parse_any`).
 #[inline(always)]
 pub fn parse_frame<P: Packet + ?Sized>(pkt: &P, meta: SkbMeta) -> Result<PacketInfo, ParseError> {
-    if let Some(info) = parse_common(pkt, meta) {
-        return Ok(info);
+    match parse_common(pkt, meta) {
+        Some(info) => Ok(info),
+        None => parse_any(pkt, meta),
     }
-    let mut info = parse_any(pkt, meta)?;
-    info.id = packet_id(pkt, &info);
-    Ok(info)
 }
 
 /// Bytes `parse_common` reads: Ethernet, a 20-byte IPv4 header and 20 transport bytes (TCP's
@@ -217,7 +215,7 @@ pub const COMMON_FRAME_BYTES: usize = ETH_HLEN + 20 + 20;
 /// The common frame, parsed behind one bounds check: Ethernet without VLAN tags, IPv4
 /// without options, not a fragment, TCP, or UDP that is not a GSO aggregate (which may be a
 /// tunnel's), with its first `COMMON_FRAME_BYTES` where `holds` reaches them. For such a frame
-/// it gives what `parse_any` and `packet_id` give (tested); for any other, `None`, and
+/// it gives what `parse_any` gives, packet id included (tested); for any other, `None`, and
 /// `parse_any` decides. In the kernel this is the path of nearly every packet: a dozen loads
 /// where the checked reads were a dozen checks, each with its out-of-line fallback, and
 /// fewer instructions are fewer cold cache lines under real traffic.
@@ -281,10 +279,18 @@ fn parse_common<P: Packet + ?Sized>(pkt: &P, meta: SkbMeta) -> Option<PacketInfo
     })
 }
 
-/// Parses any frame that starts with an Ethernet header, every read checked; `id` is left
-/// unfilled (`parse_frame` fills it in).
+/// Parses any frame that starts with an Ethernet header, every read checked, its packet id
+/// included.
 #[inline(always)]
 fn parse_any<P: Packet + ?Sized>(pkt: &P, meta: SkbMeta) -> Result<PacketInfo, ParseError> {
+    let mut info = parse_headers(pkt, meta)?;
+    info.id = packet_id(pkt, &info);
+    Ok(info)
+}
+
+/// `parse_any`'s headers; `id` is left unfilled (`parse_any` fills it in).
+#[inline(always)]
+fn parse_headers<P: Packet + ?Sized>(pkt: &P, meta: SkbMeta) -> Result<PacketInfo, ParseError> {
     let mut ethertype = pkt.be16_at(12).ok_or(ParseError::TruncatedEthernet)?;
     let mut off = ETH_HLEN;
     let mut tags = 0;
@@ -438,7 +444,7 @@ fn parse_ipv6<P: Packet + ?Sized>(
     Ok(info)
 }
 
-/// The id `parse_any` leaves for `parse_frame` to fill in. Not a constant zero: LLVM zeroes
+/// The id `parse_headers` leaves for `parse_any` to fill in. Not a constant zero: LLVM zeroes
 /// 16 bytes with a memset call, which the kernel programs must not contain.
 #[inline(always)]
 fn unfilled_id(l3_len: u32) -> crate::PacketId {
@@ -515,7 +521,7 @@ fn parse_l4<P: Packet + ?Sized>(
 
 /// The NAT-invariant identity of a parsed TCP, UDP or SCTP packet (see `crate::PacketId`;
 /// the kernel programs sight no other protocol, so other packets get only the IP part). Reads a few words
-/// past the headers `parse_any` checked; a word that is not in the frame counts as 0.
+/// past the headers `parse_headers` checked; a word that is not in the frame counts as 0.
 #[inline(always)]
 pub fn packet_id<P: Packet + ?Sized>(pkt: &P, info: &PacketInfo) -> crate::PacketId {
     let l3 = info.l3_offset as usize;
