@@ -201,7 +201,7 @@ impl<'a> Namer<'a> {
         let chain = self.chain(t);
         let at = u8::from(chain.len == 2 && chain.tuples[1] == *t);
         let mut tuples = chain.tuples;
-        for x in &mut tuples {
+        for x in &mut tuples[..chain.len] {
             if !self.address(&x.src, |a| a.serves) {
                 x.src_port = 0;
             }
@@ -209,6 +209,9 @@ impl<'a> Namer<'a> {
                 x.dst_port = 0;
             }
         }
+        // A one-tuple chain holds its tuple twice (`Chain::one`): both copies alike, or
+        // equal forms would differ.
+        tuples[1] = tuples[chain.len - 1];
         NamingForm {
             tuples,
             len: chain.len as u8,

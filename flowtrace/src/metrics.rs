@@ -24,7 +24,7 @@ use prometheus::proto::{
 use crate::{
     enrich::{Namer, NamingForm},
     host::netns::NsPlace,
-    kernel::drain::Drained,
+    kernel::drain::{Drained, DrainedFlow},
     model::{
         drop_reason_name, protocol_name, Direction, Endpoint, EndpointKind, FlowTuple, LatencyKind,
         ServiceRef,
@@ -262,31 +262,25 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
                 ..AddressSum::default()
             });
             if s.by_addresses {
-                s.packets += f.stats.packets;
-                s.bytes += f.stats.bytes;
-                s.updates += 1;
+                s.add(f);
                 continue;
             }
         }
-        let s = by_form
+        by_form
             .entry((v.namer.naming_form(&t), hook(&f.key)))
-            .or_default();
-        s.packets += f.stats.packets;
-        s.bytes += f.stats.bytes;
-        s.updates += 1;
+            .or_default()
+            .add(f);
     }
     for ((form, hook), s) in by_form {
         let a = v.namer.name_form(&form);
-        let sum = summed(
+        summed(
             &mut sums,
             a.src_peer.or(a.src),
             a.dst_peer.or(a.dst),
             a.service,
             hook,
-        );
-        sum.packets += s.packets;
-        sum.bytes += s.bytes;
-        sum.updates += s.updates;
+        )
+        .add(&s);
     }
     for (key, s) in between {
         if !s.by_addresses {
@@ -294,10 +288,7 @@ fn traffic_sums(v: &DrainView<'_>) -> HashMap<TrafficKey, TrafficSum, FastHash> 
         }
         let t = FlowTuple::from_key(&key);
         let (src, dst) = (v.namer.endpoint(&t.src), v.namer.endpoint(&t.dst));
-        let sum = summed(&mut sums, src, dst, None, hook(&key));
-        sum.packets += s.packets;
-        sum.bytes += s.bytes;
-        sum.updates += s.updates;
+        summed(&mut sums, src, dst, None, hook(&key)).add(&s);
     }
     sums
 }
@@ -340,6 +331,24 @@ struct AddressSum {
     packets: u64,
     bytes: u64,
     updates: u64,
+}
+
+impl AddressSum {
+    /// Counts drained entry `f` in.
+    fn add(&mut self, f: &DrainedFlow) {
+        self.packets += f.stats.packets;
+        self.bytes += f.stats.bytes;
+        self.updates += 1;
+    }
+}
+
+impl TrafficSum {
+    /// Counts the entries summed in `s` in.
+    fn add(&mut self, s: &AddressSum) {
+        self.packets += s.packets;
+        self.bytes += s.bytes;
+        self.updates += s.updates;
+    }
 }
 
 /// The peer labels of a flow (source then destination), named once per drain per tuple.
