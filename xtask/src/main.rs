@@ -108,6 +108,13 @@ enum Command {
         /// Rounds; the median is reported.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// MiB swept before each call of the cold rows (0: no cold rows).
+        #[arg(long, default_value_t = 8)]
+        sweep_mib: usize,
+        /// Another build's kernel object (`target/release/build/flowtrace-*/out/flowtrace`),
+        /// run in the same rounds for a before/after comparison.
+        #[arg(long)]
+        before_object: Option<std::path::PathBuf>,
     },
     /// (internal) Load a peer's prebuilt TC object (its maps in a private bpffs), attach two of
     /// its programs with TCX to the given interfaces and hold them until stdin closes.
@@ -140,7 +147,12 @@ fn main() -> anyhow::Result<()> {
         Command::Image(args) => image::run(&args),
         Command::Layers => layers::run(),
         Command::MapMemory { cpus } => mapmem::run(&cpus),
-        Command::Microbench { repeat, rounds } => microbench::run(repeat, rounds),
+        Command::Microbench {
+            repeat,
+            rounds,
+            sweep_mib,
+            before_object,
+        } => microbench::run(repeat, rounds, sweep_mib, before_object.as_deref()),
         Command::HoldBaselines { iface, program } => baselines::hold(&iface, &program),
         Command::HoldPeer(args) => peer::hold(&args),
     }

@@ -156,7 +156,26 @@ fn udp_v6(payload: usize) -> Vec<u8> {
     f
 }
 
-pub fn run(repeat: u32, rounds: usize) -> Result<()> {
+/// Another build of flowtrace's kernel programs, run in the same rounds as this one's.
+struct Before {
+    ebpf: Ebpf,
+    control: flowtrace::kernel::drain::Drainer,
+}
+
+impl Before {
+    fn set_latency_sampling(&mut self, rate: u32) -> Result<()> {
+        self.control
+            .set_latency_sampling(rate)
+            .context("setting the other build's latency sampling")
+    }
+}
+
+pub fn run(
+    repeat: u32,
+    rounds: usize,
+    sweep_mib: usize,
+    before_object: Option<&std::path::Path>,
+) -> Result<()> {
     let sizes = flowtrace::kernel::attach::buffer_sizes(
         flowtrace_common::DEFAULT_EVENT_RING_BYTES / (1024 * 1024),
     )
@@ -165,11 +184,25 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         flowtrace::kernel::attach::load(&sizes, flowtrace_common::drops::DEFAULT_DROP_ENTRIES)
             .context("loading flowtrace")?;
     let mut base = Ebpf::load(baselines::OBJECT).context("loading baselines")?;
+    let mut before = match before_object {
+        None => None,
+        Some(path) => {
+            let object = std::fs::read(path)
+                .with_context(|| format!("reading the other build's object {}", path.display()))?;
+            let mut ebpf = flowtrace::kernel::attach::load_object(
+                &object,
+                &sizes,
+                flowtrace_common::drops::DEFAULT_DROP_ENTRIES,
+            )
+            .with_context(|| format!("loading the other build's object {}", path.display()))?;
+            let control =
+                flowtrace::kernel::drain::Drainer::new(&mut ebpf, sizes, std::time::Duration::ZERO)
+                    .context("opening the other build's maps")?;
+            Some(Before { ebpf, control })
+        }
+    };
     println!("BPF_PROG_TEST_RUN, {repeat} runs per figure, median of {rounds} rounds (ns per run)");
-    println!(
-        "{:<28} {:>10} {:>14} {:>16} {:>10}",
-        "packet", "bench_noop", "bench_counter", "flowtrace_ingress", "ft net"
-    );
+    print_header(before.is_some());
     // The control map as the agent leaves it; latency sampling is set per row.
     let mut control =
         flowtrace::kernel::drain::Drainer::new(&mut ft, sizes, std::time::Duration::ZERO)
@@ -188,42 +221,204 @@ pub fn run(repeat: u32, rounds: usize) -> Result<()> {
         control
             .set_latency_sampling(sample)
             .context("setting latency sampling")?;
-        let mut figures = [Vec::new(), Vec::new(), Vec::new()];
+        if let Some(b) = before.as_mut() {
+            b.set_latency_sampling(sample)?;
+        }
+        let mut figures = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..rounds {
-            figures[0].push(test_run(
+            figures[0].push(f64::from(test_run(
                 load_prog(&mut base, baselines::BENCH_NOOP)?,
                 &pkt,
                 repeat,
-            )?);
-            figures[1].push(test_run(
+            )?));
+            figures[1].push(f64::from(test_run(
                 load_prog(&mut base, baselines::BENCH_COUNTER)?,
                 &pkt,
                 repeat,
-            )?);
-            figures[2].push(test_run(
+            )?));
+            figures[2].push(f64::from(test_run(
                 load_prog(&mut ft, flowtrace_common::programs::INGRESS)?,
                 &pkt,
                 repeat,
-            )?);
+            )?));
+            if let Some(b) = before.as_mut() {
+                figures[3].push(f64::from(test_run(
+                    load_prog(&mut b.ebpf, flowtrace_common::programs::INGRESS)?,
+                    &pkt,
+                    repeat,
+                )?));
+            }
         }
-        let med = |v: &mut Vec<u32>| {
-            v.sort_unstable();
-            v[v.len() / 2]
-        };
-        let (n, c, f) = (
-            med(&mut figures[0]),
-            med(&mut figures[1]),
-            med(&mut figures[2]),
-        );
-        println!(
-            "{name:<28} {n:>10} {c:>14} {f:>16} {:>10}",
-            f as i64 - n as i64
-        );
+        print_row(name, &mut figures);
+    }
+    pin_to_cpu0()?;
+    if sweep_mib > 0 {
+        cold_rows(
+            &mut ft,
+            &mut base,
+            &mut control,
+            before.as_mut(),
+            rounds,
+            sweep_mib,
+        )?;
     }
     control
         .set_latency_sampling(64)
         .context("setting latency sampling")?;
     miss_rows(&mut ft, &mut base, &mut control, sizes.cache_slots, rounds)
+}
+
+fn print_header(before: bool) {
+    print!(
+        "{:<28} {:>10} {:>14} {:>16} {:>10} {:>12}",
+        "packet", "bench_noop", "bench_counter", "flowtrace_ingress", "ft net", "counter net"
+    );
+    if before {
+        print!(" {:>11} {:>10}", "before net", "ft/before");
+    }
+    println!();
+}
+
+/// Prints a row's medians: the no-op, the counter, flowtrace, and the other build when it ran
+/// (`figures[3]` not empty); each net of the no-op. Returns flowtrace's net figure.
+fn print_row(name: &str, figures: &mut [Vec<f64>; 4]) -> f64 {
+    let med = |v: &mut Vec<f64>| {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [n, c, f, b] = figures.each_mut().map(med);
+    print!(
+        "{name:<28} {n:>10.0} {c:>14.0} {f:>16.0} {:>10.0} {:>12.0}",
+        f - n,
+        c - n
+    );
+    if !b.is_nan() {
+        print!(" {:>11.0} {:>10.3}", b - n, (f - n) / (b - n));
+    }
+    println!();
+    f - n
+}
+
+/// Pins this thread to CPU 0: the flow cache is per CPU, and a cold row's sweep must evict
+/// the caches of the CPU the program then runs on.
+fn pin_to_cpu0() -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to CPU 0: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Calls per round of a cold row, each after its own sweep.
+const COLD_CALLS: usize = 200;
+
+/// Reads every cache line of `buf`, which evicts from this CPU's caches what the last
+/// program run left there (all of L1 and L2 when `buf` is larger than L2).
+fn sweep(buf: &mut [u8]) {
+    let mut acc = 0u8;
+    for line in buf.chunks_mut(64) {
+        acc = acc.wrapping_add(line[0]);
+        line[0] = acc;
+    }
+    std::hint::black_box(acc);
+}
+
+/// The cold rows: the hot rows' packets (cache hits, one run per call), each call after a
+/// sweep of `sweep_mib` MiB, so that the program's instructions and maps come from beyond L2
+/// as they do under real traffic, where the kernel's own path runs between two packets of a
+/// flow. Every program of a round is timed after the same sweep, one call in turn, so the
+/// no-op's figure holds the call's own cold start and the net figure what the program adds.
+fn cold_rows(
+    ft: &mut Ebpf,
+    base: &mut Ebpf,
+    control: &mut flowtrace::kernel::drain::Drainer,
+    mut before: Option<&mut Before>,
+    rounds: usize,
+    sweep_mib: usize,
+) -> Result<()> {
+    let mut buf = vec![1u8; sweep_mib * 1024 * 1024];
+    println!(
+        "cold: cache hits, one run per call after a {sweep_mib} MiB sweep, {COLD_CALLS} calls \
+         per round, median of {rounds} rounds (ns per run)"
+    );
+    print_header(before.is_some());
+    let rows = [
+        ("IPv4 TCP 1000 B", tcp_v4(1000), 0),
+        ("IPv4 TCP 1000 B, sample 64", tcp_v4(1000), 64),
+        ("IPv4 TCP ACK", tcp_v4_flags(0, 0x10), 0),
+        ("IPv4 TCP ACK, sample 64", tcp_v4_flags(0, 0x10), 64),
+        ("IPv4 UDP 64 B", udp_v4_from(1), 0),
+        ("IPv4 UDP 64 B, sample 64", udp_v4_from(1), 64),
+        ("IPv4 TCP 1000 B, sample 1", tcp_v4(1000), 1),
+    ];
+    let mut nets = Vec::new();
+    for (name, pkt, sample) in rows {
+        control
+            .set_latency_sampling(sample)
+            .context("setting latency sampling")?;
+        // The flow takes its slot first: every timed call is a cache hit.
+        test_run(load_prog(ft, flowtrace_common::programs::INGRESS)?, &pkt, 1)?;
+        if let Some(b) = before.as_deref_mut() {
+            b.set_latency_sampling(sample)?;
+            test_run(
+                load_prog(&mut b.ebpf, flowtrace_common::programs::INGRESS)?,
+                &pkt,
+                1,
+            )?;
+        }
+        let mut figures = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..rounds {
+            let mut sums = [0u64; 4];
+            for _ in 0..COLD_CALLS {
+                sweep(&mut buf);
+                sums[0] += u64::from(test_run(load_prog(base, baselines::BENCH_NOOP)?, &pkt, 1)?);
+                sweep(&mut buf);
+                sums[1] += u64::from(test_run(
+                    load_prog(base, baselines::BENCH_COUNTER)?,
+                    &pkt,
+                    1,
+                )?);
+                sweep(&mut buf);
+                sums[2] += u64::from(test_run(
+                    load_prog(ft, flowtrace_common::programs::INGRESS)?,
+                    &pkt,
+                    1,
+                )?);
+                if let Some(b) = before.as_deref_mut() {
+                    sweep(&mut buf);
+                    sums[3] += u64::from(test_run(
+                        load_prog(&mut b.ebpf, flowtrace_common::programs::INGRESS)?,
+                        &pkt,
+                        1,
+                    )?);
+                }
+            }
+            let ran = if before.is_some() { 4 } else { 3 };
+            for (f, s) in figures.iter_mut().zip(sums).take(ran) {
+                f.push(s as f64 / COLD_CALLS as f64);
+            }
+        }
+        nets.push(print_row(name, &mut figures));
+    }
+    if let &[tcp, tcp64, ack, ack64, udp, udp64, tcp1] = &nets[..] {
+        println!(
+            "cold, sampling 1 in 64 over sampling off (the decision every packet pays): TCP data \
+             {:.0} ns, ACK {:.0}, UDP {:.0}; a sampled TCP segment's slow path over the \
+             decision {:.0}",
+            tcp64 - tcp,
+            ack64 - ack,
+            udp64 - udp,
+            tcp1 - tcp64
+        );
+    }
+    Ok(())
 }
 
 /// The `i`th packet of a row of new tuples.
@@ -250,14 +445,7 @@ fn miss_rows(
     rounds: usize,
 ) -> Result<()> {
     // One CPU for the whole row: the cache is per CPU.
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("pinning to CPU 0: {}", std::io::Error::last_os_error());
-        }
-    }
+    pin_to_cpu0()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()

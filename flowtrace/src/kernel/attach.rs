@@ -62,6 +62,12 @@ pub fn buffer_sizes(ring_mib: u32) -> Result<BufferSizes> {
 
 /// Loads the embedded object with the given buffer sizes.
 pub fn load(sizes: &BufferSizes, drop_entries: u32) -> Result<Ebpf> {
+    load_object(EBPF_OBJECT, sizes, drop_entries)
+}
+
+/// Loads `object`, a build of flowtrace's kernel programs (the embedded one, or another
+/// build's for a benchmark's comparison), with the given buffer sizes.
+pub fn load_object(object: &[u8], sizes: &BufferSizes, drop_entries: u32) -> Result<Ebpf> {
     let shift: u32 = 32 - sizes.cache_slots.trailing_zeros();
     let wake: u64 = u64::from(sizes.ring_bytes) / 8;
     let mut loader = EbpfLoader::new();
@@ -71,7 +77,7 @@ pub fn load(sizes: &BufferSizes, drop_entries: u32) -> Result<Ebpf> {
     loader.override_global(maps::EVENTS_WAKE_BYTES, &wake, true);
     loader.map_max_entries(maps::DROPS_0, drop_entries);
     loader.map_max_entries(maps::DROPS_1, drop_entries);
-    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
+    let mut ebpf = loader.load(object).map_err(|source| Error::Load {
         hint: seccomp::refusal_hint(
             seccomp::Mode::current(),
             seccomp::errno_of(&source),
