@@ -226,31 +226,14 @@ pub fn run(
         }
         let mut figures = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..rounds {
-            figures[0].push(f64::from(test_run(
-                load_prog(&mut base, baselines::BENCH_NOOP)?,
-                &pkt,
-                repeat,
-            )?));
-            figures[1].push(f64::from(test_run(
-                load_prog(&mut base, baselines::BENCH_COUNTER)?,
-                &pkt,
-                repeat,
-            )?));
-            figures[2].push(f64::from(test_run(
-                load_prog(&mut ft, flowtrace_common::programs::INGRESS)?,
-                &pkt,
-                repeat,
-            )?));
-            if let Some(b) = before.as_mut() {
-                figures[3].push(f64::from(test_run(
-                    load_prog(&mut b.ebpf, flowtrace_common::programs::INGRESS)?,
-                    &pkt,
-                    repeat,
-                )?));
+            let timed = time_each(&mut base, &mut ft, before.as_mut(), &pkt, repeat, || ())?;
+            for (f, t) in figures.iter_mut().zip(timed) {
+                f.extend(t.map(f64::from));
             }
         }
         print_row(name, &mut figures);
     }
+    // One CPU for the cold and the miss rows: the flow cache is per CPU.
     pin_to_cpu0()?;
     if sweep_mib > 0 {
         cold_rows(
@@ -266,6 +249,47 @@ pub fn run(
         .set_latency_sampling(64)
         .context("setting latency sampling")?;
     miss_rows(&mut ft, &mut base, &mut control, sizes.cache_slots, rounds)
+}
+
+/// One figure per program, in turn: the no-op, the counter, flowtrace and the other build
+/// when there is one (`None` in its place when not), each `repeat` runs of `pkt`, with
+/// `prepare` called before each (a cold row's sweep).
+fn time_each(
+    base: &mut Ebpf,
+    ft: &mut Ebpf,
+    before: Option<&mut Before>,
+    pkt: &[u8],
+    repeat: u32,
+    mut prepare: impl FnMut(),
+) -> Result<[Option<u32>; 4]> {
+    let mut timed = [None; 4];
+    prepare();
+    timed[0] = Some(test_run(
+        load_prog(base, baselines::BENCH_NOOP)?,
+        pkt,
+        repeat,
+    )?);
+    prepare();
+    timed[1] = Some(test_run(
+        load_prog(base, baselines::BENCH_COUNTER)?,
+        pkt,
+        repeat,
+    )?);
+    prepare();
+    timed[2] = Some(test_run(
+        load_prog(ft, flowtrace_common::programs::INGRESS)?,
+        pkt,
+        repeat,
+    )?);
+    if let Some(b) = before {
+        prepare();
+        timed[3] = Some(test_run(
+            load_prog(&mut b.ebpf, flowtrace_common::programs::INGRESS)?,
+            pkt,
+            repeat,
+        )?);
+    }
+    Ok(timed)
 }
 
 fn print_header(before: bool) {
@@ -375,34 +399,18 @@ fn cold_rows(
         }
         let mut figures = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..rounds {
-            let mut sums = [0u64; 4];
+            let mut sums = [None::<u64>; 4];
             for _ in 0..COLD_CALLS {
-                sweep(&mut buf);
-                sums[0] += u64::from(test_run(load_prog(base, baselines::BENCH_NOOP)?, &pkt, 1)?);
-                sweep(&mut buf);
-                sums[1] += u64::from(test_run(
-                    load_prog(base, baselines::BENCH_COUNTER)?,
-                    &pkt,
-                    1,
-                )?);
-                sweep(&mut buf);
-                sums[2] += u64::from(test_run(
-                    load_prog(ft, flowtrace_common::programs::INGRESS)?,
-                    &pkt,
-                    1,
-                )?);
-                if let Some(b) = before.as_deref_mut() {
-                    sweep(&mut buf);
-                    sums[3] += u64::from(test_run(
-                        load_prog(&mut b.ebpf, flowtrace_common::programs::INGRESS)?,
-                        &pkt,
-                        1,
-                    )?);
+                let timed =
+                    time_each(base, ft, before.as_deref_mut(), &pkt, 1, || sweep(&mut buf))?;
+                for (sum, t) in sums.iter_mut().zip(timed) {
+                    if let Some(t) = t {
+                        *sum = Some(sum.unwrap_or(0) + u64::from(t));
+                    }
                 }
             }
-            let ran = if before.is_some() { 4 } else { 3 };
-            for (f, s) in figures.iter_mut().zip(sums).take(ran) {
-                f.push(s as f64 / COLD_CALLS as f64);
+            for (f, sum) in figures.iter_mut().zip(sums) {
+                f.extend(sum.map(|s| s as f64 / COLD_CALLS as f64));
             }
         }
         nets.push(print_row(name, &mut figures));
@@ -437,6 +445,7 @@ fn one_run_each(prog: &SchedClassifier, packets: &[Vec<u8>]) -> Result<f64> {
 }
 
 /// The miss rows (see the module's documentation), at the agent's default sampling.
+/// The caller has pinned this thread to one CPU (the cache is per CPU).
 fn miss_rows(
     ft: &mut Ebpf,
     base: &mut Ebpf,
@@ -444,8 +453,6 @@ fn miss_rows(
     cache_slots: u32,
     rounds: usize,
 ) -> Result<()> {
-    // One CPU for the whole row: the cache is per CPU.
-    pin_to_cpu0()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
