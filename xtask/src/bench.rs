@@ -55,8 +55,8 @@ use crate::proc::{self, median};
 
 /// Goals of issue 16.
 const GOAL_FLOWTRACE_TO_COUNTER: f64 = 1.0;
-const GOAL_LATENCY_ON_TO_OFF: f64 = 1.15;
-const IPERF_PORT: u16 = 5201;
+pub(crate) const GOAL_LATENCY_ON_TO_OFF: f64 = 1.15;
+pub(crate) const IPERF_PORT: u16 = 5201;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Shape {
@@ -65,7 +65,7 @@ pub enum Shape {
 }
 
 impl Shape {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Shape::Veth => "veth",
             Shape::Cluster => "cluster",
@@ -80,7 +80,7 @@ pub enum Traffic {
 }
 
 impl Traffic {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Traffic::Tcp => "tcp",
             Traffic::Udp => "udp",
@@ -192,18 +192,18 @@ pub struct BenchArgs {
 
 /// Run time and run count, summed over program instances.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Runs {
-    time_ns: u64,
-    count: u64,
+pub(crate) struct Runs {
+    pub(crate) time_ns: u64,
+    pub(crate) count: u64,
 }
 
 impl Runs {
-    fn add(&mut self, other: Runs) {
+    pub(crate) fn add(&mut self, other: Runs) {
         self.time_ns += other.time_ns;
         self.count += other.count;
     }
 
-    fn ns_per_run(self) -> f64 {
+    pub(crate) fn ns_per_run(self) -> f64 {
         if self.count == 0 {
             f64::NAN
         } else {
@@ -246,9 +246,9 @@ impl Sample {
 
 /// The interfaces of one node namespace that every arm attaches to.
 #[derive(Clone, Debug)]
-struct Hooks {
-    netns: String,
-    ifaces: Vec<String>,
+pub(crate) struct Hooks {
+    pub(crate) netns: String,
+    pub(crate) ifaces: Vec<String>,
 }
 
 /// What holds a shape's namespaces.
@@ -258,18 +258,18 @@ enum Owner {
 }
 
 /// One shape, up, with its iperf3 server listening.
-struct Bed {
-    shape: Shape,
-    hooks: Vec<Hooks>,
-    client_netns: String,
-    server_ip: IpAddr,
+pub(crate) struct Bed {
+    pub(crate) shape: Shape,
+    pub(crate) hooks: Vec<Hooks>,
+    pub(crate) client_netns: String,
+    pub(crate) server_ip: IpAddr,
     // Dropped before the namespaces (fields drop in order).
     server: Option<IperfServer>,
     owner: Option<Owner>,
 }
 
 impl Bed {
-    fn up(shape: Shape) -> Result<Bed> {
+    pub(crate) fn up(shape: Shape) -> Result<Bed> {
         let (owner, hooks, client_netns, server_netns, server_ip) = match shape {
             Shape::Veth => {
                 let pair = VethPair::up().context(
@@ -321,7 +321,7 @@ impl Bed {
         })
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let hooks: Vec<String> = self
             .hooks
             .iter()
@@ -339,7 +339,7 @@ impl Bed {
         }
     }
 
-    fn down(mut self) -> Result<()> {
+    pub(crate) fn down(mut self) -> Result<()> {
         drop(self.server.take());
         match self.owner.take() {
             Some(Owner::Veth(p)) => p.down().context("deleting the veth pair's namespaces"),
@@ -350,7 +350,7 @@ impl Bed {
 }
 
 /// The programs of one arm while attached.
-enum Attached {
+pub(crate) enum Attached {
     Nothing,
     Holders(Vec<Holder>),
     Agents(Vec<Agent>),
@@ -371,7 +371,7 @@ impl Attached {
         }
     }
 
-    fn stop(self) -> Result<()> {
+    pub(crate) fn stop(self) -> Result<()> {
         match self {
             Attached::Nothing => Ok(()),
             Attached::Holders(hs) => hs.into_iter().try_for_each(Holder::stop),
@@ -386,7 +386,7 @@ impl Attached {
 }
 
 /// How the peer arm is loaded (everything but the interfaces).
-struct PeerConfig {
+pub(crate) struct PeerConfig {
     name: String,
     template: HoldPeerArgs,
 }
@@ -402,7 +402,7 @@ fn agent_flags(arm: Arm) -> &'static [&'static str] {
 }
 
 /// Attaches `arm` to every hook of `bed`; returns once everything is attached.
-fn attach(
+pub(crate) fn attach(
     arm: Arm,
     bed: &Bed,
     peer: Option<&PeerConfig>,
@@ -497,7 +497,9 @@ fn attach(
 }
 
 /// The `sched_cls` programs the arm's processes hold: id -> name, and each name's tag.
-fn arm_programs(attached: &Attached) -> Result<(BTreeMap<u32, String>, BTreeMap<String, String>)> {
+pub(crate) fn arm_programs(
+    attached: &Attached,
+) -> Result<(BTreeMap<u32, String>, BTreeMap<String, String>)> {
     let mut held = BTreeSet::new();
     for pid in attached.pids()? {
         held.extend(proc::prog_ids_held_by(pid)?);
@@ -514,7 +516,7 @@ fn arm_programs(attached: &Attached) -> Result<(BTreeMap<u32, String>, BTreeMap<
 }
 
 /// run_time_ns and run_cnt of programs `ids`, now.
-fn counters(ids: &BTreeMap<u32, String>) -> Result<BTreeMap<u32, Runs>> {
+pub(crate) fn counters(ids: &BTreeMap<u32, String>) -> Result<BTreeMap<u32, Runs>> {
     if ids.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -539,7 +541,7 @@ fn counters(ids: &BTreeMap<u32, String>) -> Result<BTreeMap<u32, Runs>> {
 
 /// Waits until none of `ids` is loaded any more (the kernel frees a program after an RCU
 /// grace period once its last link and fd are gone), so the next arm is alone on the hooks.
-fn wait_gone(ids: &BTreeMap<u32, String>) -> Result<()> {
+pub(crate) fn wait_gone(ids: &BTreeMap<u32, String>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let loaded: BTreeSet<u32> = flowtrace_tests::bpftool_progs()?
@@ -566,7 +568,7 @@ fn wait_gone(ids: &BTreeMap<u32, String>) -> Result<()> {
 }
 
 /// Sleeps `d`, returning early with an error on a signal.
-fn sleep_interruptible(d: Duration) -> Result<()> {
+pub(crate) fn sleep_interruptible(d: Duration) -> Result<()> {
     let end = Instant::now() + d;
     while Instant::now() < end {
         proc::check_interrupted()?;
@@ -658,14 +660,14 @@ fn measure(
 
 /// Median, min and max of the finite values.
 #[derive(Clone, Copy, Debug)]
-struct Spread {
-    median: f64,
+pub(crate) struct Spread {
+    pub(crate) median: f64,
     min: f64,
     max: f64,
     n: usize,
 }
 
-fn spread(values: &[f64]) -> Spread {
+pub(crate) fn spread(values: &[f64]) -> Spread {
     let finite: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     let (min, max) = finite
         .iter()
@@ -681,7 +683,7 @@ fn spread(values: &[f64]) -> Spread {
 }
 
 impl Spread {
-    fn json(self) -> Value {
+    pub(crate) fn json(self) -> Value {
         let num = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
         json!({"median": num(self.median), "min": num(self.min), "max": num(self.max), "rounds": self.n})
     }
@@ -728,7 +730,7 @@ fn ratio(rounds: &Rounds, num: Arm, den: Arm) -> Spread {
     per_round(rounds, |r| Some(net(r, num)? / net(r, den)?))
 }
 
-fn fmt_num(x: f64, decimals: usize) -> String {
+pub(crate) fn fmt_num(x: f64, decimals: usize) -> String {
     if x.is_finite() {
         format!("{x:.decimals$}")
     } else {
@@ -736,7 +738,7 @@ fn fmt_num(x: f64, decimals: usize) -> String {
     }
 }
 
-fn fmt_spread(s: Spread, decimals: usize) -> String {
+pub(crate) fn fmt_spread(s: Spread, decimals: usize) -> String {
     if s.n == 0 {
         return "-".into();
     }

@@ -7,6 +7,8 @@
 //!   run-time statistics), each arm alone on the same hooks: a no-op, a minimal counter,
 //!   flowtrace with and without latency sampling, optionally a peer's prebuilt object; on a
 //!   plain veth pair and on the emulated cluster, TCP bulk and 64-byte UDP.
+//! - `bench-latency`: latency tracking's cost on one agent whose sampling is switched on and
+//!   off in short windows of one iperf3 run, net of a no-op behind it on the same hooks.
 //! - `layers`: checks that flowtrace/src imports follow the layer order, without cycles.
 //! - `bench-agent`: the agent's own CPU and memory at idle, under a packet load and under flow
 //!   churn, against the DaemonSet's requests and limits.
@@ -33,6 +35,7 @@ mod dropbench;
 mod floodbench;
 mod image;
 mod ingestbench;
+mod latencybench;
 mod layers;
 mod mapbench;
 mod mapmem;
@@ -72,6 +75,9 @@ enum Command {
     /// What the agent does with a drain of N flow records (default 1 000 000), in process:
     /// folding the ring's records, the flow table, the metrics (no root needed).
     BenchIngest(ingestbench::IngestBenchArgs),
+    /// Latency tracking's cost on one agent, its sampling switched on and off in windows of
+    /// one iperf3 run (no second agent, no second run to compare against).
+    BenchLatency(latencybench::LatencyBenchArgs),
     /// The relay at scale: simulated mTLS agents on loopback, the real relay binary; answer
     /// time, memory and fan-out cost (no root needed).
     BenchRelay(relaybench::RelayBenchArgs),
@@ -143,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchDrops(args) => dropbench::run(&args),
         Command::BenchFlood(args) => floodbench::run(&args),
         Command::BenchIngest(args) => ingestbench::run(&args),
+        Command::BenchLatency(args) => latencybench::run(&args),
         Command::BenchMetadata { pods, lookups } => metabench::run(&pods, lookups),
         Command::Image(args) => image::run(&args),
         Command::Layers => layers::run(),
