@@ -471,7 +471,11 @@ pub struct FlowStats {
     // Padding as scalars: a byte-array field would be zeroed with a memset loop in BPF.
     pub _pad0: u8,
     pub _pad1: u16,
-    pub _pad2: u32,
+    /// The kernel's own: the acknowledgement field (as on the wire) of the last TCP segment
+    /// with payload counted in this slot, so that a hook asks whether a segment answers a
+    /// round trip only when the peer sent something since (`flows::record`). Not a counter:
+    /// user space neither reads nor merges it.
+    pub last_ack: u32,
 }
 
 impl FlowStats {
@@ -528,10 +532,34 @@ pub struct SlowInput {
 }
 
 /// `SlowInput::ctl` bits: compare the packet across hooks (`nat::sight`); it is sampled for
-/// latency; time a TCP round trip at this interface (`latency::rtt`).
+/// latency; a TCP segment with latency on, which may start or answer a round trip at this
+/// interface (`latency::rtt_wanted`, `latency::rtt`).
 pub const SLOW_SIGHT: u32 = 1;
 pub const SLOW_SAMPLED: u32 = 2;
 pub const SLOW_RTT: u32 = 4;
+/// With `SLOW_RTT`: the segment acknowledges something its flow's last data segment at this
+/// hook did not (on this CPU), so it may answer a segment waiting there. A segment whose
+/// acknowledgement did not move answers nothing the first one with it did not.
+pub const SLOW_FRESH: u32 = 8;
+
+/// What `RTT_HINT` holds for a segment waiting since `sent_ns`: its time in units of 2^20 ns
+/// (1.05 ms), never 0 (0 is an empty slot); wraps after 52 days.
+#[inline(always)]
+pub fn rtt_hint_value(sent_ns: u64) -> u32 {
+    ((sent_ns >> 20) as u32) | 1
+}
+
+/// Whether a hint written with `rtt_hint_value` names a segment that began waiting less than
+/// `RTT_PENDING_MAX_AGE_NS` before `now_ns`: one a newer segment of its direction may not
+/// replace yet, so a sampled segment need not look in `RTT_PENDING` at all.
+#[inline(always)]
+pub fn rtt_hint_young(hint: u32, now_ns: u64) -> bool {
+    hint != 0 && rtt_hint_value(now_ns).wrapping_sub(hint) < (RTT_PENDING_MAX_AGE_NS >> 20) as u32
+}
+
+/// How long a data segment waits for its answer before a newer one of its direction may take
+/// its place: response times longer than a second are not measured.
+pub const RTT_PENDING_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// `kind` of the records in the event ring (`maps::EVENTS`): a flow's counters handed over
 /// from the cache (`CacheSlot`), a NAT rewrite seen (`NatEvent`), a latency sample
@@ -936,6 +964,22 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hint_is_young_for_the_pending_segments_max_age_only() {
+        let sent = 7_000_000_000_123;
+        let hint = rtt_hint_value(sent);
+        assert_ne!(hint, 0, "0 is an empty slot");
+        assert!(rtt_hint_young(hint, sent));
+        assert!(rtt_hint_young(hint, sent + RTT_PENDING_MAX_AGE_NS - 2_000_000));
+        assert!(!rtt_hint_young(hint, sent + RTT_PENDING_MAX_AGE_NS + 2_000_000));
+        assert!(!rtt_hint_young(0, sent), "an empty slot names nothing waiting");
+        // Across the 32-bit wrap of the hint's clock (52 days).
+        let wrap = (1u64 << 52) - 300_000_000;
+        let h = rtt_hint_value(wrap);
+        assert!(rtt_hint_young(h, wrap + 600_000_000));
+        assert!(!rtt_hint_young(h, wrap + 1_200_000_000));
+    }
 
     fn v4(a: [u8; 4]) -> Addr {
         [u32::from_ne_bytes(a), 0, 0, 0]

@@ -9,12 +9,11 @@ use aya_ebpf::{
 use flowtrace_common::{
     parse::{PacketInfo, SkbMeta, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
     CacheSlot, Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE,
-    EVENT_FLOW, SLOW_RTT, SLOW_SAMPLED, SLOW_SIGHT,
+    EVENT_FLOW, SLOW_FRESH, SLOW_RTT, SLOW_SAMPLED, SLOW_SIGHT,
 };
 
 use crate::{
     counters::{count, count_n},
-    latency::rtt_wanted,
     maps::{cache_shift, events_flags, CACHE, CONTROL, EVENTS, SLOW_PATH, SLOW_SCRATCH},
     TCP_SYN,
 };
@@ -55,11 +54,19 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
     let index = (active << (32 - (shift & 31))) + CacheSlot::index(&key, shift);
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let ack = info.id.l4_b;
     let Some(slot) = CACHE.get_ptr_mut(index) else {
         // Out of the array: cannot happen with the shift user space sets; counted anyway.
         count_n(Counter::FlowMapFull, packets);
         return;
     };
+    // Whether the peer may have sent something since this flow's last segment with payload
+    // here: its acknowledgement moved (or this CPU has not counted the flow here before). Only
+    // then may an unsampled TCP data segment answer a round trip, and only then does it go on
+    // to the slow path, which looks at the hint. Per CPU, so a segment on another CPU than
+    // the last one may go for nothing; none that moved is missed, as the first data segment
+    // with a new acknowledgement on each CPU goes.
+    let mut moved = true;
     // SAFETY: per-CPU slot, only this CPU touches it while this program runs (user space
     // reads a half only after it stopped being active).
     let miss = unsafe {
@@ -73,6 +80,10 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
                 s.last_seen_ns = now;
             }
             s.tcp_flags |= info.tcp_flags;
+            if payload != 0 {
+                moved = s.last_ack != ack;
+                s.last_ack = ack;
+            }
             false
         } else {
             if (*slot).kind != 0 {
@@ -93,7 +104,9 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
                 tcp_flags: info.tcp_flags,
                 _pad0: 0,
                 _pad1: 0,
-                _pad2: 0,
+                // A pure ACK's acknowledgement is not a data segment's: the first data
+                // segment after it must still count as acknowledging something new.
+                last_ack: if payload != 0 { ack } else { 0 },
             };
             true
         }
@@ -107,13 +120,16 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
     // A cache miss is the first packet of this flow at this hook in this drain period (or
     // one evicted by a colliding flow): only then, for a SYN (a SYN retransmitted after a
     // loss past this hook is the connection's only other chance to show its rewrite), and
-    // for packets sampled for latency is the packet compared across hooks.
+    // for packets sampled for latency is the packet compared across hooks. A TCP segment
+    // with payload that acknowledges something new may answer a round trip, which the slow
+    // path decides. Everything else (nearly every packet) stops here.
     let syn = info.tcp_flags & TCP_SYN != 0;
-    if !(miss || syn || rate != 0) {
-        return;
-    }
     let id = info.id;
     let sampled = id.sampled(rate);
+    let may_answer = rate != 0 && moved && payload != 0 && key.protocol == IPPROTO_TCP;
+    if !(miss || syn || sampled || may_answer) {
+        return;
+    }
     let mut ctl = if miss || syn || sampled {
         SLOW_SIGHT
     } else {
@@ -122,18 +138,15 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
     if sampled {
         ctl |= SLOW_SAMPLED;
     }
+    if moved {
+        ctl |= SLOW_FRESH;
+    }
+    if rate != 0 && key.protocol == IPPROTO_TCP {
+        ctl |= SLOW_RTT;
+    }
     let payload = info
         .l3_len
         .saturating_sub(info.l3_header_len + info.l4_header_len);
-    if rate != 0
-        && key.protocol == IPPROTO_TCP
-        && rtt_wanted(info.tcp_flags, payload, sampled, &key)
-    {
-        ctl |= SLOW_RTT;
-    }
-    if ctl == 0 {
-        return;
-    }
     let Some(slow) = SLOW_SCRATCH.get_ptr_mut(0) else {
         return;
     };

@@ -4,14 +4,14 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use flowtrace_common::{
-    Counter, FlowKey, LatencyEvent, RttPending, SlowInput, EVENT_LATENCY, LAT_HANDSHAKE,
-    LAT_RESPONSE, SLOW_SAMPLED,
+    rtt_hint_value, rtt_hint_young, Counter, FlowKey, LatencyEvent, RttPending, SlowInput,
+    EVENT_LATENCY, LAT_HANDSHAKE, LAT_RESPONSE, RTT_PENDING_MAX_AGE_NS,
 };
 
 use crate::{
     counters::count,
     maps::{events_flags, EVENTS, LAT_SCRATCH, RTT_HINT, RTT_PENDING, RTT_SCRATCH},
-    TCP_ACK, TCP_PSH, TCP_SYN,
+    TCP_ACK, TCP_SYN,
 };
 
 /// Hands one sample of `ns` for the key in `LAT_SCRATCH` to user space. Out of line: one
@@ -31,37 +31,62 @@ pub(crate) fn add_latency(ns: u64) {
     }
 }
 
-/// How long a data segment waits for its answer before a newer one of its direction may take
-/// its place: response times longer than a second are not measured.
-const RTT_PENDING_MAX_AGE_NS: u64 = 1_000_000_000;
+/// `rtt_wanted`'s bits: the segment starts waiting; it may answer one waiting.
+pub(crate) const RTT_OPEN: u32 = 1;
+pub(crate) const RTT_ANSWER: u32 = 2;
 
-/// Whether a segment may wait in `slot` of `RTT_HINT`.
+/// Whether a segment may wait in `slot` of `RTT_HINT` (see `rtt_hint_value`).
 #[inline(always)]
-fn rtt_hinted(slot: u32) -> bool {
-    RTT_HINT.get(slot).is_some_and(|v| *v != 0)
+fn rtt_hint(slot: u32) -> u32 {
+    RTT_HINT.get(slot).copied().unwrap_or(0)
 }
 
-/// Marks (`on`) or clears `slot` of `RTT_HINT`.
+/// Writes `value` (0: nothing waits) into `slot` of `RTT_HINT`, only where it differs, so
+/// the shared line is not dirtied under the CPUs that read it.
 #[inline(always)]
-fn set_rtt_hint(slot: u32, on: bool) {
+fn set_rtt_hint(slot: u32, value: u32) {
     if let Some(v) = RTT_HINT.get_ptr_mut(slot) {
-        // SAFETY: a map value pointer; a racing store from another CPU writes 0 or 1 too.
-        unsafe { *v = on as u32 };
+        // SAFETY: a map value pointer; a racing store from another CPU writes a hint too.
+        unsafe {
+            if *v != value {
+                *v = value;
+            }
+        }
     }
 }
 
-/// Whether a TCP segment may start or answer a round trip at this interface (see `rtt`):
-/// most segments neither ask nor may answer (pure ACKs; data nothing waits for, which is
-/// most of a bulk transfer), and they stop here, in the hook, before the slow path.
+/// Whether a TCP segment that reached the slow path starts waiting (`RTT_OPEN`) or may answer
+/// one waiting (`RTT_ANSWER`) at this interface (see `rtt`). The hook sends on only the
+/// segments that might (`flows::record`): sampled ones, SYNs, a flow's first at the hook and
+/// data segments whose acknowledgement moved (`fresh`); the rest of a bulk transfer (its pure
+/// ACKs, its data acknowledging nothing new) stops there. A SYN opens; a sampled data segment
+/// opens unless a segment of its direction waits, younger than `RTT_PENDING_MAX_AGE_NS` (the
+/// hint says so), which it could not replace; a SYN-ACK or a fresh data segment answers if the
+/// hint says something of the other direction waits.
 #[inline(always)]
-pub(crate) fn rtt_wanted(flags: u8, payload: u32, sampled: bool, key: &FlowKey) -> bool {
+pub(crate) fn rtt_wanted(
+    flags: u8,
+    payload: u32,
+    sampled: bool,
+    fresh: bool,
+    key: &FlowKey,
+    now: u64,
+) -> u32 {
     let syn = flags & TCP_SYN != 0;
     let ack = flags & TCP_ACK != 0;
-    let opens = if syn { !ack } else { payload > 0 && sampled };
-    opens
-        || (ack
-            && (syn || (payload > 0 && (sampled || flags & TCP_PSH != 0)))
-            && rtt_hinted(key.rtt_hint_slot(true)))
+    let mut ctl = 0;
+    if ack && (syn || (payload > 0 && fresh)) && rtt_hint(key.rtt_hint_slot(true)) != 0 {
+        ctl |= RTT_ANSWER;
+    }
+    let opens = if syn {
+        !ack
+    } else {
+        payload > 0 && sampled && !rtt_hint_young(rtt_hint(key.rtt_hint_slot(false)), now)
+    };
+    if opens {
+        ctl |= RTT_OPEN;
+    }
+    ctl
 }
 
 /// TCP round trips at this interface: a SYN waits for its SYN-ACK, a sampled data segment
@@ -69,21 +94,11 @@ pub(crate) fn rtt_wanted(flags: u8, payload: u32, sampled: bool, key: &FlowKey) 
 /// round trip beyond this interface: network plus, for data, the peer's time to answer.
 /// Only one segment per direction and interface waits at a time.
 #[inline(never)]
-pub(crate) fn rtt(input: &SlowInput, now: u64) {
-    let (flags, payload, id, key, ctl) = (
-        input.tcp_flags,
-        input.payload,
-        &input.id,
-        &input.key,
-        input.ctl,
-    );
+pub(crate) fn rtt(input: &SlowInput, wanted: u32, now: u64) {
+    let (flags, payload, id, key) = (input.tcp_flags, input.payload, &input.id, &input.key);
     let syn = flags & TCP_SYN != 0;
-    let ack = flags & TCP_ACK != 0;
-    let sampled = ctl & SLOW_SAMPLED != 0;
-    let answers = ack
-        && (syn || (payload > 0 && (sampled || flags & TCP_PSH != 0)))
-        && rtt_hinted(key.rtt_hint_slot(true));
-    let opens = if syn { !ack } else { payload > 0 && sampled };
+    let answers = wanted & RTT_ANSWER != 0;
+    let opens = wanted & RTT_OPEN != 0;
     if !(answers || opens) {
         return;
     }
@@ -103,7 +118,7 @@ pub(crate) fn rtt(input: &SlowInput, now: u64) {
             let acked = u32::from_be(id.l4_b);
             if (acked.wrapping_sub(expected) as i32) >= 0 {
                 let _ = RTT_PENDING.remove(&*rk);
-                set_rtt_hint(key.rtt_hint_slot(true), false);
+                set_rtt_hint(key.rtt_hint_slot(true), 0);
                 if let Some(e) = LAT_SCRATCH.get_ptr_mut(0) {
                     // SAFETY: this CPU's scratch slot.
                     unsafe {
@@ -135,28 +150,26 @@ pub(crate) fn rtt(input: &SlowInput, now: u64) {
         };
         // Looked up first: an insert that finds the key (BPF_NOEXIST) still takes a node
         // off the LRU's free list and puts it back, under its lock, which costs several
-        // times a lookup; in a bulk transfer, where nothing answers data with data, every
-        // sampled segment would pay it. A data segment that has waited longer than
-        // `RTT_PENDING_MAX_AGE_NS` is replaced: the lookups keep it recent in the LRU, and
-        // an answer that came at last would be timed from it, too long. A SYN is not: its
-        // retransmission (after the 1 s initial timeout) is part of the handshake's time.
+        // times a lookup. A data segment that has waited longer than
+        // `RTT_PENDING_MAX_AGE_NS` is replaced: an answer that came at last would be timed
+        // from it, too long. A SYN is not: its retransmission (after the 1 s initial timeout)
+        // is part of the handshake's time. The hook sends a data segment here only when the
+        // hint had no young one waiting, so in a bulk transfer this runs about once a second.
         // SAFETY: a map value pointer, valid until the program ends.
         let waiting = RTT_PENDING.get_ptr(&*rk).map(|p| unsafe { (*p).sent_ns });
-        match waiting {
+        let since = match waiting {
             None => {
                 let _ = RTT_PENDING.insert(&*rk, &pending, BPF_NOEXIST as u64);
+                now
             }
             Some(sent) if !syn && now.wrapping_sub(sent) > RTT_PENDING_MAX_AGE_NS => {
                 let _ = RTT_PENDING.insert(&*rk, &pending, BPF_ANY as u64);
+                now
             }
-            Some(_) => {}
-        }
-        // Marked even when a segment already waits: its mark may have been cleared by an
-        // answer to another segment sharing the slot. Written only when clear, so the
-        // shared line is not dirtied under the CPUs that read it.
-        let slot = key.rtt_hint_slot(false);
-        if !rtt_hinted(slot) {
-            set_rtt_hint(slot, true);
-        }
+            Some(sent) => sent,
+        };
+        // Written even when a segment already waits: its hint may have been cleared by an
+        // answer to another segment sharing the slot.
+        set_rtt_hint(key.rtt_hint_slot(false), rtt_hint_value(since));
     }
 }

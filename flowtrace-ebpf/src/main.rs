@@ -34,9 +34,8 @@ use crate::{
     packet::{skb_meta, DirectPacket},
 };
 
-/// The SYN, PSH and ACK bits of the TCP flags byte.
+/// The SYN and ACK bits of the TCP flags byte.
 const TCP_SYN: u8 = 0x02;
-const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
 
 #[classifier]

@@ -78,11 +78,13 @@ pub(crate) static SIGHTINGS: PerCpuArray<Sighting> =
 pub(crate) static RTT_PENDING: LruHashMap<RttKey, RttPending> =
     LruHashMap::with_max_entries(RTT_PENDING_ENTRIES, 0);
 
-/// Non-zero where a segment may wait in `RTT_PENDING` (see `FlowKey::rtt_hint_slot`): an
-/// answering segment looks there first, an array read instead of a hash lookup, so a
-/// connection with nothing waiting costs no lookup per data segment. A collision only costs
-/// a lookup that finds nothing, or (when an answer clears a slot another waiting segment
-/// shares) one lost round-trip sample.
+/// Non-zero where a segment may wait in `RTT_PENDING` (see `FlowKey::rtt_hint_slot`): when it
+/// began waiting (`flowtrace_common::rtt_hint_value`). An answering segment looks there
+/// first, an array read instead of a hash lookup, so a connection with nothing waiting costs
+/// no lookup per data segment; a sampled segment of a direction with a young one waiting
+/// stops there too. A collision only costs a lookup that finds nothing, a sampled segment
+/// that does not start waiting while another flow's waits (under a second), or (when an
+/// answer clears a slot another waiting segment shares) one lost round-trip sample.
 #[map]
 pub(crate) static RTT_HINT: Array<u32> = Array::with_max_entries(RTT_HINT_SLOTS, 0);
 

@@ -4,9 +4,13 @@
 //! `SlowInput` in `SLOW_SCRATCH`, written just before the tail call on this CPU.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use flowtrace_common::{SLOW_RTT, SLOW_SIGHT};
+use flowtrace_common::{SLOW_FRESH, SLOW_RTT, SLOW_SAMPLED, SLOW_SIGHT};
 
-use crate::{latency::rtt, maps::SLOW_SCRATCH, nat::sight};
+use crate::{
+    latency::{rtt, rtt_wanted},
+    maps::SLOW_SCRATCH,
+    nat::sight,
+};
 
 /// Runs what the hook asked for.
 #[inline(always)]
@@ -24,6 +28,16 @@ pub(crate) fn run() {
         sight(input, now);
     }
     if input.ctl & SLOW_RTT != 0 {
-        rtt(input, now);
+        let wanted = rtt_wanted(
+            input.tcp_flags,
+            input.payload,
+            input.ctl & SLOW_SAMPLED != 0,
+            input.ctl & SLOW_FRESH != 0,
+            &input.key,
+            now,
+        );
+        if wanted != 0 {
+            rtt(input, wanted, now);
+        }
     }
 }

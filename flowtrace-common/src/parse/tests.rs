@@ -354,7 +354,7 @@ fn stats_merge() {
         tcp_flags: 2,
         _pad0: 0,
         _pad1: 0,
-        _pad2: 0,
+        last_ack: 0,
     };
     let b = crate::FlowStats {
         packets: 2,
@@ -365,7 +365,7 @@ fn stats_merge() {
         tcp_flags: 0x10,
         _pad0: 0,
         _pad1: 0,
-        _pad2: 0,
+        last_ack: 0,
     };
     a.merge(&b);
     assert_eq!(
