@@ -148,15 +148,8 @@ pub struct BenchArgs {
     /// when they end).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=60))]
     warmup: u32,
-    /// CPUs of the iperf3 client and server, as iperf3's `-A client,server`.
-    #[arg(long, default_value = "0,0")]
-    cpus: String,
-    /// UDP payload bytes per datagram (iperf3 -l).
-    #[arg(long, default_value_t = 64)]
-    udp_len: u32,
-    /// UDP target rate (iperf3 -b; 0 = as fast as the sender goes).
-    #[arg(long, default_value = "0")]
-    udp_bitrate: String,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Arms to run (`peer` is added by --peer-object; `latency-rare`, a diagnostic, only when
     /// named). `noop` is always run: the net figures are taken against it.
     #[arg(long, value_delimiter = ',', default_values = ["absent", "noop", "counter", "flowtrace", "no-latency"])]
@@ -188,6 +181,38 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout (the human report then goes to stderr).
     #[arg(long)]
     json: bool,
+}
+
+/// How iperf3 is driven: its CPUs and the UDP load (`cargo xtask bench` and `bench-latency`).
+#[derive(clap::Args)]
+pub(crate) struct LoadArgs {
+    /// CPUs of the iperf3 client and server, as iperf3's `-A client,server`.
+    #[arg(long, default_value = "0,0")]
+    pub(crate) cpus: String,
+    /// UDP payload bytes per datagram (iperf3 -l).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) udp_len: u32,
+    /// UDP target rate (iperf3 -b; 0 = as fast as the sender goes).
+    #[arg(long, default_value = "0")]
+    pub(crate) udp_bitrate: String,
+}
+
+impl LoadArgs {
+    /// iperf3's run of `seconds` (after `omit` left out) for `traffic`.
+    pub(crate) fn spec(&self, traffic: Traffic, seconds: u64, omit: u64) -> IperfSpec {
+        IperfSpec {
+            seconds,
+            omit,
+            cpus: Some(self.cpus.clone()),
+            traffic: match traffic {
+                Traffic::Tcp => IperfTraffic::Tcp,
+                Traffic::Udp => IperfTraffic::Udp {
+                    len: self.udp_len,
+                    bitrate: self.udp_bitrate.clone(),
+                },
+            },
+        }
+    }
 }
 
 /// Run time and run count, summed over program instances.
@@ -584,18 +609,9 @@ fn measure(
     ids: &BTreeMap<u32, String>,
     args: &BenchArgs,
 ) -> Result<Sample> {
-    let spec = IperfSpec {
-        seconds: u64::from(args.seconds),
-        omit: u64::from(args.warmup),
-        cpus: Some(args.cpus.clone()),
-        traffic: match traffic {
-            Traffic::Tcp => IperfTraffic::Tcp,
-            Traffic::Udp => IperfTraffic::Udp {
-                len: args.udp_len,
-                bitrate: args.udp_bitrate.clone(),
-            },
-        },
-    };
+    let spec = args
+        .load
+        .spec(traffic, u64::from(args.seconds), u64::from(args.warmup));
     let timeout = Duration::from_secs(u64::from(args.warmup + args.seconds) + 30);
     let mut last_err = None;
     for attempt in 1..=3 {
@@ -861,7 +877,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     out(
         format!(
             "  traffic   tcp: one iperf3 TCP stream; udp: iperf3 -u -l {} -b {}; -A {}; {} s warm-up (iperf3 -O, not counted), then {} s counted",
-            args.udp_len, args.udp_bitrate, args.cpus, args.warmup, args.seconds
+            args.load.udp_len, args.load.udp_bitrate, args.load.cpus, args.warmup, args.seconds
         ),
     );
     out(format!(
@@ -1277,9 +1293,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "rounds": args.rounds,
                 "seconds": args.seconds,
                 "warmup": args.warmup,
-                "cpus": args.cpus,
-                "udp_len": args.udp_len,
-                "udp_bitrate": args.udp_bitrate,
+                "cpus": args.load.cpus,
+                "udp_len": args.load.udp_len,
+                "udp_bitrate": args.load.udp_bitrate,
                 "arms": arms.iter().map(|&a| arm_name(a)).collect::<Vec<_>>(),
                 "peer": peer.as_ref().map(|p| json!({
                     "name": p.name,

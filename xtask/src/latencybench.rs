@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use flowtrace_common::{maps, CONTROL_LATENCY_SAMPLE};
 use flowtrace_tests::baselines;
-use flowtrace_tests::iperf::{IperfJob, IperfSpec, IperfTraffic};
+use flowtrace_tests::iperf::IperfJob;
 use serde_json::{json, Value};
 
 use crate::baselines::{Holder, Launched};
 use crate::bench::{
     arm_programs, attach, counters, fmt_num, fmt_spread, sleep_interruptible, spread, wait_gone,
-    Arm, Attached, Bed, Runs, Shape, Traffic, GOAL_LATENCY_ON_TO_OFF, IPERF_PORT,
+    Arm, Attached, Bed, LoadArgs, Runs, Shape, Traffic, GOAL_LATENCY_ON_TO_OFF, IPERF_PORT,
 };
 use crate::proc;
 
@@ -61,15 +61,8 @@ pub struct LatencyBenchArgs {
     /// Sampling rate of the "on" windows (a power of two; the agent's default).
     #[arg(long, default_value_t = DEFAULT_SAMPLE)]
     sample: u32,
-    /// CPUs of the iperf3 client and server, as iperf3's `-A client,server`.
-    #[arg(long, default_value = "0,0")]
-    cpus: String,
-    /// UDP payload bytes per datagram (iperf3 -l).
-    #[arg(long, default_value_t = 64)]
-    udp_len: u32,
-    /// UDP target rate (iperf3 -b; 0 = as fast as the sender goes).
-    #[arg(long, default_value = "0")]
-    udp_bitrate: String,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Print the results as JSON on stdout (the human report then goes to stderr).
     #[arg(long)]
     json: bool,
@@ -125,21 +118,31 @@ fn control_maps(ids: &BTreeMap<u32, String>) -> Result<BTreeSet<u32>> {
     Ok(maps_found)
 }
 
-fn bpftool_json(args: &[&str]) -> Result<Value> {
+/// Runs bpftool with `args`; its stdout, or an error with its stderr.
+fn bpftool<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Vec<u8>> {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
     let out = Command::new("bpftool")
-        .arg("-j")
         .args(args)
         .output()
-        .with_context(|| format!("running bpftool -j {}", args.join(" ")))?;
+        .with_context(|| format!("running bpftool {}", shown.join(" ")))?;
     if !out.status.success() {
         bail!(
-            "bpftool -j {} failed ({}): {}",
-            args.join(" "),
+            "bpftool {} failed ({}): {}",
+            shown.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    serde_json::from_slice(&out.stdout)
+    Ok(out.stdout)
+}
+
+fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let mut all = vec!["-j"];
+    all.extend_from_slice(args);
+    serde_json::from_slice(&bpftool(&all)?)
         .with_context(|| format!("bpftool -j {}: not JSON", args.join(" ")))
 }
 
@@ -162,18 +165,7 @@ fn set_rate(control: &BTreeSet<u32>, rate: u32) -> Result<()> {
         args.extend(key.iter().cloned());
         args.push("value".into());
         args.extend(value.iter().cloned());
-        let out = Command::new("bpftool")
-            .args(&args)
-            .output()
-            .context("running bpftool map update")?;
-        if !out.status.success() {
-            bail!(
-                "bpftool {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        bpftool(&args)?;
     }
     Ok(())
 }
@@ -212,18 +204,7 @@ fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<W
         }
         let control = control_maps(agent_ids)?;
         let total_s = args.warmup + (u64::from(args.windows) * args.window_ms).div_ceil(1000) + 2;
-        let spec = IperfSpec {
-            seconds: total_s,
-            omit: 0,
-            cpus: Some(args.cpus.clone()),
-            traffic: match traffic {
-                Traffic::Tcp => IperfTraffic::Tcp,
-                Traffic::Udp => IperfTraffic::Udp {
-                    len: args.udp_len,
-                    bitrate: args.udp_bitrate.clone(),
-                },
-            },
-        };
+        let spec = args.load.spec(traffic, total_s, 0);
         let job = IperfJob::spawn(&bed.client_netns, bed.server_ip, IPERF_PORT, &spec)?;
         sleep_interruptible(Duration::from_secs(args.warmup))?;
         let mut windows = Vec::new();
@@ -315,7 +296,7 @@ pub fn run(args: &LatencyBenchArgs) -> Result<()> {
     out(format!("  command   {command}"));
     out(format!(
         "  windows   {} of {} ms after {} s of traffic, latency on (1 in {}) / off as on, off, off, on; iperf3 -A {}",
-        args.windows, args.window_ms, args.warmup, args.sample, args.cpus
+        args.windows, args.window_ms, args.warmup, args.sample, args.load.cpus
     ));
     crate::build::release_binaries()?;
     let stats = proc::SysctlGuard::set("kernel.bpf_stats_enabled", "1")?;
