@@ -215,6 +215,17 @@ impl LoadArgs {
     }
 }
 
+/// Where the human report goes: stdout as it is measured, or stderr when stdout is for JSON.
+pub(crate) fn reporter(json: bool) -> impl Fn(String) {
+    move |line: String| {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
 /// Run time and run count, summed over program instances.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Runs {
@@ -861,13 +872,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let kernel = proc::kernel_release();
     // The human report goes to stdout as it is measured, or to stderr when stdout is for JSON.
     let json_mode = args.json;
-    let out = |line: String| {
-        if json_mode {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    };
+    let out = reporter(json_mode);
     out(
         "flowtrace bench: ns per TC program run under iperf3 load, each arm alone on flowtrace's hooks".into(),
     );

@@ -32,8 +32,9 @@ use serde_json::{json, Value};
 
 use crate::baselines::{Holder, Launched};
 use crate::bench::{
-    arm_programs, attach, counters, fmt_num, fmt_spread, sleep_interruptible, spread, wait_gone,
-    Arm, Attached, Bed, LoadArgs, Runs, Shape, Traffic, GOAL_LATENCY_ON_TO_OFF, IPERF_PORT,
+    arm_programs, attach, counters, fmt_num, fmt_spread, reporter, sleep_interruptible, spread,
+    wait_gone, Arm, Attached, Bed, LoadArgs, Runs, Shape, Traffic, GOAL_LATENCY_ON_TO_OFF,
+    IPERF_PORT,
 };
 use crate::proc;
 
@@ -278,13 +279,7 @@ pub fn run(args: &LatencyBenchArgs) -> Result<()> {
         bail!("--sample {}: must be a power of two", args.sample);
     }
     let json_mode = args.json;
-    let out = |line: String| {
-        if json_mode {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    };
+    let out = reporter(json_mode);
     let command = format!(
         "cargo xtask {}",
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
