@@ -21,6 +21,7 @@
 //! <= 1.15.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,10 @@ pub struct LatencyBenchArgs {
     sample: u32,
     #[command(flatten)]
     load: LoadArgs,
+    /// Another build's `flowtrace` binary to measure instead of this tree's (e.g. the build
+    /// before a change, copied aside before rebuilding), with its defaults.
+    #[arg(long)]
+    binary: Option<PathBuf>,
     /// Print the results as JSON on stdout (the human report then goes to stderr).
     #[arg(long)]
     json: bool,
@@ -186,7 +191,10 @@ fn sum(before: &BTreeMap<u32, Runs>, after: &BTreeMap<u32, Runs>) -> Runs {
 
 /// The windows of one shape and traffic.
 fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<Window>> {
-    let (agents, _) = attach(Arm::Flowtrace, bed, None, None)?;
+    let (agents, _) = match &args.binary {
+        Some(bin) => attach(Arm::Before, bed, None, Some(bin))?,
+        None => attach(Arm::Flowtrace, bed, None, None)?,
+    };
     let launched: Vec<Launched> = bed
         .hooks
         .iter()
@@ -293,6 +301,11 @@ pub fn run(args: &LatencyBenchArgs) -> Result<()> {
         "  windows   {} of {} ms after {} s of traffic, latency on (1 in {}) / off as on, off, off, on; iperf3 -A {}",
         args.windows, args.window_ms, args.warmup, args.sample, args.load.cpus
     ));
+    if let Some(bin) = &args.binary {
+        out(format!("  agent     {} (--binary)", bin.display()));
+        std::fs::metadata(bin)
+            .with_context(|| format!("--binary {}: cannot read it", bin.display()))?;
+    }
     crate::build::release_binaries()?;
     let stats = proc::SysctlGuard::set("kernel.bpf_stats_enabled", "1")?;
     out(format!(
