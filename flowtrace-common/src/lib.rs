@@ -971,9 +971,18 @@ mod tests {
         let hint = rtt_hint_value(sent);
         assert_ne!(hint, 0, "0 is an empty slot");
         assert!(rtt_hint_young(hint, sent));
-        assert!(rtt_hint_young(hint, sent + RTT_PENDING_MAX_AGE_NS - 2_000_000));
-        assert!(!rtt_hint_young(hint, sent + RTT_PENDING_MAX_AGE_NS + 2_000_000));
-        assert!(!rtt_hint_young(0, sent), "an empty slot names nothing waiting");
+        assert!(rtt_hint_young(
+            hint,
+            sent + RTT_PENDING_MAX_AGE_NS - 2_000_000
+        ));
+        assert!(!rtt_hint_young(
+            hint,
+            sent + RTT_PENDING_MAX_AGE_NS + 2_000_000
+        ));
+        assert!(
+            !rtt_hint_young(0, sent),
+            "an empty slot names nothing waiting"
+        );
         // Across the 32-bit wrap of the hint's clock (52 days).
         let wrap = (1u64 << 52) - 300_000_000;
         let h = rtt_hint_value(wrap);
