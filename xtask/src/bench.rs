@@ -239,6 +239,14 @@ impl Runs {
         self.count += other.count;
     }
 
+    /// What ran between `earlier` and `self` (two readings of the same program).
+    pub(crate) fn since(self, earlier: Runs) -> Runs {
+        Runs {
+            time_ns: self.time_ns.saturating_sub(earlier.time_ns),
+            count: self.count.saturating_sub(earlier.count),
+        }
+    }
+
     pub(crate) fn ns_per_run(self) -> f64 {
         if self.count == 0 {
             f64::NAN
@@ -655,11 +663,7 @@ fn measure(
         let mut runs = Runs::default();
         let mut programs: BTreeMap<String, Runs> = BTreeMap::new();
         for (id, name) in ids {
-            let (a, b) = (after[id], before[id]);
-            let d = Runs {
-                time_ns: a.time_ns.saturating_sub(b.time_ns),
-                count: a.count.saturating_sub(b.count),
-            };
+            let d = after[id].since(before[id]);
             runs.add(d);
             programs.entry(name.clone()).or_default().add(d);
         }

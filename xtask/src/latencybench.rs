@@ -27,15 +27,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use flowtrace_common::{maps, CONTROL_LATENCY_SAMPLE};
-use flowtrace_tests::baselines;
 use flowtrace_tests::iperf::IperfJob;
 use serde_json::{json, Value};
 
-use crate::baselines::{Holder, Launched};
 use crate::bench::{
     arm_programs, attach, counters, fmt_num, fmt_spread, reporter, sleep_interruptible, spread,
-    wait_gone, Arm, Attached, Bed, LoadArgs, Runs, Shape, Traffic, GOAL_LATENCY_ON_TO_OFF,
-    IPERF_PORT,
+    wait_gone, Arm, Bed, LoadArgs, Runs, Shape, Traffic, GOAL_LATENCY_ON_TO_OFF, IPERF_PORT,
 };
 use crate::proc;
 
@@ -176,14 +173,16 @@ fn set_rate(control: &BTreeSet<u32>, rate: u32) -> Result<()> {
     Ok(())
 }
 
-fn sum(before: &BTreeMap<u32, Runs>, after: &BTreeMap<u32, Runs>) -> Runs {
+/// What the programs `of` ran between the readings `before` and `after`, summed.
+fn sum(
+    of: &BTreeMap<u32, String>,
+    before: &BTreeMap<u32, Runs>,
+    after: &BTreeMap<u32, Runs>,
+) -> Runs {
     let mut total = Runs::default();
-    for (id, a) in after {
-        if let Some(b) = before.get(id) {
-            total.add(Runs {
-                time_ns: a.time_ns.saturating_sub(b.time_ns),
-                count: a.count.saturating_sub(b.count),
-            });
+    for id in of.keys() {
+        if let (Some(a), Some(b)) = (after.get(id), before.get(id)) {
+            total.add(a.since(*b));
         }
     }
     total
@@ -195,16 +194,7 @@ fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<W
         Some(bin) => attach(Arm::Before, bed, None, Some(bin))?,
         None => attach(Arm::Flowtrace, bed, None, None)?,
     };
-    let launched: Vec<Launched> = bed
-        .hooks
-        .iter()
-        .map(|h| Holder::launch_programs(&h.netns, &h.ifaces, &[baselines::BENCH_NOOP]))
-        .collect::<Result<_>>()?;
-    let holders = launched
-        .into_iter()
-        .map(|l| l.wait_ready(Duration::from_secs(30)))
-        .collect::<Result<Vec<_>>>()?;
-    let noops = Attached::Holders(holders);
+    let (noops, _) = attach(Arm::Noop, bed, None, None)?;
     let ids = arm_programs(&agents).and_then(|(a, _)| Ok((a, arm_programs(&noops)?.0)));
     let result = (|| {
         let (agent_ids, noop_ids) = ids.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
@@ -214,26 +204,29 @@ fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<W
         let control = control_maps(agent_ids)?;
         let total_s = args.warmup + (u64::from(args.windows) * args.window_ms).div_ceil(1000) + 2;
         let spec = args.load.spec(traffic, total_s, 0);
-        let job = IperfJob::spawn(&bed.client_netns, bed.server_ip, IPERF_PORT, &spec)?;
+        let mut job = IperfJob::spawn(&bed.client_netns, bed.server_ip, IPERF_PORT, &spec)?;
         sleep_interruptible(Duration::from_secs(args.warmup))?;
+        // One reading of both at each end of a window.
+        let both: BTreeMap<u32, String> = agent_ids
+            .iter()
+            .chain(noop_ids)
+            .map(|(id, name)| (*id, name.clone()))
+            .collect();
         let mut windows = Vec::new();
-        let mut job = job;
         for w in 0..args.windows {
             let on = window_on(w);
             set_rate(&control, if on { args.sample } else { 0 })?;
             if job.has_exited() {
                 bail!("iperf3 ended before window {} of {}", w + 1, args.windows);
             }
-            let a0 = counters(agent_ids)?;
-            let n0 = counters(noop_ids)?;
+            let start = counters(&both)?;
             let t0 = Instant::now();
             sleep_interruptible(Duration::from_millis(args.window_ms))?;
-            let a1 = counters(agent_ids)?;
-            let n1 = counters(noop_ids)?;
+            let end = counters(&both)?;
             let win = Window {
                 on,
-                agent: sum(&a0, &a1),
-                noop: sum(&n0, &n1),
+                agent: sum(agent_ids, &start, &end),
+                noop: sum(noop_ids, &start, &end),
             };
             if win.agent.count == 0 || win.noop.count == 0 {
                 bail!(
