@@ -118,10 +118,65 @@ pub const DIR_DROPPED: u8 = 2;
 /// `TraceEvent::direction` of a TCP segment the kernel retransmitted (`ifindex` 0).
 pub const DIR_RETRANSMITTED: u8 = 3;
 
-/// `CONTROL` slot for latency sampling: 0 = off (the programs then do nothing for latency);
-/// N, a power of two, = one packet in N. The choice hashes the packet id, which NAT does not
-/// change, so a sampled packet is sampled at every hook it crosses.
+/// `CONTROL` slot for latency sampling, a word made by `latency_control`. Its rate: 0 = off
+/// (the programs then do nothing for latency); N, a power of two, = one packet in N. The
+/// choice hashes the packet id, which NAT does not change, so a sampled packet is sampled at
+/// every hook it crosses. Its per-flow window (`sample_window`): of those, a flow takes at
+/// most one per window of 2^shift ns at each hook (on each CPU); 0 = no such cap.
 pub const CONTROL_LATENCY_SAMPLE: u32 = 1;
+
+/// Bits of the `CONTROL_LATENCY_SAMPLE` word that hold the rate; the per-flow window's shift
+/// is in the bits above.
+pub const LATENCY_RATE_BITS: u32 = 24;
+
+/// Largest per-flow window shift (2^40 ns, about 18 minutes).
+pub const LATENCY_WINDOW_SHIFT_MAX: u32 = 40;
+
+/// The agent's default per-flow window, in milliseconds (`--latency-per-flow-ms`): 2^24 ns,
+/// 16.8 ms, so a flow gives each hook at most about 60 samples a second.
+pub const DEFAULT_LATENCY_PER_FLOW_MS: u32 = 16;
+
+/// The `CONTROL_LATENCY_SAMPLE` word for one packet in `rate` (0 = off, a power of two below
+/// 2^24) and at most one sampled packet per flow, hook and CPU in each window of
+/// 2^`window_shift` ns (0 = every sampled packet).
+pub const fn latency_control(rate: u32, window_shift: u32) -> u32 {
+    (rate & ((1 << LATENCY_RATE_BITS) - 1)) | (window_shift << LATENCY_RATE_BITS)
+}
+
+/// The rate of a `CONTROL_LATENCY_SAMPLE` word.
+#[inline(always)]
+pub const fn latency_rate(word: u32) -> u32 {
+    word & ((1 << LATENCY_RATE_BITS) - 1)
+}
+
+/// The per-flow window's shift of a `CONTROL_LATENCY_SAMPLE` word (0: no cap).
+#[inline(always)]
+pub const fn latency_window_shift(word: u32) -> u32 {
+    word >> LATENCY_RATE_BITS
+}
+
+/// The shift of the smallest power-of-two window of nanoseconds that holds `ms` milliseconds
+/// (0 for 0: no cap). 16 ms gives 24 (16.8 ms).
+pub const fn window_shift_for_ms(ms: u32) -> u32 {
+    if ms == 0 {
+        return 0;
+    }
+    let ns = ms as u64 * 1_000_000;
+    let shift = 64 - (ns - 1).leading_zeros();
+    if shift > LATENCY_WINDOW_SHIFT_MAX {
+        LATENCY_WINDOW_SHIFT_MAX
+    } else {
+        shift
+    }
+}
+
+/// Which per-flow sampling window `now_ns` falls in, as kept in `FlowStats::last_sample`:
+/// never 0 (0 there means no sample taken in the slot yet). Windows are numbered modulo
+/// 2^15; a slot lives two drains, far less than 2^15 windows.
+#[inline(always)]
+pub const fn sample_window(now_ns: u64, shift: u32) -> u16 {
+    (((now_ns >> (shift & 63)) as u16) & 0x7fff) | 0x8000
+}
 
 /// Capacity of the table of TCP segments waiting for their acknowledgement (LRU).
 pub const RTT_PENDING_ENTRIES: u32 = 16_384;
@@ -468,9 +523,12 @@ pub struct FlowStats {
     pub last_seen_ns: u64,
     /// Union of the TCP flags byte (FIN 0x01 .. CWR 0x80) of every packet; 0 for non-TCP.
     pub tcp_flags: u8,
-    // Padding as scalars: a byte-array field would be zeroed with a memset loop in BPF.
+    // Padding as a scalar: a byte-array field would be zeroed with a memset loop in BPF.
     pub _pad0: u8,
-    pub _pad1: u16,
+    /// The kernel's own: the `sample_window` in which this slot last let a packet be sampled
+    /// for latency (0: none yet), so that a flow takes at most one sampled packet per window
+    /// at a hook. Not a counter: user space neither reads nor merges it.
+    pub last_sample: u16,
     /// The kernel's own: the acknowledgement field (as on the wire) of the last TCP segment
     /// with payload counted in this slot, so that a hook asks whether a segment answers a
     /// round trip only when the peer sent something since (`flows::record`). Not a counter:
@@ -988,6 +1046,44 @@ mod tests {
         let h = rtt_hint_value(wrap);
         assert!(rtt_hint_young(h, wrap + 600_000_000));
         assert!(!rtt_hint_young(h, wrap + 1_200_000_000));
+    }
+
+    #[test]
+    fn the_latency_word_carries_the_rate_and_the_per_flow_window() {
+        for (rate, shift) in [
+            (0, 0),
+            (1, 0),
+            (64, 24),
+            (1 << 20, LATENCY_WINDOW_SHIFT_MAX),
+        ] {
+            let w = latency_control(rate, shift);
+            assert_eq!((latency_rate(w), latency_window_shift(w)), (rate, shift));
+        }
+        // A word without a window (what a build before the window wrote) is the rate alone.
+        assert_eq!(latency_control(64, 0), 64);
+        assert_eq!(window_shift_for_ms(0), 0, "0: no cap");
+        // The smallest power of two of nanoseconds that holds the milliseconds.
+        assert_eq!(window_shift_for_ms(1), 20);
+        assert_eq!(window_shift_for_ms(DEFAULT_LATENCY_PER_FLOW_MS), 24);
+        assert_eq!(window_shift_for_ms(17), 25);
+        assert_eq!(window_shift_for_ms(600_000), 40);
+        assert_eq!(window_shift_for_ms(u32::MAX), LATENCY_WINDOW_SHIFT_MAX);
+    }
+
+    #[test]
+    fn sample_windows_are_never_empty_and_change_at_each_edge() {
+        let shift = 24;
+        let edge = 1_000u64 << shift;
+        assert_ne!(sample_window(0, shift), 0, "0 means no sample taken");
+        assert_eq!(
+            sample_window(edge, shift),
+            sample_window(edge + (1 << shift) - 1, shift)
+        );
+        assert_ne!(sample_window(edge - 1, shift), sample_window(edge, shift));
+        // Numbered modulo 2^15, never 0, also where the count wraps.
+        let wrap = (1u64 << (shift + 15)) - 1;
+        assert_ne!(sample_window(wrap, shift), sample_window(wrap + 1, shift));
+        assert_ne!(sample_window(wrap + 1, shift), 0);
     }
 
     fn v4(a: [u8; 4]) -> Addr {

@@ -7,9 +7,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flowtrace_common::{
+    latency_rate, latency_window_shift,
     parse::{PacketInfo, SkbMeta, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
-    CacheSlot, Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE,
-    EVENT_FLOW, SLOW_FRESH, SLOW_RTT, SLOW_SAMPLED, SLOW_SIGHT,
+    sample_window, CacheSlot, Counter, FlowKey, FlowStats, CONTROL_ACTIVE_BUFFER,
+    CONTROL_LATENCY_SAMPLE, EVENT_FLOW, SLOW_FRESH, SLOW_RTT, SLOW_SAMPLED, SLOW_SIGHT,
 };
 
 use crate::{
@@ -50,10 +51,25 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
             0
         }
     };
+    // Sampling for latency (see `CONTROL_LATENCY_SAMPLE`): one packet in `rate` by its id's
+    // hash, and of those at most one per flow in each per-flow window at this hook, which the
+    // flow's slot keeps (`FlowStats::last_sample`). Every hook sees a flow's packets in the
+    // same order within microseconds, so they take the same ones: the first sampled one in
+    // each window (a window edge between two hooks of one packet loses that one sample).
+    let word = CONTROL.get(CONTROL_LATENCY_SAMPLE).copied().unwrap_or(0);
+    let rate = latency_rate(word);
+    let id = info.id;
+    let mut sampled = id.sampled(rate);
     let shift = cache_shift();
     let index = (active << (32 - (shift & 31))) + CacheSlot::index(&key, shift);
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let window_shift = latency_window_shift(word);
+    let window = if sampled && window_shift != 0 {
+        sample_window(now, window_shift)
+    } else {
+        0
+    };
     let ack = info.id.l4_b;
     let Some(slot) = CACHE.get_ptr_mut(index) else {
         // Out of the array: cannot happen with the shift user space sets; counted anyway.
@@ -84,6 +100,13 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
                 moved = s.last_ack != ack;
                 s.last_ack = ack;
             }
+            if window != 0 {
+                if s.last_sample == window {
+                    sampled = false;
+                } else {
+                    s.last_sample = window;
+                }
+            }
             false
         } else {
             if (*slot).kind != 0 {
@@ -103,7 +126,7 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
                 last_seen_ns: first,
                 tcp_flags: info.tcp_flags,
                 _pad0: 0,
-                _pad1: 0,
+                last_sample: window,
                 // A pure ACK's acknowledgement is not a data segment's: the first data
                 // segment after it must still count as acknowledging something new.
                 last_ack: if payload != 0 { ack } else { 0 },
@@ -116,7 +139,6 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
         // solicitations and advertisements for one target, for instance, look alike.
         return;
     }
-    let rate = CONTROL.get(CONTROL_LATENCY_SAMPLE).copied().unwrap_or(0);
     // A cache miss is the first packet of this flow at this hook in this drain period (or
     // one evicted by a colliding flow): only then, for a SYN (a SYN retransmitted after a
     // loss past this hook is the connection's only other chance to show its rewrite), and
@@ -124,8 +146,6 @@ pub(crate) fn record(ctx: &TcContext, info: &PacketInfo, meta: SkbMeta, directio
     // with payload that acknowledges something new may answer a round trip, which the slow
     // path decides. Everything else (nearly every packet) stops here.
     let syn = info.tcp_flags & TCP_SYN != 0;
-    let id = info.id;
-    let sampled = id.sampled(rate);
     let may_answer = rate != 0 && moved && payload != 0 && key.protocol == IPPROTO_TCP;
     if !(miss || syn || sampled || may_answer) {
         return;

@@ -329,6 +329,12 @@ struct AgentSettings {
     /// 0 turns latency tracking off.
     #[arg(long, env = "FLOWTRACE_LATENCY_SAMPLE", default_value_t = 64, value_parser = parse_sample_rate)]
     latency_sample: u32,
+    /// Of the sampled packets, take at most one per flow and hook in each window of this
+    /// many milliseconds (rounded up to a power of two of nanoseconds: 16 is 16.8 ms), so a
+    /// busy flow costs no more than a quiet one; every hook takes the same packets. 0 takes
+    /// every sampled packet (with `--latency-sample 1`, every packet).
+    #[arg(long, env = "FLOWTRACE_LATENCY_PER_FLOW_MS", default_value_t = flowtrace_common::DEFAULT_LATENCY_PER_FLOW_MS, value_parser = clap::value_parser!(u32).range(0..=600_000))]
+    latency_per_flow_ms: u32,
     /// Do not read the conntrack table (NAT translations then come from the kernel programs
     /// alone and stay unchecked).
     #[arg(long, env = "FLOWTRACE_NO_CONNTRACK")]
@@ -408,6 +414,7 @@ impl AgentSettings {
             drop_entries: self.drop_entries,
             netns_dir: self.netns_dir,
             latency_sample: self.latency_sample,
+            latency_window_shift: flowtrace_common::window_shift_for_ms(self.latency_per_flow_ms),
             conntrack: !self.no_conntrack,
             conntrack_resync: Duration::from_secs(self.conntrack_resync_s),
             max_flows: self.max_flows,

@@ -26,7 +26,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowtrace_common::{maps, CONTROL_LATENCY_SAMPLE};
+use flowtrace_common::{
+    latency_control, maps, window_shift_for_ms, CONTROL_LATENCY_SAMPLE, DEFAULT_LATENCY_PER_FLOW_MS,
+};
 use flowtrace_tests::iperf::IperfJob;
 use serde_json::{json, Value};
 
@@ -60,6 +62,11 @@ pub struct LatencyBenchArgs {
     /// Sampling rate of the "on" windows (a power of two; the agent's default).
     #[arg(long, default_value_t = DEFAULT_SAMPLE)]
     sample: u32,
+    /// Per-flow window of the "on" windows, in milliseconds (`flowtrace
+    /// --latency-per-flow-ms`: at most one sampled packet per flow and hook in each; 0 = every
+    /// sampled packet; the agent's default).
+    #[arg(long, default_value_t = DEFAULT_LATENCY_PER_FLOW_MS, value_parser = clap::value_parser!(u32).range(0..=600_000))]
+    per_flow_ms: u32,
     #[command(flatten)]
     load: LoadArgs,
     /// Another build's `flowtrace` binary to measure instead of this tree's (e.g. the build
@@ -149,14 +156,15 @@ fn bpftool_json(args: &[&str]) -> Result<Value> {
         .with_context(|| format!("bpftool -j {}: not JSON", args.join(" ")))
 }
 
-/// Writes `rate` into slot `CONTROL_LATENCY_SAMPLE` of every map in `control`.
-fn set_rate(control: &BTreeSet<u32>, rate: u32) -> Result<()> {
+/// Writes `word` (`latency_control`'s) into slot `CONTROL_LATENCY_SAMPLE` of every map in
+/// `control`.
+fn set_rate(control: &BTreeSet<u32>, word: u32) -> Result<()> {
     let key: Vec<String> = CONTROL_LATENCY_SAMPLE
         .to_le_bytes()
         .iter()
         .map(u8::to_string)
         .collect();
-    let value: Vec<String> = rate.to_le_bytes().iter().map(u8::to_string).collect();
+    let value: Vec<String> = word.to_le_bytes().iter().map(u8::to_string).collect();
     for m in control {
         let mut args = vec![
             "map".to_string(),
@@ -202,6 +210,7 @@ fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<W
             bail!("the agent or the noop holds no sched_cls program after attaching");
         }
         let control = control_maps(agent_ids)?;
+        let on_word = latency_control(args.sample, window_shift_for_ms(args.per_flow_ms));
         let total_s = args.warmup + (u64::from(args.windows) * args.window_ms).div_ceil(1000) + 2;
         let spec = args.load.spec(traffic, total_s, 0);
         let mut job = IperfJob::spawn(&bed.client_netns, bed.server_ip, IPERF_PORT, &spec)?;
@@ -215,7 +224,7 @@ fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<W
         let mut windows = Vec::new();
         for w in 0..args.windows {
             let on = window_on(w);
-            set_rate(&control, if on { args.sample } else { 0 })?;
+            set_rate(&control, if on { on_word } else { 0 })?;
             if job.has_exited() {
                 bail!("iperf3 ended before window {} of {}", w + 1, args.windows);
             }
@@ -248,7 +257,7 @@ fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<W
             );
             windows.push(win);
         }
-        set_rate(&control, args.sample)?;
+        set_rate(&control, on_word)?;
         job.wait(Duration::from_secs(total_s + 30))
             .context("waiting for iperf3 to end")?;
         Ok(windows)
@@ -291,8 +300,16 @@ pub fn run(args: &LatencyBenchArgs) -> Result<()> {
     out(format!("  cpus      {ncpu} x {cpu_model}"));
     out(format!("  command   {command}"));
     out(format!(
-        "  windows   {} of {} ms after {} s of traffic, latency on (1 in {}) / off as on, off, off, on; iperf3 -A {}",
-        args.windows, args.window_ms, args.warmup, args.sample, args.load.cpus
+        "  windows   {} of {} ms after {} s of traffic, latency on (1 in {}, per flow at most one per {}) / off as on, off, off, on; iperf3 -A {}",
+        args.windows,
+        args.window_ms,
+        args.warmup,
+        args.sample,
+        match window_shift_for_ms(args.per_flow_ms) {
+            0 => "window: no cap".to_string(),
+            s => format!("{:.1} ms", (1u64 << s) as f64 / 1e6),
+        },
+        args.load.cpus
     ));
     if let Some(bin) = &args.binary {
         out(format!("  agent     {} (--binary)", bin.display()));

@@ -165,7 +165,7 @@ struct Before {
 impl Before {
     fn set_latency_sampling(&mut self, rate: u32) -> Result<()> {
         self.control
-            .set_latency_sampling(rate)
+            .set_latency_sampling(rate, 0)
             .context("setting the other build's latency sampling")
     }
 }
@@ -219,7 +219,7 @@ pub fn run(
         ("IPv4 TCP 1000 B, sample 1", tcp_v4(1000), 1),
     ] {
         control
-            .set_latency_sampling(sample)
+            .set_latency_sampling(sample, 0)
             .context("setting latency sampling")?;
         if let Some(b) = before.as_mut() {
             b.set_latency_sampling(sample)?;
@@ -246,7 +246,7 @@ pub fn run(
         )?;
     }
     control
-        .set_latency_sampling(64)
+        .set_latency_sampling(64, 0)
         .context("setting latency sampling")?;
     miss_rows(&mut ft, &mut base, &mut control, sizes.cache_slots, rounds)
 }
@@ -385,7 +385,7 @@ fn cold_rows(
     let mut nets = Vec::new();
     for (name, pkt, sample) in rows {
         control
-            .set_latency_sampling(sample)
+            .set_latency_sampling(sample, 0)
             .context("setting latency sampling")?;
         // The flow takes its slot first: every timed call is a cache hit.
         test_run(load_prog(ft, flowtrace_common::programs::INGRESS)?, &pkt, 1)?;

@@ -353,7 +353,7 @@ fn stats_merge() {
         last_seen_ns: 60,
         tcp_flags: 2,
         _pad0: 0,
-        _pad1: 0,
+        last_sample: 0,
         last_ack: 0,
     };
     let b = crate::FlowStats {
@@ -364,7 +364,7 @@ fn stats_merge() {
         last_seen_ns: 55,
         tcp_flags: 0x10,
         _pad0: 0,
-        _pad1: 0,
+        last_sample: 0,
         last_ack: 0,
     };
     a.merge(&b);

@@ -18,6 +18,9 @@ pub struct AgentConfig {
     pub netns_dir: std::path::PathBuf,
     /// Latency sampling: one packet in N (a power of two), 0 = off.
     pub latency_sample: u32,
+    /// Of the sampled packets, at most one per flow and hook in each window of
+    /// 2^`latency_window_shift` ns (0: no cap).
+    pub latency_window_shift: u32,
     /// Cross-check NAT translations with the conntrack table after each drain.
     pub conntrack: bool,
     /// How often to dump the whole conntrack table when events are followed.

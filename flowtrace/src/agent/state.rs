@@ -65,6 +65,8 @@ use crate::{
 pub(super) struct Settings {
     pub node: String,
     pub latency_sample: u32,
+    /// The per-flow sampling window's shift (`window_shift_for_ms`; 0: no cap).
+    pub latency_window_shift: u32,
     pub conntrack: bool,
     pub conntrack_resync: Duration,
     pub attach_mode: AttachMode,
@@ -456,7 +458,10 @@ impl Agent {
         let on = self.trace.tracers() > 0;
         d.set_tracing(on)?;
         if self.settings.latency_sample == 0 {
-            d.set_latency_sampling(if on { TRACE_SAMPLE_WHEN_OFF } else { 0 })?;
+            d.set_latency_sampling(
+                if on { TRACE_SAMPLE_WHEN_OFF } else { 0 },
+                self.settings.latency_window_shift,
+            )?;
         }
         Ok(())
     }
@@ -716,6 +721,10 @@ impl Agent {
         Ok(LatencyResponse {
             node: self.node().to_string(),
             sample_rate: self.settings.latency_sample,
+            sample_window_ns: match self.settings.latency_window_shift {
+                0 => 0,
+                s => 1 << s,
+            },
             latency,
         })
     }

@@ -93,7 +93,7 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
     let mut drainer = Drainer::new(&mut ebpf, sizes, drain::DEFAULT_GRACE)?;
     let ring_wakeups = drainer.ring_wakeups()?;
     let trace_ring = drain::take_trace_ring(&mut ebpf)?;
-    drainer.set_latency_sampling(cfg.latency_sample)?;
+    drainer.set_latency_sampling(cfg.latency_sample, cfg.latency_window_shift)?;
     let mut attacher = Attacher::new(ebpf, cfg.attach_mode);
     let (mode, program_ids) = (attacher.mode(), attacher.program_ids());
     info!(?mode, "flowtrace agent starting");
@@ -102,6 +102,7 @@ pub async fn start(cfg: &AgentConfig) -> Result<Running> {
         settings: Settings {
             node: cfg.node_name.clone().unwrap_or_else(hostname),
             latency_sample: cfg.latency_sample,
+            latency_window_shift: cfg.latency_window_shift,
             conntrack: cfg.conntrack,
             conntrack_resync: cfg.conntrack_resync,
             attach_mode: mode,

@@ -23,8 +23,8 @@ use std::{
 use aya::maps::{Array, HashMap as KernelHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use flowtrace_common::{
     drops::{DropKey, DropStats},
-    CacheSlot, Counter, FlowKey, FlowStats, LatencyEvent, LatencyHist, LatencyKey, NatEvent,
-    NatRecord, Tuple, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, CONTROL_TRACING,
+    latency_control, CacheSlot, Counter, FlowKey, FlowStats, LatencyEvent, LatencyHist, LatencyKey,
+    NatEvent, NatRecord, Tuple, CONTROL_ACTIVE_BUFFER, CONTROL_LATENCY_SAMPLE, CONTROL_TRACING,
     COUNTER_SLOTS, EVENT_FLOW, EVENT_LATENCY, EVENT_NAT,
 };
 
@@ -559,10 +559,15 @@ impl Drainer {
         })
     }
 
-    /// Sets latency sampling: one packet in `rate` (a power of two), 0 = off.
-    pub fn set_latency_sampling(&mut self, rate: u32) -> Result<()> {
+    /// Sets latency sampling: one packet in `rate` (a power of two), 0 = off; of those, at
+    /// most one per flow and hook in each window of 2^`window_shift` ns (0: no cap).
+    pub fn set_latency_sampling(&mut self, rate: u32, window_shift: u32) -> Result<()> {
         self.control
-            .set(CONTROL_LATENCY_SAMPLE, rate, 0)
+            .set(
+                CONTROL_LATENCY_SAMPLE,
+                latency_control(rate, window_shift),
+                0,
+            )
             .map_err(map_io(maps::CONTROL))
     }
 

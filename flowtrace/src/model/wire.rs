@@ -648,6 +648,10 @@ pub struct LatencyResponse {
     pub node: String,
     /// One packet in `sample_rate` is measured (0: latency tracking is off).
     pub sample_rate: u32,
+    /// Of those, a flow gives each hook at most one per window of this many nanoseconds
+    /// (`--latency-per-flow-ms`, rounded up to a power of two; 0: no cap).
+    #[serde(default)]
+    pub sample_window_ns: u64,
     pub latency: Vec<LatencyRecord>,
 }
 

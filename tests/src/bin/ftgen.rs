@@ -91,6 +91,11 @@ enum Cmd {
         /// hence distinct flows), e.g. to exercise many interleaved flows.
         #[arg(long, default_value_t = 1)]
         sockets: usize,
+        /// Start each datagram's payload with its number (8 bytes, big-endian; --size at
+        /// least 8), so no two look alike to what tells packets apart by their first payload
+        /// bytes (flowtrace's packet id). Without it every datagram carries the same bytes.
+        #[arg(long)]
+        numbered: bool,
     },
     /// Accept --connections TCP connections, read each to EOF, optionally answer.
     /// Prints {"received_bytes","connections","peers","errors"}.
@@ -292,11 +297,15 @@ fn main() -> Result<()> {
             expect_echo,
             echo_timeout_ms,
             sockets,
+            numbered,
         } => udp_send(
             to,
-            count,
-            size,
-            Duration::from_micros(interval_us),
+            Datagrams {
+                count,
+                size,
+                interval: Duration::from_micros(interval_us),
+                numbered,
+            },
             bind,
             expect_echo.then(|| ms(echo_timeout_ms)),
             sockets,
@@ -647,26 +656,47 @@ fn parse_udp_drops(table: &str, inode: u64) -> Option<u64> {
     })
 }
 
-fn udp_send(
-    to: SocketAddr,
+/// What `udp-send` sends: `count` datagrams of `size` payload bytes, `interval` apart,
+/// numbered or all alike.
+struct Datagrams {
     count: u64,
     size: usize,
     interval: Duration,
+    numbered: bool,
+}
+
+fn udp_send(
+    to: SocketAddr,
+    datagrams: Datagrams,
     bind: Option<SocketAddr>,
     echo_timeout: Option<Duration>,
     sockets: usize,
 ) -> Result<serde_json::Value> {
+    let Datagrams {
+        count,
+        size,
+        interval,
+        numbered,
+    } = datagrams;
     let local = bind.unwrap_or_else(|| unspecified_like(to));
+    if numbered && size < 8 {
+        anyhow::bail!(
+            "--numbered needs --size of at least 8 (the number takes 8 bytes), not {size}"
+        );
+    }
     if sockets == 0 || (sockets > 1 && local.port() != 0) {
         anyhow::bail!("--sockets must be at least 1, and several sockets need an ephemeral port (bind an IP only)");
     }
     let socks = (0..sockets)
         .map(|_| UdpSocket::bind(local).with_context(|| format!("binding UDP {local}")))
         .collect::<Result<Vec<_>>>()?;
-    let data = payload(size);
+    let mut data = payload(size);
     let mut buf = vec![0u8; 65536];
     let (mut sent, mut echoed) = (0u64, 0u64);
     for k in 0..count {
+        if numbered {
+            data[..8].copy_from_slice(&k.to_be_bytes());
+        }
         if k > 0 && !interval.is_zero() {
             std::thread::sleep(interval);
         }

@@ -108,7 +108,13 @@ fn hops_are_microseconds_and_a_slow_server_is_server_time() {
     let agents: Vec<Agent> = cluster
         .nodes
         .iter()
-        .map(|n| Agent::start(&n.netns, &["--latency-sample", "1"]).unwrap())
+        .map(|n| {
+            Agent::start(
+                &n.netns,
+                &["--latency-sample", "1", "--latency-per-flow-ms", "0"],
+            )
+            .unwrap()
+        })
         .collect();
     let a1 = cluster.pod(1, "pod-a").unwrap();
     let b1 = cluster.pod(1, "pod-b").unwrap();
@@ -384,7 +390,13 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
     let agents: Vec<Agent> = cluster
         .nodes
         .iter()
-        .map(|n| Agent::start(&n.netns, &["--latency-sample", "1"]).unwrap())
+        .map(|n| {
+            Agent::start(
+                &n.netns,
+                &["--latency-sample", "1", "--latency-per-flow-ms", "0"],
+            )
+            .unwrap()
+        })
         .collect();
     let ip = |p: &Pod| PathEnd::Ip(p.ipv4.into());
     let (a1, b1, c1) = (
@@ -676,4 +688,118 @@ fn paths_follow_the_topology_and_a_delay_between_nodes_is_that_segment() {
     }
     drop(agents);
     cluster.down().unwrap();
+}
+
+/// Hop samples of one UDP flow of `count` numbered datagrams, one every millisecond, from
+/// `a` to `b` on node1 (pod-a's veth ingress to pod-b's egress), under an agent started
+/// with `args`; and how long the sender took.
+fn one_flow_hop_samples(
+    cluster: &Cluster,
+    args: &[&str],
+    port: u16,
+    count: u64,
+) -> (Agg, std::time::Duration, LatencyResponse) {
+    let agent = Agent::start(&cluster.nodes[0].netns, args).unwrap();
+    let (a, b) = (
+        cluster.pod(1, "pod-a").unwrap(),
+        cluster.pod(1, "pod-b").unwrap(),
+    );
+    let sink = ftgen_bg(
+        b,
+        &[
+            "udp-sink",
+            "--bind",
+            &format!("0.0.0.0:{port}"),
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "20000",
+        ],
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let sent = ftgen(
+        a,
+        &[
+            "udp-send",
+            "--to",
+            &format!("{}:{port}", b.ipv4),
+            "--count",
+            &count.to_string(),
+            "--size",
+            "64",
+            "--interval-us",
+            "1000",
+            "--numbered",
+        ],
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(sent["sent"], count, "{sent}");
+    assert_eq!(finish(sink).unwrap()["received"], count);
+    let r: LatencyResponse = agent.get("/v1/latency").unwrap();
+    let hop = find(
+        &r.latency,
+        LatencyKind::Hop,
+        a.ipv4.into(),
+        b.ipv4.into(),
+        Some((a.host_veth.as_str(), Direction::Ingress)),
+        (b.host_veth.as_str(), Direction::Egress),
+    );
+    (hop, took, r)
+}
+
+/// The per-flow window (`--latency-per-flow-ms`, 16 by default: 2^24 ns). With every packet
+/// sampled by its hash (`--latency-sample 1`), a flow of a datagram a millisecond gives its
+/// hop about one sample per window, never more than one per window, CPU and drain period, and
+/// both hooks take the same datagrams (were they to choose apart, the later hook would not
+/// find the earlier's sighting and there would be next to none); with the window off, one per
+/// datagram. Ground truth: the sender's and the sink's counts, and the test's own clock.
+#[test]
+fn a_busy_flow_gives_its_hop_one_sample_per_window_and_every_packet_without_it() {
+    flowtrace_tests::require_root().unwrap();
+    let cluster = Cluster::up(&ClusterOptions::default()).unwrap();
+    const COUNT: u64 = 2000;
+    let window_ns = 1u64 << 24;
+
+    let (capped, took, r) = one_flow_hop_samples(&cluster, &["--latency-sample", "1"], 7301, COUNT);
+    assert_eq!((r.sample_rate, r.sample_window_ns), (1, window_ns));
+    assert_eq!(capped.connections, 1, "{:#?}", r.latency);
+    let windows = took.as_nanos() as u64 / window_ns + 1;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    // One per window and CPU, plus one more each time a drain (1 s) hands the flow a fresh
+    // slot, plus the window the sender started in.
+    let most = cpus * (windows + took.as_secs() + 2);
+    eprintln!(
+        "{} hop samples from {COUNT} datagrams in {took:?} ({windows} windows, at most {most})",
+        capped.samples
+    );
+    assert!(
+        capped.samples <= most,
+        "{} hop samples from {COUNT} datagrams in {took:?}: more than one per {window_ns} ns \
+         window ({windows} windows, {cpus} CPUs: at most {most})",
+        capped.samples
+    );
+    assert!(
+        capped.samples * 2 >= windows,
+        "{} hop samples in {windows} windows: the two hooks did not take the same datagrams",
+        capped.samples
+    );
+    assert!(
+        capped.mean_ns > 0 && capped.mean_ns < 1_000_000,
+        "{capped:?}"
+    );
+
+    let (all, _, r) = one_flow_hop_samples(
+        &cluster,
+        &["--latency-sample", "1", "--latency-per-flow-ms", "0"],
+        7302,
+        COUNT,
+    );
+    assert_eq!((r.sample_rate, r.sample_window_ns), (1, 0));
+    assert!(
+        all.samples * 100 >= COUNT * 95,
+        "{} hop samples from {COUNT} datagrams with no per-flow window",
+        all.samples
+    );
 }
