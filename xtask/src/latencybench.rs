@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use flowtrace_common::{
-    latency_control, maps, window_shift_for_ms, CONTROL_LATENCY_SAMPLE, DEFAULT_LATENCY_PER_FLOW_MS,
+    latency_control, latency_rate, latency_window_shift, maps, window_shift_for_ms,
+    CONTROL_LATENCY_SAMPLE, DEFAULT_LATENCY_PER_FLOW_MS, LATENCY_RATE_BITS,
 };
 use flowtrace_tests::iperf::IperfJob;
 use serde_json::{json, Value};
@@ -59,14 +60,15 @@ pub struct LatencyBenchArgs {
     /// Seconds of traffic before the first window.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60))]
     warmup: u64,
-    /// Sampling rate of the "on" windows (a power of two; the agent's default).
-    #[arg(long, default_value_t = DEFAULT_SAMPLE)]
-    sample: u32,
+    /// Sampling rate of the "on" windows (a power of two). Without it and --per-flow-ms,
+    /// "on" is what the agent itself wrote at start (its defaults, also for --binary).
+    #[arg(long)]
+    sample: Option<u32>,
     /// Per-flow window of the "on" windows, in milliseconds (`flowtrace
     /// --latency-per-flow-ms`: at most one sampled packet per flow and hook in each; 0 = every
-    /// sampled packet; the agent's default).
-    #[arg(long, default_value_t = DEFAULT_LATENCY_PER_FLOW_MS, value_parser = clap::value_parser!(u32).range(0..=600_000))]
-    per_flow_ms: u32,
+    /// sampled packet). Given alone, the rate is 64.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=600_000))]
+    per_flow_ms: Option<u32>,
     #[command(flatten)]
     load: LoadArgs,
     /// Another build's `flowtrace` binary to measure instead of this tree's (e.g. the build
@@ -126,6 +128,46 @@ fn control_maps(ids: &BTreeMap<u32, String>) -> Result<BTreeSet<u32>> {
         );
     }
     Ok(maps_found)
+}
+
+/// The `CONTROL_LATENCY_SAMPLE` word the agent wrote at start (its own latency sampling).
+fn agent_word(control: &BTreeSet<u32>) -> Result<u32> {
+    let Some(m) = control.first() else {
+        bail!("the agent has no CONTROL map");
+    };
+    let mut args = vec!["-j", "map", "lookup", "id"];
+    let id = m.to_string();
+    args.push(&id);
+    args.push("key");
+    let key: Vec<String> = CONTROL_LATENCY_SAMPLE
+        .to_le_bytes()
+        .iter()
+        .map(u8::to_string)
+        .collect();
+    args.extend(key.iter().map(String::as_str));
+    let v: Value = serde_json::from_slice(&bpftool(&args)?)
+        .with_context(|| format!("reading bpftool's answer for CONTROL map {m}"))?;
+    let word = match v.get("value") {
+        // A map without BTF: the value's bytes as hex strings, little-endian.
+        Some(Value::Array(bytes)) => {
+            let mut b = [0u8; 4];
+            for (slot, x) in b.iter_mut().zip(bytes) {
+                let s = x.as_str().unwrap_or_default().trim_start_matches("0x");
+                *slot = u8::from_str_radix(s, 16)
+                    .with_context(|| format!("CONTROL map {m}: value byte {x} is not hex"))?;
+            }
+            u32::from_le_bytes(b)
+        }
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| format!("CONTROL map {m}: value {n} is not a u32"))?,
+        other => bail!("CONTROL map {m}: no value in bpftool's answer ({other:?})"),
+    };
+    if latency_rate(word) == 0 {
+        bail!("the agent runs with latency off (CONTROL word {word:#x}): nothing to switch on");
+    }
+    Ok(word)
 }
 
 /// Runs bpftool with `args`; its stdout, or an error with its stderr.
@@ -210,7 +252,26 @@ fn measure(bed: &Bed, traffic: Traffic, args: &LatencyBenchArgs) -> Result<Vec<W
             bail!("the agent or the noop holds no sched_cls program after attaching");
         }
         let control = control_maps(agent_ids)?;
-        let on_word = latency_control(args.sample, window_shift_for_ms(args.per_flow_ms));
+        let on_word = match (args.sample, args.per_flow_ms) {
+            (None, None) => agent_word(&control)?,
+            (sample, per_flow) => latency_control(
+                sample.unwrap_or(DEFAULT_SAMPLE),
+                window_shift_for_ms(per_flow.unwrap_or(DEFAULT_LATENCY_PER_FLOW_MS)),
+            ),
+        };
+        eprintln!(
+            "xtask: {} {}: latency on is 1 in {}, {}",
+            bed.shape.name(),
+            traffic.name(),
+            latency_rate(on_word),
+            match latency_window_shift(on_word) {
+                0 => "no per-flow window".to_string(),
+                s => format!(
+                    "at most one per flow and hook per {:.1} ms",
+                    (1u64 << s) as f64 / 1e6
+                ),
+            }
+        );
         let total_s = args.warmup + (u64::from(args.windows) * args.window_ms).div_ceil(1000) + 2;
         let spec = args.load.spec(traffic, total_s, 0);
         let mut job = IperfJob::spawn(&bed.client_netns, bed.server_ip, IPERF_PORT, &spec)?;
@@ -285,8 +346,10 @@ pub fn run(args: &LatencyBenchArgs) -> Result<()> {
             args.windows
         );
     }
-    if !args.sample.is_power_of_two() {
-        bail!("--sample {}: must be a power of two", args.sample);
+    if let Some(s) = args.sample {
+        if !s.is_power_of_two() || s >= 1 << LATENCY_RATE_BITS {
+            bail!("--sample {s}: must be a power of two below 2^{LATENCY_RATE_BITS}");
+        }
     }
     let json_mode = args.json;
     let out = reporter(json_mode);
@@ -300,14 +363,17 @@ pub fn run(args: &LatencyBenchArgs) -> Result<()> {
     out(format!("  cpus      {ncpu} x {cpu_model}"));
     out(format!("  command   {command}"));
     out(format!(
-        "  windows   {} of {} ms after {} s of traffic, latency on (1 in {}, per flow at most one per {}) / off as on, off, off, on; iperf3 -A {}",
+        "  windows   {} of {} ms after {} s of traffic, latency on ({}) / off as on, off, off, on; iperf3 -A {}",
         args.windows,
         args.window_ms,
         args.warmup,
-        args.sample,
-        match window_shift_for_ms(args.per_flow_ms) {
-            0 => "window: no cap".to_string(),
-            s => format!("{:.1} ms", (1u64 << s) as f64 / 1e6),
+        match (args.sample, args.per_flow_ms) {
+            (None, None) => "the agent's own sampling".to_string(),
+            (s, p) => format!(
+                "1 in {}, --latency-per-flow-ms {}",
+                s.unwrap_or(DEFAULT_SAMPLE),
+                p.unwrap_or(DEFAULT_LATENCY_PER_FLOW_MS)
+            ),
         },
         args.load.cpus
     ));
